@@ -1,0 +1,32 @@
+"""jattn: attention for JAX.
+
+Flash attention (Pallas kernels, with XLA and cuDNN paths behind one dispatcher), Token
+Statistics Self-Attention, decode attention, and Flax NNX modules. Import from `jattn` only.
+"""
+
+from jattn import cudnn as _cudnn  # noqa: F401  (registers implementation="cudnn")
+from jattn import nn as nn
+from jattn import reference as reference
+from jattn.attention import AttentionArgs as AttentionArgs
+from jattn.attention import auto_order as auto_order
+from jattn.attention import available_implementations as available_implementations
+from jattn.attention import dot_product_attention as dot_product_attention
+from jattn.attention import register_implementation as register_implementation
+from jattn.chunked import ChunkedConfig as ChunkedConfig
+from jattn.decode import decode_attention as decode_attention
+from jattn.tssa import token_statistics_attention as token_statistics_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionArgs",
+    "ChunkedConfig",
+    "auto_order",
+    "available_implementations",
+    "decode_attention",
+    "dot_product_attention",
+    "nn",
+    "reference",
+    "register_implementation",
+    "token_statistics_attention",
+]

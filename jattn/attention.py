@@ -1,0 +1,344 @@
+"""`jattn.dot_product_attention`: argument checks, then dispatch to an implementation.
+
+Implementations live in a small registry. Each takes the validated `AttentionArgs` and either
+returns `(out, lse)` or raises `NotImplementedError` naming why it cannot serve the call; auto
+selection (`implementation=None`) tries them in order and falls through on a decline, so no
+feature is ever silently dropped. Kernels (`triton`, `mosaic`) register themselves here.
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+from jaxtyping import ArrayLike
+
+from jattn import chunked, reference
+
+SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+IMPLEMENTATIONS = ("mosaic", "triton", "cudnn", "xla_chunked", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionArgs:
+    """A validated call: rank-4 arrays, canonical option values.
+
+    Shapes: query `[B, T, N, H]`, key/value `[B, S, K, H]`, bias/mask rank 4 broadcastable to
+    `[B, N, T, S]` (their head axis is 1 or N), lengths and q_offset int32 `[B]`.
+    """
+
+    query: Array
+    key: Array
+    value: Array
+    bias: Array | None
+    mask: Array | None
+    scale: float
+    is_causal: bool
+    query_seq_lengths: Array | None
+    key_value_seq_lengths: Array | None
+    local_window_size: tuple[int, int] | None
+    q_offset: Array | None
+    segment_ids: tuple[Array, Array] | None
+    logits_soft_cap: float | None
+
+    @property
+    def shape_summary(self) -> str:
+        return f"query {self.query.shape}, key {self.key.shape}, dtype {self.query.dtype}"
+
+
+# An implementation: (args, config) -> (out [B, T, N, H], lse [B, T, N] float32), or raises
+# NotImplementedError("<why>") when it cannot serve the call.
+Implementation = Callable[[AttentionArgs, Any], tuple[Array, Array]]
+_REGISTRY: dict[str, Implementation] = {}
+
+
+def register_implementation(name: str, fn: Implementation) -> None:
+    """Make `fn` available as `implementation=name` (kernels call this when imported)."""
+    _REGISTRY[name] = fn
+
+
+def available_implementations() -> tuple[str, ...]:
+    """The registered implementation names, in auto-selection order."""
+    return tuple(name for name in IMPLEMENTATIONS if name in _REGISTRY)
+
+
+def auto_order(platform: str | None = None) -> tuple[str, ...]:
+    """What `implementation=None` tries, in order, on this platform.
+
+    GPU: mosaic (sm_90+), triton, cudnn, then XLA; elsewhere xla_chunked (O(T) memory), then xla.
+    The Pallas kernels run on CPU only in interpret mode, so only an explicit request gets them.
+    """
+    platform = platform or jax.default_backend()
+    order = ("mosaic", "triton", "cudnn", "xla_chunked", "xla")
+    if platform != "gpu":
+        order = ("xla_chunked", "xla")
+    return tuple(name for name in order if name in _REGISTRY)
+
+
+def dot_product_attention(
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: ArrayLike | None = None,
+    key_value_seq_lengths: ArrayLike | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    return_residual: bool = False,
+    q_offset: int | ArrayLike | None = None,
+    segment_ids: tuple[ArrayLike, ArrayLike] | None = None,
+    logits_soft_cap: float | None = None,
+    implementation: str | Sequence[str] | None = None,
+    config: Any = None,
+) -> Array | tuple[Array, Array]:
+    """Scaled dot-product attention: a superset of `jax.nn.dot_product_attention`.
+
+    Any call `jax.nn.dot_product_attention` accepts gives its result (within dtype tolerance) on
+    every query row that sees at least one key; switching is a change of import.
+
+    Args:
+      query: `[B, T, N, H]` (or `[T, N, H]`).
+      key, value: `[B, S, K, H]` (or `[S, K, H]`); N % K == 0. Query head n uses kv head
+        n // (N // K) (GQA; K == 1 is MQA).
+      bias: additive, rank <= 4, broadcastable to `[B, N, T, S]` (head axis 1 or N).
+      mask: boolean, True = attend; same shapes as bias.
+      scale: logits = scale * q.k; default H ** -0.5.
+      is_causal: query i sees key j only if j <= i + q_offset (top-left aligned by default).
+      query_seq_lengths: `[B]`: query rows i >= length are padding and get output 0.
+      key_value_seq_lengths: `[B]`: keys j >= length are padding.
+      local_window_size: `(left, right)` or an int w for `(w, w)`:
+        i + q_offset - left <= j <= i + q_offset + right.
+      return_residual: also return the float32 log-sum-exp `[B, T, N]` of the masked logits.
+      q_offset: int or `[B]`: absolute position of query row 0 for the causal and window masks.
+        `q_offset = S - T` aligns causal attention bottom-right (chunked prefill); decode is
+        T = 1, q_offset = length - 1::
+
+          T=2, S=4, is_causal:   q_offset=0      q_offset=2 (= S - T)
+                                 1 0 0 0         1 1 1 0
+                                 1 1 0 0         1 1 1 1
+
+      segment_ids: `(q_ids [B, T], kv_ids [B, S])`: packed sequences; a query sees only keys
+        with its own id.
+      logits_soft_cap: c: logits = c * tanh(logits / c), applied before the bias.
+      implementation: None (auto), one of 'mosaic', 'triton', 'cudnn', 'xla_chunked', 'xla',
+        or a sequence of them to try in order.
+      config: the chosen implementation's Config (e.g. `jattn.ChunkedConfig`); None = default.
+
+    Returns:
+      `[B, T, N, H]` in the query dtype (and lse `[B, T, N]` float32 with `return_residual`).
+      A row that sees no key returns 0, lse -inf and zero gradients (jax.nn: the mean of V).
+
+    Raises:
+      ValueError: bad ranks, shapes or dtypes, naming the shapes; checked before any tracing.
+      NotImplementedError: no requested implementation can serve the call (with each reason).
+    """
+    unbatched = jnp.ndim(query) == 3
+    args = check_attention_args(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        q_offset=q_offset,
+        segment_ids=segment_ids,
+        logits_soft_cap=logits_soft_cap,
+    )
+    out, lse = _dispatch(args, implementation, config)
+    if unbatched:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_residual else out
+
+
+def _dispatch(args: AttentionArgs, implementation, config) -> tuple[Array, Array]:
+    if implementation is None:
+        names = auto_order()
+    elif isinstance(implementation, str):
+        names = (implementation,)
+    else:
+        names = tuple(implementation)
+    for name in names:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(f"Unknown implementation {name!r}; choose from {IMPLEMENTATIONS}.")
+    reasons = []
+    for name in names:
+        if name not in _REGISTRY:
+            reasons.append(f"{name}: not available in this version of jattn")
+            continue
+        try:
+            return _REGISTRY[name](args, config)
+        except NotImplementedError as e:
+            reasons.append(f"{name}: {e}")
+    raise NotImplementedError(
+        f"No implementation can serve this call ({args.shape_summary}):\n  " + "\n  ".join(reasons)
+    )
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(np.shape(x))
+
+
+def _check_broadcast_4d(x, name: str, full: tuple[int, int, int, int]) -> Array:
+    """bias / mask: rank <= 4, each axis 1 or the full size (head axis: 1 or N)."""
+    x = jnp.asarray(x)
+    if x.ndim > 4:
+        raise ValueError(f"{name} must have rank <= 4 (broadcastable to [B, N, T, S] = {full}), "
+                         f"got shape {x.shape}")
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    for size, want in zip(x.shape, full, strict=True):
+        if size not in (1, want):
+            raise ValueError(f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = "
+                             f"{full} (each axis must be 1 or the full size)")
+    return x
+
+
+def _check_batch_ints(x, name: str, batch: int, allow_scalar: bool = False) -> Array | None:
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {x.dtype}")
+    if x.shape != (batch,) and not (allow_scalar and x.ndim == 0):
+        raise ValueError(f"{name} must have shape [B] = ({batch},), got {x.shape}")
+    return jnp.broadcast_to(x.astype(jnp.int32), (batch,))
+
+
+def check_attention_args(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    scale=None,
+    is_causal=False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size=None,
+    q_offset=None,
+    segment_ids=None,
+    logits_soft_cap=None,
+) -> AttentionArgs:
+    """Validate a `dot_product_attention` call; raise ValueError naming the shapes."""
+    shapes = f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
+    if not (np.ndim(query) == np.ndim(key) == np.ndim(value)) or np.ndim(query) not in (3, 4):
+        raise ValueError(f"query, key and value must all be rank 4 [B, T|S, N|K, H] (or all "
+                         f"rank 3 without B); got {shapes}")
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    if query.ndim == 3:
+        query, key, value = query[None], key[None], value[None]
+    batch, q_len, num_heads, head_dim = query.shape
+    _, kv_len, num_kv_heads, _ = key.shape
+    if key.shape != value.shape:
+        raise ValueError(f"key and value must have the same shape [B, S, K, H]; got {shapes}")
+    if key.shape[0] != batch:
+        raise ValueError(f"query and key disagree on the batch size B; got {shapes}")
+    if key.shape[3] != head_dim:
+        raise ValueError(f"query and key disagree on the head dim H; got {shapes}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"query heads N must be a multiple of kv heads K (GQA); got {shapes}")
+    dtypes = {query.dtype, key.dtype, value.dtype}
+    if len(dtypes) != 1 or query.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"query, key and value must share one dtype among float16, bfloat16, "
+                         f"float32, float64; got {query.dtype}, {key.dtype}, {value.dtype} "
+                         f"({shapes})")
+    full = (batch, num_heads, q_len, kv_len)
+    if bias is not None:
+        bias = _check_broadcast_4d(bias, "bias", full)
+        if not jnp.issubdtype(bias.dtype, jnp.floating):
+            raise ValueError(f"bias must be floating point, got {bias.dtype}")
+    if mask is not None:
+        mask = _check_broadcast_4d(mask, "mask", full)
+        if mask.dtype != jnp.bool_:
+            raise ValueError(f"mask must be boolean (True = attend), got {mask.dtype}; pass an "
+                             "additive mask as bias")
+    query_seq_lengths = _check_batch_ints(query_seq_lengths, "query_seq_lengths", batch)
+    key_value_seq_lengths = _check_batch_ints(key_value_seq_lengths, "key_value_seq_lengths",
+                                              batch)
+    q_offset = _check_batch_ints(q_offset, "q_offset", batch, allow_scalar=True)
+    if segment_ids is not None:
+        if not isinstance(segment_ids, tuple | list) or len(segment_ids) != 2:
+            raise ValueError("segment_ids must be a pair (q_ids [B, T], kv_ids [B, S])")
+        q_ids, kv_ids = (jnp.asarray(ids) for ids in segment_ids)
+        if q_ids.shape != (batch, q_len) or kv_ids.shape != (batch, kv_len):
+            raise ValueError(f"segment_ids must have shapes [B, T] = {(batch, q_len)} and "
+                             f"[B, S] = {(batch, kv_len)}; got {q_ids.shape} and {kv_ids.shape}")
+        for ids in (q_ids, kv_ids):
+            if not jnp.issubdtype(ids.dtype, jnp.integer):
+                raise ValueError(f"segment_ids must be integer arrays, got {ids.dtype}")
+        segment_ids = (q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32))
+    if local_window_size is not None:
+        if isinstance(local_window_size, int | np.integer):
+            local_window_size = (local_window_size, local_window_size)
+        window = tuple(local_window_size)
+        if len(window) != 2 or any(not isinstance(w, int | np.integer) or w < 0 for w in window):
+            raise ValueError(f"local_window_size must be an int >= 0 or a pair (left, right) of "
+                             f"ints >= 0, got {local_window_size!r}")
+        local_window_size = (int(window[0]), int(window[1]))
+    if logits_soft_cap is not None and not float(logits_soft_cap) > 0:
+        raise ValueError(f"logits_soft_cap must be > 0 (None turns it off), got {logits_soft_cap}")
+    if scale is not None and not isinstance(scale, int | float | np.floating | np.integer):
+        raise ValueError(f"scale must be a Python or NumPy number, got {type(scale).__name__}")
+    return AttentionArgs(
+        query=query,
+        key=key,
+        value=value,
+        bias=bias,
+        mask=mask,
+        scale=head_dim**-0.5 if scale is None else float(scale),
+        is_causal=bool(is_causal),
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        q_offset=q_offset,
+        segment_ids=segment_ids,
+        logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+    )
+
+
+def _array_kwargs(args: AttentionArgs) -> dict[str, Any]:
+    return dict(
+        scale=args.scale,
+        is_causal=args.is_causal,
+        query_seq_lengths=args.query_seq_lengths,
+        key_value_seq_lengths=args.key_value_seq_lengths,
+        local_window_size=args.local_window_size,
+        q_offset=args.q_offset,
+        segment_ids=args.segment_ids,
+        logits_soft_cap=args.logits_soft_cap,
+    )
+
+
+def _xla(args: AttentionArgs, config) -> tuple[Array, Array]:
+    """The reference itself: materialises `[B, N, T, S]`; fine for short sequences."""
+    if config is not None:
+        raise NotImplementedError(f"xla takes no config, got {type(config).__name__}")
+    return reference.dot_product_attention(
+        args.query, args.key, args.value, args.bias, args.mask, return_residual=True,
+        **_array_kwargs(args)
+    )
+
+
+def _xla_chunked(args: AttentionArgs, config) -> tuple[Array, Array]:
+    if config is None:
+        config = chunked.ChunkedConfig()
+    if not isinstance(config, chunked.ChunkedConfig):
+        raise NotImplementedError(f"xla_chunked needs a ChunkedConfig, got {type(config).__name__}")
+    return chunked.chunked_attention(
+        args.query, args.key, args.value, args.bias, args.mask, config=config,
+        **_array_kwargs(args)
+    )
+
+
+register_implementation("xla", _xla)
+register_implementation("xla_chunked", _xla_chunked)

@@ -1,0 +1,85 @@
+"""The masks and logit modifiers of `dot_product_attention`, shared by its XLA implementations.
+
+Everything here works on index vectors, so the chunked implementation can build the mask of one
+key block at a time and never holds a `[T, S]` matrix.
+
+Shapes: B batch, T queries, S keys, N query heads, K kv heads, G = N // K.
+"""
+
+import jax.numpy as jnp
+from jax import Array
+
+
+def visible_keys(
+    q_pos: Array,  # [T] int32 row index of each query
+    k_pos: Array,  # [S] int32 column index of each key
+    *,
+    is_causal: bool,
+    q_offset: Array | None,  # [B] int32: absolute position of query row 0
+    local_window_size: tuple[int, int] | None,
+    query_seq_lengths: Array | None,  # [B]
+    key_value_seq_lengths: Array | None,  # [B]
+    q_segment_ids: Array | None,  # [B, T]
+    kv_segment_ids: Array | None,  # [B, S] (the columns in k_pos)
+) -> Array:  # [B or 1, T, S] bool, True where query t may see key s
+    """Which keys each query sees, from the structural masks (not the user's boolean mask).
+
+    Causal and window masks compare the absolute query position `t + q_offset` with the key
+    position `s`: with `q_offset = S - T` causal attention is bottom-right aligned.
+    """
+    visible = jnp.ones((1, q_pos.shape[0], k_pos.shape[0]), dtype=bool)
+    if is_causal or local_window_size is not None:
+        offset = jnp.zeros((1,), jnp.int32) if q_offset is None else q_offset
+        q_abs = q_pos[None, :, None] + offset[:, None, None]  # [B or 1, T, 1]
+        k_abs = k_pos[None, None, :]  # [1, 1, S]
+        if is_causal:
+            visible = visible & (k_abs <= q_abs)
+        if local_window_size is not None:
+            left, right = local_window_size
+            visible = visible & (k_abs >= q_abs - left) & (k_abs <= q_abs + right)
+    if query_seq_lengths is not None:
+        visible = visible & (q_pos[None, :, None] < query_seq_lengths[:, None, None])
+    if key_value_seq_lengths is not None:
+        visible = visible & (k_pos[None, None, :] < key_value_seq_lengths[:, None, None])
+    if q_segment_ids is not None:
+        visible = visible & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+    return visible
+
+
+def soft_cap(logits: Array, cap: float | None) -> Array:
+    """`cap * tanh(logits / cap)` (Gemma 2's logit soft capping); identity when cap is None."""
+    if cap is None:
+        return logits
+    return cap * jnp.tanh(logits / cap)
+
+
+def group_heads(x: Array | None, num_kv_heads: int) -> Array | None:
+    """`[B', N' , T', S']` bias or mask (N' in {1, N}) -> `[B', K', G', T', S']` for grouped heads.
+
+    Query head n = k * G + g uses kv head k, as in `jax.nn.dot_product_attention`.
+    """
+    if x is None:
+        return None
+    b, n, t, s = x.shape
+    if n == 1:
+        return x[:, :, None]
+    return x.reshape(b, num_kv_heads, n // num_kv_heads, t, s)
+
+
+def masked_softmax_stats(logits: Array, visible: Array) -> tuple[Array, Array, Array]:
+    """Row max (finite; 0 on rows with nothing visible), unnormalised probs and their sum.
+
+    Masked logits become -inf, so their probability is exactly 0 and so is their gradient; a row
+    with nothing visible has sum 0, which callers turn into output 0 and lse -inf (never NaN).
+    """
+    logits = jnp.where(visible, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    probs = jnp.exp(logits - row_max)
+    return row_max[..., 0], probs, jnp.sum(probs, axis=-1)
+
+
+def safe_lse(row_max: Array, row_sum: Array) -> Array:
+    """log-sum-exp from (max, sum of exp(x - max)); -inf where the sum is 0, with a clean grad."""
+    has_keys = row_sum > 0
+    return jnp.where(has_keys, row_max + jnp.log(jnp.where(has_keys, row_sum, 1.0)), -jnp.inf)
