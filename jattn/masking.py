@@ -7,7 +7,7 @@ Shapes: B batch, T queries, S keys, N query heads, K kv heads, G = N // K.
 """
 
 import jax.numpy as jnp
-from jax import Array
+from jax import Array, lax
 
 
 def visible_keys(
@@ -74,7 +74,8 @@ def masked_softmax_stats(logits: Array, visible: Array) -> tuple[Array, Array, A
     """
     logits = jnp.where(visible, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    # The max only shifts the exponent and cancels in every result: it carries no gradient.
+    row_max = lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
     probs = jnp.exp(logits - row_max)
     return row_max[..., 0], probs, jnp.sum(probs, axis=-1)
 

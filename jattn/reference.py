@@ -90,8 +90,6 @@ def dot_product_attention(
         visible = visible & masking.group_heads(_as_4d(mask), num_kv_heads)
 
     row_max, probs, row_sum = masking.masked_softmax_stats(logits, visible)
-    # The max only shifts the exponent: it cancels in the result, so it carries no gradient.
-    row_max = lax.stop_gradient(row_max)
     probs = probs / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v, precision=_HIGHEST)
     out = out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
@@ -155,7 +153,7 @@ def token_statistics_attention(
     """
     dtype = _compute_dtype(w.dtype)
     x = w.astype(dtype)
-    t = temperature.astype(dtype)[:, None]  # [N, 1]
+    t = temperature.astype(dtype)[None, None, :]  # [1, 1, N]
     x_sq = x * x  # [B, T, N, H]
     if causal:
         col_sq = jnp.maximum(jnp.cumsum(x_sq, axis=1), TSSA_CAUSAL_SQ_EPS)  # [B, T, N, H]
@@ -163,14 +161,15 @@ def token_statistics_attention(
         if denom_bias is not None:
             q_len = w.shape[1]
             normed = normed + denom_bias.astype(dtype)[:, :q_len].T[None, :, :, None]
-        pi = jax.nn.softmax(jnp.sum(normed, axis=-1) * t.T, axis=-1)  # [B, T, N] over heads
+        pi = jax.nn.softmax(jnp.sum(normed, axis=-1) * t, axis=-1)  # [B, T, N] over heads
         moment = jnp.cumsum(x_sq * pi[..., None], axis=1) / (
             jnp.cumsum(pi, axis=1)[..., None] + TSSA_PI_EPS
         )  # [B, T, N, H]
     else:
-        # max(sqrt(s), eps)^2 == max(s, eps^2): same value, and no NaN gradient at s = 0.
-        col_sq = jnp.maximum(jnp.sum(x_sq, axis=1, keepdims=True), TSSA_NORM_EPS**2)  # [B,1,N,H]
-        pi = jax.nn.softmax(jnp.sum(x_sq / col_sq, axis=-1) * t.T, axis=-1)  # [B, T, N]
+        col_sq = jnp.sum(x_sq, axis=1, keepdims=True)  # [B, 1, N, H]
+        # == max(sqrt(col_sq), eps) (F.normalize), written so the gradient at col_sq = 0 is 0.
+        col_norm = jnp.sqrt(jnp.where(col_sq > TSSA_NORM_EPS**2, col_sq, TSSA_NORM_EPS**2))
+        pi = jax.nn.softmax(jnp.sum(jnp.square(x / col_norm), axis=-1) * t, axis=-1)  # [B, T, N]
         moment = jnp.sum(x_sq * pi[..., None], axis=1, keepdims=True) / (
             jnp.sum(pi, axis=1)[:, None, :, None] + TSSA_PI_EPS
         )  # [B, 1, N, H]
