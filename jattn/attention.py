@@ -192,13 +192,17 @@ def _check_broadcast_4d(x, name: str, full: tuple[int, int, int, int]) -> Array:
     """bias / mask: rank <= 4, each axis 1 or the full size (head axis: 1 or N)."""
     x = jnp.asarray(x)
     if x.ndim > 4:
-        raise ValueError(f"{name} must have rank <= 4 (broadcastable to [B, N, T, S] = {full}), "
-                         f"got shape {x.shape}")
+        raise ValueError(
+            f"{name} must have rank <= 4 (broadcastable to [B, N, T, S] = {full}), "
+            f"got shape {x.shape}"
+        )
     x = x.reshape((1,) * (4 - x.ndim) + x.shape)
     for size, want in zip(x.shape, full, strict=True):
         if size not in (1, want):
-            raise ValueError(f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = "
-                             f"{full} (each axis must be 1 or the full size)")
+            raise ValueError(
+                f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = "
+                f"{full} (each axis must be 1 or the full size)"
+            )
     return x
 
 
@@ -232,8 +236,10 @@ def check_attention_args(
     """Validate a `dot_product_attention` call; raise ValueError naming the shapes."""
     shapes = f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
     if not (np.ndim(query) == np.ndim(key) == np.ndim(value)) or np.ndim(query) not in (3, 4):
-        raise ValueError(f"query, key and value must all be rank 4 [B, T|S, N|K, H] (or all "
-                         f"rank 3 without B); got {shapes}")
+        raise ValueError(
+            f"query, key and value must all be rank 4 [B, T|S, N|K, H] (or all "
+            f"rank 3 without B); got {shapes}"
+        )
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     if query.ndim == 3:
         query, key, value = query[None], key[None], value[None]
@@ -249,9 +255,11 @@ def check_attention_args(
         raise ValueError(f"query heads N must be a multiple of kv heads K (GQA); got {shapes}")
     dtypes = {query.dtype, key.dtype, value.dtype}
     if len(dtypes) != 1 or query.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"query, key and value must share one dtype among float16, bfloat16, "
-                         f"float32, float64; got {query.dtype}, {key.dtype}, {value.dtype} "
-                         f"({shapes})")
+        raise ValueError(
+            f"query, key and value must share one dtype among float16, bfloat16, "
+            f"float32, float64; got {query.dtype}, {key.dtype}, {value.dtype} "
+            f"({shapes})"
+        )
     full = (batch, num_heads, q_len, kv_len)
     if bias is not None:
         bias = _check_broadcast_4d(bias, "bias", full)
@@ -260,19 +268,22 @@ def check_attention_args(
     if mask is not None:
         mask = _check_broadcast_4d(mask, "mask", full)
         if mask.dtype != jnp.bool_:
-            raise ValueError(f"mask must be boolean (True = attend), got {mask.dtype}; pass an "
-                             "additive mask as bias")
+            raise ValueError(
+                f"mask must be boolean (True = attend), got {mask.dtype}; pass an "
+                "additive mask as bias"
+            )
     query_seq_lengths = _check_batch_ints(query_seq_lengths, "query_seq_lengths", batch)
-    key_value_seq_lengths = _check_batch_ints(key_value_seq_lengths, "key_value_seq_lengths",
-                                              batch)
+    key_value_seq_lengths = _check_batch_ints(key_value_seq_lengths, "key_value_seq_lengths", batch)
     q_offset = _check_batch_ints(q_offset, "q_offset", batch, allow_scalar=True)
     if segment_ids is not None:
         if not isinstance(segment_ids, tuple | list) or len(segment_ids) != 2:
             raise ValueError("segment_ids must be a pair (q_ids [B, T], kv_ids [B, S])")
         q_ids, kv_ids = (jnp.asarray(ids) for ids in segment_ids)
         if q_ids.shape != (batch, q_len) or kv_ids.shape != (batch, kv_len):
-            raise ValueError(f"segment_ids must have shapes [B, T] = {(batch, q_len)} and "
-                             f"[B, S] = {(batch, kv_len)}; got {q_ids.shape} and {kv_ids.shape}")
+            raise ValueError(
+                f"segment_ids must have shapes [B, T] = {(batch, q_len)} and "
+                f"[B, S] = {(batch, kv_len)}; got {q_ids.shape} and {kv_ids.shape}"
+            )
         for ids in (q_ids, kv_ids):
             if not jnp.issubdtype(ids.dtype, jnp.integer):
                 raise ValueError(f"segment_ids must be integer arrays, got {ids.dtype}")
@@ -282,8 +293,10 @@ def check_attention_args(
             local_window_size = (local_window_size, local_window_size)
         window = tuple(local_window_size)
         if len(window) != 2 or any(not isinstance(w, int | np.integer) or w < 0 for w in window):
-            raise ValueError(f"local_window_size must be an int >= 0 or a pair (left, right) of "
-                             f"ints >= 0, got {local_window_size!r}")
+            raise ValueError(
+                f"local_window_size must be an int >= 0 or a pair (left, right) of "
+                f"ints >= 0, got {local_window_size!r}"
+            )
         local_window_size = (int(window[0]), int(window[1]))
     if logits_soft_cap is not None and not float(logits_soft_cap) > 0:
         raise ValueError(f"logits_soft_cap must be > 0 (None turns it off), got {logits_soft_cap}")
@@ -324,8 +337,13 @@ def _xla(args: AttentionArgs, config) -> tuple[Array, Array]:
     if config is not None:
         raise NotImplementedError(f"xla takes no config, got {type(config).__name__}")
     return reference.dot_product_attention(
-        args.query, args.key, args.value, args.bias, args.mask, return_residual=True,
-        **_array_kwargs(args)
+        args.query,
+        args.key,
+        args.value,
+        args.bias,
+        args.mask,
+        return_residual=True,
+        **_array_kwargs(args),
     )
 
 
@@ -335,8 +353,7 @@ def _xla_chunked(args: AttentionArgs, config) -> tuple[Array, Array]:
     if not isinstance(config, chunked.ChunkedConfig):
         raise NotImplementedError(f"xla_chunked needs a ChunkedConfig, got {type(config).__name__}")
     return chunked.chunked_attention(
-        args.query, args.key, args.value, args.bias, args.mask, config=config,
-        **_array_kwargs(args)
+        args.query, args.key, args.value, args.bias, args.mask, config=config, **_array_kwargs(args)
     )
 
 

@@ -208,7 +208,9 @@ def _forward(static: _Static, query, key, value, bias, aux):
 
 def _sum_to_shape(x: Array, shape: tuple[int, ...]) -> Array:
     """Sum x over the axes where `shape` broadcasts (size 1), keeping rank."""
-    axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape, strict=True)) if m == 1 and n != 1)
+    axes = tuple(
+        i for i, (n, m) in enumerate(zip(x.shape, shape, strict=True)) if m == 1 and n != 1
+    )
     return jnp.sum(x, axis=axes, keepdims=True)
 
 

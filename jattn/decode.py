@@ -42,15 +42,21 @@ def decode_attention(
       `[B, N, H]` (and lse). A sequence with length 0 gets output 0 and lse -inf.
     """
     if implementation not in (None, *DECODE_IMPLEMENTATIONS):
-        raise ValueError(f"Unknown decode implementation {implementation!r}; "
-                         f"choose from {DECODE_IMPLEMENTATIONS}")
+        raise ValueError(
+            f"Unknown decode implementation {implementation!r}; "
+            f"choose from {DECODE_IMPLEMENTATIONS}"
+        )
     query, k_cache, v_cache = jnp.asarray(query), jnp.asarray(k_cache), jnp.asarray(v_cache)
     lengths = jnp.asarray(lengths)
-    shapes = (f"query {query.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}, "
-              f"lengths {lengths.shape}")
+    shapes = (
+        f"query {query.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}, "
+        f"lengths {lengths.shape}"
+    )
     if query.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"decode_attention needs query [B, N, H] and caches [B, S, K, H] of one "
-                         f"shape; got {shapes}")
+        raise ValueError(
+            f"decode_attention needs query [B, N, H] and caches [B, S, K, H] of one "
+            f"shape; got {shapes}"
+        )
     batch, num_heads, head_dim = query.shape
     _, capacity, num_kv_heads, _ = k_cache.shape
     if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
@@ -58,11 +64,15 @@ def decode_attention(
     if num_kv_heads == 0 or num_heads % num_kv_heads:
         raise ValueError(f"query heads N must be a multiple of kv heads K; got {shapes}")
     if len({query.dtype, k_cache.dtype, v_cache.dtype}) != 1 or query.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"query and caches must share one float dtype; got {query.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}")
+        raise ValueError(
+            f"query and caches must share one float dtype; got {query.dtype}, "
+            f"{k_cache.dtype}, {v_cache.dtype}"
+        )
     if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"lengths must be an integer array of shape [B] = ({batch},); "
-                         f"got {lengths.dtype} {lengths.shape}")
+        raise ValueError(
+            f"lengths must be an integer array of shape [B] = ({batch},); "
+            f"got {lengths.dtype} {lengths.shape}"
+        )
     if not isinstance(lengths, core.Tracer):
         bad = np.asarray(lengths)
         if (bad < 0).any() or (bad > capacity).any():

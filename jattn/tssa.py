@@ -37,25 +37,31 @@ def token_statistics_attention(
       `[B, T, N, H]`: y = -Pi * w / (1 + m), Pi a softmax over the N heads of each token.
     """
     if implementation not in (None, *TSSA_IMPLEMENTATIONS):
-        raise ValueError(f"Unknown TSSA implementation {implementation!r}; "
-                         f"choose from {TSSA_IMPLEMENTATIONS}")
+        raise ValueError(
+            f"Unknown TSSA implementation {implementation!r}; choose from {TSSA_IMPLEMENTATIONS}"
+        )
     w, temperature = jnp.asarray(w), jnp.asarray(temperature)
     if w.ndim != 4 or w.dtype not in _DTYPES:
         raise ValueError(f"w must be a float array [B, T, N, H], got {w.dtype} {w.shape}")
     num_heads = w.shape[2]
     if temperature.shape != (num_heads,):
-        raise ValueError(f"temperature must have shape [N] = ({num_heads},), got "
-                         f"{temperature.shape} (w {w.shape})")
+        raise ValueError(
+            f"temperature must have shape [N] = ({num_heads},), got "
+            f"{temperature.shape} (w {w.shape})"
+        )
     if denom_bias is not None:
         if not causal:
             raise ValueError("denom_bias belongs to the causal variant; pass causal=True")
         denom_bias = jnp.asarray(denom_bias)
         if denom_bias.ndim != 2 or denom_bias.shape[0] != num_heads:
-            raise ValueError(f"denom_bias must have shape [N, L] = ({num_heads}, L), got "
-                             f"{denom_bias.shape}")
+            raise ValueError(
+                f"denom_bias must have shape [N, L] = ({num_heads}, L), got {denom_bias.shape}"
+            )
         if denom_bias.shape[1] < w.shape[1]:
-            raise ValueError(f"T = {w.shape[1]} is longer than denom_bias {denom_bias.shape} "
-                             "covers (L must be >= T)")
+            raise ValueError(
+                f"T = {w.shape[1]} is longer than denom_bias {denom_bias.shape} "
+                "covers (L must be >= T)"
+            )
     return reference.token_statistics_attention(
         w, temperature, causal=causal, denom_bias=denom_bias
     )

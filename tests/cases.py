@@ -76,7 +76,9 @@ def make_options(rng, feature, shape):
         case "window_causal":
             return dict(is_causal=True, local_window_size=4, q_offset=kv_len - q_len)
         case "lengths":
-            return dict(query_seq_lengths=lengths(q_len, 1), key_value_seq_lengths=lengths(kv_len, 1))
+            return dict(
+                query_seq_lengths=lengths(q_len, 1), key_value_seq_lengths=lengths(kv_len, 1)
+            )
         case "lengths_empty":  # batch 0 has no keys at all: every row fully masked
             kv = lengths(kv_len, 1)
             kv[0] = 0
@@ -98,11 +100,20 @@ def make_options(rng, feature, shape):
         case "scale":
             return dict(scale=0.37)
         case "causal_window_bias_softcap":
-            return dict(is_causal=True, local_window_size=(5, 0), q_offset=kv_len - q_len,
-                        bias=rng.standard_normal((batch, 1, q_len, kv_len)), logits_soft_cap=2.0)
+            return dict(
+                is_causal=True,
+                local_window_size=(5, 0),
+                q_offset=kv_len - q_len,
+                bias=rng.standard_normal((batch, 1, q_len, kv_len)),
+                logits_soft_cap=2.0,
+            )
         case "segments_causal_lengths":
-            return dict(segment_ids=(segments(q_len), segments(kv_len)), is_causal=True,
-                        key_value_seq_lengths=lengths(kv_len, 1), q_offset=kv_len - q_len)
+            return dict(
+                segment_ids=(segments(q_len), segments(kv_len)),
+                is_causal=True,
+                key_value_seq_lengths=lengths(kv_len, 1),
+                q_offset=kv_len - q_len,
+            )
     raise ValueError(feature)
 
 
@@ -124,8 +135,11 @@ def oracle_attention(q, k, v, options):
     """The float64 oracle on the (already rounded) inputs: out, lse, cache, visibility."""
     q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
     options = {
-        name: tuple(np.asarray(x) for x in value) if name == "segment_ids"
-        else value if isinstance(value, int | float | tuple) else np.asarray(value)
+        name: tuple(np.asarray(x) for x in value)
+        if name == "segment_ids"
+        else value
+        if isinstance(value, int | float | tuple)
+        else np.asarray(value)
         for name, value in options.items()
         if value is not None
     }
@@ -134,7 +148,10 @@ def oracle_attention(q, k, v, options):
     if isinstance(window, int):
         window = (window, window)
     visible = oracle.attention_visibility(
-        batch, heads, q_len, k.shape[1],
+        batch,
+        heads,
+        q_len,
+        k.shape[1],
         mask=options.get("mask"),
         is_causal=options.get("is_causal", False),
         q_offset=options.get("q_offset"),
@@ -147,7 +164,12 @@ def oracle_attention(q, k, v, options):
     if bias is not None:
         bias = np.asarray(jnp.asarray(bias, jnp.float32), np.float64)  # as rounded by the dtype
     out, lse, cache = oracle.attention(
-        q, k, v, bias, scale=options.get("scale"), soft_cap=options.get("logits_soft_cap"),
+        q,
+        k,
+        v,
+        bias,
+        scale=options.get("scale"),
+        soft_cap=options.get("logits_soft_cap"),
         visible=visible,
     )
     return out, lse, cache, visible

@@ -12,9 +12,20 @@ def _broadcast_4d(x, shape):
     return np.broadcast_to(x.reshape((1,) * (4 - x.ndim) + x.shape), shape)
 
 
-def attention_visibility(batch, heads, q_len, kv_len, *, mask=None, is_causal=False,
-                         q_offset=None, window=None, q_lengths=None, kv_lengths=None,
-                         segment_ids=None):
+def attention_visibility(
+    batch,
+    heads,
+    q_len,
+    kv_len,
+    *,
+    mask=None,
+    is_causal=False,
+    q_offset=None,
+    window=None,
+    q_lengths=None,
+    kv_lengths=None,
+    segment_ids=None,
+):
     """[B, N, T, S] bool: which key each query may see."""
     visible = np.ones((batch, heads, q_len, kv_len), bool)
     offset = np.zeros(batch, int) if q_offset is None else np.broadcast_to(q_offset, (batch,))
@@ -60,8 +71,9 @@ def attention(q, k, v, bias=None, *, scale=None, soft_cap=None, visible=None):
     p = p / np.where(has_keys, total, 1.0)
     out = np.einsum("bnts,bsnh->btnh", p, v_rep)
     lse = np.where(has_keys, m + np.log(np.where(has_keys, total, 1.0)), -np.inf)[..., 0]
-    cache = dict(q=q, k_rep=k_rep, v_rep=v_rep, s=s, p=p, scale=scale, soft_cap=soft_cap,
-                 groups=groups)
+    cache = dict(
+        q=q, k_rep=k_rep, v_rep=v_rep, s=s, p=p, scale=scale, soft_cap=soft_cap, groups=groups
+    )
     return out, lse.transpose(0, 2, 1), cache
 
 
@@ -109,9 +121,7 @@ def tssa(w, temperature, *, causal=False, denom_bias=None):
                 normed = normed + np.asarray(denom_bias, np.float64)[:, :q_len, None]
             logits = normed.sum(-1) * t[:, None]  # [N, T]
             pi = np.exp(logits - logits.max(0)) / np.exp(logits - logits.max(0)).sum(0)
-            dots = np.cumsum(sq * pi[..., None], axis=1) / (np.cumsum(pi, axis=1) + 1e-8)[
-                ..., None
-            ]
+            dots = np.cumsum(sq * pi[..., None], axis=1) / (np.cumsum(pi, axis=1) + 1e-8)[..., None]
         else:
             norm = np.maximum(np.sqrt((x**2).sum(1, keepdims=True)), 1e-12)  # F.normalize, dim=-2
             logits = ((x / norm) ** 2).sum(-1) * t[:, None]

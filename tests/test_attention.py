@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jattn
+
 import oracle
 from cases import (
     FEATURES,
@@ -38,8 +39,14 @@ def test_implementation_matches_oracle(rng, implementation, feature, dtype):
 
     def run(q, k, v, bias):
         return jattn.dot_product_attention(
-            q, k, v, bias, return_residual=True, implementation=implementation,
-            config=IMPLEMENTATIONS[implementation], **options
+            q,
+            k,
+            v,
+            bias,
+            return_residual=True,
+            implementation=implementation,
+            config=IMPLEMENTATIONS[implementation],
+            **options,
         )
 
     (out, lse), vjp = jax.vjp(run, q, k, v, bias)
@@ -69,8 +76,12 @@ def test_chunked_block_sizes_match_reference(rng, shape_name, block_k):
     options = dict(is_causal=True, q_offset=q.shape[1] // 2, logits_soft_cap=3.0)
     want = jattn.reference.dot_product_attention(q, k, v, **options)
     got = jattn.dot_product_attention(
-        q, k, v, implementation="xla_chunked", config=jattn.ChunkedConfig(block_k=block_k),
-        **options
+        q,
+        k,
+        v,
+        implementation="xla_chunked",
+        config=jattn.ChunkedConfig(block_k=block_k),
+        **options,
     )
     assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.float32])
 
@@ -80,8 +91,9 @@ def test_chunked_survives_very_negative_logits(rng):
     q, k, v = make_inputs(rng, (1, 5, 19, 2, 2, 8))
     bias = jnp.full((1, 1, 5, 19), -200.0)
     want = jattn.reference.dot_product_attention(q, k, v, bias)
-    got = jattn.dot_product_attention(q, k, v, bias, implementation="xla_chunked",
-                                      config=jattn.ChunkedConfig(block_k=4))
+    got = jattn.dot_product_attention(
+        q, k, v, bias, implementation="xla_chunked", config=jattn.ChunkedConfig(block_k=4)
+    )
     assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.float32])
 
 
@@ -104,9 +116,18 @@ def test_chunked_backward_does_not_store_the_score_matrix():
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_backward_is_deterministic(rng, implementation):
     q, k, v = make_inputs(rng, SHAPES["gqa4_t_lt_s"])
-    loss = lambda q, k, v: jnp.sum(jnp.sin(jattn.dot_product_attention(
-        q, k, v, is_causal=True, implementation=implementation,
-        config=IMPLEMENTATIONS[implementation])))
+    loss = lambda q, k, v: jnp.sum(
+        jnp.sin(
+            jattn.dot_product_attention(
+                q,
+                k,
+                v,
+                is_causal=True,
+                implementation=implementation,
+                config=IMPLEMENTATIONS[implementation],
+            )
+        )
+    )
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     for first, second in zip(grad(q, k, v), grad(q, k, v), strict=True):
         np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
@@ -118,8 +139,11 @@ def test_drop_in_for_jax_nn_including_unbatched_inputs(rng, implementation):
     mask = jnp.asarray(rng.random((1, 1, 16, 16)) < 0.8) | jnp.eye(16, dtype=bool)[None, None]
     for args in ((q, k, v), (q[0], k[0], v[0])):
         want = jax.nn.dot_product_attention(*args, mask=mask, is_causal=True)
-        got = jax.jit(lambda q, k, v: jattn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, implementation=implementation))(*args)
+        got = jax.jit(
+            lambda q, k, v: jattn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=True, implementation=implementation
+            )
+        )(*args)
         assert got.shape == want.shape
         assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.float32])
 
@@ -196,8 +220,11 @@ BAD_CALLS = {
     "batch": (dict(query=jnp.ones((B + 1, T, N, H))), r"batch size.*query \(3, 5, 4, 8\)"),
     "dtype_mix": (dict(key=jnp.ones((B, S, K, H), jnp.bfloat16)), r"one dtype.*bfloat16"),
     "int_dtype": (
-        dict(query=jnp.ones((B, T, N, H), jnp.int32), key=jnp.ones((B, S, K, H), jnp.int32),
-             value=jnp.ones((B, S, K, H), jnp.int32)),
+        dict(
+            query=jnp.ones((B, T, N, H), jnp.int32),
+            key=jnp.ones((B, S, K, H), jnp.int32),
+            value=jnp.ones((B, S, K, H), jnp.int32),
+        ),
         "one dtype",
     ),
     "bias_shape": (dict(bias=jnp.ones((B, N, T, S + 1))), r"bias of shape \(2, 4, 5, 8\)"),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jattn
+
 import oracle
 from cases import TOLERANCE, assert_close
 
@@ -22,8 +23,9 @@ def test_decode_matches_oracle(rng, dtype):
     q, k, v = _decode_inputs(rng, dtype=dtype)
     lengths = np.array([0, 5, 11])
     out, lse = jattn.decode_attention(q, k, v, lengths, return_residual=True)
-    want_out, want_lse = oracle.decode(*(np.asarray(x.astype(jnp.float32)) for x in (q, k, v)),
-                                       lengths)
+    want_out, want_lse = oracle.decode(
+        *(np.asarray(x.astype(jnp.float32)) for x in (q, k, v)), lengths
+    )
     assert out.dtype == dtype
     assert_close(out, want_out, TOLERANCE[dtype])
     assert np.isneginf(np.asarray(lse[0])).all()
@@ -70,8 +72,9 @@ def test_decode_bad_input(rng, case):
     call.update(overrides)
     implementation = call.pop("implementation", None)
     with pytest.raises(ValueError, match=message):
-        jattn.decode_attention(call["q"], call["k"], call["v"], call["lengths"],
-                               implementation=implementation)
+        jattn.decode_attention(
+            call["q"], call["k"], call["v"], call["lengths"], implementation=implementation
+        )
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -80,10 +83,14 @@ def test_tssa_public_api_matches_oracle(rng, causal, dtype):
     w = jnp.asarray(rng.standard_normal((2, 11, 4, 8)), dtype)
     temperature = jnp.asarray(rng.uniform(0.5, 2, 4), jnp.float32)
     denom_bias = jnp.asarray(0.1 * rng.standard_normal((4, 16)), jnp.float32) if causal else None
-    got = jax.jit(lambda w: jattn.token_statistics_attention(
-        w, temperature, causal=causal, denom_bias=denom_bias))(w)
-    want = oracle.tssa(np.asarray(w.astype(jnp.float32)), temperature, causal=causal,
-                       denom_bias=denom_bias)
+    got = jax.jit(
+        lambda w: jattn.token_statistics_attention(
+            w, temperature, causal=causal, denom_bias=denom_bias
+        )
+    )(w)
+    want = oracle.tssa(
+        np.asarray(w.astype(jnp.float32)), temperature, causal=causal, denom_bias=denom_bias
+    )
     assert got.dtype == dtype
     assert_close(got, want, TOLERANCE[dtype] if dtype != jnp.float32 else (1e-5, 1e-5))
 

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import jattn
+
 from cases import TOLERANCE, assert_close
 
 
@@ -49,8 +50,14 @@ def test_implementations_agree_and_the_choice_reaches_dispatch(rng):
     outputs = []
     for implementation, config in [("xla", None), ("xla_chunked", jattn.ChunkedConfig(block_k=4))]:
         layer = jattn.nn.MultiHeadAttention(
-            4, 32, num_kv_heads=2, is_causal=True, logits_soft_cap=5.0,
-            implementation=implementation, config=config, rngs=nnx.Rngs(0),
+            4,
+            32,
+            num_kv_heads=2,
+            is_causal=True,
+            logits_soft_cap=5.0,
+            implementation=implementation,
+            config=config,
+            rngs=nnx.Rngs(0),
         )
         outputs.append(np.asarray(layer(x), np.float64))
     assert_close(outputs[1], outputs[0], TOLERANCE[jnp.float32])

@@ -6,6 +6,8 @@ import jraph
 import numpy as np
 import pytest
 
+from jattn import reference
+
 import oracle
 from cases import (
     FEATURES,
@@ -18,7 +20,6 @@ from cases import (
     oracle_attention,
     to_jax,
 )
-from jattn import reference
 
 
 @pytest.mark.parametrize("feature", FEATURES)
@@ -199,8 +200,11 @@ def test_tssa_low_precision(rng, dtype, causal):
     w, temperature, _ = _tssa_inputs(rng, (2, 9, 4, 8), dtype)
     got = reference.token_statistics_attention(w, temperature, causal=causal)
     assert got.dtype == dtype
-    assert_close(got, oracle.tssa(np.asarray(w.astype(jnp.float32)), temperature, causal=causal),
-                 TOLERANCE[dtype])
+    assert_close(
+        got,
+        oracle.tssa(np.asarray(w.astype(jnp.float32)), temperature, causal=causal),
+        TOLERANCE[dtype],
+    )
 
 
 def _finite_difference_grad(f, x, eps=1e-6):
@@ -221,7 +225,9 @@ def test_tssa_gradients_match_float64_finite_differences(rng, causal):
     cotangent = rng.standard_normal(shape)
     w64, t64 = np.asarray(w, np.float64), np.asarray(temperature, np.float64)
     b64 = None if denom_bias is None else np.asarray(denom_bias, np.float64)
-    loss64 = lambda w_, t_, b_: np.sum(oracle.tssa(w_, t_, causal=causal, denom_bias=b_) * cotangent)
+    loss64 = lambda w_, t_, b_: np.sum(
+        oracle.tssa(w_, t_, causal=causal, denom_bias=b_) * cotangent
+    )
 
     def loss(w, t, b):
         y = reference.token_statistics_attention(w, t, causal=causal, denom_bias=b)

@@ -43,12 +43,15 @@ class MultiHeadAttention(nnx.Module):
     ):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
-                             f"({num_kv_heads})")
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
         if head_dim is None:
             if in_features % num_heads:
-                raise ValueError(f"in_features ({in_features}) is not divisible by num_heads "
-                                 f"({num_heads}); pass head_dim")
+                raise ValueError(
+                    f"in_features ({in_features}) is not divisible by num_heads "
+                    f"({num_heads}); pass head_dim"
+                )
             head_dim = in_features // num_heads
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.is_causal = is_causal

@@ -1,0 +1,70 @@
+"""The `jattn` command line. Every command has --help."""
+
+import argparse
+import sys
+
+from jattn import demo
+
+
+def _add_demo(commands) -> None:
+    parser = commands.add_parser(
+        "demo",
+        help="run jattn's operators on this machine, checked against the reference, and time them",
+        description="Run each part of the demo (all by default). 'attention': every available "
+        "implementation of dot_product_attention on one shape, with forward and gradient errors "
+        "against the float32 reference and median times.",
+    )
+    parser.add_argument(
+        "parts",
+        nargs="*",
+        metavar="PART",
+        help=f"parts to run, of: {', '.join(demo.DEMO_PARTS)} (default: all)",
+    )
+    defaults = demo.AttentionShape()
+    parser.add_argument("--batch", type=int, default=defaults.batch, help="batch size B")
+    parser.add_argument("--length", type=int, default=defaults.length, help="sequence length T = S")
+    parser.add_argument("--heads", type=int, default=defaults.heads, help="query heads N")
+    parser.add_argument(
+        "--kv-heads", type=int, default=defaults.kv_heads, help="key/value heads K (N %% K == 0)"
+    )
+    parser.add_argument("--head-dim", type=int, default=defaults.head_dim, help="head dim H")
+    parser.add_argument(
+        "--dtype",
+        default=defaults.dtype,
+        choices=["float32", "bfloat16", "float16"],
+        help="input dtype",
+    )
+    parser.add_argument("--no-causal", action="store_true", help="full (non-causal) attention")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed calls per implementation (median reported)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jattn", description="jattn: attention for JAX (Pallas kernels, TSSA, decode)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_demo(commands)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        unknown = sorted(set(args.parts) - set(demo.DEMO_PARTS))
+        if unknown:
+            parser.error(f"unknown demo part(s) {unknown}; choose from {list(demo.DEMO_PARTS)}")
+        parts = args.parts or list(demo.DEMO_PARTS)
+        if "attention" in parts:
+            shape = demo.AttentionShape(
+                batch=args.batch,
+                length=args.length,
+                heads=args.heads,
+                kv_heads=args.kv_heads,
+                head_dim=args.head_dim,
+                causal=not args.no_causal,
+                dtype=args.dtype,
+            )
+            demo.attention_demo(shape, args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
