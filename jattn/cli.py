@@ -38,6 +38,9 @@ def _add_demo(commands) -> None:
     parser.add_argument(
         "--repeats", type=int, default=5, help="timed calls per implementation (median reported)"
     )
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the results, device and versions as JSON"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                 causal=not args.no_causal,
                 dtype=args.dtype,
             )
-            demo.attention_demo(shape, args.repeats)
+            rows = demo.attention_demo(shape, args.repeats)
+            if args.json:
+                demo.write_json(args.json, shape, rows)
     return 0
 
 

@@ -5,6 +5,9 @@ checked against the reference (forward and gradients) and timed.
 """
 
 import dataclasses
+import datetime
+import json
+import pathlib
 import statistics
 import time
 from collections.abc import Callable
@@ -112,6 +115,30 @@ def format_table(rows: list[Row]) -> str:
             f"{fmt(r.forward_ms, '9.2f')} {fmt(r.backward_ms, '10.2f')}  {r.status}"
         )
     return "\n".join(lines)
+
+
+def environment() -> dict[str, str]:
+    """Device and versions, recorded with every measurement."""
+    import flax
+    import jaxlib
+
+    device = jax.devices()[0]
+    return dict(
+        device=f"{device.platform} ({device.device_kind})",
+        jax=jax.__version__,
+        jaxlib=jaxlib.__version__,
+        flax=flax.__version__,
+        date=datetime.date.today().isoformat(),
+    )
+
+
+def write_json(path: str, shape: AttentionShape, rows: list[Row]) -> None:
+    record = dict(
+        environment(),
+        shape=dataclasses.asdict(shape),
+        rows=[dataclasses.asdict(r) for r in rows],
+    )
+    pathlib.Path(path).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def attention_demo(shape: AttentionShape, repeats: int) -> list[Row]:

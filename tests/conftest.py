@@ -12,6 +12,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Float32 oracles and peers (jax.nn's XLA path) must not drop to TF32 on GPUs.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_collection_modifyitems(config, items):
