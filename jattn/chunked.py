@@ -5,6 +5,9 @@ FlashAttention recurrence), so memory is O(T * block_k) instead of O(T * S). Bac
 scan recomputes each block's probabilities from the saved log-sum-exp (FlashAttention-2 §3.1.1)
 and accumulates dq, emitting dk, dv (and dbias) block by block: the `[T, S]` matrix is never
 stored in either direction. Serves every feature of the contract; runs anywhere XLA does.
+
+Matmul operands stay in the input dtype (probabilities and score gradients are rounded to it, as
+flash kernels do) with float32 accumulation; softmax statistics are float32 throughout.
 """
 
 import dataclasses
@@ -18,6 +21,12 @@ from jax import Array, lax
 from jattn import masking
 
 _HIGHEST = lax.Precision.HIGHEST
+
+
+def _matmul(spec: str, a: Array, b: Array) -> Array:
+    """einsum in the operands' dtype, accumulated in (at least) float32."""
+    acc = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+    return jnp.einsum(spec, a, b, precision=_HIGHEST, preferred_element_type=acc)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -117,7 +126,7 @@ def _key_block(x: Array | None, axis: int, start: Array, block_k: int) -> Array 
 
 
 class _Padded(NamedTuple):
-    key: Array  # [B, S_pad, K, H] compute dtype
+    key: Array  # [B, S_pad, K, H] input dtype
     value: Array  # [B, S_pad, K, H]
     bias: Array | None  # [B', K', G', T', S' or S_pad]
     mask: Array | None  # [B', K', G', T', S' or S_pad]
@@ -131,11 +140,11 @@ def _prepare(static: _Static, query, key, value, bias, aux) -> tuple[Array, _Pad
     dtype = jnp.promote_types(query.dtype, jnp.float32)
     num_blocks = -(-static.kv_len // static.block_k)
     padded = num_blocks * static.block_k
-    q = query.astype(dtype).reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, -1)
+    q = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
     grouped_bias = None if bias is None else masking.group_heads(bias.astype(dtype), num_kv_heads)
     return q, _Padded(
-        key=_pad_keys(key.astype(dtype), 1, padded),
-        value=_pad_keys(value.astype(dtype), 1, padded),
+        key=_pad_keys(key, 1, padded),
+        value=_pad_keys(value, 1, padded),
         bias=_pad_keys(grouped_bias, 4, padded),
         mask=_pad_keys(masking.group_heads(aux.mask, num_kv_heads), 4, padded),
         kv_segment_ids=_pad_keys(aux.kv_segment_ids, 1, padded),
@@ -146,7 +155,7 @@ def _prepare(static: _Static, query, key, value, bias, aux) -> tuple[Array, _Pad
 def _block_logits(static: _Static, q, padded: _Padded, aux: _Aux, start):
     """Scores, final logits and visibility of key block [start, start + block_k)."""
     k = _key_block(padded.key, 1, start, static.block_k)  # [B, bk, K, H]
-    scores = static.scale * jnp.einsum("btkgh,bskh->bkgts", q, k, precision=_HIGHEST)
+    scores = static.scale * _matmul("btkgh,bskh->bkgts", q, k)
     logits = masking.soft_cap(scores, static.logits_soft_cap)  # [B, K, G, T, bk]
     bias = _key_block(padded.bias, 4, start, static.block_k)
     if bias is not None:
@@ -174,6 +183,7 @@ def _block_logits(static: _Static, q, padded: _Padded, aux: _Aux, start):
 def _forward(static: _Static, query, key, value, bias, aux):
     batch, q_len, num_heads, head_dim = query.shape
     q, padded = _prepare(static, query, key, value, bias, aux)
+    acc_dtype = jnp.promote_types(query.dtype, jnp.float32)
     stats_shape = q.shape[:1] + q.shape[2:4] + (q_len,)  # [B, K, G, T]
 
     def step(carry, block):
@@ -188,15 +198,15 @@ def _forward(static: _Static, query, key, value, bias, aux):
         probs = jnp.exp(logits - shift[..., None])  # [B, K, G, T, bk]
         rescale = jnp.exp(row_max - shift)
         v = _key_block(padded.value, 1, start, static.block_k)
-        pv = jnp.einsum("bkgts,bskh->bkgth", probs, v, precision=_HIGHEST)
+        pv = _matmul("bkgts,bskh->bkgth", probs.astype(v.dtype), v)
         acc = acc * rescale[..., None] + pv
         row_sum = row_sum * rescale + jnp.sum(probs, axis=-1)
         return (new_max, row_sum, acc), None
 
     init = (
-        jnp.full(stats_shape, -jnp.inf, q.dtype),
-        jnp.zeros(stats_shape, q.dtype),
-        jnp.zeros(stats_shape + (head_dim,), q.dtype),
+        jnp.full(stats_shape, -jnp.inf, acc_dtype),
+        jnp.zeros(stats_shape, acc_dtype),
+        jnp.zeros(stats_shape + (head_dim,), acc_dtype),
     )
     (row_max, row_sum, acc), _ = lax.scan(step, init, jnp.arange(padded.num_blocks))
     out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]  # [B, K, G, T, H]
@@ -219,15 +229,16 @@ def _backward(static: _Static, query, key, value, bias, aux, out, lse, d_out, d_
     num_kv_heads = key.shape[2]
     groups = num_heads // num_kv_heads
     q, padded = _prepare(static, query, key, value, bias, aux)
-    dtype = q.dtype
+    dtype, acc_dtype = query.dtype, jnp.promote_types(query.dtype, jnp.float32)
 
     def grouped(x):  # [B, T, N, ...] -> [B, K, G, T, ...]
         x = x.reshape(batch, q_len, num_kv_heads, groups, *x.shape[3:])
         return jnp.moveaxis(x, 1, 3)
 
-    do = grouped(d_out.astype(dtype))  # [B, K, G, T, H]
+    do = grouped(d_out.astype(dtype))  # [B, K, G, T, H] input dtype
     # d lse / d logits = P, so an lse cotangent enters exactly like -delta (FA-2's D term).
-    delta = jnp.sum(do * grouped(out.astype(dtype)), axis=-1) - grouped(d_lse.astype(dtype))
+    delta = jnp.sum(do.astype(acc_dtype) * grouped(out.astype(acc_dtype)), axis=-1)
+    delta = delta - grouped(d_lse.astype(acc_dtype))  # [B, K, G, T]
     lse = grouped(lse)
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see nothing: logits are -inf anyway
     bias_shape = None if padded.bias is None else padded.bias.shape
@@ -239,16 +250,17 @@ def _backward(static: _Static, query, key, value, bias, aux, out, lse, d_out, d_
         scores, logits, visible = _block_logits(static, q, padded, aux, start)
         probs = jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0)  # [B, K, G, T, bk]
         v = _key_block(padded.value, 1, start, static.block_k)
-        d_v = jnp.einsum("bkgts,bkgth->bskh", probs, do, precision=_HIGHEST)
-        d_probs = jnp.einsum("bkgth,bskh->bkgts", do, v, precision=_HIGHEST)
+        d_v = _matmul("bkgts,bkgth->bskh", probs.astype(dtype), do)
+        d_probs = _matmul("bkgth,bskh->bkgts", do, v)
         d_logits = probs * (d_probs - delta[..., None])
         d_scores = d_logits
         if static.logits_soft_cap is not None:
             d_scores = d_logits * (1.0 - jnp.square(jnp.tanh(scores / static.logits_soft_cap)))
         d_scores = d_scores * static.scale
         k = _key_block(padded.key, 1, start, static.block_k)
-        dq = dq + jnp.einsum("bkgts,bskh->btkgh", d_scores, k, precision=_HIGHEST)
-        d_k = jnp.einsum("bkgts,btkgh->bskh", d_scores, q, precision=_HIGHEST)
+        d_scores = d_scores.astype(dtype)
+        dq = dq + _matmul("bkgts,bskh->btkgh", d_scores, k)
+        d_k = _matmul("bkgts,btkgh->bskh", d_scores, q)
         d_bias_block = None
         if bias_shape is not None:
             block_shape = bias_shape[:4] + ((static.block_k,) if bias_spans_keys else (1,))
@@ -258,9 +270,11 @@ def _backward(static: _Static, query, key, value, bias, aux, out, lse, d_out, d_
                 d_bias_block = None
         return (dq, dbias_acc), (d_k, d_v, d_bias_block)
 
-    dbias_init = None if bias_shape is None or bias_spans_keys else jnp.zeros(bias_shape, dtype)
+    dbias_init = None
+    if bias_shape is not None and not bias_spans_keys:
+        dbias_init = jnp.zeros(bias_shape, acc_dtype)
     (dq, dbias_acc), (d_k, d_v, d_bias_blocks) = lax.scan(
-        step, (jnp.zeros_like(q), dbias_init), jnp.arange(padded.num_blocks)
+        step, (jnp.zeros(q.shape, acc_dtype), dbias_init), jnp.arange(padded.num_blocks)
     )
 
     def unblock(x):  # [num_blocks, B, bk, K, H] -> [B, S, K, H]
