@@ -137,6 +137,12 @@ def dot_product_attention(
     Raises:
       ValueError: bad ranks, shapes or dtypes, naming the shapes; checked before any tracing.
       NotImplementedError: no requested implementation can serve the call (with each reason).
+
+    Example:
+      >>> x = jnp.ones((1, 3, 2, 4))  # [B, T, N, H]
+      >>> out = dot_product_attention(x, x, x, key_value_seq_lengths=jnp.array([0]))
+      >>> float(jnp.abs(out).max())  # no key to see: 0, where jax.nn returns the mean of V
+      0.0
     """
     unbatched = jnp.ndim(query) == 3
     args = check_attention_args(

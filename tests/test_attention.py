@@ -256,3 +256,34 @@ def test_checks_run_before_tracing_under_jit():
     bad = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v))
     with pytest.raises(ValueError, match="head dim"):
         bad(jnp.ones((B, T, N, H)), jnp.ones((B, S, K, H + 1)), jnp.ones((B, S, K, H + 1)))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_batch_sharded_over_eight_devices_equals_unsharded(rng, implementation):
+    devices = jax.devices("cpu")
+    assert len(devices) == 8  # conftest's --xla_force_host_platform_device_count
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    q, k, v = make_inputs(rng, (8, 11, 19, 4, 2, 16))
+    lengths = jnp.asarray(rng.integers(0, 20, 8), jnp.int32)
+
+    def loss(q, k, v, lengths):
+        out = jattn.dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            q_offset=8,
+            key_value_seq_lengths=lengths,
+            implementation=implementation,
+            config=IMPLEMENTATIONS[implementation],
+        )
+        return jnp.sum(jnp.sin(out)), out
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    (_, out), grads = step(q, k, v, lengths)
+    sharded = [jax.device_put(x, sharding) for x in (q, k, v, lengths)]
+    (_, out_sharded), grads_sharded = step(*sharded)
+    assert out_sharded.sharding.is_equivalent_to(sharding, out.ndim)
+    for a, b in zip((out, *grads), (out_sharded, *grads_sharded), strict=True):
+        assert_close(b, np.asarray(a, np.float64), TOLERANCE[jnp.float32])
