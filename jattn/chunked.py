@@ -152,17 +152,11 @@ def _prepare(static: _Static, query, key, value, bias, aux) -> tuple[Array, _Pad
     )
 
 
-def _block_logits(static: _Static, q, padded: _Padded, aux: _Aux, start):
-    """Scores, final logits and visibility of key block [start, start + block_k)."""
-    k = _key_block(padded.key, 1, start, static.block_k)  # [B, bk, K, H]
-    scores = static.scale * _matmul("btkgh,bskh->bkgts", q, k)
-    logits = masking.soft_cap(scores, static.logits_soft_cap)  # [B, K, G, T, bk]
-    bias = _key_block(padded.bias, 4, start, static.block_k)
-    if bias is not None:
-        logits = logits + bias
+def _block_visible(static: _Static, q_len: int, padded: _Padded, aux: _Aux, start):
+    """Which queries see which keys of block [start, start + block_k): [B', K', G', T, bk] bool."""
     k_pos = start + jnp.arange(static.block_k)
     visible = masking.visible_keys(
-        jnp.arange(q.shape[1]),
+        jnp.arange(q_len),
         k_pos,
         is_causal=static.is_causal,
         q_offset=aux.q_offset,
@@ -177,7 +171,18 @@ def _block_logits(static: _Static, q, padded: _Padded, aux: _Aux, start):
     mask = _key_block(padded.mask, 4, start, static.block_k)
     if mask is not None:
         visible = visible & mask
-    return scores, logits, visible
+    return visible
+
+
+def _block_logits(static: _Static, q, padded: _Padded, start) -> tuple[Array, Array]:
+    """Scaled scores and final logits (soft cap, bias) of key block [start, start + block_k)."""
+    k = _key_block(padded.key, 1, start, static.block_k)  # [B, bk, K, H]
+    scores = static.scale * _matmul("btkgh,bskh->bkgts", q, k)
+    logits = masking.soft_cap(scores, static.logits_soft_cap)  # [B, K, G, T, bk]
+    bias = _key_block(padded.bias, 4, start, static.block_k)
+    if bias is not None:
+        logits = logits + bias
+    return scores, logits
 
 
 def _forward(static: _Static, query, key, value, bias, aux):
@@ -187,21 +192,27 @@ def _forward(static: _Static, query, key, value, bias, aux):
     stats_shape = q.shape[:1] + q.shape[2:4] + (q_len,)  # [B, K, G, T]
 
     def step(carry, block):
-        row_max, row_sum, acc = carry  # row_max is -inf until a row has seen a visible key
         start = block * static.block_k
-        _, logits, visible = _block_logits(static, q, padded, aux, start)
-        logits = jnp.where(visible, logits, -jnp.inf)
-        new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
-        # Shift by a finite max so that exp never sees inf - inf; on rows that have seen nothing
-        # yet everything is exp(-inf) = 0 whatever the shift.
-        shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-        probs = jnp.exp(logits - shift[..., None])  # [B, K, G, T, bk]
-        rescale = jnp.exp(row_max - shift)
-        v = _key_block(padded.value, 1, start, static.block_k)
-        pv = _matmul("bkgts,bskh->bkgth", probs.astype(v.dtype), v)
-        acc = acc * rescale[..., None] + pv
-        row_sum = row_sum * rescale + jnp.sum(probs, axis=-1)
-        return (new_max, row_sum, acc), None
+        visible = _block_visible(static, q_len, padded, aux, start)
+
+        def attend(carry):
+            row_max, row_sum, acc = carry  # row_max is -inf until a row has seen a key
+            _, logits = _block_logits(static, q, padded, start)
+            logits = jnp.where(visible, logits, -jnp.inf)
+            new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
+            # Shift by a finite max so that exp never sees inf - inf; on rows that have seen
+            # nothing yet everything is exp(-inf) = 0 whatever the shift.
+            shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+            probs = jnp.exp(logits - shift[..., None])  # [B, K, G, T, bk]
+            rescale = jnp.exp(row_max - shift)
+            v = _key_block(padded.value, 1, start, static.block_k)
+            pv = _matmul("bkgts,bskh->bkgth", probs.astype(v.dtype), v)
+            acc = acc * rescale[..., None] + pv
+            row_sum = row_sum * rescale + jnp.sum(probs, axis=-1)
+            return new_max, row_sum, acc
+
+        # Blocks that a causal/window/length/segment mask hides from every query are skipped.
+        return lax.cond(jnp.any(visible), attend, lambda carry: carry, carry), None
 
     init = (
         jnp.full(stats_shape, -jnp.inf, acc_dtype),
@@ -244,31 +255,45 @@ def _backward(static: _Static, query, key, value, bias, aux, out, lse, d_out, d_
     bias_shape = None if padded.bias is None else padded.bias.shape
     bias_spans_keys = bias_shape is not None and bias_shape[4] != 1
 
+    kv_block_shape = (batch, static.block_k, num_kv_heads, head_dim)
+    bias_block_shape = None
+    if bias_shape is not None:
+        bias_block_shape = bias_shape[:4] + ((static.block_k,) if bias_spans_keys else (1,))
+
     def step(carry, block):
-        dq, dbias_acc = carry
         start = block * static.block_k
-        scores, logits, visible = _block_logits(static, q, padded, aux, start)
-        probs = jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0)  # [B, K, G, T, bk]
-        v = _key_block(padded.value, 1, start, static.block_k)
-        d_v = _matmul("bkgts,bkgth->bskh", probs.astype(dtype), do)
-        d_probs = _matmul("bkgth,bskh->bkgts", do, v)
-        d_logits = probs * (d_probs - delta[..., None])
-        d_scores = d_logits
-        if static.logits_soft_cap is not None:
-            d_scores = d_logits * (1.0 - jnp.square(jnp.tanh(scores / static.logits_soft_cap)))
-        d_scores = d_scores * static.scale
-        k = _key_block(padded.key, 1, start, static.block_k)
-        d_scores = d_scores.astype(dtype)
-        dq = dq + _matmul("bkgts,bskh->btkgh", d_scores, k)
-        d_k = _matmul("bkgts,btkgh->bskh", d_scores, q)
-        d_bias_block = None
-        if bias_shape is not None:
-            block_shape = bias_shape[:4] + ((static.block_k,) if bias_spans_keys else (1,))
-            d_bias_block = _sum_to_shape(d_logits, block_shape)
-            if not bias_spans_keys:
-                dbias_acc = dbias_acc + d_bias_block
-                d_bias_block = None
-        return (dq, dbias_acc), (d_k, d_v, d_bias_block)
+        visible = _block_visible(static, q_len, padded, aux, start)
+
+        def attend(carry):
+            dq, dbias_acc = carry
+            scores, logits = _block_logits(static, q, padded, start)
+            probs = jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0)  # [B,K,G,T,bk]
+            v = _key_block(padded.value, 1, start, static.block_k)
+            d_v = _matmul("bkgts,bkgth->bskh", probs.astype(dtype), do)
+            d_probs = _matmul("bkgth,bskh->bkgts", do, v)
+            d_logits = probs * (d_probs - delta[..., None])
+            d_scores = d_logits
+            if static.logits_soft_cap is not None:
+                tanh = jnp.tanh(scores / static.logits_soft_cap)
+                d_scores = d_logits * (1.0 - jnp.square(tanh))
+            d_scores = (d_scores * static.scale).astype(dtype)
+            k = _key_block(padded.key, 1, start, static.block_k)
+            dq = dq + _matmul("bkgts,bskh->btkgh", d_scores, k)
+            d_k = _matmul("bkgts,btkgh->bskh", d_scores, q)
+            d_bias_block = None
+            if bias_block_shape is not None:
+                d_bias_block = _sum_to_shape(d_logits, bias_block_shape)
+                if not bias_spans_keys:
+                    dbias_acc = dbias_acc + d_bias_block
+                    d_bias_block = None
+            return (dq, dbias_acc), (d_k, d_v, d_bias_block)
+
+        def skip(carry):
+            zeros = jnp.zeros(kv_block_shape, acc_dtype)
+            d_bias_block = jnp.zeros(bias_block_shape, acc_dtype) if bias_spans_keys else None
+            return carry, (zeros, zeros, d_bias_block)
+
+        return lax.cond(jnp.any(visible), attend, skip, carry)
 
     dbias_init = None
     if bias_shape is not None and not bias_spans_keys:

@@ -97,6 +97,32 @@ def test_chunked_survives_very_negative_logits(rng):
     assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.float32])
 
 
+def test_chunked_skips_blocks_no_query_can_see(rng):
+    """NaN keys/values in blocks hidden from every query never reach the result: the blocks
+    are skipped, not computed and masked (0 * NaN would be NaN)."""
+    q, k, v = make_inputs(rng, (2, 8, 24, 4, 2, 16))
+    lengths = jnp.array([8, 5], jnp.int32)  # blocks [8, 16) and [16, 24) hidden from all
+    poisoned_k, poisoned_v = (x.at[:, 8:].set(jnp.nan) for x in (k, v))
+    loss = lambda q, k, v: jnp.sum(
+        jnp.sin(
+            jattn.dot_product_attention(
+                q,
+                k,
+                v,
+                key_value_seq_lengths=lengths,
+                implementation="xla_chunked",
+                config=jattn.ChunkedConfig(block_k=8),
+            )
+        )
+    )
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, poisoned_k, poisoned_v)
+    want, want_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k[:, :8], v[:, :8])
+    np.testing.assert_allclose(float(value), float(want), rtol=1e-6)
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert_close(got[:, :8], np.asarray(expected, np.float64), GRAD_TOLERANCE[jnp.float32])
+    assert np.all(np.asarray(grads[1][:, 8:]) == 0) and np.all(np.asarray(grads[2][:, 8:]) == 0)
+
+
 def test_chunked_backward_does_not_store_the_score_matrix():
     batch, length, heads, dim = 1, 2048, 1, 16
     x = jnp.ones((batch, length, heads, dim))
