@@ -1,10 +1,12 @@
-"""`implementation="xla_chunked"`: online-softmax attention over key blocks, in plain XLA.
+"""`implementation="xla_chunked"`: tiled online-softmax attention in plain XLA.
 
-Forward: a `lax.scan` over key blocks carries the running row max, row sum and output (the
-FlashAttention recurrence), so memory is O(T * block_k) instead of O(T * S). Backward: a second
-scan recomputes each block's probabilities from the saved log-sum-exp (FlashAttention-2 §3.1.1)
-and accumulates dq, emitting dk, dv (and dbias) block by block: the `[T, S]` matrix is never
-stored in either direction. Serves every feature of the contract; runs anywhere XLA does.
+Forward: for each block of queries, a `lax.scan` over key blocks carries the running row max, row
+sum and output (the FlashAttention recurrence). Backward: the same tiles again, recomputing the
+probabilities from the saved log-sum-exp (FlashAttention-2 §3.1.1); dq is carried per query
+block, dk, dv (and dbias) are accumulated tile by tile. Memory is O(block_q * block_k) per step
+plus the O(T + S) inputs and outputs: the `[T, S]` matrix is never stored in either direction.
+Tiles that a causal, window, length, segment or boolean mask hides entirely are skipped, not
+computed and masked. Serves every feature of the contract; runs anywhere XLA does.
 
 Matmul operands stay in the input dtype (probabilities and score gradients are rounded to it, as
 flash kernels do) with float32 accumulation; softmax statistics are float32 throughout.
@@ -23,24 +25,20 @@ from jattn import masking
 _HIGHEST = lax.Precision.HIGHEST
 
 
-def _matmul(spec: str, a: Array, b: Array) -> Array:
-    """einsum in the operands' dtype, accumulated in (at least) float32."""
-    acc = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
-    return jnp.einsum(spec, a, b, precision=_HIGHEST, preferred_element_type=acc)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class ChunkedConfig:
     """Tiling of the chunked implementation.
 
-    block_k: keys per scan step; S is padded up to a multiple (padded keys are masked out).
+    block_q, block_k: queries and keys per tile. T and S are padded up to multiples (padding is
+    masked out); a block larger than the sequence shrinks to it.
     """
 
+    block_q: int = 512
     block_k: int = 512
 
     def __post_init__(self):
-        if self.block_k < 1:
-            raise ValueError(f"block_k must be >= 1, got {self.block_k}")
+        if self.block_q < 1 or self.block_k < 1:
+            raise ValueError(f"block sizes must be >= 1, got {self.block_q}, {self.block_k}")
 
 
 class _Static(NamedTuple):
@@ -50,7 +48,9 @@ class _Static(NamedTuple):
     is_causal: bool
     local_window_size: tuple[int, int] | None
     logits_soft_cap: float | None
+    block_q: int
     block_k: int
+    q_len: int  # T before padding
     kv_len: int  # S before padding
 
 
@@ -83,9 +83,16 @@ def chunked_attention(
     config: ChunkedConfig,
 ) -> tuple[Array, Array]:  # [B, T, N, H] in query.dtype, lse [B, T, N] float32
     """Attention with validated, rank-4 inputs (see `jattn.dot_product_attention`)."""
-    block_k = min(config.block_k, key.shape[1])
+    q_len, kv_len = query.shape[1], key.shape[1]
     static = _Static(
-        float(scale), is_causal, local_window_size, logits_soft_cap, block_k, key.shape[1]
+        scale=float(scale),
+        is_causal=is_causal,
+        local_window_size=local_window_size,
+        logits_soft_cap=logits_soft_cap,
+        block_q=min(config.block_q, q_len),
+        block_k=min(config.block_k, kv_len),
+        q_len=q_len,
+        kv_len=kv_len,
     )
     q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
     aux = _Aux(mask, q_offset, query_seq_lengths, key_value_seq_lengths, q_ids, kv_ids)
@@ -109,8 +116,17 @@ def _attention_vjp(static: _Static):
     return attention
 
 
-def _pad_keys(x: Array | None, axis: int, padded_len: int) -> Array | None:
-    """Zero-pad the key axis of x up to padded_len (broadcast axes of size 1 stay as they are)."""
+# --- tiles ----------------------------------------------------------------------------------
+
+
+def _matmul(spec: str, a: Array, b: Array) -> Array:
+    """einsum in the operands' dtype, accumulated in (at least) float32."""
+    acc = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+    return jnp.einsum(spec, a, b, precision=_HIGHEST, preferred_element_type=acc)
+
+
+def _pad_axis(x: Array | None, axis: int, padded_len: int) -> Array | None:
+    """Zero-pad one axis of x up to padded_len (a broadcast axis of size 1 stays as it is)."""
     if x is None or x.shape[axis] in (1, padded_len):
         return x
     widths = [(0, 0)] * x.ndim
@@ -118,113 +134,151 @@ def _pad_keys(x: Array | None, axis: int, padded_len: int) -> Array | None:
     return jnp.pad(x, widths)
 
 
-def _key_block(x: Array | None, axis: int, start: Array, block_k: int) -> Array | None:
-    """Columns [start, start + block_k) of x along axis (a broadcast axis of size 1 as is)."""
-    if x is None or x.shape[axis] == 1:
-        return x
-    return lax.dynamic_slice_in_dim(x, start, block_k, axis)
+def _tile(x: Array | None, starts: dict[int, Array], sizes: dict[int, int]) -> Array | None:
+    """The block of x at `starts` along the given axes (broadcast axes of size 1 as they are)."""
+    if x is None:
+        return None
+    for axis, start in starts.items():
+        if x.shape[axis] != 1:
+            x = lax.dynamic_slice_in_dim(x, start, sizes[axis], axis)
+    return x
+
+
+def _add_tile(acc: Array, update: Array, starts: dict[int, Array]) -> Array:
+    """acc with `update` added at `starts` (update has acc's shape on every other axis)."""
+    indices = [jnp.zeros((), jnp.int32)] * acc.ndim
+    for axis, start in starts.items():
+        if acc.shape[axis] != 1:
+            indices[axis] = jnp.asarray(start, jnp.int32)
+    current = lax.dynamic_slice(acc, indices, update.shape)
+    return lax.dynamic_update_slice(acc, current + update, indices)
 
 
 class _Padded(NamedTuple):
-    key: Array  # [B, S_pad, K, H] input dtype
+    query: Array  # [B, T_pad, K, G, H] input dtype
+    key: Array  # [B, S_pad, K, H]
     value: Array  # [B, S_pad, K, H]
-    bias: Array | None  # [B', K', G', T', S' or S_pad]
-    mask: Array | None  # [B', K', G', T', S' or S_pad]
+    bias: Array | None  # [B', K', G', T' or T_pad, S' or S_pad] float32
+    mask: Array | None  # [B', K', G', T' or T_pad, S' or S_pad] bool
+    q_segment_ids: Array | None  # [B, T_pad]
     kv_segment_ids: Array | None  # [B, S_pad]
-    num_blocks: int
+    num_q_blocks: int
+    num_k_blocks: int
 
 
-def _prepare(static: _Static, query, key, value, bias, aux) -> tuple[Array, _Padded]:
+def _prepare(static: _Static, query, key, value, bias, aux) -> _Padded:
     batch, q_len, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
-    dtype = jnp.promote_types(query.dtype, jnp.float32)
-    num_blocks = -(-static.kv_len // static.block_k)
-    padded = num_blocks * static.block_k
+    num_q_blocks = -(-q_len // static.block_q)
+    num_k_blocks = -(-static.kv_len // static.block_k)
+    t_pad, s_pad = num_q_blocks * static.block_q, num_k_blocks * static.block_k
     q = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    grouped_bias = None if bias is None else masking.group_heads(bias.astype(dtype), num_kv_heads)
-    return q, _Padded(
-        key=_pad_keys(key, 1, padded),
-        value=_pad_keys(value, 1, padded),
-        bias=_pad_keys(grouped_bias, 4, padded),
-        mask=_pad_keys(masking.group_heads(aux.mask, num_kv_heads), 4, padded),
-        kv_segment_ids=_pad_keys(aux.kv_segment_ids, 1, padded),
-        num_blocks=num_blocks,
+
+    def pad_tq_ts(x):  # [B', K', G', T', S']
+        return _pad_axis(_pad_axis(x, 3, t_pad), 4, s_pad)
+
+    acc_dtype = jnp.promote_types(query.dtype, jnp.float32)
+    grouped_bias = (
+        None if bias is None else masking.group_heads(bias.astype(acc_dtype), num_kv_heads)
+    )
+    return _Padded(
+        query=_pad_axis(q, 1, t_pad),
+        key=_pad_axis(key, 1, s_pad),
+        value=_pad_axis(value, 1, s_pad),
+        bias=pad_tq_ts(grouped_bias),
+        mask=pad_tq_ts(masking.group_heads(aux.mask, num_kv_heads)),
+        q_segment_ids=_pad_axis(aux.q_segment_ids, 1, t_pad),
+        kv_segment_ids=_pad_axis(aux.kv_segment_ids, 1, s_pad),
+        num_q_blocks=num_q_blocks,
+        num_k_blocks=num_k_blocks,
     )
 
 
-def _block_visible(static: _Static, q_len: int, padded: _Padded, aux: _Aux, start):
-    """Which queries see which keys of block [start, start + block_k): [B', K', G', T, bk] bool."""
-    k_pos = start + jnp.arange(static.block_k)
+def _tile_visible(static: _Static, padded: _Padded, aux: _Aux, q_start, k_start) -> Array:
+    """Which queries of the tile see which keys: [B', K', G', block_q, block_k] bool."""
+    q_pos = q_start + jnp.arange(static.block_q)
+    k_pos = k_start + jnp.arange(static.block_k)
     visible = masking.visible_keys(
-        jnp.arange(q_len),
+        q_pos,
         k_pos,
         is_causal=static.is_causal,
         q_offset=aux.q_offset,
         local_window_size=static.local_window_size,
         query_seq_lengths=aux.query_seq_lengths,
         key_value_seq_lengths=aux.key_value_seq_lengths,
-        q_segment_ids=aux.q_segment_ids,
-        kv_segment_ids=_key_block(padded.kv_segment_ids, 1, start, static.block_k),
+        q_segment_ids=_tile(padded.q_segment_ids, {1: q_start}, {1: static.block_q}),
+        kv_segment_ids=_tile(padded.kv_segment_ids, {1: k_start}, {1: static.block_k}),
     )
-    visible = visible & (k_pos < static.kv_len)[None, None, :]  # padded keys are never seen
-    visible = visible[:, None, None]  # [B or 1, 1, 1, T, bk]
-    mask = _key_block(padded.mask, 4, start, static.block_k)
-    if mask is not None:
-        visible = visible & mask
-    return visible
+    # Padding rows and columns are never seen.
+    visible = visible & (q_pos < static.q_len)[None, :, None] & (k_pos < static.kv_len)[None, None]
+    visible = visible[:, None, None]  # [B or 1, 1, 1, bq, bk]
+    sizes = {3: static.block_q, 4: static.block_k}
+    mask = _tile(padded.mask, {3: q_start, 4: k_start}, sizes)
+    return visible if mask is None else visible & mask
 
 
-def _block_logits(static: _Static, q, padded: _Padded, start) -> tuple[Array, Array]:
-    """Scaled scores and final logits (soft cap, bias) of key block [start, start + block_k)."""
-    k = _key_block(padded.key, 1, start, static.block_k)  # [B, bk, K, H]
+def _tile_logits(static: _Static, q, padded: _Padded, q_start, k_start) -> tuple[Array, Array]:
+    """Scaled scores and final logits (soft cap, bias) of one tile: [B, K, G, bq, bk] each."""
+    k = _tile(padded.key, {1: k_start}, {1: static.block_k})  # [B, bk, K, H]
     scores = static.scale * _matmul("btkgh,bskh->bkgts", q, k)
-    logits = masking.soft_cap(scores, static.logits_soft_cap)  # [B, K, G, T, bk]
-    bias = _key_block(padded.bias, 4, start, static.block_k)
-    if bias is not None:
-        logits = logits + bias
-    return scores, logits
+    logits = masking.soft_cap(scores, static.logits_soft_cap)
+    sizes = {3: static.block_q, 4: static.block_k}
+    bias = _tile(padded.bias, {3: q_start, 4: k_start}, sizes)
+    return scores, logits if bias is None else logits + bias
+
+
+# --- forward ----------------------------------------------------------------------------------
 
 
 def _forward(static: _Static, query, key, value, bias, aux):
     batch, q_len, num_heads, head_dim = query.shape
-    q, padded = _prepare(static, query, key, value, bias, aux)
+    padded = _prepare(static, query, key, value, bias, aux)
     acc_dtype = jnp.promote_types(query.dtype, jnp.float32)
-    stats_shape = q.shape[:1] + q.shape[2:4] + (q_len,)  # [B, K, G, T]
 
-    def step(carry, block):
-        start = block * static.block_k
-        visible = _block_visible(static, q_len, padded, aux, start)
+    def query_block(q_block):
+        q_start = q_block * static.block_q
+        q = _tile(padded.query, {1: q_start}, {1: static.block_q})  # [B, bq, K, G, H]
+        stats_shape = (batch, *q.shape[2:4], static.block_q)  # [B, K, G, bq]
 
-        def attend(carry):
-            row_max, row_sum, acc = carry  # row_max is -inf until a row has seen a key
-            _, logits = _block_logits(static, q, padded, start)
-            logits = jnp.where(visible, logits, -jnp.inf)
-            new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
-            # Shift by a finite max so that exp never sees inf - inf; on rows that have seen
-            # nothing yet everything is exp(-inf) = 0 whatever the shift.
-            shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-            probs = jnp.exp(logits - shift[..., None])  # [B, K, G, T, bk]
-            rescale = jnp.exp(row_max - shift)
-            v = _key_block(padded.value, 1, start, static.block_k)
-            pv = _matmul("bkgts,bskh->bkgth", probs.astype(v.dtype), v)
-            acc = acc * rescale[..., None] + pv
-            row_sum = row_sum * rescale + jnp.sum(probs, axis=-1)
-            return new_max, row_sum, acc
+        def key_block(carry, k_block):
+            k_start = k_block * static.block_k
+            visible = _tile_visible(static, padded, aux, q_start, k_start)
 
-        # Blocks that a causal/window/length/segment mask hides from every query are skipped.
-        return lax.cond(jnp.any(visible), attend, lambda carry: carry, carry), None
+            def attend(carry):
+                row_max, row_sum, acc = carry  # row_max is -inf until a row has seen a key
+                _, logits = _tile_logits(static, q, padded, q_start, k_start)
+                logits = jnp.where(visible, logits, -jnp.inf)
+                new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
+                # Shift by a finite max so that exp never sees inf - inf; on rows that have
+                # seen nothing yet everything is exp(-inf) = 0 whatever the shift.
+                shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+                probs = jnp.exp(logits - shift[..., None])  # [B, K, G, bq, bk]
+                rescale = jnp.exp(row_max - shift)
+                v = _tile(padded.value, {1: k_start}, {1: static.block_k})
+                pv = _matmul("bkgts,bskh->bkgth", probs.astype(v.dtype), v)
+                acc = acc * rescale[..., None] + pv
+                row_sum = row_sum * rescale + jnp.sum(probs, axis=-1)
+                return new_max, row_sum, acc
 
-    init = (
-        jnp.full(stats_shape, -jnp.inf, acc_dtype),
-        jnp.zeros(stats_shape, acc_dtype),
-        jnp.zeros(stats_shape + (head_dim,), acc_dtype),
-    )
-    (row_max, row_sum, acc), _ = lax.scan(step, init, jnp.arange(padded.num_blocks))
-    out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]  # [B, K, G, T, H]
-    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads, head_dim)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    lse = masking.safe_lse(row_max, row_sum).transpose(0, 3, 1, 2).reshape(batch, q_len, -1)
-    return out.astype(query.dtype), lse
+            return lax.cond(jnp.any(visible), attend, lambda carry: carry, carry), None
+
+        init = (
+            jnp.full(stats_shape, -jnp.inf, acc_dtype),
+            jnp.zeros(stats_shape, acc_dtype),
+            jnp.zeros((*stats_shape, head_dim), acc_dtype),
+        )
+        (row_max, row_sum, acc), _ = lax.scan(key_block, init, jnp.arange(padded.num_k_blocks))
+        out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]  # [B, K, G, bq, H]
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+        return out, masking.safe_lse(row_max, row_sum)
+
+    out, lse = lax.map(query_block, jnp.arange(padded.num_q_blocks))  # [nq, B, K, G, bq, ...]
+    out = jnp.moveaxis(out, 0, 3).reshape(batch, num_heads, -1, head_dim)[:, :, :q_len]
+    lse = jnp.moveaxis(lse, 0, 3).reshape(batch, num_heads, -1)[:, :, :q_len]
+    return out.transpose(0, 2, 1, 3).astype(query.dtype), lse.transpose(0, 2, 1)
+
+
+# --- backward ---------------------------------------------------------------------------------
 
 
 def _sum_to_shape(x: Array, shape: tuple[int, ...]) -> Array:
@@ -239,82 +293,79 @@ def _backward(static: _Static, query, key, value, bias, aux, out, lse, d_out, d_
     batch, q_len, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
     groups = num_heads // num_kv_heads
-    q, padded = _prepare(static, query, key, value, bias, aux)
+    padded = _prepare(static, query, key, value, bias, aux)
     dtype, acc_dtype = query.dtype, jnp.promote_types(query.dtype, jnp.float32)
+    t_pad = padded.num_q_blocks * static.block_q
 
-    def grouped(x):  # [B, T, N, ...] -> [B, K, G, T, ...]
-        x = x.reshape(batch, q_len, num_kv_heads, groups, *x.shape[3:])
+    def grouped(x):  # [B, T, N, ...] -> [B, K, G, T_pad, ...]
+        x = _pad_axis(x, 1, t_pad).reshape(batch, t_pad, num_kv_heads, groups, *x.shape[3:])
         return jnp.moveaxis(x, 1, 3)
 
-    do = grouped(d_out.astype(dtype))  # [B, K, G, T, H] input dtype
+    do = grouped(d_out.astype(dtype))  # [B, K, G, T_pad, H] input dtype
     # d lse / d logits = P, so an lse cotangent enters exactly like -delta (FA-2's D term).
     delta = jnp.sum(do.astype(acc_dtype) * grouped(out.astype(acc_dtype)), axis=-1)
-    delta = delta - grouped(d_lse.astype(acc_dtype))  # [B, K, G, T]
+    delta = delta - grouped(d_lse.astype(acc_dtype))  # [B, K, G, T_pad]
     lse = grouped(lse)
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see nothing: logits are -inf anyway
-    bias_shape = None if padded.bias is None else padded.bias.shape
-    bias_spans_keys = bias_shape is not None and bias_shape[4] != 1
+    bias_tile_shape = None
+    if padded.bias is not None:
+        b, k, g, t, s = padded.bias.shape
+        bias_tile_shape = (b, k, g, static.block_q if t > 1 else 1, static.block_k if s > 1 else 1)
 
-    kv_block_shape = (batch, static.block_k, num_kv_heads, head_dim)
-    bias_block_shape = None
-    if bias_shape is not None:
-        bias_block_shape = bias_shape[:4] + ((static.block_k,) if bias_spans_keys else (1,))
+    def query_block(carry, q_block):
+        q_start = q_block * static.block_q
+        q = _tile(padded.query, {1: q_start}, {1: static.block_q})  # [B, bq, K, G, H]
+        rows = {3: q_start}, {3: static.block_q}
+        do_q, delta_q, lse_q = (_tile(x, *rows) for x in (do, delta, lse))
 
-    def step(carry, block):
-        start = block * static.block_k
-        visible = _block_visible(static, q_len, padded, aux, start)
+        def key_block(carry, k_block):
+            k_start = k_block * static.block_k
+            visible = _tile_visible(static, padded, aux, q_start, k_start)
 
-        def attend(carry):
-            dq, dbias_acc = carry
-            scores, logits = _block_logits(static, q, padded, start)
-            probs = jnp.where(visible, jnp.exp(logits - lse[..., None]), 0.0)  # [B,K,G,T,bk]
-            v = _key_block(padded.value, 1, start, static.block_k)
-            d_v = _matmul("bkgts,bkgth->bskh", probs.astype(dtype), do)
-            d_probs = _matmul("bkgth,bskh->bkgts", do, v)
-            d_logits = probs * (d_probs - delta[..., None])
-            d_scores = d_logits
-            if static.logits_soft_cap is not None:
-                tanh = jnp.tanh(scores / static.logits_soft_cap)
-                d_scores = d_logits * (1.0 - jnp.square(tanh))
-            d_scores = (d_scores * static.scale).astype(dtype)
-            k = _key_block(padded.key, 1, start, static.block_k)
-            dq = dq + _matmul("bkgts,bskh->btkgh", d_scores, k)
-            d_k = _matmul("bkgts,btkgh->bskh", d_scores, q)
-            d_bias_block = None
-            if bias_block_shape is not None:
-                d_bias_block = _sum_to_shape(d_logits, bias_block_shape)
-                if not bias_spans_keys:
-                    dbias_acc = dbias_acc + d_bias_block
-                    d_bias_block = None
-            return (dq, dbias_acc), (d_k, d_v, d_bias_block)
+            def attend(carry):
+                dq, dk, dv, dbias = carry
+                scores, logits = _tile_logits(static, q, padded, q_start, k_start)
+                probs = jnp.where(visible, jnp.exp(logits - lse_q[..., None]), 0.0)
+                v = _tile(padded.value, {1: k_start}, {1: static.block_k})
+                dv = _add_tile(
+                    dv, _matmul("bkgts,bkgth->bskh", probs.astype(dtype), do_q), {1: k_start}
+                )
+                d_probs = _matmul("bkgth,bskh->bkgts", do_q, v)
+                d_logits = probs * (d_probs - delta_q[..., None])  # [B, K, G, bq, bk]
+                d_scores = d_logits
+                if static.logits_soft_cap is not None:
+                    tanh = jnp.tanh(scores / static.logits_soft_cap)
+                    d_scores = d_logits * (1.0 - jnp.square(tanh))
+                d_scores = (d_scores * static.scale).astype(dtype)
+                k = _tile(padded.key, {1: k_start}, {1: static.block_k})
+                dq = dq + _matmul("bkgts,bskh->btkgh", d_scores, k)
+                dk = _add_tile(dk, _matmul("bkgts,btkgh->bskh", d_scores, q), {1: k_start})
+                if dbias is not None:
+                    d_bias_tile = _sum_to_shape(d_logits, bias_tile_shape)
+                    dbias = _add_tile(dbias, d_bias_tile, {3: q_start, 4: k_start})
+                return dq, dk, dv, dbias
 
-        def skip(carry):
-            zeros = jnp.zeros(kv_block_shape, acc_dtype)
-            d_bias_block = jnp.zeros(bias_block_shape, acc_dtype) if bias_spans_keys else None
-            return carry, (zeros, zeros, d_bias_block)
+            return lax.cond(jnp.any(visible), attend, lambda carry: carry, carry), None
 
-        return lax.cond(jnp.any(visible), attend, skip, carry)
+        dk, dv, dbias = carry
+        init = (jnp.zeros(q.shape, acc_dtype), dk, dv, dbias)
+        (dq, dk, dv, dbias), _ = lax.scan(key_block, init, jnp.arange(padded.num_k_blocks))
+        return (dk, dv, dbias), dq
 
-    dbias_init = None
-    if bias_shape is not None and not bias_spans_keys:
-        dbias_init = jnp.zeros(bias_shape, acc_dtype)
-    (dq, dbias_acc), (d_k, d_v, d_bias_blocks) = lax.scan(
-        step, (jnp.zeros(q.shape, acc_dtype), dbias_init), jnp.arange(padded.num_blocks)
-    )
-
-    def unblock(x):  # [num_blocks, B, bk, K, H] -> [B, S, K, H]
-        x = jnp.moveaxis(x, 0, 1).reshape(batch, -1, *x.shape[3:])
-        return x[:, : static.kv_len]
-
-    d_query = dq.reshape(query.shape).astype(query.dtype)
-    d_key = unblock(d_k).astype(key.dtype)
-    d_value = unblock(d_v).astype(value.dtype)
+    kv_acc = jnp.zeros(padded.key.shape, acc_dtype)  # [B, S_pad, K, H]
+    dbias_acc = None if padded.bias is None else jnp.zeros(padded.bias.shape, acc_dtype)
+    (dk, dv, dbias), dq = lax.scan(
+        query_block, (kv_acc, kv_acc, dbias_acc), jnp.arange(padded.num_q_blocks)
+    )  # dq: [nq, B, bq, K, G, H]
+    d_query = jnp.moveaxis(dq, 0, 1).reshape(batch, t_pad, num_heads, head_dim)[:, :q_len]
     d_bias = None
-    if bias is not None:
-        if bias_spans_keys:  # [nb, B', K', G', T', bk] -> [B', K', G', T', S]
-            d_bias = jnp.moveaxis(d_bias_blocks, 0, 4)
-            d_bias = d_bias.reshape(*d_bias.shape[:4], -1)[..., : static.kv_len]
-        else:
-            d_bias = dbias_acc
-        d_bias = d_bias.reshape(bias.shape).astype(bias.dtype)
-    return d_query, d_key, d_value, d_bias, None
+    if bias is not None:  # [B', K', G', T' or T_pad, S' or S_pad] -> bias.shape
+        d_bias = dbias[:, :, :, : bias.shape[2], : bias.shape[3]].reshape(bias.shape)
+        d_bias = d_bias.astype(bias.dtype)
+    return (
+        d_query.astype(query.dtype),
+        dk[:, : static.kv_len].astype(key.dtype),
+        dv[:, : static.kv_len].astype(value.dtype),
+        d_bias,
+        None,
+    )

@@ -30,6 +30,7 @@ FEATURES = (
     "bias_full",
     "bias_broadcast",
     "bias_2d",
+    "bias_per_query",
     "mask",
     "scale",
     "causal_window_bias_softcap",
@@ -93,6 +94,8 @@ def make_options(rng, feature, shape):
             return dict(bias=rng.standard_normal((1, heads, 1, kv_len)))
         case "bias_2d":
             return dict(bias=rng.standard_normal((q_len, kv_len)))
+        case "bias_per_query":  # broadcast over keys: its gradient sums over S
+            return dict(bias=rng.standard_normal((batch, 1, q_len, 1)))
         case "mask":
             mask = rng.random((batch, 1, q_len, kv_len)) < 0.6
             mask[0, 0, 0, :] = False  # one fully masked row

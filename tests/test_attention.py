@@ -20,10 +20,10 @@ from cases import (
     to_jax,
 )
 
-# Small key blocks, so the chunked scan runs several steps and pads the last one.
+# Small tiles, so the chunked scans run several steps and pad the last query and key blocks.
 IMPLEMENTATIONS = {
     "xla": None,
-    "xla_chunked": jattn.ChunkedConfig(block_k=8),
+    "xla_chunked": jattn.ChunkedConfig(block_q=4, block_k=8),
 }
 
 
@@ -70,8 +70,8 @@ def test_implementation_matches_oracle(rng, implementation, feature, dtype):
 
 
 @pytest.mark.parametrize("shape_name", SHAPES)
-@pytest.mark.parametrize("block_k", [1, 7, 64])
-def test_chunked_block_sizes_match_reference(rng, shape_name, block_k):
+@pytest.mark.parametrize("block_q, block_k", [(1, 7), (5, 1), (7, 64), (64, 3)])
+def test_chunked_block_sizes_match_reference(rng, shape_name, block_q, block_k):
     q, k, v = make_inputs(rng, SHAPES[shape_name])
     options = dict(is_causal=True, q_offset=q.shape[1] // 2, logits_soft_cap=3.0)
     want = jattn.reference.dot_product_attention(q, k, v, **options)
@@ -80,7 +80,7 @@ def test_chunked_block_sizes_match_reference(rng, shape_name, block_k):
         k,
         v,
         implementation="xla_chunked",
-        config=jattn.ChunkedConfig(block_k=block_k),
+        config=jattn.ChunkedConfig(block_q=block_q, block_k=block_k),
         **options,
     )
     assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.float32])
@@ -136,7 +136,8 @@ def test_chunked_backward_does_not_store_the_score_matrix():
         return grad.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes("xla", None) >= score_matrix_bytes  # the check can see a T x S buffer
-    assert temp_bytes("xla_chunked", jattn.ChunkedConfig(block_k=64)) < score_matrix_bytes / 4
+    small_tiles = jattn.ChunkedConfig(block_q=256, block_k=64)
+    assert temp_bytes("xla_chunked", small_tiles) < score_matrix_bytes / 8
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
