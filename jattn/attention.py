@@ -355,7 +355,7 @@ def _xla(args: AttentionArgs, config) -> tuple[Array, Array]:
 
 def _xla_chunked(args: AttentionArgs, config) -> tuple[Array, Array]:
     if config is None:
-        config = chunked.ChunkedConfig()
+        config = chunked.default_config()
     if not isinstance(config, chunked.ChunkedConfig):
         raise NotImplementedError(f"xla_chunked needs a ChunkedConfig, got {type(config).__name__}")
     return chunked.chunked_attention(

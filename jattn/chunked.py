@@ -41,6 +41,18 @@ class ChunkedConfig:
             raise ValueError(f"block sizes must be >= 1, got {self.block_q}, {self.block_k}")
 
 
+# Measured defaults (benchmarks/chunked_blocks.py; results/chunked_blocks_*.json): on an H100
+# (bf16, T=4096, H=128) (2048, 1024) is within 6% of the best tiling causal and non-causal; on a
+# 2-core CPU (f32, T=2048, H=64) (256, 512) is best for both.
+_DEFAULT_BLOCKS = {"gpu": (2048, 1024), "cpu": (256, 512)}
+
+
+def default_config(platform: str | None = None) -> ChunkedConfig:
+    """The tiling `config=None` uses on this platform (jax.default_backend() by default)."""
+    block_q, block_k = _DEFAULT_BLOCKS.get(platform or jax.default_backend(), (512, 512))
+    return ChunkedConfig(block_q=block_q, block_k=block_k)
+
+
 class _Static(NamedTuple):
     """Everything about a call that is not an array: it keys the custom_vjp closure."""
 
