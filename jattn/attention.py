@@ -223,6 +223,29 @@ def _check_batch_ints(x, name: str, batch: int, allow_scalar: bool = False) -> A
     return jnp.broadcast_to(x.astype(jnp.int32), (batch,))
 
 
+def concrete_value(x) -> np.ndarray | None:
+    """x as a NumPy array when its value is known at trace time, None for a traced value."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _static_number(x, name: str) -> float | None:
+    """A Python float from a number or a concrete 0-d array; kernels specialise on the value."""
+    if x is None:
+        return None
+    value = concrete_value(x)
+    if value is None:
+        raise ValueError(
+            f"{name} must be concrete (a number), got a traced value: close over it "
+            "or mark it static instead of passing it through jit as an argument"
+        )
+    if value.ndim != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {value.shape}")
+    return float(value)
+
+
 def check_attention_args(
     query,
     key,
@@ -304,24 +327,24 @@ def check_attention_args(
                 f"ints >= 0, got {local_window_size!r}"
             )
         local_window_size = (int(window[0]), int(window[1]))
-    if logits_soft_cap is not None and not float(logits_soft_cap) > 0:
+    logits_soft_cap = _static_number(logits_soft_cap, "logits_soft_cap")
+    if logits_soft_cap is not None and not logits_soft_cap > 0:
         raise ValueError(f"logits_soft_cap must be > 0 (None turns it off), got {logits_soft_cap}")
-    if scale is not None and not isinstance(scale, int | float | np.floating | np.integer):
-        raise ValueError(f"scale must be a Python or NumPy number, got {type(scale).__name__}")
+    scale = _static_number(scale, "scale")
     return AttentionArgs(
         query=query,
         key=key,
         value=value,
         bias=bias,
         mask=mask,
-        scale=head_dim**-0.5 if scale is None else float(scale),
+        scale=head_dim**-0.5 if scale is None else scale,
         is_causal=bool(is_causal),
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size,
         q_offset=q_offset,
         segment_ids=segment_ids,
-        logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+        logits_soft_cap=logits_soft_cap,
     )
 
 

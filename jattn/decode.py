@@ -4,12 +4,11 @@ The reference path for now; the split-KV Pallas kernel plugs in under `implement
 """
 
 import jax.numpy as jnp
-import numpy as np
-from jax import Array, core
+from jax import Array
 from jaxtyping import ArrayLike
 
 from jattn import reference
-from jattn.attention import SUPPORTED_DTYPES
+from jattn.attention import SUPPORTED_DTYPES, concrete_value
 
 DECODE_IMPLEMENTATIONS = ("xla",)
 
@@ -73,10 +72,9 @@ def decode_attention(
             f"lengths must be an integer array of shape [B] = ({batch},); "
             f"got {lengths.dtype} {lengths.shape}"
         )
-    if not isinstance(lengths, core.Tracer):
-        bad = np.asarray(lengths)
-        if (bad < 0).any() or (bad > capacity).any():
-            raise ValueError(f"lengths must lie in [0, S = {capacity}], got {bad.tolist()}")
+    known = concrete_value(lengths)  # traced lengths cannot be checked here
+    if known is not None and ((known < 0).any() or (known > capacity).any()):
+        raise ValueError(f"lengths must lie in [0, S = {capacity}], got {known.tolist()}")
     if logits_soft_cap is not None and not float(logits_soft_cap) > 0:
         raise ValueError(f"logits_soft_cap must be > 0 (None turns it off), got {logits_soft_cap}")
     return reference.decode_attention(

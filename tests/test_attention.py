@@ -269,6 +269,7 @@ BAD_CALLS = {
     "segments_pair": (dict(segment_ids=jnp.zeros((B, T), jnp.int32)), "pair"),
     "window": (dict(local_window_size=(-1, 2)), "local_window_size"),
     "soft_cap": (dict(logits_soft_cap=0.0), "logits_soft_cap must be > 0"),
+    "scale_shape": (dict(scale=np.ones(2)), r"scale must be a scalar, got shape \(2,\)"),
 }
 
 
@@ -277,6 +278,16 @@ def test_bad_input_is_a_value_error_naming_the_problem(case):
     overrides, message = BAD_CALLS[case]
     with pytest.raises(ValueError, match=message):
         _call(**overrides)
+
+
+def test_scale_as_a_concrete_array_is_accepted_and_a_traced_one_is_named(rng):
+    q, k, v = make_inputs(rng, SHAPES["mha_square"])
+    want = jax.nn.dot_product_attention(q, k, v, scale=0.3)
+    got = jattn.dot_product_attention(q, k, v, scale=jnp.float32(0.3))
+    assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.float32])
+    traced = jax.jit(lambda s: jattn.dot_product_attention(q, k, v, scale=s))
+    with pytest.raises(ValueError, match="scale must be concrete"):
+        traced(0.3)
 
 
 def test_checks_run_before_tracing_under_jit():
