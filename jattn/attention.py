@@ -348,7 +348,8 @@ def check_attention_args(
     )
 
 
-def _array_kwargs(args: AttentionArgs) -> dict[str, Any]:
+def _options(args: AttentionArgs) -> dict[str, Any]:
+    """The keyword options of a validated call, as reference and chunked take them."""
     return dict(
         scale=args.scale,
         is_causal=args.is_causal,
@@ -372,7 +373,7 @@ def _xla(args: AttentionArgs, config) -> tuple[Array, Array]:
         args.bias,
         args.mask,
         return_residual=True,
-        **_array_kwargs(args),
+        **_options(args),
     )
 
 
@@ -382,7 +383,7 @@ def _xla_chunked(args: AttentionArgs, config) -> tuple[Array, Array]:
     if not isinstance(config, chunked.ChunkedConfig):
         raise NotImplementedError(f"xla_chunked needs a ChunkedConfig, got {type(config).__name__}")
     return chunked.chunked_attention(
-        args.query, args.key, args.value, args.bias, args.mask, config=config, **_array_kwargs(args)
+        args.query, args.key, args.value, args.bias, args.mask, config=config, **_options(args)
     )
 
 
