@@ -7,7 +7,7 @@ Shapes: B batch, T queries, S keys, N query heads, K kv heads, G = N // K.
 """
 
 import jax.numpy as jnp
-from jax import Array, lax
+from jax import Array
 
 
 def visible_keys(
@@ -64,20 +64,6 @@ def group_heads(x: Array | None, num_kv_heads: int) -> Array | None:
     if n == 1:
         return x[:, :, None]
     return x.reshape(b, num_kv_heads, n // num_kv_heads, t, s)
-
-
-def masked_softmax_stats(logits: Array, visible: Array) -> tuple[Array, Array, Array]:
-    """Row max (finite; 0 on rows with nothing visible), unnormalised probs and their sum.
-
-    Masked logits become -inf, so their probability is exactly 0 and so is their gradient; a row
-    with nothing visible has sum 0, which callers turn into output 0 and lse -inf (never NaN).
-    """
-    logits = jnp.where(visible, logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    # The max only shifts the exponent and cancels in every result: it carries no gradient.
-    row_max = lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    probs = jnp.exp(logits - row_max)
-    return row_max[..., 0], probs, jnp.sum(probs, axis=-1)
 
 
 def safe_lse(row_max: Array, row_sum: Array) -> Array:

@@ -89,7 +89,7 @@ def dot_product_attention(
     if mask is not None:
         visible = visible & masking.group_heads(_as_4d(mask), num_kv_heads)
 
-    row_max, probs, row_sum = masking.masked_softmax_stats(logits, visible)
+    row_max, probs, row_sum = _masked_softmax_stats(logits, visible)
     probs = probs / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v, precision=_HIGHEST)
     out = out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
@@ -98,6 +98,20 @@ def dot_product_attention(
     lse = masking.safe_lse(row_max, row_sum)  # [B, K, G, T]
     lse = lse.transpose(0, 3, 1, 2).reshape(batch, q_len, num_heads)
     return out, lse
+
+
+def _masked_softmax_stats(logits: Array, visible: Array) -> tuple[Array, Array, Array]:
+    """Row max (finite; 0 on rows with nothing visible), unnormalised probs and their sum.
+
+    Masked logits become -inf, so their probability is exactly 0 and so is their gradient; a row
+    with nothing visible has sum 0, which callers turn into output 0 and lse -inf (never NaN).
+    """
+    logits = jnp.where(visible, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    # The max only shifts the exponent and cancels in every result: it carries no gradient.
+    row_max = lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    probs = jnp.exp(logits - row_max)
+    return row_max[..., 0], probs, jnp.sum(probs, axis=-1)
 
 
 def _as_4d(x: Array) -> Array:

@@ -95,7 +95,7 @@ def test_tssa_public_api_matches_oracle(rng, causal, dtype):
     assert_close(got, want, TOLERANCE[dtype] if dtype != jnp.float32 else (1e-5, 1e-5))
 
 
-def test_tssa_is_linear_in_tokens_not_a_masked_copy(rng):
+def test_causal_tssa_is_not_a_masked_copy_and_ignores_later_tokens(rng):
     """Causal output at the last token differs from non-causal there (different Pi history)."""
     w = jnp.asarray(rng.standard_normal((1, 9, 3, 4)), jnp.float32)
     t = jnp.ones(3)
