@@ -1,26 +1,56 @@
-"""`jattn.nn.MultiHeadAttention`: a Flax NNX attention layer over `jattn.dot_product_attention`."""
+"""`jattn.nn.MultiHeadAttention`: a Flax NNX attention layer over `jattn.dot_product_attention`.
 
-from collections.abc import Sequence
+Also `flax_attention_fn`, which makes `jattn.dot_product_attention` the `attention_fn` of
+`flax.nnx.MultiHeadAttention` (so an existing Flax model switches by one argument).
+"""
+
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 
-from jattn.attention import dot_product_attention
+from jattn.attention import concrete_value, dot_product_attention
+from jattn.decode import decode_attention
+from jattn.nn.rotary import apply_rotary
+
+# (query [B, N, H], k_cache [B, S, K, H], v_cache, lengths [B], *, scale, logits_soft_cap)
+# -> [B, N, H]: `jattn.decode_attention`, or an offloaded / sharded version of it.
+DecodeFn = Callable[..., Array]
 
 
 class MultiHeadAttention(nnx.Module):
-    """Multi-head attention with grouped kv heads (GQA/MQA) and a choice of implementation.
+    """Multi-head attention with grouped kv heads (GQA/MQA), rotary embeddings and a KV cache.
 
     Projections: query to `[N, H]`, key and value to `[K, H]` (K = num_kv_heads divides N), output
     from `[N, H]` back to `out_features`. The attention itself is `jattn.dot_product_attention`
     with every masking option it has (causal, lengths, segments, window, soft cap, bias, mask).
 
+    `rope_base` turns on rotary embeddings of queries and keys (positions `q_offset + t` for
+    queries and `s` for keys unless `positions` is given).
+
+    Decoding: `init_cache(batch_size, max_length)` allocates the KV cache (`nnx.Cache` variables
+    `cached_key`, `cached_value` `[B, max_length, K, H]` and `cache_lengths` `[B]`); then each
+    `layer(x, decode=True)` appends x's keys and values at each sequence's current length and
+    attends over the cache. A call with T > 1 tokens (the prompt, or a chunk of it) is a prefill
+    through `dot_product_attention` (flash attention, causal with `q_offset` = current length);
+    a call with one token is a decode step through `decode_fn` (`jattn.decode_attention` by
+    default; pass a sharded or offloaded one to move attention to other devices). Prompts of
+    different lengths: right-pad them and pass `query_seq_lengths`; each cache then advances by
+    its own length.
+
     Example:
       >>> layer = MultiHeadAttention(8, 64, num_kv_heads=2, is_causal=True, rngs=nnx.Rngs(0))
       >>> layer(jnp.ones((2, 10, 64))).shape
       (2, 10, 64)
+      >>> layer.init_cache(2, 16)
+      >>> prompt = layer(jnp.ones((2, 10, 64)), decode=True)  # prefill
+      >>> layer(jnp.ones((2, 1, 64)), decode=True).shape  # one decode step
+      (2, 1, 64)
+      >>> layer.cache_lengths[...].tolist()
+      [11, 11]
     """
 
     def __init__(
@@ -34,11 +64,14 @@ class MultiHeadAttention(nnx.Module):
         is_causal: bool = False,
         local_window_size: int | tuple[int, int] | None = None,
         logits_soft_cap: float | None = None,
+        rope_base: float | None = None,
         use_bias: bool = False,
         implementation: str | Sequence[str] | None = None,
         config: Any = None,
+        decode_fn: DecodeFn | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        kernel_init: Any = None,
         rngs: nnx.Rngs,
     ):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -53,19 +86,39 @@ class MultiHeadAttention(nnx.Module):
                     f"({num_heads}); pass head_dim"
                 )
             head_dim = in_features // num_heads
+        if rope_base is not None and head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.is_causal = is_causal
         self.local_window_size = local_window_size
         self.logits_soft_cap = logits_soft_cap
+        self.rope_base = rope_base
         self.implementation = implementation
         self.config = config
+        self.decode_fn = decode_fn
+        self.dtype, self.param_dtype = dtype, param_dtype
         projection = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if kernel_init is not None:
+            projection["kernel_init"] = kernel_init
         self.query = nnx.LinearGeneral(in_features, (num_heads, head_dim), **projection)
         self.key = nnx.LinearGeneral(in_features, (num_kv_heads, head_dim), **projection)
         self.value = nnx.LinearGeneral(in_features, (num_kv_heads, head_dim), **projection)
         self.out = nnx.LinearGeneral(
             (num_heads, head_dim), out_features or in_features, axis=(-2, -1), **projection
         )
+        self.cached_key: nnx.Cache | None = nnx.data(None)
+        self.cached_value: nnx.Cache | None = nnx.data(None)
+        self.cache_lengths: nnx.Cache | None = nnx.data(None)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> None:
+        """Allocate an empty KV cache for `batch_size` sequences of up to `max_length` tokens."""
+        if not self.is_causal:
+            raise ValueError("a KV cache needs a causal layer (is_causal=True)")
+        dtype = dtype or self.dtype or self.param_dtype
+        shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
+        self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cache_lengths = nnx.Cache(jnp.zeros((batch_size,), jnp.int32))
 
     def __call__(
         self,
@@ -78,11 +131,31 @@ class MultiHeadAttention(nnx.Module):
         key_value_seq_lengths: Array | None = None,
         segment_ids: tuple[Array, Array] | None = None,
         q_offset: int | Array | None = None,
+        positions: Array | None = None,  # [B, T] or [T]: rotary positions of self-attention
+        decode: bool = False,
     ) -> Array:  # [B, T, out_features]
+        if decode:
+            if inputs_kv is not None or bias is not None or mask is not None:
+                raise ValueError("decode=True is causal self-attention: no inputs_kv, bias, mask")
+            if segment_ids is not None or key_value_seq_lengths is not None or q_offset is not None:
+                raise ValueError(
+                    "decode=True takes positions from the cache: no segment_ids, "
+                    "key_value_seq_lengths or q_offset"
+                )
+            return self._decode(inputs_q, query_seq_lengths)
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         query = self.query(inputs_q)  # [B, T, N, H]
         key = self.key(inputs_kv)  # [B, S, K, H]
         value = self.value(inputs_kv)  # [B, S, K, H]
+        if self.rope_base is not None:
+            if positions is None:
+                offset = 0 if q_offset is None else jnp.reshape(jnp.asarray(q_offset), (-1, 1))
+                q_positions = offset + jnp.arange(query.shape[1])[None]
+                k_positions = jnp.arange(key.shape[1])
+            else:
+                q_positions = k_positions = positions
+            query = apply_rotary(query, q_positions, self.rope_base)
+            key = apply_rotary(key, k_positions, self.rope_base)
         encoded = dot_product_attention(
             query,
             key,
@@ -100,3 +173,117 @@ class MultiHeadAttention(nnx.Module):
             config=self.config,
         )
         return self.out(encoded)
+
+    def _decode(self, inputs: Array, new_tokens: Array | None) -> Array:
+        if self.cached_key is None:
+            raise ValueError("decode=True needs a KV cache: call init_cache(batch, max_length)")
+        cache_k, cache_v = self.cached_key[...], self.cached_value[...]
+        lengths = self.cache_lengths[...]  # [B]
+        batch, capacity = cache_k.shape[:2]
+        steps = inputs.shape[1]
+        if inputs.ndim != 3 or inputs.shape[0] != batch:
+            raise ValueError(
+                f"decode inputs must be [B = {batch}, T, D], got {inputs.shape} "
+                f"(cache {cache_k.shape})"
+            )
+        known = concrete_value(lengths)
+        if known is not None and (known + steps > capacity).any():
+            raise ValueError(
+                f"KV cache overflow: lengths {known.tolist()} + {steps} new tokens > "
+                f"capacity {capacity} (cache {cache_k.shape})"
+            )
+        query = self.query(inputs)  # [B, T, N, H]
+        key = self.key(inputs)  # [B, T, K, H]
+        value = self.value(inputs)  # [B, T, K, H]
+        if self.rope_base is not None:
+            positions = lengths[:, None] + jnp.arange(steps)[None]  # [B, T]
+            query = apply_rotary(query, positions, self.rope_base)
+            key = apply_rotary(key, positions, self.rope_base)
+        write = jax.vmap(
+            lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(
+                cache, new.astype(cache.dtype), start, axis=0
+            )
+        )
+        cache_k, cache_v = write(cache_k, key, lengths), write(cache_v, value, lengths)
+        advance = steps if new_tokens is None else jnp.asarray(new_tokens, jnp.int32)
+        new_lengths = lengths + advance
+        self.cached_key[...], self.cached_value[...] = cache_k, cache_v
+        self.cache_lengths[...] = new_lengths
+        query = query.astype(cache_k.dtype)
+        if steps == 1 and new_tokens is None and self.local_window_size is None:
+            decode = self.decode_fn or decode_attention
+            cap = {} if self.logits_soft_cap is None else {"logits_soft_cap": self.logits_soft_cap}
+            encoded = decode(query[:, 0], cache_k, cache_v, new_lengths, **cap)[:, None]
+        else:
+            encoded = dot_product_attention(
+                query,
+                cache_k,
+                cache_v,
+                is_causal=True,
+                q_offset=lengths,
+                query_seq_lengths=new_tokens,
+                key_value_seq_lengths=new_lengths,
+                local_window_size=self.local_window_size,
+                logits_soft_cap=self.logits_soft_cap,
+                implementation=self.implementation,
+                config=self.config,
+            )
+        return self.out(encoded)
+
+
+def flax_attention_fn(
+    implementation: str | Sequence[str] | None = None, **options: Any
+) -> Callable[..., Array]:
+    """`jattn.dot_product_attention` as the `attention_fn` of `flax.nnx.MultiHeadAttention`.
+
+    Flax calls `attention_fn(query, key, value, mask=..., dropout_rng=..., dropout_rate=...,
+    deterministic=..., dtype=..., precision=..., module=..., is_causal=...)`; this adapter takes
+    that call and hands the arrays, the boolean mask (`[B, N, T, S]`, broadcast as in Flax) and
+    `is_causal` to jattn. `options` are further `dot_product_attention` keywords
+    (`logits_soft_cap`, `local_window_size`, `config`, ...). Attention dropout and sowing the
+    weights need the materialised probabilities, which flash attention never forms: they raise.
+
+    Example:
+      >>> layer = nnx.MultiHeadAttention(
+      ...     4, 32, decode=False, attention_fn=flax_attention_fn(), rngs=nnx.Rngs(0)
+      ... )
+      >>> layer(jnp.ones((2, 5, 32))).shape
+      (2, 5, 32)
+    """
+
+    def attention_fn(
+        query,
+        key,
+        value,
+        bias=None,
+        mask=None,
+        *,
+        dropout_rate=0.0,
+        deterministic=True,
+        dtype=None,
+        module=None,
+        is_causal=False,
+        **_ignored,  # broadcast_dropout, dropout_rng, precision, promote_dtype
+    ):
+        if dropout_rate > 0 and not deterministic:
+            raise NotImplementedError(
+                "jattn attention has no attention-probability dropout; use dropout_rate=0"
+            )
+        if module is not None:
+            raise NotImplementedError("jattn never materialises attention weights to sow")
+        if mask is not None:
+            mask = jnp.asarray(mask).astype(jnp.bool_)  # Flax masks are 0/1 in any dtype
+        if dtype is not None:
+            query, key, value = (x.astype(dtype) for x in (query, key, value))
+        return dot_product_attention(
+            query,
+            key,
+            value,
+            bias,
+            mask,
+            is_causal=is_causal,
+            implementation=implementation,
+            **options,
+        )
+
+    return attention_fn
