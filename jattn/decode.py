@@ -1,16 +1,23 @@
 """`jattn.decode_attention`: one query token per sequence against a KV cache.
 
-The reference path for now; the split-KV Pallas kernel plugs in under `implementation=`.
+Implementations: 'triton', the split-KV Pallas kernel (`pallas_kernels/decode.py`: GQA-packed,
+S split across programs and merged by log-sum-exp, contiguous or paged cache), and 'xla', the
+pure-jnp reference. Auto picks 'triton' on a CUDA GPU and 'xla' elsewhere; asking for 'triton'
+without a GPU runs the kernel in Pallas interpret mode (how the CPU tests exercise it).
 """
 
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jaxtyping import ArrayLike
 
 from jattn import reference
 from jattn.attention import SUPPORTED_DTYPES, concrete_value
+from pallas_kernels import common as kernel_common
+from pallas_kernels import decode as decode_kernel
+from pallas_kernels.decode import DecodeConfig
 
-DECODE_IMPLEMENTATIONS = ("xla",)
+DECODE_IMPLEMENTATIONS = ("triton", "xla")
 
 
 def decode_attention(
@@ -19,23 +26,32 @@ def decode_attention(
     v_cache: ArrayLike,
     lengths: ArrayLike,
     *,
+    page_table: ArrayLike | None = None,
     scale: float | None = None,
     logits_soft_cap: float | None = None,
     return_residual: bool = False,
     implementation: str | None = None,
+    config: DecodeConfig | None = None,
 ) -> Array | tuple[Array, Array]:
     """Decode attention: `query[b]` attends to the first `lengths[b]` entries of its cache.
 
     Args:
       query: `[B, N, H]`, the newest token of each sequence.
-      k_cache, v_cache: `[B, S, K, H]` with N % K == 0 (GQA as in dot_product_attention).
-      lengths: int `[B]`, valid entries per sequence, 0 <= lengths <= S (checked when concrete).
+      k_cache, v_cache: `[B, S, K, H]` with N % K == 0 (GQA as in dot_product_attention); with
+        `page_table`, page pools `[P, page_size, K, H]`.
+      lengths: int `[B]`, valid entries per sequence, 0 <= lengths <= S (checked when concrete;
+        traced lengths are clipped to [0, S]). With a paged cache S = pages * page_size.
+      page_table: optional int `[B, pages]`: entry i of sequence b lives at
+        `k_cache[page_table[b, i // page_size], i % page_size]`. Pages past a sequence's length
+        are never read (their entries may hold anything).
       scale: default H ** -0.5.
       logits_soft_cap: c: logits = c * tanh(logits / c).
       return_residual: also return the float32 log-sum-exp `[B, N]`, so that partial results
         over disjoint caches merge exactly: lse = logaddexp(lse_1, lse_2),
         out = exp(lse_1 - lse) * out_1 + exp(lse_2 - lse) * out_2.
-      implementation: None or 'xla'.
+      implementation: None (auto), 'triton' or 'xla'. An implementation that cannot serve the
+        call raises NotImplementedError; auto then falls back to 'xla'.
+      config: `DecodeConfig` tiling for 'triton' (None: block_k 64, splits to fill the GPU).
 
     Returns:
       `[B, N, H]` (and lse). A sequence with length 0 gets output 0 and lse -inf.
@@ -58,8 +74,16 @@ def decode_attention(
         )
     batch, num_heads, head_dim = query.shape
     _, capacity, num_kv_heads, _ = k_cache.shape
-    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
-        raise ValueError(f"query and caches disagree on B or H; got {shapes}")
+    if page_table is not None:
+        page_table = jnp.asarray(page_table)
+        shapes += f", page_table {page_table.shape}"
+        if page_table.ndim != 2 or page_table.shape[0] != batch:
+            raise ValueError(f"page_table must be [B, pages] with B = {batch}; got {shapes}")
+        capacity = page_table.shape[1] * k_cache.shape[1]  # pages * page_size
+    elif k_cache.shape[0] != batch:
+        raise ValueError(f"query and caches disagree on B; got {shapes}")
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"query and caches disagree on H; got {shapes}")
     if num_kv_heads == 0 or num_heads % num_kv_heads:
         raise ValueError(f"query heads N must be a multiple of kv heads K; got {shapes}")
     if len({query.dtype, k_cache.dtype, v_cache.dtype}) != 1 or query.dtype not in SUPPORTED_DTYPES:
@@ -77,12 +101,62 @@ def decode_attention(
         raise ValueError(f"lengths must lie in [0, S = {capacity}], got {known.tolist()}")
     if logits_soft_cap is not None and not float(logits_soft_cap) > 0:
         raise ValueError(f"logits_soft_cap must be > 0 (None turns it off), got {logits_soft_cap}")
-    return reference.decode_attention(
-        query,
-        k_cache,
-        v_cache,
-        lengths.astype(jnp.int32),
-        scale=scale,
-        logits_soft_cap=logits_soft_cap,
-        return_residual=return_residual,
-    )
+    lengths = lengths.astype(jnp.int32)
+    if page_table is not None:
+        page_table = _check_page_table(page_table, k_cache.shape, shapes, known)
+    order = [implementation] if implementation else ["triton", "xla"]
+    if implementation is None and not kernel_common.on_gpu():
+        order = ["xla"]  # interpret mode is for tests, not for use
+    for name in order:
+        try:
+            if name == "triton":
+                decode_kernel.check_supported(
+                    k_cache.shape, head_dim, None if page_table is None else k_cache.shape[1]
+                )
+                out, lse = decode_kernel.decode_attention(
+                    query,
+                    k_cache,
+                    v_cache,
+                    lengths,
+                    page_table=page_table,
+                    scale=scale,
+                    logits_soft_cap=logits_soft_cap,
+                    config=config,
+                )
+                return (out, lse) if return_residual else out
+        except NotImplementedError:
+            if implementation is not None:
+                raise
+            continue
+        if page_table is not None:  # gather the pages into a contiguous cache
+            k_cache, v_cache = (_gather_pages(c, page_table) for c in (k_cache, v_cache))
+        return reference.decode_attention(
+            query,
+            k_cache,
+            v_cache,
+            lengths,
+            scale=scale,
+            logits_soft_cap=logits_soft_cap,
+            return_residual=return_residual,
+        )
+    raise AssertionError("unreachable: 'xla' serves every call")
+
+
+def _gather_pages(pool: Array, page_table: Array) -> Array:
+    """`[P, page_size, K, H]` pages in `page_table` `[B, pages]` order -> `[B, S, K, H]`."""
+    batch, pages = page_table.shape
+    return pool[page_table].reshape(batch, pages * pool.shape[1], *pool.shape[2:])
+
+
+def _check_page_table(page_table, pool_shape, shapes, known_lengths) -> Array:
+    if not jnp.issubdtype(page_table.dtype, jnp.integer):
+        raise ValueError(f"page_table must hold integers, got {page_table.dtype}")
+    table = concrete_value(page_table)
+    if table is not None and known_lengths is not None:
+        page_size = pool_shape[1]
+        used = np.arange(table.shape[1])[None, :] * page_size < known_lengths[:, None]
+        if ((table < 0) | (table >= pool_shape[0]))[used].any():
+            raise ValueError(
+                f"page_table entries in use must lie in [0, P = {pool_shape[0]}); {shapes}"
+            )
+    return page_table.astype(jnp.int32)
