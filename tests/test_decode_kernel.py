@@ -161,11 +161,13 @@ def test_split_heuristic_fills_the_gpu_and_respects_min_split():
 
 def test_merge_partials_ignores_empty_parts():
     out = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, 4)), jnp.float32)
-    lse = jnp.array([[0.5, -jnp.inf], [-jnp.inf, -jnp.inf], [1.0, 2.0]])
+    lse = jnp.array([[0.5, -jnp.inf], [-jnp.inf, -jnp.inf], [1.0, -jnp.inf]])  # [splits, rows]
     merged, merged_lse = decode_kernel.merge_partials(out, lse, axis=-3)
     assert np.isfinite(np.asarray(merged)).all()
     assert_close(merged_lse[0], np.logaddexp(0.5, 1.0), (1e-6, 1e-6))
-    assert np.isneginf(np.asarray(merged_lse[1]))
+    assert np.isneginf(np.asarray(merged_lse[1])) and (np.asarray(merged[1]) == 0).all()
+    w = np.exp(np.array([0.5, 1.0]) - np.logaddexp(0.5, 1.0))
+    assert_close(merged[0], w[0] * out[0, 0] + w[1] * out[2, 0], (1e-6, 1e-6))
 
 
 @pytest.mark.parametrize(
