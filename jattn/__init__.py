@@ -7,6 +7,7 @@ Statistics Self-Attention, decode attention, and Flax NNX modules. Import from `
 from jattn import cudnn as _cudnn  # noqa: F401  (registers implementation="cudnn")
 from jattn import nn as nn
 from jattn import reference as reference
+from jattn import triton as _triton  # noqa: F401  (registers implementation="triton")
 from jattn.attention import AttentionArgs as AttentionArgs
 from jattn.attention import auto_order as auto_order
 from jattn.attention import available_implementations as available_implementations
@@ -14,6 +15,7 @@ from jattn.attention import dot_product_attention as dot_product_attention
 from jattn.attention import register_implementation as register_implementation
 from jattn.chunked import ChunkedConfig as ChunkedConfig
 from jattn.decode import decode_attention as decode_attention
+from jattn.triton import TritonConfig as TritonConfig
 from jattn.tssa import token_statistics_attention as token_statistics_attention
 
 __version__ = "0.1.0"
@@ -21,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionArgs",
     "ChunkedConfig",
+    "TritonConfig",
     "auto_order",
     "available_implementations",
     "decode_attention",

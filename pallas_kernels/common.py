@@ -41,3 +41,116 @@ def pad_last(x: jax.Array, size: int) -> jax.Array:
     if extra == 0:
         return x
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+
+# --- masks and score modifiers shared by the flash kernels ----------------------------------
+#
+# Everything below works on traced int32 scalars and index vectors inside a kernel (Triton or
+# Mosaic GPU), so each kernel builds the mask of one tile and never holds a [T, S] matrix.
+# Visibility of key j from query i (absolute position i + q_offset):
+#   causal:           j <= i + q_offset
+#   window (L, R):    i + q_offset - L <= j <= i + q_offset + R
+#   lengths:          i < q_len, j < kv_len
+#   segments:         q_seg[i] == kv_seg[j]
+
+
+def right_reach(is_causal: bool, window: tuple[int, int] | None) -> int | None:
+    """How far right of the diagonal a query sees (None: unbounded)."""
+    reach = 0 if is_causal else None
+    if window is not None:
+        reach = window[1] if reach is None else min(reach, window[1])
+    return reach
+
+
+def left_reach(window: tuple[int, int] | None) -> int | None:
+    """How far left of the diagonal a query sees (None: unbounded)."""
+    return None if window is None else window[0]
+
+
+def _ceil_div(a, b: int):
+    return jax.lax.div(a + (b - 1), b)
+
+
+def key_block_range(
+    q_first, q_stop, *, q_offset, kv_len, block_k: int, right: int | None, left: int | None
+):
+    """[lo, hi) of the key blocks that queries [q_first, q_stop) can see (empty when q_stop <=
+    q_first). Blocks outside are hidden entirely by causal, window or length masks: skip them."""
+    key_stop = kv_len
+    if right is not None:
+        key_stop = jnp.minimum(key_stop, q_stop - 1 + q_offset + right + 1)
+    key_start = jnp.zeros_like(kv_len)
+    if left is not None:
+        key_start = jnp.maximum(key_start, q_first + q_offset - left)
+    lo = jax.lax.div(key_start, block_k)
+    hi = _ceil_div(jnp.maximum(key_stop, 0), block_k)
+    hi = jnp.where(q_stop > q_first, jnp.maximum(hi, lo), lo)
+    return lo, hi
+
+
+def query_block_range(
+    k_first, k_stop, *, q_offset, q_len, block_q: int, right: int | None, left: int | None
+):
+    """[lo, hi) of the query blocks that can see keys [k_first, k_stop) (empty when k_stop <=
+    k_first)."""
+    query_start = jnp.zeros_like(q_len)
+    if right is not None:
+        query_start = jnp.maximum(query_start, k_first - q_offset - right)
+    query_stop = q_len
+    if left is not None:
+        query_stop = jnp.minimum(query_stop, k_stop - 1 - q_offset + left + 1)
+    lo = jax.lax.div(query_start, block_q)
+    hi = _ceil_div(jnp.maximum(query_stop, 0), block_q)
+    hi = jnp.where(k_stop > k_first, jnp.maximum(hi, lo), lo)
+    return lo, hi
+
+
+def tile_visibility(
+    q_pos: jax.Array,  # [block_q] int32 query rows
+    k_pos: jax.Array,  # [block_k] int32 key columns
+    *,
+    q_offset,
+    q_len,
+    kv_len,
+    right: int | None,
+    left: int | None,
+    check_q_len: bool,
+    check_kv_len: bool,
+    q_seg: jax.Array | None = None,  # [block_q]
+    kv_seg: jax.Array | None = None,  # [block_k]
+) -> jax.Array | None:  # [block_q, block_k] bool, or None when every key is visible
+    """Which keys of a tile each query sees (None: all of them, so no mask is applied)."""
+    visible = None
+
+    def both(a, b):
+        return b if a is None else a & b
+
+    if right is not None or left is not None:
+        q_abs = q_pos[:, None] + q_offset  # [block_q, 1]
+        k_abs = k_pos[None, :]  # [1, block_k]
+        if right is not None:
+            visible = both(visible, k_abs <= q_abs + right)
+        if left is not None:
+            visible = both(visible, k_abs >= q_abs - left)
+    if check_kv_len:
+        visible = both(visible, k_pos[None, :] < kv_len)
+    if check_q_len:
+        visible = both(visible, q_pos[:, None] < q_len)
+    if q_seg is not None:
+        visible = both(visible, q_seg[:, None] == kv_seg[None, :])
+    return visible
+
+
+def capped_logits(scores: jax.Array, cap: float | None) -> jax.Array:
+    """`cap * tanh(scores / cap)`, identity when cap is None (float32 in, float32 out)."""
+    if cap is None:
+        return scores
+    return cap * jnp.tanh(scores / cap)
+
+
+def capped_logits_grad(scores: jax.Array, cap: float | None) -> jax.Array | float:
+    """d capped_logits / d scores."""
+    if cap is None:
+        return 1.0
+    tanh = jnp.tanh(scores / cap)
+    return 1.0 - tanh * tanh

@@ -198,8 +198,8 @@ def test_cudnn_declines_with_its_reason(rng):
 
 def test_kernels_not_yet_available_decline(rng):
     q, k, v = make_inputs(rng, SHAPES["mha_square"])
-    with pytest.raises(NotImplementedError, match="triton: not available"):
-        jattn.dot_product_attention(q, k, v, implementation="triton")
+    with pytest.raises(NotImplementedError, match="mosaic: not available"):
+        jattn.dot_product_attention(q, k, v, implementation="mosaic")
 
 
 def test_a_declining_implementation_falls_through_to_the_next(rng, monkeypatch):

@@ -1,0 +1,712 @@
+"""Flash attention, forward and backward, on Pallas' Triton backend (any CUDA GPU; CPU interpret).
+
+FlashAttention-2 (Dao, 2023): the forward runs an online softmax over key tiles for each query
+tile and writes the output and the log-sum-exp; the backward recomputes each tile's
+probabilities from the lse, with one kernel for dq (a program per query tile) and one for dk, dv
+(a program per key tile), so every output has a single writer: no atomics, the same bits on
+every run. delta = rowsum(dO * O) is computed first (fused by XLA).
+
+Every option of `jattn.dot_product_attention` is applied inside the kernels, tile by tile:
+causal with q_offset (per batch), sliding window, query and key lengths, segment ids, soft cap
+(and its gradient), additive bias (dbias from a separate kernel that jit drops when the bias is
+not differentiated), a boolean mask, GQA (query head n reads kv head n // G; dk, dv are
+written per query head in float32 and summed over G, never repeating K/V in memory). Key tiles
+that causal, window or length masks hide entirely are not visited.
+
+Limits: T and S are padded up to the block sizes and H up to a power of two >= 16 (copies made
+only when needed); a bias or mask that broadcasts over T or S is materialised at [T, S]; float64
+is not served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels import common
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_MIN_BLOCK = 16  # Triton's tensor-core dots need every extent >= 16
+_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TritonConfig:
+    """Tiling and launch parameters of the Triton flash kernels.
+
+    block_q, block_k: forward tile (queries per program, keys per loop step).
+    bwd_block_q, bwd_block_k: backward tile (dq: a program per bwd_block_q queries; dk/dv: a
+    program per bwd_block_k keys). All powers of two >= 16; they shrink to short sequences.
+    num_warps, num_stages (and bwd_*): Triton's launch parameters.
+    """
+
+    block_q: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    bwd_block_q: int = 64
+    bwd_block_k: int = 64
+    bwd_num_warps: int = 4
+    bwd_num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
+            value = getattr(self, name)
+            if value < _MIN_BLOCK or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= {_MIN_BLOCK}, got {value}")
+        for name in ("num_warps", "bwd_num_warps"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16):
+                raise ValueError(f"{name} must be 1, 2, 4, 8 or 16, got {getattr(self, name)}")
+        for name in ("num_stages", "bwd_num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def default_config(head_dim: int, dtype) -> TritonConfig:
+    """The heuristic tiling per head dim and dtype (registers bound the tile: H * block)."""
+    padded = common.padded_head_dim(head_dim)
+    wide = jnp.dtype(dtype).itemsize >= 4
+    if padded <= 64:
+        config = TritonConfig(block_q=128, block_k=64, num_warps=4, num_stages=3)
+    elif padded <= 128:
+        config = TritonConfig(block_q=128, block_k=64, num_warps=8, num_stages=3)
+    else:
+        config = TritonConfig(
+            block_q=64, block_k=32, num_warps=8, num_stages=2, bwd_block_q=32, bwd_block_k=32
+        )
+    if wide:  # float32 tiles take twice the registers and shared memory
+        config = dataclasses.replace(
+            config,
+            block_k=max(_MIN_BLOCK, config.block_k // 2),
+            bwd_block_q=max(_MIN_BLOCK, config.bwd_block_q // 2),
+        )
+    return config
+
+
+class _Static(NamedTuple):
+    """Everything that is not an array; it keys the custom_vjp closure and the kernels."""
+
+    scale: float
+    softcap: float | None
+    right: int | None  # how far right of the diagonal a query sees (None: unbounded)
+    left: int | None  # how far left
+    check_q_len: bool  # query lengths given: rows past them see nothing
+    check_kv_len: bool  # key lengths given or S padded: keys past kv_len are hidden
+    groups: int  # G = N // K
+    head_dim: int  # H before padding
+    q_len: int  # T before padding
+    kv_len: int  # S before padding
+    block_q: int
+    block_k: int
+    bwd_block_q: int
+    bwd_block_k: int
+    num_warps: int
+    num_stages: int
+    bwd_num_warps: int
+    bwd_num_stages: int
+    interpret: bool
+
+
+# --- tile math shared by the three kernels ----------------------------------------------------
+
+
+def _bounds(x):
+    """The per-batch scalars: (q_offset, q_len, kv_len)."""
+    return x["bounds"][0], x["bounds"][1], x["bounds"][2]
+
+
+def _precision(dtype):
+    """float32 inputs get full-precision dots (no TF32); half types use the tensor cores."""
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _tile_logits(st: _Static, x, q, k, q_pos, k_pos, bias_tile, mask_tile, q_seg, kv_seg):
+    """Scores of one tile: (raw scale * q.k, base-2 logits with -inf where hidden, visibility).
+
+    q: [bq, Hp], k: [bk, Hp]; returns [bq, bk] float32 arrays (visibility None: all visible).
+    """
+    q_offset, q_len, kv_len = _bounds(x)
+    scores = pltriton.dot(q, k, trans_b=True, precision=_precision(q.dtype)) * st.scale
+    logits = common.capped_logits(scores, st.softcap)
+    if bias_tile is not None:
+        logits = logits + bias_tile.astype(jnp.float32)
+    visible = common.tile_visibility(
+        q_pos,
+        k_pos,
+        q_offset=q_offset,
+        q_len=q_len,
+        kv_len=kv_len,
+        right=st.right,
+        left=st.left,
+        check_q_len=st.check_q_len,
+        check_kv_len=st.check_kv_len,
+        q_seg=q_seg,
+        kv_seg=kv_seg,
+    )
+    if mask_tile is not None:
+        user = mask_tile != 0
+        visible = user if visible is None else visible & user
+    logits = logits * _LOG2E
+    if visible is not None:
+        logits = jnp.where(visible, logits, -jnp.inf)
+    return scores, logits, visible
+
+
+def _key_blocks(st: _Static, x, q_first, block_q: int, block_k: int):
+    q_offset, q_len, kv_len = _bounds(x)
+    q_stop = jnp.minimum(q_first + block_q, q_len)
+    return common.key_block_range(
+        q_first,
+        q_stop,
+        q_offset=q_offset,
+        kv_len=kv_len,
+        block_k=block_k,
+        right=st.right,
+        left=st.left,
+    )
+
+
+def _slice(x, name: str, rows=None, cols=None):
+    """Load x[name][rows, cols] (either may be None for 'all'); None when the input is absent."""
+    if name not in x:
+        return None
+    ref = x[name]
+    if ref.ndim == 1:
+        return ref[rows if rows is not None else slice(None)]
+    return ref[
+        rows if rows is not None else slice(None),
+        cols if cols is not None else slice(None),
+    ]
+
+
+# --- forward ------------------------------------------------------------------------------------
+
+
+def _forward_kernel(
+    x,  # dict of refs: query [bq, Hp], key/value [S_pad, Hp], bias/mask [bq, S_pad],
+    #     q_seg [bq], kv_seg [S_pad], bounds [4]
+    o_ref,  # [bq, Hp]
+    lse_ref,  # [bq] float32
+    *,
+    st: _Static,
+):
+    block_q, block_k = st.block_q, st.block_k
+    q_first = pl.program_id(0) * block_q
+    q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)
+    q = x["query"][...]
+    q_seg = _slice(x, "q_seg")
+    head_dims = q.shape[-1]
+
+    def visit(j, carry):
+        acc, row_max, row_sum = carry
+        k_first = j * block_k
+        keys = pl.ds(k_first, block_k)
+        k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)
+        _, logits, _ = _tile_logits(
+            st,
+            x,
+            q,
+            x["key"][keys, :],
+            q_pos,
+            k_pos,
+            _slice(x, "bias", cols=keys),
+            _slice(x, "mask", cols=keys),
+            q_seg,
+            _slice(x, "kv_seg", keys),
+        )
+        new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
+        safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # rows with nothing seen yet
+        probs = jnp.exp2(logits - safe_max[:, None])  # [bq, bk]
+        correction = jnp.exp2(row_max - safe_max)
+        row_sum = correction * row_sum + jnp.sum(probs, axis=-1)
+        v = x["value"][keys, :]
+        pv = pltriton.dot(probs.astype(v.dtype), v, precision=_precision(v.dtype))
+        return acc * correction[:, None] + pv, new_max, row_sum
+
+    lo, hi = _key_blocks(st, x, q_first, block_q, block_k)
+    init = (
+        jnp.zeros((block_q, head_dims), jnp.float32),
+        jnp.full((block_q,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    acc, row_max, row_sum = lax.fori_loop(lo, hi, visit, init)
+    has_keys = row_sum > 0
+    safe_sum = jnp.where(has_keys, row_sum, 1.0)
+    o_ref[...] = (acc / safe_sum[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(has_keys, row_max * _LN2 + jnp.log(safe_sum), -jnp.inf)
+
+
+# --- backward: dq (and dbias) -------------------------------------------------------------------
+
+
+def _dq_kernel(
+    x,  # dict of refs: query/d_out [bq, Hp], lse/delta [bq], key/value [S_pad, Hp],
+    #     bias/mask [bq, S_pad], q_seg [bq], kv_seg [S_pad], bounds [4]
+    *out_refs,  # dq [bq, Hp] and/or dbias [bq, S_pad] float32
+    st: _Static,
+    want_dq: bool,
+    want_dbias: bool,
+):
+    dq_ref = out_refs[0] if want_dq else None
+    dbias_ref = out_refs[-1] if want_dbias else None
+    block_q, block_k = st.bwd_block_q, st.bwd_block_k
+    q_first = pl.program_id(0) * block_q
+    q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)
+    q, d_out = x["query"][...], x["d_out"][...]
+    lse, delta = x["lse"][...], x["delta"][...]  # [bq] float32
+    lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, 0.0)  # rows that see nothing: p is 0
+    q_seg = _slice(x, "q_seg")
+
+    def visit(j, dq):
+        k_first = j * block_k
+        keys = pl.ds(k_first, block_k)
+        k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)
+        k, v = x["key"][keys, :], x["value"][keys, :]
+        scores, logits, visible = _tile_logits(
+            st,
+            x,
+            q,
+            k,
+            q_pos,
+            k_pos,
+            _slice(x, "bias", cols=keys),
+            _slice(x, "mask", cols=keys),
+            q_seg,
+            _slice(x, "kv_seg", keys),
+        )
+        probs = jnp.exp2(logits - lse2[:, None])
+        if visible is not None:
+            probs = jnp.where(visible, probs, 0.0)
+        d_probs = pltriton.dot(d_out, v, trans_b=True, precision=_precision(v.dtype))
+        d_logits = probs * (d_probs - delta[:, None])  # [bq, bk]
+        if want_dbias:
+            dbias_ref[:, keys] = d_logits
+        if not want_dq:
+            return dq
+        d_scores = d_logits * (common.capped_logits_grad(scores, st.softcap) * st.scale)
+        return dq + pltriton.dot(d_scores.astype(k.dtype), k, precision=_precision(k.dtype))
+
+    def zero_dbias(j, carry):  # tiles no query of this block sees: dbias is exactly 0
+        dbias_ref[:, pl.ds(j * block_k, block_k)] = jnp.zeros((block_q, block_k), jnp.float32)
+        return carry
+
+    lo, hi = _key_blocks(st, x, q_first, block_q, block_k)
+    dq = lax.fori_loop(lo, hi, visit, jnp.zeros(q.shape, jnp.float32))
+    if want_dbias:
+        lax.fori_loop(0, lo, zero_dbias, 0)
+        lax.fori_loop(hi, dbias_ref.shape[1] // block_k, zero_dbias, 0)
+    if want_dq:
+        dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+# --- backward: dk, dv ---------------------------------------------------------------------------
+
+
+def _dkdv_kernel(
+    x,  # dict of refs: query/d_out [T_pad, Hp], lse/delta [T_pad], key/value [bk, Hp],
+    #     bias/mask [T_pad, bk], q_seg [T_pad], kv_seg [bk], bounds [4]
+    dk_ref,  # [bk, Hp] (float32 when G > 1: summed over the group afterwards)
+    dv_ref,  # [bk, Hp]
+    *,
+    st: _Static,
+):
+    block_q, block_k = st.bwd_block_q, st.bwd_block_k
+    k_first = pl.program_id(0) * block_k
+    k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)
+    k, v = x["key"][...], x["value"][...]
+    kv_seg = _slice(x, "kv_seg")
+    q_offset, q_len, kv_len = _bounds(x)
+
+    def visit(i, carry):
+        dk, dv = carry
+        q_first = i * block_q
+        rows = pl.ds(q_first, block_q)
+        q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)
+        q, d_out = x["query"][rows, :], x["d_out"][rows, :]
+        lse, delta = x["lse"][rows], x["delta"][rows]
+        lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, 0.0)
+        scores, logits, visible = _tile_logits(
+            st,
+            x,
+            q,
+            k,
+            q_pos,
+            k_pos,
+            _slice(x, "bias", rows=rows),
+            _slice(x, "mask", rows=rows),
+            _slice(x, "q_seg", rows),
+            kv_seg,
+        )
+        probs = jnp.exp2(logits - lse2[:, None])  # [bq, bk]
+        if visible is not None:
+            probs = jnp.where(visible, probs, 0.0)
+        dv = dv + pltriton.dot(
+            probs.astype(d_out.dtype), d_out, trans_a=True, precision=_precision(d_out.dtype)
+        )
+        d_probs = pltriton.dot(d_out, v, trans_b=True, precision=_precision(v.dtype))
+        d_logits = probs * (d_probs - delta[:, None])
+        d_scores = d_logits * (common.capped_logits_grad(scores, st.softcap) * st.scale)
+        dk = dk + pltriton.dot(
+            d_scores.astype(q.dtype), q, trans_a=True, precision=_precision(q.dtype)
+        )
+        return dk, dv
+
+    k_stop = jnp.minimum(k_first + block_k, kv_len)
+    lo, hi = common.query_block_range(
+        k_first,
+        k_stop,
+        q_offset=q_offset,
+        q_len=q_len,
+        block_q=block_q,
+        right=st.right,
+        left=st.left,
+    )
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(lo, hi, visit, (zeros, zeros))
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# --- launching ----------------------------------------------------------------------------------
+
+
+class _Inputs(NamedTuple):
+    """Padded kernel inputs. Shapes: [B, T_pad, N, Hp] query, [B, S_pad, K, Hp] key/value."""
+
+    query: Array
+    key: Array
+    value: Array
+    bias: Array | None  # [B', N', T_pad, S_pad] (B', N' in {1, full})
+    mask: Array | None  # [B', N', T_pad, S_pad] int8
+    q_seg: Array | None  # [B, T_pad] int32
+    kv_seg: Array | None  # [B, S_pad] int32
+    bounds: Array  # [B, 4] int32: q_offset, q_len, kv_len, 0
+
+
+def _pad_to(x: Array, axis: int, size: int, value=0) -> Array:
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _padded_lengths(st: _Static) -> tuple[int, int]:
+    q_multiple = max(st.block_q, st.bwd_block_q)
+    k_multiple = max(st.block_k, st.bwd_block_k)
+    return -(-st.q_len // q_multiple) * q_multiple, -(-st.kv_len // k_multiple) * k_multiple
+
+
+def _pairwise(x: Array | None, st: _Static, dtype=None) -> Array | None:
+    """bias/mask [B', N', T', S'] -> [B', N', T_pad, S_pad] (T', S' broadcast, then padded)."""
+    if x is None:
+        return None
+    t_pad, s_pad = _padded_lengths(st)
+    x = jnp.broadcast_to(x, x.shape[:2] + (st.q_len, st.kv_len))
+    if dtype is not None:
+        x = x.astype(dtype)
+    return _pad_to(_pad_to(x, 2, t_pad), 3, s_pad)
+
+
+def _prepare(st: _Static, query, key, value, bias, aux) -> _Inputs:
+    mask, q_offset, q_lengths, kv_lengths, q_ids, kv_ids = aux
+    batch = query.shape[0]
+    t_pad, s_pad = _padded_lengths(st)
+    h_pad = common.padded_head_dim(st.head_dim)
+
+    def rows(x, size):  # [B, L, heads, H] -> [B, size, heads, Hp]
+        return common.pad_last(_pad_to(x, 1, size), h_pad)
+
+    def per_batch(x, default):
+        return jnp.full((batch,), default, jnp.int32) if x is None else x.astype(jnp.int32)
+
+    bounds = jnp.stack(
+        [
+            per_batch(q_offset, 0),
+            per_batch(q_lengths, st.q_len),
+            per_batch(kv_lengths, st.kv_len),
+            jnp.zeros((batch,), jnp.int32),
+        ],
+        axis=1,
+    )
+    return _Inputs(
+        query=rows(query, t_pad),
+        key=rows(key, s_pad),
+        value=rows(value, s_pad),
+        bias=_pairwise(bias, st),
+        mask=_pairwise(mask, st, jnp.int8),
+        q_seg=None if q_ids is None else _pad_to(q_ids, 1, t_pad, -1),
+        kv_seg=None if kv_ids is None else _pad_to(kv_ids, 1, s_pad, -2),
+        bounds=bounds,
+    )
+
+
+def _pair_index(x: Array, b, n, row_block, col_block):
+    """Index map of a [B', N', T, S] operand that broadcasts over B' or N' == 1."""
+    return (b if x.shape[0] > 1 else 0, n if x.shape[1] > 1 else 0, row_block, col_block)
+
+
+def _query_tiled_specs(inputs: _Inputs, block_q: int, groups: int):
+    """Operands and BlockSpecs for a kernel with a program per (query tile i, batch b, head n)."""
+    t_pad, s_pad = inputs.query.shape[1], inputs.key.shape[1]
+    h_pad = inputs.query.shape[-1]
+    operands = {"query": inputs.query, "key": inputs.key, "value": inputs.value}
+    specs = {
+        "query": pl.BlockSpec((None, block_q, None, h_pad), lambda i, b, n: (b, i, n, 0)),
+        "key": pl.BlockSpec((None, s_pad, None, h_pad), lambda i, b, n: (b, 0, n // groups, 0)),
+        "value": pl.BlockSpec((None, s_pad, None, h_pad), lambda i, b, n: (b, 0, n // groups, 0)),
+        "bounds": pl.BlockSpec((None, 4), lambda i, b, n: (b, 0)),
+    }
+    operands["bounds"] = inputs.bounds
+    for name in ("bias", "mask"):
+        x = getattr(inputs, name)
+        if x is not None:
+            operands[name] = x
+            specs[name] = pl.BlockSpec(
+                (None, None, block_q, s_pad),
+                functools.partial(lambda x, i, b, n: _pair_index(x, b, n, i, 0), x),
+            )
+    if inputs.q_seg is not None:
+        operands["q_seg"], operands["kv_seg"] = inputs.q_seg, inputs.kv_seg
+        specs["q_seg"] = pl.BlockSpec((None, block_q), lambda i, b, n: (b, i))
+        specs["kv_seg"] = pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))
+    del t_pad
+    return operands, specs
+
+
+def _forward(st: _Static, query, key, value, bias, aux):
+    inputs = _prepare(st, query, key, value, bias, aux)
+    batch, t_pad, num_heads, h_pad = inputs.query.shape
+    operands, specs = _query_tiled_specs(inputs, st.block_q, st.groups)
+    out, lse = pl.pallas_call(
+        functools.partial(_forward_kernel, st=st),
+        grid=(t_pad // st.block_q, batch, num_heads),
+        in_specs=[specs],
+        out_specs=[
+            pl.BlockSpec((None, st.block_q, None, h_pad), lambda i, b, n: (b, i, n, 0)),
+            pl.BlockSpec((None, None, st.block_q), lambda i, b, n: (b, n, i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(inputs.query.shape, query.dtype),
+            jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32),
+        ],
+        compiler_params=common.triton_params(st.num_warps, st.num_stages),
+        interpret=st.interpret,
+        name="jattn_flash_forward",
+    )(operands)
+    return out, lse  # [B, T_pad, N, Hp], [B, N, T_pad]
+
+
+def _backward(st: _Static, query, key, value, bias, aux, out_padded, lse_padded, d_out, d_lse):
+    inputs = _prepare(st, query, key, value, bias, aux)
+    batch, t_pad, num_heads, h_pad = inputs.query.shape
+    s_pad = inputs.key.shape[1]
+    num_kv_heads = key.shape[2]
+    # delta = rowsum(dO * O) - d_lse: an lse cotangent enters the softmax gradient like -delta.
+    d_out_padded = common.pad_last(_pad_to(d_out.astype(query.dtype), 1, t_pad), h_pad)
+    delta = jnp.einsum(
+        "bthd,bthd->bht",
+        d_out_padded.astype(jnp.float32),
+        out_padded.astype(jnp.float32),
+        precision=lax.Precision.HIGHEST,
+    )
+    delta = delta - _pad_to(jnp.swapaxes(d_lse.astype(jnp.float32), 1, 2), 2, t_pad)
+
+    # dq (and dbias): a program per query tile.
+    operands, specs = _query_tiled_specs(inputs, st.bwd_block_q, st.groups)
+    operands.update(d_out=d_out_padded, lse=lse_padded, delta=delta)
+    row_spec = pl.BlockSpec((None, st.bwd_block_q, None, h_pad), lambda i, b, n: (b, i, n, 0))
+    specs.update(
+        d_out=row_spec,
+        lse=pl.BlockSpec((None, None, st.bwd_block_q), lambda i, b, n: (b, n, i)),
+        delta=pl.BlockSpec((None, None, st.bwd_block_q), lambda i, b, n: (b, n, i)),
+    )
+    grid = (t_pad // st.bwd_block_q, batch, num_heads)
+    params = common.triton_params(st.bwd_num_warps, st.bwd_num_stages)
+    (dq,) = pl.pallas_call(
+        functools.partial(_dq_kernel, st=st, want_dq=True, want_dbias=False),
+        grid=grid,
+        in_specs=[specs],
+        out_specs=[row_spec],
+        out_shape=[jax.ShapeDtypeStruct(inputs.query.shape, query.dtype)],
+        compiler_params=params,
+        interpret=st.interpret,
+        name="jattn_flash_dq",
+    )(operands)
+    d_bias = None
+    if bias is not None:  # its own kernel, so jit drops it when the bias is not differentiated
+        (dbias_full,) = pl.pallas_call(
+            functools.partial(_dq_kernel, st=st, want_dq=False, want_dbias=True),
+            grid=grid,
+            in_specs=[specs],
+            out_specs=[
+                pl.BlockSpec((None, None, st.bwd_block_q, s_pad), lambda i, b, n: (b, n, i, 0))
+            ],
+            out_shape=[jax.ShapeDtypeStruct((batch, num_heads, t_pad, s_pad), jnp.float32)],
+            compiler_params=params,
+            interpret=st.interpret,
+            name="jattn_flash_dbias",
+        )(operands)
+        dbias_full = dbias_full[:, :, : st.q_len, : st.kv_len]
+        broadcast_axes = tuple(a for a in range(4) if bias.shape[a] == 1)
+        d_bias = jnp.sum(dbias_full, axis=broadcast_axes, keepdims=True).astype(bias.dtype)
+
+    # dk, dv: a program per key tile and query head; summed over the G heads of a group after.
+    groups = st.groups
+    kv_operands = {
+        "query": inputs.query,
+        "d_out": d_out_padded,
+        "lse": lse_padded,
+        "delta": delta,
+        "key": inputs.key,
+        "value": inputs.value,
+        "bounds": inputs.bounds,
+    }
+    full_rows = pl.BlockSpec((None, t_pad, None, h_pad), lambda j, b, n: (b, 0, n, 0))
+    per_row = pl.BlockSpec((None, None, t_pad), lambda j, b, n: (b, n, 0))
+    key_tile = pl.BlockSpec(
+        (None, st.bwd_block_k, None, h_pad), lambda j, b, n: (b, j, n // groups, 0)
+    )
+    kv_specs = {
+        "query": full_rows,
+        "d_out": full_rows,
+        "lse": per_row,
+        "delta": per_row,
+        "key": key_tile,
+        "value": key_tile,
+        "bounds": pl.BlockSpec((None, 4), lambda j, b, n: (b, 0)),
+    }
+    for name in ("bias", "mask"):
+        x = getattr(inputs, name)
+        if x is not None:
+            kv_operands[name] = x
+            kv_specs[name] = pl.BlockSpec(
+                (None, None, t_pad, st.bwd_block_k),
+                functools.partial(lambda x, j, b, n: _pair_index(x, b, n, 0, j), x),
+            )
+    if inputs.q_seg is not None:
+        kv_operands["q_seg"], kv_operands["kv_seg"] = inputs.q_seg, inputs.kv_seg
+        kv_specs["q_seg"] = pl.BlockSpec((None, t_pad), lambda j, b, n: (b, 0))
+        kv_specs["kv_seg"] = pl.BlockSpec((None, st.bwd_block_k), lambda j, b, n: (b, j))
+    grad_dtype = key.dtype if groups == 1 else jnp.float32
+    per_head = jax.ShapeDtypeStruct((batch, s_pad, num_heads, h_pad), grad_dtype)
+    out_tile = pl.BlockSpec((None, st.bwd_block_k, None, h_pad), lambda j, b, n: (b, j, n, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, st=st),
+        grid=(s_pad // st.bwd_block_k, batch, num_heads),
+        in_specs=[kv_specs],
+        out_specs=[out_tile, out_tile],
+        out_shape=[per_head, per_head],
+        compiler_params=params,
+        interpret=st.interpret,
+        name="jattn_flash_dkdv",
+    )(kv_operands)
+
+    def kv_grad(g):  # [B, S_pad, N, Hp] -> [B, S, K, H]
+        g = g[:, : st.kv_len, :, : st.head_dim]
+        g = g.reshape(batch, st.kv_len, num_kv_heads, groups, st.head_dim).sum(axis=3)
+        return g.astype(key.dtype)
+
+    d_query = dq[:, : st.q_len, :, : st.head_dim]
+    return d_query, kv_grad(dk), kv_grad(dv), d_bias, None
+
+
+@functools.cache
+def _attention_vjp(st: _Static):
+    def run_forward(query, key, value, bias, aux):
+        out, lse = _forward(st, query, key, value, bias, aux)
+        return out, lse
+
+    def unpad(out, lse):
+        out = out[:, : st.q_len, :, : st.head_dim]
+        return out, jnp.swapaxes(lse[:, :, : st.q_len], 1, 2)  # [B, T, N, H], [B, T, N]
+
+    @jax.custom_vjp
+    def attention(query, key, value, bias, aux):
+        return unpad(*run_forward(query, key, value, bias, aux))
+
+    def forward_rule(query, key, value, bias, aux):
+        out, lse = run_forward(query, key, value, bias, aux)
+        return unpad(out, lse), (query, key, value, bias, aux, out, lse)
+
+    def backward_rule(residuals, cotangents):
+        return _backward(st, *residuals, *cotangents)
+
+    attention.defvjp(forward_rule, backward_rule)
+    return attention
+
+
+def _fit(block: int, length: int) -> int:
+    """A block no longer than the sequence needs (power of two >= 16)."""
+    return min(block, max(_MIN_BLOCK, 1 << max(length - 1, 0).bit_length()))
+
+
+def flash_attention(
+    query: Array,  # [B, T, N, H]
+    key: Array,  # [B, S, K, H]
+    value: Array,  # [B, S, K, H]
+    bias: Array | None,  # [B', N', T', S'] broadcastable to [B, N, T, S]
+    mask: Array | None,  # [B', N', T', S'] bool
+    *,
+    scale: float,
+    is_causal: bool,
+    q_offset: Array | None,
+    query_seq_lengths: Array | None,
+    key_value_seq_lengths: Array | None,
+    local_window_size: tuple[int, int] | None,
+    segment_ids: tuple[Array, Array] | None,
+    logits_soft_cap: float | None,
+    config: TritonConfig | None = None,
+    interpret: bool | None = None,
+) -> tuple[Array, Array]:  # [B, T, N, H] in query.dtype, lse [B, T, N] float32
+    """Flash attention with validated, rank-4 inputs (see `jattn.dot_product_attention`).
+
+    Raises NotImplementedError for what the kernel does not serve (float64, H > 256).
+    """
+    if query.dtype not in _DTYPES:
+        raise NotImplementedError(
+            f"the Triton kernel serves float16/bfloat16/float32, not {query.dtype}"
+        )
+    _, q_len, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads = key.shape[1], key.shape[2]
+    if head_dim > 256:
+        raise NotImplementedError(f"the Triton kernel serves head dims up to 256, got {head_dim}")
+    if config is None:
+        config = default_config(head_dim, query.dtype)
+    block_q, bwd_block_q = _fit(config.block_q, q_len), _fit(config.bwd_block_q, q_len)
+    block_k, bwd_block_k = _fit(config.block_k, kv_len), _fit(config.bwd_block_k, kv_len)
+    k_multiple = max(block_k, bwd_block_k)
+    st = _Static(
+        scale=float(scale),
+        softcap=logits_soft_cap,
+        right=common.right_reach(is_causal, local_window_size),
+        left=common.left_reach(local_window_size),
+        check_q_len=query_seq_lengths is not None,
+        check_kv_len=key_value_seq_lengths is not None or kv_len % k_multiple != 0,
+        groups=num_heads // num_kv_heads,
+        head_dim=head_dim,
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=block_q,
+        block_k=block_k,
+        bwd_block_q=bwd_block_q,
+        bwd_block_k=bwd_block_k,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        bwd_num_warps=config.bwd_num_warps,
+        bwd_num_stages=config.bwd_num_stages,
+        interpret=common.interpret_mode() if interpret is None else interpret,
+    )
+    q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
+    aux = (mask, q_offset, query_seq_lengths, key_value_seq_lengths, q_ids, kv_ids)
+    return _attention_vjp(st)(query, key, value, bias, aux)
