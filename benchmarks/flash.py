@@ -1,0 +1,241 @@
+"""Flash attention side by side on one GPU: TFLOP/s of forward and forward+backward.
+
+    python -m benchmarks.flash --json benchmarks/results/flash_h100.json --plot flash_h100.png
+
+FlashAttention's shapes: 16k tokens (B = 16384 / T) and hidden 2048 (N = 2048 / H), T from 512
+to 16k, causal and not. FLOPs by the FlashAttention convention: forward 4·B·N·T·S·H (halved
+when causal), backward 2.5× forward, so forward+backward is 3.5× forward. Each time is the
+median of repeated timings after a warm-up call, each timing averaging enough back-to-back calls
+to last ~20 ms. Peers that fail or decline a cell record the error instead of a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+import jattn
+from jattn.demo import environment
+
+TOKENS, HIDDEN = 16384, 2048
+
+
+def _jattn(implementation, config=None):
+    def run(q, k, v, causal):
+        return jattn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation=implementation, config=config
+        )
+
+    return run
+
+
+def _jax_nn(implementation):
+    def run(q, k, v, causal):
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation=implementation
+        )
+
+    return run
+
+
+def _jax_pallas_triton(q, k, v, causal):
+    from jax.experimental.pallas.ops.gpu import attention
+
+    return attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=causal)
+
+
+def _tokamax(implementation):
+    def run(q, k, v, causal):
+        import tokamax
+
+        return tokamax.dot_product_attention(
+            q, k, v, is_causal=causal, implementation=implementation
+        )
+
+    return run
+
+
+PEERS: dict[str, Callable] = {
+    "jattn_triton": _jattn("triton"),
+    "cudnn": _jax_nn("cudnn"),
+    "jax_pallas_triton": _jax_pallas_triton,
+    "tokamax_triton": _tokamax("triton"),
+    "xla": _jax_nn("xla"),
+}
+
+
+def time_ms(fn: Callable, args, repeats: int) -> float:
+    """Median ms per call: warm-up, then `repeats` timings of enough calls to last ~20 ms."""
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    once = time.perf_counter() - start
+    inner = max(1, min(100, int(0.02 / max(once, 1e-6))))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) * 1e3 / inner)
+    return statistics.median(times)
+
+
+def forward_flops(batch, heads, q_len, kv_len, head_dim, causal) -> float:
+    flops = 4.0 * batch * heads * q_len * kv_len * head_dim
+    return flops / 2 if causal else flops
+
+
+def measure(peer: Callable, q, k, v, causal: bool, mode: str, repeats: int) -> float:
+    if mode == "fwd":
+        fn = jax.jit(lambda q, k, v: peer(q, k, v, causal))
+        return time_ms(fn, (q, k, v), repeats)
+    d_out = jax.random.normal(jax.random.key(9), q.shape, q.dtype)
+
+    def loss(q, k, v):
+        return jnp.sum(peer(q, k, v, causal).astype(jnp.float32) * d_out.astype(jnp.float32))
+
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return time_ms(fn, (q, k, v), repeats)
+
+
+def run_cells(args) -> list[dict]:
+    rows = []
+    cells = [
+        (h, t, c, m)
+        for h in args.head_dims
+        for t in args.lengths
+        for c in args.causal
+        for m in args.modes
+    ]
+    try:
+        from tqdm import tqdm
+
+        cells = tqdm(cells, desc="flash cells")
+    except ImportError:
+        pass
+    dtype = jnp.dtype(args.dtype)
+    for head_dim, length, causal, mode in cells:
+        batch, heads = TOKENS // length, HIDDEN // head_dim
+        keys = jax.random.split(jax.random.key(length + head_dim), 3)
+        shape = (batch, length, heads, head_dim)
+        q, k, v = (jax.random.normal(key, shape, dtype) for key in keys)
+        flops = forward_flops(batch, heads, length, length, head_dim, causal)
+        flops *= 1.0 if mode == "fwd" else 3.5
+        for name in args.peers:
+            if name == "xla" and length > args.xla_max_length:
+                continue
+            row = dict(
+                peer=name,
+                head_dim=head_dim,
+                length=length,
+                batch=batch,
+                heads=heads,
+                causal=causal,
+                mode=mode,
+                dtype=args.dtype,
+            )
+            try:
+                ms = measure(PEERS[name], q, k, v, causal, mode, args.repeats)
+                row.update(ms=ms, tflops=flops / ms / 1e9)
+            except Exception as e:  # a peer that cannot run a cell: record why
+                row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                if args.verbose:
+                    traceback.print_exc()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    head_dims = sorted({r["head_dim"] for r in rows})
+    panels = [(h, c) for h in head_dims for c in (False, True)]
+    modes = [m for m in ("fwd", "fwd+bwd") if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(
+        len(modes), len(panels), figsize=(3.6 * len(panels), 3.2 * len(modes)), squeeze=False
+    )
+    peers = sorted({r["peer"] for r in rows})
+    for i, mode in enumerate(modes):
+        for j, (head_dim, causal) in enumerate(panels):
+            ax = axes[i][j]
+            for peer in peers:
+                cell = [
+                    r
+                    for r in rows
+                    if r["peer"] == peer
+                    and r["mode"] == mode
+                    and r["head_dim"] == head_dim
+                    and r["causal"] == causal
+                    and "tflops" in r
+                ]
+                cell.sort(key=lambda r: r["length"])
+                if cell:
+                    ax.plot(
+                        [r["length"] for r in cell],
+                        [r["tflops"] for r in cell],
+                        marker="o",
+                        label=peer,
+                    )
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{mode} H={head_dim} {'causal' if causal else 'non-causal'}", fontsize=9)
+            ax.set_xlabel("T")
+            ax.set_ylabel("TFLOP/s")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384]
+    )
+    parser.add_argument(
+        "--causal",
+        type=lambda s: s.lower() in ("1", "true", "yes"),
+        nargs="+",
+        default=[False, True],
+        help="causal settings to run (true/false)",
+    )
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
+    parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS))
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=7, help="timings per cell (median)")
+    parser.add_argument(
+        "--xla-max-length", type=int, default=4096, help="skip XLA above this T (it is O(T^2))"
+    )
+    parser.add_argument("--json", help="write device, versions and rows here")
+    parser.add_argument("--plot", help="write a PNG of TFLOP/s against T here")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    args = parser.parse_args(argv)
+    rows = run_cells(args)
+    record = dict(environment(), benchmark="flash", tokens=TOKENS, hidden=HIDDEN, rows=rows)
+    try:
+        import tokamax
+
+        record["tokamax"] = getattr(tokamax, "__version__", "unknown")
+    except ImportError:
+        record["tokamax"] = None
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
