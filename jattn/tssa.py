@@ -1,16 +1,21 @@
 """`jattn.token_statistics_attention`: Token Statistics Self-Attention (ToST, ICLR 2025).
 
-Linear in T. The reference path for now; the fused Pallas kernels plug in under
-`implementation=`.
+Linear in T. Two implementations: 'triton', the fused Pallas kernels of `pallas_kernels.tssa`
+(three passes over w forward and over (w, dy) backward, float32 accumulation; compiled on a GPU,
+in Pallas interpret mode elsewhere), and 'xla', the jnp reference (`jattn.reference`) compiled by
+XLA. None picks 'triton' on a GPU and 'xla' elsewhere (interpret mode is for tests, not speed).
 """
 
+import jax
 import jax.numpy as jnp
 from jax import Array
 from jaxtyping import ArrayLike
 
 from jattn import reference
+from pallas_kernels import tssa as tssa_kernels
+from pallas_kernels.tssa import Config as TSSAConfig
 
-TSSA_IMPLEMENTATIONS = ("xla",)
+TSSA_IMPLEMENTATIONS = ("triton", "xla")
 _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
 
@@ -21,6 +26,7 @@ def token_statistics_attention(
     causal: bool = False,
     denom_bias: ArrayLike | None = None,
     implementation: str | None = None,
+    config: TSSAConfig | None = None,
 ) -> Array:
     """TSSA on projected tokens, matching the official ToST code (both variants).
 
@@ -31,7 +37,9 @@ def token_statistics_attention(
         operator (running statistics over tokens 0..t). They are different functions.
       denom_bias: causal only: `[N, L]` with L >= T, the learnable per-position bias added to
         every coordinate of the normalised squares (ToST's `denom_bias`, zeros at init).
-      implementation: None or 'xla'.
+      implementation: None (auto: 'triton' on a GPU for float16/bfloat16/float32, else 'xla'),
+        'triton' (the fused Pallas kernels; in interpret mode off the GPU) or 'xla'.
+      config: tiling of the 'triton' kernels (`pallas_kernels.tssa.Config`); None: heuristics.
 
     Returns:
       `[B, T, N, H]`: y = -Pi * w / (1 + m), Pi a softmax over the N heads of each token.
@@ -62,6 +70,13 @@ def token_statistics_attention(
                 f"T = {w.shape[1]} is longer than denom_bias {denom_bias.shape} "
                 "covers (L must be >= T)"
             )
+    if implementation is None:
+        on_gpu = jax.default_backend() == "gpu"
+        implementation = "triton" if on_gpu and w.dtype != jnp.float64 else "xla"
+    if implementation == "triton":
+        return tssa_kernels.token_statistics_attention(
+            w, temperature, causal=causal, denom_bias=denom_bias, config=config
+        )
     return reference.token_statistics_attention(
         w, temperature, causal=causal, denom_bias=denom_bias
     )

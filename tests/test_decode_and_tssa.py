@@ -114,7 +114,7 @@ TSSA_BAD = {
     "bias_not_causal": (dict(denom_bias=jnp.zeros((4, 16)), causal=False), "causal=True"),
     "bias_short": (dict(denom_bias=jnp.zeros((4, 10)), causal=True), "longer than denom_bias"),
     "bias_heads": (dict(denom_bias=jnp.zeros((3, 16)), causal=True), r"\[N, L\] = \(4, L\)"),
-    "implementation": (dict(implementation="triton"), "Unknown TSSA implementation"),
+    "implementation": (dict(implementation="mosaic"), "Unknown TSSA implementation"),
 }
 
 

@@ -1,0 +1,726 @@
+"""Fused Token Statistics Self-Attention (ToST, Wu et al., ICLR 2025) on Pallas' Triton backend.
+
+TSSA replaces pairwise attention by per-head second moments of the tokens (formulas and the
+official code: `jattn.reference.token_statistics_attention`). Per batch element, head h, token t
+and coordinate c of w `[B, T, N, H]`:
+
+  non-causal:  nu2_c = max(sum_t w_tc^2, 1e-24)            (F.normalize's eps on the norm)
+               s_th  = sum_c w_tc^2 / nu2_c
+  causal:      C1_tc = max(sum_{i<=t} w_ic^2, 1e-12)       (the eps on the squared sum)
+               s_th  = sum_c w_tc^2 / C1_tc + H * denom_bias[h, t]
+  both:        Pi_th = softmax over the N heads of temperature_h * s_th
+               m_tc  = sum_i Pi_ih w_ic^2 / (sum_i Pi_ih + 1e-8)   (all i, or i <= t when causal)
+               y_tc  = -Pi_th w_tc / (1 + m_tc)
+
+The softmax couples the N heads of a token, so a tile holds whole token rows `[block_t, N, H]`
+and tiles only the token axis. The statistics are global (non-causal) or prefix sums (causal)
+over tokens, so every variant takes three passes over w, each parallel over chunks of tokens:
+
+  1. per-chunk column sums of w^2;                      XLA: total (non-causal) / exclusive scan
+  2. Pi from those, per-chunk sums of Pi w^2 and Pi;    XLA: total / exclusive scan
+  3. y (the causal kernel rebuilds the running sums inside the chunk with a cumsum along tokens).
+
+No pass can be dropped: Pi depends non-linearly on the finished column sums of pass 1, and m on
+the finished Pi-sums of pass 2. The middle pass walks the chunks in reverse order, so it starts
+on the tokens the previous pass left in L2 (and the last pass on those the middle one left).
+The state between passes is O(D) per chunk. The backward (custom_vjp, derived below) takes three
+passes over (w, dy) the same way: the moment gradient, the logit gradient (whose sums feed the
+normalisation gradient), then dw; the causal one carries reverse (suffix) sums instead.
+
+Limits: N and H are padded to powers of two (Triton tiles), T to a multiple of the chunk; the
+padding copies w only when a shape needs it, padded heads are masked out of the softmax and
+padded tokens out of every sum. Accumulation is float32 for every input dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import interpret_mode, triton_params
+
+NORM_EPS_SQ = 1e-24  # non-causal: F.normalize clamps the column norm at 1e-12, i.e. its square
+CAUSAL_SQ_EPS = 1e-12  # causal: the running sum of squares is clamped at this
+PI_EPS = 1e-8  # added to the token sum of Pi before dividing
+TILE_ELEMENTS = 4096  # elements of one [block_t, N, H] tile: 32 float32 registers a thread at
+# 4 warps per live tensor, which keeps the causal backward (about 12 live tiles) out of spills
+TARGET_PROGRAMS = 1024  # chunks in flight across B * T: several waves over 132 SMs
+MAX_BLOCK_T = 256  # tokens per tile at most (tiny rows)
+MAX_CHUNK_T = 1024  # tokens per program at most (longer chunks only shrink the parallelism)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tiling of the TSSA kernels. None picks the heuristic default for the shape."""
+
+    block_t: int | None = None  # tokens per tile (power of two): a tile is [block_t, N, H]
+    chunk_t: int | None = None  # tokens per program (multiple of block_t): one state per chunk
+    num_warps: int = 4
+    num_stages: int = 2
+    reverse_middle_pass: bool = True  # walk the middle pass backwards for L2 reuse
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiling:
+    block_t: int
+    chunk_t: int
+    num_chunks: int
+    padded_len: int
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(0, n.bit_length() - 1)
+
+
+def tiling(batch: int, seq_len: int, row: int, config: Config) -> _Tiling:
+    """Tile and chunk lengths for `seq_len` tokens of `row` (padded N * H) elements."""
+    block_t = config.block_t or max(1, _pow2_floor(TILE_ELEMENTS // row))
+    block_t = min(block_t, MAX_BLOCK_T, _pow2_ceil(seq_len))
+    chunk_t = config.chunk_t
+    if chunk_t is None:
+        chunk_t = _pow2_ceil(-(-batch * seq_len // TARGET_PROGRAMS))
+        chunk_t = min(max(chunk_t, block_t), MAX_CHUNK_T, max(_pow2_ceil(seq_len), block_t))
+    if chunk_t % block_t:
+        raise ValueError(f"chunk_t = {chunk_t} must be a multiple of block_t = {block_t}")
+    num_chunks = -(-seq_len // chunk_t)
+    return _Tiling(block_t, chunk_t, num_chunks, num_chunks * chunk_t)
+
+
+# --- kernel bodies -------------------------------------------------------------------------
+# Every kernel runs on a grid (B, num_chunks); program (b, j) owns the chunk `chunk(j)` of
+# batch element b and walks it in tiles of `block_t` tokens. `rows` is [block_t, N, H] float32.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    causal: bool
+    has_bias: bool
+    seq_len: int  # true T (padded tokens are masked)
+    block_t: int
+    num_tiles: int  # tiles per chunk
+    num_chunks: int
+    reverse: bool  # this call walks the chunks backwards
+
+
+def _chunk_index(st: _Static):
+    j = pl.program_id(1)
+    return st.num_chunks - 1 - j if st.reverse else j
+
+
+def _tile_slice(st: _Static, i):
+    return pl.ds(pl.multiple_of(i * st.block_t, st.block_t), st.block_t)
+
+
+def _chunk_start(st: _Static):
+    """First token of this program's chunk (read outside loops: interpret mode needs that)."""
+    return _chunk_index(st) * (st.num_tiles * st.block_t)
+
+
+def _valid_tokens(st: _Static, start, i):
+    """[block_t] bool: tokens of tile i of the chunk at `start` that lie before the true T."""
+    return start + i * st.block_t + lax.iota(jnp.int32, st.block_t) < st.seq_len
+
+
+def _load_rows(ref, st: _Static, i):
+    return ref[0, _tile_slice(st, i), :, :].astype(jnp.float32)  # [block_t, N, H]
+
+
+def _softmax_over_heads(logits, valid):
+    """Pi [block_t, N]: softmax over heads; padded heads have logit -inf, padded tokens get 0."""
+    logits = logits - jnp.max(logits, axis=1, keepdims=True)
+    e = jnp.exp(logits)
+    pi = e / jnp.sum(e, axis=1, keepdims=True)
+    return jnp.where(valid[:, None], pi, 0.0)
+
+
+def _exclusive_cumsum(x):
+    return lax.cumsum(x, axis=0) - x
+
+
+def _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid):
+    """Forward quantities of one causal tile given the running sums before it.
+
+    w [block_t, N, H]; c1, c2 [N, H] (sums of w^2 and Pi w^2 before the tile); c3 [N] (of Pi);
+    bias [block_t, N] (H * denom_bias) or None. Returns a dict of [block_t, ...] tiles.
+    """
+    w2 = w * w
+    run1 = c1[None] + lax.cumsum(w2, axis=0)
+    denom = jnp.maximum(run1, CAUSAL_SQ_EPS)
+    s = jnp.sum(w2 / denom, axis=-1)  # [block_t, N]
+    if bias is not None:
+        s = s + bias
+    pi = _softmax_over_heads(s * temp[None, :] + head_bias[None, :], valid)
+    pw2 = pi[:, :, None] * w2
+    run2 = c2[None] + lax.cumsum(pw2, axis=0)
+    inv3 = 1.0 / (c3[None] + lax.cumsum(pi, axis=0) + PI_EPS)  # [block_t, N]
+    a = 1.0 / (1.0 + run2 * inv3[:, :, None])
+    return dict(w2=w2, run1=run1, denom=denom, s=s, pi=pi, pw2=pw2, run2=run2, inv3=inv3, a=a)
+
+
+def _noncausal_tile(w, nu2, temp, head_bias, valid):
+    w2 = w * w
+    s = jnp.sum(w2 / nu2[None], axis=-1)  # [block_t, N]
+    pi = _softmax_over_heads(s * temp[None, :] + head_bias[None, :], valid)
+    return dict(w2=w2, s=s, pi=pi)
+
+
+def _causal_grads(f, w, g, temp, r2, r3):
+    """Causal backward of one tile down to the logits.
+
+    f: `_causal_tile`'s dict; g [block_t, N, H] = dy; r2 [block_t, N, H] / r3 [block_t, N]: the
+    suffix sums over tokens i >= t of the running-moment gradients dC2 / dC3.
+    """
+    d_pi = jnp.sum(w * (r2 * w - f["a"] * g), axis=-1) + r3  # [block_t, N]
+    d_logit = f["pi"] * (d_pi - jnp.sum(f["pi"] * d_pi, axis=1, keepdims=True))
+    d_s = d_logit * temp[None, :]
+    # s = sum_c w^2 / max(C1, eps): d C1 where the clamp is inactive
+    d_run1 = jnp.where(
+        f["run1"] > CAUSAL_SQ_EPS, -d_s[:, :, None] * f["w2"] / (f["denom"] * f["denom"]), 0.0
+    )
+    return d_logit, d_s, d_run1
+
+
+def _moment_grads(f, w, g):
+    """d C2 [block_t, N, H] and d C3 [block_t, N] of one causal tile (local: m_t uses C_t)."""
+    d_m = g * f["pi"][:, :, None] * w * f["a"] * f["a"]
+    d_run2 = d_m * f["inv3"][:, :, None]
+    d_run3 = -jnp.sum(d_m * f["run2"], axis=-1) * f["inv3"] * f["inv3"]
+    return d_run2, d_run3
+
+
+def _fwd_sq_kernel(
+    w_ref,  # [1, chunk_t, N, H]
+    s1_ref,  # [1, 1, N, H] out: sum of w^2 over the chunk
+    *,
+    st: _Static,
+):
+    def body(i, acc):
+        w = _load_rows(w_ref, st, i)
+        return acc + jnp.sum(w * w, axis=0)
+
+    s1_ref[0, 0] = lax.fori_loop(0, st.num_tiles, body, jnp.zeros(s1_ref.shape[2:], jnp.float32))
+
+
+def _fwd_pi_kernel(
+    w_ref,  # [1, chunk_t, N, H]
+    c1_ref,  # [1, 1, N, H]: nu2 (non-causal) / sum of w^2 before the chunk (causal)
+    temp_ref,  # [N]
+    head_bias_ref,  # [N]: 0 for real heads, -inf for padding
+    *rest,  # bias_ref [chunk_t, N] (causal with denom_bias), s2_ref [1,1,N,H], s3_ref [1,1,N]
+    st: _Static,
+):
+    bias_ref = rest[0] if st.has_bias else None
+    s2_ref, s3_ref = rest[-2:]
+    start = _chunk_start(st)
+    temp, head_bias = temp_ref[...], head_bias_ref[...]
+    c1 = c1_ref[0, 0]
+    zeros2 = jnp.zeros(s2_ref.shape[2:], jnp.float32)
+    zeros3 = jnp.zeros(s3_ref.shape[2:], jnp.float32)
+
+    def body(i, carry):
+        acc1, acc2, acc3 = carry
+        w, valid = _load_rows(w_ref, st, i), _valid_tokens(st, start, i)
+        if st.causal:
+            bias = bias_ref[_tile_slice(st, i), :] if bias_ref is not None else None
+            f = _causal_tile(w, acc1, zeros2, zeros3, temp, head_bias, bias, valid)
+            acc1 = acc1 + jnp.sum(f["w2"], axis=0)
+            pw2 = f["pw2"]
+        else:
+            f = _noncausal_tile(w, c1, temp, head_bias, valid)
+            pw2 = f["pi"][:, :, None] * f["w2"]
+        return acc1, acc2 + jnp.sum(pw2, axis=0), acc3 + jnp.sum(f["pi"], axis=0)
+
+    _, s2, s3 = lax.fori_loop(0, st.num_tiles, body, (c1, zeros2, zeros3))
+    s2_ref[0, 0] = s2
+    s3_ref[0, 0] = s3
+
+
+def _fwd_out_kernel(
+    w_ref,  # [1, chunk_t, N, H]
+    c1_ref,  # [1, 1, N, H]: nu2 / running sum of w^2 before the chunk
+    c2_ref,  # [1, 1, N, H]: a = 1 / (1 + m) / running sum of Pi w^2 before the chunk
+    c3_ref,  # [1, 1, N]: unused / running sum of Pi before the chunk
+    temp_ref,  # [N]
+    head_bias_ref,  # [N]
+    *rest,  # bias_ref [chunk_t, N] (causal with denom_bias), y_ref [1, chunk_t, N, H]
+    st: _Static,
+):
+    bias_ref = rest[0] if st.has_bias else None
+    y_ref = rest[-1]
+    start = _chunk_start(st)
+    temp, head_bias = temp_ref[...], head_bias_ref[...]
+
+    def body(i, carry):
+        w, valid = _load_rows(w_ref, st, i), _valid_tokens(st, start, i)
+        if st.causal:
+            c1, c2, c3 = carry
+            bias = bias_ref[_tile_slice(st, i), :] if bias_ref is not None else None
+            f = _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid)
+            y = -f["pi"][:, :, None] * w * f["a"]
+            carry = (
+                c1 + jnp.sum(f["w2"], axis=0),
+                c2 + jnp.sum(f["pw2"], axis=0),
+                c3 + jnp.sum(f["pi"], axis=0),
+            )
+        else:
+            nu2, a, _ = carry
+            f = _noncausal_tile(w, nu2, temp, head_bias, valid)
+            y = -f["pi"][:, :, None] * w * a[None]
+        y_ref[0, _tile_slice(st, i), :, :] = y.astype(y_ref.dtype)
+        return carry
+
+    lax.fori_loop(0, st.num_tiles, body, (c1_ref[0, 0], c2_ref[0, 0], c3_ref[0, 0]))
+
+
+def _suffix_in_tile(x):
+    """Sums over tokens i >= t inside the tile, x [block_t, ...]: an upper-triangular product.
+
+    Never `total - prefix`: early tokens of a causal sequence carry huge normalisation
+    gradients (their running sums are tiny), which that subtraction would cancel into noise.
+    """
+    n = x.shape[0]
+    upper = (
+        lax.broadcasted_iota(jnp.int32, (n, n), 0) <= lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    ).astype(jnp.float32)  # [t, i] = 1 where i >= t
+    if x.ndim == 2:  # [block_t, N]: too narrow for a tensor-core product
+        return jnp.sum(upper[:, :, None] * x[None], axis=1)
+    flat = x.reshape(n, x.shape[1] * x.shape[2])
+    out = jnp.dot(upper, flat, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return out.reshape(x.shape)
+
+
+def _bwd_moment_kernel(
+    w_ref,  # [1, chunk_t, N, H]
+    g_ref,  # [1, chunk_t, N, H]: dy
+    c1_ref,  # [1, 1, N, H]: nu2 / running sum of w^2 before the chunk
+    c2_ref,  # [1, 1, N, H]: unused / running sum of Pi w^2 before the chunk
+    c3_ref,  # [1, 1, N]: unused / running sum of Pi before the chunk
+    temp_ref,  # [N]
+    head_bias_ref,  # [N]
+    *rest,  # bias_ref (causal with bias); outputs gm_ref [1, tiles, N, H], gm3_ref [1, tiles, N]
+    st: _Static,
+):
+    """Per-tile sums of the moment gradients.
+
+    Non-causal: dy Pi w (the gradient of m, up to a^2). Causal: dC2 and dC3, the gradients of
+    the running moments (their suffix sums are what every earlier token needs)."""
+    bias_ref = rest[0] if st.has_bias else None
+    gm_ref, gm3_ref = rest[-2:]
+    start = _chunk_start(st)
+    temp, head_bias = temp_ref[...], head_bias_ref[...]
+
+    def body(i, carry):
+        c1, c2, c3 = carry
+        w, valid = _load_rows(w_ref, st, i), _valid_tokens(st, start, i)
+        g = _load_rows(g_ref, st, i)
+        if st.causal:
+            bias = bias_ref[_tile_slice(st, i), :] if bias_ref is not None else None
+            f = _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid)
+            d_run2, d_run3 = _moment_grads(f, w, g)
+            gm_ref[0, i] = jnp.sum(d_run2, axis=0)
+            gm3_ref[0, i] = jnp.sum(d_run3, axis=0)
+            carry = (
+                c1 + jnp.sum(f["w2"], axis=0),
+                c2 + jnp.sum(f["pw2"], axis=0),
+                c3 + jnp.sum(f["pi"], axis=0),
+            )
+        else:
+            f = _noncausal_tile(w, c1, temp, head_bias, valid)
+            gm_ref[0, i] = jnp.sum(g * f["pi"][:, :, None] * w, axis=0)
+            gm3_ref[0, i] = jnp.zeros(gm3_ref.shape[2:], jnp.float32)
+        return carry
+
+    lax.fori_loop(0, st.num_tiles, body, (c1_ref[0, 0], c2_ref[0, 0], c3_ref[0, 0]))
+
+
+def _bwd_tile(st: _Static, refs, start, i, carry, temp, head_bias):
+    """Backward of tile i down to the logits (shared by the logit and dw kernels).
+
+    carry: non-causal (nu2, a, dS2, dS3), constants; causal the running forward sums
+    (c1, c2, c3) before the tile. refs: w, dy, bias (or None), and for the causal variant the
+    sums of dC2 / dC3 over all tokens after the tile, r2 [1, tiles, N, H] / r3 [1, tiles, N].
+    Returns the tile, its forward dict, d logits, d s, d C1 (causal), the partial dw and the
+    carry for the next tile.
+    """
+    w_ref, g_ref, bias_ref, r2_ref, r3_ref = refs
+    w, valid = _load_rows(w_ref, st, i), _valid_tokens(st, start, i)
+    g = _load_rows(g_ref, st, i)
+    if st.causal:
+        c1, c2, c3 = carry
+        bias = bias_ref[_tile_slice(st, i), :] if bias_ref is not None else None
+        f = _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid)
+        d_run2, d_run3 = _moment_grads(f, w, g)
+        suffix2 = r2_ref[0, i][None] + _suffix_in_tile(d_run2)  # sum over i >= t of dC2
+        suffix3 = r3_ref[0, i][None] + _suffix_in_tile(d_run3)
+        d_logit, d_s, d_run1 = _causal_grads(f, w, g, temp, suffix2, suffix3)
+        carry = (
+            c1 + jnp.sum(f["w2"], axis=0),
+            c2 + jnp.sum(f["pw2"], axis=0),
+            c3 + jnp.sum(f["pi"], axis=0),
+        )
+        # dy's direct term, the running-moment term and the logit term (all but d C1's suffix)
+        dw = (
+            -f["pi"][:, :, None] * f["a"] * g
+            + 2.0 * f["pi"][:, :, None] * w * suffix2
+            + 2.0 * w * d_s[:, :, None] / f["denom"]
+        )
+        return w, f, d_logit, d_s, d_run1, dw, carry
+    nu2, a, d_s2, d_s3 = carry
+    f = _noncausal_tile(w, nu2, temp, head_bias, valid)
+    d_pi = jnp.sum(w * (d_s2[None] * w - a[None] * g), axis=-1) + d_s3[None]
+    d_logit = f["pi"] * (d_pi - jnp.sum(f["pi"] * d_pi, axis=1, keepdims=True))
+    d_s = d_logit * temp[None, :]
+    dw = (
+        -f["pi"][:, :, None] * a[None] * g
+        + 2.0 * f["pi"][:, :, None] * w * d_s2[None]
+        + 2.0 * w * d_s[:, :, None] / nu2[None]
+    )
+    return w, f, d_logit, d_s, None, dw, carry
+
+
+def _bwd_carry(st: _Static, c1_ref, c2_ref, c3_ref, r2_ref, r3_ref):
+    if st.causal:
+        return (c1_ref[0, 0], c2_ref[0, 0], c3_ref[0, 0])
+    return (c1_ref[0, 0], c2_ref[0, 0], r2_ref[0, 0], r3_ref[0, 0])
+
+
+def _bwd_logit_kernel(
+    w_ref,  # [1, chunk_t, N, H]
+    g_ref,  # [1, chunk_t, N, H]: dy
+    c1_ref,  # [1, 1, N, H]: nu2 / running sum of w^2 before the chunk
+    c2_ref,  # [1, 1, N, H]: a / running sum of Pi w^2 before the chunk
+    c3_ref,  # [1, 1, N]: unused / running sum of Pi before the chunk
+    r2_ref,  # [1, 1, N, H]: dS2 / [1, tiles, N, H]: sum of dC2 over tokens after each tile
+    r3_ref,  # [1, 1, N]: dS3 / [1, tiles, N]: sum of dC3 over tokens after each tile
+    temp_ref,  # [N]
+    head_bias_ref,  # [N]
+    *rest,  # bias_ref (causal, bias); out: gn_ref [1,tiles,N,H], gt_ref [1,tiles,N], ds_ref
+    st: _Static,
+):
+    """Per-tile sums of the normalisation gradient and of d temperature (and d s per token).
+
+    Non-causal gn = sum_t d s_th w_tc^2 (d nu2 = -gn / nu2^2); causal gn = sum_t d C1_tc."""
+    bias_ref = rest[0] if st.has_bias else None
+    outs = rest[1:] if st.has_bias else rest
+    gn_ref, gt_ref = outs[:2]
+    ds_ref = outs[2] if st.has_bias else None
+    start = _chunk_start(st)
+    temp, head_bias = temp_ref[...], head_bias_ref[...]
+    refs = (w_ref, g_ref, bias_ref, r2_ref, r3_ref)
+
+    def body(i, carry):
+        _, f, d_logit, d_s, d_run1, _, carry = _bwd_tile(st, refs, start, i, carry, temp, head_bias)
+        if st.causal:
+            gn_ref[0, i] = jnp.sum(d_run1, axis=0)
+        else:
+            gn_ref[0, i] = jnp.sum(d_s[:, :, None] * f["w2"], axis=0)
+        gt_ref[0, i] = jnp.sum(d_logit * f["s"], axis=0)
+        if ds_ref is not None:
+            ds_ref[0, _tile_slice(st, i), :] = d_s
+        return carry
+
+    init = _bwd_carry(st, c1_ref, c2_ref, c3_ref, r2_ref, r3_ref)
+    lax.fori_loop(0, st.num_tiles, body, init)
+
+
+def _bwd_dw_kernel(
+    w_ref,  # [1, chunk_t, N, H]
+    g_ref,  # [1, chunk_t, N, H]: dy
+    c1_ref,  # [1, 1, N, H]: nu2 / running sum of w^2 before the chunk
+    c2_ref,  # [1, 1, N, H]: a / running sum of Pi w^2 before the chunk
+    c3_ref,  # [1, 1, N]: unused / running sum of Pi before the chunk
+    r2_ref,  # [1, 1, N, H]: dS2 / [1, tiles, N, H]: sum of dC2 over tokens after each tile
+    r3_ref,  # [1, 1, N]: dS3 / [1, tiles, N]: sum of dC3 over tokens after each tile
+    r1_ref,  # [1, 1, N, H]: d nu2 / [1, tiles, N, H]: sum of dC1 over tokens after each tile
+    temp_ref,  # [N]
+    head_bias_ref,  # [N]
+    *rest,  # bias_ref (causal, bias); out: dw_ref [1, chunk_t, N, H]
+    st: _Static,
+):
+    bias_ref = rest[0] if st.has_bias else None
+    dw_ref = rest[-1]
+    start = _chunk_start(st)
+    temp, head_bias = temp_ref[...], head_bias_ref[...]
+    refs = (w_ref, g_ref, bias_ref, r2_ref, r3_ref)
+
+    def body(i, carry):
+        w, _, _, _, d_run1, dw, carry = _bwd_tile(st, refs, start, i, carry, temp, head_bias)
+        if st.causal:
+            dw = dw + 2.0 * w * (r1_ref[0, i][None] + _suffix_in_tile(d_run1))
+        else:
+            dw = dw + 2.0 * w * r1_ref[0, 0][None]
+        dw_ref[0, _tile_slice(st, i), :, :] = dw.astype(dw_ref.dtype)
+        return carry
+
+    init = _bwd_carry(st, c1_ref, c2_ref, c3_ref, r2_ref, r3_ref)
+    lax.fori_loop(0, st.num_tiles, body, init)
+
+
+# --- pallas_call wrappers ------------------------------------------------------------------
+
+
+def _specs(st: _Static, shape, chunk_t: int):
+    """BlockSpec builders for one call (grid (B, num_chunks), chunks maybe reversed)."""
+    _, _, n, h = shape
+
+    def chunk(j):
+        return st.num_chunks - 1 - j if st.reverse else j
+
+    rows = pl.BlockSpec((1, chunk_t, n, h), lambda b, j: (b, chunk(j), 0, 0))
+    per_chunk = pl.BlockSpec((1, 1, n, h), lambda b, j: (b, chunk(j), 0, 0))
+    per_chunk_head = pl.BlockSpec((1, 1, n), lambda b, j: (b, chunk(j), 0))
+    head = pl.BlockSpec((n,), lambda b, j: (0,))
+    bias = pl.BlockSpec((chunk_t, n), lambda b, j: (chunk(j), 0))
+    token_head = pl.BlockSpec((1, chunk_t, n), lambda b, j: (b, chunk(j), 0))
+    tiles = st.num_tiles
+    per_tile = pl.BlockSpec((1, tiles, n, h), lambda b, j: (b, chunk(j), 0, 0))
+    per_tile_head = pl.BlockSpec((1, tiles, n), lambda b, j: (b, chunk(j), 0))
+    if st.causal:
+        state, state_head = per_chunk, per_chunk_head
+        suffix, suffix_head = per_tile, per_tile_head
+    else:  # one global state per batch element
+        state = pl.BlockSpec((1, 1, n, h), lambda b, j: (b, 0, 0, 0))
+        state_head = pl.BlockSpec((1, 1, n), lambda b, j: (b, 0, 0))
+        suffix, suffix_head = state, state_head
+    return dict(
+        per_tile=per_tile,
+        per_tile_head=per_tile_head,
+        suffix=suffix,
+        suffix_head=suffix_head,
+        rows=rows,
+        per_chunk=per_chunk,
+        per_chunk_head=per_chunk_head,
+        state=state,
+        state_head=state_head,
+        head=head,
+        bias=bias,
+        token_head=token_head,
+    )
+
+
+def _call(kernel, st: _Static, config: Config, shape, in_specs, out_specs, out_shape, name):
+    return pl.pallas_call(
+        functools.partial(kernel, st=st),
+        grid=(shape[0], st.num_chunks),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=triton_params(config.num_warps, config.num_stages),
+        interpret=interpret_mode(),
+        name=name,
+    )
+
+
+def _f32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _exclusive_scan(x):  # over the chunk axis 1
+    return jnp.cumsum(x, axis=1) - x
+
+
+def _after_scan(x):
+    """Sums over the entries after each one along axis 1 (summed from the end, exact order)."""
+    inclusive = jnp.flip(jnp.cumsum(jnp.flip(x, axis=1), axis=1), axis=1)
+    return jnp.concatenate([inclusive[:, 1:], jnp.zeros_like(inclusive[:, :1])], axis=1)
+
+
+@functools.cache
+def _make_tssa(
+    *, causal: bool, has_bias: bool, seq_len: int, num_heads: int, tile: _Tiling, config: Config
+):
+    """The custom_vjp TSSA on padded inputs (w [B, Tp, Np, Hp], temperature [Np], bias [Tp, Np]).
+
+    `bias` is H * denom_bias^T (a dummy when has_bias is False); padded heads >= num_heads."""
+    statics = dict(
+        causal=causal,
+        has_bias=has_bias,
+        seq_len=seq_len,
+        block_t=tile.block_t,
+        num_tiles=tile.chunk_t // tile.block_t,
+        num_chunks=tile.num_chunks,
+    )
+    forward_st = _Static(**statics, reverse=False)
+    middle_st = _Static(**statics, reverse=config.reverse_middle_pass)
+
+    def head_bias(n_pad):
+        return jnp.where(jnp.arange(n_pad) < num_heads, 0.0, -jnp.inf).astype(jnp.float32)
+
+    def bias_args(st, w_shape, bias):
+        return ([_specs(st, w_shape, tile.chunk_t)["bias"]], [bias]) if has_bias else ([], [])
+
+    def forward(w, temperature, bias):
+        b, _, n, h = w.shape
+        nc = tile.num_chunks
+        hb = head_bias(n)
+        sp = _specs(forward_st, w.shape, tile.chunk_t)
+        s1 = _call(
+            _fwd_sq_kernel,
+            forward_st,
+            config,
+            w.shape,
+            [sp["rows"]],
+            sp["per_chunk"],
+            _f32(b, nc, n, h),
+            "tssa_fwd_sq",
+        )(w)
+        if causal:
+            c1 = _exclusive_scan(s1)
+        else:
+            total1 = jnp.sum(s1, axis=1, keepdims=True)
+            c1 = jnp.where(total1 > NORM_EPS_SQ, total1, NORM_EPS_SQ)  # nu2
+        sp = _specs(middle_st, w.shape, tile.chunk_t)
+        b_specs, b_args = bias_args(middle_st, w.shape, bias)
+        s2, s3 = _call(
+            _fwd_pi_kernel,
+            middle_st,
+            config,
+            w.shape,
+            [sp["rows"], sp["state"], sp["head"], sp["head"], *b_specs],
+            [sp["per_chunk"], sp["per_chunk_head"]],
+            [_f32(b, nc, n, h), _f32(b, nc, n)],
+            "tssa_fwd_pi",
+        )(w, c1, temperature, hb, *b_args)
+        if causal:
+            c2, c3 = _exclusive_scan(s2), _exclusive_scan(s3)
+        else:
+            total2 = jnp.sum(s2, axis=1, keepdims=True)
+            total3 = jnp.sum(s3, axis=1, keepdims=True)
+            c2 = 1.0 / (1.0 + total2 / (total3[..., None] + PI_EPS))  # a = 1 / (1 + m)
+            c3 = total3
+        sp = _specs(forward_st, w.shape, tile.chunk_t)
+        b_specs, b_args = bias_args(forward_st, w.shape, bias)
+        y = _call(
+            _fwd_out_kernel,
+            forward_st,
+            config,
+            w.shape,
+            [sp["rows"], sp["state"], sp["state"], sp["state_head"], sp["head"], sp["head"]]
+            + b_specs,
+            sp["rows"],
+            jax.ShapeDtypeStruct(w.shape, w.dtype),
+            "tssa_fwd_out",
+        )(w, c1, c2, c3, temperature, hb, *b_args)
+        stats = (c1, c2, c3, s2 if not causal else None)
+        return y, stats
+
+    @jax.custom_vjp
+    def tssa(w, temperature, bias):
+        return forward(w, temperature, bias)[0]
+
+    def tssa_fwd(w, temperature, bias):
+        y, stats = forward(w, temperature, bias)
+        return y, (w, temperature, bias, stats)
+
+    def tssa_bwd(res, g):
+        w, temperature, bias, (c1, c2, c3, s2) = res
+        b, _, n, h = w.shape
+        num_tiles = tile.padded_len // tile.block_t
+        hb = head_bias(n)
+        per_tile_shape = [_f32(b, num_tiles, n, h), _f32(b, num_tiles, n)]
+        sp = _specs(forward_st, w.shape, tile.chunk_t)
+        b_specs, b_args = bias_args(forward_st, w.shape, bias)
+        gm, gm3 = _call(
+            _bwd_moment_kernel,
+            forward_st,
+            config,
+            w.shape,
+            [sp["rows"], sp["rows"], sp["state"], sp["state"], sp["state_head"]]
+            + [sp["head"], sp["head"], *b_specs],
+            [sp["per_tile"], sp["per_tile_head"]],
+            per_tile_shape,
+            "tssa_bwd_moment",
+        )(w, g, c1, c2, c3, temperature, hb, *b_args)
+        if causal:
+            r2, r3 = _after_scan(gm), _after_scan(gm3)
+        else:
+            a, inv3 = c2, 1.0 / (c3 + PI_EPS)  # [B, 1, N, H], [B, 1, N]
+            d_m = a * a * jnp.sum(gm, axis=1, keepdims=True)
+            r2 = d_m * inv3[..., None]  # dS2
+            r3 = -jnp.sum(d_m * s2.sum(axis=1, keepdims=True), axis=-1) * inv3 * inv3  # dS3
+        sp = _specs(middle_st, w.shape, tile.chunk_t)
+        b_specs, b_args = bias_args(middle_st, w.shape, bias)
+        out_specs = [sp["per_tile"], sp["per_tile_head"]]
+        out_shape = list(per_tile_shape)
+        if has_bias:
+            out_specs.append(sp["token_head"])
+            out_shape.append(_f32(b, tile.padded_len, n))
+        outs = _call(
+            _bwd_logit_kernel,
+            middle_st,
+            config,
+            w.shape,
+            [sp["rows"], sp["rows"], sp["state"], sp["state"], sp["state_head"]]
+            + [sp["suffix"], sp["suffix_head"], sp["head"], sp["head"], *b_specs],
+            out_specs,
+            out_shape,
+            "tssa_bwd_logit",
+        )(w, g, c1, c2, c3, r2, r3, temperature, hb, *b_args)
+        gn, gt = outs[:2]
+        if causal:
+            r1 = _after_scan(gn)
+        else:
+            nu2 = c1
+            r1 = jnp.where(nu2 > NORM_EPS_SQ, -jnp.sum(gn, axis=1, keepdims=True) / (nu2 * nu2), 0)
+        sp = _specs(forward_st, w.shape, tile.chunk_t)
+        b_specs, b_args = bias_args(forward_st, w.shape, bias)
+        dw = _call(
+            _bwd_dw_kernel,
+            forward_st,
+            config,
+            w.shape,
+            [sp["rows"], sp["rows"], sp["state"], sp["state"], sp["state_head"]]
+            + [sp["suffix"], sp["suffix_head"], sp["suffix"], sp["head"], sp["head"], *b_specs],
+            sp["rows"],
+            jax.ShapeDtypeStruct(w.shape, w.dtype),
+            "tssa_bwd_dw",
+        )(w, g, c1, c2, c3, r2, r3, r1, temperature, hb, *b_args)
+        d_temp = jnp.sum(gt, axis=(0, 1)).astype(temperature.dtype)
+        d_bias = jnp.sum(outs[2], axis=0).astype(bias.dtype) if has_bias else jnp.zeros_like(bias)
+        return dw, d_temp, d_bias
+
+    tssa.defvjp(tssa_fwd, tssa_bwd)
+    return tssa
+
+
+def token_statistics_attention(
+    w: jax.Array,  # [B, T, N, H]
+    temperature: jax.Array,  # [N]
+    *,
+    causal: bool = False,
+    denom_bias: jax.Array | None = None,  # [N, L], L >= T (causal only)
+    config: Config | None = None,
+) -> jax.Array:  # [B, T, N, H]
+    """TSSA through the fused kernels; differentiable in w, temperature and denom_bias."""
+    config = config or Config()
+    batch, seq_len, num_heads, head_dim = w.shape
+    n_pad, h_pad = _pow2_ceil(num_heads), _pow2_ceil(head_dim)
+    tile = tiling(batch, seq_len, n_pad * h_pad, config)
+    pads = [(0, 0), (0, tile.padded_len - seq_len), (0, n_pad - num_heads), (0, h_pad - head_dim)]
+    w_p = jnp.pad(w, pads) if any(p[1] for p in pads) else w
+    temp_p = jnp.pad(temperature.astype(jnp.float32), (0, n_pad - num_heads))
+    has_bias = causal and denom_bias is not None
+    if has_bias:
+        bias = head_dim * denom_bias[:, :seq_len].astype(jnp.float32).T  # [T, N]
+        bias = jnp.pad(bias, [(0, tile.padded_len - seq_len), (0, n_pad - num_heads)])
+    else:
+        bias = jnp.zeros((1, n_pad), jnp.float32)
+    fn = _make_tssa(
+        causal=causal,
+        has_bias=has_bias,
+        seq_len=seq_len,
+        num_heads=num_heads,
+        tile=tile,
+        config=config,
+    )
+    y = fn(w_p, temp_p, bias)
+    return y[:, :seq_len, :num_heads, :head_dim]

@@ -1,0 +1,187 @@
+"""The fused TSSA kernels (pallas_kernels/tssa.py) against the reference and the float64 oracle.
+
+On CPU the kernels run in Pallas interpret mode (small shapes, explicit small tiles so that every
+path runs: several tiles per chunk, several chunks, reversed middle passes, padded N/H/T).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattn
+from jattn import reference
+from pallas_kernels import tssa as kernels
+
+import oracle
+
+# (shape [B, T, N, H], config): odd T, non-power-of-two N and H (padded), one token, defaults.
+CASES = {
+    "multi_chunk": ((2, 11, 4, 8), kernels.Config(block_t=4, chunk_t=8)),
+    "odd_padded": ((1, 37, 3, 5), kernels.Config(block_t=4, chunk_t=16)),
+    "forward_middle": (
+        (2, 21, 2, 16),
+        kernels.Config(block_t=2, chunk_t=4, reverse_middle_pass=False),
+    ),
+    "one_token": ((2, 1, 4, 8), None),
+    "default_tiling": ((1, 64, 8, 16), None),
+}
+
+
+def _rel_err(actual, expected) -> float:
+    actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+    expected = np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def _inputs(rng, shape, causal, dtype=jnp.float32, extra_len=3):
+    w = jnp.asarray(rng.standard_normal(shape), dtype)
+    temperature = jnp.asarray(rng.uniform(0.5, 2.0, shape[2]), jnp.float32)
+    denom_bias = None
+    if causal:
+        denom_bias = jnp.asarray(0.1 * rng.standard_normal((shape[2], shape[1] + extra_len)))
+    cotangent = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    return w, temperature, denom_bias, cotangent
+
+
+def _value_and_grads(fn, w, temperature, denom_bias, cotangent, causal):
+    def loss(w, t, b):
+        y = fn(w, t, b)
+        return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+    argnums = (0, 1, 2) if causal else (0, 1)
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums, has_aux=True))(
+        w, temperature, denom_bias
+    )
+    return y, grads
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_reference_with_gradients(rng, case, causal):
+    shape, config = CASES[case]
+    w, temperature, denom_bias, cotangent = _inputs(rng, shape, causal)
+
+    def kernel(w, t, b):
+        return kernels.token_statistics_attention(w, t, causal=causal, denom_bias=b, config=config)
+
+    def ref(w, t, b):
+        return reference.token_statistics_attention(w, t, causal=causal, denom_bias=b)
+
+    y, grads = _value_and_grads(kernel, w, temperature, denom_bias, cotangent, causal)
+    want_y, want_grads = _value_and_grads(ref, w, temperature, denom_bias, cotangent, causal)
+    assert y.shape == w.shape and y.dtype == w.dtype
+    assert _rel_err(y, want_y) <= 1e-5
+    # The official formulas, token by token in float64 (written apart from jattn).
+    want = oracle.tssa(w, temperature, causal=causal, denom_bias=denom_bias)
+    assert _rel_err(y, want) <= 1e-4
+    for name, got, expected in zip(
+        ("dw", "dtemperature", "ddenom_bias"), grads, want_grads, strict=True
+    ):
+        assert got.shape == expected.shape, name
+        assert _rel_err(got, expected) <= 1e-4, name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_bfloat16(rng, causal):
+    shape = (2, 19, 4, 8)
+    w, temperature, denom_bias, cotangent = _inputs(rng, shape, causal, dtype=jnp.bfloat16)
+    config = kernels.Config(block_t=4, chunk_t=8)
+
+    def kernel(w, t, b):
+        return kernels.token_statistics_attention(w, t, causal=causal, denom_bias=b, config=config)
+
+    def ref(w, t, b):  # float32 math on the same bfloat16 values
+        y = reference.token_statistics_attention(
+            w.astype(jnp.float32), t, causal=causal, denom_bias=b
+        )
+        return y.astype(w.dtype)
+
+    y, grads = _value_and_grads(kernel, w, temperature, denom_bias, cotangent, causal)
+    want_y, want_grads = _value_and_grads(ref, w, temperature, denom_bias, cotangent, causal)
+    assert y.dtype == jnp.bfloat16 and grads[0].dtype == jnp.bfloat16
+    assert _rel_err(y, want_y) <= 1e-2
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert _rel_err(got, expected) <= 2e-2
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_zero_columns_and_tiny_prefixes(rng, causal):
+    """A head coordinate that is zero everywhere (the eps clamps engage) and tokens whose running
+    sums of squares are tiny (huge normalisation gradients that must not cancel)."""
+    shape = (1, 24, 2, 8)
+    w, temperature, denom_bias, cotangent = _inputs(rng, shape, causal)
+    w = w.at[:, :, 1, 3].set(0.0).at[:, :3].multiply(1e-3)
+    config = kernels.Config(block_t=4, chunk_t=8)
+
+    def kernel(w, t, b):
+        return kernels.token_statistics_attention(w, t, causal=causal, denom_bias=b, config=config)
+
+    def ref(w, t, b):
+        return reference.token_statistics_attention(w, t, causal=causal, denom_bias=b)
+
+    y, grads = _value_and_grads(kernel, w, temperature, denom_bias, cotangent, causal)
+    want_y, want_grads = _value_and_grads(ref, w, temperature, denom_bias, cotangent, causal)
+    assert _rel_err(y, want_y) <= 1e-5
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert np.isfinite(np.asarray(got)).all()
+        assert _rel_err(got, expected) <= 1e-4
+
+
+def test_dispatch(rng):
+    w, temperature, denom_bias, _ = _inputs(rng, (1, 9, 2, 8), causal=True)
+
+    def jaxpr(implementation):
+        return str(
+            jax.make_jaxpr(
+                lambda w: jattn.token_statistics_attention(
+                    w,
+                    temperature,
+                    causal=True,
+                    denom_bias=denom_bias,
+                    implementation=implementation,
+                )
+            )(w)
+        )
+
+    assert "pallas_call" in jaxpr("triton") and "pallas_call" not in jaxpr("xla")
+    auto_uses_kernel = jax.default_backend() == "gpu"
+    assert ("pallas_call" in jaxpr(None)) == auto_uses_kernel
+    got = jattn.token_statistics_attention(
+        w, temperature, causal=True, denom_bias=denom_bias, implementation="triton"
+    )
+    want = jattn.token_statistics_attention(
+        w, temperature, causal=True, denom_bias=denom_bias, implementation="xla"
+    )
+    assert _rel_err(got, want) <= 1e-5
+
+
+def test_tiling_rejects_chunks_that_are_not_whole_tiles():
+    with pytest.raises(ValueError, match="multiple of block_t"):
+        kernels.tiling(1, 100, 64, kernels.Config(block_t=8, chunk_t=12))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_real_size_on_gpu(rng, causal, dtype):
+    shape = (2, 4099, 8, 64)
+    w, temperature, denom_bias, cotangent = _inputs(rng, shape, causal, dtype, extra_len=1)
+
+    def kernel(w, t, b):
+        return jattn.token_statistics_attention(
+            w, t, causal=causal, denom_bias=b, implementation="triton"
+        )
+
+    def ref(w, t, b):
+        y = reference.token_statistics_attention(
+            w.astype(jnp.float32), t, causal=causal, denom_bias=b
+        )
+        return y.astype(w.dtype)
+
+    y, grads = _value_and_grads(kernel, w, temperature, denom_bias, cotangent, causal)
+    want_y, want_grads = _value_and_grads(ref, w, temperature, denom_bias, cotangent, causal)
+    tol = 1e-4 if dtype == jnp.float32 else 1e-2
+    assert _rel_err(y, want_y) <= tol
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert _rel_err(got, expected) <= 10 * tol
