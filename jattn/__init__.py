@@ -6,6 +6,7 @@ Statistics Self-Attention, decode attention, and Flax NNX modules. Import from `
 
 from jattn import cudnn as _cudnn  # noqa: F401  (registers implementation="cudnn")
 from jattn import nn as nn
+from jattn import offload as offload
 from jattn import reference as reference
 from jattn import triton as _triton  # noqa: F401  (registers implementation="triton")
 from jattn.attention import AttentionArgs as AttentionArgs
@@ -29,6 +30,7 @@ __all__ = [
     "decode_attention",
     "dot_product_attention",
     "nn",
+    "offload",
     "reference",
     "register_implementation",
     "token_statistics_attention",

@@ -1,0 +1,41 @@
+"""`jattn.offload`: decode with the KV cache and attention on their own devices (after Lamina).
+
+- `sharded_decode_attention`: decode attention with the cache cut over a mesh axis, by kv heads
+  or by sequence slots (log-sum-exp merge across devices); equal to `jattn.decode_attention`.
+- `KVCache`, `append`, `advance`, `append_and_attend`: a per-layer cache pytree sharded with
+  `NamedSharding` over the attention mesh, written in place (donated) one token at a time.
+- `OffloadedDecoder`, `GPTConfig`: a small GPT whose weights and MLP stay on a compute mesh while
+  attention runs on the attention mesh; counts the bytes that cross (`link_bytes_formula`).
+"""
+
+from jattn.offload.model import GPTConfig as GPTConfig
+from jattn.offload.model import OffloadedDecoder as OffloadedDecoder
+from jattn.offload.model import forward as forward
+from jattn.offload.model import init_params as init_params
+from jattn.offload.model import link_bytes_formula as link_bytes_formula
+from jattn.offload.model import split_devices as split_devices
+from jattn.offload.sharded import KVCache as KVCache
+from jattn.offload.sharded import advance as advance
+from jattn.offload.sharded import append as append
+from jattn.offload.sharded import append_and_attend as append_and_attend
+from jattn.offload.sharded import cache_spec as cache_spec
+from jattn.offload.sharded import make_mesh as make_mesh
+from jattn.offload.sharded import merge_over_axis as merge_over_axis
+from jattn.offload.sharded import sharded_decode_attention as sharded_decode_attention
+
+__all__ = [
+    "GPTConfig",
+    "KVCache",
+    "OffloadedDecoder",
+    "advance",
+    "append",
+    "append_and_attend",
+    "cache_spec",
+    "forward",
+    "init_params",
+    "link_bytes_formula",
+    "make_mesh",
+    "merge_over_axis",
+    "sharded_decode_attention",
+    "split_devices",
+]

@@ -1,0 +1,227 @@
+"""Attention offloading for a decoder (after Lamina, Chen et al. 2024/2025, arXiv 2405.01814).
+
+A small GPT whose weights, projections and MLP live on a *compute* mesh while the KV cache and
+attention live on an *attention* mesh. Per layer and decode step only q, k, v cross to the
+attention devices and the attention output comes back: (2 + 2/G)·e·d bytes per token per layer
+(d = N·H model width, G = N/K, e bytes per element) with head sharding. The two meshes are
+disjoint sets of devices; arrays move between them with `jax.device_put` to a `NamedSharding`
+(no pmap), and each side runs its own jit-compiled functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jattn import reference
+from jattn.offload.sharded import KVCache, advance, append_and_attend, make_mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab: int = 256  # bytes
+    layers: int = 2
+    heads: int = 8  # N
+    kv_heads: int = 2  # K
+    head_dim: int = 32  # H
+    max_len: int = 256  # positions (learned embedding) = cache capacity
+    mlp_ratio: int = 4
+    dtype: str = "float32"
+
+    @property
+    def width(self) -> int:  # d = N * H
+        return self.heads * self.head_dim
+
+
+def init_params(config: GPTConfig, key: jax.Array) -> dict:
+    """Random weights (scaled so activations stay O(1)); a pytree of arrays."""
+    d, dtype = config.width, jnp.dtype(config.dtype)
+    kv = config.kv_heads * config.head_dim
+    keys = iter(jax.random.split(key, 3 + 6 * config.layers))
+
+    def dense(shape):
+        return (jax.random.normal(next(keys), shape) * shape[0] ** -0.5).astype(dtype)
+
+    layers = [
+        dict(
+            wq=dense((d, d)),
+            wk=dense((d, kv)),
+            wv=dense((d, kv)),
+            wo=dense((d, d)),
+            w1=dense((d, config.mlp_ratio * d)),
+            w2=dense((config.mlp_ratio * d, d)),
+        )
+        for _ in range(config.layers)
+    ]
+    return dict(
+        embed=dense((config.vocab, d)) * d**0.5 / 4,
+        pos=dense((config.max_len, d)) * d**0.5 / 4,
+        unembed=dense((d, config.vocab)),
+        layers=layers,
+    )
+
+
+def _norm(x):
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-6)).astype(x.dtype)
+
+
+def _qkv(layer: dict, x: jax.Array, config: GPTConfig):
+    """x `[..., d]` -> q `[..., N, H]`, k, v `[..., K, H]`."""
+    h = _norm(x)
+    q = (h @ layer["wq"]).reshape(*x.shape[:-1], config.heads, config.head_dim)
+    k = (h @ layer["wk"]).reshape(*x.shape[:-1], config.kv_heads, config.head_dim)
+    v = (h @ layer["wv"]).reshape(*x.shape[:-1], config.kv_heads, config.head_dim)
+    return q, k, v
+
+
+def _after_attention(layer: dict, x: jax.Array, attn: jax.Array) -> jax.Array:
+    """Residual + output projection, then the MLP block."""
+    x = x + attn.reshape(*x.shape) @ layer["wo"]
+    return x + jax.nn.gelu(_norm(x) @ layer["w1"]) @ layer["w2"]
+
+
+def forward(params: dict, tokens: jax.Array, config: GPTConfig) -> jax.Array:
+    """Whole-sequence causal forward on one device (the oracle for the offloaded decoder).
+
+    tokens `[B, T]` -> logits `[B, T, vocab]` float32.
+    """
+    x = params["embed"][tokens] + params["pos"][None, : tokens.shape[1]]
+    for layer in params["layers"]:
+        q, k, v = _qkv(layer, x, config)
+        attn = reference.dot_product_attention(q, k, v, is_causal=True)
+        x = _after_attention(layer, x, attn.reshape(*x.shape))
+    return (_norm(x) @ params["unembed"]).astype(jnp.float32)
+
+
+def split_devices(devices, num_attention: int | None = None) -> tuple[list, list]:
+    """(compute devices, attention devices). Default: half for attention, at least one each;
+    a single device serves both (co-located)."""
+    devices = list(devices)
+    if len(devices) == 1:
+        return devices, devices
+    n_attn = num_attention or max(1, len(devices) // 2)
+    if not 1 <= n_attn < len(devices):
+        raise ValueError(f"num_attention must be in [1, {len(devices) - 1}], got {n_attn}")
+    return devices[: len(devices) - n_attn], devices[len(devices) - n_attn :]
+
+
+def link_bytes_formula(config: GPTConfig, shard_by: str = "heads", attn_devices: int = 1) -> int:
+    """Bytes crossing compute <-> attention per token per layer.
+
+    Head sharding (Lamina): q (d) + k, v (d/G each) out, attention output (d) back:
+    (2 + 2/G)·e·d. Sequence sharding sends q, k, v to every attention device (each needs the
+    whole query; the slot owner keeps k, v): (n·(1 + 2/G) + 1)·e·d.
+    """
+    d, e = config.width, jnp.dtype(config.dtype).itemsize
+    g = config.heads // config.kv_heads
+    to_attention = d + 2 * d // g
+    if shard_by == "sequence":
+        to_attention *= attn_devices
+    return (to_attention + d) * e
+
+
+class OffloadedDecoder:
+    """Greedy decoding with attention offloaded to `attn_mesh`, everything else on `compute_mesh`.
+
+    Weights are replicated on the compute mesh and activations split over its devices by batch
+    (when B divides); the `KVCache` is sharded over the attention mesh by heads or sequence.
+    `link_bytes` counts the bytes that land on the other mesh (sum of the shards' sizes) for
+    every transfer, so `link_bytes_per_token_layer()` is a measurement to set beside
+    `link_bytes_formula`.
+    """
+
+    def __init__(
+        self,
+        params: dict,
+        config: GPTConfig,
+        *,
+        compute_devices,
+        attention_devices,
+        batch: int,
+        shard_by: str = "heads",
+        implementation: str | None = None,
+    ):
+        self.config, self.batch, self.implementation = config, batch, implementation
+        self.compute_mesh: Mesh = make_mesh(compute_devices, "compute")
+        self.attn_mesh: Mesh = make_mesh(attention_devices, "attn")
+        n_compute = len(list(compute_devices))
+        self.activations = NamedSharding(
+            self.compute_mesh, P("compute") if batch % n_compute == 0 else P()
+        )
+        self.params = jax.device_put(params, NamedSharding(self.compute_mesh, P()))
+        self.cache = KVCache.create(
+            self.attn_mesh,
+            num_layers=config.layers,
+            batch=batch,
+            capacity=config.max_len,
+            kv_heads=config.kv_heads,
+            head_dim=config.head_dim,
+            dtype=jnp.dtype(config.dtype),
+            shard_by=shard_by,
+        )
+        self.positions = np.zeros(batch, np.int32)  # host copy of cache.lengths (no syncs)
+        self.link_bytes = 0
+        self.tokens_decoded = 0  # B per step
+        self._embed = jax.jit(
+            lambda p, t, pos: p["embed"][t] + p["pos"][pos], out_shardings=self.activations
+        )
+        self._qkv = jax.jit(functools.partial(_qkv, config=config))
+        self._after = jax.jit(_after_attention, out_shardings=self.activations)
+        self._logits = jax.jit(lambda p, x: (_norm(x) @ p["unembed"]).astype(jnp.float32))
+
+    def _move(self, x: jax.Array, sharding: NamedSharding) -> jax.Array:
+        moved = jax.device_put(x, sharding, may_alias=False)  # a transfer, never a view
+        self.link_bytes += sum(s.data.nbytes for s in moved.addressable_shards)
+        return moved
+
+    def step(self, tokens) -> jax.Array:
+        """Feed one token per sequence `[B]`; returns next-token logits `[B, vocab]` (float32)."""
+        if (self.positions >= self.config.max_len).any():
+            raise ValueError(f"the KV cache is full ({self.config.max_len} positions)")
+        tokens = jax.device_put(jnp.asarray(tokens, jnp.int32), self.activations)
+        positions = jax.device_put(jnp.asarray(self.positions), self.activations)
+        x = self._embed(self.params, tokens, positions)  # [B, d] on the compute mesh
+        to_attn = self.cache.token_sharding()
+        for i, layer in enumerate(self.params["layers"]):
+            q, k, v = self._qkv(layer, x)
+            q, k, v = (self._move(t, to_attn) for t in (q, k, v))
+            self.cache, out = append_and_attend(
+                self.cache, i, q, k, v, implementation=self.implementation
+            )
+            out = self._move(out, self.activations)
+            x = self._after(layer, x, out)
+        self.cache = advance(self.cache)
+        self.positions += 1
+        self.tokens_decoded += self.batch
+        return self._logits(self.params, x)
+
+    def generate(self, prompt, steps: int, progress=None) -> np.ndarray:
+        """Greedy: feed `prompt` `[B, T0]` token by token, then `steps` generated tokens.
+
+        Returns `[B, T0 + steps]`. `progress` is called once per step (e.g. a tqdm update).
+        """
+        prompt = np.asarray(prompt, np.int32)
+        tokens = [prompt[:, i] for i in range(prompt.shape[1])]
+        logits = None
+        for t in tokens:
+            logits = self.step(t)
+            if progress:
+                progress()
+        for _ in range(steps):
+            nxt = np.asarray(jnp.argmax(logits, -1), np.int32)
+            tokens.append(nxt)
+            logits = self.step(nxt)
+            if progress:
+                progress()
+        self.last_logits = logits
+        return np.stack(tokens, 1)
+
+    def link_bytes_per_token_layer(self) -> float:
+        return self.link_bytes / max(1, self.tokens_decoded * self.config.layers)

@@ -1,0 +1,349 @@
+"""Decode attention with the KV cache sharded over a mesh axis of "attention devices".
+
+Two ways to cut the cache over the `axis` of a `jax.sharding.Mesh`:
+
+- `shard_by="heads"` (Lamina's choice): each device holds K/n kv heads of every sequence and
+  computes its query heads' attention whole; outputs concatenate, no combine. Needs K % n == 0,
+  so a GQA model with 8 kv heads stops at 8 devices.
+- `shard_by="sequence"` (split-KV across devices): each device holds S/n cache slots of every
+  sequence, computes a partial output and its log-sum-exp, and the partials merge exactly with one
+  `pmax` and two `psum`s: m = max_d lse_d, w_d = exp(lse_d - m), out = sum_d w_d out_d / sum_d w_d.
+  A device whose slots are all past a sequence's length has lse -inf and weight 0 (never NaN).
+  No cap on n beyond S % n == 0.
+
+Everything runs under `jax.shard_map` inside `jax.jit`; the same code is multi-controller SPMD
+under `jax.distributed.initialize` (the mesh then spans processes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jattn.attention import concrete_value
+from jattn.decode import decode_attention
+
+SHARD_BY = ("heads", "sequence")
+
+
+def make_mesh(devices, axis: str = "attn") -> Mesh:
+    """A 1-D mesh over `devices` with the given axis name (Auto axis type: shard_map reshards)."""
+    devices = list(devices)
+    return jax.make_mesh(
+        (len(devices),), (axis,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
+
+
+def cache_spec(shard_by: str, axis: str) -> P:
+    """PartitionSpec of a `[B, S, K, H]` cache sharded by kv heads or by sequence slots."""
+    _check_shard_by(shard_by)
+    return P(None, None, axis, None) if shard_by == "heads" else P(None, axis, None, None)
+
+
+def _check_shard_by(shard_by: str) -> None:
+    if shard_by not in SHARD_BY:
+        raise ValueError(f"shard_by must be one of {SHARD_BY}, got {shard_by!r}")
+
+
+def check_shardable(cache_shape, mesh: Mesh, axis: str, shard_by: str) -> int:
+    """Raise ValueError when `[B, S, K, H]` cannot be cut n ways; returns n."""
+    _check_shard_by(shard_by)
+    if axis not in mesh.axis_names:
+        raise ValueError(f"axis {axis!r} is not an axis of the mesh {dict(mesh.shape)}")
+    n = mesh.shape[axis]
+    _, capacity, kv_heads, _ = cache_shape
+    if shard_by == "heads" and kv_heads % n:
+        raise ValueError(
+            f"shard_by='heads' needs kv heads K = {kv_heads} divisible by the {n} devices on "
+            f"axis {axis!r} (cache {tuple(cache_shape)}); use shard_by='sequence'"
+        )
+    if shard_by == "sequence" and capacity % n:
+        raise ValueError(
+            f"shard_by='sequence' needs the cache length S = {capacity} divisible by the {n} "
+            f"devices on axis {axis!r} (cache {tuple(cache_shape)})"
+        )
+    return n
+
+
+def merge_over_axis(out: jax.Array, lse: jax.Array, axis: str) -> tuple[jax.Array, jax.Array]:
+    """Inside shard_map: exact log-sum-exp merge of per-device partials (empty ones are safe).
+
+    out `[..., H]` (any dtype; merged in float32), lse `[...]` float32 (-inf: no keys here).
+    """
+    m = lax.pmax(lse, axis)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse - m)  # 0 where this device had no keys
+    total = lax.psum(w, axis)
+    merged = lax.psum(w[..., None] * out.astype(jnp.float32), axis)
+    has_keys = total > 0
+    safe = jnp.where(has_keys, total, 1.0)
+    return merged / safe[..., None], jnp.where(has_keys, m + jnp.log(safe), -jnp.inf)
+
+
+def _placed(mesh: Mesh, specs, args):
+    """On a mesh with Explicit axes shard_map checks placements instead of resharding: move the
+    inputs first (on Auto meshes shard_map reshards by itself)."""
+    if all(t != jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return args
+    return tuple(
+        jax.sharding.reshard(x, NamedSharding(mesh, s)) for x, s in zip(args, specs, strict=True)
+    )
+
+
+def _local_lengths(lengths: jax.Array, local_capacity: int, axis: str) -> jax.Array:
+    """This device's share of each sequence's length when S is cut into contiguous slices."""
+    start = lax.axis_index(axis) * local_capacity
+    return jnp.clip(lengths - start, 0, local_capacity).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "mesh",
+        "axis",
+        "shard_by",
+        "scale",
+        "logits_soft_cap",
+        "return_residual",
+        "implementation",
+        "config",
+    ),
+)
+def _sharded(q, k, v, lengths, *, mesh, axis, shard_by, return_residual, **options):
+    if shard_by == "heads":
+
+        def local(q, k, v, lengths):
+            return decode_attention(q, k, v, lengths, return_residual=True, **options)
+
+        out_specs = (P(None, axis, None), P(None, axis))
+        in_specs = (
+            P(None, axis, None),
+            cache_spec(shard_by, axis),
+            cache_spec(shard_by, axis),
+            P(),
+        )
+    else:
+        local_capacity = k.shape[1] // mesh.shape[axis]
+
+        def local(q, k, v, lengths):
+            part_lengths = _local_lengths(lengths, local_capacity, axis)
+            out, lse = decode_attention(q, k, v, part_lengths, return_residual=True, **options)
+            out, lse = merge_over_axis(out, lse, axis)
+            return out.astype(q.dtype), lse
+
+        out_specs = (P(), P())
+        in_specs = (P(), cache_spec(shard_by, axis), cache_spec(shard_by, axis), P())
+    fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    args = _placed(mesh, in_specs, (q, k, v, lengths.astype(jnp.int32)))
+    out, lse = fn(*args)
+    return (out, lse) if return_residual else out
+
+
+def sharded_decode_attention(
+    query,
+    k_cache,
+    v_cache,
+    lengths,
+    *,
+    mesh: Mesh,
+    axis: str = "attn",
+    shard_by: str = "heads",
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    return_residual: bool = False,
+    implementation: str | None = None,
+    config=None,
+):
+    """`jattn.decode_attention` with the cache cut over `mesh.shape[axis]` devices.
+
+    Args:
+      query: `[B, N, H]`; k_cache, v_cache: `[B, S, K, H]`; lengths: int `[B]` in [0, S].
+      mesh, axis: the attention devices. Inputs may live anywhere: they are resharded to
+        `cache_spec(shard_by, axis)` (place the cache there once, e.g. with `KVCache`, so nothing
+        moves per step).
+      shard_by: 'heads' (K % n == 0) or 'sequence' (S % n == 0); see the module docstring.
+      Other arguments as in `jattn.decode_attention` (implementation/config go to the per-device
+      kernel).
+
+    Returns:
+      `[B, N, H]` (and lse `[B, N]`): equal to `decode_attention` on one device for any n.
+    """
+    query, k_cache, v_cache = (jnp.asarray(x) for x in (query, k_cache, v_cache))
+    lengths = jnp.asarray(lengths)
+    if query.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"sharded_decode_attention needs query [B, N, H] and caches [B, S, K, H] of one "
+            f"shape; got query {query.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}"
+        )
+    check_shardable(k_cache.shape, mesh, axis, shard_by)
+    known = concrete_value(lengths)
+    if known is not None and ((known < 0).any() or (known > k_cache.shape[1]).any()):
+        raise ValueError(f"lengths must lie in [0, S = {k_cache.shape[1]}], got {known.tolist()}")
+    if lengths.shape != (query.shape[0],):
+        raise ValueError(f"lengths must be [B] = ({query.shape[0]},), got {lengths.shape}")
+    return _sharded(
+        query,
+        k_cache,
+        v_cache,
+        lengths,
+        mesh=mesh,
+        axis=axis,
+        shard_by=shard_by,
+        scale=scale,
+        logits_soft_cap=logits_soft_cap,
+        return_residual=return_residual,
+        implementation=implementation,
+        config=config,
+    )
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["keys", "values", "lengths"],
+    meta_fields=["mesh", "axis", "shard_by"],
+)
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """A decoder's KV cache on the attention mesh: one `[B, S, K, H]` pair per layer.
+
+    `keys`/`values` are sharded with `NamedSharding(mesh, cache_spec(shard_by, axis))`, `lengths`
+    `[B]` is replicated. Create with `KVCache.create`; `append` writes one token per sequence in
+    place (the cache is donated), `advance` bumps the lengths after the last layer.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    lengths: jax.Array
+    mesh: Mesh
+    axis: str
+    shard_by: str
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1]
+
+    @property
+    def nbytes_per_device(self) -> int:
+        """Cache bytes held by each attention device (keys + values, all layers)."""
+        shard = self.keys[0].sharding.shard_shape(self.keys[0].shape)
+        return 2 * len(self.keys) * int(np.prod(shard)) * self.keys[0].dtype.itemsize
+
+    @staticmethod
+    def create(
+        mesh: Mesh,
+        *,
+        num_layers: int,
+        batch: int,
+        capacity: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype=jnp.bfloat16,
+        axis: str = "attn",
+        shard_by: str = "heads",
+        lengths=None,
+    ) -> KVCache:
+        """An empty (or `lengths`-long, zero-filled) cache, allocated directly in its shards."""
+        shape = (batch, capacity, kv_heads, head_dim)
+        check_shardable(shape, mesh, axis, shard_by)
+        sharding = NamedSharding(mesh, cache_spec(shard_by, axis))
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        lengths = np.zeros(batch, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+        return KVCache(
+            keys=tuple(zeros() for _ in range(num_layers)),
+            values=tuple(zeros() for _ in range(num_layers)),
+            lengths=jax.device_put(jnp.asarray(lengths), NamedSharding(mesh, P())),
+            mesh=mesh,
+            axis=axis,
+            shard_by=shard_by,
+        )
+
+    def token_sharding(self) -> NamedSharding:
+        """Where a step's new k/v `[B, K, H]` (and q `[B, N, H]`) go on the attention mesh."""
+        spec = P(None, self.axis, None) if self.shard_by == "heads" else P()
+        return NamedSharding(self.mesh, spec)
+
+
+def _write(cache: jax.Array, new: jax.Array, lengths: jax.Array, axis: str, shard_by: str):
+    """Inside shard_map: write new[b] at slot lengths[b] of this device's cache slice, if it
+    owns that slot (a scatter with mode='drop': other devices and full caches write nothing)."""
+    local_capacity = cache.shape[1]
+    pos = lengths
+    if shard_by == "sequence":
+        pos = lengths - lax.axis_index(axis) * local_capacity
+    pos = jnp.where((pos >= 0) & (pos < local_capacity), pos, local_capacity)
+    return cache.at[jnp.arange(cache.shape[0]), pos].set(new.astype(cache.dtype), mode="drop")
+
+
+def _append_fn(cache: KVCache, layer: int, k_new: jax.Array, v_new: jax.Array) -> KVCache:
+    axis, shard_by = cache.axis, cache.shard_by
+    spec = cache_spec(shard_by, axis)
+    token_spec = P(None, axis, None) if shard_by == "heads" else P()
+    write = jax.shard_map(
+        functools.partial(_write, axis=axis, shard_by=shard_by),
+        mesh=cache.mesh,
+        in_specs=(spec, token_spec, P()),
+        out_specs=spec,
+        check_vma=False,
+    )
+    keys, values = list(cache.keys), list(cache.values)
+    k_new, v_new = _placed(cache.mesh, (token_spec, token_spec), (k_new, v_new))
+    keys[layer] = write(keys[layer], k_new, cache.lengths)
+    values[layer] = write(values[layer], v_new, cache.lengths)
+    return dataclasses.replace(cache, keys=tuple(keys), values=tuple(values))
+
+
+@functools.partial(jax.jit, static_argnames="layer", donate_argnums=0)
+def append(cache: KVCache, layer: int, k_new: jax.Array, v_new: jax.Array) -> KVCache:
+    """Write one token per sequence (`[B, K, H]`) at slot `lengths[b]` of `layer`, in place.
+
+    The cache is donated: its buffers are reused, so do not touch the old `cache` afterwards.
+    A sequence whose cache is full (lengths == S) writes nothing. Lengths do not change: call
+    `advance` once all layers have their token.
+    """
+    return _append_fn(cache, layer, k_new, v_new)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def advance(cache: KVCache) -> KVCache:
+    """lengths += 1 (capped at the capacity): the step's token is now part of every layer."""
+    return dataclasses.replace(cache, lengths=jnp.minimum(cache.lengths + 1, cache.capacity))
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "implementation"), donate_argnums=0)
+def append_and_attend(
+    cache: KVCache,
+    layer: int,
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    implementation: str | None = None,
+) -> tuple[KVCache, jax.Array]:
+    """One layer on the attention devices: append the token's k/v, then attend over lengths + 1.
+
+    q `[B, N, H]`, k_new/v_new `[B, K, H]`, ideally already on `cache.token_sharding()`.
+    Returns the updated (donated) cache and the attention output `[B, N, H]`.
+    """
+    cache = _append_fn(cache, layer, k_new, v_new)
+    lengths = jnp.minimum(cache.lengths + 1, cache.capacity)
+    out = _sharded(
+        q,
+        cache.keys[layer],
+        cache.values[layer],
+        lengths,
+        mesh=cache.mesh,
+        axis=cache.axis,
+        shard_by=cache.shard_by,
+        scale=None,
+        logits_soft_cap=None,
+        return_residual=False,
+        implementation=implementation,
+        config=None,
+    )
+    return cache, out

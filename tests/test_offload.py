@@ -1,0 +1,187 @@
+"""jattn.offload on 8 simulated CPU devices: sharded decode, the sharded KV cache, the decoder."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattn
+from jattn import offload
+
+import oracle
+from cases import TOLERANCE, assert_close
+
+
+def _inputs(rng, batch=3, heads=8, kv_heads=8, dim=16, capacity=32, dtype=jnp.float32):
+    q = jnp.asarray(rng.standard_normal((batch, heads, dim)), dtype)
+    k = jnp.asarray(rng.standard_normal((batch, capacity, kv_heads, dim)), dtype)
+    v = jnp.asarray(rng.standard_normal((batch, capacity, kv_heads, dim)), dtype)
+    return q, k, v
+
+
+def _oracle(q, k, v, lengths):
+    as64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)
+    return oracle.decode(as64(q), as64(k), as64(v), lengths)
+
+
+@pytest.mark.parametrize("devices", [1, 2, 8])
+@pytest.mark.parametrize("shard_by", ["heads", "sequence"])
+def test_sharded_equals_single_device(rng, devices, shard_by):
+    q, k, v = _inputs(rng)
+    # Ragged: empty, inside the first device's slots only (the other 7 shards are empty under
+    # sequence sharding), and full.
+    lengths = np.array([0, 3, 32])
+    mesh = offload.make_mesh(jax.devices()[:devices])
+    out, lse = offload.sharded_decode_attention(
+        q, k, v, lengths, mesh=mesh, shard_by=shard_by, return_residual=True
+    )
+    want_out, want_lse = _oracle(q, k, v, lengths)
+    assert np.isfinite(np.asarray(out)).all() and (np.asarray(out[0]) == 0).all()
+    assert_close(out, want_out, TOLERANCE[jnp.float32])
+    assert np.isneginf(np.asarray(lse[0])).all()
+    assert_close(lse[1:], want_lse[1:], TOLERANCE[jnp.float32])
+    single = jattn.decode_attention(q, k, v, lengths)
+    assert_close(out, np.asarray(single, np.float64), TOLERANCE[jnp.float32])
+
+
+@pytest.mark.parametrize("shard_by", ["heads", "sequence"])
+def test_sharded_with_the_kernel_gqa_bf16_and_traced_lengths(rng, shard_by):
+    q, k, v = _inputs(rng, heads=8, kv_heads=2, capacity=24, dtype=jnp.bfloat16)
+    mesh = offload.make_mesh(jax.devices()[:2])
+    run = jax.jit(
+        lambda q, k, v, lengths: offload.sharded_decode_attention(
+            q, k, v, lengths, mesh=mesh, shard_by=shard_by, implementation="triton"
+        )
+    )
+    lengths = np.array([5, 13, 24])
+    assert_close(run(q, k, v, lengths), _oracle(q, k, v, lengths)[0], TOLERANCE[jnp.bfloat16])
+
+
+def test_explicit_axis_mesh_is_resharded(rng):
+    q, k, v = _inputs(rng)
+    mesh = jax.make_mesh(
+        (4,), ("attn",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:4]
+    )
+    lengths = np.array([7, 0, 30])
+    out = offload.sharded_decode_attention(q, k, v, lengths, mesh=mesh, shard_by="sequence")
+    assert_close(out, _oracle(q, k, v, lengths)[0], TOLERANCE[jnp.float32])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(shard_by="heads", kv_heads=2), r"K = 2 divisible by the 8 devices"),
+        (dict(shard_by="sequence", capacity=20), r"S = 20 divisible by the 8 devices"),
+        (dict(shard_by="batch"), "shard_by must be one of"),
+        (dict(axis="model"), "axis 'model' is not an axis"),
+        (dict(lengths=np.array([1, 2, 33])), r"lengths must lie in \[0, S = 32\]"),
+    ],
+)
+def test_bad_sharding_raises(rng, kwargs, message):
+    kwargs = dict(kwargs)
+    q, k, v = _inputs(rng, kv_heads=kwargs.pop("kv_heads", 8), capacity=kwargs.pop("capacity", 32))
+    lengths = kwargs.pop("lengths", np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match=message):
+        offload.sharded_decode_attention(
+            q, k, v, lengths, mesh=offload.make_mesh(jax.devices()), **kwargs
+        )
+
+
+@pytest.mark.parametrize("shard_by", ["heads", "sequence"])
+def test_cache_append_over_many_steps(rng, shard_by):
+    batch, capacity, kv_heads, dim, layers, steps = 3, 16, 4, 8, 2, 14
+    mesh = offload.make_mesh(jax.devices()[:4])
+    start = np.array([0, 5, 2])  # ragged: sequence 1 fills up and must stop writing
+    cache = offload.KVCache.create(
+        mesh,
+        num_layers=layers,
+        batch=batch,
+        capacity=capacity,
+        kv_heads=kv_heads,
+        head_dim=dim,
+        dtype=jnp.float32,
+        shard_by=shard_by,
+        lengths=start,
+    )
+    assert cache.keys[0].sharding.spec == offload.cache_spec(shard_by, "attn")
+    assert cache.nbytes_per_device == 2 * layers * batch * capacity * kv_heads * dim * 4 // 4
+    want = np.zeros((2, layers, batch, capacity, kv_heads, dim), np.float32)
+    lengths = start.copy()
+    for _ in range(steps):
+        q = jnp.asarray(rng.standard_normal((batch, 8, dim)), jnp.float32)
+        for layer in range(layers):
+            new = rng.standard_normal((2, batch, kv_heads, dim)).astype(np.float32)
+            for b in range(batch):
+                if lengths[b] < capacity:
+                    want[:, layer, b, lengths[b]] = new[:, b]
+            if layer == 0:
+                cache, out = offload.append_and_attend(cache, layer, q, new[0], new[1])
+                visible = np.minimum(lengths + 1, capacity)
+                want_out, _ = oracle.decode(
+                    np.asarray(q, np.float64), want[0, 0], want[1, 0], visible
+                )
+                assert_close(out, want_out, TOLERANCE[jnp.float32])
+            else:
+                cache = offload.append(cache, layer, new[0], new[1])
+        cache = offload.advance(cache)
+        lengths = np.minimum(lengths + 1, capacity)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
+    for layer in range(layers):
+        np.testing.assert_array_equal(np.asarray(cache.keys[layer]), want[0, layer])
+        np.testing.assert_array_equal(np.asarray(cache.values[layer]), want[1, layer])
+        assert cache.keys[layer].sharding.spec == offload.cache_spec(shard_by, "attn")
+
+
+def test_append_donates_the_cache(rng):
+    mesh = offload.make_mesh(jax.devices()[:2])
+    cache = offload.KVCache.create(
+        mesh, num_layers=1, batch=2, capacity=8, kv_heads=2, head_dim=8, dtype=jnp.float32
+    )
+    old = cache.keys[0]
+    new = jnp.ones((2, 2, 8), jnp.float32)
+    cache = offload.append(cache, 0, new, new)
+    assert old.is_deleted()  # reused in place, not copied
+    assert float(cache.keys[0][:, 0].sum()) == 2 * 2 * 8
+
+
+@pytest.mark.parametrize(
+    "shard_by, compute, attention", [("heads", 2, 2), ("sequence", 4, 4), ("heads", 1, 1)]
+)
+def test_offloaded_decoder_matches_the_whole_sequence_forward(rng, shard_by, compute, attention):
+    config = offload.GPTConfig(max_len=16, layers=2, heads=4, kv_heads=2, head_dim=8)
+    params = offload.init_params(config, jax.random.key(int(rng.integers(1 << 30))))
+    devices = jax.devices()
+    compute_devices = devices[:compute]
+    attention_devices = devices[compute : compute + attention] if compute + attention <= 8 else []
+    if attention == 1 and compute == 1:
+        attention_devices = compute_devices  # co-located on one device
+    decoder = offload.OffloadedDecoder(
+        params,
+        config,
+        compute_devices=compute_devices,
+        attention_devices=attention_devices,
+        batch=4,
+        shard_by=shard_by,
+    )
+    assert decoder.cache.keys[0].sharding.mesh.devices.tolist() == list(attention_devices)
+    prompt = rng.integers(0, config.vocab, (4, 3))
+    tokens = decoder.generate(prompt, steps=4)
+    assert tokens.shape == (4, 7) and (tokens[:, :3] == prompt).all()
+    want = offload.forward(params, jnp.asarray(tokens), config)
+    assert_close(decoder.last_logits, np.asarray(want[:, -1], np.float64), (1e-4, 1e-4))
+    # The greedy choices agree with the whole-sequence forward.
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(want[:, 2:-1], -1)), tokens[:, 3:])
+    expected = offload.link_bytes_formula(config, shard_by, attention)
+    assert decoder.link_bytes_per_token_layer() == expected
+    if shard_by == "heads":  # Lamina's (2 + 2/G)·e·d
+        groups = config.heads // config.kv_heads
+        assert expected == (2 + 2 / groups) * 4 * config.width
+
+
+def test_split_devices():
+    devices = jax.devices()
+    compute, attention = offload.split_devices(devices)
+    assert compute == devices[:4] and attention == devices[4:]
+    assert offload.split_devices(devices[:1]) == (devices[:1], devices[:1])
+    with pytest.raises(ValueError, match="num_attention"):
+        offload.split_devices(devices[:2], num_attention=2)
