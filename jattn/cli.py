@@ -41,6 +41,19 @@ def _add_demo(commands) -> None:
     parser.add_argument(
         "--json", metavar="PATH", help="also write the results, device and versions as JSON"
     )
+    gpt = demo.GPTDemo()
+    parser.add_argument("--gpt-steps", type=int, default=gpt.steps, help="gpt part: training steps")
+    parser.add_argument(
+        "--sample-tokens", type=int, default=gpt.sample_tokens, help="gpt part: tokens to generate"
+    )
+    parser.add_argument(
+        "--attention-devices",
+        type=int,
+        default=gpt.attention_devices,
+        help="gpt part: devices the decode's KV cache and attention are sharded over "
+        "(simulated CPU devices when there is no accelerator)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="gpt part: no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown demo part(s) {unknown}; choose from {list(demo.DEMO_PARTS)}")
         parts = args.parts or list(demo.DEMO_PARTS)
+        if "gpt" in parts:  # before JAX starts: simulated devices for the offloaded decode
+            demo.use_cpu_devices(args.attention_devices)
         if "attention" in parts:
             shape = demo.AttentionShape(
                 batch=args.batch,
@@ -68,6 +83,15 @@ def main(argv: list[str] | None = None) -> int:
             rows = demo.attention_demo(shape, args.repeats)
             if args.json:
                 demo.write_json(args.json, shape, rows)
+        if "gpt" in parts:
+            demo.gpt_demo(
+                demo.GPTDemo(
+                    steps=args.gpt_steps,
+                    sample_tokens=args.sample_tokens,
+                    attention_devices=args.attention_devices,
+                ),
+                progress=not args.no_progress,
+            )
     return 0
 
 

@@ -2,6 +2,13 @@
 
 Part `attention`: every available implementation of `dot_product_attention` on one shape,
 checked against the reference (forward and gradients) and timed.
+
+Part `gpt`: end to end. Trains the small GPT of `models/gpt.py` (jattn attention: the Pallas
+kernels on a GPU) for a few hundred steps on the Python standard library's own sources, then
+generates with the KV cache: prefill through `dot_product_attention`, decode steps through
+`jattn.offload.sharded_decode_attention` with the cache sharded over the attention devices
+(simulated CPU devices on a machine without accelerators). Prints loss curve points, tokens/s
+and a sample. Needs the repository checkout (`models/` lives beside `jattn/`).
 """
 
 import dataclasses
@@ -19,7 +26,7 @@ import numpy as np
 from jattn import reference
 from jattn.attention import available_implementations, dot_product_attention
 
-DEMO_PARTS = ("attention",)
+DEMO_PARTS = ("attention", "gpt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,3 +172,136 @@ def attention_demo(shape: AttentionShape, repeats: int) -> list[Row]:
     if failures:
         raise SystemExit(f"non-finite results from {[r.implementation for r in failures]}")
     return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTDemo:
+    steps: int = 400
+    batch_size: int = 16
+    seq_len: int = 128
+    dim: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    sample_tokens: int = 200
+    prompt: str = "def "
+    attention_devices: int = 4  # the decode's KV cache is sharded over this many devices
+    corpus_bytes: int = 2_000_000
+    seed: int = 0
+
+
+def use_cpu_devices(count: int) -> bool:
+    """Ask for `count` simulated CPU devices; only possible before JAX starts its backends."""
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+        return True
+    except (RuntimeError, AttributeError):  # backends already up: use what there is
+        return False
+
+
+def _import_models():
+    try:
+        from models import gpt, text_data, train_gpt
+    except ImportError:  # installed jattn, run from elsewhere: find the checkout beside it
+        import sys
+
+        root = pathlib.Path(__file__).resolve().parents[1]
+        if not (root / "models" / "gpt.py").exists():
+            raise SystemExit(
+                "the gpt demo needs the repository checkout (models/ beside jattn/)"
+            ) from None
+        sys.path.insert(0, str(root))
+        from models import gpt, text_data, train_gpt
+    return gpt, text_data, train_gpt
+
+
+def gpt_demo(settings: GPTDemo, workdir: str | None = None, progress: bool = True) -> dict:
+    """Train the small GPT, then sample with attention offloaded to the attention devices."""
+    import functools
+    import tempfile
+
+    from jax.sharding import NamedSharding
+
+    from jattn import offload
+
+    gpt, text_data, train_gpt = _import_models()
+    start = time.perf_counter()
+    corpus = text_data.load_corpus(max_bytes=settings.corpus_bytes)
+    device = jax.devices()[0]
+    megabytes = (len(corpus.train) + len(corpus.valid)) / 1e6
+    print(
+        f"\nGPT end to end on {device.platform} ({device.device_kind}): {settings.layers} layers, "
+        f"dim {settings.dim}, {settings.heads} heads ({settings.kv_heads} kv), "
+        f"{settings.steps} steps of {settings.batch_size}x{settings.seq_len} byte tokens from "
+        f"{corpus.num_files} Python stdlib files ({megabytes:.1f} MB)"
+    )
+    flags = [
+        "--workdir", workdir or tempfile.mkdtemp(prefix="jattn-demo-"), "--no-resume",
+        "--steps", str(settings.steps), "--batch-size", str(settings.batch_size),
+        "--seq-len", str(settings.seq_len), "--dim", str(settings.dim),
+        "--layers", str(settings.layers), "--heads", str(settings.heads),
+        "--kv-heads", str(settings.kv_heads), "--seed", str(settings.seed),
+        "--log-every", str(max(1, settings.steps // 12)),
+        "--eval-every", str(max(1, settings.steps // 3)), "--eval-batches", "4",
+        "--warmup-steps", str(max(1, settings.steps // 10)), "--sample-tokens", "0",
+        "--prompt", settings.prompt,
+    ]  # fmt: skip
+    if not progress:
+        flags.append("--no-progress")
+    summary = train_gpt.run(train_gpt.build_parser().parse_args(flags), corpus)
+    train_seconds = time.perf_counter() - start
+    losses = [line for line in summary["history"] if "loss" in line]
+    print(f"{'step':>6} {'loss':>7} {'val loss':>9} {'tokens/s':>10}")
+    val = {line["step"]: line["val_loss"] for line in summary["history"] if "val_loss" in line}
+    for line in losses:
+        val_text = f"{val[line['step']]:9.3f}" if line["step"] in val else " " * 9
+        print(f"{line['step']:>6} {line['loss']:7.3f} {val_text} {line['items_per_s']:10,.0f}")
+    train_rate = float(np.median([line["items_per_s"] for line in losses[1:] or losses]))
+
+    model = summary["model"]
+    devices = jax.devices()[: settings.attention_devices]
+    shard_by = "heads" if settings.kv_heads % len(devices) == 0 else "sequence"
+    mesh = offload.make_mesh(devices, "attn")
+    model.set_decode_fn(
+        functools.partial(
+            offload.sharded_decode_attention, mesh=mesh, axis="attn", shard_by=shard_by
+        )
+    )
+    prompt = jnp.asarray(text_data.encode(settings.prompt)[None])
+    needed = prompt.shape[1] + settings.sample_tokens
+    capacity = -(-needed // len(devices)) * len(devices)  # sequence sharding: S % devices == 0
+    generate = functools.partial(
+        gpt.generate,
+        model,
+        prompt,
+        settings.sample_tokens,
+        seed=settings.seed,
+        cache_length=capacity,
+        cache_sharding=NamedSharding(mesh, offload.cache_spec(shard_by, "attn")),
+    )
+    jax.block_until_ready(gpt.generate(model, prompt, 2, cache_length=capacity))  # compile
+    begin = time.perf_counter()
+    tokens = np.asarray(generate())
+    decode_seconds = time.perf_counter() - begin
+    sample = settings.prompt + text_data.decode(tokens[0])
+    decode_rate = settings.sample_tokens / decode_seconds
+    print(
+        f"training: {train_rate:,.0f} tokens/s (median); {train_seconds:.0f} s with data and "
+        f"compilation"
+    )
+    print(
+        f"generation: {decode_rate:,.1f} tokens/s, KV cache and decode attention sharded by "
+        f"{shard_by} over {len(devices)} {devices[0].platform} devices "
+        f"(jattn.offload.sharded_decode_attention)"
+    )
+    print(f"sample ({settings.sample_tokens} tokens after {settings.prompt!r}):")
+    print(sample)
+    return dict(
+        losses=[(line["step"], line["loss"]) for line in losses],
+        val_losses=sorted(val.items()),
+        train_tokens_per_s=train_rate,
+        decode_tokens_per_s=decode_rate,
+        attention_devices=len(devices),
+        shard_by=shard_by,
+        sample=sample,
+    )

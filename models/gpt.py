@@ -86,9 +86,13 @@ class GPT(nnx.Module):
             x = block(x, **options)
         return self.embed.attend(self.norm(x))  # tied output embedding
 
-    def init_cache(self, batch_size: int, max_length: int | None = None) -> None:
+    def init_cache(
+        self, batch_size: int, max_length: int | None = None, sharding: Any = None
+    ) -> None:
         for block in self.blocks:
-            block.attention.init_cache(batch_size, max_length or self.config.max_length)
+            block.attention.init_cache(
+                batch_size, max_length or self.config.max_length, sharding=sharding
+            )
 
     def set_decode_fn(self, decode_fn: DecodeFn | None) -> None:
         """Route every layer's decode steps through `decode_fn` (e.g. an offloaded decode)."""
@@ -123,15 +127,18 @@ def generate(
     prompt_lengths: Array | None = None,  # [B]; default: all P
     temperature: float = 0.8,
     seed: int = 0,
+    cache_length: int | None = None,
+    cache_sharding: Any = None,
 ) -> Array:  # [B, num_tokens]
     """Sample `num_tokens` after each prompt: one prefill, then one decode step per token.
 
-    Temperature 0 is greedy. The model's KV cache is (re)allocated for prompt + new tokens.
+    Temperature 0 is greedy. The model's KV cache is (re)allocated for `cache_length` (default
+    prompt + new tokens) positions, placed with `cache_sharding` (see `GPT.set_decode_fn`).
     """
     batch, prompt_length = prompt.shape
     if prompt_lengths is None:
         prompt_lengths = jnp.full((batch,), prompt_length, jnp.int32)
-    model.init_cache(batch, prompt_length + num_tokens)
+    model.init_cache(batch, cache_length or prompt_length + num_tokens, sharding=cache_sharding)
     logits = _prefill(model, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32))
     key = jax.random.key(seed)
     tokens = []

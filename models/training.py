@@ -187,7 +187,7 @@ def train(
     def train_step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(lambda p: loss_fn(merger(p), batch))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
     history: list[dict] = []
 

@@ -110,14 +110,23 @@ class MultiHeadAttention(nnx.Module):
         self.cached_value: nnx.Cache | None = nnx.data(None)
         self.cache_lengths: nnx.Cache | None = nnx.data(None)
 
-    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> None:
-        """Allocate an empty KV cache for `batch_size` sequences of up to `max_length` tokens."""
+    def init_cache(
+        self, batch_size: int, max_length: int, dtype: Any = None, sharding: Any = None
+    ) -> None:
+        """Allocate an empty KV cache for `batch_size` sequences of up to `max_length` tokens.
+
+        `sharding` (e.g. a `NamedSharding` over attention devices, `jattn.offload.cache_spec`)
+        places the `[B, max_length, K, H]` cache arrays; pair it with a sharded `decode_fn`.
+        """
         if not self.is_causal:
             raise ValueError("a KV cache needs a causal layer (is_causal=True)")
         dtype = dtype or self.dtype or self.param_dtype
         shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
-        self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
-        self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+        empty = jnp.zeros(shape, dtype)
+        if sharding is not None:
+            empty = jax.device_put(empty, sharding)
+        self.cached_key = nnx.Cache(empty)
+        self.cached_value = nnx.Cache(empty)
         self.cache_lengths = nnx.Cache(jnp.zeros((batch_size,), jnp.int32))
 
     def __call__(

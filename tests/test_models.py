@@ -1,0 +1,75 @@
+"""Example models: GPT (causality, KV-cache generation, offloaded decode), ToST models, the demo."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jattn import demo, offload
+from models import gpt
+
+from cases import assert_close
+
+TINY = gpt.GPTConfig(num_layers=2, dim=32, num_heads=4, num_kv_heads=2, max_length=64)
+
+
+def test_gpt_is_causal_and_its_loss_is_the_cross_entropy(rng):
+    model = gpt.GPT(TINY, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(rng.integers(0, 256, (2, 17)), jnp.int32)
+    changed = tokens.at[:, 9:].set((tokens[:, 9:] + 1) % 256)
+    logits, logits_changed = model(tokens), model(changed)
+    assert logits.shape == (2, 17, 256)
+    assert_close(logits_changed[:, :9], np.asarray(logits[:, :9], np.float64), (1e-5, 1e-5))
+    assert not np.allclose(logits_changed[:, 9:], logits[:, 9:], atol=1e-3)
+    log_probs = jax.nn.log_softmax(np.asarray(logits[:, :-1], np.float64))
+    want = -np.mean(np.take_along_axis(log_probs, np.asarray(tokens[:, 1:, None]), -1))
+    assert abs(float(gpt.next_token_loss(model, tokens)) - want) < 1e-4
+
+
+def test_greedy_generation_with_the_cache_matches_the_full_forward(rng):
+    model = gpt.GPT(TINY, rngs=nnx.Rngs(1))
+    prompt = jnp.asarray(rng.integers(0, 256, (2, 7)), jnp.int32)
+    lengths = jnp.array([7, 4])
+    got = np.asarray(gpt.generate(model, prompt, 6, prompt_lengths=lengths, temperature=0))
+    for b, length in enumerate(lengths.tolist()):  # no cache: re-run the whole sequence each time
+        sequence = list(np.asarray(prompt[b, :length]))
+        for _ in range(6):
+            sequence.append(int(jnp.argmax(model(jnp.asarray([sequence]))[0, -1])))
+        assert got[b].tolist() == sequence[length:]
+
+
+@pytest.mark.parametrize("shard_by, devices", [("heads", 2), ("sequence", 4)])
+def test_generation_with_offloaded_decode_matches_one_device(rng, shard_by, devices):
+    model = gpt.GPT(TINY, rngs=nnx.Rngs(2))
+    prompt = jnp.asarray(rng.integers(0, 256, (2, 5)), jnp.int32)
+    want = gpt.generate(model, prompt, 7, temperature=0, cache_length=12)
+    mesh = offload.make_mesh(jax.devices()[:devices], "attn")
+    calls = []
+
+    def offloaded(*args, **kwargs):
+        calls.append(1)
+        return offload.sharded_decode_attention(
+            *args, mesh=mesh, axis="attn", shard_by=shard_by, **kwargs
+        )
+
+    model.set_decode_fn(offloaded)
+    sharding = NamedSharding(mesh, offload.cache_spec(shard_by, "attn"))
+    got = gpt.generate(model, prompt, 7, temperature=0, cache_length=12, cache_sharding=sharding)
+    np.testing.assert_array_equal(got, want)
+    assert calls  # traced through the offloaded decode
+    assert model.blocks[0].attention.cached_key[...].sharding.is_equivalent_to(sharding, 4)
+
+
+def test_gpt_demo_trains_and_generates_offloaded(capsys):
+    settings = demo.GPTDemo(
+        steps=24, batch_size=4, seq_len=32, dim=32, layers=1, sample_tokens=8, corpus_bytes=200_000
+    )
+    result = demo.gpt_demo(settings, progress=False)
+    printed = capsys.readouterr().out
+    assert "tokens/s" in printed and "sharded_decode_attention" in printed
+    assert result["sample"].startswith("def ") and len(result["sample"].encode()) >= 4
+    losses = [loss for _, loss in result["losses"]]
+    assert losses[-1] < losses[0] and result["val_losses"]
+    assert result["attention_devices"] == 4 and result["decode_tokens_per_s"] > 0
