@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from jattn import demo
+from jattn.offload import demo as offload_demo
 
 
 def _add_demo(commands) -> None:
@@ -54,6 +55,17 @@ def _add_demo(commands) -> None:
         "(simulated CPU devices when there is no accelerator)",
     )
     parser.add_argument("--no-progress", action="store_true", help="gpt part: no progress bar")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=8,
+        help="decode part: devices to split into compute and attention devices; without that "
+        "many accelerators, simulated CPU devices (set through jax_num_cpu_devices before JAX "
+        "starts; if JAX is already running, the devices that exist)",
+    )
+    parser.add_argument(
+        "--decode-steps", type=int, default=40, help="decode part: tokens to generate"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         parts = args.parts or list(demo.DEMO_PARTS)
         if "gpt" in parts:  # before JAX starts: simulated devices for the offloaded decode
             demo.use_cpu_devices(args.attention_devices)
+        if "decode" in parts:  # before JAX starts: simulated CPU devices for the decode part
+            gpt_devices = args.attention_devices if "gpt" in parts else 0
+            device_note = offload_demo.set_device_count(max(args.devices, gpt_devices))
         if "attention" in parts:
             shape = demo.AttentionShape(
                 batch=args.batch,
@@ -92,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 progress=not args.no_progress,
             )
+        if "decode" in parts:
+            offload_demo.decode_demo(args.devices, args.decode_steps, note=device_note)
     return 0
 
 

@@ -9,6 +9,10 @@ generates with the KV cache: prefill through `dot_product_attention`, decode ste
 `jattn.offload.sharded_decode_attention` with the cache sharded over the attention devices
 (simulated CPU devices on a machine without accelerators). Prints loss curve points, tokens/s
 and a sample. Needs the repository checkout (`models/` lives beside `jattn/`).
+
+Part `decode`: attention offloading (`jattn/offload/demo.py`) on `--devices` simulated CPU
+devices: sharded vs single-device errors, KV capacity per device count, and generation with
+weights on compute devices and the KV cache + attention on attention devices.
 """
 
 import dataclasses
@@ -26,7 +30,7 @@ import numpy as np
 from jattn import reference
 from jattn.attention import available_implementations, dot_product_attention
 
-DEMO_PARTS = ("attention", "gpt")
+DEMO_PARTS = ("attention", "gpt", "decode")
 
 
 @dataclasses.dataclass(frozen=True)

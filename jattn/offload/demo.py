@@ -1,0 +1,258 @@
+"""`jattn demo decode`: attention offloading on N (simulated) devices, in well under a minute.
+
+1. Correctness: sharded decode attention vs one device, by heads and by sequence, for 1..N
+   attention devices, with ragged lengths (an empty sequence, shards with no keys).
+2. Capacity: KV bytes per token and the context that fits per number of attention devices.
+3. Generation: a small random-weight GPT whose weights and MLP stay on the compute devices while
+   the KV cache and attention live on the attention devices; tokens/s, bytes crossing per token
+   and layer (counted vs the formula), head vs sequence sharding, and the logits checked against a
+   whole-sequence forward on one device.
+
+CPU devices are simulated with `jax_num_cpu_devices` (the CLI sets it from `--devices` before JAX
+starts its backends); on CPU the times say nothing about GPUs, the bytes and errors do.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+import jattn
+from jattn.offload.model import (
+    GPTConfig,
+    OffloadedDecoder,
+    forward,
+    init_params,
+    link_bytes_formula,
+)
+from jattn.offload.sharded import KVCache, make_mesh, sharded_decode_attention
+
+# Llama-3-70B's cache shape, for the capacity table: 80 layers, 8 kv heads of 128, bf16.
+LLAMA3_70B = dict(layers=80, kv_heads=8, head_dim=128, itemsize=2)
+DEVICE_MEMORY_GB = 80  # an H100's HBM, for the capacity table
+# The cache capacity is a multiple of this, so sequence sharding divides it over 1..64 devices.
+CACHE_ROUNDING = 64
+
+
+def set_device_count(n: int) -> str | None:
+    """Ask JAX for n CPU devices; must run before JAX starts its backends.
+
+    Returns None on success, or why it could not (backends already running, e.g. inside a test
+    process): the demo then uses the devices that exist.
+    """
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        return "JAX's backends were already initialised; using the devices that exist"
+    return None
+
+
+def demo_devices(n: int) -> list:
+    """n devices: the default backend's if it has that many, else simulated CPU devices."""
+    devices = jax.devices()
+    if len(devices) < n:
+        devices = jax.devices("cpu")
+    return devices[:n]
+
+
+def correctness(devices: list, rng: np.random.Generator) -> list[dict]:
+    batch, heads, kv_heads, dim, capacity = 4, 32, 8, 64, 512
+    q = jnp.asarray(rng.standard_normal((batch, heads, dim)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((batch, capacity, kv_heads, dim)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((batch, capacity, kv_heads, dim)), jnp.float32)
+    lengths = np.array([0, 37, 300, capacity])  # empty; most devices hold no key of seq 1
+    want = jattn.decode_attention(q, k, v, lengths)
+    rows = []
+    n = 1
+    while n <= len(devices):
+        mesh = make_mesh(devices[:n])
+        for shard_by in ("heads", "sequence"):
+            got = sharded_decode_attention(q, k, v, lengths, mesh=mesh, shard_by=shard_by)
+            err = float(jnp.max(jnp.abs(got - want)))
+            rows.append(dict(devices=n, shard_by=shard_by, max_error=err))
+        n *= 2
+    return rows
+
+
+def capacity(devices: list, config: GPTConfig, batch: int) -> list[dict]:
+    rows = []
+    e = jnp.dtype(config.dtype).itemsize
+    per_token = 2 * config.layers * config.kv_heads * config.head_dim * e
+    llama = LLAMA3_70B
+    llama_token = 2 * llama["layers"] * llama["kv_heads"] * llama["head_dim"] * llama["itemsize"]
+    n = 1
+    while n <= len(devices):
+        cache = KVCache.create(
+            make_mesh(devices[:n]),
+            num_layers=config.layers,
+            batch=batch,
+            capacity=config.max_len,
+            kv_heads=config.kv_heads,
+            head_dim=config.head_dim,
+            dtype=jnp.dtype(config.dtype),
+            shard_by="sequence",
+        )
+        rows.append(
+            dict(
+                devices=n,
+                demo_cache_bytes_per_device=cache.nbytes_per_device,
+                demo_kv_bytes_per_token=per_token,
+                llama3_70b_kv_bytes_per_token=llama_token,
+                llama3_70b_tokens_that_fit=n * DEVICE_MEMORY_GB * 10**9 // llama_token,
+            )
+        )
+        del cache
+        n *= 2
+    return rows
+
+
+def generation(
+    devices: list, config: GPTConfig, batch: int, prompt_len: int, steps: int, progress: bool
+) -> list[dict]:
+    params = init_params(config, jax.random.key(0))
+    prompt = np.random.default_rng(0).integers(0, config.vocab, (batch, prompt_len))
+    half = max(1, len(devices) // 2)
+    compute = devices[:half] if len(devices) > 1 else devices
+    attention = devices[half:] if len(devices) > 1 else devices
+    rows = []
+    for shard_by in ("heads", "sequence"):
+        attn = attention
+        note = ""
+        if shard_by == "heads" and config.kv_heads % len(attn):
+            # Head sharding cannot use more devices than kv heads (Lamina's limit).
+            usable = max(d for d in range(1, len(attn) + 1) if config.kv_heads % d == 0)
+            note = f"K={config.kv_heads} kv heads: {usable} of {len(attn)} attention devices"
+            attn = attn[:usable]
+        decoder = OffloadedDecoder(
+            params,
+            config,
+            compute_devices=compute,
+            attention_devices=attn,
+            batch=batch,
+            shard_by=shard_by,
+        )
+        decoder.step(prompt[:, 0])  # compile everything once, outside the timing
+        jax.block_until_ready(decoder.cache.keys[0])
+        decoder = OffloadedDecoder(
+            params,
+            config,
+            compute_devices=compute,
+            attention_devices=attn,
+            batch=batch,
+            shard_by=shard_by,
+        )
+        total = prompt_len + steps
+        with tqdm(total=total, desc=f"decode ({shard_by})", disable=not progress) as bar:
+            start = time.perf_counter()
+            tokens = decoder.generate(prompt, steps, progress=bar.update)
+            jax.block_until_ready(decoder.last_logits)
+            seconds = time.perf_counter() - start
+        want = forward(params, jnp.asarray(tokens), config)[:, -1]
+        d, e = config.width, jnp.dtype(config.dtype).itemsize
+        kv_read = 2 * config.kv_heads * config.head_dim * e * (total / 2)  # mean context
+        rows.append(
+            dict(
+                shard_by=shard_by,
+                compute_devices=len(compute),
+                attention_devices=len(attn),
+                tokens_per_s=batch * total / seconds,
+                link_bytes_measured=decoder.link_bytes_per_token_layer(),
+                link_bytes_formula=link_bytes_formula(config, shard_by, len(attn)),
+                lamina_formula=(2 + 2 * config.kv_heads / config.heads) * e * d,
+                link_to_hbm_ratio=decoder.link_bytes_per_token_layer() / kv_read,
+                max_logit_error=float(jnp.max(jnp.abs(want - decoder.last_logits))),
+                sample=bytes(int(t) % 256 for t in tokens[0, prompt_len:]).hex()[:32],
+                note=note,
+            )
+        )
+    return rows
+
+
+def run_decode_demo(
+    devices: int = 8,
+    *,
+    batch: int = 8,
+    prompt_len: int = 8,
+    steps: int = 40,
+    progress: bool = True,
+) -> dict:
+    """All three parts; returns the tables (printed by `decode_demo`)."""
+    found = demo_devices(devices)
+    max_len = -(-(prompt_len + steps) // CACHE_ROUNDING) * CACHE_ROUNDING
+    config = GPTConfig(layers=2, heads=8, kv_heads=2, head_dim=32, max_len=max_len)
+    rng = np.random.default_rng(0)
+    return dict(
+        devices=len(found),
+        platform=found[0].platform,
+        config=config.__dict__,
+        correctness=correctness(found, rng),
+        capacity=capacity(found, config, batch),
+        generation=generation(found, config, batch, prompt_len, steps, progress),
+    )
+
+
+def decode_demo(devices: int = 8, steps: int = 40, note: str | None = None) -> dict:
+    result = run_decode_demo(devices, steps=steps)
+    print(f"\noffloaded decode on {result['devices']} {result['platform']} devices")
+    if note:
+        print(f"({note})")
+    if result["devices"] < devices:
+        print(f"(asked for {devices} devices, found {result['devices']})")
+    print("\n1. sharded decode attention vs one device (B=4, N=32, K=8, H=64, S=512, f32,")
+    print("   lengths 0/37/300/512: an empty sequence and shards with no keys)")
+    print(f"{'devices':>8} {'heads |err|':>12} {'sequence |err|':>15}")
+    by_n: dict[int, dict] = {}
+    for r in result["correctness"]:
+        by_n.setdefault(r["devices"], {})[r["shard_by"]] = r["max_error"]
+    for n, errs in by_n.items():
+        print(f"{n:>8} {errs['heads']:>12.1e} {errs['sequence']:>15.1e}")
+
+    print("\n2. KV capacity per number of attention devices (cache sharded by sequence)")
+    print(
+        f"{'devices':>8} {'demo cache B/device':>20} {'Llama-3-70B tokens in':>22}"
+        f" (KV {result['capacity'][0]['llama3_70b_kv_bytes_per_token'] // 1024} KiB/token,"
+        f" {DEVICE_MEMORY_GB} GB/device)"
+    )
+    for r in result["capacity"]:
+        print(
+            f"{r['devices']:>8} {r['demo_cache_bytes_per_device']:>20,} "
+            f"{r['llama3_70b_tokens_that_fit']:>22,}"
+        )
+
+    c = result["config"]
+    print(
+        f"\n3. generation: GPT L={c['layers']} N={c['heads']} K={c['kv_heads']} "
+        f"H={c['head_dim']} {c['dtype']} (random weights), B=8; weights on the compute devices,"
+        " KV cache + attention on the attention devices"
+    )
+    header = (
+        f"{'sharding':>9} {'compute':>8} {'attn':>5} {'tok/s':>8} {'link B/token/layer':>19} "
+        f"{'formula':>8} {'link/HBM':>9} {'|logit err|':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in result["generation"]:
+        print(
+            f"{r['shard_by']:>9} {r['compute_devices']:>8} {r['attention_devices']:>5} "
+            f"{r['tokens_per_s']:>8.1f} {r['link_bytes_measured']:>19.0f} "
+            f"{r['link_bytes_formula']:>8} {r['link_to_hbm_ratio']:>9.2%} "
+            f"{r['max_logit_error']:>12.1e}"
+        )
+    for r in result["generation"]:
+        if r["note"]:
+            print(f"  {r['shard_by']}: {r['note']} (sequence sharding has no such cap)")
+    lamina = result["generation"][0]["lamina_formula"]
+    print(
+        f"  Lamina's (2 + 2/G)·e·d = {lamina:.0f} B; sequence sharding sends q, k, v to every "
+        "attention device: (n·(1 + 2/G) + 1)·e·d"
+    )
+    errors = [r["max_error"] for r in result["correctness"]] + [
+        r["max_logit_error"] for r in result["generation"]
+    ]
+    if not np.all(np.isfinite(errors)) or max(errors) > 1e-3:
+        raise SystemExit(f"offloaded decode disagrees with the reference: {max(errors)}")
+    return result
