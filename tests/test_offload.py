@@ -185,3 +185,17 @@ def test_split_devices():
     assert offload.split_devices(devices[:1]) == (devices[:1], devices[:1])
     with pytest.raises(ValueError, match="num_attention"):
         offload.split_devices(devices[:2], num_attention=2)
+
+
+def test_decode_demo_runs_and_agrees(capsys):
+    from jattn.offload import demo
+
+    result = demo.decode_demo(devices=8, steps=3)
+    printed = capsys.readouterr().out
+    assert "KV capacity per number of attention devices" in printed and "tok/s" in printed
+    assert [r["devices"] for r in result["capacity"]] == [1, 2, 4, 8]
+    assert max(r["max_error"] for r in result["correctness"]) < 1e-5
+    heads, sequence = result["generation"]
+    assert heads["attention_devices"] == 2 and sequence["attention_devices"] == 4  # K = 2
+    for r in result["generation"]:
+        assert r["link_bytes_measured"] == r["link_bytes_formula"] and r["max_logit_error"] < 1e-4
