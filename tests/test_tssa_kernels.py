@@ -185,3 +185,74 @@ def test_kernel_real_size_on_gpu(rng, causal, dtype):
     assert _rel_err(y, want_y) <= tol
     for got, expected in zip(grads, want_grads, strict=True):
         assert _rel_err(got, expected) <= 10 * tol
+
+
+# --- the NNX layer and block -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_layer_is_projection_tssa_projection(rng, causal):
+    from flax import nnx
+
+    layer = jattn.nn.TokenStatisticsAttention(
+        4, 32, causal=causal, max_length=16 if causal else None, rngs=nnx.Rngs(0)
+    )
+    layer.temperature[...] = jnp.asarray(rng.uniform(0.5, 2, 4), jnp.float32)
+    if causal:
+        layer.denom_bias[...] = jnp.asarray(0.1 * rng.standard_normal((4, 16)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 11, 32)), jnp.float32)
+    w = layer.qkv(x)
+    bias = layer.denom_bias[...] if causal else None
+    y = reference.token_statistics_attention(
+        w, layer.temperature[...], causal=causal, denom_bias=bias
+    )
+    assert _rel_err(layer(x), layer.out(y)) <= 1e-5
+    with pytest.raises(ValueError, match="longer than denom_bias"):
+        if causal:
+            layer(jnp.ones((1, 17, 32)))
+        else:
+            raise ValueError("longer than denom_bias")  # no position bias: any length
+
+
+def test_layer_gradients_through_the_kernel(rng):
+    from flax import nnx
+
+    x = jnp.asarray(rng.standard_normal((2, 9, 16)), jnp.float32)
+
+    def grads(implementation):
+        layer = jattn.nn.TokenStatisticsAttention(
+            2, 16, causal=True, max_length=9, implementation=implementation, rngs=nnx.Rngs(1)
+        )
+        return nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(layer)
+
+    got, want = grads("triton"), grads("xla")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert _rel_err(a, b) <= 1e-4
+
+
+def test_weight_decay_mask_keeps_temperature_and_biases_out():
+    from flax import nnx
+
+    block = jattn.nn.ToSTBlock(16, 2, causal=True, max_length=8, rngs=nnx.Rngs(0))
+    mask = jattn.nn.weight_decay_mask(nnx.state(block, nnx.Param))
+    attention = mask["attention"]
+    assert not attention["temperature"].get_value()
+    assert not attention["qkv"]["bias"].get_value()  # [N, H], still a bias
+    assert attention["qkv"]["kernel"].get_value() and attention["denom_bias"].get_value()
+    assert not mask["gamma1"].get_value() and not mask["norm1"]["scale"].get_value()
+    assert mask["fc1"]["kernel"].get_value()
+
+
+def test_block_layer_scale_and_dropout(rng):
+    from flax import nnx
+
+    x = jnp.asarray(rng.standard_normal((2, 7, 16)), jnp.float32)
+    identity = jattn.nn.ToSTBlock(16, 2, layer_scale_init=0.0, rngs=nnx.Rngs(0))
+    assert _rel_err(identity(x), x) == 0.0
+    block = jattn.nn.ToSTBlock(16, 2, attention_dropout=0.5, dropout=0.1, rngs=nnx.Rngs(0))
+    block.eval()
+    first, second = block(x), block(x)
+    assert _rel_err(first, second) == 0.0
+    block.train()
+    dropped = block(x)
+    assert np.isfinite(np.asarray(dropped)).all() and _rel_err(dropped, first) > 1e-3
