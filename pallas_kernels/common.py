@@ -154,3 +154,70 @@ def capped_logits_grad(scores: jax.Array, cap: float | None) -> jax.Array | floa
         return 1.0
     tanh = jnp.tanh(scores / cap)
     return 1.0 - tanh * tanh
+
+
+def _clip_inner(lo, hi, inner_lo, inner_hi):
+    """Clip [inner_lo, inner_hi) into [lo, hi), so that the three ranges [lo, inner_lo),
+    [inner_lo, inner_hi) and [inner_hi, hi) cover [lo, hi) exactly."""
+    inner_lo = jnp.clip(inner_lo, lo, hi)
+    return inner_lo, jnp.clip(inner_hi, inner_lo, hi)
+
+
+def unmasked_key_blocks(
+    lo,
+    hi,
+    q_first,
+    *,
+    q_offset,
+    q_len,
+    kv_len,
+    block_q: int,
+    block_k: int,
+    right: int | None,
+    left: int | None,
+    check_q_len: bool,
+    check_kv_len: bool,
+):
+    """The part of the key blocks [lo, hi) that every query of [q_first, q_first + block_q)
+    sees in full under the causal, window and length masks: those tiles need no mask at all."""
+    q_last = q_first + block_q - 1
+    inner_lo, inner_hi = lo, hi
+    if left is not None:  # key block start >= q_last + q_offset - left
+        inner_lo = _ceil_div(jnp.maximum(q_last + q_offset - left, 0), block_k)
+    if right is not None:  # key block end - 1 <= q_first + q_offset + right
+        inner_hi = jax.lax.div(jnp.maximum(q_first + q_offset + right + 1, 0), block_k)
+    if check_kv_len:
+        inner_hi = jnp.minimum(inner_hi, jax.lax.div(kv_len, block_k))
+    if check_q_len:  # a block with rows past q_len masks every tile
+        inner_hi = jnp.where(q_first + block_q <= q_len, inner_hi, inner_lo)
+    return _clip_inner(lo, hi, inner_lo, inner_hi)
+
+
+def unmasked_query_blocks(
+    lo,
+    hi,
+    k_first,
+    *,
+    q_offset,
+    q_len,
+    kv_len,
+    block_q: int,
+    block_k: int,
+    right: int | None,
+    left: int | None,
+    check_q_len: bool,
+    check_kv_len: bool,
+):
+    """The part of the query blocks [lo, hi) whose every query sees all keys of
+    [k_first, k_first + block_k) under the causal, window and length masks."""
+    k_last = k_first + block_k - 1
+    inner_lo, inner_hi = lo, hi
+    if right is not None:  # query block start + q_offset + right >= k_last
+        inner_lo = _ceil_div(jnp.maximum(k_last - q_offset - right, 0), block_q)
+    if left is not None:  # query block end - 1 + q_offset - left <= k_first
+        inner_hi = jax.lax.div(jnp.maximum(k_first - q_offset + left + 1, 0), block_q)
+    if check_q_len:
+        inner_hi = jnp.minimum(inner_hi, jax.lax.div(q_len, block_q))
+    if check_kv_len:  # a key block with keys past kv_len masks every tile
+        inner_hi = jnp.where(k_first + block_k <= kv_len, inner_hi, inner_lo)
+    return _clip_inner(lo, hi, inner_lo, inner_hi)

@@ -8,8 +8,8 @@ every run. delta = rowsum(dO * O) is computed first (fused by XLA).
 
 Every option of `jattn.dot_product_attention` is applied inside the kernels, tile by tile:
 causal with q_offset (per batch), sliding window, query and key lengths, segment ids, soft cap
-(and its gradient), additive bias (dbias from a separate kernel that jit drops when the bias is
-not differentiated), a boolean mask, GQA (query head n reads kv head n // G; dk, dv are
+(and its gradient), additive bias (dbias from a separate kernel, launched only when the bias is
+differentiated), a boolean mask, GQA (query head n reads kv head n // G; dk, dv are
 written per query head in float32 and summed over G, never repeating K/V in memory). Key tiles
 that causal, window or length masks hide entirely are not visited.
 
@@ -101,6 +101,7 @@ class _Static(NamedTuple):
     left: int | None  # how far left
     check_q_len: bool  # query lengths given: rows past them see nothing
     check_kv_len: bool  # key lengths given or S padded: keys past kv_len are hidden
+    dense_masks: bool  # segment ids or a boolean mask: every tile is masked
     groups: int  # G = N // K
     head_dim: int  # H before padding
     q_len: int  # T before padding
@@ -129,16 +130,21 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _tile_logits(st: _Static, x, q, k, q_pos, k_pos, bias_tile, mask_tile, q_seg, kv_seg):
+def _tile_logits(
+    st: _Static, x, q, k, q_pos, k_pos, bias_tile, mask_tile, q_seg, kv_seg, masked: bool
+):
     """Scores of one tile: (raw scale * q.k, base-2 logits with -inf where hidden, visibility).
 
     q: [bq, Hp], k: [bk, Hp]; returns [bq, bk] float32 arrays (visibility None: all visible).
+    `masked=False` is for tiles known to be fully visible: no mask is built.
     """
     q_offset, q_len, kv_len = _bounds(x)
     scores = pltriton.dot(q, k, trans_b=True, precision=_precision(q.dtype)) * st.scale
     logits = common.capped_logits(scores, st.softcap)
     if bias_tile is not None:
         logits = logits + bias_tile.astype(jnp.float32)
+    if not masked:
+        return scores, logits * _LOG2E, None
     visible = common.tile_visibility(
         q_pos,
         k_pos,
@@ -162,17 +168,69 @@ def _tile_logits(st: _Static, x, q, k, q_pos, k_pos, bias_tile, mask_tile, q_seg
 
 
 def _key_blocks(st: _Static, x, q_first, block_q: int, block_k: int):
+    """(lo, inner_lo, inner_hi, hi): the key blocks queries [q_first, +block_q) visit, and the
+    inner part [inner_lo, inner_hi) that they see in full (no mask needed)."""
     q_offset, q_len, kv_len = _bounds(x)
+    reach = dict(right=st.right, left=st.left)
     q_stop = jnp.minimum(q_first + block_q, q_len)
-    return common.key_block_range(
-        q_first,
-        q_stop,
-        q_offset=q_offset,
-        kv_len=kv_len,
-        block_k=block_k,
-        right=st.right,
-        left=st.left,
+    lo, hi = common.key_block_range(
+        q_first, q_stop, q_offset=q_offset, kv_len=kv_len, block_k=block_k, **reach
     )
+    inner_lo, inner_hi = common.unmasked_key_blocks(
+        lo,
+        hi,
+        q_first,
+        q_offset=q_offset,
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=block_q,
+        block_k=block_k,
+        check_q_len=st.check_q_len,
+        check_kv_len=st.check_kv_len,
+        **reach,
+    )
+    return lo, inner_lo, inner_hi, hi
+
+
+def _query_blocks(st: _Static, x, k_first, block_q: int, block_k: int):
+    """(lo, inner_lo, inner_hi, hi): the query blocks that see keys [k_first, +block_k), and
+    the inner part whose queries see all of them."""
+    q_offset, q_len, kv_len = _bounds(x)
+    reach = dict(right=st.right, left=st.left)
+    k_stop = jnp.minimum(k_first + block_k, kv_len)
+    lo, hi = common.query_block_range(
+        k_first, k_stop, q_offset=q_offset, q_len=q_len, block_q=block_q, **reach
+    )
+    inner_lo, inner_hi = common.unmasked_query_blocks(
+        lo,
+        hi,
+        k_first,
+        q_offset=q_offset,
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=block_q,
+        block_k=block_k,
+        check_q_len=st.check_q_len,
+        check_kv_len=st.check_kv_len,
+        **reach,
+    )
+    return lo, inner_lo, inner_hi, hi
+
+
+def _visit_all(st: _Static, ranges, visit, carry):
+    """Run visit(j, carry, masked) over [lo, hi): masked tiles at the edges, unmasked inside.
+
+    Splitting the loop keeps the mask arithmetic off the tiles that every query sees in full
+    (the bulk of causal and windowed attention)."""
+    lo, inner_lo, inner_hi, hi = ranges
+    structural = st.right is not None or st.left is not None or st.check_q_len or st.check_kv_len
+    if st.dense_masks:
+        return lax.fori_loop(lo, hi, functools.partial(visit, masked=True), carry)
+    if not structural:
+        return lax.fori_loop(lo, hi, functools.partial(visit, masked=False), carry)
+    carry = lax.fori_loop(lo, inner_lo, functools.partial(visit, masked=True), carry)
+    carry = lax.fori_loop(inner_lo, inner_hi, functools.partial(visit, masked=False), carry)
+    return lax.fori_loop(inner_hi, hi, functools.partial(visit, masked=True), carry)
 
 
 def _slice(x, name: str, rows=None, cols=None):
@@ -206,7 +264,7 @@ def _forward_kernel(
     q_seg = _slice(x, "q_seg")
     head_dims = q.shape[-1]
 
-    def visit(j, carry):
+    def visit(j, carry, masked):
         acc, row_max, row_sum = carry
         k_first = j * block_k
         keys = pl.ds(k_first, block_k)
@@ -222,6 +280,7 @@ def _forward_kernel(
             _slice(x, "mask", cols=keys),
             q_seg,
             _slice(x, "kv_seg", keys),
+            masked,
         )
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
         safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # rows with nothing seen yet
@@ -232,13 +291,13 @@ def _forward_kernel(
         pv = pltriton.dot(probs.astype(v.dtype), v, precision=_precision(v.dtype))
         return acc * correction[:, None] + pv, new_max, row_sum
 
-    lo, hi = _key_blocks(st, x, q_first, block_q, block_k)
     init = (
         jnp.zeros((block_q, head_dims), jnp.float32),
         jnp.full((block_q,), -jnp.inf, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    acc, row_max, row_sum = lax.fori_loop(lo, hi, visit, init)
+    ranges = _key_blocks(st, x, q_first, block_q, block_k)
+    acc, row_max, row_sum = _visit_all(st, ranges, visit, init)
     has_keys = row_sum > 0
     safe_sum = jnp.where(has_keys, row_sum, 1.0)
     o_ref[...] = (acc / safe_sum[:, None]).astype(o_ref.dtype)
@@ -266,7 +325,7 @@ def _dq_kernel(
     lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, 0.0)  # rows that see nothing: p is 0
     q_seg = _slice(x, "q_seg")
 
-    def visit(j, dq):
+    def visit(j, dq, masked):
         k_first = j * block_k
         keys = pl.ds(k_first, block_k)
         k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)
@@ -282,6 +341,7 @@ def _dq_kernel(
             _slice(x, "mask", cols=keys),
             q_seg,
             _slice(x, "kv_seg", keys),
+            masked,
         )
         probs = jnp.exp2(logits - lse2[:, None])
         if visible is not None:
@@ -299,8 +359,9 @@ def _dq_kernel(
         dbias_ref[:, pl.ds(j * block_k, block_k)] = jnp.zeros((block_q, block_k), jnp.float32)
         return carry
 
-    lo, hi = _key_blocks(st, x, q_first, block_q, block_k)
-    dq = lax.fori_loop(lo, hi, visit, jnp.zeros(q.shape, jnp.float32))
+    ranges = _key_blocks(st, x, q_first, block_q, block_k)
+    lo, hi = ranges[0], ranges[-1]
+    dq = _visit_all(st, ranges, visit, jnp.zeros(q.shape, jnp.float32))
     if want_dbias:
         lax.fori_loop(0, lo, zero_dbias, 0)
         lax.fori_loop(hi, dbias_ref.shape[1] // block_k, zero_dbias, 0)
@@ -324,9 +385,8 @@ def _dkdv_kernel(
     k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)
     k, v = x["key"][...], x["value"][...]
     kv_seg = _slice(x, "kv_seg")
-    q_offset, q_len, kv_len = _bounds(x)
 
-    def visit(i, carry):
+    def visit(i, carry, masked):
         dk, dv = carry
         q_first = i * block_q
         rows = pl.ds(q_first, block_q)
@@ -345,6 +405,7 @@ def _dkdv_kernel(
             _slice(x, "mask", rows=rows),
             _slice(x, "q_seg", rows),
             kv_seg,
+            masked,
         )
         probs = jnp.exp2(logits - lse2[:, None])  # [bq, bk]
         if visible is not None:
@@ -360,18 +421,9 @@ def _dkdv_kernel(
         )
         return dk, dv
 
-    k_stop = jnp.minimum(k_first + block_k, kv_len)
-    lo, hi = common.query_block_range(
-        k_first,
-        k_stop,
-        q_offset=q_offset,
-        q_len=q_len,
-        block_q=block_q,
-        right=st.right,
-        left=st.left,
-    )
+    ranges = _query_blocks(st, x, k_first, block_q, block_k)
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(lo, hi, visit, (zeros, zeros))
+    dk, dv = _visit_all(st, ranges, visit, (zeros, zeros))
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -507,7 +559,9 @@ def _forward(st: _Static, query, key, value, bias, aux):
     return out, lse  # [B, T_pad, N, Hp], [B, N, T_pad]
 
 
-def _backward(st: _Static, query, key, value, bias, aux, out_padded, lse_padded, d_out, d_lse):
+def _backward(
+    st: _Static, query, key, value, bias, aux, out_padded, lse_padded, d_out, d_lse, *, want_dbias
+):
     inputs = _prepare(st, query, key, value, bias, aux)
     batch, t_pad, num_heads, h_pad = inputs.query.shape
     s_pad = inputs.key.shape[1]
@@ -544,7 +598,7 @@ def _backward(st: _Static, query, key, value, bias, aux, out_padded, lse_padded,
         name="jattn_flash_dq",
     )(operands)
     d_bias = None
-    if bias is not None:  # its own kernel, so jit drops it when the bias is not differentiated
+    if want_dbias:  # [B, N, T_pad, S_pad] float32 tiles of dS, summed to the bias's shape
         (dbias_full,) = pl.pallas_call(
             functools.partial(_dq_kernel, st=st, want_dq=False, want_dbias=True),
             grid=grid,
@@ -621,28 +675,42 @@ def _backward(st: _Static, query, key, value, bias, aux, out_padded, lse_padded,
     return d_query, kv_grad(dk), kv_grad(dv), d_bias, None
 
 
+def _instantiate(cotangent, like: jax.ShapeDtypeStruct) -> Array:
+    """A symbolic-zero cotangent as zeros (other cotangents pass through)."""
+    if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+        return jnp.zeros(like.shape, like.dtype)
+    return cotangent
+
+
 @functools.cache
 def _attention_vjp(st: _Static):
-    def run_forward(query, key, value, bias, aux):
-        out, lse = _forward(st, query, key, value, bias, aux)
-        return out, lse
-
     def unpad(out, lse):
         out = out[:, : st.q_len, :, : st.head_dim]
         return out, jnp.swapaxes(lse[:, :, : st.q_len], 1, 2)  # [B, T, N, H], [B, T, N]
 
     @jax.custom_vjp
     def attention(query, key, value, bias, aux):
-        return unpad(*run_forward(query, key, value, bias, aux))
+        return unpad(*_forward(st, query, key, value, bias, aux))
 
+    # symbolic_zeros: the forward learns whether the bias is differentiated at all, so the
+    # backward launches the dbias kernel only when someone wants dbias.
     def forward_rule(query, key, value, bias, aux):
-        out, lse = run_forward(query, key, value, bias, aux)
-        return unpad(out, lse), (query, key, value, bias, aux, out, lse)
+        primals = [x.value for x in (query, key, value)]
+        bias_value = jax.tree.map(lambda b: b.value, bias)
+        aux_value = jax.tree.map(lambda a: a.value, aux)
+        out, lse = _forward(st, *primals, bias_value, aux_value)
+        want_dbias = bias_value is not None and bias.perturbed
+        residuals = (*primals, bias_value, aux_value, out, lse, () if want_dbias else None)
+        return unpad(out, lse), residuals
 
     def backward_rule(residuals, cotangents):
-        return _backward(st, *residuals, *cotangents)
+        *inputs, out, lse, want_dbias = residuals
+        query = inputs[0]
+        d_out = _instantiate(cotangents[0], jax.ShapeDtypeStruct(query.shape, query.dtype))
+        d_lse = _instantiate(cotangents[1], jax.ShapeDtypeStruct(query.shape[:3], jnp.float32))
+        return _backward(st, *inputs, out, lse, d_out, d_lse, want_dbias=want_dbias is not None)
 
-    attention.defvjp(forward_rule, backward_rule)
+    attention.defvjp(forward_rule, backward_rule, symbolic_zeros=True)
     return attention
 
 
@@ -693,6 +761,7 @@ def flash_attention(
         left=common.left_reach(local_window_size),
         check_q_len=query_seq_lengths is not None,
         check_kv_len=key_value_seq_lengths is not None or kv_len % k_multiple != 0,
+        dense_masks=mask is not None or segment_ids is not None,
         groups=num_heads // num_kv_heads,
         head_dim=head_dim,
         q_len=q_len,
