@@ -291,30 +291,37 @@ def plot(record, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = sorted({r["method"] for r in record["rows"] if "ms" in r})
+    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, pass_ in zip(axes, ("fwd", "fwd+bwd"), strict=True):
         series = {}
         for row in record["rows"]:
-            if row.get("pass_") != pass_ or "ms" not in row:
-                continue
-            series.setdefault(f"{row['method']} ({row['variant']})", []).append(
-                (row["T"], row["ms"])
-            )
-        for label, points in sorted(series.items()):
+            if row.get("pass_") == pass_ and "ms" in row:
+                series.setdefault((row["method"], row["variant"]), []).append((row["T"], row["ms"]))
+        for (method, variant), points in sorted(series.items()):
             points.sort()
-            style = "--" if "flash" in label else "-"
-            ax.plot(*zip(*points, strict=True), style, marker="o", label=label, markersize=3)
-        lengths = np.array(LENGTHS, float)
-        ax.plot(lengths, 1e-4 * lengths / lengths[0], ":", color="gray", label="slope 1 (linear)")
-        ax.plot(lengths, 1e-2 * (lengths / lengths[0]) ** 2, ":", color="black", label="slope 2")
+            ax.plot(
+                *zip(*points, strict=True),
+                "--" if variant == "causal" else "-",
+                marker="o",
+                markersize=3,
+                color=colors[method],
+                label=f"{method} ({variant})",
+            )
+        # slope guides through the longest point of the first series
+        (t0, ms0) = max(next(iter(sorted(series.items())))[1])
+        lengths = np.array(sorted({t for pts in series.values() for t, _ in pts}), float)
+        ax.plot(lengths, ms0 * lengths / t0, ":", color="gray", label="∝ T")
+        ax.plot(lengths, ms0 * 100 * (lengths / t0) ** 2, ":", color="black", label="∝ T²")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens T")
-        ax.set_ylabel("ms")
-        ax.set_title(f"TSSA {pass_}, B=1, {HEADS}x{HEAD_DIM}, {record['dtype']}")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"TSSA {pass_}, B=1, {HEADS}x{HEAD_DIM} heads, {record['dtype']}")
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"{record['device']}, jax {record['jax']}")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"{record['device']}, jax {record['jax']}, {record['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -327,7 +334,13 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-flash", action="store_true")
     parser.add_argument("--sweep-length", type=int, default=65536, help="0: no tile sweep")
+    parser.add_argument("--plot-only", action="store_true", help="re-plot --out's JSON, no runs")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        record = json.loads(pathlib.Path(args.out).read_text())
+        plot(record, pathlib.Path(args.out).with_suffix(".png"))
+        print(table(record))
+        return
     dtype = jnp.dtype(args.dtype)
     rows, sweep = [], []
     record = dict(
