@@ -1,5 +1,7 @@
 """Example models: GPT (causality, KV-cache generation, offloaded decode), ToST models, the demo."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from jattn import demo, offload
-from models import gpt
+from models import gpt, tost, train_tost, training
 
 from cases import assert_close
 
@@ -73,3 +75,51 @@ def test_gpt_demo_trains_and_generates_offloaded(capsys):
     losses = [loss for _, loss in result["losses"]]
     assert losses[-1] < losses[0] and result["val_losses"]
     assert result["attention_devices"] == 4 and result["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("kind", tost.ATTENTION_KINDS)
+def test_tost_language_model_is_causal(rng, kind):
+    model = tost.CausalLM(tost.LMConfig(attention=kind, max_length=24, dim=32), rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(rng.integers(0, 256, (2, 20)), jnp.int32)
+    changed = tokens.at[:, 12:].set((tokens[:, 12:] + 7) % 256)
+    logits, logits_changed = model(tokens), model(changed)
+    assert logits.shape == (2, 20, 256)
+    assert_close(logits_changed[:, :12], np.asarray(logits[:, :12], np.float64), (1e-5, 1e-5))
+    assert not np.allclose(logits_changed[:, 12:], logits[:, 12:], atol=1e-4)
+    with pytest.raises(ValueError, match="max_length"):
+        model(jnp.zeros((1, 25), jnp.int32))
+
+
+def test_tost_sizes_and_what_weight_decay_skips():
+    vision = {
+        k: tost.VisionTransformer(tost.VisionConfig(attention=k), rngs=nnx.Rngs(0))
+        for k in tost.ATTENTION_KINDS
+    }
+    assert vision["tssa"](jnp.ones((3, 16, 4))).shape == (3, 10)
+    # TSSA: one projection where softmax attention has three.
+    assert tost.count_params(vision["tssa"]) < tost.count_params(vision["softmax"])
+    lm = tost.CausalLM(tost.LMConfig(attention="tssa", max_length=16, dim=32), rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(lm, nnx.Param))
+    mask = training.decay_mask(params)
+    flat = {
+        "/".join(map(str, (getattr(k, "key", k) for k in path))): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(mask)
+    }
+    skipped = {name for name, decays in flat.items() if not decays}
+    assert any(name.endswith("temperature") for name in skipped)
+    assert any(name.endswith("denom_bias") for name in skipped)  # a matrix, skipped by name
+    assert all(not name.endswith("gamma1") or name in skipped for name in flat)
+    assert flat["embed/embedding"] and flat["blocks/0/up/kernel"]
+
+
+def test_tost_vision_training_learns_digits(tmp_path):
+    args = train_tost.build_parser().parse_args(
+        ["vision", "--workdir", str(tmp_path), "--steps", "60", "--dim", "32", "--depth", "1",
+         "--batch-size", "32", "--log-every", "20", "--eval-every", "60", "--no-progress",
+         "--warmup-steps", "5", "--learning-rate", "5e-3"]
+    )  # fmt: skip
+    summary = train_tost.run_vision(args)
+    assert summary["test_accuracy"] > 0.4  # 10 classes: chance is 0.1
+    assert summary["params"] > 0 and summary["images_per_s"] > 0
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [20, 40, 60, 60]

@@ -127,10 +127,22 @@ def test_text_corpus_is_the_stdlib_or_user_files(tmp_path):
         text_data.load_corpus([tmp_path / "missing"])
 
 
-@pytest.mark.parametrize("module", ["models.train_gpt"])
-def test_training_scripts_have_help(module):
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["models.train_gpt"],
+        ["models.train_tost", "vision"],
+        ["models.train_tost", "lm"],
+        ["models.train_tost", "compare"],
+    ],
+)
+def test_training_scripts_have_help(command):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run(
-        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env, cwd=ROOT
+        [sys.executable, "-m", *command, "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
     assert result.returncode == 0 and "--workdir" in result.stdout and "--seed" in result.stdout

@@ -1,0 +1,185 @@
+"""ToST models (Token Statistics Transformer, Wu et al., ICLR 2025) and softmax baselines.
+
+- `VisionTransformer`: patches -> pre-LN blocks with LayerScale -> mean pool -> classes.
+  `attention="tssa"` is ToST's vision model (non-causal TSSA, linear in the number of tokens);
+  `attention="softmax"` is the same network with multi-head softmax attention (a ViT).
+- `CausalLM`: byte tokens + learned positions -> causal blocks -> tied output embedding.
+  `attention="tssa"` is ToST's language model (causal TSSA with its per-position `denom_bias`);
+  `attention="softmax"` the same network with causal flash attention.
+
+Same width, depth and heads for both kinds; TSSA has one projection where softmax attention has
+three, so the ToST models have fewer parameters (`count_params`).
+
+    python -m models.train_tost --help
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import Array
+
+import jattn
+
+ATTENTION_KINDS = ("tssa", "softmax")
+
+
+class _TSSA(nnx.Module):
+    """ToST's attention layer on the functional `jattn.token_statistics_attention`: one
+    projection to `[N, H]`, TSSA, an output projection; learnable `temperature` `[N]` (init 1)
+    and, causal, `denom_bias` `[N, max_length]` (init 0): both excluded from weight decay."""
+
+    def __init__(self, dim: int, heads: int, *, causal: bool, max_length: int, rngs: nnx.Rngs):
+        self.causal = causal
+        self.proj = nnx.LinearGeneral(dim, (heads, dim // heads), use_bias=True, rngs=rngs)
+        self.out = nnx.LinearGeneral((heads, dim // heads), dim, axis=(-2, -1), rngs=rngs)
+        self.temperature = nnx.Param(jnp.ones((heads,)))
+        self.denom_bias = nnx.Param(jnp.zeros((heads, max_length))) if causal else None
+
+    def __call__(self, x: Array) -> Array:
+        denom_bias = self.denom_bias[...] if self.causal else None
+        y = jattn.token_statistics_attention(
+            self.proj(x), self.temperature[...], causal=self.causal, denom_bias=denom_bias
+        )
+        return self.out(y)
+
+
+def make_attention(kind: str, dim: int, heads: int, *, causal: bool, max_length: int, rngs):
+    """The token mixer of one block: `[B, T, dim] -> [B, T, dim]`."""
+    if kind == "tssa":
+        return _TSSA(dim, heads, causal=causal, max_length=max_length, rngs=rngs)
+    if kind == "softmax":
+        return jattn.nn.MultiHeadAttention(heads, dim, is_causal=causal, use_bias=True, rngs=rngs)
+    raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
+
+
+class Block(nnx.Module):
+    """x + gamma1 * attention(LN(x)), then x + gamma2 * MLP(LN(x)) (ToST's block, LayerScale)."""
+
+    def __init__(
+        self,
+        kind: str,
+        dim: int,
+        heads: int,
+        *,
+        causal: bool,
+        max_length: int,
+        layer_scale: float,
+        mlp_ratio: int = 4,
+        rngs: nnx.Rngs,
+    ):
+        self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
+        self.attention = make_attention(
+            kind, dim, heads, causal=causal, max_length=max_length, rngs=rngs
+        )
+        self.gamma1 = nnx.Param(jnp.full((dim,), layer_scale))
+        self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
+        self.up = nnx.Linear(dim, mlp_ratio * dim, rngs=rngs)
+        self.down = nnx.Linear(mlp_ratio * dim, dim, rngs=rngs)
+        self.gamma2 = nnx.Param(jnp.full((dim,), layer_scale))
+
+    def __call__(self, x: Array) -> Array:
+        x = x + self.gamma1[...][None, None] * self.attention(self.norm1(x))
+        return x + self.gamma2[...][None, None] * self.down(jax.nn.gelu(self.up(self.norm2(x))))
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    attention: str = "tssa"
+    num_tokens: int = 16  # 8x8 digits in 2x2 patches
+    patch_dim: int = 4
+    num_classes: int = 10
+    dim: int = 64
+    depth: int = 4
+    heads: int = 4
+    layer_scale: float = 1.0  # ToST's eta for shallow models
+
+
+class VisionTransformer(nnx.Module):
+    """Patch tokens `[B, tokens, patch_dim]` -> class logits `[B, classes]`."""
+
+    def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = nnx.Linear(config.patch_dim, config.dim, rngs=rngs)
+        self.positions = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (config.num_tokens, config.dim))
+        )
+        self.blocks = nnx.List(
+            [
+                Block(
+                    config.attention,
+                    config.dim,
+                    config.heads,
+                    causal=False,
+                    max_length=config.num_tokens,
+                    layer_scale=config.layer_scale,
+                    rngs=rngs,
+                )
+                for _ in range(config.depth)
+            ]
+        )
+        self.norm = nnx.LayerNorm(config.dim, epsilon=1e-6, rngs=rngs)
+        self.head = nnx.Linear(config.dim, config.num_classes, rngs=rngs)
+
+    def __call__(self, patches: Array) -> Array:
+        x = self.embed(patches) + self.positions[...][None]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(axis=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    attention: str = "tssa"
+    vocab_size: int = 256
+    max_length: int = 256
+    dim: int = 128
+    depth: int = 2
+    heads: int = 4
+    layer_scale: float = 1.0
+
+
+class CausalLM(nnx.Module):
+    """Token ids `[B, T]` -> next-token logits `[B, T, vocab]` (T <= max_length)."""
+
+    def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = nnx.Embed(config.vocab_size, config.dim, rngs=rngs)
+        self.positions = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (config.max_length, config.dim))
+        )
+        self.blocks = nnx.List(
+            [
+                Block(
+                    config.attention,
+                    config.dim,
+                    config.heads,
+                    causal=True,
+                    max_length=config.max_length,
+                    layer_scale=config.layer_scale,
+                    rngs=rngs,
+                )
+                for _ in range(config.depth)
+            ]
+        )
+        self.norm = nnx.LayerNorm(config.dim, epsilon=1e-5, rngs=rngs)
+
+    def __call__(self, tokens: Array) -> Array:
+        length = tokens.shape[1]
+        if length > self.config.max_length:
+            raise ValueError(f"{length} tokens > max_length {self.config.max_length}")
+        x = self.embed(tokens) + self.positions[...][None, :length]
+        for block in self.blocks:
+            x = block(x)
+        return self.embed.attend(self.norm(x))
+
+
+def classification_loss(model: nnx.Module, batch: tuple[Array, Array]) -> Array:
+    images, labels = batch
+    logits = model(images).astype(jnp.float32)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1))
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
