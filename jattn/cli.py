@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from jattn import demo
+from jattn import bench, demo
 from jattn.offload import demo as offload_demo
 
 
@@ -68,13 +68,49 @@ def _add_demo(commands) -> None:
     )
 
 
+def _add_bench(commands) -> None:
+    parser = commands.add_parser(
+        "bench",
+        help="run the benchmark suites (on a GPU) and write JSON + PNG",
+        description="Run benchmark suites, each in its own process, writing JSON (device, "
+        "versions, date) and plots into --out. Suites: "
+        + ", ".join(f"{name} (python -m {module})" for name, (module, _) in bench.SUITES.items())
+        + ". Needs the repository checkout.",
+    )
+    parser.add_argument(
+        "suites",
+        nargs="*",
+        metavar="SUITE",
+        help=f"suites to run, of: {', '.join(bench.SUITES)} (default: all)",
+    )
+    parser.add_argument("--out", default="bench_results", help="folder for the JSON and PNG files")
+    parser.add_argument(
+        "--allow-cpu", action="store_true", help="run even without a GPU (kernels interpreted)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the suite commands without running them"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="jattn", description="jattn: attention for JAX (Pallas kernels, TSSA, decode)."
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_demo(commands)
+    _add_bench(commands)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        try:
+            failures = bench.run_bench(
+                args.suites or list(bench.SUITES),
+                args.out,
+                allow_cpu=args.allow_cpu,
+                dry_run=args.dry_run,
+            )
+        except ValueError as e:
+            parser.error(str(e))
+        return 1 if failures else 0
     if args.command == "demo":
         unknown = sorted(set(args.parts) - set(demo.DEMO_PARTS))
         if unknown:

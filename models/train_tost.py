@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
     )
     compare.add_argument("--out", default="tost_vs_softmax.json", help="results JSON path")
+    compare.add_argument("--plot", help="also plot tokens/s and memory against T (PNG)")
+    compare.add_argument(
+        "--plot-only", action="store_true", help="re-plot --out's JSON (no training)"
+    )
     compare.add_argument("--workdir", default="runs/tost_compare", help="run directories")
     compare.add_argument("--vision-steps", type=int, default=VISION_DEFAULTS.steps)
     compare.add_argument("--lm-steps", type=int, default=LM_DEFAULTS.steps)
@@ -247,7 +251,34 @@ def compare(args) -> dict:
     results["scaling"] = scaling(args.lengths)
     pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(format_tables(results))
+    if args.plot:
+        plot(results, args.plot)
     return results
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
+    for kind in dict.fromkeys(row["attention"] for row in results["scaling"]):
+        rows = [row for row in results["scaling"] if row["attention"] == kind]
+        lengths = [row["length"] for row in rows]
+        speed.plot(lengths, [row["tokens_per_s"] for row in rows], "o-", label=kind)
+        if all(row["peak_temp_bytes"] for row in rows):
+            memory.plot(lengths, [row["peak_temp_bytes"] / 2**20 for row in rows], "o-", label=kind)
+    for axis, label in ((speed, "tokens/s (fwd+bwd, batch 1)"), (memory, "peak temp MiB")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sequence length T")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"ToST (TSSA) vs softmax attention LM, {results['device']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def format_tables(results: dict) -> str:
@@ -280,7 +311,13 @@ def format_tables(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.task == "compare":
-        compare(args)
+        if args.plot_only:
+            results = json.loads(pathlib.Path(args.out).read_text())
+            print(format_tables(results))
+            if args.plot:
+                plot(results, args.plot)
+        else:
+            compare(args)
         return 0
     summary = run_vision(args) if args.task == "vision" else run_lm(args)
     print(json.dumps(summary, indent=2))

@@ -30,7 +30,7 @@ def test_readme_snippets_run():
         exec(compile(snippet, "README.md", "exec"), namespace)
 
 
-@pytest.mark.parametrize("command", [[], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["bench"]])
 def test_every_command_has_help(command):
     result = subprocess.run(
         [sys.executable, "-m", "jattn.cli", *command, "--help"], capture_output=True, text=True
@@ -69,3 +69,13 @@ def test_demo_checks_and_times_every_implementation(capsys):
 def test_demo_rejects_unknown_parts():
     with pytest.raises(SystemExit):
         cli.main(["demo", "nonsense"])
+
+
+def test_bench_lists_every_suite_and_refuses_unknown_ones(capsys):
+    assert cli.main(["bench", "--dry-run", "--out", "somewhere"]) == 0
+    printed = capsys.readouterr().out
+    for module in ("benchmarks.flash", "benchmarks.decode", "benchmarks.tssa", "models.train_tost"):
+        assert f"-m {module}" in printed
+    assert "somewhere/tost_vs_softmax.json" in printed
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "nonsense"])

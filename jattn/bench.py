@@ -1,0 +1,72 @@
+"""`jattn bench`: run the benchmark suites (a GPU is what they are for) and collect JSON + PNG.
+
+Each suite is a script of the repository checkout (`benchmarks/`, `models/`), run in its own
+process so that one suite's memory or failure does not touch the next; they record device,
+versions and date with every measurement.
+"""
+
+import pathlib
+import subprocess
+import sys
+
+import jax
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# suite -> (module, arguments); "{out}" is the output folder.
+SUITES: dict[str, tuple[str, list[str]]] = {
+    "flash": ("benchmarks.flash", ["--json", "{out}/flash.json", "--plot", "{out}/flash.png"]),
+    "decode": ("benchmarks.decode", ["--out", "{out}/decode.json"]),
+    "tssa": ("benchmarks.tssa", ["--out", "{out}/tssa.json"]),
+    "graph": ("benchmarks.graph", ["--out", "{out}/graph.json"]),
+    "tost": (
+        "models.train_tost",
+        [
+            "compare",
+            "--out",
+            "{out}/tost_vs_softmax.json",
+            "--plot",
+            "{out}/tost_vs_softmax.png",
+            "--workdir",
+            "{out}/tost_runs",
+            "--no-progress",
+        ],
+    ),  # fmt: skip
+}
+
+
+def commands(suites: list[str], out: str) -> list[list[str]]:
+    """The command line of each suite (python -m <module> <arguments>)."""
+    unknown = sorted(set(suites) - set(SUITES))
+    if unknown:
+        raise ValueError(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
+    result = []
+    for suite in suites:
+        module, arguments = SUITES[suite]
+        result.append([sys.executable, "-m", module, *(a.format(out=out) for a in arguments)])
+    return result
+
+
+def run_bench(
+    suites: list[str], out: str, *, allow_cpu: bool = False, dry_run: bool = False
+) -> int:
+    """Run the suites one after another; returns how many failed."""
+    if not (ROOT / "benchmarks").is_dir():
+        raise SystemExit("jattn bench needs the repository checkout (benchmarks/ beside jattn/)")
+    if jax.default_backend() != "gpu" and not allow_cpu and not dry_run:
+        raise SystemExit(
+            "jattn bench measures GPU kernels and there is no GPU here; pass --allow-cpu to run "
+            "the suites anyway (Pallas kernels then run in interpret mode: very slow)"
+        )
+    out = str(pathlib.Path(out).absolute())  # the suites run from the checkout's root
+    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for suite, command in zip(suites, commands(suites, out), strict=True):
+        print(f"[{suite}] {' '.join(command[1:])}", flush=True)
+        if dry_run:
+            continue
+        code = subprocess.call(command, cwd=ROOT)
+        if code:
+            failures += 1
+            print(f"[{suite}] failed with exit code {code}", flush=True)
+    return failures
