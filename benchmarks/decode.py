@@ -3,8 +3,9 @@
 One query token per sequence against a full KV cache (lengths = S), bf16, H = 128, GQA 32/8 and
 8/1, B = 1..64, S = 1k..128k (B·S <= 1M tokens: the kernel's int32 offsets). Decode is
 memory-bound, so the figure of merit is achieved bandwidth = KV bytes read / time, set beside a
-device copy (read + write of a 2 GiB array). Each time is the median over repeats of a jit-compiled
-loop of `INNER` dependent calls (so Python dispatch is not measured).
+device copy (read + write of a 2 GiB array). Each time is the median over repeats of one
+jit-compiled program of `INNER` dependent calls, unrolled (no Python dispatch, no while-loop
+round trips in the time).
 
     python -m benchmarks.decode --out benchmarks/results/decode_h100.json
 """
@@ -20,6 +21,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 import jattn
@@ -31,20 +33,19 @@ GQA = [(32, 8), (8, 1)]
 BATCHES = [1, 8, 64]
 LENGTHS = [1024, 4096, 8192, 32768, 131072]
 MAX_TOKENS = 1 << 20  # B·S
-INNER = 20  # calls per timed loop
+INNER = 10  # calls per timed program
 REPEATS = 5
 
 
 def timed_loop(fn, q, *args) -> float:
-    """Median ms per call of fn(q, *args) over a compiled loop whose calls depend on each other."""
+    """Median ms per call of fn(q, *args), INNER calls in one program, each on the last's result."""
 
     @jax.jit
     def loop(q, *args):
-        def body(_, q):
+        for _ in range(INNER):
             out = fn(q, *args)
-            return q + (out * 1e-30).astype(q.dtype)  # a real dependency, negligible work
-
-        return jax.lax.fori_loop(0, INNER, body, q)
+            q = q + (out * 1e-30).astype(q.dtype)  # a real dependency, negligible work
+        return q
 
     jax.block_until_ready(loop(q, *args))
     times = []
@@ -95,27 +96,44 @@ def inputs(batch, length, heads, kv_heads, key):
 def tune(shapes) -> tuple[DecodeConfig, list[dict]]:
     """A small sweep of tilings on a few shapes; the best total time wins."""
     candidates = [
-        DecodeConfig(block_k=bk, num_warps=w, num_stages=st)
-        for bk, w, st in itertools.product([64, 128], [4, 8], [2, 3])
+        DecodeConfig(
+            block_k=bk, num_warps=w, num_stages=st, programs_per_sm=pps, unmasked_body=unmasked
+        )
+        for bk, w, st, pps, unmasked in [
+            (64, 4, 2, 4, False),  # the first run's default
+            (128, 4, 3, 4, False),
+            (64, 4, 2, 16, False),
+            (128, 4, 2, 16, False),
+            (128, 4, 3, 16, False),
+            (64, 4, 3, 16, False),
+            (64, 4, 2, 16, True),
+            (128, 4, 3, 16, True),
+            (64, 4, 3, 16, True),
+            (128, 4, 2, 32, True),
+            (64, 4, 4, 16, True),
+            (128, 8, 3, 16, True),
+        ]
     ]
-    rows, totals = [], {c: 0.0 for c in candidates}
+    rows, times = [], {c: [] for c in candidates}
     for batch, length, heads, kv_heads in shapes:
         args = inputs(batch, length, heads, kv_heads, jax.random.key(1))
         for c in tqdm(candidates, desc=f"tune B={batch} S={length} {heads}/{kv_heads}"):
             fn = lambda q, k, v, lengths, c=c: jattn.decode_attention(
                 q, k, v, lengths, implementation="triton", config=c
             )
+            shape = [batch, length, heads, kv_heads]
             try:
                 ms = timed_loop(fn, *args)
             except Exception as e:  # noqa: BLE001  (a tiling that does not compile is skipped)
-                rows.append(
-                    dict(config=repr(c), shape=[batch, length, heads, kv_heads], error=str(e)[:200])
-                )
-                totals[c] = float("inf")
-                continue
-            totals[c] += ms
-            rows.append(dict(config=repr(c), shape=[batch, length, heads, kv_heads], ms=ms))
-    return min(totals, key=totals.get), rows
+                rows.append(dict(config=repr(c), shape=shape, error=str(e)[:200]))
+                ms = float("inf")
+            times[c].append(ms)
+            rows.append(dict(config=repr(c), shape=shape, ms=ms))
+    # Score: geometric mean over shapes of time / the best time for that shape.
+    best = np.min(list(times.values()), axis=0)
+    score = {c: float(np.exp(np.mean(np.log(np.asarray(t) / best)))) for c, t in times.items()}
+    rows.extend(dict(config=repr(c), score=score[c]) for c in candidates)
+    return min(score, key=score.get), rows
 
 
 def main() -> None:
@@ -124,12 +142,16 @@ def main() -> None:
     parser.add_argument("--no-tune", action="store_true", help="use the default DecodeConfig")
     args = parser.parse_args()
 
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     record = dict(environment(), head_dim=HEAD_DIM, dtype="bfloat16", inner=INNER)
     record["copy_GBps"] = copy_bandwidth()
     print(f"device copy: {record['copy_GBps']:.0f} GB/s")
     config = None
     if not args.no_tune:
-        config, record["tuning"] = tune([(8, 32768, 32, 8), (1, 131072, 8, 1), (64, 1024, 32, 8)])
+        config, record["tuning"] = tune(
+            [(8, 131072, 32, 8), (1, 131072, 8, 1), (64, 8192, 32, 8), (1, 8192, 32, 8)]
+        )
         print(f"tuned: {config}")
     record["config"] = repr(config or DecodeConfig())
     impls = implementations(config)
@@ -152,10 +174,8 @@ def main() -> None:
             rows.append(row)
             tqdm.write(json.dumps(row))
         del args_
-    record["rows"] = rows
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+        record["rows"] = rows
+        out.write_text(json.dumps(record, indent=2) + "\n")  # after every shape: keep partials
     try:
         plot(record, out.with_suffix(".png"))
     except Exception as e:  # noqa: BLE001  (the JSON is the result; the plot can be redrawn)

@@ -41,8 +41,6 @@ _dot = getattr(pltriton, "dot", None) or pl.dot
 MIN_DOT_ROWS = 16
 # Triton computes element offsets in int32.
 MAX_CACHE_ELEMENTS = 2**31 - 1
-# Programs per SM the split heuristic aims for (several resident programs hide load latency).
-PROGRAMS_PER_SM = 4
 # SM count assumed when the device does not report one (H100 SXM).
 DEFAULT_SM_COUNT = 132
 MAX_HEAD_DIM = 256
@@ -54,13 +52,19 @@ class DecodeConfig:
 
     block_k: keys per inner step (contiguous cache; a paged cache steps one page at a time).
     num_splits: chunks of S per sequence; None picks enough to fill the GPU (see `num_splits`).
+    programs_per_sm: what the split heuristic aims for: several programs per SM hide load
+      latency, and many programs make the last, partly filled wave a small part of the time.
     min_split: the fewest keys a chunk gets from the heuristic (each chunk costs one partial
-      write of [G, H] float32 and a share of the merge).
+      write and read of [G, H] float32 in the merge).
+    unmasked_body: load full blocks without masks and mask only a chunk's last, partial block
+      (False: every load is masked by the length).
     """
 
     block_k: int = 64
     num_splits: int | None = None
+    programs_per_sm: int = 4
     min_split: int = 512
+    unmasked_body: bool = False
     num_warps: int = 4
     num_stages: int = 2
 
@@ -74,7 +78,7 @@ def num_splits(batch: int, kv_heads: int, capacity: int, step: int, config: Deco
     """Chunks of S per (sequence, kv head): enough programs for every SM, chunks >= min_split."""
     if config.num_splits is not None:
         return max(1, min(config.num_splits, pl.cdiv(capacity, step)))
-    target = PROGRAMS_PER_SM * sm_count()
+    target = config.programs_per_sm * sm_count()
     wanted = pl.cdiv(target, batch * kv_heads)
     most = max(1, capacity // max(config.min_split, step))
     return max(1, min(wanted, most))
@@ -86,8 +90,8 @@ def _decode_kernel(
     q_ref,  # [rows, Hp]: the G query heads of this kv head, zero-padded
     k_ref,  # [S, Hp] contiguous, or [P, page_size, Hp] paged
     v_ref,  # same as k_ref
-    o_ref,  # [rows, Hp] float32: this chunk's normalised output
-    lse_ref,  # [rows] float32: this chunk's log-sum-exp (-inf when it has no keys)
+    o_ref,  # [G, Hp] float32: this chunk's normalised output (only the G real rows)
+    lse_ref,  # [G] float32: this chunk's log-sum-exp (-inf when it has no keys)
     *,
     scale: float,
     logits_soft_cap: float | None,
@@ -95,6 +99,7 @@ def _decode_kernel(
     split_len: int,
     paged: bool,
     precision: lax.Precision | None,
+    unmasked_body: bool,
 ):
     b, split = pl.program_id(0), pl.program_id(2)
     rows = q_ref.shape[0]
@@ -104,27 +109,29 @@ def _decode_kernel(
     num_blocks = jnp.maximum(end - start + block_k - 1, 0) // block_k
     q = q_ref[...]  # [rows, Hp]
 
-    def body(i, carry):
+    def body(i, carry, masked=True):
         o, m, denom = carry  # [rows, Hp], [rows], [rows]
         first = start + i * block_k
         valid = first + jnp.arange(block_k) < end  # [block_k]
+        mask = valid[:, None] if masked else None
         if paged:
             page = page_table_ref[first // block_k]
             k_tile, v_tile = k_ref.at[page], v_ref.at[page]  # [page_size, Hp]
         else:
             k_tile = k_ref.at[pl.ds(first, block_k), :]  # [block_k, Hp]
             v_tile = v_ref.at[pl.ds(first, block_k), :]
-        k = pltriton.load(k_tile, mask=valid[:, None], other=0.0)
+        k = pltriton.load(k_tile, mask=mask, other=0.0 if masked else None)
         s = _dot(q, k, trans_b=True, precision=precision) * scale  # [rows, block_k] f32
         if logits_soft_cap is not None:
             s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
-        s = jnp.where(valid[None, :], s, -jnp.inf)
+        if masked:
+            s = jnp.where(valid[None, :], s, -jnp.inf)
         # Every visited block holds a key (first < end), so m_new is finite and no NaN appears.
         m_new = jnp.maximum(m, s.max(axis=-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
         denom = alpha * denom + p.sum(axis=-1)
-        v = pltriton.load(v_tile, mask=valid[:, None], other=0.0)
+        v = pltriton.load(v_tile, mask=mask, other=0.0 if masked else None)
         o = alpha[:, None] * o + _dot(p.astype(v.dtype), v, precision=precision)
         return o, m_new, denom
 
@@ -133,11 +140,24 @@ def _decode_kernel(
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
-    o, m, denom = lax.fori_loop(0, num_blocks, body, init)
+    if unmasked_body:  # full blocks without masks, then the partial last block (if any)
+        num_full = jnp.maximum(end - start, 0) // block_k
+        carry = lax.fori_loop(0, num_full, functools.partial(body, masked=False), init)
+        o, m, denom = lax.fori_loop(num_full, num_blocks, body, carry)
+    else:
+        o, m, denom = lax.fori_loop(0, num_blocks, body, init)
     has_keys = denom > 0
     safe_l = jnp.where(has_keys, denom, 1.0)
-    o_ref[...] = jnp.where(has_keys[:, None], o / safe_l[:, None], 0.0)
-    lse_ref[...] = jnp.where(has_keys, m + jnp.log(safe_l), -jnp.inf)
+    o = jnp.where(has_keys[:, None], o / safe_l[:, None], 0.0)
+    lse = jnp.where(has_keys, m + jnp.log(safe_l), -jnp.inf)
+    groups = o_ref.shape[0]
+    if groups == rows:
+        o_ref[...] = o
+        lse_ref[...] = lse
+    else:  # write the G real rows only: the padding rows would cost partial-result traffic
+        real = jnp.arange(rows) < groups
+        pltriton.store(o_ref.at[pl.ds(0, rows), :], o, mask=real[:, None])
+        pltriton.store(lse_ref.at[pl.ds(0, rows)], lse, mask=real)
 
 
 def merge_partials(
@@ -213,6 +233,7 @@ def decode_attention(
         split_len=split_len,
         paged=paged,
         precision=precision,
+        unmasked_body=config.unmasked_body,
     )
     out, lse = pl.pallas_call(
         kernel,
@@ -225,19 +246,19 @@ def decode_attention(
             cache_spec,
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, rows, padded), lambda b, h, j: (b, h, j, 0, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0)),
+            pl.BlockSpec((None, None, None, groups, padded), lambda b, h, j: (b, h, j, 0, 0)),
+            pl.BlockSpec((None, None, None, groups), lambda b, h, j: (b, h, j, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows, padded), jnp.float32),
-            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, groups, padded), jnp.float32),
+            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, groups), jnp.float32),
         ],
         compiler_params=common.triton_params(config.num_warps, config.num_stages),
         interpret=common.interpret_mode(),
         name="jattn_decode",
     )(lengths, *table, q, k_cache, v_cache)
 
-    out, lse = merge_partials(out[:, :, :, :groups, :head_dim], lse[:, :, :, :groups])
+    out, lse = merge_partials(out[..., :head_dim], lse)
     out = out.reshape(batch, num_heads, head_dim).astype(query.dtype)
     return out, lse.reshape(batch, num_heads)
 

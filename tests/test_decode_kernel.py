@@ -48,20 +48,21 @@ def _check(out, lse, q, k, v, lengths, dtype, scale=None):
     assert_close(lse[~empty], want_lse[~empty], TOLERANCE[jnp.float32])
 
 
-# (B, N, K, H, S, num_splits, block_k): GQA 1/4/8/16 (16 fills the packed tile exactly),
-# odd S, a padded head dim (24 -> 32), one split and many.
+# (B, N, K, H, S, num_splits, block_k, unmasked_body): GQA 1/4/8/16 (16 fills the packed tile
+# exactly), odd S, a padded head dim (24 -> 32), one split and many, both loop structures.
 SHAPES = [
-    (3, 8, 2, 16, 37, 3, 16),
-    (2, 4, 4, 32, 50, 1, 16),
-    (2, 8, 1, 24, 33, 4, 16),
-    (1, 16, 1, 64, 64, None, 64),
+    (3, 8, 2, 16, 37, 3, 16, False),
+    (3, 8, 2, 16, 37, 3, 16, True),
+    (2, 4, 4, 32, 50, 1, 16, False),
+    (2, 8, 1, 24, 33, 4, 16, True),
+    (1, 16, 1, 64, 64, None, 64, False),
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}N{}K{}H{}S{}s{}b{}".format(*s))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}N{}K{}H{}S{}s{}b{}u{:d}".format(*s))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_contiguous_matches_oracle(rng, shape, dtype):
-    batch, heads, kv_heads, dim, capacity, splits, block_k = shape
+    batch, heads, kv_heads, dim, capacity, splits, block_k, unmasked_body = shape
     q, k, v = _inputs(rng, batch, heads, kv_heads, dim, capacity, dtype)
     lengths = np.concatenate([[0, capacity], rng.integers(1, capacity, batch)])[:batch]
     k, v = _poison_past(k, lengths), _poison_past(v, lengths)
@@ -72,7 +73,9 @@ def test_contiguous_matches_oracle(rng, shape, dtype):
         lengths,
         return_residual=True,
         implementation="triton",
-        config=DecodeConfig(block_k=block_k, num_splits=splits, min_split=16),
+        config=DecodeConfig(
+            block_k=block_k, num_splits=splits, min_split=16, unmasked_body=unmasked_body
+        ),
     )
     _check(out, lse, q, k, v, lengths, dtype)
 
@@ -129,7 +132,7 @@ def test_paged_matches_oracle(rng, page_size, dtype):
         page_table=table,
         return_residual=True,
         implementation="triton",
-        config=DecodeConfig(num_splits=2),
+        config=DecodeConfig(num_splits=2, unmasked_body=page_size == 16),
     )
     _check(out, lse, q, k_contig, v_contig, lengths, dtype)
     xla = jattn.decode_attention(
@@ -199,7 +202,8 @@ def test_auto_uses_xla_without_a_gpu(rng, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_heads", [8, 1])
 @pytest.mark.parametrize("paged", [False, True])
-def test_gpu_real_sizes(rng, kv_heads, paged):
+@pytest.mark.parametrize("unmasked_body", [False, True])
+def test_gpu_real_sizes(rng, kv_heads, paged, unmasked_body):
     batch, heads, dim, capacity, page_size = 4, 32 if kv_heads == 8 else 8, 128, 32768, 64
     q = jnp.asarray(rng.standard_normal((batch, heads, dim)), jnp.bfloat16)
     key = jax.random.key(int(rng.integers(1 << 30)))
@@ -223,6 +227,7 @@ def test_gpu_real_sizes(rng, kv_heads, paged):
         page_table=table,
         return_residual=True,
         implementation="triton",
+        config=DecodeConfig(unmasked_body=unmasked_body, programs_per_sm=16),
     )
     want, want_lse = jattn.decode_attention(
         q.astype(jnp.float32),
