@@ -5,6 +5,7 @@ Statistics Self-Attention, decode attention, and Flax NNX modules. Import from `
 """
 
 from jattn import cudnn as _cudnn  # noqa: F401  (registers implementation="cudnn")
+from jattn import graph as graph
 from jattn import nn as nn
 from jattn import offload as offload
 from jattn import reference as reference
@@ -29,6 +30,7 @@ __all__ = [
     "available_implementations",
     "decode_attention",
     "dot_product_attention",
+    "graph",
     "nn",
     "offload",
     "reference",

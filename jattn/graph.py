@@ -30,7 +30,9 @@ Two implementations of the GAO/hGAO aggregation, equal up to float rounding:
 - `"fused"` (default): edges sorted by receiver once (`edge_layout`), sorted segment reductions,
   and a `custom_vjp` whose backward reuses the forward's softmax (the row term is
   `<dout_i, out_i>`, no segment pass) and reduces sender gradients over a sender-sorted edge
-  order instead of scattering in random order.
+  order instead of scattering in random order;
+- `"fused_scatter"`: the same `custom_vjp` on the edges in the caller's order (no sort, plain
+  scatters).
 """
 
 from typing import NamedTuple
@@ -55,7 +57,7 @@ __all__ = [
 
 _HIGHEST = lax.Precision.HIGHEST
 _SCORES = ("additive", "dot")
-_IMPLEMENTATIONS = ("fused", "xla")
+_IMPLEMENTATIONS = ("fused", "fused_scatter", "xla")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,11 +236,14 @@ def graph_attention(
             scale=scale, negative_slope=negative_slope,
         )  # fmt: skip
     else:
+        if implementation == "fused_scatter":
+            layout = None
+        elif layout is None:
+            layout = edge_layout(graph)
         out = _gao_fused(
             values, graph.senders, graph.receivers, valid, weights, score=score,
             attn_sender=attn_sender, attn_receiver=attn_receiver, query=query, key=key,
-            scale=scale, negative_slope=negative_slope,
-            layout=edge_layout(graph) if layout is None else layout,
+            scale=scale, negative_slope=negative_slope, layout=layout,
         )  # fmt: skip
     return graph._replace(nodes=out[:, 0] if squeeze else out)
 
@@ -246,10 +251,10 @@ def graph_attention(
 def _logits_xla(values, senders, receivers, *, score, attn_sender, attn_receiver, query, key,
                 scale, negative_slope):  # fmt: skip
     if score == "additive":
-        s = jnp.einsum("nhf,hf->nh", key, attn_sender, precision=_HIGHEST)
-        d = jnp.einsum("nhf,hf->nh", query, attn_receiver, precision=_HIGHEST)
+        s = _rowdot(key, attn_sender[None])
+        d = _rowdot(query, attn_receiver[None])
         return jax.nn.leaky_relu(s[senders] + d[receivers], negative_slope)
-    return scale * jnp.einsum("ehf,ehf->eh", query[receivers], key[senders], precision=_HIGHEST)
+    return scale * _rowdot(query[receivers], key[senders])
 
 
 def _gao_xla(values, senders, receivers, valid, weights, **score_args):
@@ -266,15 +271,18 @@ def _gao_xla(values, senders, receivers, valid, weights, **score_args):
 
 def _gao_fused(values, senders, receivers, valid, weights, *, layout, score, attn_sender,
                attn_receiver, query, key, scale, negative_slope):  # fmt: skip
+    """layout None: edges in the given order (unsorted segment ops, `"fused_scatter"`)."""
     num_nodes = values.shape[0]
-    order = layout.receiver_order
+    if layout is None:
+        order, by_sender = jnp.arange(senders.shape[0]), None
+    else:
+        order, by_sender = layout.receiver_order, layout.sender_order
     snd = jnp.clip(senders[order], 0, num_nodes - 1).astype(jnp.int32)
-    # Out-of-range receivers go to a dummy segment N (dropped by the sorted reductions).
+    # Out-of-range receivers go to a dummy segment N (dropped by the segment reductions).
     rcv = jnp.where(valid[order], receivers[order], num_nodes).astype(jnp.int32)
-    by_sender = layout.sender_order
     if score == "additive":
-        s = jnp.einsum("nhf,hf->nh", key, attn_sender, precision=_HIGHEST)
-        d = jnp.einsum("nhf,hf->nh", query, attn_receiver, precision=_HIGHEST)
+        s = _rowdot(key, attn_sender[None])
+        d = _rowdot(query, attn_receiver[None])
         pre = _edge_sum(s, d, snd, rcv, by_sender)
         logits = jnp.where(pre > 0, pre, negative_slope * pre)
     else:
@@ -284,16 +292,26 @@ def _gao_fused(values, senders, receivers, valid, weights, *, layout, score, att
     return _softmax_aggregate(logits, values, snd, rcv, by_sender, w)
 
 
-# Sorted segment reductions: `rcv` is sorted (receiver-sorted edge order, dummy segment N last);
-# `snd[by_sender]` is sorted too.
+# Segment reductions. With a layout (`by_sender` not None) `rcv` is sorted (receiver-sorted edge
+# order, dummy segment N last) and so is `snd[by_sender]`; without one (`by_sender` None, the
+# "fused_scatter" variant) edges stay in the caller's order and the reductions are plain scatters.
 
 
-def _sum_by_receiver(x, rcv, num_nodes):
-    return jax.ops.segment_sum(x, rcv, num_nodes, indices_are_sorted=True)
+def _sum_by_receiver(x, rcv, num_nodes, by_sender):
+    return jax.ops.segment_sum(x, rcv, num_nodes, indices_are_sorted=by_sender is not None)
 
 
 def _sum_by_sender(x, snd, by_sender, num_nodes):
+    if by_sender is None:
+        return jax.ops.segment_sum(x, snd, num_nodes)
     return jax.ops.segment_sum(x[by_sender], snd[by_sender], num_nodes, indices_are_sorted=True)
+
+
+def _rowdot(a, b):  # [..., F] x [..., F] -> [...]
+    """Multiply + reduce, not a dot_general: a batch of E tiny dots would become a batched
+    matmul with E batches, while this fuses with the gathers that produce a and b."""
+    a, b = jnp.broadcast_arrays(a, b)
+    return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=-1)
 
 
 def _gather(x, idx):
@@ -313,7 +331,7 @@ def _edge_sum_bwd(res, g):  # g: [E, H]
     snd, rcv, by_sender, num_nodes = res
     return (
         _sum_by_sender(g, snd, by_sender, num_nodes),
-        _sum_by_receiver(g, rcv, num_nodes),
+        _sum_by_receiver(g, rcv, num_nodes, by_sender),
         None,
         None,
         None,
@@ -325,7 +343,7 @@ _edge_sum.defvjp(_edge_sum_fwd, _edge_sum_bwd)
 
 @jax.custom_vjp
 def _edge_dot(q, k, snd, rcv, by_sender):  # q, k: [N, H, F] -> [E, H]: <q[rcv], k[snd]>
-    return jnp.einsum("ehf,ehf->eh", _gather(q, rcv), _gather(k, snd), precision=_HIGHEST)
+    return _rowdot(_gather(q, rcv), _gather(k, snd))
 
 
 def _edge_dot_fwd(q, k, snd, rcv, by_sender):
@@ -335,7 +353,7 @@ def _edge_dot_fwd(q, k, snd, rcv, by_sender):
 def _edge_dot_bwd(res, g):  # g: [E, H]
     q, k, snd, rcv, by_sender = res
     num_nodes = q.shape[0]
-    dq = _sum_by_receiver(g[..., None] * _gather(k, snd), rcv, num_nodes)
+    dq = _sum_by_receiver(g[..., None] * _gather(k, snd), rcv, num_nodes, by_sender)
     dk = _sum_by_sender(g[..., None] * _gather(q, rcv), snd, by_sender, num_nodes)
     return dq.astype(q.dtype), dk.astype(k.dtype), None, None, None
 
@@ -343,12 +361,12 @@ def _edge_dot_bwd(res, g):  # g: [E, H]
 _edge_dot.defvjp(_edge_dot_fwd, _edge_dot_bwd)
 
 
-def _softmax_weights(logits, rcv, num_nodes):  # [E, H] -> alpha [E, H], float32
+def _softmax_weights(logits, rcv, num_nodes, by_sender):  # [E, H] -> alpha [E, H], float32
     x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    row_max = jax.ops.segment_max(x, rcv, num_nodes, indices_are_sorted=True)
+    row_max = jax.ops.segment_max(x, rcv, num_nodes, indices_are_sorted=by_sender is not None)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     p = jnp.exp(x - _gather(row_max, rcv))  # masked edges have logit -inf: p = 0
-    row_sum = _sum_by_receiver(p, rcv, num_nodes)
+    row_sum = _sum_by_receiver(p, rcv, num_nodes, by_sender)
     return p / _gather(jnp.where(row_sum > 0, row_sum, 1.0), rcv)
 
 
@@ -360,10 +378,10 @@ def _softmax_aggregate(logits, values, snd, rcv, by_sender, weights):
 
 def _softmax_aggregate_fwd(logits, values, snd, rcv, by_sender, weights):
     num_nodes = values.shape[0]
-    alpha = _softmax_weights(logits, rcv, num_nodes)  # [E, H]
+    alpha = _softmax_weights(logits, rcv, num_nodes, by_sender)  # [E, H]
     w = alpha if weights is None else alpha * weights
     messages = w[..., None].astype(values.dtype) * _gather(values, snd)  # [E, H, F]
-    out = _sum_by_receiver(messages, rcv, num_nodes).astype(values.dtype)  # [N, H, F]
+    out = _sum_by_receiver(messages, rcv, num_nodes, by_sender).astype(values.dtype)  # [N, H, F]
     return out, (alpha, values, out, snd, rcv, by_sender, weights, logits[:0])  # [:0]: dtype
 
 
@@ -371,20 +389,23 @@ def _softmax_aggregate_bwd(res, g):  # g: [N, H, F]
     alpha, values, out, snd, rcv, by_sender, weights, logits_like = res
     num_nodes = values.shape[0]
     g_rcv = _gather(g, rcv)  # [E, H, F]
-    d_w = jnp.einsum("ehf,ehf->eh", g_rcv, _gather(values, snd), precision=_HIGHEST)
+    d_w = _rowdot(g_rcv, _gather(values, snd))
     d_alpha = d_w if weights is None else d_w * weights
     # Softmax backward: the row term sum_e alpha_e d_alpha_e equals <g_i, out_i>.
-    row = jnp.einsum("nhf,nhf->nh", g, out, precision=_HIGHEST)  # [N, H]
+    row = _rowdot(g, out)  # [N, H]
     d_logits = alpha * (d_alpha - _gather(row, rcv))
     w = alpha if weights is None else alpha * weights
-    # dvalues[j] = sum over j's out-edges of w_e g[rcv_e]: a sorted reduction by sender.
-    w_s = w[by_sender]
-    d_values = jax.ops.segment_sum(
-        w_s[..., None].astype(g.dtype) * _gather(g, rcv[by_sender]),
-        snd[by_sender],
-        num_nodes,
-        indices_are_sorted=True,
-    )
+    # dvalues[j] = sum over j's out-edges of w_e g[rcv_e]: a (sorted) reduction by sender, with
+    # the gathers done in sender order rather than scattering the [E, H, F] messages' cotangent.
+    if by_sender is None:
+        d_values = jax.ops.segment_sum(w[..., None].astype(g.dtype) * g_rcv, snd, num_nodes)
+    else:
+        d_values = jax.ops.segment_sum(
+            w[by_sender][..., None].astype(g.dtype) * _gather(g, rcv[by_sender]),
+            snd[by_sender],
+            num_nodes,
+            indices_are_sorted=True,
+        )
     return d_logits.astype(logits_like.dtype), d_values.astype(values.dtype), None, None, None, None
 
 
@@ -409,6 +430,7 @@ def hard_graph_attention(
     gate_query: bool = False,
     edge_mask: Array | None = None,  # [E] bool
     edge_weights: Array | None = None,  # [E, heads]
+    node_scores: Array | None = None,  # [N] X p, when computed elsewhere (e.g. sparse X)
     layout: EdgeLayout | None = None,
     implementation: str | None = None,
 ) -> jraph.GraphsTuple:  # nodes: the shape of `values` ([N, D] when values is None)
@@ -417,7 +439,8 @@ def hard_graph_attention(
     For receiver i: the kept senders j (top `min(k, in-degree)` by `y_j`, see `top_k_edges`) are
     gated, `x~_j = sigmoid(y_j) v_j`, and `z_i = sum_j softmax_j(e_ij) x~_j` with the GAO score `e`
     between the query `v_i` (gated too when `gate_query`) and the gated keys `x~_j`. The gate is
-    what makes `p` trainable (the ranking itself has no gradient).
+    what makes `p` trainable (the ranking itself has no gradient). `node_scores` (`X p`, `[N]`)
+    replaces the product with `graph.nodes` (then `values` is required and `graph.nodes` unused).
 
     Example:
       >>> import jraph, jax.numpy as jnp
@@ -429,16 +452,24 @@ def hard_graph_attention(
       True
     """
     x = graph.nodes
-    if x.ndim != 2 or projection.shape != (x.shape[1],):
+    if node_scores is None:
+        if x.ndim != 2 or projection.shape != (x.shape[1],):
+            raise ValueError(
+                f"hard_graph_attention needs graph.nodes [N, D] and projection [D]; got nodes "
+                f"{x.shape}, projection {projection.shape}"
+            )
+        node_scores = jnp.dot(x, projection, precision=_HIGHEST)
+    elif values is None or node_scores.shape != (values.shape[0],) or projection.ndim != 1:
         raise ValueError(
-            f"hard_graph_attention needs graph.nodes [N, D] and projection [D]; got nodes "
-            f"{x.shape}, projection {projection.shape}"
+            f"node_scores {node_scores.shape} needs values [N, ...] with the same N and a 1-d "
+            f"projection; got values {getattr(values, 'shape', None)}, projection "
+            f"{projection.shape}"
         )
     values = x if values is None else values
     v, squeeze = _heads(values, "values")
-    if v.shape[0] != x.shape[0]:
-        raise ValueError(f"values {values.shape} must have N={x.shape[0]} rows")
-    y = jnp.abs(jnp.dot(x, projection, precision=_HIGHEST)) / jnp.linalg.norm(projection)
+    if v.shape[0] != node_scores.shape[0]:
+        raise ValueError(f"values {values.shape} must have N={node_scores.shape[0]} rows")
+    y = jnp.abs(node_scores) / jnp.linalg.norm(projection)
     keep = top_k_edges(graph, y, k, edge_mask=edge_mask)
     gate = jax.nn.sigmoid(y).astype(v.dtype)[:, None, None]  # [N, 1, 1]
     gated = v * gate
@@ -485,7 +516,7 @@ def channel_graph_attention(
     xg = onehot[:, :, None, None] * x[:, None]  # [N, G, H, F]: node n's features in its graph
     keys = xg
     if normalize:
-        sq = jnp.einsum("nghf,nghf->ghf", xg, xg, precision=_HIGHEST)  # [G, H, F]
+        sq = jnp.sum(xg * xg, axis=0)  # [G, H, F]
         # sqrt only of positive sums: an empty graph or all-zero channel must not put an infinite
         # derivative (times zero = NaN) into the other graphs' gradients.
         keys = xg / jnp.sqrt(jnp.where(sq > 0, sq, 1.0))[None]
