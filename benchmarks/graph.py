@@ -230,6 +230,12 @@ def plot(record: dict, path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def save(record: dict, path: str) -> None:
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--edges", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -257,6 +263,7 @@ def main(argv=None) -> dict:
             rows.append(measure_pyg(num_nodes, num_edges, args.repeats))
             print(num_edges, json.dumps(rows[-1]), flush=True)
         record["speed"].append(dict(num_nodes=num_nodes, num_edges=num_edges, rows=rows))
+        save(record, args.out)  # after every size: a run cut short keeps what it measured
         del graph, layout
     for num_edges in args.memory_edges:
         graph = random_graph(args.memory_nodes, num_edges)
@@ -264,9 +271,8 @@ def main(argv=None) -> dict:
         rows = [measure(k, graph, layout, 0, time_it=False) for k in ("fused", "xla", "cgao")]
         print("memory", num_edges, json.dumps(rows), flush=True)
         record["memory"].append(dict(num_edges=num_edges, rows=rows))
+        save(record, args.out)
     out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
     try:
         plot(record, out.with_suffix(".png"))
     except Exception as e:  # noqa: BLE001
