@@ -72,24 +72,23 @@ class TritonConfig:
 
 
 def default_config(head_dim: int, dtype) -> TritonConfig:
-    """The heuristic tiling per head dim and dtype (registers bound the tile: H * block)."""
+    """The tiling per head dim and dtype, from a sweep on an H100 (bf16, T=4096, 16k tokens;
+    benchmarks/triton_configs.py, results/triton_configs_h100.json). float32 tiles take twice
+    the registers and shared memory (and its dots run without tensor cores): smaller tiles."""
     padded = common.padded_head_dim(head_dim)
-    wide = jnp.dtype(dtype).itemsize >= 4
+    if jnp.dtype(dtype).itemsize >= 4:
+        if padded <= 128:
+            return TritonConfig(
+                block_q=64, block_k=32, num_stages=2, bwd_block_q=32, bwd_block_k=32
+            )
+        return TritonConfig(
+            block_q=32, block_k=32, num_stages=1, bwd_block_q=32, bwd_block_k=32, bwd_num_stages=1
+        )
     if padded <= 64:
-        config = TritonConfig(block_q=128, block_k=64, num_warps=4, num_stages=3)
-    elif padded <= 128:
-        config = TritonConfig(block_q=128, block_k=64, num_warps=8, num_stages=3)
-    else:
-        config = TritonConfig(
-            block_q=64, block_k=32, num_warps=8, num_stages=2, bwd_block_q=32, bwd_block_k=32
-        )
-    if wide:  # float32 tiles take twice the registers and shared memory
-        config = dataclasses.replace(
-            config,
-            block_k=max(_MIN_BLOCK, config.block_k // 2),
-            bwd_block_q=max(_MIN_BLOCK, config.bwd_block_q // 2),
-        )
-    return config
+        return TritonConfig(block_q=64, block_k=64, num_warps=4, num_stages=3, bwd_num_stages=3)
+    if padded <= 128:
+        return TritonConfig(block_q=128, block_k=128, num_warps=8, num_stages=3)
+    return TritonConfig(block_q=64, block_k=64, num_warps=4, num_stages=3, bwd_num_warps=8)
 
 
 class _Static(NamedTuple):
@@ -133,18 +132,27 @@ def _precision(dtype):
 def _tile_logits(
     st: _Static, x, q, k, q_pos, k_pos, bias_tile, mask_tile, q_seg, kv_seg, masked: bool
 ):
-    """Scores of one tile: (raw scale * q.k, base-2 logits with -inf where hidden, visibility).
+    """One tile: (scale * q.k if soft-capped else None, base-2 logits, -inf where hidden,
+    visibility).
 
     q: [bq, Hp], k: [bk, Hp]; returns [bq, bk] float32 arrays (visibility None: all visible).
     `masked=False` is for tiles known to be fully visible: no mask is built.
     """
     q_offset, q_len, kv_len = _bounds(x)
-    scores = pltriton.dot(q, k, trans_b=True, precision=_precision(q.dtype)) * st.scale
-    logits = common.capped_logits(scores, st.softcap)
-    if bias_tile is not None:
-        logits = logits + bias_tile.astype(jnp.float32)
+    qk = pltriton.dot(q, k, trans_b=True, precision=_precision(q.dtype))
+    if st.softcap is None:  # one multiply per element: scale and the base-2 change together
+        scores = None  # only the soft cap's gradient needs them
+        logits = qk * (st.scale * _LOG2E)
+        if bias_tile is not None:
+            logits = logits + bias_tile.astype(jnp.float32) * _LOG2E
+    else:
+        scores = qk * st.scale
+        logits = common.capped_logits(scores, st.softcap)
+        if bias_tile is not None:
+            logits = logits + bias_tile.astype(jnp.float32)
+        logits = logits * _LOG2E
     if not masked:
-        return scores, logits * _LOG2E, None
+        return scores, logits, None
     visible = common.tile_visibility(
         q_pos,
         k_pos,
@@ -161,7 +169,6 @@ def _tile_logits(
     if mask_tile is not None:
         user = mask_tile != 0
         visible = user if visible is None else visible & user
-    logits = logits * _LOG2E
     if visible is not None:
         logits = jnp.where(visible, logits, -jnp.inf)
     return scores, logits, visible
