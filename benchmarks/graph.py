@@ -10,7 +10,8 @@ features and every parameter). Memory is XLA's compiled estimate (arguments + ou
 of the jitted function, `memory_analysis()`); PyG's is `torch.cuda.max_memory_allocated` around
 the call, measured in a separate process (so neither framework holds the other's memory).
 `fused` has the edge layout (two argsorts) computed once per graph, outside the timed call, as a
-training loop over a fixed graph would; `fused+layout` computes it inside.
+training loop over a fixed graph would; `fused+layout` computes it inside; `fused_scatter` is the
+same custom_vjp on unsorted edges.
 """
 
 import argparse
@@ -74,6 +75,8 @@ def layer_fn(kind: str):
         return gao("fused", False)
     if kind == "fused+layout":
         return gao("fused", True)
+    if kind == "fused_scatter":
+        return gao("fused_scatter", False)
     if kind == "xla":
         return gao("xla", False)
     if kind == "jraph.GAT":
@@ -247,7 +250,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-pyg", action="store_true")
     p.add_argument("--out", default="benchmarks/results/graph.json")
     args = p.parse_args(argv)
-    kinds = ["fused", "fused+layout", "xla", "jraph.GAT", "hgao-fused", "hgao-xla", "cgao"]
+    kinds = ["fused", "fused+layout", "fused_scatter", "xla", "jraph.GAT", "hgao-fused", "hgao-xla"]
+    kinds.append("cgao")
     record = dict(environment(), layer=dict(
         in_features=IN_FEATURES, heads=HEADS, head_features=HEAD_FEATURES, dtype="float32"),
         speed=[], memory=[], memory_nodes=args.memory_nodes)  # fmt: skip
