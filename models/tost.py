@@ -7,8 +7,9 @@
   `attention="tssa"` is ToST's language model (causal TSSA with its per-position `denom_bias`);
   `attention="softmax"` the same network with causal flash attention.
 
-Same width, depth and heads for both kinds; TSSA has one projection where softmax attention has
-three, so the ToST models have fewer parameters (`count_params`).
+Same width, depth, heads and block for both kinds (`jattn.nn.ToSTBlock`: pre-LN, LayerScale);
+TSSA has one input projection where softmax attention has three (q, k, v), so the ToST models
+have fewer parameters (`count_params`).
 
     python -m models.train_tost --help
 """
@@ -25,63 +26,46 @@ import jattn
 ATTENTION_KINDS = ("tssa", "softmax")
 
 
-class _TSSA(nnx.Module):
-    """ToST's attention layer on the functional `jattn.token_statistics_attention`: one
-    projection to `[N, H]`, TSSA, an output projection; learnable `temperature` `[N]` (init 1)
-    and, causal, `denom_bias` `[N, max_length]` (init 0): both excluded from weight decay."""
-
-    def __init__(self, dim: int, heads: int, *, causal: bool, max_length: int, rngs: nnx.Rngs):
-        self.causal = causal
-        self.proj = nnx.LinearGeneral(dim, (heads, dim // heads), use_bias=True, rngs=rngs)
-        self.out = nnx.LinearGeneral((heads, dim // heads), dim, axis=(-2, -1), rngs=rngs)
-        self.temperature = nnx.Param(jnp.ones((heads,)))
-        self.denom_bias = nnx.Param(jnp.zeros((heads, max_length))) if causal else None
-
-    def __call__(self, x: Array) -> Array:
-        denom_bias = self.denom_bias[...] if self.causal else None
-        y = jattn.token_statistics_attention(
-            self.proj(x), self.temperature[...], causal=self.causal, denom_bias=denom_bias
-        )
-        return self.out(y)
-
-
-def make_attention(kind: str, dim: int, heads: int, *, causal: bool, max_length: int, rngs):
-    """The token mixer of one block: `[B, T, dim] -> [B, T, dim]`."""
+def make_block(kind: str, dim: int, heads: int, *, causal: bool, max_length: int, **options):
+    """A ToST block (`jattn.nn.ToSTBlock`) or the same block with softmax attention."""
     if kind == "tssa":
-        return _TSSA(dim, heads, causal=causal, max_length=max_length, rngs=rngs)
+        return jattn.nn.ToSTBlock(
+            dim, heads, causal=causal, max_length=max_length if causal else None, **options
+        )
     if kind == "softmax":
-        return jattn.nn.MultiHeadAttention(heads, dim, is_causal=causal, use_bias=True, rngs=rngs)
+        return SoftmaxBlock(dim, heads, causal=causal, **options)
     raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
 
 
-class Block(nnx.Module):
-    """x + gamma1 * attention(LN(x)), then x + gamma2 * MLP(LN(x)) (ToST's block, LayerScale)."""
+class SoftmaxBlock(nnx.Module):
+    """`jattn.nn.ToSTBlock` with multi-head softmax attention in place of TSSA (the baseline):
+    x + gamma1 * attention(LN(x)), then x + gamma2 * MLP(LN(x))."""
 
     def __init__(
         self,
-        kind: str,
         dim: int,
         heads: int,
         *,
         causal: bool,
-        max_length: int,
-        layer_scale: float,
+        layer_scale_init: float,
+        norm_epsilon: float,
         mlp_ratio: int = 4,
         rngs: nnx.Rngs,
     ):
-        self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
-        self.attention = make_attention(
-            kind, dim, heads, causal=causal, max_length=max_length, rngs=rngs
+        self.norm1 = nnx.LayerNorm(dim, epsilon=norm_epsilon, rngs=rngs)
+        self.attention = jattn.nn.MultiHeadAttention(
+            heads, dim, is_causal=causal, use_bias=True, rngs=rngs
         )
-        self.gamma1 = nnx.Param(jnp.full((dim,), layer_scale))
-        self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
-        self.up = nnx.Linear(dim, mlp_ratio * dim, rngs=rngs)
-        self.down = nnx.Linear(mlp_ratio * dim, dim, rngs=rngs)
-        self.gamma2 = nnx.Param(jnp.full((dim,), layer_scale))
+        self.norm2 = nnx.LayerNorm(dim, epsilon=norm_epsilon, rngs=rngs)
+        self.fc1 = nnx.Linear(dim, mlp_ratio * dim, rngs=rngs)
+        self.fc2 = nnx.Linear(mlp_ratio * dim, dim, rngs=rngs)
+        self.gamma1 = nnx.Param(jnp.full((dim,), layer_scale_init))
+        self.gamma2 = nnx.Param(jnp.full((dim,), layer_scale_init))
 
     def __call__(self, x: Array) -> Array:
         x = x + self.gamma1[...][None, None] * self.attention(self.norm1(x))
-        return x + self.gamma2[...][None, None] * self.down(jax.nn.gelu(self.up(self.norm2(x))))
+        hidden = jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False)
+        return x + self.gamma2[...][None, None] * self.fc2(hidden)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,13 +91,14 @@ class VisionTransformer(nnx.Module):
         )
         self.blocks = nnx.List(
             [
-                Block(
+                make_block(
                     config.attention,
                     config.dim,
                     config.heads,
                     causal=False,
                     max_length=config.num_tokens,
-                    layer_scale=config.layer_scale,
+                    layer_scale_init=config.layer_scale,
+                    norm_epsilon=1e-6,
                     rngs=rngs,
                 )
                 for _ in range(config.depth)
@@ -151,13 +136,14 @@ class CausalLM(nnx.Module):
         )
         self.blocks = nnx.List(
             [
-                Block(
+                make_block(
                     config.attention,
                     config.dim,
                     config.heads,
                     causal=True,
                     max_length=config.max_length,
-                    layer_scale=config.layer_scale,
+                    layer_scale_init=config.layer_scale,
+                    norm_epsilon=1e-5,
                     rngs=rngs,
                 )
                 for _ in range(config.depth)

@@ -204,10 +204,10 @@ def scaling(lengths: list[int], dim: int = 128, depth: int = 2, heads: int = 4) 
             if implementation:
                 for block in model.blocks:
                     block.attention.implementation = implementation
-            graphdef, state = nnx.split(model)
+            graphdef, state, rest = nnx.split(model, nnx.Param, ...)
 
-            def loss(state, tokens, graphdef=graphdef):
-                return gpt.next_token_loss(nnx.merge(graphdef, state), tokens)
+            def loss(state, tokens, graphdef=graphdef, rest=rest):
+                return gpt.next_token_loss(nnx.merge(graphdef, state, rest), tokens)
 
             step = jax.jit(jax.value_and_grad(loss))
             compiled = step.lower(state, tokens).compile()

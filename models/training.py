@@ -2,7 +2,8 @@
 
 - Optimiser: gradient clipping by global norm, then AdamW with a linear warmup + cosine decay
   schedule and a weight-decay mask: only matrices (ndim >= 2) decay; biases, norm scales,
-  LayerScale, TSSA temperatures and TSSA's `denom_bias` never do (ToST's `no_weight_decay`).
+  LayerScale and TSSA temperatures never do (ToST's `no_weight_decay` is its temperature; its
+  causal `denom_bias` is a matrix and decays, as nanoGPT's optimiser groups in the official LM).
 - State: the model's parameters as a pure dict, split from the NNX module, and the optax state.
   One jit-compiled step updates both.
 - Checkpoints: orbax `CheckpointManager` under `<workdir>/checkpoints` every `checkpoint_every`
@@ -29,7 +30,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-NO_DECAY_NAMES = ("bias", "scale", "temperature", "temp", "denom_bias", "gamma", "layer_scale")
+NO_DECAY_NAMES = ("bias", "scale", "temperature", "temp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,10 +107,14 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 class Merger:
-    """Pure parameter dicts <-> the NNX module (so the jitted step sees plain pytrees)."""
+    """Pure parameter dicts <-> the NNX module (so the jitted step sees plain pytrees).
+
+    Only `nnx.Param`s are trained and checkpointed; other state (dropout RNG streams, which
+    the models here leave at rate 0) is kept as it was at construction.
+    """
 
     def __init__(self, model: nnx.Module):
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, self.state, self.rest = nnx.split(model, nnx.Param, ...)
 
     def params(self) -> dict:
         return nnx.to_pure_dict(self.state)
@@ -117,7 +122,7 @@ class Merger:
     def __call__(self, params: dict) -> nnx.Module:
         state = jax.tree.map(lambda x: x, self.state)  # a fresh copy to fill in
         nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state)
+        return nnx.merge(self.graphdef, state, self.rest)
 
 
 @dataclasses.dataclass

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
+import jattn
 from jattn import demo, offload
 from models import gpt, tost, train_tost, training
 
@@ -107,9 +108,12 @@ def test_tost_sizes_and_what_weight_decay_skips():
     }
     skipped = {name for name, decays in flat.items() if not decays}
     assert any(name.endswith("temperature") for name in skipped)
-    assert any(name.endswith("denom_bias") for name in skipped)  # a matrix, skipped by name
+    assert not any(name.endswith("denom_bias") for name in skipped)  # a matrix: decays
     assert all(not name.endswith("gamma1") or name in skipped for name in flat)
-    assert flat["embed/embedding"] and flat["blocks/0/up/kernel"]
+    assert flat["embed/embedding"] and flat["blocks/0/fc1/kernel"]
+    # The same as jattn.nn.weight_decay_mask says for the ToST layers.
+    nn_mask = jattn.nn.weight_decay_mask(params)
+    assert jax.tree.leaves(nn_mask) == jax.tree.leaves(mask)
 
 
 def test_tost_vision_training_learns_digits(tmp_path):
