@@ -76,7 +76,7 @@ def test_kernel_matches_reference_with_gradients(rng, case, causal):
     want = oracle.tssa(w, temperature, causal=causal, denom_bias=denom_bias)
     assert _rel_err(y, want) <= 1e-4
     for name, got, expected in zip(
-        ("dw", "dtemperature", "ddenom_bias"), grads, want_grads, strict=True
+        ("dw", "dtemperature", "ddenom_bias")[: len(grads)], grads, want_grads, strict=True
     ):
         assert got.shape == expected.shape, name
         assert _rel_err(got, expected) <= 1e-4, name
