@@ -221,15 +221,31 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write device, versions and rows here")
     parser.add_argument("--plot", help="write a PNG of TFLOP/s against T here")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="measure nothing: merge the rows of these result files (runs split to fit a time "
+        "limit, same device) into --json and --plot",
+    )
     args = parser.parse_args(argv)
-    rows = run_cells(args)
-    record = dict(environment(), benchmark="flash", tokens=TOKENS, hidden=HIDDEN, rows=rows)
-    try:
-        import tokamax
+    if args.merge:
+        parts = [json.load(open(path)) for path in args.merge]
+        devices = {part["device"] for part in parts}
+        if len(devices) != 1:
+            raise SystemExit(f"refusing to merge results from different devices: {devices}")
+        record = dict(parts[0], rows=[row for part in parts for row in part["rows"]])
+    else:
+        record = dict(
+            environment(), benchmark="flash", tokens=TOKENS, hidden=HIDDEN, rows=run_cells(args)
+        )
+        try:
+            import tokamax
 
-        record["tokamax"] = getattr(tokamax, "__version__", "unknown")
-    except ImportError:
-        record["tokamax"] = None
+            record["tokamax"] = getattr(tokamax, "__version__", "unknown")
+        except ImportError:
+            record["tokamax"] = None
+    rows = record["rows"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
