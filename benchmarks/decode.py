@@ -45,6 +45,7 @@ def timed_loop(fn, q, *args) -> float:
         for _ in range(INNER):
             out = fn(q, *args)
             q = q + (out * 1e-30).astype(q.dtype)  # a real dependency, negligible work
+            q = jax.lax.optimization_barrier(q)  # XLA may not fuse one call into the next
         return q
 
     jax.block_until_ready(loop(q, *args))

@@ -51,7 +51,7 @@ def decode_attention(
         out = exp(lse_1 - lse) * out_1 + exp(lse_2 - lse) * out_2.
       implementation: None (auto), 'triton' or 'xla'. An implementation that cannot serve the
         call raises NotImplementedError; auto then falls back to 'xla'.
-      config: `DecodeConfig` tiling for 'triton' (None: block_k 64, splits to fill the GPU).
+      config: `DecodeConfig` tiling for 'triton' (None: the H100-tuned default).
 
     Returns:
       `[B, N, H]` (and lse). A sequence with length 0 gets output 0 and lse -inf.

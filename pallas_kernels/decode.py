@@ -60,13 +60,14 @@ class DecodeConfig:
       (False: every load is masked by the length).
     """
 
+    # Defaults: the best of 12 tilings on an H100 (benchmarks/results/decode_h100.json, "tuning").
     block_k: int = 64
     num_splits: int | None = None
-    programs_per_sm: int = 4
+    programs_per_sm: int = 16
     min_split: int = 512
-    unmasked_body: bool = False
+    unmasked_body: bool = True
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 4
 
 
 def sm_count() -> int:
