@@ -9,9 +9,10 @@ forward, and forward+backward (gradients of `sum(out * cotangent)` with respect 
 features and every parameter). Memory is XLA's compiled estimate (arguments + outputs + temporaries
 of the jitted function, `memory_analysis()`); PyG's is `torch.cuda.max_memory_allocated` around
 the call, measured in a separate process (so neither framework holds the other's memory).
-`fused` has the edge layout (two argsorts) computed once per graph, outside the timed call, as a
-training loop over a fixed graph would; `fused+layout` computes it inside; `fused_scatter` is the
-same custom_vjp on unsorted edges.
+`fused` has the edge layout (`jattn.graph.edge_layout`: row-split neighbour tables, rows of 8
+slots) computed once per graph, outside the timed call, as a training loop over a fixed graph
+would; `fused/4` and `fused/16` use rows of 4 and 16 slots; `fused+layout` builds the layout
+inside the timed call; `fused_scatter` is the edge-space custom_vjp (plain scatters).
 """
 
 import argparse
@@ -71,7 +72,7 @@ def layer_fn(kind: str):
 
         return f
 
-    if kind == "fused":
+    if kind == "fused" or kind.startswith("fused/"):  # fused/D: the layout's row width D
         return gao("fused", False)
     if kind == "fused+layout":
         return gao("fused", True)
@@ -248,10 +249,12 @@ def main(argv=None) -> dict:
     p.add_argument("--memory-nodes", type=int, default=100_000)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-pyg", action="store_true")
+    p.add_argument("--kinds", nargs="+", default=None, help="implementations to time")
     p.add_argument("--out", default="benchmarks/results/graph.json")
     args = p.parse_args(argv)
-    kinds = ["fused", "fused+layout", "fused_scatter", "xla", "jraph.GAT", "hgao-fused", "hgao-xla"]
-    kinds.append("cgao")
+    kinds = ["fused", "fused/4", "fused/16", "fused+layout", "fused_scatter", "xla", "jraph.GAT"]
+    kinds += ["hgao-fused", "hgao-xla"]
+    kinds = args.kinds or kinds + ["cgao"]
     record = dict(environment(), layer=dict(
         in_features=IN_FEATURES, heads=HEADS, head_features=HEAD_FEATURES, dtype="float32"),
         speed=[], memory=[], memory_nodes=args.memory_nodes)  # fmt: skip
@@ -261,7 +264,10 @@ def main(argv=None) -> dict:
         layout = jax.block_until_ready(jg.edge_layout(graph))
         rows = []
         for kind in kinds:
-            rows.append(measure(kind, graph, layout, args.repeats))
+            lay = layout
+            if kind.startswith("fused/"):
+                lay = jg.edge_layout(graph, row_width=int(kind.split("/")[1]))
+            rows.append(measure(kind, graph, lay, args.repeats))
             print(num_edges, json.dumps(rows[-1]), flush=True)
         if not args.no_pyg:
             rows.append(measure_pyg(num_nodes, num_edges, args.repeats))

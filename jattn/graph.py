@@ -35,6 +35,7 @@ Two implementations of the GAO/hGAO aggregation, equal up to float rounding:
   scatters).
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -68,11 +69,9 @@ def node_graph_index(graph: jraph.GraphsTuple) -> Array:
     """The graph each node belongs to, `[N]` int32, from `n_node` (jit-friendly)."""
     num_nodes = _num_nodes(graph)
     num_graphs = graph.n_node.shape[0]
-    return jnp.repeat(
-        jnp.arange(num_graphs, dtype=jnp.int32),
-        jnp.asarray(graph.n_node),
-        total_repeat_length=num_nodes,
-    )
+    ends = jnp.cumsum(jnp.asarray(graph.n_node))
+    gid = jnp.searchsorted(ends, jnp.arange(num_nodes), side="right")
+    return jnp.minimum(gid, num_graphs - 1).astype(jnp.int32)
 
 
 def add_self_loops(graph: jraph.GraphsTuple) -> jraph.GraphsTuple:
@@ -110,22 +109,65 @@ def add_self_loops(graph: jraph.GraphsTuple) -> jraph.GraphsTuple:
     )
 
 
-class EdgeLayout(NamedTuple):
-    """Edge orders the fused path uses; compute once per graph with `edge_layout` and reuse.
+DEFAULT_ROW_WIDTH = 8  # edges per table row: short rows pad little, long ones split into several
 
-    receiver_order: `[E]` permutation that sorts edges by receiver (stable).
-    sender_order: `[E]` permutation of the receiver-sorted edges that sorts them by sender.
+
+class EdgeLayout(NamedTuple):
+    """Row-split neighbour tables for the fused path: every node's incoming edges (and, for the
+    backward, its outgoing ones) packed into rows of `D` slots, a node with more than `D` edges
+    taking several rows. Attention then runs as gathers and dense reductions over the `D` slots
+    (no scatter of per-edge vectors, forward or backward); only per-row partial results, R of
+    them, are summed per node. Sizes are static: `R = N + ceil(E / D)` rows bound any degree
+    distribution. Build once per graph with `edge_layout` (jit-friendly) and reuse.
+
+    in_edge: `[R, D]` the edge in each slot of the receiver table (E: empty slot).
+    in_node: `[R]` the receiver each row belongs to (N: unused row).
+    out_slot: `[R, D]` for the sender table: the flat receiver-table slot (`row * D + slot`) of
+      each outgoing edge (`R * D`: empty slot).
+    out_node: `[R]` the sender each sender-table row belongs to (N: unused row).
     """
 
-    receiver_order: Array
-    sender_order: Array
+    in_edge: Array
+    in_node: Array
+    out_slot: Array
+    out_node: Array
 
 
-def edge_layout(graph: jraph.GraphsTuple) -> EdgeLayout:
-    """The receiver and sender sort orders of `graph`'s edges (two stable argsorts)."""
-    receiver_order = jnp.argsort(graph.receivers, stable=True)
-    sender_order = jnp.argsort(graph.senders[receiver_order], stable=True)
-    return EdgeLayout(receiver_order.astype(jnp.int32), sender_order.astype(jnp.int32))
+def edge_layout(graph: jraph.GraphsTuple, *, row_width: int = DEFAULT_ROW_WIDTH) -> EdgeLayout:
+    """The row-split receiver and sender tables of `graph` (see `EdgeLayout`). Edges whose sender
+    or receiver is outside `[0, N)` are left out."""
+    num_nodes = _num_nodes(graph)
+    num_edges = graph.senders.shape[0]
+    width = row_width
+    num_rows = num_nodes + -(-num_edges // width)
+    valid = _edge_in_range(graph, num_nodes)
+    edge_ids = jnp.arange(num_edges, dtype=jnp.int32)
+
+    def rows_of(owner):  # owner: [E] node per edge (N for left-out edges)
+        order = jnp.argsort(owner, stable=True).astype(jnp.int32)
+        owner_sorted = owner[order]
+        count = jax.ops.segment_sum(jnp.ones_like(owner), owner, num_nodes)  # [N]
+        first_edge = jnp.cumsum(count) - count
+        first_row = jnp.cumsum(-(-count // width)) - -(-count // width)
+        safe = jnp.minimum(owner_sorted, num_nodes - 1)
+        pos = edge_ids - first_edge[safe]
+        keep = owner_sorted < num_nodes
+        row = jnp.where(keep, first_row[safe] + pos // width, num_rows)  # num_rows: dropped
+        node = jnp.full((num_rows,), num_nodes, jnp.int32).at[row].set(owner_sorted, mode="drop")
+        return order, row, pos % width, node
+
+    receivers = jnp.where(valid, graph.receivers, num_nodes).astype(jnp.int32)
+    order, row, slot, in_node = rows_of(receivers)
+    in_edge = jnp.full((num_rows, width), num_edges, jnp.int32)
+    in_edge = in_edge.at[row, slot].set(order, mode="drop")
+    flat = jnp.full((num_edges,), num_rows * width, jnp.int32)
+    flat = flat.at[order].set(jnp.where(row < num_rows, row * width + slot, num_rows * width))
+
+    senders = jnp.where(valid, graph.senders, num_nodes).astype(jnp.int32)
+    order, row, slot, out_node = rows_of(senders)
+    out_slot = jnp.full((num_rows, width), num_rows * width, jnp.int32)
+    out_slot = out_slot.at[row, slot].set(flat[order], mode="drop")
+    return EdgeLayout(in_edge, in_node, out_slot, out_node)
 
 
 def top_k_edges(
@@ -235,11 +277,15 @@ def graph_attention(
             attn_sender=attn_sender, attn_receiver=attn_receiver, query=query, key=key,
             scale=scale, negative_slope=negative_slope,
         )  # fmt: skip
+    elif implementation == "fused":
+        out = _gao_rows(
+            values, graph.senders, graph.receivers, valid, weights, score=score,
+            attn_sender=attn_sender, attn_receiver=attn_receiver, query=query, key=key,
+            scale=scale, negative_slope=negative_slope,
+            layout=edge_layout(graph) if layout is None else layout,
+        )  # fmt: skip
     else:
-        if implementation == "fused_scatter":
-            layout = None
-        elif layout is None:
-            layout = edge_layout(graph)
+        layout = None  # fused_scatter: the edges in the caller's order
         out = _gao_fused(
             values, graph.senders, graph.receivers, valid, weights, score=score,
             attn_sender=attn_sender, attn_receiver=attn_receiver, query=query, key=key,
@@ -290,6 +336,113 @@ def _gao_fused(values, senders, receivers, valid, weights, *, layout, score, att
     logits = jnp.where((rcv < num_nodes)[:, None], logits, -jnp.inf)
     w = None if weights is None else weights[order]
     return _softmax_aggregate(logits, values, snd, rcv, by_sender, w)
+
+
+def _gao_rows(values, senders, receivers, valid, weights, *, layout, score, attn_sender,
+              attn_receiver, query, key, scale, negative_slope):  # fmt: skip
+    """The fused path: attention over the row-split tables of `layout` (see `EdgeLayout`)."""
+    num_nodes = values.shape[0]
+    num_edges = senders.shape[0]
+    num_rows, width = layout.in_edge.shape
+    if layout.in_node.shape != (num_rows,) or num_rows < num_nodes:
+        raise ValueError(
+            f"layout tables {layout.in_edge.shape} / {layout.in_node.shape} do not fit a graph "
+            f"of {num_nodes} nodes and {num_edges} edges: build it with edge_layout(graph)"
+        )
+    edge = jnp.minimum(layout.in_edge, num_edges - 1) if num_edges else layout.in_edge * 0
+    slot_ok = layout.in_edge < num_edges
+    if num_edges:
+        slot_ok = slot_ok & valid[edge]
+    snd = jnp.clip(senders[edge], 0, num_nodes - 1).astype(jnp.int32) if num_edges else edge
+    in_node = layout.in_node
+    out_rcv = jnp.take(jnp.clip(in_node, 0, num_nodes - 1), layout.out_slot // width, mode="clip")
+    tables = (snd, in_node, slot_ok, layout.out_slot, out_rcv, layout.out_node)
+    w = None if weights is None or not num_edges else weights[edge]  # [R, D, H]
+    if score == "additive":
+        a = _rowdot(key, attn_sender[None])  # [N, H] sender term
+        b = _rowdot(query, attn_receiver[None])  # [N, H] receiver term
+    else:
+        a, b = key, query
+    op = _row_attention(score, float(negative_slope), float(scale))
+    return op(a, b, values, w, tables)
+
+
+@functools.cache
+def _row_attention(score: str, negative_slope: float, scale: float):
+    """The fused GAO on row-split tables as a custom_vjp (one per static configuration).
+
+    Arguments: a, b (additive: the per-node sender and receiver score terms [N, H]; dot: keys
+    and queries [N, H, Fk]), values [N, H, F], weights [R, D, H] or None, tables.
+    """
+
+    def logits_of(a, b, snd, node):  # -> pre-activation and logits [R, D, H]
+        if score == "additive":
+            pre = _gather(a, snd) + _gather(b, node)[:, None]
+            return pre, jnp.where(pre > 0, pre, negative_slope * pre)
+        logits = scale * jnp.sum(_gather(b, node)[:, None] * _gather(a, snd), axis=-1)
+        return None, logits
+
+    def fwd(a, b, values, weights, tables):
+        snd, in_node, slot_ok, _, _, _ = tables
+        num_nodes = values.shape[0]
+        node = jnp.minimum(in_node, num_nodes - 1)
+        pre, logits = logits_of(a, b, snd, node)
+        logits = jnp.where(slot_ok[..., None], logits.astype(jnp.float32), -jnp.inf)
+        node_max = jax.ops.segment_max(jnp.max(logits, axis=1), in_node, num_nodes)  # [N, H]
+        node_max = jnp.where(jnp.isfinite(node_max), node_max, 0.0)
+        p = jnp.exp(logits - _gather(node_max, node)[:, None])  # empty slots: 0
+        total = jax.ops.segment_sum(jnp.sum(p, axis=1), in_node, num_nodes)  # [N, H]
+        alpha = p / _gather(jnp.where(total > 0, total, 1.0), node)[:, None]  # [R, D, H]
+        w = alpha if weights is None else alpha * weights
+        rows = jnp.sum(w[..., None] * _gather(values, snd), axis=1)  # [R, H, F]
+        out = jax.ops.segment_sum(rows, in_node, num_nodes).astype(values.dtype)
+        return out, (a, b, values, weights, tables, alpha, pre, out)
+
+    def bwd(res, g):  # g: [N, H, F]
+        a, b, values, weights, tables, alpha, pre, out = res
+        snd, in_node, _, out_slot, out_rcv, out_node = tables
+        num_nodes = values.shape[0]
+        node = jnp.minimum(in_node, num_nodes - 1)
+        g32 = g.astype(jnp.float32)
+        g_row = _gather(g32, node)  # [R, H, F]
+        d_w = jnp.sum(g_row[:, None] * _gather(values, snd), axis=-1)  # [R, D, H]
+        d_alpha = d_w if weights is None else d_w * weights
+        # Softmax backward: sum_e alpha_e d_alpha_e over a node's edges is <g_i, out_i>.
+        row_term = _gather(jnp.sum(g32 * out, axis=-1), node)  # [R, H]
+        d_logits = alpha * (d_alpha - row_term[:, None])  # [R, D, H]
+
+        def by_sender(slot_values):  # [R, D, ...] per receiver slot -> [R, D, ...] per sender
+            flat = slot_values.reshape((-1,) + slot_values.shape[2:])
+            flat = jnp.concatenate([flat, jnp.zeros_like(flat[:1])])  # the empty-slot index
+            return flat[out_slot]
+
+        w = alpha if weights is None else alpha * weights
+        d_values = jnp.sum(by_sender(w)[..., None] * _gather(g32, out_rcv), axis=1)  # [R, H, F]
+        d_values = jax.ops.segment_sum(d_values, out_node, num_nodes)
+        if score == "additive":
+            d_pre = d_logits * jnp.where(pre > 0, 1.0, negative_slope)
+            d_b = jax.ops.segment_sum(jnp.sum(d_pre, axis=1), in_node, num_nodes)
+            d_a = jax.ops.segment_sum(jnp.sum(by_sender(d_pre), axis=1), out_node, num_nodes)
+        else:
+            d_l = scale * d_logits
+            d_b = jnp.sum(d_l[..., None] * _gather(a, snd), axis=1)  # [R, H, Fk]
+            d_b = jax.ops.segment_sum(d_b, in_node, num_nodes)
+            d_a = jnp.sum(by_sender(d_l)[..., None] * _gather(b, out_rcv), axis=1)
+            d_a = jax.ops.segment_sum(d_a, out_node, num_nodes)
+        return (
+            d_a.astype(a.dtype),
+            d_b.astype(b.dtype),
+            d_values.astype(values.dtype),
+            None,
+            None,
+        )
+
+    @jax.custom_vjp
+    def op(a, b, values, weights, tables):
+        return fwd(a, b, values, weights, tables)[0]
+
+    op.defvjp(fwd, bwd)
+    return op
 
 
 # Segment reductions. With a layout (`by_sender` not None) `rcv` is sorted (receiver-sorted edge

@@ -174,6 +174,43 @@ def test_gao_precomputed_layout_and_jit(rng):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("score", ["additive", "dot"])
+@pytest.mark.parametrize("row_width", [1, 3])
+def test_fused_rows_split_high_degree_nodes(rng, score, row_width):
+    """Narrow rows force nodes over several table rows (a hub receives from and sends to all)."""
+    graph = random_graph(rng, n_node=(9,), edges_per_graph=(30,), heads=2, features=3)
+    hub = np.arange(1, 9, dtype=np.int32)
+    senders = np.concatenate([np.asarray(graph.senders), hub, np.zeros(8, np.int32)])
+    receivers = np.concatenate([np.asarray(graph.receivers), np.zeros(8, np.int32), hub])
+    pairs = np.unique(senders * 9 + receivers)
+    graph = graph._replace(
+        senders=jnp.asarray(pairs // 9, jnp.int32), receivers=jnp.asarray(pairs % 9, jnp.int32),
+        n_edge=jnp.array([len(pairs)]),
+    )  # fmt: skip
+    layout = jg.edge_layout(graph, row_width=row_width)
+    assert layout.in_edge.shape == (9 + -(-len(pairs) // row_width), row_width)
+    n, heads, features = graph.nodes.shape
+    adjacency = dense_adjacency(graph, n)
+    a_s, a_r = attention_params(rng, heads, features)
+    cot = jnp.asarray(rng.standard_normal((n, heads, features)), jnp.float32)
+
+    def ours(v, a_s, a_r):
+        out = jg.graph_attention(
+            graph._replace(nodes=v), a_s, a_r, score=score, layout=layout, implementation="fused"
+        ).nodes
+        return jnp.sum(out * cot), out
+
+    def dense(v, a_s, a_r):
+        out = dense_gao(v, adjacency, score=score, a_s=a_s, a_r=a_r)
+        return jnp.sum(out * cot), out
+
+    (_, got), got_grads = vgrad(ours, (0, 1, 2))(graph.nodes, a_s, a_r)
+    (_, want), want_grads = vgrad(dense, (0, 1, 2))(graph.nodes, a_s, a_r)
+    np.testing.assert_allclose(got, want, **FWD_TOL)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, **GRAD_TOL)
+
+
 def pad_and_poison(graph, rng, extra_nodes=5, extra_edges=7):
     n, e = graph.nodes.shape[0], graph.senders.shape[0]
     padded = jraph.pad_with_graphs(graph, n + extra_nodes, e + extra_edges, n_graph=4)
