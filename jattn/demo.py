@@ -180,7 +180,7 @@ def attention_demo(shape: AttentionShape, repeats: int) -> list[Row]:
 
 @dataclasses.dataclass(frozen=True)
 class GPTDemo:
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 16
     seq_len: int = 128
     dim: int = 128
@@ -239,14 +239,15 @@ def gpt_demo(settings: GPTDemo, workdir: str | None = None, progress: bool = Tru
         f"{settings.steps} steps of {settings.batch_size}x{settings.seq_len} byte tokens from "
         f"{corpus.num_files} Python stdlib files ({megabytes:.1f} MB)"
     )
+    log_every = max(1, settings.steps // 12)
     flags = [
         "--workdir", workdir or tempfile.mkdtemp(prefix="jattn-demo-"), "--no-resume",
         "--steps", str(settings.steps), "--batch-size", str(settings.batch_size),
         "--seq-len", str(settings.seq_len), "--dim", str(settings.dim),
         "--layers", str(settings.layers), "--heads", str(settings.heads),
         "--kv-heads", str(settings.kv_heads), "--seed", str(settings.seed),
-        "--log-every", str(max(1, settings.steps // 12)),
-        "--eval-every", str(max(1, settings.steps // 3)), "--eval-batches", "4",
+        "--log-every", str(log_every),
+        "--eval-every", str(4 * log_every), "--eval-batches", "4",
         "--warmup-steps", str(max(1, settings.steps // 10)), "--sample-tokens", "0",
         "--prompt", settings.prompt,
     ]  # fmt: skip
