@@ -45,11 +45,17 @@ class HardGAT(nnx.Module):
         # Project the (sparse) input once for the values and once for the ranking scores.
         values = project(x, self.hidden.linear.kernel[...])
         scores = project(x, self.hidden.projection[...][:, None])[:, 0]
+        # As in models.gat, the projected features are dropped too before aggregation.
         x = self.hidden(
+            graph._replace(nodes=self.dropout(values)), layout=layout, projected=True,
+            node_scores=scores,
+        ).nodes  # fmt: skip
+        x = self.dropout(jax.nn.elu(x))
+        values = self.dropout(x @ self.out.linear.kernel[...])
+        scores = x @ self.out.projection[...]
+        return self.out(
             graph._replace(nodes=values), layout=layout, projected=True, node_scores=scores
         ).nodes
-        x = self.dropout(jax.nn.elu(x))
-        return self.out(graph._replace(nodes=x), layout=layout).nodes
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
