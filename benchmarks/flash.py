@@ -106,7 +106,7 @@ def measure(peer: Callable, q, k, v, causal: bool, mode: str, repeats: int) -> f
     return time_ms(fn, (q, k, v), repeats)
 
 
-def run_cells(args) -> list[dict]:
+def run_cells(args, on_row: Callable | None = None) -> list[dict]:
     rows = []
     cells = [
         (h, t, c, m)
@@ -151,6 +151,8 @@ def run_cells(args) -> list[dict]:
                     traceback.print_exc()
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -236,15 +238,20 @@ def main(argv=None) -> None:
             raise SystemExit(f"refusing to merge results from different devices: {devices}")
         record = dict(parts[0], rows=[row for part in parts for row in part["rows"]])
     else:
-        record = dict(
-            environment(), benchmark="flash", tokens=TOKENS, hidden=HIDDEN, rows=run_cells(args)
-        )
+        record = dict(environment(), benchmark="flash", tokens=TOKENS, hidden=HIDDEN, rows=[])
         try:
             import tokamax
 
             record["tokamax"] = getattr(tokamax, "__version__", "unknown")
         except ImportError:
             record["tokamax"] = None
+
+        def save(rows):  # after every row, so a run cut off by a time limit keeps its cells
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(dict(record, rows=rows), f, indent=1)
+
+        record["rows"] = run_cells(args, on_row=save)
     rows = record["rows"]
     if args.json:
         with open(args.json, "w") as f:
