@@ -221,3 +221,19 @@ def unmasked_query_blocks(
     if check_kv_len:  # a key block with keys past kv_len masks every tile
         inner_hi = jnp.where(k_first + block_k <= kv_len, inner_hi, inner_lo)
     return _clip_inner(lo, hi, inner_lo, inner_hi)
+
+
+# Shared memory per thread block by compute capability (CUDA's opt-in maximum, in bytes).
+_SHARED_MEMORY = {(9, 0): 227 * 1024, (8, 0): 163 * 1024, (8, 7): 163 * 1024}
+_SHARED_MEMORY_DEFAULT = 99 * 1024  # sm_86 / sm_89 (consumer Ampere, Ada)
+
+
+def shared_memory_bytes() -> int | None:
+    """The shared memory a kernel may use on this GPU (None off the GPU: interpret mode)."""
+    if not on_gpu():
+        return None
+    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
+    major, minor = (int(part) for part in str(capability).split(".")[:2])
+    if major >= 9:
+        return _SHARED_MEMORY[(9, 0)]
+    return _SHARED_MEMORY.get((major, minor), _SHARED_MEMORY_DEFAULT)

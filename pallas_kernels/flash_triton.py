@@ -91,6 +91,54 @@ def default_config(head_dim: int, dtype) -> TritonConfig:
     return TritonConfig(block_q=64, block_k=64, num_warps=4, num_stages=3, bwd_num_warps=8)
 
 
+def _shared_memory_estimate(block_q, block_k, stages, head_dim, itemsize, pair_itemsize):
+    """Bytes a kernel's pipeline holds: a resident tile of block_q rows plus, per stage, two
+    streamed tiles of block_k rows and one [block_q, block_k] bias/mask tile. (The dk/dv kernel
+    holds block_k rows and streams block_q rows: the same sum with the roles swapped.)"""
+    resident = block_q * head_dim * itemsize
+    streamed = 2 * block_k * head_dim * itemsize + block_q * block_k * pair_itemsize
+    return resident + stages * streamed
+
+
+def _fit_shared_memory(
+    config: TritonConfig, *, head_dim: int, itemsize: int, pair_itemsize: int
+) -> TritonConfig:
+    """Shrink a default config until its pipelines fit this GPU's shared memory: fewer stages
+    first (down to 2), then narrower streamed tiles, then a single stage. A bias or mask adds a
+    tile per stage, which the tuned defaults (measured without) do not budget for."""
+    budget = common.shared_memory_bytes()
+    if budget is None:
+        return config
+
+    def fit(block_q, block_k, stages):
+        while (
+            _shared_memory_estimate(block_q, block_k, stages, head_dim, itemsize, pair_itemsize)
+            > budget
+        ):
+            if stages > 2:
+                stages -= 1
+            elif block_k > _MIN_BLOCK * 2:
+                block_k //= 2
+            elif stages > 1:
+                stages -= 1
+            else:
+                break
+        return block_k, stages
+
+    block_k, stages = fit(config.block_q, config.block_k, config.num_stages)
+    # dq kernel: q, dO resident, k, v streamed; dk/dv kernel: k, v resident, q, dO streamed.
+    bwd_block_k, bwd_stages = fit(config.bwd_block_q * 2, config.bwd_block_k, config.bwd_num_stages)
+    bwd_block_q, bwd_stages = fit(config.bwd_block_k * 2, config.bwd_block_q, bwd_stages)
+    return dataclasses.replace(
+        config,
+        block_k=block_k,
+        num_stages=stages,
+        bwd_block_q=bwd_block_q,
+        bwd_block_k=bwd_block_k,
+        bwd_num_stages=bwd_stages,
+    )
+
+
 class _Static(NamedTuple):
     """Everything that is not an array; it keys the custom_vjp closure and the kernels."""
 
@@ -757,7 +805,12 @@ def flash_attention(
     if head_dim > 256:
         raise NotImplementedError(f"the Triton kernel serves head dims up to 256, got {head_dim}")
     if config is None:
-        config = default_config(head_dim, query.dtype)
+        config = _fit_shared_memory(
+            default_config(head_dim, query.dtype),
+            head_dim=common.padded_head_dim(head_dim),
+            itemsize=query.dtype.itemsize,
+            pair_itemsize=(0 if bias is None else bias.dtype.itemsize) + (mask is not None),
+        )
     block_q, bwd_block_q = _fit(config.block_q, q_len), _fit(config.bwd_block_q, q_len)
     block_k, bwd_block_k = _fit(config.block_k, kv_len), _fit(config.bwd_block_k, kv_len)
     k_multiple = max(block_k, bwd_block_k)
