@@ -279,14 +279,13 @@ def gpt_demo(settings: GPTDemo, workdir: str | None = None, progress: bool = Tru
         gpt.generate,
         model,
         prompt,
-        settings.sample_tokens,
         seed=settings.seed,
         cache_length=capacity,
         cache_sharding=NamedSharding(mesh, offload.cache_spec(shard_by, "attn")),
     )
-    jax.block_until_ready(gpt.generate(model, prompt, 2, cache_length=capacity))  # compile
+    jax.block_until_ready(generate(2))  # compiles the prefill and the decode step
     begin = time.perf_counter()
-    tokens = np.asarray(generate())
+    tokens = np.asarray(generate(settings.sample_tokens))
     decode_seconds = time.perf_counter() - begin
     sample = settings.prompt + text_data.decode(tokens[0])
     decode_rate = settings.sample_tokens / decode_seconds
