@@ -320,15 +320,14 @@ def _gao_xla(values, senders, receivers, valid, weights, **score_args):
 
 def _gao_fused(values, senders, receivers, valid, weights, *, layout, score, attn_sender,
                attn_receiver, query, key, scale, negative_slope):  # fmt: skip
-    """layout None: edges in the given order (unsorted segment ops, `"fused_scatter"`)."""
+    """`"fused_scatter"`: the custom_vjp in edge space, edges in the caller's order. (`layout`
+    must be None: `by_sender=None` below selects the unsorted segment reductions.)"""
+    del layout
     num_nodes = values.shape[0]
-    if layout is None:
-        order, by_sender = jnp.arange(senders.shape[0]), None
-    else:
-        order, by_sender = layout.receiver_order, layout.sender_order
-    snd = jnp.clip(senders[order], 0, num_nodes - 1).astype(jnp.int32)
+    by_sender = None
+    snd = jnp.clip(senders, 0, num_nodes - 1).astype(jnp.int32)
     # Out-of-range receivers go to a dummy segment N (dropped by the segment reductions).
-    rcv = jnp.where(valid[order], receivers[order], num_nodes).astype(jnp.int32)
+    rcv = jnp.where(valid, receivers, num_nodes).astype(jnp.int32)
     if score == "additive":
         s = _rowdot(key, attn_sender[None])
         d = _rowdot(query, attn_receiver[None])
@@ -337,8 +336,7 @@ def _gao_fused(values, senders, receivers, valid, weights, *, layout, score, att
     else:
         logits = scale * _edge_dot(query, key, snd, rcv, by_sender)
     logits = jnp.where((rcv < num_nodes)[:, None], logits, -jnp.inf)
-    w = None if weights is None else weights[order]
-    return _softmax_aggregate(logits, values, snd, rcv, by_sender, w)
+    return _softmax_aggregate(logits, values, snd, rcv, by_sender, weights)
 
 
 def _gao_rows(values, senders, receivers, valid, weights, *, layout, score, attn_sender,
