@@ -93,11 +93,11 @@ def add_self_loops(graph: jraph.GraphsTuple) -> jraph.GraphsTuple:
         jnp.asarray(graph.n_edge),
         total_repeat_length=num_edges,
     )
-    loops = jnp.arange(num_nodes, dtype=graph.senders.dtype)
+    loops = jnp.arange(num_nodes, dtype=jnp.int32)
     gid = jnp.concatenate([edge_gid, node_gid])
     order = jnp.argsort(gid, stable=True)  # old edges of g, then loops of g
-    senders = jnp.concatenate([graph.senders, loops])[order]
-    receivers = jnp.concatenate([graph.receivers, loops.astype(graph.receivers.dtype)])[order]
+    senders = jnp.concatenate([jnp.asarray(graph.senders, jnp.int32), loops])[order]
+    receivers = jnp.concatenate([jnp.asarray(graph.receivers, jnp.int32), loops])[order]
 
     def pad_edges(leaf):
         zeros = jnp.zeros((num_nodes,) + leaf.shape[1:], leaf.dtype)
