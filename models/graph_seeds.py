@@ -36,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.data_dir:
             run_argv += ["--data-dir", args.data_dir]
         runs.append(script.main(run_argv))
+        if args.out:  # every finished run, so that an interrupted sweep keeps its seeds
+            with open(pathlib.Path(args.out).with_suffix(".runs.jsonl"), "a") as f:
+                f.write(json.dumps(dict(label=args.label, **runs[-1])) + "\n")
     acc = [r["test_accuracy"] for r in runs]
     summary = dict(
         model=args.model,
