@@ -169,6 +169,7 @@ def plot(rows: list[dict], path: str) -> None:
         len(modes), len(panels), figsize=(3.6 * len(panels), 3.2 * len(modes)), squeeze=False
     )
     peers = sorted({r["peer"] for r in rows})
+    colors = {peer: f"C{i}" for i, peer in enumerate(peers)}  # one colour per peer everywhere
     for i, mode in enumerate(modes):
         for j, (head_dim, causal) in enumerate(panels):
             ax = axes[i][j]
@@ -188,6 +189,7 @@ def plot(rows: list[dict], path: str) -> None:
                         [r["length"] for r in cell],
                         [r["tflops"] for r in cell],
                         marker="o",
+                        color=colors[peer],
                         label=peer,
                     )
             ax.set_xscale("log", base=2)
@@ -195,8 +197,9 @@ def plot(rows: list[dict], path: str) -> None:
             ax.set_xlabel("T")
             ax.set_ylabel("TFLOP/s")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colors[p], marker="o", label=p) for p in peers]
+    fig.legend(handles=handles, loc="upper center", ncol=len(peers), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=110)
 
 
@@ -236,7 +239,11 @@ def main(argv=None) -> None:
         devices = {part["device"] for part in parts}
         if len(devices) != 1:
             raise SystemExit(f"refusing to merge results from different devices: {devices}")
-        record = dict(parts[0], rows=[row for part in parts for row in part["rows"]])
+        cells = {}  # a cell measured in two runs keeps the later file's row
+        for row in (row for part in parts for row in part["rows"]):
+            key = tuple(row[k] for k in ("peer", "head_dim", "length", "causal", "mode", "dtype"))
+            cells[key] = row
+        record = dict(parts[0], rows=list(cells.values()))
     else:
         record = dict(environment(), benchmark="flash", tokens=TOKENS, hidden=HIDDEN, rows=[])
         try:
