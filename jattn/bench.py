@@ -59,7 +59,8 @@ def run_bench(
             "the suites anyway (Pallas kernels then run in interpret mode: very slow)"
         )
     out = str(pathlib.Path(out).absolute())  # the suites run from the checkout's root
-    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    if not dry_run:
+        pathlib.Path(out).mkdir(parents=True, exist_ok=True)
     failures = 0
     for suite, command in zip(suites, commands(suites, out), strict=True):
         print(f"[{suite}] {' '.join(command[1:])}", flush=True)
