@@ -39,9 +39,10 @@ def test_every_command_has_help(command):
 
 
 def test_demo_checks_and_times_every_implementation(capsys):
-    cli.main(
+    cli.main(  # the attention part; the gpt and decode parts have their own tests
         [
             "demo",
+            "attention",
             "--length",
             "48",
             "--heads",
