@@ -359,8 +359,8 @@ def check_attention_args(
     )
 
 
-def _options(args: AttentionArgs) -> dict[str, Any]:
-    """The keyword options of a validated call, as reference and chunked take them."""
+def option_kwargs(args: AttentionArgs) -> dict[str, Any]:
+    """The keyword options of a validated call, as the reference and the kernels take them."""
     return dict(
         scale=args.scale,
         is_causal=args.is_causal,
@@ -384,7 +384,7 @@ def _xla(args: AttentionArgs, config) -> tuple[Array, Array]:
         args.bias,
         args.mask,
         return_residual=True,
-        **_options(args),
+        **option_kwargs(args),
     )
 
 
@@ -394,7 +394,7 @@ def _xla_chunked(args: AttentionArgs, config) -> tuple[Array, Array]:
     if not isinstance(config, chunked.ChunkedConfig):
         raise NotImplementedError(f"xla_chunked needs a ChunkedConfig, got {type(config).__name__}")
     return chunked.chunked_attention(
-        args.query, args.key, args.value, args.bias, args.mask, config=config, **_options(args)
+        args.query, args.key, args.value, args.bias, args.mask, config=config, **option_kwargs(args)
     )
 
 

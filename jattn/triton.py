@@ -7,7 +7,7 @@ float16, bfloat16 and float32; declines float64 and head dims above 256.
 
 from jax import Array
 
-from jattn.attention import AttentionArgs, register_implementation
+from jattn.attention import AttentionArgs, option_kwargs, register_implementation
 from pallas_kernels import flash_triton
 from pallas_kernels.flash_triton import TritonConfig
 
@@ -18,20 +18,7 @@ def _triton(args: AttentionArgs, config) -> tuple[Array, Array]:
     if config is not None and not isinstance(config, TritonConfig):
         raise NotImplementedError(f"triton needs a TritonConfig, got {type(config).__name__}")
     return flash_triton.flash_attention(
-        args.query,
-        args.key,
-        args.value,
-        args.bias,
-        args.mask,
-        scale=args.scale,
-        is_causal=args.is_causal,
-        q_offset=args.q_offset,
-        query_seq_lengths=args.query_seq_lengths,
-        key_value_seq_lengths=args.key_value_seq_lengths,
-        local_window_size=args.local_window_size,
-        segment_ids=args.segment_ids,
-        logits_soft_cap=args.logits_soft_cap,
-        config=config,
+        args.query, args.key, args.value, args.bias, args.mask, config=config, **option_kwargs(args)
     )
 
 

@@ -1,7 +1,10 @@
 """Shapes, feature cases and tolerances shared by the attention tests."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+import jattn
 
 import oracle
 
@@ -182,3 +185,44 @@ def assert_close(actual, expected, tol, what=""):
     actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
     atol, rtol = tol
     np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol, err_msg=what)
+
+
+def check_against_oracle(rng, shape, options, dtype, implementation, config=None):
+    """One dot_product_attention call against the float64 oracle: output, lse (-inf exactly
+    where the oracle's is), and dq/dk/dv/dbias under a random output and lse cotangent."""
+    q, k, v = make_inputs(rng, shape, dtype)
+    options = to_jax(options, dtype)
+    want_out, want_lse, cache, _ = oracle_attention(q, k, v, options)
+    bias = options.pop("bias", None)
+
+    def run(q, k, v, bias):
+        return jattn.dot_product_attention(
+            q,
+            k,
+            v,
+            bias,
+            return_residual=True,
+            implementation=implementation,
+            config=config,
+            **options,
+        )
+
+    (out, lse), vjp = jax.vjp(run, q, k, v, bias)
+    assert out.dtype == dtype and lse.dtype == jnp.float32
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    assert_close(out, want_out, TOLERANCE[dtype], "out")
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+    finite = np.isfinite(want_lse)
+    assert_close(np.asarray(lse)[finite], want_lse[finite], TOLERANCE[jnp.float32], "lse")
+
+    d_out = rng.standard_normal(out.shape)
+    d_lse = np.where(finite, rng.standard_normal(lse.shape), 0.0)
+    grads = vjp((jnp.asarray(d_out, dtype), jnp.asarray(d_lse, jnp.float32)))
+    d_out = np.asarray(jnp.asarray(d_out, dtype).astype(jnp.float32), np.float64)
+    want = oracle.attention_vjp(cache, d_out, d_lse, None if bias is None else bias.shape)
+    for name, got, expected in zip(("dq", "dk", "dv", "dbias"), grads, want, strict=True):
+        if expected is not None:
+            assert got.dtype == dtype and got.shape == expected.shape, name
+            assert np.isfinite(np.asarray(got, np.float32)).all(), name
+            scale = max(1.0, np.abs(expected).max())  # low precision: relative to the largest
+            assert_close(got, expected, tuple(t * scale for t in GRAD_TOLERANCE[dtype]), name)

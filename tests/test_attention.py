@@ -7,17 +7,15 @@ import pytest
 
 import jattn
 
-import oracle
 from cases import (
     FEATURES,
     GRAD_TOLERANCE,
     SHAPES,
     TOLERANCE,
     assert_close,
+    check_against_oracle,
     make_inputs,
     make_options,
-    oracle_attention,
-    to_jax,
 )
 
 # Small tiles, so the chunked scans run several steps and pad the last query and key blocks.
@@ -32,41 +30,9 @@ IMPLEMENTATIONS = {
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_implementation_matches_oracle(rng, implementation, feature, dtype):
     shape = SHAPES["gqa4_t_lt_s"] if feature != "plain" else SHAPES["mqa8_t_gt_s"]
-    q, k, v = make_inputs(rng, shape, dtype)
-    options = to_jax(make_options(rng, feature, shape), dtype)
-    want_out, want_lse, cache, _ = oracle_attention(q, k, v, options)
-    bias = options.pop("bias", None)
-
-    def run(q, k, v, bias):
-        return jattn.dot_product_attention(
-            q,
-            k,
-            v,
-            bias,
-            return_residual=True,
-            implementation=implementation,
-            config=IMPLEMENTATIONS[implementation],
-            **options,
-        )
-
-    (out, lse), vjp = jax.vjp(run, q, k, v, bias)
-    assert out.dtype == dtype and lse.dtype == jnp.float32
-    assert_close(out, want_out, TOLERANCE[dtype], "out")
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
-    finite = np.isfinite(want_lse)
-    assert_close(np.asarray(lse)[finite], want_lse[finite], TOLERANCE[jnp.float32], "lse")
-
-    d_out = rng.standard_normal(out.shape)
-    d_lse = np.where(finite, rng.standard_normal(lse.shape), 0.0)
-    grads = vjp((jnp.asarray(d_out, dtype), jnp.asarray(d_lse, jnp.float32)))
-    d_out = np.asarray(jnp.asarray(d_out, dtype).astype(jnp.float32), np.float64)
-    want = oracle.attention_vjp(cache, d_out, d_lse, None if bias is None else bias.shape)
-    for name, got, expected in zip(("dq", "dk", "dv", "dbias"), grads, want, strict=True):
-        if expected is not None:
-            assert got.dtype == dtype, name
-            assert np.isfinite(np.asarray(got, np.float32)).all(), name
-            scale = max(1.0, np.abs(expected).max())  # low precision: relative to the largest
-            assert_close(got, expected, tuple(t * scale for t in GRAD_TOLERANCE[dtype]), name)
+    options = make_options(rng, feature, shape)
+    config = IMPLEMENTATIONS[implementation]
+    check_against_oracle(rng, shape, options, dtype, implementation, config)
 
 
 @pytest.mark.parametrize("shape_name", SHAPES)
