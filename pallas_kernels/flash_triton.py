@@ -73,8 +73,8 @@ class TritonConfig:
 
 def default_config(head_dim: int, dtype) -> TritonConfig:
     """The tiling per head dim and dtype, from a sweep on an H100 (bf16, T=4096, 16k tokens;
-    benchmarks/triton_configs.py, results/triton_configs_h100.json). float32 tiles take twice
-    the registers and shared memory (and its dots run without tensor cores): smaller tiles."""
+    benchmarks/triton_configs.py, results/triton_configs_h100_bf16_T4096.json). float32 tiles
+    take twice the registers and shared memory (its dots run without tensor cores): smaller."""
     padded = common.padded_head_dim(head_dim)
     if jnp.dtype(dtype).itemsize >= 4:
         if padded <= 128:
@@ -565,8 +565,7 @@ def _pair_index(x: Array, b, n, row_block, col_block):
 
 def _query_tiled_specs(inputs: _Inputs, block_q: int, groups: int):
     """Operands and BlockSpecs for a kernel with a program per (query tile i, batch b, head n)."""
-    t_pad, s_pad = inputs.query.shape[1], inputs.key.shape[1]
-    h_pad = inputs.query.shape[-1]
+    s_pad, h_pad = inputs.key.shape[1], inputs.query.shape[-1]
     operands = {"query": inputs.query, "key": inputs.key, "value": inputs.value}
     specs = {
         "query": pl.BlockSpec((None, block_q, None, h_pad), lambda i, b, n: (b, i, n, 0)),
@@ -587,7 +586,6 @@ def _query_tiled_specs(inputs: _Inputs, block_q: int, groups: int):
         operands["q_seg"], operands["kv_seg"] = inputs.q_seg, inputs.kv_seg
         specs["q_seg"] = pl.BlockSpec((None, block_q), lambda i, b, n: (b, i))
         specs["kv_seg"] = pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))
-    del t_pad
     return operands, specs
 
 
