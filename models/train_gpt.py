@@ -79,11 +79,15 @@ def model_config(args: argparse.Namespace) -> gpt.GPTConfig:
     )
 
 
-def run(args: argparse.Namespace, corpus: text_data.TextCorpus | None = None) -> dict:
-    """Train (or resume) and sample; returns a summary (also the last metrics line's numbers)."""
-    config = training.train_config_from_args(args)
-    corpus = corpus or text_data.load_corpus(args.text, max_bytes=args.max_corpus_bytes)
-    model = gpt.GPT(model_config(args), rngs=nnx.Rngs(config.seed))
+def train_on_corpus(
+    model: nnx.Module,
+    corpus: text_data.TextCorpus,
+    config: training.TrainConfig,
+    args: argparse.Namespace,
+    run_info: dict,
+) -> training.TrainResult:
+    """Train a next-token model on `corpus` (seeded batches of args.seq_len tokens), with the
+    validation loss over args.eval_batches fixed batches as the evaluation."""
     eval_batches = [
         corpus.batch("valid", config.seed, i, config.batch_size, args.seq_len)
         for i in range(args.eval_batches)
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace, corpus: text_data.TextCorpus | None = None) ->
     def evaluate(model):
         return dict(val_loss=float(np.mean([eval_loss(model, b) for b in eval_batches])))
 
-    result = training.train(
+    return training.train(
         model,
         gpt.next_token_loss,
         lambda step: corpus.batch("train", config.seed, step, config.batch_size, args.seq_len),
@@ -101,14 +105,23 @@ def run(args: argparse.Namespace, corpus: text_data.TextCorpus | None = None) ->
         args.workdir,
         evaluate=evaluate,
         items_per_batch=config.batch_size * args.seq_len,
-        run_info=dict(
-            model=dataclasses.asdict(model_config(args)),
-            text=args.text,
-            max_corpus_bytes=args.max_corpus_bytes,
-        ),
+        run_info=run_info,
         resume=not args.no_resume,
         progress=not args.no_progress,
     )
+
+
+def run(args: argparse.Namespace, corpus: text_data.TextCorpus | None = None) -> dict:
+    """Train (or resume) and sample; returns a summary (also the last metrics line's numbers)."""
+    config = training.train_config_from_args(args)
+    corpus = corpus or text_data.load_corpus(args.text, max_bytes=args.max_corpus_bytes)
+    model = gpt.GPT(model_config(args), rngs=nnx.Rngs(config.seed))
+    run_info = dict(
+        model=dataclasses.asdict(model_config(args)),
+        text=args.text,
+        max_corpus_bytes=args.max_corpus_bytes,
+    )
+    result = train_on_corpus(model, corpus, config, args, run_info)
     summary = dict(
         start_step=result.start_step,
         history=result.history,

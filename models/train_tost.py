@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import gpt, text_data, tost, training, vision_data
+from models import gpt, text_data, tost, train_gpt, training, vision_data
 
 VISION_DEFAULTS = training.TrainConfig(
     steps=600, batch_size=64, learning_rate=2e-3, warmup_steps=50, eval_every=200,
@@ -147,27 +147,8 @@ def run_lm(args, corpus: text_data.TextCorpus | None = None) -> dict:
         heads=args.heads,
     )
     model = tost.CausalLM(model_config, rngs=nnx.Rngs(config.seed))
-    eval_batches = [
-        corpus.batch("valid", config.seed, i, config.batch_size, args.seq_len)
-        for i in range(args.eval_batches)
-    ]
-    eval_loss = jax.jit(gpt.next_token_loss)
-
-    def evaluate(model):
-        return dict(val_loss=float(np.mean([eval_loss(model, b) for b in eval_batches])))
-
-    result = training.train(
-        model,
-        gpt.next_token_loss,
-        lambda step: corpus.batch("train", config.seed, step, config.batch_size, args.seq_len),
-        config,
-        args.workdir,
-        evaluate=evaluate,
-        items_per_batch=config.batch_size * args.seq_len,
-        run_info=dict(model=dataclasses.asdict(model_config), text=args.text),
-        resume=not args.no_resume,
-        progress=not args.no_progress,
-    )
+    run_info = dict(model=dataclasses.asdict(model_config), text=args.text)
+    result = train_gpt.train_on_corpus(model, corpus, config, args, run_info)
     return _summary(result, model_config, "tokens_per_s")
 
 
