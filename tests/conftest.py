@@ -1,6 +1,7 @@
 """Test setup: 8 CPU devices, strict rank promotion, the `gpu` marker, shared helpers."""
 
 import os
+import zlib
 
 # Must happen before JAX initialises its backends.
 os.environ["XLA_FLAGS"] = (
@@ -27,6 +28,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def rng(request):
-    """A fresh NumPy generator per test, seeded from the test's name (reproducible, distinct)."""
-    seed = abs(hash(request.node.nodeid)) % (2**32)
+    """A NumPy generator per test, seeded from the test's name: distinct per test and the same in
+    every process (str hash() is salted per process, so it is not used). Set JATTN_TEST_SEED to
+    draw other inputs."""
+    seed = zlib.crc32(request.node.nodeid.encode()) ^ int(os.environ.get("JATTN_TEST_SEED", "0"))
     return np.random.default_rng(seed)

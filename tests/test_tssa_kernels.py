@@ -23,7 +23,7 @@ CASES = {
         (2, 21, 2, 16),
         kernels.Config(block_t=2, chunk_t=4, reverse_middle_pass=False),
     ),
-    "one_token": ((2, 1, 4, 8), None),
+    "one_token": ((2, 1, 4, 8), None),  # non-causal: w/||w|| over one token is ill-conditioned
     "default_tiling": ((1, 64, 8, 16), None),
 }
 
@@ -69,17 +69,28 @@ def test_kernel_matches_reference_with_gradients(rng, case, causal):
         return reference.token_statistics_attention(w, t, causal=causal, denom_bias=b)
 
     y, grads = _value_and_grads(kernel, w, temperature, denom_bias, cotangent, causal)
-    want_y, want_grads = _value_and_grads(ref, w, temperature, denom_bias, cotangent, causal)
+    want_y, _ = _value_and_grads(ref, w, temperature, denom_bias, cotangent, causal)
     assert y.shape == w.shape and y.dtype == w.dtype
     assert _rel_err(y, want_y) <= 1e-5
     # The official formulas, token by token in float64 (written apart from jattn).
     want = oracle.tssa(w, temperature, causal=causal, denom_bias=denom_bias)
     assert _rel_err(y, want) <= 1e-4
+    # Gradients against autodiff of the reference in float64. With one token the float32
+    # reference itself lands up to 1.9e-4 from float64 (kernel: 2.1e-4; 400 draws), so that case
+    # gets 5e-4; every other case holds 1e-4.
+    with jax.enable_x64(True):
+        as64 = [
+            None if x is None else jnp.asarray(np.asarray(x, np.float64))
+            for x in (w, temperature, denom_bias, cotangent)
+        ]
+        _, want_grads = _value_and_grads(ref, *as64, causal)
+        want_grads = [np.asarray(g) for g in want_grads]
+    grad_tolerance = 5e-4 if shape[1] == 1 else 1e-4
     for name, got, expected in zip(
         ("dw", "dtemperature", "ddenom_bias")[: len(grads)], grads, want_grads, strict=True
     ):
         assert got.shape == expected.shape, name
-        assert _rel_err(got, expected) <= 1e-4, name
+        assert _rel_err(got, expected) <= grad_tolerance, name
 
 
 @pytest.mark.parametrize("causal", [False, True])
