@@ -4,6 +4,7 @@ Flash attention (Pallas kernels, with XLA and cuDNN paths behind one dispatcher)
 Statistics Self-Attention, decode attention, and Flax NNX modules. Import from `jattn` only.
 """
 
+from jattn import autotune as autotune
 from jattn import cudnn as _cudnn  # noqa: F401  (registers implementation="cudnn")
 from jattn import graph as graph
 from jattn import nn as nn
@@ -27,6 +28,7 @@ __all__ = [
     "ChunkedConfig",
     "TritonConfig",
     "auto_order",
+    "autotune",
     "available_implementations",
     "decode_attention",
     "dot_product_attention",

@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from jattn import bench, demo
+from jattn.autotune import cli as autotune_cli
 from jattn.offload import demo as offload_demo
 
 
@@ -99,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_demo(commands)
     _add_bench(commands)
+    autotune_parser = autotune_cli.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "autotune":
+        return autotune_cli.run(args, autotune_parser)
     if args.command == "bench":
         try:
             failures = bench.run_bench(

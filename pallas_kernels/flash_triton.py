@@ -788,10 +788,13 @@ def flash_attention(
     segment_ids: tuple[Array, Array] | None,
     logits_soft_cap: float | None,
     config: TritonConfig | None = None,
+    tuned: TritonConfig | None = None,
     interpret: bool | None = None,
 ) -> tuple[Array, Array]:  # [B, T, N, H] in query.dtype, lse [B, T, N] float32
     """Flash attention with validated, rank-4 inputs (see `jattn.dot_product_attention`).
 
+    `config` is used as given; without one, `tuned` (a stored config from `jattn.autotune`) or
+    else `default_config` is shrunk to fit shared memory (bias and mask tiles add to it).
     Raises NotImplementedError for what the kernel does not serve (float64, H > 256).
     """
     if query.dtype not in _DTYPES:
@@ -804,7 +807,7 @@ def flash_attention(
         raise NotImplementedError(f"the Triton kernel serves head dims up to 256, got {head_dim}")
     if config is None:
         config = _fit_shared_memory(
-            default_config(head_dim, query.dtype),
+            default_config(head_dim, query.dtype) if tuned is None else tuned,
             head_dim=common.padded_head_dim(head_dim),
             itemsize=query.dtype.itemsize,
             pair_itemsize=(0 if bias is None else bias.dtype.itemsize) + (mask is not None),

@@ -1,0 +1,417 @@
+"""`jattn.autotune`: buckets, cache files (and their failures), lookup order, the Triton kernel's
+use of tuned configs, the tuner end to end on CPU, the shipped H100 table and the CLI."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tomllib
+import warnings
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattn
+from jattn import autotune, cli, reference
+from jattn.autotune import cache
+from pallas_kernels import flash_triton
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "benchmarks" / "results" / "triton_configs_h100_bf16_T4096.json"
+H100 = "nvidia_h100_80gb_hbm3"
+# Deliberately unusual: nothing the heuristic would pick for H=16 float32 (64/32 blocks).
+ODD = flash_triton.TritonConfig(
+    block_q=16, block_k=16, num_warps=2, num_stages=1, bwd_block_q=16, bwd_block_k=16
+)
+
+
+@pytest.fixture
+def cache_file(monkeypatch, tmp_path) -> pathlib.Path:
+    """A fresh user cache path through the environment variable; lookups on."""
+    path = tmp_path / "autotune.json"
+    monkeypatch.setenv(autotune.CACHE_ENV, str(path))
+    monkeypatch.delenv(autotune.ENABLE_ENV, raising=False)
+    return path
+
+
+def _bucket(**overrides) -> autotune.Bucket:
+    fields = dict(
+        implementation="triton",
+        device="cpu",
+        head_dim=16,
+        dtype="float32",
+        causal=True,
+        lengths="<=1024",
+    )
+    return autotune.Bucket(**(fields | overrides))
+
+
+def _entry(config=ODD, **bucket) -> autotune.Entry:
+    return autotune.Entry(_bucket(**bucket), dataclasses.asdict(config), {"forward": 1.0})
+
+
+def _lookup(**overrides):
+    call = dict(head_dim=16, dtype=jnp.float32, causal=True, length=32, device="cpu")
+    return autotune.lookup("triton", **(call | overrides))
+
+
+def test_config_and_bucket_validation():
+    with pytest.raises(ValueError, match="block_q"):
+        flash_triton.TritonConfig(block_q=48)
+    with pytest.raises(ValueError, match="num_warps"):
+        flash_triton.TritonConfig(num_warps=3)
+    with pytest.raises(ValueError, match="bwd_num_stages"):
+        flash_triton.TritonConfig(bwd_num_stages=0)
+    for bad in (
+        dict(head_dim=80),
+        dict(head_dim=128.0),
+        dict(head_dim=True),
+        dict(dtype="float64"),
+        dict(causal=1),
+        dict(lengths="<=2048"),
+        dict(device=""),
+    ):
+        with pytest.raises(ValueError):
+            _bucket(**bad)
+    with pytest.raises(ValueError, match="mode"):
+        autotune.Search(name="x", mode="backward", candidates=lambda b, c: [])
+
+
+def test_buckets_pad_the_head_dim_and_range_the_length():
+    bucket = autotune.bucket_for(
+        "triton", head_dim=80, dtype=jnp.bfloat16, causal=False, length=1025, device="x"
+    )
+    assert bucket == _bucket(
+        device="x", head_dim=128, dtype="bfloat16", causal=False, lengths="<=4096"
+    )
+    assert [cache.length_range(n) for n in (1, 1024, 1025, 4096, 4097, 10**6)] == [
+        "<=1024",
+        "<=1024",
+        "<=4096",
+        "<=4096",
+        ">4096",
+        ">4096",
+    ]
+    assert [cache.bucket_head_dim(h) for h in (1, 16, 17, 64, 72, 256)] == [
+        16,
+        16,
+        32,
+        64,
+        128,
+        256,
+    ]
+    assert cache.normalize_device_kind("NVIDIA H100 80GB HBM3") == H100
+    assert autotune.bucket_for("t", head_dim=64, dtype="float16", causal=True, length=8).device == (
+        cache.normalize_device_kind(jax.devices()[0].device_kind)
+    )
+
+
+def test_cache_round_trip_is_atomic_and_reloads_on_change(cache_file):
+    assert _lookup() is None  # no file yet: no warning, nothing found
+    other = _entry(head_dim=64, causal=False)
+    autotune.save(cache_file, [_entry(), other])
+    assert sorted(os.listdir(cache_file.parent)) == ["autotune.json"]  # no temp file left
+    data = json.loads(cache_file.read_text())
+    assert (data["format"], data["version"]) == (cache.FORMAT, cache.VERSION)
+    assert autotune.load(cache_file) == {e.bucket: e for e in (_entry(), other)}
+    assert _lookup() == ODD
+    assert _lookup(causal=False) is None  # another bucket
+    assert _lookup(head_dim=12) == ODD and _lookup(length=1024) == ODD  # the same bucket
+    assert autotune.resolve(_bucket()) == (ODD, "cache")
+
+    # a change on disk is seen by the next lookup (memoized by mtime, size and inode)
+    changed = dataclasses.replace(ODD, block_q=32)
+    record = json.loads(cache_file.read_text())
+    record["entries"][0]["config"]["block_q"] = 32
+    cache_file.write_text(json.dumps(record))
+    assert _lookup() == changed
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"\xff\xfe\x00binary",
+        b'{"hello": "world"}',
+        b'["a list"]',
+        b'{"format": "jattn-autotune", "version": 999, "entries": []}',
+        b'{"format": "jattn-autotune", "version": 1, "entries": "nope"}',
+    ],
+)
+def test_unusable_file_warns_once_and_falls_back(cache_file, content):
+    cache_file.write_bytes(content)
+    with pytest.warns(autotune.AutotuneCacheWarning):
+        assert _lookup() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same file again: no second warning
+        assert _lookup() is None
+        config, source = autotune.resolve(_bucket())
+    assert source == "default" and config == flash_triton.default_config(16, jnp.float32)
+
+
+def test_invalid_entries_are_skipped_the_valid_ones_kept(cache_file):
+    good = _entry(causal=False)
+    unknown_field = dict(_entry().to_json(), config={"block_z": 16})
+    invalid_value = dict(_entry(dtype="float16").to_json())
+    invalid_value["config"] = dict(invalid_value["config"], block_q=48)
+    bad_bucket = dict(_entry(head_dim=32).to_json(), head_dim="x")
+    missing_config = {k: v for k, v in _entry(head_dim=64).to_json().items() if k != "config"}
+    record = dict(
+        format=cache.FORMAT,
+        version=cache.VERSION,
+        entries=[unknown_field, invalid_value, good.to_json(), bad_bucket, missing_config, 7],
+    )
+    cache_file.write_text(json.dumps(record))
+    with pytest.warns(autotune.AutotuneCacheWarning) as caught:
+        assert _lookup(causal=False) == ODD
+        assert _lookup() is None  # unknown field: rejected by TritonConfig
+        assert _lookup(dtype=jnp.float16) is None  # block_q=48: rejected by validation
+    messages = " ".join(str(w.message) for w in caught)
+    assert "block_z" in messages and "block_q" in messages and "entry 5" in messages
+
+
+def test_cache_path_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "mine.json"))
+    assert autotune.cache_path() == tmp_path / "mine.json"
+    monkeypatch.delenv(autotune.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert autotune.cache_path() == tmp_path / "xdg" / "jattn" / "autotune.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert autotune.cache_path() == tmp_path / "home" / ".cache" / "jattn" / "autotune.json"
+
+
+def test_lookups_can_be_turned_off(cache_file, monkeypatch):
+    autotune.save(cache_file, [_entry()])
+    assert _lookup() == ODD
+    monkeypatch.setenv(autotune.ENABLE_ENV, "0")
+    assert not autotune.enabled() and _lookup() is None
+    assert autotune.resolve(_bucket())[1] == "default"
+
+
+def _spy_static(monkeypatch) -> list:
+    """Record the _Static (tiles, stages) each Triton call is built with."""
+    seen = []
+    original = flash_triton._attention_vjp
+
+    def spy(st):
+        seen.append(st)
+        return original(st)
+
+    monkeypatch.setattr(flash_triton, "_attention_vjp", spy)
+    return seen
+
+
+def _tiles(st) -> tuple[int, ...]:
+    return (st.block_q, st.block_k, st.num_warps, st.num_stages, st.bwd_block_q, st.bwd_block_k)
+
+
+def test_config_none_uses_the_cached_config(cache_file, monkeypatch, rng):
+    seen = _spy_static(monkeypatch)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 32, 2, 16)), jnp.float32) for _ in range(3))
+    attend = lambda config=None: jattn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="triton", config=config
+    )
+    jax.eval_shape(attend)  # nothing stored: the heuristic (64/32 tiles, fit to T = 32)
+    autotune.save(cache_file, [_entry()])
+    out = attend()  # runs the kernel (interpret mode) with the cached tiles
+    explicit = dataclasses.replace(ODD, block_q=32, block_k=32)
+    jax.eval_shape(lambda: attend(explicit))  # an explicit config wins over the cache
+    assert [_tiles(st) for st in seen] == [
+        (32, 32, 4, 2, 32, 32),
+        (16, 16, 2, 1, 16, 16),
+        (32, 32, 2, 1, 16, 16),
+    ]
+    want = reference.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+
+
+def test_tuned_configs_are_shrunk_to_shared_memory_like_defaults(cache_file, monkeypatch):
+    seen = _spy_static(monkeypatch)
+    tuned = flash_triton.TritonConfig(block_q=32, block_k=64, num_warps=4, num_stages=4)
+    autotune.save(cache_file, [_entry(tuned, head_dim=64, dtype="float16", causal=False)])
+    monkeypatch.setattr(flash_triton.common, "shared_memory_bytes", lambda: 60_000)
+    q = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.float16)
+    bias = jax.ShapeDtypeStruct((1, 1, 128, 128), jnp.float16)
+    attend = lambda q, k, v, b=None: jattn.dot_product_attention(
+        q, k, v, b, implementation="triton"
+    )
+    jax.eval_shape(attend, q, q, q)
+    jax.eval_shape(attend, q, q, q, bias)
+    # 32 rows resident + per stage two 64-row tiles (4 stages: 70 kB, 3: 53 kB) and with a bias a
+    # 32x64 bias tile (3 stages: 66 kB, 2: 45 kB); the heuristic would start from 64/64/3
+    assert [(st.block_q, st.block_k, st.num_stages) for st in seen] == [(32, 64, 3), (32, 64, 2)]
+
+
+def test_shipped_h100_table_holds_the_sweep_winners(cache_file):
+    tables = autotune.shipped_tables()
+    assert [p.name for p in tables] == [f"{H100}.json"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        entries = autotune.load(tables[0])
+        configs = {b: flash_triton.TritonConfig(**e.config) for b, e in entries.items()}
+    # the winners of the committed H100 sweep (bf16, T = 4096), forward and backward fields apart
+    best = defaultdict(lambda: (float("inf"), None))
+    for row in json.loads(SWEEP.read_text())["rows"]:
+        key = (row["head_dim"], row["causal"], row["mode"])
+        if "ms" in row and row["ms"] < best[key][0]:
+            best[key] = (row["ms"], row["config"])
+    want = {}
+    for (head_dim, causal, mode), (_, (bq, bk, warps, stages)) in best.items():
+        if mode != "fwd":
+            continue
+        bwd_q, bwd_k, bwd_warps, bwd_stages = best[(head_dim, causal, "fwd+bwd")][1]
+        bucket = _bucket(
+            device=H100, head_dim=head_dim, dtype="bfloat16", causal=causal, lengths="<=4096"
+        )
+        want[bucket] = flash_triton.TritonConfig(
+            block_q=bq,
+            block_k=bk,
+            num_warps=warps,
+            num_stages=stages,
+            bwd_block_q=bwd_q,
+            bwd_block_k=bwd_k,
+            bwd_num_warps=bwd_warps,
+            bwd_num_stages=bwd_stages,
+        )
+    assert configs == want and len(want) == 6
+
+    h100 = dict(head_dim=128, dtype=jnp.bfloat16, causal=True, length=4096, device=H100)
+    assert _lookup(**h100) == dataclasses.replace(
+        flash_triton.default_config(128, jnp.bfloat16), block_k=64
+    )
+    assert _lookup(**(h100 | dict(length=16384))) is None  # not measured: the heuristic
+    mine = autotune.Entry(autotune.bucket_for("triton", **h100), dataclasses.asdict(ODD))
+    autotune.save(cache_file, [mine])  # the user's cache comes before the shipped table
+    assert _lookup(**h100) == ODD
+    # and the wheel carries the tables
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["jattn.autotune"]
+    package = ROOT / "jattn" / "autotune"
+    assert {p for g in package_data for p in package.glob(g)} == set(tables)
+
+
+def _tiny_space(monkeypatch):
+    """The Triton forward search cut to two candidates besides the heuristic start."""
+    monkeypatch.setattr(
+        jattn.triton,
+        "_FORWARD_SPACE",
+        dict(block_q=(16,), block_k=(16, 32), warps=(4,), stages=(1,)),
+    )
+
+
+TINY = dict(head_dims=[16], dtypes=["float32"], causal=[True], lengths=[32], tokens=32, hidden=32)
+
+
+def test_tune_end_to_end_on_cpu(cache_file, monkeypatch):
+    _tiny_space(monkeypatch)
+    autotune.save(cache_file, [_entry(causal=False)])  # another bucket: must survive the merge
+    with pytest.raises(RuntimeError, match="GPU"):
+        autotune.tune("triton", **TINY, searches=["forward"])
+    start = flash_triton.default_config(16, jnp.float32)
+    slow = dataclasses.replace(start, block_q=16, block_k=32, num_stages=1)
+    fast = dataclasses.replace(slow, block_k=16)
+    calls = []
+
+    def timer(fn):  # runs the kernel (interpret mode), then a made-up time per config
+        out = jax.block_until_ready(fn())
+        assert out.shape == (1, 32, 2, 16) and bool(jnp.all(jnp.isfinite(out)))
+        config = calls[-1]
+        if config == start:
+            raise RuntimeError("out of shared memory\nsecond line")  # a failing candidate
+        return {slow: 2.0, fast: 1.0}[config]
+
+    original_run = autotune.tuner.default_run
+
+    def run(bucket, config, mode, problem):
+        calls.append(config)
+        return original_run(bucket, config, mode, problem)
+
+    monkeypatch.setattr(autotune.tuner, "default_run", run)
+    [result] = autotune.tune(
+        "triton", **TINY, searches=["forward"], allow_cpu=True, timer=timer, progress=False
+    )
+    assert calls == [start, fast, slow]
+    assert result.config == fast and result.ms == {"forward": 1.0} and result.default_ms == {}
+    assert len(result.skipped) == 1 and "out of shared memory" in result.skipped[0]
+    assert "second line" not in result.skipped[0]
+    assert _lookup() == fast  # the next lookup sees the winner
+    assert _lookup(causal=False) == ODD
+    [stored] = [e for e in autotune.load(cache_file).values() if e.bucket.causal]
+    assert stored.ms == {"forward": 1.0} and stored.measured["length"] == 32
+
+
+def test_tune_runs_searches_in_order_from_the_winner(cache_file, monkeypatch):
+    """A registered tunable of its own (what a kernel does to join): the second search starts
+    from the first one's winner; the plan is validated."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Toy:
+        a: int = 1
+        b: int = 1
+
+    searches = [
+        autotune.Search(
+            name="a", mode="forward", candidates=lambda bucket, c: [Toy(2, c.b), Toy(3, c.b)]
+        ),
+        autotune.Search(
+            name="b", mode="forward+backward", candidates=lambda bucket, c: [Toy(c.a, 5)]
+        ),
+    ]
+    monkeypatch.setattr(cache, "_TUNABLES", dict(cache._TUNABLES))
+    autotune.register_tunable(
+        "toy", Toy, default=lambda bucket: Toy(), searches=searches, run=lambda *args: args
+    )
+    seen = []
+
+    def timer(args):
+        bucket, config, mode, problem = args
+        seen.append((config, mode, problem))
+        return float(abs(config.a - 2) + abs(config.b - 5))
+
+    options = dict(head_dims=[64], causal=[False], lengths=[100], tokens=400, hidden=128)
+    [result] = autotune.tune("toy", **options, allow_cpu=True, timer=timer, progress=False)
+    assert result.config == Toy(2, 5) and result.ms == {"a": 4.0, "b": 0.0}
+    assert result.default_ms == {"a": 5.0, "b": 4.0}
+    assert seen == [
+        (Toy(1, 1), "forward", (4, 100, 2)),
+        (Toy(2, 1), "forward", (4, 100, 2)),
+        (Toy(3, 1), "forward", (4, 100, 2)),
+        (Toy(2, 1), "forward+backward", (4, 100, 2)),
+        (Toy(2, 5), "forward+backward", (4, 100, 2)),
+    ]
+    assert autotune.resolve(dataclasses.replace(result.bucket))[0] == Toy(2, 5)
+    with pytest.raises(ValueError, match="one length range"):
+        autotune.plan("toy", lengths=[2048, 4096])
+    with pytest.raises(ValueError, match="unknown searches"):
+        autotune.plan("toy", searches=["c"])
+    with pytest.raises(ValueError, match="not tunable"):
+        autotune.plan("nonsense")
+
+
+def test_cli_help_and_dry_run(cache_file, capsys, monkeypatch):
+    result = subprocess.run(
+        [sys.executable, "-m", "jattn.cli", "autotune", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "usage: jattn autotune" in result.stdout
+    assert "--dry-run" in result.stdout and autotune.CACHE_ENV in result.stdout
+    _tiny_space(monkeypatch)
+    argv = ["autotune", "--head-dims", "16", "--dtypes", "float32", "--causal", "yes"]
+    options = ["--lengths", "32", "5000", "--hidden", "32", "--searches", "forward", "--dry-run"]
+    assert cli.main([*argv, *options]) == 0
+    printed = capsys.readouterr().out
+    assert f"cache: {cache_file}" in printed and "2 buckets, 6 candidates" in printed
+    assert "H=16 float32 causal T<=1024: B=512 T=S=32 N=2" in printed
+    assert "T>4096: B=3 T=S=5000 N=2" in printed
+    assert "forward: 3 candidates" in printed and "backward:" not in printed
+    assert not cache_file.exists()  # a dry run writes nothing
+    with pytest.raises(SystemExit):  # no GPU: refused without --allow-cpu
+        cli.main([*argv, "--lengths", "32"])
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--lengths", "32", "64", "--dry-run"])
