@@ -9,6 +9,7 @@ another format version, or holds an entry whose config does not validate is skip
 """
 
 import dataclasses
+import functools
 import importlib.resources
 import json
 import os
@@ -347,11 +348,16 @@ def merge(path: str | os.PathLike, new: Sequence[Entry]) -> None:
     save(path, list(entries.values()))
 
 
-def shipped_tables() -> list[pathlib.Path]:
+@functools.cache
+def shipped_tables() -> tuple[pathlib.Path, ...]:
     """The tables inside the package (`jattn/autotune/tables/*.json`), in name order."""
     folder = importlib.resources.files(__package__) / _TABLES
-    return sorted(
-        pathlib.Path(str(p)) for p in folder.iterdir() if p.name.endswith(".json") and p.is_file()
+    return tuple(
+        sorted(
+            pathlib.Path(str(p))
+            for p in folder.iterdir()
+            if p.name.endswith(".json") and p.is_file()
+        )
     )
 
 
