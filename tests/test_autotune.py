@@ -122,6 +122,7 @@ def test_cache_round_trip_is_atomic_and_reloads_on_change(cache_file):
     assert _lookup() == ODD
     assert _lookup(causal=False) is None  # another bucket
     assert _lookup(head_dim=12) == ODD and _lookup(length=1024) == ODD  # the same bucket
+    assert _lookup(dtype=np.float64) is None  # no bucket holds it (the kernel declines it)
     assert autotune.resolve(_bucket()) == (ODD, "cache")
 
     # a change on disk is seen by the next lookup (memoized by mtime, size and inode)

@@ -407,11 +407,20 @@ def lookup(
     """The stored config for a call's bucket (user cache, then shipped tables), or None.
 
     Kernels call this at trace time when `config=None` (static shapes only); None means "use
-    your heuristic". Files are re-read only when they change.
+    your heuristic". Files are re-read only when they change. A call no bucket can hold (float64,
+    say: the kernel declines it itself) gets None.
     """
-    bucket = bucket_for(
-        implementation, head_dim=head_dim, dtype=dtype, causal=causal, length=length, device=device
-    )
+    try:
+        bucket = bucket_for(
+            implementation,
+            head_dim=head_dim,
+            dtype=dtype,
+            causal=causal,
+            length=length,
+            device=device,
+        )
+    except ValueError:
+        return None
     found = lookup_bucket(bucket)
     return None if found is None else found[0]
 
