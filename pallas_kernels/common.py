@@ -6,6 +6,8 @@ tests and CI). `interpret_mode()` is the one place that decides.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as pltriton
@@ -118,26 +120,36 @@ def tile_visibility(
     check_kv_len: bool,
     q_seg: jax.Array | None = None,  # [block_q]
     kv_seg: jax.Array | None = None,  # [block_k]
+    broadcast: bool = True,
 ) -> jax.Array | None:  # [block_q, block_k] bool, or None when every key is visible
-    """Which keys of a tile each query sees (None: all of them, so no mask is applied)."""
+    """Which keys of a tile each query sees (None: all of them, so no mask is applied).
+
+    broadcast=False takes q_pos, k_pos, q_seg, kv_seg already as [block_q, block_k] grids (the
+    Mosaic GPU kernel builds them in its wgmma register layout)."""
     visible = None
 
     def both(a, b):
         return b if a is None else a & b
 
+    def rows(x):
+        return x[:, None] if broadcast else x
+
+    def cols(x):
+        return x[None, :] if broadcast else x
+
     if right is not None or left is not None:
-        q_abs = q_pos[:, None] + q_offset  # [block_q, 1]
-        k_abs = k_pos[None, :]  # [1, block_k]
+        q_abs = rows(q_pos) + q_offset  # [block_q, 1]
+        k_abs = cols(k_pos)  # [1, block_k]
         if right is not None:
             visible = both(visible, k_abs <= q_abs + right)
         if left is not None:
             visible = both(visible, k_abs >= q_abs - left)
     if check_kv_len:
-        visible = both(visible, k_pos[None, :] < kv_len)
+        visible = both(visible, cols(k_pos) < kv_len)
     if check_q_len:
-        visible = both(visible, q_pos[:, None] < q_len)
+        visible = both(visible, rows(q_pos) < q_len)
     if q_seg is not None:
-        visible = both(visible, q_seg[:, None] == kv_seg[None, :])
+        visible = both(visible, rows(q_seg) == cols(kv_seg))
     return visible
 
 
@@ -156,7 +168,7 @@ def capped_logits_grad(scores: jax.Array, cap: float | None) -> jax.Array | floa
     return 1.0 - tanh * tanh
 
 
-def _clip_inner(lo, hi, inner_lo, inner_hi):
+def clip_inner(lo, hi, inner_lo, inner_hi):
     """Clip [inner_lo, inner_hi) into [lo, hi), so that the three ranges [lo, inner_lo),
     [inner_lo, inner_hi) and [inner_hi, hi) cover [lo, hi) exactly."""
     inner_lo = jnp.clip(inner_lo, lo, hi)
@@ -190,7 +202,7 @@ def unmasked_key_blocks(
         inner_hi = jnp.minimum(inner_hi, jax.lax.div(kv_len, block_k))
     if check_q_len:  # a block with rows past q_len masks every tile
         inner_hi = jnp.where(q_first + block_q <= q_len, inner_hi, inner_lo)
-    return _clip_inner(lo, hi, inner_lo, inner_hi)
+    return clip_inner(lo, hi, inner_lo, inner_hi)
 
 
 def unmasked_query_blocks(
@@ -220,7 +232,24 @@ def unmasked_query_blocks(
         inner_hi = jnp.minimum(inner_hi, jax.lax.div(q_len, block_q))
     if check_kv_len:  # a key block with keys past kv_len masks every tile
         inner_hi = jnp.where(k_first + block_k <= kv_len, inner_hi, inner_lo)
-    return _clip_inner(lo, hi, inner_lo, inner_hi)
+    return clip_inner(lo, hi, inner_lo, inner_hi)
+
+
+def visit_all(st, ranges, visit, carry):
+    """Run visit(j, carry, masked) over [lo, hi): masked tiles at the edges, unmasked inside.
+
+    `st` says which masks exist (right, left, check_q_len, check_kv_len, dense_masks).
+    Splitting the loop keeps the mask arithmetic off the tiles that every query sees in full
+    (the bulk of causal and windowed attention)."""
+    lo, inner_lo, inner_hi, hi = ranges
+    structural = st.right is not None or st.left is not None or st.check_q_len or st.check_kv_len
+    if st.dense_masks:
+        return jax.lax.fori_loop(lo, hi, functools.partial(visit, masked=True), carry)
+    if not structural:
+        return jax.lax.fori_loop(lo, hi, functools.partial(visit, masked=False), carry)
+    carry = jax.lax.fori_loop(lo, inner_lo, functools.partial(visit, masked=True), carry)
+    carry = jax.lax.fori_loop(inner_lo, inner_hi, functools.partial(visit, masked=False), carry)
+    return jax.lax.fori_loop(inner_hi, hi, functools.partial(visit, masked=True), carry)
 
 
 # Shared memory per thread block by compute capability (CUDA's opt-in maximum, in bytes).

@@ -272,22 +272,6 @@ def _query_blocks(st: _Static, x, k_first, block_q: int, block_k: int):
     return lo, inner_lo, inner_hi, hi
 
 
-def _visit_all(st: _Static, ranges, visit, carry):
-    """Run visit(j, carry, masked) over [lo, hi): masked tiles at the edges, unmasked inside.
-
-    Splitting the loop keeps the mask arithmetic off the tiles that every query sees in full
-    (the bulk of causal and windowed attention)."""
-    lo, inner_lo, inner_hi, hi = ranges
-    structural = st.right is not None or st.left is not None or st.check_q_len or st.check_kv_len
-    if st.dense_masks:
-        return lax.fori_loop(lo, hi, functools.partial(visit, masked=True), carry)
-    if not structural:
-        return lax.fori_loop(lo, hi, functools.partial(visit, masked=False), carry)
-    carry = lax.fori_loop(lo, inner_lo, functools.partial(visit, masked=True), carry)
-    carry = lax.fori_loop(inner_lo, inner_hi, functools.partial(visit, masked=False), carry)
-    return lax.fori_loop(inner_hi, hi, functools.partial(visit, masked=True), carry)
-
-
 def _slice(x, name: str, rows=None, cols=None):
     """Load x[name][rows, cols] (either may be None for 'all'); None when the input is absent."""
     if name not in x:
@@ -352,7 +336,7 @@ def _forward_kernel(
         jnp.zeros((block_q,), jnp.float32),
     )
     ranges = _key_blocks(st, x, q_first, block_q, block_k)
-    acc, row_max, row_sum = _visit_all(st, ranges, visit, init)
+    acc, row_max, row_sum = common.visit_all(st, ranges, visit, init)
     has_keys = row_sum > 0
     safe_sum = jnp.where(has_keys, row_sum, 1.0)
     o_ref[...] = (acc / safe_sum[:, None]).astype(o_ref.dtype)
@@ -416,7 +400,7 @@ def _dq_kernel(
 
     ranges = _key_blocks(st, x, q_first, block_q, block_k)
     lo, hi = ranges[0], ranges[-1]
-    dq = _visit_all(st, ranges, visit, jnp.zeros(q.shape, jnp.float32))
+    dq = common.visit_all(st, ranges, visit, jnp.zeros(q.shape, jnp.float32))
     if want_dbias:
         lax.fori_loop(0, lo, zero_dbias, 0)
         lax.fori_loop(hi, dbias_ref.shape[1] // block_k, zero_dbias, 0)
@@ -478,7 +462,7 @@ def _dkdv_kernel(
 
     ranges = _query_blocks(st, x, k_first, block_q, block_k)
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = _visit_all(st, ranges, visit, (zeros, zeros))
+    dk, dv = common.visit_all(st, ranges, visit, (zeros, zeros))
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
