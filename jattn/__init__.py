@@ -7,6 +7,7 @@ Statistics Self-Attention, decode attention, and Flax NNX modules. Import from `
 from jattn import autotune as autotune
 from jattn import cudnn as _cudnn  # noqa: F401  (registers implementation="cudnn")
 from jattn import graph as graph
+from jattn import mosaic as _mosaic  # noqa: F401  (registers implementation="mosaic")
 from jattn import nn as nn
 from jattn import offload as offload
 from jattn import reference as reference
@@ -18,6 +19,7 @@ from jattn.attention import dot_product_attention as dot_product_attention
 from jattn.attention import register_implementation as register_implementation
 from jattn.chunked import ChunkedConfig as ChunkedConfig
 from jattn.decode import decode_attention as decode_attention
+from jattn.mosaic import MosaicConfig as MosaicConfig
 from jattn.triton import TritonConfig as TritonConfig
 from jattn.tssa import token_statistics_attention as token_statistics_attention
 
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionArgs",
     "ChunkedConfig",
+    "MosaicConfig",
     "TritonConfig",
     "auto_order",
     "autotune",

@@ -756,6 +756,51 @@ def _fit(block: int, length: int) -> int:
     return min(block, max(_MIN_BLOCK, 1 << max(length - 1, 0).bit_length()))
 
 
+def _static(
+    query,
+    key,
+    config: TritonConfig,
+    *,
+    scale,
+    is_causal,
+    query_seq_lengths,
+    key_value_seq_lengths,
+    local_window_size,
+    dense_masks,
+    logits_soft_cap,
+    interpret,
+) -> _Static:
+    """The kernels' static parameters for one call: blocks fitted to T and S, masks in use."""
+    _, q_len, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads = key.shape[1], key.shape[2]
+    block_q, bwd_block_q = _fit(config.block_q, q_len), _fit(config.bwd_block_q, q_len)
+    block_k, bwd_block_k = _fit(config.block_k, kv_len), _fit(config.bwd_block_k, kv_len)
+    k_multiple = max(block_k, bwd_block_k)
+    st = _Static(
+        scale=float(scale),
+        softcap=logits_soft_cap,
+        right=common.right_reach(is_causal, local_window_size),
+        left=common.left_reach(local_window_size),
+        check_q_len=query_seq_lengths is not None,
+        check_kv_len=key_value_seq_lengths is not None or kv_len % k_multiple != 0,
+        dense_masks=dense_masks,
+        groups=num_heads // num_kv_heads,
+        head_dim=head_dim,
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=block_q,
+        block_k=block_k,
+        bwd_block_q=bwd_block_q,
+        bwd_block_k=bwd_block_k,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        bwd_num_warps=config.bwd_num_warps,
+        bwd_num_stages=config.bwd_num_stages,
+        interpret=common.interpret_mode() if interpret is None else interpret,
+    )
+    return st
+
+
 def flash_attention(
     query: Array,  # [B, T, N, H]
     key: Array,  # [B, S, K, H]
@@ -785,8 +830,7 @@ def flash_attention(
         raise NotImplementedError(
             f"the Triton kernel serves float16/bfloat16/float32, not {query.dtype}"
         )
-    _, q_len, num_heads, head_dim = query.shape
-    kv_len, num_kv_heads = key.shape[1], key.shape[2]
+    head_dim = query.shape[-1]
     if head_dim > 256:
         raise NotImplementedError(f"the Triton kernel serves head dims up to 256, got {head_dim}")
     if config is None:
@@ -796,31 +840,85 @@ def flash_attention(
             itemsize=query.dtype.itemsize,
             pair_itemsize=(0 if bias is None else bias.dtype.itemsize) + (mask is not None),
         )
-    block_q, bwd_block_q = _fit(config.block_q, q_len), _fit(config.bwd_block_q, q_len)
-    block_k, bwd_block_k = _fit(config.block_k, kv_len), _fit(config.bwd_block_k, kv_len)
-    k_multiple = max(block_k, bwd_block_k)
-    st = _Static(
-        scale=float(scale),
-        softcap=logits_soft_cap,
-        right=common.right_reach(is_causal, local_window_size),
-        left=common.left_reach(local_window_size),
-        check_q_len=query_seq_lengths is not None,
-        check_kv_len=key_value_seq_lengths is not None or kv_len % k_multiple != 0,
+    st = _static(
+        query,
+        key,
+        config,
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
         dense_masks=mask is not None or segment_ids is not None,
-        groups=num_heads // num_kv_heads,
-        head_dim=head_dim,
-        q_len=q_len,
-        kv_len=kv_len,
-        block_q=block_q,
-        block_k=block_k,
-        bwd_block_q=bwd_block_q,
-        bwd_block_k=bwd_block_k,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        bwd_num_warps=config.bwd_num_warps,
-        bwd_num_stages=config.bwd_num_stages,
-        interpret=common.interpret_mode() if interpret is None else interpret,
+        logits_soft_cap=logits_soft_cap,
+        interpret=interpret,
     )
     q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
     aux = (mask, q_offset, query_seq_lengths, key_value_seq_lengths, q_ids, kv_ids)
     return _attention_vjp(st)(query, key, value, bias, aux)
+
+
+def backward(
+    query: Array,  # [B, T, N, H]
+    key: Array,  # [B, S, K, H]
+    value: Array,  # [B, S, K, H]
+    bias: Array | None,
+    mask: Array | None,
+    out: Array,  # [B, T, N, H]: the forward's output
+    lse: Array,  # [B, T, N] float32, natural log: the forward's log-sum-exp
+    d_out: Array,  # [B, T, N, H]
+    d_lse: Array,  # [B, T, N]
+    *,
+    scale: float,
+    is_causal: bool,
+    q_offset: Array | None,
+    query_seq_lengths: Array | None,
+    key_value_seq_lengths: Array | None,
+    local_window_size: tuple[int, int] | None,
+    segment_ids: tuple[Array, Array] | None,
+    logits_soft_cap: float | None,
+    want_dbias: bool,
+    config: TritonConfig | None = None,
+    interpret: bool | None = None,
+) -> tuple[Array, Array, Array, Array | None]:  # dq, dk, dv, dbias (None unless want_dbias)
+    """This kernel's backward for a forward computed elsewhere (the Mosaic GPU kernel): the
+    same dq and dk/dv kernels, fed with that forward's output and lse."""
+    if config is None:
+        config = _fit_shared_memory(
+            default_config(query.shape[-1], query.dtype),
+            head_dim=common.padded_head_dim(query.shape[-1]),
+            itemsize=query.dtype.itemsize,
+            pair_itemsize=(0 if bias is None else bias.dtype.itemsize) + (mask is not None),
+        )
+    st = _static(
+        query,
+        key,
+        config,
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        dense_masks=mask is not None or segment_ids is not None,
+        logits_soft_cap=logits_soft_cap,
+        interpret=interpret,
+    )
+    t_pad, _ = _padded_lengths(st)
+    out_padded = common.pad_last(_pad_to(out, 1, t_pad), common.padded_head_dim(st.head_dim))
+    lse_padded = _pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad)  # [B, N, T_pad]; padded rows: 0
+    q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
+    aux = (mask, q_offset, query_seq_lengths, key_value_seq_lengths, q_ids, kv_ids)
+    dq, dk, dv, d_bias, _ = _backward(
+        st,
+        query,
+        key,
+        value,
+        bias,
+        aux,
+        out_padded,
+        lse_padded,
+        d_out,
+        d_lse,
+        want_dbias=want_dbias,
+    )
+    return dq, dk, dv, d_bias

@@ -162,9 +162,18 @@ def test_cudnn_declines_with_its_reason(rng):
         jattn.dot_product_attention(q, k, v, implementation="cudnn")
 
 
-def test_kernels_not_yet_available_decline(rng):
+def test_an_unregistered_kernel_declines(rng, monkeypatch):
+    from jattn import attention
+
+    monkeypatch.delitem(attention._REGISTRY, "mosaic")
     q, k, v = make_inputs(rng, SHAPES["mha_square"])
     with pytest.raises(NotImplementedError, match="mosaic: not available"):
+        jattn.dot_product_attention(q, k, v, implementation="mosaic")
+
+
+def test_mosaic_declines_float32_with_its_reason(rng):
+    q, k, v = make_inputs(rng, SHAPES["mha_square"])
+    with pytest.raises(NotImplementedError, match="mosaic: .*float16/bfloat16.*Triton"):
         jattn.dot_product_attention(q, k, v, implementation="mosaic")
 
 

@@ -1,0 +1,76 @@
+"""`implementation="mosaic"`: jattn's flash attention forward for Hopper on Mosaic GPU.
+
+What `implementation=None` tries first on sm_90+. It serves the whole contract in float16 and
+bfloat16 with head dims up to 256 (padded to a multiple of 64 inside). It declines, with
+NotImplementedError, so that auto-dispatch moves on: float32 and float64 (the Triton kernel
+serves float32), GPUs older than Hopper, and a config that does not fit shared memory. The
+backward is the Triton kernel's, fed with this forward's output and lse.
+
+Off the GPU an explicit `implementation="mosaic"` runs in Mosaic GPU's interpret mode (tests).
+`config=None` takes the call's bucket from `jattn.autotune` (user cache, shipped table), else
+`flash_mosaic.default_config`.
+"""
+
+import itertools
+
+import jax
+from jax import Array
+
+from jattn import autotune
+from jattn.attention import AttentionArgs, option_kwargs, register_implementation
+from pallas_kernels import common, flash_mosaic
+from pallas_kernels.flash_mosaic import MosaicConfig
+
+__all__ = ["MosaicConfig"]
+
+
+def _hopper() -> bool:
+    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
+    return tuple(int(part) for part in str(capability).split(".")[:2]) >= (9, 0)
+
+
+def _mosaic(args: AttentionArgs, config) -> tuple[Array, Array]:
+    if config is not None and not isinstance(config, MosaicConfig):
+        raise NotImplementedError(f"mosaic needs a MosaicConfig, got {type(config).__name__}")
+    if common.on_gpu() and not _hopper():
+        raise NotImplementedError("the Mosaic GPU kernel needs a Hopper GPU (sm_90) or newer")
+    if config is None and args.query.dtype in (jax.numpy.float16, jax.numpy.bfloat16):
+        config = autotune.lookup(
+            "mosaic",
+            head_dim=args.query.shape[-1],
+            dtype=args.query.dtype,
+            causal=args.is_causal,
+            length=max(args.query.shape[1], args.key.shape[1]),
+        )
+    return flash_mosaic.flash_attention(
+        args.query, args.key, args.value, args.bias, args.mask, config=config, **option_kwargs(args)
+    )
+
+
+register_implementation("mosaic", _mosaic)
+
+
+# --- autotuning: the forward's tiles and pipeline depth (the backward is the Triton kernel's,
+# tuned under implementation "triton").
+_SPACE = dict(block_q=(64, 128), block_kv=(64, 128, 256), num_stages=(2, 3, 4))
+
+
+def _candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfig]:
+    del base
+    configs = [
+        MosaicConfig(block_q=bq, block_kv=bk, num_stages=s)
+        for bq, bk, s in itertools.product(*_SPACE.values())
+    ]
+    return [
+        c
+        for c in configs
+        if flash_mosaic.shared_memory_estimate(c, bucket.head_dim, 0) <= flash_mosaic.SHARED_MEMORY
+    ]
+
+
+autotune.register_tunable(
+    "mosaic",
+    MosaicConfig,
+    default=lambda bucket: flash_mosaic.default_config(bucket.head_dim),
+    searches=[autotune.Search(name="forward", mode="forward", candidates=_candidates)],
+)

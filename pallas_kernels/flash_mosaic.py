@@ -1,0 +1,606 @@
+"""Flash attention forward for Hopper (sm_90) on Pallas' Mosaic GPU backend (`plgpu`).
+
+One program per (query head, 2 * block_q query rows, batch) runs three warpgroups:
+- a producer (warpgroup 2) streams K and V tiles (and bias/mask tiles, key segment ids) with TMA
+  into a `num_stages`-deep ring of shared-memory slots, each guarded by a "produced" barrier
+  that the copy completes and a "consumed" barrier the consumers arrive on;
+- two consumers (warpgroups 0 and 1) each own block_q query rows: wgmma for S = Q K^T into
+  registers, an online softmax in base 2, wgmma for P V, then O and the lse go back by TMA.
+
+Every option of the `dot_product_attention` contract is applied per tile with the mask code the
+Triton kernel uses (`common.tile_visibility`): causal with q_offset, window, query/key lengths,
+segment ids, soft cap, additive bias, a boolean mask, GQA (head n reads kv head n // G). Key
+tiles that causal/window/length masks hide from all 2 * block_q rows are never loaded; tiles
+every row sees in full skip the mask arithmetic. Fully masked rows give 0 and lse -inf.
+
+The backward is the Triton kernel's (dq and dk/dv kernels from this forward's lse): correct
+and deterministic, not Hopper-tuned.
+
+Interpret mode: Mosaic GPU's interpreter (JAX >= 0.10) runs this kernel on CPU for tests: the
+TMA copies, barriers and the producer/consumer schedule as on the GPU. It lacks layout casts,
+`plgpu.load`, `pl.run_state` and transposed wgmma operands, so small helpers below (`_layout`,
+`_load_vector`, `_mma_*`) swap in plain jnp equivalents there (the matmuls become jnp dots).
+`tests/test_flash_mosaic.py` also lowers the GPU path to Mosaic GPU IR on CPU.
+
+Limits: float16 and bfloat16 only (float32 raises NotImplementedError: the dispatcher then
+routes it to the Triton kernel); H is padded to a multiple of 64, T to 2 * block_q and S to
+block_kv (copies only when needed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import common, flash_triton
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_DTYPES = (jnp.float16, jnp.bfloat16)
+_CONSUMERS = 2  # compute warpgroups per program
+_HEAD_MULTIPLE = 64  # 128-byte swizzle of 16-bit elements
+SHARED_MEMORY = 227 * 1024
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class MosaicConfig:
+    """Tiling of the Mosaic GPU forward.
+
+    block_q: query rows per consumer warpgroup (a program holds 2 * block_q); a multiple of 64.
+    block_kv: keys per pipeline step; a multiple of 64.
+    num_stages: depth of the K/V shared-memory ring (>= 2 lets loads run ahead of compute).
+    """
+
+    block_q: int = 64
+    block_kv: int = 128
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv"):
+            value = getattr(self, name)
+            if value < 64 or value % 64:
+                raise ValueError(f"{name} must be a positive multiple of 64, got {value}")
+        if self.block_q > 128:
+            raise ValueError(f"block_q must be 64 or 128 (rows per warpgroup), got {self.block_q}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim the kernel computes with: the next multiple of 64."""
+    return -(-head_dim // _HEAD_MULTIPLE) * _HEAD_MULTIPLE
+
+
+def shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_itemsize: int) -> int:
+    """Bytes of shared memory the forward holds (16-bit Q, K, V; pair_itemsize: bias + mask
+    bytes per element of a [2 * block_q, block_kv] tile)."""
+    rows = _CONSUMERS * config.block_q
+    h_pad = padded_head_dim(head_dim)
+    per_stage = 2 * config.block_kv * h_pad * 2 + rows * config.block_kv * pair_itemsize
+    return rows * h_pad * 2 + config.num_stages * per_stage + rows * 4 + 4 * config.block_kv
+
+
+def default_config(head_dim: int, pair_itemsize: int = 0) -> MosaicConfig:
+    """A tiling that fits shared memory: untuned (no GPU measurements yet); jattn.autotune's
+    tables override it where they have an entry."""
+    for config in (
+        MosaicConfig(block_q=64, block_kv=128, num_stages=2),
+        MosaicConfig(block_q=64, block_kv=64, num_stages=2),
+        MosaicConfig(block_q=64, block_kv=64, num_stages=1),
+    ):
+        if shared_memory_estimate(config, head_dim, pair_itemsize) <= SHARED_MEMORY:
+            return config
+    return config
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Static:
+    """Everything the kernel bakes in (hashable: it keys the traced kernel)."""
+
+    scale: float
+    softcap: float | None
+    right: int | None  # common.right_reach
+    left: int | None  # common.left_reach
+    check_q_len: bool
+    check_kv_len: bool
+    dense_masks: bool  # segments or a user mask: every tile needs its mask
+    has_bias: bool
+    has_mask: bool
+    has_segments: bool
+    groups: int
+    block_q: int
+    block_kv: int
+    num_stages: int
+    interpret: bool
+
+
+# --- interpret-mode stand-ins -----------------------------------------------------------------
+
+_WGMMA = plgpu.Layout.WGMMA
+_WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)  # [block_q] vectors: one value per row
+_WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)  # [block_kv] vectors: one value per column
+
+
+def _layout(st: _Static, x: Array, layout) -> Array:
+    return x if st.interpret else plgpu.layout_cast(x, layout)
+
+
+def _iota(st: _Static, shape, dim: int) -> Array:
+    return _layout(st, lax.broadcasted_iota(jnp.int32, shape, dim), _WGMMA)
+
+
+def _load_vector(st: _Static, ref, layout) -> Array:
+    """A 1-D shared-memory vector into registers, in the layout it will broadcast from."""
+    if st.interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=layout)
+
+
+def _mma_accumulate(st: _Static, acc: Array, lhs: Array, rhs_ref) -> Array:
+    """acc + lhs @ rhs on the tensor cores (acc float32 [M, N], lhs [M, K] in registers)."""
+    if st.interpret:
+        return acc + jnp.dot(lhs, rhs_ref[...], preferred_element_type=jnp.float32)
+
+    def accumulate(acc_ref):
+        plgpu.wgmma(acc_ref, lhs, rhs_ref)
+
+    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+def _mma_transposed(st: _Static, lhs_ref, rhs_ref) -> Array:
+    """lhs @ rhs^T into a fresh float32 accumulator (both [rows, K] in shared memory)."""
+    if st.interpret:  # the interpreter's wgmma takes no transposed operand
+        return lax.dot_general(
+            lhs_ref[...], rhs_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, lhs_ref, plgpu.transpose_ref(rhs_ref, (1, 0)))
+        return acc_ref[...]
+
+    shape = (lhs_ref.shape[0], rhs_ref.shape[0])
+    return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+
+# --- the kernel ---------------------------------------------------------------------------------
+
+
+def _key_blocks(st: _Static, bounds, q_first, rows: int):
+    """(lo, inner_lo, inner_hi, hi) of the key blocks that queries [q_first, +rows) visit."""
+    q_offset, q_len, kv_len = bounds
+    reach = dict(right=st.right, left=st.left)
+    q_stop = jnp.minimum(q_first + rows, q_len)
+    lo, hi = common.key_block_range(
+        q_first, q_stop, q_offset=q_offset, kv_len=kv_len, block_k=st.block_kv, **reach
+    )
+    inner_lo, inner_hi = common.unmasked_key_blocks(
+        lo,
+        hi,
+        q_first,
+        q_offset=q_offset,
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=rows,
+        block_k=st.block_kv,
+        check_q_len=st.check_q_len,
+        check_kv_len=st.check_kv_len,
+        **reach,
+    )
+    return lo, inner_lo, inner_hi, hi
+
+
+def _forward_kernel(refs, scratch, *, st: _Static):
+    q_ref, k_ref, v_ref, bounds_ref, extra = refs["q"], refs["k"], refs["v"], refs["bounds"], refs
+    out_ref, lse_ref = refs["out"], refs["lse"]
+    block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
+    head, q_tile = lax.axis_index("heads"), lax.axis_index("q_tiles")
+    batch = lax.axis_index("batch")
+    wg = lax.axis_index("wg")
+    bounds = (bounds_ref[batch, 0], bounds_ref[batch, 1], bounds_ref[batch, 2])
+    program_first = q_tile * (_CONSUMERS * block_q)
+    lo, _, _, hi = _key_blocks(st, bounds, program_first, _CONSUMERS * block_q)
+
+    def slot_of(step):
+        return lax.rem(step - lo, stages)
+
+    def pair_tile(name, step):  # [2 * block_q, block_kv] window of a [B', N', T, S] operand
+        ref = extra[name]
+        b = batch if ref.shape[0] > 1 else 0
+        n = head if ref.shape[1] > 1 else 0
+        rows = pl.ds(program_first, _CONSUMERS * block_q)
+        return ref.at[b, n, rows, pl.ds(step * block_kv, block_kv)]
+
+    @pl.when(wg == _CONSUMERS)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(head, st.groups)
+
+        @pl.loop(lo, hi)
+        def _(step):
+            slot = slot_of(step)
+            keys = pl.ds(step * block_kv, block_kv)
+
+            @pl.when(step - lo >= stages)
+            def _():
+                plgpu.barrier_wait(scratch["k_consumed"].at[slot])
+
+            produced = scratch["k_produced"].at[slot]
+            plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], scratch["k"].at[slot], produced)
+            for name in ("bias", "mask"):
+                if name in extra:
+                    plgpu.copy_gmem_to_smem(pair_tile(name, step), scratch[name].at[slot], produced)
+            if st.has_segments:
+                plgpu.copy_gmem_to_smem(
+                    extra["kv_seg"].at[batch, keys], scratch["kv_seg"].at[slot], produced
+                )
+
+            @pl.when(step - lo >= stages)
+            def _():
+                plgpu.barrier_wait(scratch["v_consumed"].at[slot])
+
+            v_produced = scratch["v_produced"].at[slot]
+            plgpu.copy_gmem_to_smem(
+                v_ref.at[batch, keys, kv_head], scratch["v"].at[slot], v_produced
+            )
+
+        # Drain: observe the consumers' release of the last slots too, so that every phase of
+        # every barrier is waited on by its waiter (the interpreter checks it; on the GPU it
+        # only keeps the producer alive until the consumers are done).
+        @pl.loop(jnp.maximum(lo, hi - stages), hi)
+        def _(step):
+            plgpu.barrier_wait(scratch["k_consumed"].at[slot_of(step)])
+            plgpu.barrier_wait(scratch["v_consumed"].at[slot_of(step)])
+
+    @pl.when(wg < _CONSUMERS)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        q_first = program_first + wg * block_q
+        rows = pl.ds(q_first, block_q)
+        q_smem = scratch["q"].at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, scratch["q_produced"].at[wg])
+        q_seg = None
+        if st.has_segments:
+            q_seg_smem = scratch["q_seg"].at[wg]
+            plgpu.copy_gmem_to_smem(
+                extra["q_seg"].at[batch, rows], q_seg_smem, scratch["q_produced"].at[wg]
+            )
+        plgpu.barrier_wait(scratch["q_produced"].at[wg])
+        if st.has_segments:
+            q_seg = _load_vector(st, scratch["q_seg"].at[wg], _WGMMA_ROW)
+            q_seg = lax.broadcast_in_dim(q_seg, (block_q, block_kv), [0])
+        _, inner_lo, inner_hi, _ = _key_blocks(st, bounds, q_first, block_q)
+        q_pos = q_first + _iota(st, (block_q, block_kv), 0)
+        col = _iota(st, (block_q, block_kv), 1)
+
+        def visit(step, carry, *, masked: bool):
+            acc, m_i, l_i = carry  # [bq, Hp] f32; [bq] f32 running max (base 2); [bq] f32 sum
+            slot = slot_of(step)
+            plgpu.barrier_wait(scratch["k_produced"].at[slot])
+            qk = _mma_transposed(st, q_smem, scratch["k"].at[slot])
+            bias = mask = kv_seg = None
+            if st.has_bias:
+                bias = scratch["bias"][slot, pl.ds(wg * block_q, block_q)].astype(jnp.float32)
+            if st.has_mask:
+                mask = scratch["mask"][slot, pl.ds(wg * block_q, block_q)]
+            if st.has_segments:
+                kv_seg = _load_vector(st, scratch["kv_seg"].at[slot], _WGMMA_COL)
+                kv_seg = lax.broadcast_in_dim(kv_seg, (block_q, block_kv), [1])
+            plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
+
+            if st.softcap is None:
+                logits = qk * (st.scale * _LOG2E)
+                if bias is not None:
+                    logits = logits + bias * _LOG2E
+            else:
+                logits = common.capped_logits(qk * st.scale, st.softcap)
+                if bias is not None:
+                    logits = logits + bias
+                logits = logits * _LOG2E
+            if masked:
+                visible = common.tile_visibility(
+                    q_pos,
+                    step * block_kv + col,
+                    q_offset=bounds[0],
+                    q_len=bounds[1],
+                    kv_len=bounds[2],
+                    right=st.right,
+                    left=st.left,
+                    check_q_len=st.check_q_len,
+                    check_kv_len=st.check_kv_len,
+                    q_seg=q_seg,
+                    kv_seg=kv_seg,
+                    broadcast=False,
+                )
+                if mask is not None:
+                    visible = mask != 0 if visible is None else visible & (mask != 0)
+                if visible is not None:
+                    logits = jnp.where(visible, logits, -jnp.inf)
+
+            m_new = jnp.maximum(m_i, logits.max(axis=1))
+            # A row with nothing visible so far keeps m = -inf: shift by 0 there (no inf - inf).
+            m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp2(m_i - m_shift)
+            p = jnp.exp2(logits - lax.broadcast_in_dim(m_shift, logits.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            plgpu.barrier_wait(scratch["v_produced"].at[slot])
+            acc = _mma_accumulate(st, acc, p.astype(q_ref.dtype), scratch["v"].at[slot])
+            plgpu.barrier_arrive(scratch["v_consumed"].at[slot])
+            return acc, m_new, l_i
+
+        h_pad = q_ref.shape[-1]
+        acc = _layout(st, jnp.zeros((block_q, h_pad), jnp.float32), _WGMMA)
+        m_i = _layout(st, jnp.full((block_q,), -jnp.inf, jnp.float32), _WGMMA_ROW)
+        l_i = _layout(st, jnp.zeros((block_q,), jnp.float32), _WGMMA_ROW)
+        # This warpgroup's unmasked range, clipped into the program's [lo, hi): both consumers
+        # visit every step of [lo, hi) (the barriers count on it), masking what they do not see.
+        inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
+        acc, m_i, l_i = common.visit_all(st, (lo, inner_lo, inner_hi, hi), visit, (acc, m_i, l_i))
+
+        has_any = l_i > 0.0
+        inv_l = jnp.where(has_any, 1.0 / jnp.where(has_any, l_i, 1.0), 0.0)
+        out = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+        lse = jnp.where(has_any, (m_i + jnp.log2(jnp.where(has_any, l_i, 1.0))) * _LN2, -jnp.inf)
+        q_smem[...] = out.astype(q_ref.dtype)  # Q is no longer needed: its slot holds O
+        scratch["lse"][wg] = lse
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, rows, head])
+        plgpu.copy_smem_to_gmem(scratch["lse"].at[wg], lse_ref.at[batch, head, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _tiled(shape, dtype):
+    """Shared memory in the tiled, swizzled form wgmma operands and register tiles use: rows of
+    8, the widest swizzle (128, 64 or 32 bytes) that one row of the last axis fills."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = max(s for s in (32, 64, 128) if s <= max(32, shape[-1] * itemsize))
+    elements = swizzle // itemsize
+    return plgpu.SMEM(
+        shape,
+        dtype,
+        transforms=(plgpu.TilingTransform((8, elements)), plgpu.SwizzleTransform(swizzle)),
+    )
+
+
+def _pad_to(x: Array, axis: int, size: int, value=0) -> Array:
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def forward(
+    st: _Static,
+    query: Array,  # [B, T, N, H] float16/bfloat16
+    key: Array,  # [B, S, K, H]
+    value: Array,  # [B, S, K, H]
+    bias: Array | None,  # [B', N', T', S']
+    mask: Array | None,  # [B', N', T', S'] bool
+    bounds: Array,  # [B, 4] int32: q_offset, q_len, kv_len, 0
+    segment_ids: tuple[Array, Array] | None,  # [B, T], [B, S] int32
+) -> tuple[Array, Array]:  # out [B, T, N, H], lse [B, T, N] float32 (natural log)
+    """Pad, run the kernel, unpad."""
+    batch, q_len, num_heads, head_dim = query.shape
+    kv_len = key.shape[1]
+    rows_per_program = _CONSUMERS * st.block_q
+    t_pad = -(-q_len // rows_per_program) * rows_per_program
+    s_pad = -(-kv_len // st.block_kv) * st.block_kv
+    h_pad = padded_head_dim(head_dim)
+
+    def rows(x, size):
+        return common.pad_last(_pad_to(x, 1, size), h_pad)
+
+    def pairwise(x, dtype):  # broadcast T', S' (B', N' stay broadcast), pad
+        x = jnp.broadcast_to(x, x.shape[:2] + (q_len, kv_len)).astype(dtype)
+        return _pad_to(_pad_to(x, 2, t_pad), 3, s_pad)
+
+    operands = {
+        "q": rows(query, t_pad),
+        "k": rows(key, s_pad),
+        "v": rows(value, s_pad),
+        "bounds": bounds,
+    }
+    stages, block_kv = st.num_stages, st.block_kv
+    scratch = {
+        "q": _tiled((_CONSUMERS, st.block_q, h_pad), query.dtype),
+        "k": _tiled((stages, block_kv, h_pad), query.dtype),
+        "v": _tiled((stages, block_kv, h_pad), query.dtype),
+        "lse": plgpu.SMEM((_CONSUMERS, st.block_q), jnp.float32),
+    }
+    produced_copies = 1
+    if bias is not None:
+        operands["bias"] = pairwise(bias, bias.dtype if bias.dtype != jnp.float64 else jnp.float32)
+        scratch["bias"] = _tiled((stages, rows_per_program, block_kv), operands["bias"].dtype)
+        produced_copies += 1
+    if mask is not None:
+        operands["mask"] = pairwise(mask, jnp.int8)
+        scratch["mask"] = _tiled((stages, rows_per_program, block_kv), jnp.int8)
+        produced_copies += 1
+    q_copies = 1
+    if segment_ids is not None:
+        operands["q_seg"] = _pad_to(segment_ids[0].astype(jnp.int32), 1, t_pad, -1)
+        operands["kv_seg"] = _pad_to(segment_ids[1].astype(jnp.int32), 1, s_pad, -2)
+        scratch["q_seg"] = plgpu.SMEM((_CONSUMERS, st.block_q), jnp.int32)
+        scratch["kv_seg"] = plgpu.SMEM((stages, block_kv), jnp.int32)
+        produced_copies += 1
+        q_copies += 1
+    scratch.update(
+        q_produced=plgpu.Barrier(num_arrivals=q_copies, num_barriers=_CONSUMERS),
+        k_produced=plgpu.Barrier(num_arrivals=produced_copies, num_barriers=stages),
+        v_produced=plgpu.Barrier(num_barriers=stages),
+        k_consumed=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+        v_consumed=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+    )
+
+    def body(*refs):
+        names = list(operands) + ["out", "lse"]
+        named = dict(zip(names, refs[: len(names)], strict=True))
+
+        def with_scratch(*buffers):
+            _forward_kernel(named, dict(zip(scratch, buffers, strict=True)), st=st)
+
+        pl.run_scoped(with_scratch, *scratch.values(), collective_axes="wg")
+
+    out_type = [
+        jax.ShapeDtypeStruct((batch, t_pad, num_heads, h_pad), query.dtype),
+        jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32),
+    ]
+    kernel = plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=(num_heads, t_pad // rows_per_program, batch),
+        grid_names=("heads", "q_tiles", "batch"),
+        num_threads=_CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **_interpret_kwargs(st),
+    )
+    out, lse = kernel(*operands.values())
+    out = out[:, :q_len, :, :head_dim]
+    return out, jnp.swapaxes(lse[:, :, :q_len], 1, 2)
+
+
+def _interpret_kwargs(st: _Static) -> dict:
+    if not st.interpret:
+        return {}
+    from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params
+
+    return {"interpret": interpret_params.InterpretGPUParams()}
+
+
+# --- the public entry: forward here, backward from the Triton kernels ---------------------------
+
+
+def _bounds(batch, q_len, kv_len, q_offset, query_seq_lengths, key_value_seq_lengths) -> Array:
+    def per_batch(x, default):
+        if x is None:
+            return jnp.full((batch,), default, jnp.int32)
+        return jnp.broadcast_to(jnp.asarray(x, jnp.int32), (batch,))
+
+    return jnp.stack(
+        [
+            per_batch(q_offset, 0),
+            per_batch(query_seq_lengths, q_len),
+            per_batch(key_value_seq_lengths, kv_len),
+            jnp.zeros((batch,), jnp.int32),
+        ],
+        axis=1,
+    )
+
+
+def flash_attention(
+    query: Array,  # [B, T, N, H] float16/bfloat16
+    key: Array,  # [B, S, K, H]
+    value: Array,  # [B, S, K, H]
+    bias: Array | None,  # [B', N', T', S'] broadcastable to [B, N, T, S]
+    mask: Array | None,  # [B', N', T', S'] bool
+    *,
+    scale: float,
+    is_causal: bool,
+    q_offset: Array | None,
+    query_seq_lengths: Array | None,
+    key_value_seq_lengths: Array | None,
+    local_window_size: tuple[int, int] | None,
+    segment_ids: tuple[Array, Array] | None,
+    logits_soft_cap: float | None,
+    config: MosaicConfig | None = None,
+    interpret: bool | None = None,
+) -> tuple[Array, Array]:  # out [B, T, N, H], lse [B, T, N] float32
+    """Flash attention with validated, rank-4 inputs (see `jattn.dot_product_attention`).
+
+    Raises NotImplementedError for what this kernel does not serve: float32/float64 (the Triton
+    kernel serves float32), H > 256. Gradients come from the Triton kernel's backward.
+    """
+    if query.dtype not in _DTYPES:
+        raise NotImplementedError(
+            f"the Mosaic GPU kernel serves float16/bfloat16, not {query.dtype} "
+            "(float32 runs on the Triton kernel)"
+        )
+    batch, q_len, num_heads, head_dim = query.shape
+    kv_len = key.shape[1]
+    if head_dim > 256:
+        raise NotImplementedError(
+            f"the Mosaic GPU kernel serves head dims up to 256, got {head_dim}"
+        )
+    pair_itemsize = (0 if bias is None else min(bias.dtype.itemsize, 4)) + (mask is not None)
+    if config is None:
+        config = default_config(head_dim, pair_itemsize)
+    interpret = common.interpret_mode() if interpret is None else interpret
+    if not interpret and shared_memory_estimate(config, head_dim, pair_itemsize) > SHARED_MEMORY:
+        raise NotImplementedError(
+            f"{config} needs more shared memory than an H100 has for head dim {head_dim}"
+        )
+    s_pad = -(-kv_len // config.block_kv) * config.block_kv
+    st = _Static(
+        scale=float(scale),
+        softcap=logits_soft_cap,
+        right=common.right_reach(is_causal, local_window_size),
+        left=common.left_reach(local_window_size),
+        check_q_len=query_seq_lengths is not None,
+        check_kv_len=key_value_seq_lengths is not None or s_pad != kv_len,
+        dense_masks=mask is not None or segment_ids is not None,
+        has_bias=bias is not None,
+        has_mask=mask is not None,
+        has_segments=segment_ids is not None,
+        groups=num_heads // key.shape[2],
+        block_q=config.block_q,
+        block_kv=config.block_kv,
+        num_stages=config.num_stages,
+        interpret=interpret,
+    )
+    bounds = _bounds(batch, q_len, kv_len, q_offset, query_seq_lengths, key_value_seq_lengths)
+    options = dict(
+        scale=scale,
+        is_causal=is_causal,
+        q_offset=q_offset,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        segment_ids=segment_ids,
+        logits_soft_cap=logits_soft_cap,
+        interpret=interpret,
+    )
+
+    @jax.custom_vjp
+    def attention(query, key, value, bias):
+        return forward(st, query, key, value, bias, mask, bounds, segment_ids)
+
+    def forward_rule(query, key, value, bias):
+        primals = [x.value for x in (query, key, value)]
+        bias_value = None if bias is None else bias.value
+        out, lse = forward(st, *primals, bias_value, mask, bounds, segment_ids)
+        want_dbias = bias_value is not None and bias.perturbed
+        return (out, lse), (*primals, bias_value, out, lse, () if want_dbias else None)
+
+    def backward_rule(residuals, cotangents):
+        query, key, value, bias, out, lse, want_dbias = residuals
+        d_out, d_lse = cotangents
+        if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
+            d_out = jnp.zeros(out.shape, out.dtype)
+        if isinstance(d_lse, jax.custom_derivatives.SymbolicZero):
+            d_lse = jnp.zeros(lse.shape, lse.dtype)
+        dq, dk, dv, d_bias = flash_triton.backward(
+            query,
+            key,
+            value,
+            bias,
+            mask,
+            out,
+            lse,
+            d_out,
+            d_lse,
+            want_dbias=want_dbias is not None,
+            **options,
+        )
+        return dq, dk, dv, d_bias
+
+    attention.defvjp(forward_rule, backward_rule, symbolic_zeros=True)
+    return attention(query, key, value, bias)
