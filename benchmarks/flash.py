@@ -63,9 +63,11 @@ def _tokamax(implementation):
 
 
 PEERS: dict[str, Callable] = {
+    "jattn_mosaic": _jattn("mosaic"),  # Hopper only; its backward is the Triton kernel's
     "jattn_triton": _jattn("triton"),
     "cudnn": _jax_nn("cudnn"),
     "jax_pallas_triton": _jax_pallas_triton,
+    "tokamax_mosaic": _tokamax("mosaic"),
     "tokamax_triton": _tokamax("triton"),
     "xla": _jax_nn("xla"),
 }

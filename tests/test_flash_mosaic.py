@@ -1,0 +1,203 @@
+"""The Mosaic GPU flash kernel (`implementation="mosaic"`).
+
+On CPU: the kernel runs in Mosaic GPU's interpret mode (TMA copies, barriers and the
+producer/consumer warpgroups simulated) against the float64 oracle, gradients included (they
+come from the Triton backward); and the GPU code path is lowered to Mosaic GPU IR for the CUDA
+platform (`jax.export`), which checks wgmma operand layouts, swizzles and shared memory without
+a GPU. On a Hopper GPU (`-m gpu`): every feature at real sizes against the reference.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import jattn
+from jattn import reference
+from pallas_kernels import flash_mosaic
+
+from cases import (
+    FEATURES,
+    TOLERANCE,
+    assert_close,
+    check_against_oracle,
+    make_inputs,
+    make_options,
+)
+
+SMALL = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2)
+# Two query programs of 128 rows, four key tiles of 64 (the last one partial), GQA 2, H padded
+# from 72 to 128.
+MULTI_TILE = (1, 150, 200, 4, 2, 72)
+# Four programs of one query tile each, three key tiles, MQA, H padded from 40 to 64.
+SMALLER = (2, 70, 150, 2, 1, 40)
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_every_feature_matches_oracle_bfloat16(rng, feature):
+    shape = MULTI_TILE if "causal" in feature or "window" in feature else SMALLER
+    options = make_options(rng, feature, shape)
+    check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", SMALL)
+
+
+def test_float16_with_combined_features(rng):
+    shape = MULTI_TILE
+    options = make_options(rng, "segments_causal_lengths", shape)
+    check_against_oracle(rng, shape, options, jnp.float16, "mosaic", SMALL)
+
+
+def test_three_stages_and_one_stage(rng):
+    for stages in (1, 3):
+        config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=stages)
+        options = make_options(rng, "causal_bottom_right", MULTI_TILE)
+        check_against_oracle(rng, MULTI_TILE, options, jnp.bfloat16, "mosaic", config)
+
+
+def test_hidden_key_tiles_are_never_loaded(rng):
+    """NaN in the keys and values that causal masking hides from a whole program: a tile that
+    were loaded and masked would still put 0 * NaN into the output."""
+    q, k, v = make_inputs(rng, (1, 128, 256, 2, 2, 64), jnp.bfloat16)
+    k, v = (x.at[:, 128:].set(jnp.nan) for x in (k, v))  # keys 128.. : after every query
+    out = jattn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="mosaic", config=SMALL
+    )
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    want = reference.dot_product_attention(q, k[:, :128], v[:, :128], is_causal=True)
+    assert_close(out, np.asarray(want, np.float64), TOLERANCE[jnp.bfloat16])
+
+
+def test_declines_what_it_does_not_serve(rng):
+    q, k, v = make_inputs(rng, (1, 8, 8, 2, 2, 16))
+    with pytest.raises(NotImplementedError, match="float16/bfloat16"):
+        jattn.dot_product_attention(q, k, v, implementation="mosaic")
+    q, k, v = make_inputs(rng, (1, 8, 8, 2, 2, 264), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="head dims up to 256"):
+        jattn.dot_product_attention(q, k, v, implementation="mosaic")
+    q, k, v = make_inputs(rng, (1, 8, 8, 2, 2, 16), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="MosaicConfig"):
+        jattn.dot_product_attention(q, k, v, implementation="mosaic", config=jattn.TritonConfig())
+    # auto-dispatch passes over the decline to the next implementation
+    got = jattn.dot_product_attention(
+        *make_inputs(rng, (1, 8, 8, 2, 2, 16)), implementation=("mosaic", "xla")
+    )
+    assert np.isfinite(np.asarray(got)).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(block_q=32),
+        dict(block_q=192),
+        dict(block_kv=96),
+        dict(block_kv=0),
+        dict(num_stages=0),
+    ],
+)
+def test_config_validation(kwargs):
+    with pytest.raises(ValueError):
+        jattn.MosaicConfig(**kwargs)
+
+
+def test_default_config_fits_shared_memory():
+    for head_dim in (16, 64, 72, 128, 200, 256):
+        for pair_itemsize in (0, 1, 2, 4, 5):
+            config = flash_mosaic.default_config(head_dim, pair_itemsize)
+            need = flash_mosaic.shared_memory_estimate(config, head_dim, pair_itemsize)
+            assert need <= flash_mosaic.SHARED_MEMORY, (head_dim, pair_itemsize, config)
+
+
+# --- the GPU code path, lowered for CUDA on this machine ----------------------------------------
+
+LOWERINGS = {
+    "plain_h64": ((1, 256, 256, 2, 2, 64), {}),
+    "causal_lengths_gqa_h128": (
+        (2, 256, 384, 4, 1, 128),
+        dict(is_causal=True, query_seq_lengths=True, key_value_seq_lengths=True),
+    ),
+    "window_softcap_h256": (
+        (1, 256, 256, 2, 1, 256),
+        dict(local_window_size=(64, 0), logits_soft_cap=20.0),
+    ),
+    "segments_h96": ((1, 200, 300, 2, 2, 96), dict(segment_ids=True)),
+    "bias_mask_h128": ((1, 256, 256, 2, 2, 128), dict(bias=True, mask=True)),
+}
+
+
+def _lower(shape, options, dtype=jnp.bfloat16):
+    """Lower dot_product_attention(implementation="mosaic") for CUDA: runs the Mosaic GPU
+    lowering of the forward kernel (and the Triton backward's lowering when differentiated)."""
+    batch, q_len, kv_len, heads, kv_heads, dim = shape
+    spec = jax.ShapeDtypeStruct
+    args = [
+        spec((batch, q_len, heads, dim), dtype),
+        spec((batch, kv_len, kv_heads, dim), dtype),
+        spec((batch, kv_len, kv_heads, dim), dtype),
+    ]
+    extra = {}
+    if options.pop("bias", False):
+        extra["bias"] = spec((1, heads, q_len, kv_len), jnp.float32)
+    if options.pop("mask", False):
+        extra["mask"] = spec((batch, 1, q_len, kv_len), jnp.bool_)
+    if options.pop("segment_ids", False):
+        extra["segment_ids"] = (spec((batch, q_len), jnp.int32), spec((batch, kv_len), jnp.int32))
+    for name in ("query_seq_lengths", "key_value_seq_lengths"):
+        if options.pop(name, False):
+            extra[name] = spec((batch,), jnp.int32)
+    names = list(extra)
+
+    def run(q, k, v, *values):
+        return jattn.dot_product_attention(
+            q,
+            k,
+            v,
+            implementation="mosaic",
+            **options,
+            **dict(zip(names, values, strict=True)),
+        )
+
+    return export.export(jax.jit(run), platforms=["cuda"])(*args, *extra.values())
+
+
+@pytest.mark.parametrize("case", LOWERINGS)
+def test_gpu_path_lowers_for_cuda(case, monkeypatch):
+    monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
+    shape, options = LOWERINGS[case]
+    exported = _lower(shape, dict(options))
+    text = exported.mlir_module()
+    assert "mosaic_gpu" in text, "the forward did not lower to a Mosaic GPU custom call"
+
+
+def test_lowering_rejects_what_does_not_fit(monkeypatch):
+    """The lowering is a real check: a config over the shared memory limit fails there."""
+    monkeypatch.setattr(flash_mosaic, "shared_memory_estimate", lambda *a: 0)  # skip our check
+    monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
+    monkeypatch.setattr(
+        flash_mosaic,
+        "default_config",
+        lambda *a: jattn.MosaicConfig(block_q=128, block_kv=256, num_stages=4),
+    )
+    with pytest.raises(ValueError, match="exceeds available shared memory"):
+        _lower((1, 256, 256, 2, 2, 256), {})
+
+
+# --- on a Hopper GPU ----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_every_feature_matches_oracle(rng, feature, dtype):
+    shape = (2, 1000, 1300, 8, 2, 128)
+    if feature.startswith("bias") or feature == "mask":
+        shape = (1, 300, 520, 4, 2, 72)  # the float64 oracle holds [B, N, T, S]
+    check_against_oracle(rng, shape, make_options(rng, feature, shape), dtype, "mosaic")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+def test_gpu_head_dims_long_sequence(rng, head_dim):
+    q, k, v = make_inputs(rng, (1, 4096, 4096, 8, 8, head_dim), jnp.bfloat16)
+    got = jattn.dot_product_attention(q, k, v, is_causal=True, implementation="mosaic")
+    want = jattn.dot_product_attention(q, k, v, is_causal=True, implementation="xla_chunked")
+    assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.bfloat16])
