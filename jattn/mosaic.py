@@ -4,7 +4,7 @@ What `implementation=None` tries first on sm_90+. It serves the whole contract i
 bfloat16 with head dims up to 256 (padded to a multiple of 64 inside). It declines, with
 NotImplementedError, so that auto-dispatch moves on: float32 and float64 (the Triton kernel
 serves float32), GPUs older than Hopper, and a config that does not fit shared memory. The
-backward is the Triton kernel's, fed with this forward's output and lse.
+backward has its own dq and dk/dv kernels on Mosaic GPU; dbias comes from the Triton backward.
 
 Off the GPU an explicit `implementation="mosaic"` runs in Mosaic GPU's interpret mode (tests).
 `config=None` takes the call's bucket from `jattn.autotune` (user cache, shipped table), else
@@ -64,7 +64,9 @@ def _candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfi
     return [
         c
         for c in configs
-        if flash_mosaic.shared_memory_estimate(c, bucket.head_dim, 0) <= flash_mosaic.SHARED_MEMORY
+        if flash_mosaic.fits_shared_memory(
+            flash_mosaic.shared_memory_estimate(c, bucket.head_dim, 0)
+        )
     ]
 
 

@@ -13,8 +13,9 @@ segment ids, soft cap, additive bias, a boolean mask, GQA (head n reads kv head 
 tiles that causal/window/length masks hide from all 2 * block_q rows are never loaded; tiles
 every row sees in full skip the mask arithmetic. Fully masked rows give 0 and lse -inf.
 
-The backward is the Triton kernel's (dq and dk/dv kernels from this forward's lse): correct
-and deterministic, not Hopper-tuned.
+The backward (`flash_mosaic_bwd`) is a dq kernel and a dk/dv kernel on the same plan. When the
+bias is differentiated (dbias), or the backward's buffers do not fit shared memory, the Triton
+kernels' backward runs instead, fed with this forward's output and lse.
 
 Interpret mode: Mosaic GPU's interpreter (JAX >= 0.10) runs this kernel on CPU for tests: the
 TMA copies, barriers and the producer/consumer schedule as on the GPU. It lacks layout casts,
@@ -30,6 +31,7 @@ block_kv (copies only when needed).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -50,26 +52,34 @@ SHARED_MEMORY = 227 * 1024
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class MosaicConfig:
-    """Tiling of the Mosaic GPU forward.
+    """Tiling of the Mosaic GPU kernels.
 
-    block_q: query rows per consumer warpgroup (a program holds 2 * block_q); a multiple of 64.
-    block_kv: keys per pipeline step; a multiple of 64.
-    num_stages: depth of the K/V shared-memory ring (>= 2 lets loads run ahead of compute).
+    block_q: forward query rows per consumer warpgroup (a program holds 2 * block_q).
+    block_kv: forward keys per pipeline step.
+    num_stages: depth of the forward's K/V shared-memory ring (>= 2 lets loads run ahead).
+    bwd_block_q: dq's query rows per consumer, and dk/dv's queries per pipeline step.
+    bwd_block_kv: dk/dv's key rows per consumer, and dq's keys per pipeline step.
+    bwd_num_stages: depth of both backward kernels' rings.
+    Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
     """
 
     block_q: int = 64
     block_kv: int = 128
     num_stages: int = 2
+    bwd_block_q: int = 64
+    bwd_block_kv: int = 64
+    bwd_num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_q", "block_kv"):
+        for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
             value = getattr(self, name)
             if value < 64 or value % 64:
                 raise ValueError(f"{name} must be a positive multiple of 64, got {value}")
-        if self.block_q > 128:
-            raise ValueError(f"block_q must be 64 or 128 (rows per warpgroup), got {self.block_q}")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+            if name != "block_kv" and value > 128:
+                raise ValueError(f"{name} must be 64 or 128 (rows per warpgroup), got {value}")
+        for name in ("num_stages", "bwd_num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -77,24 +87,48 @@ def padded_head_dim(head_dim: int) -> int:
     return -(-head_dim // _HEAD_MULTIPLE) * _HEAD_MULTIPLE
 
 
+def fits_shared_memory(nbytes: int) -> bool:
+    """Whether a kernel's buffers fit an H100's shared memory (4 KiB kept for barriers and
+    alignment: the estimates below count only the buffers)."""
+    return nbytes + 4096 <= SHARED_MEMORY
+
+
 def shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_itemsize: int) -> int:
-    """Bytes of shared memory the forward holds (16-bit Q, K, V; pair_itemsize: bias + mask
-    bytes per element of a [2 * block_q, block_kv] tile)."""
+    """Bytes of the forward's buffers (16-bit Q, K, V; pair_itemsize: bias + mask bytes per
+    element of a [2 * block_q, block_kv] tile)."""
     rows = _CONSUMERS * config.block_q
     h_pad = padded_head_dim(head_dim)
     per_stage = 2 * config.block_kv * h_pad * 2 + rows * config.block_kv * pair_itemsize
     return rows * h_pad * 2 + config.num_stages * per_stage + rows * 4 + 4 * config.block_kv
 
 
+def backward_shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_itemsize: int) -> int:
+    """Bytes of the larger of the two backward kernels' buffers."""
+    h_pad = padded_head_dim(head_dim)
+    bq, bk, stages = config.bwd_block_q, config.bwd_block_kv, config.bwd_num_stages
+    pair = _CONSUMERS * bq * bk * pair_itemsize
+    dq = _CONSUMERS * bq * (2 * h_pad * 2 + 3 * 4) + stages * (2 * bk * h_pad * 2 + pair + 4 * bk)
+    dkdv = _CONSUMERS * bk * (2 * h_pad * 2 + 4) + stages * (2 * bq * h_pad * 2 + pair + 12 * bq)
+    return max(dq, dkdv)
+
+
 def default_config(head_dim: int, pair_itemsize: int = 0) -> MosaicConfig:
-    """A tiling that fits shared memory: untuned (no GPU measurements yet); jattn.autotune's
+    """Tilings that fit shared memory: untuned (no GPU measurements yet); jattn.autotune's
     tables override it where they have an entry."""
-    for config in (
-        MosaicConfig(block_q=64, block_kv=128, num_stages=2),
-        MosaicConfig(block_q=64, block_kv=64, num_stages=2),
-        MosaicConfig(block_q=64, block_kv=64, num_stages=1),
-    ):
-        if shared_memory_estimate(config, head_dim, pair_itemsize) <= SHARED_MEMORY:
+    forward = [(64, 128, 2), (64, 64, 2), (64, 64, 1)]
+    backward = [(64, 64, 2), (64, 64, 1)]
+    for (bq, bk, stages), (bwd_q, bwd_k, bwd_stages) in itertools.product(forward, backward):
+        config = MosaicConfig(
+            block_q=bq,
+            block_kv=bk,
+            num_stages=stages,
+            bwd_block_q=bwd_q,
+            bwd_block_kv=bwd_k,
+            bwd_num_stages=bwd_stages,
+        )
+        if fits_shared_memory(
+            shared_memory_estimate(config, head_dim, pair_itemsize)
+        ) and fits_shared_memory(backward_shared_memory_estimate(config, head_dim, pair_itemsize)):
             return config
     return config
 
@@ -517,7 +551,8 @@ def flash_attention(
     """Flash attention with validated, rank-4 inputs (see `jattn.dot_product_attention`).
 
     Raises NotImplementedError for what this kernel does not serve: float32/float64 (the Triton
-    kernel serves float32), H > 256. Gradients come from the Triton kernel's backward.
+    kernel serves float32), H > 256, a config whose forward does not fit shared memory.
+    Gradients come from `flash_mosaic_bwd`, or from the Triton backward for dbias.
     """
     if query.dtype not in _DTYPES:
         raise NotImplementedError(
@@ -534,7 +569,9 @@ def flash_attention(
     if config is None:
         config = default_config(head_dim, pair_itemsize)
     interpret = common.interpret_mode() if interpret is None else interpret
-    if not interpret and shared_memory_estimate(config, head_dim, pair_itemsize) > SHARED_MEMORY:
+    if not interpret and not fits_shared_memory(
+        shared_memory_estimate(config, head_dim, pair_itemsize)
+    ):
         raise NotImplementedError(
             f"{config} needs more shared memory than an H100 has for head dim {head_dim}"
         )
@@ -555,6 +592,18 @@ def flash_attention(
         block_kv=config.block_kv,
         num_stages=config.num_stages,
         interpret=interpret,
+    )
+    # The backward tiles both axes by 2 * max(bwd blocks): its own padding, its own kv check.
+    bwd_tile = 2 * max(config.bwd_block_q, config.bwd_block_kv)
+    bwd_st = dataclasses.replace(
+        st,
+        block_q=config.bwd_block_q,
+        block_kv=config.bwd_block_kv,
+        num_stages=config.bwd_num_stages,
+        check_kv_len=key_value_seq_lengths is not None or kv_len % bwd_tile != 0,
+    )
+    native_backward = interpret or fits_shared_memory(
+        backward_shared_memory_estimate(config, head_dim, pair_itemsize)
     )
     bounds = _bounds(batch, q_len, kv_len, q_offset, query_seq_lengths, key_value_seq_lengths)
     options = dict(
@@ -587,6 +636,14 @@ def flash_attention(
             d_out = jnp.zeros(out.shape, out.dtype)
         if isinstance(d_lse, jax.custom_derivatives.SymbolicZero):
             d_lse = jnp.zeros(lse.shape, lse.dtype)
+        if native_backward and want_dbias is None:
+            from pallas_kernels import flash_mosaic_bwd
+
+            dq, dk, dv = flash_mosaic_bwd.backward(
+                bwd_st, query, key, value, bias, mask, bounds, segment_ids, out, lse, d_out, d_lse
+            )
+            return dq, dk, dv, None
+        # dbias, or a backward that does not fit shared memory: the Triton kernels.
         dq, dk, dv, d_bias = flash_triton.backward(
             query,
             key,

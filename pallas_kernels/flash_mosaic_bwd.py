@@ -1,0 +1,500 @@
+"""Flash attention backward for Hopper on Mosaic GPU: a dq kernel and a dk/dv kernel.
+
+FlashAttention-2's backward, recomputing each tile's probabilities from the forward's lse:
+- dq: a program per (head, 2 * block_q query rows, batch); a producer warpgroup streams K and V
+  tiles as in the forward, two consumers each own block_q rows:
+  S = Q K^T, P = exp2(S' - lse'), dP = dO V^T, dS = P (dP - delta), dQ += dS K;
+- dk/dv: a program per (query head, 2 * block_kv key rows, batch); the producer streams Q, dO,
+  lse and delta tiles of the query blocks that can see those keys; two consumers each own
+  block_kv key rows and work on transposed tiles, so that no register tile is transposed:
+  S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+delta = rowsum(dO * O) - d_lse is computed before (XLA fuses it). dk and dv are written per
+query head and summed over the G heads of a group afterwards, so every output has one writer:
+no atomics, the same bits every run.
+
+Everything the forward applies per tile applies here too (`flash_mosaic` has the details); a
+bias or mask enters the dk/dv kernel transposed ([S, T], one copy made in XLA). dbias is not
+computed here: when the bias is differentiated the caller uses the Triton backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import Array, lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import common
+from pallas_kernels.flash_mosaic import (
+    _CONSUMERS,
+    _WGMMA,
+    _WGMMA_COL,
+    _WGMMA_ROW,
+    _interpret_kwargs,
+    _iota,
+    _layout,
+    _load_vector,
+    _mma_accumulate,
+    _mma_transposed,
+    _pad_to,
+    _Static,
+    _tiled,
+    padded_head_dim,
+)
+
+_LOG2E = math.log2(math.e)
+
+
+def _scalars(bounds_ref, batch):
+    return bounds_ref[batch, 0], bounds_ref[batch, 1], bounds_ref[batch, 2]
+
+
+def _logits(st: _Static, qk: Array, bias: Array | None) -> tuple[Array, Array | None]:
+    """(base-2 logits, scale * q.k when the soft cap's gradient needs it) of one tile."""
+    if st.softcap is None:
+        logits = qk * (st.scale * _LOG2E)
+        if bias is not None:
+            logits = logits + bias * _LOG2E
+        return logits, None
+    scores = qk * st.scale
+    logits = common.capped_logits(scores, st.softcap)
+    if bias is not None:
+        logits = logits + bias
+    return logits * _LOG2E, scores
+
+
+def _produce(scratch, lo, hi, stages: int, copies) -> None:
+    """The producer warpgroup: for each step of [lo, hi), wait until the consumers released
+    its ring slot, then issue copies(step, slot, barrier); finally observe the last releases."""
+    plgpu.set_max_registers(40, action="decrease")
+
+    @pl.loop(lo, hi)
+    def _(step):
+        slot = lax.rem(step - lo, stages)
+
+        @pl.when(step - lo >= stages)
+        def _():
+            plgpu.barrier_wait(scratch["consumed"].at[slot])
+
+        copies(step, slot, scratch["produced"].at[slot])
+
+    @pl.loop(jnp.maximum(lo, hi - stages), hi)
+    def _(step):
+        plgpu.barrier_wait(scratch["consumed"].at[lax.rem(step - lo, stages)])
+
+
+def _pair(ref, batch, head, rows, cols):
+    """The [rows, cols] window of a [B', N', R, C] operand that broadcasts over B' or N' == 1."""
+    return ref.at[batch if ref.shape[0] > 1 else 0, head if ref.shape[1] > 1 else 0, rows, cols]
+
+
+# --- dq ----------------------------------------------------------------------------------------
+
+
+def _dq_kernel(refs, scratch, *, st: _Static):
+    block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
+    head, q_tile = lax.axis_index("heads"), lax.axis_index("tiles")
+    batch, wg = lax.axis_index("batch"), lax.axis_index("wg")
+    bounds = _scalars(refs["bounds"], batch)
+    q_offset, q_len, kv_len = bounds
+    program_first = q_tile * (_CONSUMERS * block_q)
+    program_rows = pl.ds(program_first, _CONSUMERS * block_q)
+    reach = dict(right=st.right, left=st.left)
+    lo, hi = common.key_block_range(
+        program_first,
+        jnp.minimum(program_first + _CONSUMERS * block_q, q_len),
+        q_offset=q_offset,
+        kv_len=kv_len,
+        block_k=block_kv,
+        **reach,
+    )
+
+    @pl.when(wg == _CONSUMERS)
+    def _producer():
+        kv_head = lax.div(head, st.groups)
+
+        def copies(step, slot, barrier):
+            keys = pl.ds(step * block_kv, block_kv)
+            for name in ("k", "v"):
+                plgpu.copy_gmem_to_smem(
+                    refs[name].at[batch, keys, kv_head], scratch[name].at[slot], barrier
+                )
+            for name in ("bias", "mask"):
+                if name in refs:
+                    source = _pair(refs[name], batch, head, program_rows, keys)
+                    plgpu.copy_gmem_to_smem(source, scratch[name].at[slot], barrier)
+            if st.has_segments:
+                source = refs["kv_seg"].at[batch, keys]
+                plgpu.copy_gmem_to_smem(source, scratch["kv_seg"].at[slot], barrier)
+
+        _produce(scratch, lo, hi, stages, copies)
+
+    @pl.when(wg < _CONSUMERS)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        q_first = program_first + wg * block_q
+        rows = pl.ds(q_first, block_q)
+        ready = scratch["rows_produced"].at[wg]
+        for name in ("q", "d_out"):
+            plgpu.copy_gmem_to_smem(refs[name].at[batch, rows, head], scratch[name].at[wg], ready)
+        for name in ("lse", "delta"):
+            plgpu.copy_gmem_to_smem(refs[name].at[batch, head, rows], scratch[name].at[wg], ready)
+        if st.has_segments:
+            plgpu.copy_gmem_to_smem(refs["q_seg"].at[batch, rows], scratch["q_seg"].at[wg], ready)
+        plgpu.barrier_wait(ready)
+
+        shape = (block_q, block_kv)
+        lse = _load_vector(st, scratch["lse"].at[wg], _WGMMA_ROW)
+        lse = jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)  # a fully masked row has p = 0
+        lse = lax.broadcast_in_dim(lse, shape, [0])
+        delta = lax.broadcast_in_dim(
+            _load_vector(st, scratch["delta"].at[wg], _WGMMA_ROW), shape, [0]
+        )
+        q_seg = None
+        if st.has_segments:
+            q_seg = _load_vector(st, scratch["q_seg"].at[wg], _WGMMA_ROW)
+            q_seg = lax.broadcast_in_dim(q_seg, shape, [0])
+        q_pos = q_first + _iota(st, shape, 0)
+        col = _iota(st, shape, 1)
+        q_smem, d_out_smem = scratch["q"].at[wg], scratch["d_out"].at[wg]
+
+        def visit(step, dq, *, masked: bool):
+            slot = lax.rem(step - lo, stages)
+            plgpu.barrier_wait(scratch["produced"].at[slot])
+            k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
+            qk = _mma_transposed(st, q_smem, k_smem)
+            bias = mask = kv_seg = None
+            own_rows = pl.ds(wg * block_q, block_q)
+            if st.has_bias:
+                bias = scratch["bias"][slot, own_rows].astype(jnp.float32)
+            if st.has_mask:
+                mask = scratch["mask"][slot, own_rows]
+            if st.has_segments:
+                kv_seg = _load_vector(st, scratch["kv_seg"].at[slot], _WGMMA_COL)
+                kv_seg = lax.broadcast_in_dim(kv_seg, shape, [1])
+            logits, scores = _logits(st, qk, bias)
+            if masked:
+                logits = _apply_visibility(
+                    st, logits, q_pos, step * block_kv + col, bounds, q_seg, kv_seg, mask
+                )
+            p = jnp.exp2(logits - lse)
+            dp = _mma_transposed(st, d_out_smem, v_smem)
+            ds = p * (dp - delta)
+            if scores is not None:
+                ds = ds * common.capped_logits_grad(scores, st.softcap)
+            dq = _mma_accumulate(st, dq, ds.astype(k_smem.dtype), k_smem)
+            plgpu.barrier_arrive(scratch["consumed"].at[slot])
+            return dq
+
+        _, inner_lo, inner_hi = _unmasked(st, bounds, q_first, lo, hi)
+        dq = _layout(st, jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), _WGMMA)
+        dq = common.visit_all(st, (lo, inner_lo, inner_hi, hi), visit, dq)
+        q_smem[...] = (dq * st.scale).astype(q_smem.dtype)  # Q is no longer needed
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, refs["dq"].at[batch, rows, head])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _unmasked(st: _Static, bounds, q_first, lo, hi):
+    q_offset, q_len, kv_len = bounds
+    inner_lo, inner_hi = common.unmasked_key_blocks(
+        lo,
+        hi,
+        q_first,
+        q_offset=q_offset,
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=st.block_q,
+        block_k=st.block_kv,
+        right=st.right,
+        left=st.left,
+        check_q_len=st.check_q_len,
+        check_kv_len=st.check_kv_len,
+    )
+    return lo, inner_lo, inner_hi
+
+
+def _apply_visibility(st: _Static, logits, q_pos, k_pos, bounds, q_seg, kv_seg, mask):
+    """-inf where a tile's query does not see its key (position grids in the tile's layout)."""
+    visible = common.tile_visibility(
+        q_pos,
+        k_pos,
+        q_offset=bounds[0],
+        q_len=bounds[1],
+        kv_len=bounds[2],
+        right=st.right,
+        left=st.left,
+        check_q_len=st.check_q_len,
+        check_kv_len=st.check_kv_len,
+        q_seg=q_seg,
+        kv_seg=kv_seg,
+        broadcast=False,
+    )
+    if mask is not None:
+        visible = mask != 0 if visible is None else visible & (mask != 0)
+    return logits if visible is None else jnp.where(visible, logits, -jnp.inf)
+
+
+# --- dk, dv -----------------------------------------------------------------------------------
+
+
+def _dkdv_kernel(refs, scratch, *, st: _Static):
+    # Roles swapped: st.block_kv key rows per consumer, st.block_q queries per pipeline step.
+    block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
+    head, kv_tile = lax.axis_index("heads"), lax.axis_index("tiles")
+    batch, wg = lax.axis_index("batch"), lax.axis_index("wg")
+    bounds = _scalars(refs["bounds"], batch)
+    q_offset, q_len, kv_len = bounds
+    program_first = kv_tile * (_CONSUMERS * block_kv)
+    program_keys = pl.ds(program_first, _CONSUMERS * block_kv)
+    reach = dict(right=st.right, left=st.left)
+    lo, hi = common.query_block_range(
+        program_first,
+        jnp.minimum(program_first + _CONSUMERS * block_kv, kv_len),
+        q_offset=q_offset,
+        q_len=q_len,
+        block_q=block_q,
+        **reach,
+    )
+
+    @pl.when(wg == _CONSUMERS)
+    def _producer():
+        def copies(step, slot, barrier):
+            rows = pl.ds(step * block_q, block_q)
+            for name in ("q", "d_out"):
+                plgpu.copy_gmem_to_smem(
+                    refs[name].at[batch, rows, head], scratch[name].at[slot], barrier
+                )
+            for name in ("lse", "delta"):
+                plgpu.copy_gmem_to_smem(
+                    refs[name].at[batch, head, rows], scratch[name].at[slot], barrier
+                )
+            for name in ("bias", "mask"):  # transposed: [B', N', S, T]
+                if name in refs:
+                    source = _pair(refs[name], batch, head, program_keys, rows)
+                    plgpu.copy_gmem_to_smem(source, scratch[name].at[slot], barrier)
+            if st.has_segments:
+                source = refs["q_seg"].at[batch, rows]
+                plgpu.copy_gmem_to_smem(source, scratch["q_seg"].at[slot], barrier)
+
+        _produce(scratch, lo, hi, stages, copies)
+
+    @pl.when(wg < _CONSUMERS)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        k_first = program_first + wg * block_kv
+        keys = pl.ds(k_first, block_kv)
+        kv_head = lax.div(head, st.groups)
+        ready = scratch["rows_produced"].at[wg]
+        for name in ("k", "v"):
+            plgpu.copy_gmem_to_smem(
+                refs[name].at[batch, keys, kv_head], scratch[name].at[wg], ready
+            )
+        if st.has_segments:
+            plgpu.copy_gmem_to_smem(refs["kv_seg"].at[batch, keys], scratch["kv_seg"].at[wg], ready)
+        plgpu.barrier_wait(ready)
+
+        shape = (block_kv, block_q)  # transposed tiles: keys down, queries across
+        kv_seg = None
+        if st.has_segments:
+            kv_seg = _load_vector(st, scratch["kv_seg"].at[wg], _WGMMA_ROW)
+            kv_seg = lax.broadcast_in_dim(kv_seg, shape, [0])
+        k_pos = k_first + _iota(st, shape, 0)
+        row = _iota(st, shape, 1)
+        k_smem, v_smem = scratch["k"].at[wg], scratch["v"].at[wg]
+
+        def visit(step, carry, *, masked: bool):
+            dk, dv = carry
+            slot = lax.rem(step - lo, stages)
+            plgpu.barrier_wait(scratch["produced"].at[slot])
+            q_smem, d_out_smem = scratch["q"].at[slot], scratch["d_out"].at[slot]
+            lse = _load_vector(st, scratch["lse"].at[slot], _WGMMA_COL)
+            lse = lax.broadcast_in_dim(jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E), shape, [1])
+            delta = _load_vector(st, scratch["delta"].at[slot], _WGMMA_COL)
+            delta = lax.broadcast_in_dim(delta, shape, [1])
+            qk_t = _mma_transposed(st, k_smem, q_smem)
+            bias = mask = q_seg = None
+            own_keys = pl.ds(wg * block_kv, block_kv)
+            if st.has_bias:
+                bias = scratch["bias"][slot, own_keys].astype(jnp.float32)
+            if st.has_mask:
+                mask = scratch["mask"][slot, own_keys]
+            if st.has_segments:
+                q_seg = _load_vector(st, scratch["q_seg"].at[slot], _WGMMA_COL)
+                q_seg = lax.broadcast_in_dim(q_seg, shape, [1])
+            logits_t, scores_t = _logits(st, qk_t, bias)
+            if masked:
+                logits_t = _apply_visibility(
+                    st, logits_t, step * block_q + row, k_pos, bounds, q_seg, kv_seg, mask
+                )
+            p_t = jnp.exp2(logits_t - lse)
+            dv = _mma_accumulate(st, dv, p_t.astype(v_smem.dtype), d_out_smem)
+            dp_t = _mma_transposed(st, v_smem, d_out_smem)
+            ds_t = p_t * (dp_t - delta)
+            if scores_t is not None:
+                ds_t = ds_t * common.capped_logits_grad(scores_t, st.softcap)
+            dk = _mma_accumulate(st, dk, ds_t.astype(k_smem.dtype), q_smem)
+            plgpu.barrier_arrive(scratch["consumed"].at[slot])
+            return dk, dv
+
+        inner_lo, inner_hi = common.unmasked_query_blocks(
+            lo,
+            hi,
+            k_first,
+            q_offset=q_offset,
+            q_len=q_len,
+            kv_len=kv_len,
+            block_q=block_q,
+            block_k=block_kv,
+            check_q_len=st.check_q_len,
+            check_kv_len=st.check_kv_len,
+            **reach,
+        )
+        zeros = _layout(st, jnp.zeros((block_kv, k_smem.shape[-1]), jnp.float32), _WGMMA)
+        dk, dv = common.visit_all(st, (lo, inner_lo, inner_hi, hi), visit, (zeros, zeros))
+        k_smem[...] = (dk * st.scale).astype(k_smem.dtype)  # K and V are no longer needed
+        v_smem[...] = dv.astype(v_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, refs["dk"].at[batch, keys, head])
+        plgpu.copy_smem_to_gmem(v_smem, refs["dv"].at[batch, keys, head])
+        plgpu.wait_smem_to_gmem(0)
+
+
+# --- launch -----------------------------------------------------------------------------------
+
+
+def _launch(kernel, st: _Static, operands: dict, scratch: dict, out_names, out_type, grid):
+    def body(*refs):
+        names = list(operands) + list(out_names)
+        named = dict(zip(names, refs[: len(names)], strict=True))
+
+        def with_scratch(*buffers):
+            kernel(named, dict(zip(scratch, buffers, strict=True)), st=st)
+
+        pl.run_scoped(with_scratch, *scratch.values(), collective_axes="wg")
+
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=grid,
+        grid_names=("heads", "tiles", "batch"),
+        num_threads=_CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **_interpret_kwargs(st),
+    )(*operands.values())
+
+
+def backward(
+    st: _Static,
+    query: Array,  # [B, T, N, H]
+    key: Array,  # [B, S, K, H]
+    value: Array,  # [B, S, K, H]
+    bias: Array | None,  # [B', N', T', S']
+    mask: Array | None,  # [B', N', T', S'] bool
+    bounds: Array,  # [B, 4] int32
+    segment_ids: tuple[Array, Array] | None,
+    out: Array,  # [B, T, N, H]
+    lse: Array,  # [B, T, N] float32
+    d_out: Array,  # [B, T, N, H]
+    d_lse: Array,  # [B, T, N] float32
+) -> tuple[Array, Array, Array]:  # dq, dk, dv
+    batch, q_len, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads = key.shape[1], key.shape[2]
+    block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
+    tile = _CONSUMERS * max(block_q, block_kv)  # both kernels tile both axes
+    t_pad = -(-q_len // tile) * tile
+    s_pad = -(-kv_len // tile) * tile
+    h_pad = padded_head_dim(head_dim)
+    dtype = query.dtype
+
+    def rows(x, size):
+        return common.pad_last(_pad_to(x, 1, size), h_pad)
+
+    delta = jnp.einsum(
+        "btnh,btnh->bnt",
+        d_out.astype(jnp.float32),
+        out.astype(jnp.float32),
+        precision=lax.Precision.HIGHEST,
+    ) - jnp.swapaxes(d_lse.astype(jnp.float32), 1, 2)
+    operands = {
+        "q": rows(query, t_pad),
+        "k": rows(key, s_pad),
+        "v": rows(value, s_pad),
+        "d_out": rows(d_out.astype(dtype), t_pad),
+        "lse": _pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad),  # [B, N, T_pad]; padded rows: 0
+        "delta": _pad_to(delta, 2, t_pad),
+        "bounds": bounds,
+    }
+    pairs = {}
+    if bias is not None:
+        pairs["bias"] = jnp.broadcast_to(bias, bias.shape[:2] + (q_len, kv_len))
+    if mask is not None:
+        pairs["mask"] = jnp.broadcast_to(mask, mask.shape[:2] + (q_len, kv_len)).astype(jnp.int8)
+    pairs = {name: _pad_to(_pad_to(x, 2, t_pad), 3, s_pad) for name, x in pairs.items()}
+    if segment_ids is not None:
+        operands["q_seg"] = _pad_to(segment_ids[0].astype(jnp.int32), 1, t_pad, -1)
+        operands["kv_seg"] = _pad_to(segment_ids[1].astype(jnp.int32), 1, s_pad, -2)
+
+    def barriers(copies, row_copies):
+        return dict(
+            rows_produced=plgpu.Barrier(num_arrivals=row_copies, num_barriers=_CONSUMERS),
+            produced=plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+            consumed=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+        )
+
+    # dq: the forward's schedule with dO, lse and delta riding along with Q.
+    rows_per_program = _CONSUMERS * block_q
+    scratch = {name: _tiled((_CONSUMERS, block_q, h_pad), dtype) for name in ("q", "d_out")} | {
+        name: plgpu.SMEM((_CONSUMERS, block_q), jnp.float32) for name in ("lse", "delta")
+    }
+    scratch |= {name: _tiled((stages, block_kv, h_pad), dtype) for name in ("k", "v")}
+    for name, x in pairs.items():
+        scratch[name] = _tiled((stages, rows_per_program, block_kv), x.dtype)
+    if segment_ids is not None:
+        scratch["q_seg"] = plgpu.SMEM((_CONSUMERS, block_q), jnp.int32)
+        scratch["kv_seg"] = plgpu.SMEM((stages, block_kv), jnp.int32)
+    has_seg = int(segment_ids is not None)
+    scratch |= barriers(2 + len(pairs) + has_seg, 4 + has_seg)
+    (dq,) = _launch(
+        _dq_kernel,
+        st,
+        operands | pairs,
+        scratch,
+        ["dq"],
+        [jax.ShapeDtypeStruct((batch, t_pad, num_heads, h_pad), dtype)],
+        (num_heads, t_pad // rows_per_program, batch),
+    )
+
+    # dk, dv: per query head, bias and mask transposed to [B', N', S, T].
+    keys_per_program = _CONSUMERS * block_kv
+    pairs_t = {name: jnp.swapaxes(x, 2, 3) for name, x in pairs.items()}
+    scratch = {name: _tiled((_CONSUMERS, block_kv, h_pad), dtype) for name in ("k", "v")}
+    scratch |= {name: _tiled((stages, block_q, h_pad), dtype) for name in ("q", "d_out")}
+    scratch |= {name: plgpu.SMEM((stages, block_q), jnp.float32) for name in ("lse", "delta")}
+    for name, x in pairs_t.items():
+        scratch[name] = _tiled((stages, keys_per_program, block_q), x.dtype)
+    if segment_ids is not None:
+        scratch["q_seg"] = plgpu.SMEM((stages, block_q), jnp.int32)
+        scratch["kv_seg"] = plgpu.SMEM((_CONSUMERS, block_kv), jnp.int32)
+    scratch |= barriers(4 + len(pairs) + has_seg, 2 + has_seg)
+    per_head = jax.ShapeDtypeStruct((batch, s_pad, num_heads, h_pad), dtype)
+    dk, dv = _launch(
+        _dkdv_kernel,
+        st,
+        operands | pairs_t,
+        scratch,
+        ["dk", "dv"],
+        [per_head, per_head],
+        (num_heads, s_pad // keys_per_program, batch),
+    )
+
+    def kv_grad(g):  # [B, S_pad, N, Hp] per query head -> [B, S, K, H], summed in float32
+        g = g[:, :kv_len, :, :head_dim].astype(jnp.float32)
+        g = g.reshape(batch, kv_len, num_kv_heads, st.groups, head_dim).sum(axis=3)
+        return g.astype(key.dtype)
+
+    return dq[:, :q_len, :, :head_dim], kv_grad(dk), kv_grad(dv)
