@@ -11,6 +11,7 @@ Off the GPU an explicit `implementation="mosaic"` runs in Mosaic GPU's interpret
 `flash_mosaic.default_config`.
 """
 
+import dataclasses
 import itertools
 
 import jax
@@ -50,15 +51,15 @@ def _mosaic(args: AttentionArgs, config) -> tuple[Array, Array]:
 register_implementation("mosaic", _mosaic)
 
 
-# --- autotuning: the forward's tiles and pipeline depth (the backward is the Triton kernel's,
-# tuned under implementation "triton").
+# --- autotuning: the forward's tiles and ring depth (timed on the forward), then the backward's
+# (timed on forward+backward with the forward winner); what cannot fit shared memory is dropped.
 _SPACE = dict(block_q=(64, 128), block_kv=(64, 128, 256), num_stages=(2, 3, 4))
+_BACKWARD_SPACE = dict(bwd_block_q=(64, 128), bwd_block_kv=(64, 128), bwd_num_stages=(1, 2, 3))
 
 
-def _candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfig]:
-    del base
+def _forward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfig]:
     configs = [
-        MosaicConfig(block_q=bq, block_kv=bk, num_stages=s)
+        dataclasses.replace(base, block_q=bq, block_kv=bk, num_stages=s)
         for bq, bk, s in itertools.product(*_SPACE.values())
     ]
     return [
@@ -70,9 +71,26 @@ def _candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfi
     ]
 
 
+def _backward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfig]:
+    configs = [
+        dataclasses.replace(base, bwd_block_q=bq, bwd_block_kv=bk, bwd_num_stages=s)
+        for bq, bk, s in itertools.product(*_BACKWARD_SPACE.values())
+    ]
+    return [
+        c
+        for c in configs
+        if flash_mosaic.fits_shared_memory(
+            flash_mosaic.backward_shared_memory_estimate(c, bucket.head_dim, 0)
+        )
+    ]
+
+
 autotune.register_tunable(
     "mosaic",
     MosaicConfig,
     default=lambda bucket: flash_mosaic.default_config(bucket.head_dim),
-    searches=[autotune.Search(name="forward", mode="forward", candidates=_candidates)],
+    searches=[
+        autotune.Search(name="forward", mode="forward", candidates=_forward_candidates),
+        autotune.Search(name="backward", mode="forward+backward", candidates=_backward_candidates),
+    ],
 )

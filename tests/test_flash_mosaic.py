@@ -254,3 +254,23 @@ def test_gpu_head_dims_long_sequence(rng, head_dim):
     got = jattn.dot_product_attention(q, k, v, is_causal=True, implementation="mosaic")
     want = jattn.dot_product_attention(q, k, v, is_causal=True, implementation="xla_chunked")
     assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.bfloat16])
+
+
+def test_autotune_search_space_fits_shared_memory():
+    from jattn.autotune import cache
+
+    tunable = cache.get_tunable("mosaic")
+    for head_dim in (64, 128, 256):
+        bucket = cache.bucket_for(
+            "mosaic", head_dim=head_dim, dtype="bfloat16", causal=True, length=4096
+        )
+        base = tunable.default(bucket)
+        for search, estimate in zip(
+            tunable.searches,
+            (flash_mosaic.shared_memory_estimate, flash_mosaic.backward_shared_memory_estimate),
+            strict=True,
+        ):
+            candidates = search.candidates(bucket, base)
+            assert candidates, (head_dim, search.name)
+            for config in candidates:
+                assert flash_mosaic.fits_shared_memory(estimate(config, head_dim, 0)), config
