@@ -202,6 +202,51 @@ def _mma_transposed(st: _Static, lhs_ref, rhs_ref) -> Array:
     return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
 
+def tile_logits(st: _Static, qk: Array, bias: Array | None) -> tuple[Array, Array | None]:
+    """(base-2 logits, scale * q.k when the soft cap's gradient needs it, else None) of a tile."""
+    if st.softcap is None:  # one multiply per element: scale and the base-2 change together
+        logits = qk * (st.scale * _LOG2E)
+        if bias is not None:
+            logits = logits + bias * _LOG2E
+        return logits, None
+    scores = qk * st.scale
+    logits = common.capped_logits(scores, st.softcap)
+    if bias is not None:
+        logits = logits + bias
+    return logits * _LOG2E, scores
+
+
+def hide_invisible(
+    st: _Static, logits, *, q_first, k_first, bounds, q_seg, kv_seg, mask, transposed=False
+):
+    """-inf where a query does not see a key. logits: queries down, keys across (or keys down
+    with transposed=True, in the dk/dv kernel); q_seg, kv_seg: 1-D vectors in the layout of
+    their axis. The position grids are built here, per masked tile, not held across the loop
+    (two int32 tiles would cost a consumer 128 registers)."""
+    shape = logits.shape
+    q_axis, k_axis = (1, 0) if transposed else (0, 1)
+    if q_seg is not None:
+        q_seg = lax.broadcast_in_dim(q_seg, shape, [q_axis])
+        kv_seg = lax.broadcast_in_dim(kv_seg, shape, [k_axis])
+    visible = common.tile_visibility(
+        q_first + _iota(st, shape, q_axis),
+        k_first + _iota(st, shape, k_axis),
+        q_offset=bounds[0],
+        q_len=bounds[1],
+        kv_len=bounds[2],
+        right=st.right,
+        left=st.left,
+        check_q_len=st.check_q_len,
+        check_kv_len=st.check_kv_len,
+        q_seg=q_seg,
+        kv_seg=kv_seg,
+        broadcast=False,
+    )
+    if mask is not None:
+        visible = mask != 0 if visible is None else visible & (mask != 0)
+    return logits if visible is None else jnp.where(visible, logits, -jnp.inf)
+
+
 # --- the kernel ---------------------------------------------------------------------------------
 
 
@@ -307,10 +352,7 @@ def _forward_kernel(refs, scratch, *, st: _Static):
         plgpu.barrier_wait(scratch["q_produced"].at[wg])
         if st.has_segments:
             q_seg = _load_vector(st, scratch["q_seg"].at[wg], _WGMMA_ROW)
-            q_seg = lax.broadcast_in_dim(q_seg, (block_q, block_kv), [0])
         _, inner_lo, inner_hi, _ = _key_blocks(st, bounds, q_first, block_q)
-        q_pos = q_first + _iota(st, (block_q, block_kv), 0)
-        col = _iota(st, (block_q, block_kv), 1)
 
         def visit(step, carry, *, masked: bool):
             acc, m_i, l_i = carry  # [bq, Hp] f32; [bq] f32 running max (base 2); [bq] f32 sum
@@ -324,37 +366,20 @@ def _forward_kernel(refs, scratch, *, st: _Static):
                 mask = scratch["mask"][slot, pl.ds(wg * block_q, block_q)]
             if st.has_segments:
                 kv_seg = _load_vector(st, scratch["kv_seg"].at[slot], _WGMMA_COL)
-                kv_seg = lax.broadcast_in_dim(kv_seg, (block_q, block_kv), [1])
             plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
 
-            if st.softcap is None:
-                logits = qk * (st.scale * _LOG2E)
-                if bias is not None:
-                    logits = logits + bias * _LOG2E
-            else:
-                logits = common.capped_logits(qk * st.scale, st.softcap)
-                if bias is not None:
-                    logits = logits + bias
-                logits = logits * _LOG2E
+            logits, _ = tile_logits(st, qk, bias)
             if masked:
-                visible = common.tile_visibility(
-                    q_pos,
-                    step * block_kv + col,
-                    q_offset=bounds[0],
-                    q_len=bounds[1],
-                    kv_len=bounds[2],
-                    right=st.right,
-                    left=st.left,
-                    check_q_len=st.check_q_len,
-                    check_kv_len=st.check_kv_len,
+                logits = hide_invisible(
+                    st,
+                    logits,
+                    q_first=q_first,
+                    k_first=step * block_kv,
+                    bounds=bounds,
                     q_seg=q_seg,
                     kv_seg=kv_seg,
-                    broadcast=False,
+                    mask=mask,
                 )
-                if mask is not None:
-                    visible = mask != 0 if visible is None else visible & (mask != 0)
-                if visible is not None:
-                    logits = jnp.where(visible, logits, -jnp.inf)
 
             m_new = jnp.maximum(m_i, logits.max(axis=1))
             # A row with nothing visible so far keeps m = -inf: shift by 0 there (no inf - inf).

@@ -34,7 +34,6 @@ from pallas_kernels.flash_mosaic import (
     _WGMMA_COL,
     _WGMMA_ROW,
     _interpret_kwargs,
-    _iota,
     _layout,
     _load_vector,
     _mma_accumulate,
@@ -42,7 +41,9 @@ from pallas_kernels.flash_mosaic import (
     _pad_to,
     _Static,
     _tiled,
+    hide_invisible,
     padded_head_dim,
+    tile_logits,
 )
 
 _LOG2E = math.log2(math.e)
@@ -50,20 +51,6 @@ _LOG2E = math.log2(math.e)
 
 def _scalars(bounds_ref, batch):
     return bounds_ref[batch, 0], bounds_ref[batch, 1], bounds_ref[batch, 2]
-
-
-def _logits(st: _Static, qk: Array, bias: Array | None) -> tuple[Array, Array | None]:
-    """(base-2 logits, scale * q.k when the soft cap's gradient needs it) of one tile."""
-    if st.softcap is None:
-        logits = qk * (st.scale * _LOG2E)
-        if bias is not None:
-            logits = logits + bias * _LOG2E
-        return logits, None
-    scores = qk * st.scale
-    logits = common.capped_logits(scores, st.softcap)
-    if bias is not None:
-        logits = logits + bias
-    return logits * _LOG2E, scores
 
 
 def _produce(scratch, lo, hi, stages: int, copies) -> None:
@@ -149,16 +136,10 @@ def _dq_kernel(refs, scratch, *, st: _Static):
         shape = (block_q, block_kv)
         lse = _load_vector(st, scratch["lse"].at[wg], _WGMMA_ROW)
         lse = jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)  # a fully masked row has p = 0
-        lse = lax.broadcast_in_dim(lse, shape, [0])
-        delta = lax.broadcast_in_dim(
-            _load_vector(st, scratch["delta"].at[wg], _WGMMA_ROW), shape, [0]
-        )
+        delta = _load_vector(st, scratch["delta"].at[wg], _WGMMA_ROW)
         q_seg = None
         if st.has_segments:
             q_seg = _load_vector(st, scratch["q_seg"].at[wg], _WGMMA_ROW)
-            q_seg = lax.broadcast_in_dim(q_seg, shape, [0])
-        q_pos = q_first + _iota(st, shape, 0)
-        col = _iota(st, shape, 1)
         q_smem, d_out_smem = scratch["q"].at[wg], scratch["d_out"].at[wg]
 
         def visit(step, dq, *, masked: bool):
@@ -174,15 +155,21 @@ def _dq_kernel(refs, scratch, *, st: _Static):
                 mask = scratch["mask"][slot, own_rows]
             if st.has_segments:
                 kv_seg = _load_vector(st, scratch["kv_seg"].at[slot], _WGMMA_COL)
-                kv_seg = lax.broadcast_in_dim(kv_seg, shape, [1])
-            logits, scores = _logits(st, qk, bias)
+            logits, scores = tile_logits(st, qk, bias)
             if masked:
-                logits = _apply_visibility(
-                    st, logits, q_pos, step * block_kv + col, bounds, q_seg, kv_seg, mask
+                logits = hide_invisible(
+                    st,
+                    logits,
+                    q_first=q_first,
+                    k_first=step * block_kv,
+                    bounds=bounds,
+                    q_seg=q_seg,
+                    kv_seg=kv_seg,
+                    mask=mask,
                 )
-            p = jnp.exp2(logits - lse)
+            p = jnp.exp2(logits - lax.broadcast_in_dim(lse, shape, [0]))
             dp = _mma_transposed(st, d_out_smem, v_smem)
-            ds = p * (dp - delta)
+            ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
             if scores is not None:
                 ds = ds * common.capped_logits_grad(scores, st.softcap)
             dq = _mma_accumulate(st, dq, ds.astype(k_smem.dtype), k_smem)
@@ -215,27 +202,6 @@ def _unmasked(st: _Static, bounds, q_first, lo, hi):
         check_kv_len=st.check_kv_len,
     )
     return lo, inner_lo, inner_hi
-
-
-def _apply_visibility(st: _Static, logits, q_pos, k_pos, bounds, q_seg, kv_seg, mask):
-    """-inf where a tile's query does not see its key (position grids in the tile's layout)."""
-    visible = common.tile_visibility(
-        q_pos,
-        k_pos,
-        q_offset=bounds[0],
-        q_len=bounds[1],
-        kv_len=bounds[2],
-        right=st.right,
-        left=st.left,
-        check_q_len=st.check_q_len,
-        check_kv_len=st.check_kv_len,
-        q_seg=q_seg,
-        kv_seg=kv_seg,
-        broadcast=False,
-    )
-    if mask is not None:
-        visible = mask != 0 if visible is None else visible & (mask != 0)
-    return logits if visible is None else jnp.where(visible, logits, -jnp.inf)
 
 
 # --- dk, dv -----------------------------------------------------------------------------------
@@ -301,9 +267,6 @@ def _dkdv_kernel(refs, scratch, *, st: _Static):
         kv_seg = None
         if st.has_segments:
             kv_seg = _load_vector(st, scratch["kv_seg"].at[wg], _WGMMA_ROW)
-            kv_seg = lax.broadcast_in_dim(kv_seg, shape, [0])
-        k_pos = k_first + _iota(st, shape, 0)
-        row = _iota(st, shape, 1)
         k_smem, v_smem = scratch["k"].at[wg], scratch["v"].at[wg]
 
         def visit(step, carry, *, masked: bool):
@@ -324,11 +287,18 @@ def _dkdv_kernel(refs, scratch, *, st: _Static):
                 mask = scratch["mask"][slot, own_keys]
             if st.has_segments:
                 q_seg = _load_vector(st, scratch["q_seg"].at[slot], _WGMMA_COL)
-                q_seg = lax.broadcast_in_dim(q_seg, shape, [1])
-            logits_t, scores_t = _logits(st, qk_t, bias)
+            logits_t, scores_t = tile_logits(st, qk_t, bias)
             if masked:
-                logits_t = _apply_visibility(
-                    st, logits_t, step * block_q + row, k_pos, bounds, q_seg, kv_seg, mask
+                logits_t = hide_invisible(
+                    st,
+                    logits_t,
+                    q_first=step * block_q,
+                    k_first=k_first,
+                    bounds=bounds,
+                    q_seg=q_seg,
+                    kv_seg=kv_seg,
+                    mask=mask,
+                    transposed=True,
                 )
             p_t = jnp.exp2(logits_t - lse)
             dv = _mma_accumulate(st, dv, p_t.astype(v_smem.dtype), d_out_smem)
