@@ -34,6 +34,7 @@ from pallas_kernels.flash_mosaic import (
     _WGMMA_COL,
     _WGMMA_ROW,
     _interpret_kwargs,
+    _key_blocks,
     _layout,
     _load_vector,
     _mma_accumulate,
@@ -86,18 +87,9 @@ def _dq_kernel(refs, scratch, *, st: _Static):
     head, q_tile = lax.axis_index("heads"), lax.axis_index("tiles")
     batch, wg = lax.axis_index("batch"), lax.axis_index("wg")
     bounds = _scalars(refs["bounds"], batch)
-    q_offset, q_len, kv_len = bounds
     program_first = q_tile * (_CONSUMERS * block_q)
     program_rows = pl.ds(program_first, _CONSUMERS * block_q)
-    reach = dict(right=st.right, left=st.left)
-    lo, hi = common.key_block_range(
-        program_first,
-        jnp.minimum(program_first + _CONSUMERS * block_q, q_len),
-        q_offset=q_offset,
-        kv_len=kv_len,
-        block_k=block_kv,
-        **reach,
-    )
+    lo, _, _, hi = _key_blocks(st, bounds, program_first, _CONSUMERS * block_q)
 
     @pl.when(wg == _CONSUMERS)
     def _producer():
@@ -176,32 +168,14 @@ def _dq_kernel(refs, scratch, *, st: _Static):
             plgpu.barrier_arrive(scratch["consumed"].at[slot])
             return dq
 
-        _, inner_lo, inner_hi = _unmasked(st, bounds, q_first, lo, hi)
+        _, inner_lo, inner_hi, _ = _key_blocks(st, bounds, q_first, block_q)
+        inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
         dq = _layout(st, jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), _WGMMA)
         dq = common.visit_all(st, (lo, inner_lo, inner_hi, hi), visit, dq)
         q_smem[...] = (dq * st.scale).astype(q_smem.dtype)  # Q is no longer needed
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, refs["dq"].at[batch, rows, head])
         plgpu.wait_smem_to_gmem(0)
-
-
-def _unmasked(st: _Static, bounds, q_first, lo, hi):
-    q_offset, q_len, kv_len = bounds
-    inner_lo, inner_hi = common.unmasked_key_blocks(
-        lo,
-        hi,
-        q_first,
-        q_offset=q_offset,
-        q_len=q_len,
-        kv_len=kv_len,
-        block_q=st.block_q,
-        block_k=st.block_kv,
-        right=st.right,
-        left=st.left,
-        check_q_len=st.check_q_len,
-        check_kv_len=st.check_kv_len,
-    )
-    return lo, inner_lo, inner_hi
 
 
 # --- dk, dv -----------------------------------------------------------------------------------

@@ -759,19 +759,33 @@ def _fit(block: int, length: int) -> int:
 def _static(
     query,
     key,
-    config: TritonConfig,
+    bias,
+    mask,
+    config: TritonConfig | None,
+    tuned: TritonConfig | None,
     *,
     scale,
     is_causal,
     query_seq_lengths,
     key_value_seq_lengths,
     local_window_size,
-    dense_masks,
+    segment_ids,
     logits_soft_cap,
     interpret,
 ) -> _Static:
-    """The kernels' static parameters for one call: blocks fitted to T and S, masks in use."""
+    """The kernels' static parameters for one call: blocks fitted to T and S, masks in use.
+
+    `config` is used as given; without one, `tuned` or else `default_config` is shrunk to fit
+    shared memory (bias and mask tiles add to it)."""
     _, q_len, num_heads, head_dim = query.shape
+    if config is None:
+        config = _fit_shared_memory(
+            default_config(head_dim, query.dtype) if tuned is None else tuned,
+            head_dim=common.padded_head_dim(head_dim),
+            itemsize=query.dtype.itemsize,
+            pair_itemsize=(0 if bias is None else bias.dtype.itemsize) + (mask is not None),
+        )
+    dense_masks = mask is not None or segment_ids is not None
     kv_len, num_kv_heads = key.shape[1], key.shape[2]
     block_q, bwd_block_q = _fit(config.block_q, q_len), _fit(config.bwd_block_q, q_len)
     block_k, bwd_block_k = _fit(config.block_k, kv_len), _fit(config.bwd_block_k, kv_len)
@@ -833,23 +847,19 @@ def flash_attention(
     head_dim = query.shape[-1]
     if head_dim > 256:
         raise NotImplementedError(f"the Triton kernel serves head dims up to 256, got {head_dim}")
-    if config is None:
-        config = _fit_shared_memory(
-            default_config(head_dim, query.dtype) if tuned is None else tuned,
-            head_dim=common.padded_head_dim(head_dim),
-            itemsize=query.dtype.itemsize,
-            pair_itemsize=(0 if bias is None else bias.dtype.itemsize) + (mask is not None),
-        )
     st = _static(
         query,
         key,
+        bias,
+        mask,
         config,
+        tuned,
         scale=scale,
         is_causal=is_causal,
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size,
-        dense_masks=mask is not None or segment_ids is not None,
+        segment_ids=segment_ids,
         logits_soft_cap=logits_soft_cap,
         interpret=interpret,
     )
@@ -883,23 +893,19 @@ def backward(
 ) -> tuple[Array, Array, Array, Array | None]:  # dq, dk, dv, dbias (None unless want_dbias)
     """This kernel's backward for a forward computed elsewhere (the Mosaic GPU kernel): the
     same dq and dk/dv kernels, fed with that forward's output and lse."""
-    if config is None:
-        config = _fit_shared_memory(
-            default_config(query.shape[-1], query.dtype),
-            head_dim=common.padded_head_dim(query.shape[-1]),
-            itemsize=query.dtype.itemsize,
-            pair_itemsize=(0 if bias is None else bias.dtype.itemsize) + (mask is not None),
-        )
     st = _static(
         query,
         key,
+        bias,
+        mask,
         config,
+        None,
         scale=scale,
         is_causal=is_causal,
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size,
-        dense_masks=mask is not None or segment_ids is not None,
+        segment_ids=segment_ids,
         logits_soft_cap=logits_soft_cap,
         interpret=interpret,
     )
