@@ -89,7 +89,8 @@ class DenseAttentionNet(nnx.Module):
     then `num_modules` graph attention modules, each fed the concatenation of the GCN output and
     every earlier module's output (dense skip connections), then a GCN layer to the classes.
     `make_attention(in_features, rngs)` builds one module's attention layer and returns it with
-    its output width."""
+    its output width. `input_dropout` (default: `dropout`) is the rate on the input features,
+    `dropout` the rate on every hidden concatenation."""
 
     def __init__(
         self,
@@ -100,10 +101,17 @@ class DenseAttentionNet(nnx.Module):
         hidden: int,
         num_modules: int,
         dropout: float,
+        input_dropout: float | None = None,
         rngs: nnx.Rngs,
     ):
         self.gcn_in = GCN(in_features, hidden, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        # The same layer when the rates agree (keeps the default's random streams unchanged).
+        self.input_dropout = (
+            self.dropout
+            if input_dropout is None or input_dropout == dropout
+            else nnx.Dropout(input_dropout, rngs=rngs)
+        )
         width, modules = hidden, []
         for _ in range(num_modules):
             layer, out = make_attention(width, rngs)
@@ -114,7 +122,7 @@ class DenseAttentionNet(nnx.Module):
 
     def __call__(self, graph: jraph.GraphsTuple, inputs, layout=None) -> jax.Array:
         """`graph` with self-loops; `inputs` the node features (dense or sparse): logits."""
-        features = [jax.nn.elu(self.gcn_in(graph, dropout(inputs, self.dropout)).nodes)]
+        features = [jax.nn.elu(self.gcn_in(graph, dropout(inputs, self.input_dropout)).nodes)]
         for module in self.blocks:
             inputs = self.dropout(jnp.concatenate(features, axis=-1))
             out = _call_attention(module, graph._replace(nodes=inputs), layout)
