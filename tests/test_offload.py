@@ -199,3 +199,18 @@ def test_decode_demo_runs_and_agrees(capsys):
     assert heads["attention_devices"] == 2 and sequence["attention_devices"] == 4  # K = 2
     for r in result["generation"]:
         assert r["link_bytes_measured"] == r["link_bytes_formula"] and r["max_logit_error"] < 1e-4
+
+
+def test_step_never_mutates_an_array_jax_may_still_read():
+    """The host positions go to the device with an asynchronous copy: a step that bumped them in
+    place raced that copy (the co-located decoder read position t + 1 about 1 run in 10)."""
+    config = offload.GPTConfig(max_len=8, layers=1, heads=2, kv_heads=1, head_dim=8)
+    params = offload.init_params(config, jax.random.key(0))
+    devices = jax.devices()[:1]
+    decoder = offload.OffloadedDecoder(
+        params, config, compute_devices=devices, attention_devices=devices, batch=2
+    )
+    before = decoder.positions
+    decoder.step(np.zeros(2, np.int32))
+    assert decoder.positions is not before and (before == 0).all()
+    assert (decoder.positions == 1).all()

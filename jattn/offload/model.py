@@ -198,7 +198,7 @@ class OffloadedDecoder:
             out = self._move(out, self.activations)
             x = self._after(layer, x, out)
         self.cache = advance(self.cache)
-        self.positions += 1
+        self.positions = self.positions + 1  # a new array: never mutate what JAX may still read
         self.tokens_decoded += self.batch
         return self._logits(self.params, x)
 
