@@ -37,6 +37,16 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
+def pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    """Pad axis `axis` of x at the end to `size` with `value` (no copy when it already fits)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
 def pad_last(x: jax.Array, size: int) -> jax.Array:
     """Zero-pad the last axis of x to `size`."""
     extra = size - x.shape[-1]

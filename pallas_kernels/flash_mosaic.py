@@ -247,6 +247,11 @@ def hide_invisible(
     return logits if visible is None else jnp.where(visible, logits, -jnp.inf)
 
 
+def pair_window(ref, batch, head, rows, cols):
+    """The [rows, cols] window of a [B', N', R, C] operand that broadcasts over B' or N' == 1."""
+    return ref.at[batch if ref.shape[0] > 1 else 0, head if ref.shape[1] > 1 else 0, rows, cols]
+
+
 # --- the kernel ---------------------------------------------------------------------------------
 
 
@@ -275,7 +280,7 @@ def _key_blocks(st: _Static, bounds, q_first, rows: int):
 
 
 def _forward_kernel(refs, scratch, *, st: _Static):
-    q_ref, k_ref, v_ref, bounds_ref, extra = refs["q"], refs["k"], refs["v"], refs["bounds"], refs
+    q_ref, k_ref, v_ref, bounds_ref = refs["q"], refs["k"], refs["v"], refs["bounds"]
     out_ref, lse_ref = refs["out"], refs["lse"]
     block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
     head, q_tile = lax.axis_index("heads"), lax.axis_index("q_tiles")
@@ -288,12 +293,7 @@ def _forward_kernel(refs, scratch, *, st: _Static):
     def slot_of(step):
         return lax.rem(step - lo, stages)
 
-    def pair_tile(name, step):  # [2 * block_q, block_kv] window of a [B', N', T, S] operand
-        ref = extra[name]
-        b = batch if ref.shape[0] > 1 else 0
-        n = head if ref.shape[1] > 1 else 0
-        rows = pl.ds(program_first, _CONSUMERS * block_q)
-        return ref.at[b, n, rows, pl.ds(step * block_kv, block_kv)]
+    program_rows = pl.ds(program_first, _CONSUMERS * block_q)
 
     @pl.when(wg == _CONSUMERS)
     def _producer():
@@ -312,11 +312,12 @@ def _forward_kernel(refs, scratch, *, st: _Static):
             produced = scratch["k_produced"].at[slot]
             plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], scratch["k"].at[slot], produced)
             for name in ("bias", "mask"):
-                if name in extra:
-                    plgpu.copy_gmem_to_smem(pair_tile(name, step), scratch[name].at[slot], produced)
+                if name in refs:
+                    window = pair_window(refs[name], batch, head, program_rows, keys)
+                    plgpu.copy_gmem_to_smem(window, scratch[name].at[slot], produced)
             if st.has_segments:
                 plgpu.copy_gmem_to_smem(
-                    extra["kv_seg"].at[batch, keys], scratch["kv_seg"].at[slot], produced
+                    refs["kv_seg"].at[batch, keys], scratch["kv_seg"].at[slot], produced
                 )
 
             @pl.when(step - lo >= stages)
@@ -347,7 +348,7 @@ def _forward_kernel(refs, scratch, *, st: _Static):
         if st.has_segments:
             q_seg_smem = scratch["q_seg"].at[wg]
             plgpu.copy_gmem_to_smem(
-                extra["q_seg"].at[batch, rows], q_seg_smem, scratch["q_produced"].at[wg]
+                refs["q_seg"].at[batch, rows], q_seg_smem, scratch["q_produced"].at[wg]
             )
         plgpu.barrier_wait(scratch["q_produced"].at[wg])
         if st.has_segments:
@@ -427,15 +428,6 @@ def _tiled(shape, dtype):
     )
 
 
-def _pad_to(x: Array, axis: int, size: int, value=0) -> Array:
-    extra = size - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
-
-
 def forward(
     st: _Static,
     query: Array,  # [B, T, N, H] float16/bfloat16
@@ -455,11 +447,11 @@ def forward(
     h_pad = padded_head_dim(head_dim)
 
     def rows(x, size):
-        return common.pad_last(_pad_to(x, 1, size), h_pad)
+        return common.pad_last(common.pad_to(x, 1, size), h_pad)
 
     def pairwise(x, dtype):  # broadcast T', S' (B', N' stay broadcast), pad
         x = jnp.broadcast_to(x, x.shape[:2] + (q_len, kv_len)).astype(dtype)
-        return _pad_to(_pad_to(x, 2, t_pad), 3, s_pad)
+        return common.pad_to(common.pad_to(x, 2, t_pad), 3, s_pad)
 
     operands = {
         "q": rows(query, t_pad),
@@ -485,8 +477,8 @@ def forward(
         produced_copies += 1
     q_copies = 1
     if segment_ids is not None:
-        operands["q_seg"] = _pad_to(segment_ids[0].astype(jnp.int32), 1, t_pad, -1)
-        operands["kv_seg"] = _pad_to(segment_ids[1].astype(jnp.int32), 1, s_pad, -2)
+        operands["q_seg"] = common.pad_to(segment_ids[0].astype(jnp.int32), 1, t_pad, -1)
+        operands["kv_seg"] = common.pad_to(segment_ids[1].astype(jnp.int32), 1, s_pad, -2)
         scratch["q_seg"] = plgpu.SMEM((_CONSUMERS, st.block_q), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((stages, block_kv), jnp.int32)
         produced_copies += 1

@@ -39,11 +39,11 @@ from pallas_kernels.flash_mosaic import (
     _load_vector,
     _mma_accumulate,
     _mma_transposed,
-    _pad_to,
     _Static,
     _tiled,
     hide_invisible,
     padded_head_dim,
+    pair_window,
     tile_logits,
 )
 
@@ -74,11 +74,6 @@ def _produce(scratch, lo, hi, stages: int, copies) -> None:
         plgpu.barrier_wait(scratch["consumed"].at[lax.rem(step - lo, stages)])
 
 
-def _pair(ref, batch, head, rows, cols):
-    """The [rows, cols] window of a [B', N', R, C] operand that broadcasts over B' or N' == 1."""
-    return ref.at[batch if ref.shape[0] > 1 else 0, head if ref.shape[1] > 1 else 0, rows, cols]
-
-
 # --- dq ----------------------------------------------------------------------------------------
 
 
@@ -103,7 +98,7 @@ def _dq_kernel(refs, scratch, *, st: _Static):
                 )
             for name in ("bias", "mask"):
                 if name in refs:
-                    source = _pair(refs[name], batch, head, program_rows, keys)
+                    source = pair_window(refs[name], batch, head, program_rows, keys)
                     plgpu.copy_gmem_to_smem(source, scratch[name].at[slot], barrier)
             if st.has_segments:
                 source = refs["kv_seg"].at[batch, keys]
@@ -214,7 +209,7 @@ def _dkdv_kernel(refs, scratch, *, st: _Static):
                 )
             for name in ("bias", "mask"):  # transposed: [B', N', S, T]
                 if name in refs:
-                    source = _pair(refs[name], batch, head, program_keys, rows)
+                    source = pair_window(refs[name], batch, head, program_keys, rows)
                     plgpu.copy_gmem_to_smem(source, scratch[name].at[slot], barrier)
             if st.has_segments:
                 source = refs["q_seg"].at[batch, rows]
@@ -356,7 +351,7 @@ def backward(
     dtype = query.dtype
 
     def rows(x, size):
-        return common.pad_last(_pad_to(x, 1, size), h_pad)
+        return common.pad_last(common.pad_to(x, 1, size), h_pad)
 
     delta = jnp.einsum(
         "btnh,btnh->bnt",
@@ -369,8 +364,8 @@ def backward(
         "k": rows(key, s_pad),
         "v": rows(value, s_pad),
         "d_out": rows(d_out.astype(dtype), t_pad),
-        "lse": _pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad),  # [B, N, T_pad]; padded rows: 0
-        "delta": _pad_to(delta, 2, t_pad),
+        "lse": common.pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad),  # [B, N, T_pad]; padded rows: 0
+        "delta": common.pad_to(delta, 2, t_pad),
         "bounds": bounds,
     }
     pairs = {}
@@ -378,10 +373,10 @@ def backward(
         pairs["bias"] = jnp.broadcast_to(bias, bias.shape[:2] + (q_len, kv_len))
     if mask is not None:
         pairs["mask"] = jnp.broadcast_to(mask, mask.shape[:2] + (q_len, kv_len)).astype(jnp.int8)
-    pairs = {name: _pad_to(_pad_to(x, 2, t_pad), 3, s_pad) for name, x in pairs.items()}
+    pairs = {name: common.pad_to(common.pad_to(x, 2, t_pad), 3, s_pad) for name, x in pairs.items()}
     if segment_ids is not None:
-        operands["q_seg"] = _pad_to(segment_ids[0].astype(jnp.int32), 1, t_pad, -1)
-        operands["kv_seg"] = _pad_to(segment_ids[1].astype(jnp.int32), 1, s_pad, -2)
+        operands["q_seg"] = common.pad_to(segment_ids[0].astype(jnp.int32), 1, t_pad, -1)
+        operands["kv_seg"] = common.pad_to(segment_ids[1].astype(jnp.int32), 1, s_pad, -2)
 
     def barriers(copies, row_copies):
         return dict(

@@ -483,15 +483,6 @@ class _Inputs(NamedTuple):
     bounds: Array  # [B, 4] int32: q_offset, q_len, kv_len, 0
 
 
-def _pad_to(x: Array, axis: int, size: int, value=0) -> Array:
-    extra = size - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
-
-
 def _padded_lengths(st: _Static) -> tuple[int, int]:
     q_multiple = max(st.block_q, st.bwd_block_q)
     k_multiple = max(st.block_k, st.bwd_block_k)
@@ -506,7 +497,7 @@ def _pairwise(x: Array | None, st: _Static, dtype=None) -> Array | None:
     x = jnp.broadcast_to(x, x.shape[:2] + (st.q_len, st.kv_len))
     if dtype is not None:
         x = x.astype(dtype)
-    return _pad_to(_pad_to(x, 2, t_pad), 3, s_pad)
+    return common.pad_to(common.pad_to(x, 2, t_pad), 3, s_pad)
 
 
 def _prepare(st: _Static, query, key, value, bias, aux) -> _Inputs:
@@ -516,7 +507,7 @@ def _prepare(st: _Static, query, key, value, bias, aux) -> _Inputs:
     h_pad = common.padded_head_dim(st.head_dim)
 
     def rows(x, size):  # [B, L, heads, H] -> [B, size, heads, Hp]
-        return common.pad_last(_pad_to(x, 1, size), h_pad)
+        return common.pad_last(common.pad_to(x, 1, size), h_pad)
 
     def per_batch(x, default):
         return jnp.full((batch,), default, jnp.int32) if x is None else x.astype(jnp.int32)
@@ -536,8 +527,8 @@ def _prepare(st: _Static, query, key, value, bias, aux) -> _Inputs:
         value=rows(value, s_pad),
         bias=_pairwise(bias, st),
         mask=_pairwise(mask, st, jnp.int8),
-        q_seg=None if q_ids is None else _pad_to(q_ids, 1, t_pad, -1),
-        kv_seg=None if kv_ids is None else _pad_to(kv_ids, 1, s_pad, -2),
+        q_seg=None if q_ids is None else common.pad_to(q_ids, 1, t_pad, -1),
+        kv_seg=None if kv_ids is None else common.pad_to(kv_ids, 1, s_pad, -2),
         bounds=bounds,
     )
 
@@ -604,14 +595,14 @@ def _backward(
     s_pad = inputs.key.shape[1]
     num_kv_heads = key.shape[2]
     # delta = rowsum(dO * O) - d_lse: an lse cotangent enters the softmax gradient like -delta.
-    d_out_padded = common.pad_last(_pad_to(d_out.astype(query.dtype), 1, t_pad), h_pad)
+    d_out_padded = common.pad_last(common.pad_to(d_out.astype(query.dtype), 1, t_pad), h_pad)
     delta = jnp.einsum(
         "bthd,bthd->bht",
         d_out_padded.astype(jnp.float32),
         out_padded.astype(jnp.float32),
         precision=lax.Precision.HIGHEST,
     )
-    delta = delta - _pad_to(jnp.swapaxes(d_lse.astype(jnp.float32), 1, 2), 2, t_pad)
+    delta = delta - common.pad_to(jnp.swapaxes(d_lse.astype(jnp.float32), 1, 2), 2, t_pad)
 
     # dq (and dbias): a program per query tile.
     operands, specs = _query_tiled_specs(inputs, st.bwd_block_q, st.groups)
@@ -910,8 +901,8 @@ def backward(
         interpret=interpret,
     )
     t_pad, _ = _padded_lengths(st)
-    out_padded = common.pad_last(_pad_to(out, 1, t_pad), common.padded_head_dim(st.head_dim))
-    lse_padded = _pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad)  # [B, N, T_pad]; padded rows: 0
+    out_padded = common.pad_last(common.pad_to(out, 1, t_pad), common.padded_head_dim(st.head_dim))
+    lse_padded = common.pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad)  # [B, N, T_pad]; padded rows: 0
     q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
     aux = (mask, q_offset, query_seq_lengths, key_value_seq_lengths, q_ids, kv_ids)
     dq, dk, dv, d_bias, _ = _backward(
