@@ -176,24 +176,40 @@ def _dq_kernel(refs, scratch, *, st: _Static):
 # --- dk, dv -----------------------------------------------------------------------------------
 
 
+def _query_blocks(st: _Static, bounds, k_first, keys: int):
+    """(lo, inner_lo, inner_hi, hi) of the query blocks that see keys [k_first, +keys), and the
+    inner part whose queries see all of them (the dk/dv twin of `_key_blocks`)."""
+    q_offset, q_len, kv_len = bounds
+    reach = dict(right=st.right, left=st.left)
+    k_stop = jnp.minimum(k_first + keys, kv_len)
+    lo, hi = common.query_block_range(
+        k_first, k_stop, q_offset=q_offset, q_len=q_len, block_q=st.block_q, **reach
+    )
+    inner_lo, inner_hi = common.unmasked_query_blocks(
+        lo,
+        hi,
+        k_first,
+        q_offset=q_offset,
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=st.block_q,
+        block_k=keys,
+        check_q_len=st.check_q_len,
+        check_kv_len=st.check_kv_len,
+        **reach,
+    )
+    return lo, inner_lo, inner_hi, hi
+
+
 def _dkdv_kernel(refs, scratch, *, st: _Static):
     # Roles swapped: st.block_kv key rows per consumer, st.block_q queries per pipeline step.
     block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
     head, kv_tile = lax.axis_index("heads"), lax.axis_index("tiles")
     batch, wg = lax.axis_index("batch"), lax.axis_index("wg")
     bounds = _scalars(refs["bounds"], batch)
-    q_offset, q_len, kv_len = bounds
     program_first = kv_tile * (_CONSUMERS * block_kv)
     program_keys = pl.ds(program_first, _CONSUMERS * block_kv)
-    reach = dict(right=st.right, left=st.left)
-    lo, hi = common.query_block_range(
-        program_first,
-        jnp.minimum(program_first + _CONSUMERS * block_kv, kv_len),
-        q_offset=q_offset,
-        q_len=q_len,
-        block_q=block_q,
-        **reach,
-    )
+    lo, _, _, hi = _query_blocks(st, bounds, program_first, _CONSUMERS * block_kv)
 
     @pl.when(wg == _CONSUMERS)
     def _producer():
@@ -279,19 +295,8 @@ def _dkdv_kernel(refs, scratch, *, st: _Static):
             plgpu.barrier_arrive(scratch["consumed"].at[slot])
             return dk, dv
 
-        inner_lo, inner_hi = common.unmasked_query_blocks(
-            lo,
-            hi,
-            k_first,
-            q_offset=q_offset,
-            q_len=q_len,
-            kv_len=kv_len,
-            block_q=block_q,
-            block_k=block_kv,
-            check_q_len=st.check_q_len,
-            check_kv_len=st.check_kv_len,
-            **reach,
-        )
+        _, inner_lo, inner_hi, _ = _query_blocks(st, bounds, k_first, block_kv)
+        inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
         zeros = _layout(st, jnp.zeros((block_kv, k_smem.shape[-1]), jnp.float32), _WGMMA)
         dk, dv = common.visit_all(st, (lo, inner_lo, inner_hi, hi), visit, (zeros, zeros))
         k_smem[...] = (dk * st.scale).astype(k_smem.dtype)  # K and V are no longer needed
