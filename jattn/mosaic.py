@@ -51,10 +51,21 @@ def _mosaic(args: AttentionArgs, config) -> tuple[Array, Array]:
 register_implementation("mosaic", _mosaic)
 
 
-# --- autotuning: the forward's tiles and ring depth (timed on the forward), then the backward's
-# (timed on forward+backward with the forward winner); what cannot fit shared memory is dropped.
+# --- autotuning: the forward's tiles and ring depth, then its schedule (both timed on the
+# forward), then the backward's tiles (timed on forward+backward with the forward winner). What
+# cannot fit shared memory is dropped, and so are forward tiles whose two float32 register tiles
+# (S [block_q, block_kv] and O [block_q, H]) alone would take more than 192 of a consumer
+# thread's 232 registers: those spill.
 _SPACE = dict(block_q=(64, 128), block_kv=(64, 128, 256), num_stages=(2, 3, 4))
 _BACKWARD_SPACE = dict(bwd_block_q=(64, 128), bwd_block_kv=(64, 128), bwd_num_stages=(1, 2, 3))
+_THREADS_PER_WARPGROUP = 128
+_REGISTER_TILE_LIMIT = 192
+
+
+def _register_tiles(config: MosaicConfig, head_dim: int) -> int:
+    """32-bit registers per consumer thread that the S and O tiles take."""
+    h_pad = flash_mosaic.padded_head_dim(head_dim)
+    return config.block_q * (config.block_kv + h_pad) // _THREADS_PER_WARPGROUP
 
 
 def _forward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfig]:
@@ -68,7 +79,12 @@ def _forward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[Mos
         if flash_mosaic.fits_shared_memory(
             flash_mosaic.shared_memory_estimate(c, bucket.head_dim, 0)
         )
+        and _register_tiles(c, bucket.head_dim) <= _REGISTER_TILE_LIMIT
     ]
+
+
+def _schedule_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfig]:
+    return [dataclasses.replace(base, schedule_barrier=on) for on in (True, False)]
 
 
 def _backward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfig]:
@@ -91,6 +107,7 @@ autotune.register_tunable(
     default=lambda bucket: flash_mosaic.default_config(bucket.head_dim),
     searches=[
         autotune.Search(name="forward", mode="forward", candidates=_forward_candidates),
+        autotune.Search(name="schedule", mode="forward", candidates=_schedule_candidates),
         autotune.Search(name="backward", mode="forward+backward", candidates=_backward_candidates),
     ],
 )

@@ -60,12 +60,15 @@ class MosaicConfig:
     bwd_block_q: dq's query rows per consumer, and dk/dv's queries per pipeline step.
     bwd_block_kv: dk/dv's key rows per consumer, and dq's keys per pipeline step.
     bwd_num_stages: depth of both backward kernels' rings.
+    schedule_barrier: the forward's two consumers take turns (one runs its softmax while the
+      other's matmuls hold the tensor cores), as FlashAttention-3's ping-pong schedule does.
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
     """
 
     block_q: int = 64
     block_kv: int = 128
     num_stages: int = 2
+    schedule_barrier: bool = True
     bwd_block_q: int = 64
     bwd_block_kv: int = 64
     bwd_num_stages: int = 2
@@ -151,6 +154,7 @@ class _Static:
     block_q: int
     block_kv: int
     num_stages: int
+    schedule_barrier: bool
     interpret: bool
 
 
@@ -187,15 +191,20 @@ def _mma_accumulate(st: _Static, acc: Array, lhs: Array, rhs_ref) -> Array:
     return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
 
-def _mma_transposed(st: _Static, lhs_ref, rhs_ref) -> Array:
-    """lhs @ rhs^T into a fresh float32 accumulator (both [rows, K] in shared memory)."""
+def _mma_transposed(st: _Static, lhs_ref, rhs_ref, while_running=None) -> Array:
+    """lhs @ rhs^T into a fresh float32 accumulator (both [rows, K] in shared memory).
+    while_running(): what to do between issuing the matmul and waiting for its result."""
     if st.interpret:  # the interpreter's wgmma takes no transposed operand
+        if while_running is not None:
+            while_running()
         return lax.dot_general(
             lhs_ref[...], rhs_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )
 
     def product(acc_ref):
         plgpu.wgmma(acc_ref, lhs_ref, plgpu.transpose_ref(rhs_ref, (1, 0)))
+        if while_running is not None:
+            while_running()
         return acc_ref[...]
 
     shape = (lhs_ref.shape[0], rhs_ref.shape[0])
@@ -355,11 +364,26 @@ def _forward_kernel(refs, scratch, *, st: _Static):
             q_seg = _load_vector(st, scratch["q_seg"].at[wg], _WGMMA_ROW)
         _, inner_lo, inner_hi, _ = _key_blocks(st, bounds, q_first, block_q)
 
+        # The ping-pong schedule: a two-party barrier the consumers meet at twice a step, right
+        # after issuing Q K^T and right after their softmax, so that one's softmax overlaps the
+        # other's matmuls. Consumer 1 starts one meeting late (consumer 0 goes first), and
+        # consumer 0 makes it up at the end, so both meet 2 * steps + 1 times.
+        turn = scratch.get("turn")
+
+        def take_turns():
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
+        if turn is not None:
+            pl.when(wg == 1)(take_turns)
+
         def visit(step, carry, *, masked: bool):
             acc, m_i, l_i = carry  # [bq, Hp] f32; [bq] f32 running max (base 2); [bq] f32 sum
             slot = slot_of(step)
             plgpu.barrier_wait(scratch["k_produced"].at[slot])
-            qk = _mma_transposed(st, q_smem, scratch["k"].at[slot])
+            qk = _mma_transposed(
+                st, q_smem, scratch["k"].at[slot], take_turns if turn is not None else None
+            )
             bias = mask = kv_seg = None
             if st.has_bias:
                 bias = scratch["bias"][slot, pl.ds(wg * block_q, block_q)].astype(jnp.float32)
@@ -389,8 +413,15 @@ def _forward_kernel(refs, scratch, *, st: _Static):
             p = jnp.exp2(logits - lax.broadcast_in_dim(m_shift, logits.shape, [0]))
             l_i = l_i * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            plgpu.barrier_wait(scratch["v_produced"].at[slot])
-            acc = _mma_accumulate(st, acc, p.astype(q_ref.dtype), scratch["v"].at[slot])
+            p = p.astype(q_ref.dtype)
+            if turn is None:
+                plgpu.barrier_wait(scratch["v_produced"].at[slot])
+            else:  # finish the softmax before handing the tensor cores over
+                acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(scratch["v_produced"].at[slot])
+                plgpu.barrier_wait(turn)
+            acc = _mma_accumulate(st, acc, p, scratch["v"].at[slot])
             plgpu.barrier_arrive(scratch["v_consumed"].at[slot])
             return acc, m_new, l_i
 
@@ -402,6 +433,8 @@ def _forward_kernel(refs, scratch, *, st: _Static):
         # visit every step of [lo, hi) (the barriers count on it), masking what they do not see.
         inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
         acc, m_i, l_i = common.visit_all(st, (lo, inner_lo, inner_hi, hi), visit, (acc, m_i, l_i))
+        if turn is not None:
+            pl.when(wg == 0)(take_turns)
 
         has_any = l_i > 0.0
         inv_l = jnp.where(has_any, 1.0 / jnp.where(has_any, l_i, 1.0), 0.0)
@@ -490,6 +523,8 @@ def forward(
         k_consumed=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
         v_consumed=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
     )
+    if st.schedule_barrier:
+        scratch["turn"] = plgpu.Barrier(num_arrivals=_CONSUMERS)
 
     def body(*refs):
         names = list(operands) + ["out", "lse"]
@@ -608,6 +643,7 @@ def flash_attention(
         block_q=config.block_q,
         block_kv=config.block_kv,
         num_stages=config.num_stages,
+        schedule_barrier=config.schedule_barrier,
         interpret=interpret,
     )
     # The backward tiles both axes by 2 * max(bwd blocks): its own padding, its own kv check.

@@ -348,7 +348,7 @@ def test_tune_end_to_end_on_cpu(cache_file, monkeypatch):
     assert stored.ms == {"forward": 1.0} and stored.measured["length"] == 32
 
 
-def test_tune_runs_searches_in_order_from_the_winner(cache_file, monkeypatch):
+def test_tune_runs_searches_in_order_from_the_winner(cache_file, monkeypatch, tmp_path):
     """A registered tunable of its own (what a kernel does to join): the second search starts
     from the first one's winner; the plan is validated."""
 
@@ -377,8 +377,19 @@ def test_tune_runs_searches_in_order_from_the_winner(cache_file, monkeypatch):
         return float(abs(config.a - 2) + abs(config.b - 5))
 
     options = dict(head_dims=[64], causal=[False], lengths=[100], tokens=400, hidden=128)
-    [result] = autotune.tune("toy", **options, allow_cpu=True, timer=timer, progress=False)
+    log_file = tmp_path / "candidates.jsonl"
+    [result] = autotune.tune(
+        "toy", **options, allow_cpu=True, timer=timer, progress=False, log_file=log_file
+    )
     assert result.config == Toy(2, 5) and result.ms == {"a": 4.0, "b": 0.0}
+    logged = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [(row["search"], row["config"], row["ms"]) for row in logged] == [
+        ("a", {"a": 1, "b": 1}, 5.0),
+        ("a", {"a": 2, "b": 1}, 4.0),
+        ("a", {"a": 3, "b": 1}, 5.0),
+        ("b", {"a": 2, "b": 1}, 4.0),
+        ("b", {"a": 2, "b": 5}, 0.0),
+    ]
     assert result.default_ms == {"a": 5.0, "b": 4.0}
     assert seen == [
         (Toy(1, 1), "forward", (4, 100, 2)),

@@ -52,10 +52,14 @@ def test_combined_features_over_many_tiles(rng, feature, dtype):
     check_against_oracle(rng, MULTI_TILE, options, dtype, "mosaic", SMALL)
 
 
-def test_one_and_three_stages(rng):
-    for stages in (1, 3):
+def test_one_and_three_stages_with_and_without_the_schedule_barrier(rng):
+    for stages, schedule_barrier in ((1, False), (3, True)):
         config = jattn.MosaicConfig(
-            block_q=64, block_kv=64, num_stages=stages, bwd_num_stages=stages
+            block_q=64,
+            block_kv=64,
+            num_stages=stages,
+            bwd_num_stages=stages,
+            schedule_barrier=schedule_barrier,
         )
         options = make_options(rng, "causal_bottom_right", TINY)
         check_against_oracle(rng, TINY, options, jnp.bfloat16, "mosaic", config)

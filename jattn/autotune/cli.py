@@ -80,6 +80,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
         action="store_true",
         help="tune without a GPU (interpret-mode times mean nothing: only to test the tuner)",
     )
+    parser.add_argument(
+        "--log", metavar="PATH", help="append every candidate's time as a JSON line to PATH"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -118,6 +121,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             cache_file=path,
             progress=not args.no_progress,
             allow_cpu=args.allow_cpu,
+            log_file=args.log,
         )
     except (ValueError, RuntimeError) as e:
         parser.error(str(e))

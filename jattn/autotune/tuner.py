@@ -2,6 +2,7 @@
 
 import dataclasses
 import datetime
+import json
 import os
 import statistics
 import time
@@ -175,6 +176,7 @@ def tune(
     progress: bool = True,
     allow_cpu: bool = False,
     timer: Callable[[Callable[[], Any]], float] | None = None,
+    log_file: str | os.PathLike | None = None,
 ) -> list[Result]:
     """Tune a kernel on this GPU: per bucket, time every candidate config and keep the fastest.
 
@@ -199,6 +201,7 @@ def tune(
       progress: a tqdm progress bar over all candidates.
       allow_cpu: tune off the GPU too (interpret-mode times mean nothing: for tests).
       timer: fn -> ms, replacing the median timer (for tests).
+      log_file: append one JSON line per candidate (bucket, search, config, ms or error) here.
 
     Returns:
       One `Result` per bucket.
@@ -248,12 +251,15 @@ def tune(
                     bar.total += len(candidates) - planned
                 timed = []
                 for config in candidates:
+                    row = dict(bucket=str(p.bucket), search=search.name, config=_fields(config))
                     try:
                         t = float(timer(run(p.bucket, config, search.mode, p.problem)))
                     except Exception as e:  # compile/resource failures: note and go on
                         first_line = (str(e).splitlines() or [""])[0][:200]
                         skipped.append(f"{search.name}: {config}: {type(e).__name__}: {first_line}")
+                        _log(log_file, dict(row, error=f"{type(e).__name__}: {first_line}"))
                     else:
+                        _log(log_file, dict(row, ms=t))
                         timed.append((t, config))
                         if config == best:
                             default_ms[search.name] = t
@@ -269,6 +275,12 @@ def tune(
                 entry = cache.Entry(p.bucket, _fields(best), ms, measured)
                 cache.merge(path, [entry])
     return results
+
+
+def _log(log_file: str | os.PathLike | None, row: dict[str, Any]) -> None:
+    if log_file is not None:
+        with open(log_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def _fields(config: Any) -> dict[str, Any]:
