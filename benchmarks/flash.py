@@ -63,7 +63,7 @@ def _tokamax(implementation):
 
 
 PEERS: dict[str, Callable] = {
-    "jattn_mosaic": _jattn("mosaic"),  # Hopper only; its backward is the Triton kernel's
+    "jattn_mosaic": _jattn("mosaic"),  # Hopper only
     "jattn_triton": _jattn("triton"),
     "cudnn": _jax_nn("cudnn"),
     "jax_pallas_triton": _jax_pallas_triton,
