@@ -53,19 +53,9 @@ register_implementation("mosaic", _mosaic)
 
 # --- autotuning: the forward's tiles and ring depth, then its schedule (both timed on the
 # forward), then the backward's tiles (timed on forward+backward with the forward winner). What
-# cannot fit shared memory is dropped, and so are tiles whose float32 register tiles alone would
-# take more than 192 of a consumer thread's 232 registers: those spill (on the H100, backward
-# tiles of 128 keys ran 3-5x slower than 64 at H=128).
+# cannot fit shared memory or registers (`flash_mosaic.fits_registers`) is dropped.
 _SPACE = dict(block_q=(64, 128), block_kv=(64, 128, 256), num_stages=(2, 3, 4))
 _BACKWARD_SPACE = dict(bwd_block_q=(64, 128), bwd_block_kv=(64, 128), bwd_num_stages=(1, 2, 3))
-_THREADS_PER_WARPGROUP = 128
-_REGISTER_TILE_LIMIT = 192
-
-
-def _register_tiles(config: MosaicConfig, head_dim: int) -> int:
-    """32-bit registers per consumer thread that the S and O tiles take."""
-    h_pad = flash_mosaic.padded_head_dim(head_dim)
-    return config.block_q * (config.block_kv + h_pad) // _THREADS_PER_WARPGROUP
 
 
 def _forward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfig]:
@@ -79,16 +69,8 @@ def _forward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[Mos
         if flash_mosaic.fits_shared_memory(
             flash_mosaic.shared_memory_estimate(c, bucket.head_dim, 0)
         )
-        and _register_tiles(c, bucket.head_dim) <= _REGISTER_TILE_LIMIT
+        and flash_mosaic.fits_registers(flash_mosaic.register_tiles(c, bucket.head_dim))
     ]
-
-
-def _backward_register_tiles(config: MosaicConfig, head_dim: int) -> int:
-    """The larger of the two backward kernels' float32 register tiles per consumer thread: dq
-    holds dQ [bq, H] and S, dP [bq, bk]; dk/dv holds dK, dV [bk, H] and S^T, dP^T [bk, bq]."""
-    h_pad = flash_mosaic.padded_head_dim(head_dim)
-    bq, bk = config.bwd_block_q, config.bwd_block_kv
-    return max(bq * (h_pad + 2 * bk), bk * (2 * h_pad + 2 * bq)) // _THREADS_PER_WARPGROUP
 
 
 def _schedule_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfig]:
@@ -106,7 +88,7 @@ def _backward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[Mo
         if flash_mosaic.fits_shared_memory(
             flash_mosaic.backward_shared_memory_estimate(c, bucket.head_dim, 0)
         )
-        and _backward_register_tiles(c, bucket.head_dim) <= _REGISTER_TILE_LIMIT
+        and flash_mosaic.fits_registers(flash_mosaic.backward_register_tiles(c, bucket.head_dim))
     ]
 
 

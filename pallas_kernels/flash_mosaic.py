@@ -14,8 +14,9 @@ tiles that causal/window/length masks hide from all 2 * block_q rows are never l
 every row sees in full skip the mask arithmetic. Fully masked rows give 0 and lse -inf.
 
 The backward (`flash_mosaic_bwd`) is a dq kernel and a dk/dv kernel on the same plan. When the
-bias is differentiated (dbias), or the backward's buffers do not fit shared memory, the Triton
-kernels' backward runs instead, fed with this forward's output and lse.
+bias is differentiated (dbias), or the backward's buffers do not fit shared memory or its
+accumulators registers (H > 128), the Triton kernels' backward runs instead, fed with this
+forward's output and lse.
 
 Interpret mode: Mosaic GPU's interpreter (JAX >= 0.10) runs this kernel on CPU for tests: the
 TMA copies, barriers and the producer/consumer schedule as on the GPU. It lacks layout casts,
@@ -47,6 +48,8 @@ _LN2 = math.log(2.0)
 _DTYPES = (jnp.float16, jnp.bfloat16)
 _CONSUMERS = 2  # compute warpgroups per program
 _HEAD_MULTIPLE = 64  # 128-byte swizzle of 16-bit elements
+_THREADS_PER_WARPGROUP = 128
+_REGISTER_TILES_LIMIT = 192  # of a consumer thread's 232 registers: the rest for everything else
 SHARED_MEMORY = 227 * 1024
 
 
@@ -113,6 +116,27 @@ def backward_shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_it
     dq = _CONSUMERS * bq * (2 * h_pad * 2 + 3 * 4) + stages * (2 * bk * h_pad * 2 + pair + 4 * bk)
     dkdv = _CONSUMERS * bk * (2 * h_pad * 2 + 4) + stages * (2 * bq * h_pad * 2 + pair + 12 * bq)
     return max(dq, dkdv)
+
+
+def fits_registers(registers_per_thread: int) -> bool:
+    """Whether float32 register tiles of this many registers per consumer thread leave room for
+    the rest; beyond it the kernel spills (on the H100, backward tiles of 128 keys at H=128 ran
+    3-5x slower than 64, and the dk/dv kernel at H=256 ran at 110-120 TFLOP/s)."""
+    return registers_per_thread <= _REGISTER_TILES_LIMIT
+
+
+def register_tiles(config: MosaicConfig, head_dim: int) -> int:
+    """Registers per forward consumer thread that S [block_q, block_kv] and O [block_q, H] take."""
+    h_pad = padded_head_dim(head_dim)
+    return config.block_q * (config.block_kv + h_pad) // _THREADS_PER_WARPGROUP
+
+
+def backward_register_tiles(config: MosaicConfig, head_dim: int) -> int:
+    """The larger of the two backward kernels' register tiles per consumer thread: dq holds dQ
+    [bq, H] and S, dP [bq, bk]; dk/dv holds dK, dV [bk, H] and S^T, dP^T [bk, bq]."""
+    h_pad = padded_head_dim(head_dim)
+    bq, bk = config.bwd_block_q, config.bwd_block_kv
+    return max(bq * (h_pad + 2 * bk), bk * (2 * h_pad + 2 * bq)) // _THREADS_PER_WARPGROUP
 
 
 def default_config(head_dim: int, pair_itemsize: int = 0) -> MosaicConfig:
@@ -655,8 +679,11 @@ def flash_attention(
         num_stages=config.bwd_num_stages,
         check_kv_len=key_value_seq_lengths is not None or kv_len % bwd_tile != 0,
     )
-    native_backward = interpret or fits_shared_memory(
-        backward_shared_memory_estimate(config, head_dim, pair_itemsize)
+    # The native backward needs its buffers in shared memory and its accumulators in registers
+    # (H > 128 does not: dK and dV alone are 2 * H registers per thread, so it spills).
+    native_backward = interpret or (
+        fits_shared_memory(backward_shared_memory_estimate(config, head_dim, pair_itemsize))
+        and fits_registers(backward_register_tiles(config, head_dim))
     )
     bounds = _bounds(batch, q_len, kv_len, q_offset, query_seq_lengths, key_value_seq_lengths)
     options = dict(

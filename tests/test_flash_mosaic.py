@@ -211,7 +211,10 @@ def _lower(shape, options, dtype=jnp.bfloat16, grad=False):
 
             return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-    return export.export(jax.jit(run), platforms=["cuda"])(*args, *extra.values())
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")  # H > 128 backward
+    return export.export(jax.jit(run), platforms=["cuda"], disabled_checks=[triton])(
+        *args, *extra.values()
+    )
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
@@ -220,9 +223,15 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
     shape, options = LOWERINGS[case]
     text = _lower(shape, dict(options), grad=grad).mlir_module()
-    calls = re.findall(r"stablehlo\.custom_call @(\w+)", text)
-    # the forward; with gradients also dq and dk/dv, all on Mosaic GPU (no Triton fallback)
-    assert calls == ["mosaic_gpu_v2"] * (3 if grad else 1), calls
+    calls = re.findall(r"stablehlo\.custom_call @(\S+?)\(", text)
+    mosaic = [c for c in calls if c == "mosaic_gpu_v2"]
+    # the forward; with gradients also dq and dk/dv: on Mosaic GPU up to H = 128, on Triton
+    # above (the native dk/dv kernel's accumulators would spill registers there)
+    native_backward = shape[-1] <= 128
+    assert len(mosaic) == (3 if grad and native_backward else 1), calls
+    others = [c for c in calls if c != "mosaic_gpu_v2"]
+    assert len(others) == (2 if grad and not native_backward else 0), calls
+    assert all("triton" in c for c in others), calls
 
 
 def test_lowering_rejects_what_does_not_fit(monkeypatch):
