@@ -76,12 +76,12 @@ def test_cudnn_matches_reference_with_gradients(case, dtype):
 
 
 def test_auto_selection_prefers_cudnn_and_falls_through_when_it_declines():
-    assert jattn.auto_order()[:2] == ("cudnn", "triton")  # on Hopper, until mosaic lands
+    assert jattn.auto_order()[:3] == ("cudnn", "mosaic", "triton")  # on Hopper
     q, k, v = _inputs(jnp.bfloat16)
     auto = jattn.dot_product_attention(q, k, v, is_causal=True)
     cudnn = jattn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     np.testing.assert_array_equal(np.asarray(auto, np.float32), np.asarray(cudnn, np.float32))
-    # soft cap and float32 are not cuDNN's: auto serves them from the Triton kernel.
+    # soft cap is not cuDNN's: auto serves it from the Mosaic kernel; float32 from Triton.
     capped = jattn.dot_product_attention(q, k, v, is_causal=True, logits_soft_cap=20.0)
     want = jattn.dot_product_attention(
         q, k, v, is_causal=True, logits_soft_cap=20.0, implementation="xla"
