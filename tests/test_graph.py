@@ -499,3 +499,12 @@ def test_fused_paths_match_xla_on_gpu_at_scale(score):
         for g, w in zip(got_grads, want_grads, strict=True):
             scale = float(jnp.max(jnp.abs(w)))
             np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_default_implementation_is_fused_on_gpus_only(monkeypatch):
+    assert jg._implementation(None) == "xla"  # CPU: nothing compared there
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert jg._implementation(None) == "fused"  # measured fastest on an H100
+    assert jg._implementation("xla") == "xla"
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        jg._implementation("cuda")
