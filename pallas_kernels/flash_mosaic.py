@@ -401,13 +401,6 @@ def _forward_kernel(refs, scratch, *, st: _Static):
         if turn is not None:
             pl.when(wg == 1)(take_turns)
 
-        # Without bias or soft cap the base-2 logits are c * qk with c > 0: the row max is taken
-        # on qk and scaled alone, and c * qk - m is one multiply-add per element (scaling the
-        # tile first would cost a multiply and a subtract).
-        deferred_scale = None
-        if st.softcap is None and not st.has_bias and st.scale > 0:
-            deferred_scale = st.scale * _LOG2E
-
         def visit(step, carry, *, masked: bool):
             acc, m_i, l_i = carry  # [bq, Hp] f32; [bq] f32 running max (base 2); [bq] f32 sum
             slot = slot_of(step)
@@ -424,10 +417,7 @@ def _forward_kernel(refs, scratch, *, st: _Static):
                 kv_seg = _load_vector(st, scratch["kv_seg"].at[slot], _WGMMA_COL)
             plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
 
-            if deferred_scale is None:
-                logits, _ = tile_logits(st, qk, bias)
-            else:  # scaled below, inside exp2's argument
-                logits = qk
+            logits, _ = tile_logits(st, qk, bias)
             if masked:
                 logits = hide_invisible(
                     st,
@@ -440,11 +430,7 @@ def _forward_kernel(refs, scratch, *, st: _Static):
                     mask=mask,
                 )
 
-            row_max = logits.max(axis=1)
-            if deferred_scale is not None:
-                row_max = row_max * deferred_scale
-                logits = logits * deferred_scale  # one multiply-add with the shift below
-            m_new = jnp.maximum(m_i, row_max)
+            m_new = jnp.maximum(m_i, logits.max(axis=1))
             # A row with nothing visible so far keeps m = -inf: shift by 0 there (no inf - inf).
             m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             alpha = jnp.exp2(m_i - m_shift)
