@@ -1,10 +1,12 @@
-"""`implementation="mosaic"`: jattn's flash attention forward for Hopper on Mosaic GPU.
+"""`implementation="mosaic"`: jattn's flash attention for Hopper on Mosaic GPU.
 
-What `implementation=None` tries first on sm_90+. It serves the whole contract in float16 and
+What `implementation=None` tries on sm_90+ when cuDNN declines (cuDNN was faster in most cells
+measured on an H100). It serves the whole contract in float16 and
 bfloat16 with head dims up to 256 (padded to a multiple of 64 inside). It declines, with
 NotImplementedError, so that auto-dispatch moves on: float32 and float64 (the Triton kernel
 serves float32), GPUs older than Hopper, and a config that does not fit shared memory. The
-backward has its own dq and dk/dv kernels on Mosaic GPU; dbias comes from the Triton backward.
+backward has its own dq and dk/dv kernels on Mosaic GPU up to H = 128; dbias, and the backward
+at larger H (whose accumulators would spill registers), come from the Triton backward.
 
 Off the GPU an explicit `implementation="mosaic"` runs in Mosaic GPU's interpret mode (tests).
 `config=None` takes the call's bucket from `jattn.autotune` (user cache, shipped table), else
