@@ -37,8 +37,9 @@ def _mosaic(args: AttentionArgs, config) -> tuple[Array, Array]:
         raise NotImplementedError(f"mosaic needs a MosaicConfig, got {type(config).__name__}")
     if common.on_gpu() and not _hopper():
         raise NotImplementedError("the Mosaic GPU kernel needs a Hopper GPU (sm_90) or newer")
+    tuned = None
     if config is None and args.query.dtype in (jax.numpy.float16, jax.numpy.bfloat16):
-        config = autotune.lookup(
+        tuned = autotune.lookup(
             "mosaic",
             head_dim=args.query.shape[-1],
             dtype=args.query.dtype,
@@ -46,7 +47,14 @@ def _mosaic(args: AttentionArgs, config) -> tuple[Array, Array]:
             length=max(args.query.shape[1], args.key.shape[1]),
         )
     return flash_mosaic.flash_attention(
-        args.query, args.key, args.value, args.bias, args.mask, config=config, **option_kwargs(args)
+        args.query,
+        args.key,
+        args.value,
+        args.bias,
+        args.mask,
+        config=config,
+        tuned=tuned,
+        **option_kwargs(args),
     )
 
 

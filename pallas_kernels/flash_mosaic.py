@@ -139,6 +139,17 @@ def backward_register_tiles(config: MosaicConfig, head_dim: int) -> int:
     return max(bq * (h_pad + 2 * bk), bk * (2 * h_pad + 2 * bq)) // _THREADS_PER_WARPGROUP
 
 
+def choose_config(tuned: MosaicConfig | None, head_dim: int, pair_itemsize: int) -> MosaicConfig:
+    """`tuned` if its forward fits shared memory with pair_itemsize bytes of bias/mask per
+    element (the tables are measured without: a float32 bias adds 4 bytes per logit and stage),
+    else `default_config`."""
+    if tuned is not None and fits_shared_memory(
+        shared_memory_estimate(tuned, head_dim, pair_itemsize)
+    ):
+        return tuned
+    return default_config(head_dim, pair_itemsize)
+
+
 def default_config(head_dim: int, pair_itemsize: int = 0) -> MosaicConfig:
     """The first tiling that fits shared memory; the first is what the H100 tuning picked at
     H=128 (forward 64x128 tiles, 2 stages; backward 64x64). jattn.autotune's tables override it
@@ -623,10 +634,13 @@ def flash_attention(
     segment_ids: tuple[Array, Array] | None,
     logits_soft_cap: float | None,
     config: MosaicConfig | None = None,
+    tuned: MosaicConfig | None = None,
     interpret: bool | None = None,
 ) -> tuple[Array, Array]:  # out [B, T, N, H], lse [B, T, N] float32
     """Flash attention with validated, rank-4 inputs (see `jattn.dot_product_attention`).
 
+    `config` is used as given; without one, `tuned` (from jattn.autotune) where its forward
+    fits shared memory with this call's bias/mask tiles, else `default_config`.
     Raises NotImplementedError for what this kernel does not serve: float32/float64 (the Triton
     kernel serves float32), H > 256, a config whose forward does not fit shared memory.
     Gradients come from `flash_mosaic_bwd`, or from the Triton backward for dbias.
@@ -644,7 +658,7 @@ def flash_attention(
         )
     pair_itemsize = (0 if bias is None else min(bias.dtype.itemsize, 4)) + (mask is not None)
     if config is None:
-        config = default_config(head_dim, pair_itemsize)
+        config = choose_config(tuned, head_dim, pair_itemsize)
     interpret = common.interpret_mode() if interpret is None else interpret
     if not interpret and not fits_shared_memory(
         shared_memory_estimate(config, head_dim, pair_itemsize)

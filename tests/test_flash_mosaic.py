@@ -298,3 +298,14 @@ def test_autotune_search_space_fits_shared_memory_and_registers():
             for config in candidates:
                 assert flash_mosaic.fits_shared_memory(memory(config, head_dim, 0)), config
                 assert flash_mosaic.fits_registers(registers(config, head_dim)), config
+
+
+def test_a_tuned_config_too_big_for_the_bias_tiles_gives_way_to_the_default():
+    """The tables are tuned without bias/mask; their tiles must not make a call with a float32
+    bias decline (or an explicit implementation="mosaic" fail)."""
+    tuned = jattn.MosaicConfig(block_q=128, block_kv=128, num_stages=4)  # the H=64 table's pick
+    assert flash_mosaic.choose_config(tuned, 64, 0) == tuned
+    with_bias = flash_mosaic.choose_config(tuned, 64, 4)
+    assert with_bias == flash_mosaic.default_config(64, 4)
+    assert flash_mosaic.fits_shared_memory(flash_mosaic.shared_memory_estimate(with_bias, 64, 4))
+    assert flash_mosaic.choose_config(None, 128, 0) == flash_mosaic.default_config(128)
