@@ -4,11 +4,7 @@
 # every candidate's time logged. From the repository root, with .whl carried:
 #   TESTS=1 TUNE_SECONDS=330 bash benchmarks/gpu_tune_mosaic.sh 128      # writes under $OUT
 set -uo pipefail
-out=${OUT:-gpu_out}
-mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && cp -r .whl/stub/xprof /tmp/site/  # jraph: jattn imports it
-export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 if [ "${TESTS:-0}" = 1 ]; then
     timeout "${TEST_SECONDS:-200}" python3 -m pytest -m gpu -o addopts="-ra" -p no:cacheprovider \
         -n 4 -q tests/test_flash_mosaic.py 2>&1 | tee "$out/gpu_tests_mosaic.txt" | tail -15

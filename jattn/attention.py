@@ -65,7 +65,8 @@ def available_implementations() -> tuple[str, ...]:
     return tuple(name for name in IMPLEMENTATIONS if name in _REGISTRY)
 
 
-def _hopper_or_newer() -> bool:
+def hopper_or_newer() -> bool:
+    """Whether the first device is an NVIDIA GPU of compute capability 9.0 (Hopper) or newer."""
     capability = getattr(jax.devices()[0], "compute_capability", "0.0")
     return tuple(int(part) for part in str(capability).split(".")[:2]) >= (9, 0)
 
@@ -84,7 +85,7 @@ def auto_order(platform: str | None = None) -> tuple[str, ...]:
     platform = platform or jax.default_backend()
     if platform != "gpu":
         order = ("xla_chunked", "xla")
-    elif _hopper_or_newer():
+    elif hopper_or_newer():
         order = ("cudnn", "mosaic", "triton", "xla_chunked", "xla")
     else:
         order = ("triton", "cudnn", "xla_chunked", "xla")

@@ -16,36 +16,29 @@ Off the GPU an explicit `implementation="mosaic"` runs in Mosaic GPU's interpret
 import dataclasses
 import itertools
 
-import jax
 from jax import Array
 
 from jattn import autotune
-from jattn.attention import AttentionArgs, option_kwargs, register_implementation
+from jattn.attention import (
+    AttentionArgs,
+    hopper_or_newer,
+    option_kwargs,
+    register_implementation,
+)
 from pallas_kernels import common, flash_mosaic
 from pallas_kernels.flash_mosaic import MosaicConfig
 
 __all__ = ["MosaicConfig"]
 
 
-def _hopper() -> bool:
-    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
-    return tuple(int(part) for part in str(capability).split(".")[:2]) >= (9, 0)
-
-
 def _mosaic(args: AttentionArgs, config) -> tuple[Array, Array]:
     if config is not None and not isinstance(config, MosaicConfig):
         raise NotImplementedError(f"mosaic needs a MosaicConfig, got {type(config).__name__}")
-    if common.on_gpu() and not _hopper():
+    if common.on_gpu() and not hopper_or_newer():
         raise NotImplementedError("the Mosaic GPU kernel needs a Hopper GPU (sm_90) or newer")
     tuned = None
-    if config is None and args.query.dtype in (jax.numpy.float16, jax.numpy.bfloat16):
-        tuned = autotune.lookup(
-            "mosaic",
-            head_dim=args.query.shape[-1],
-            dtype=args.query.dtype,
-            causal=args.is_causal,
-            length=max(args.query.shape[1], args.key.shape[1]),
-        )
+    if config is None:  # float32 has no bucket entries: the kernel declines it itself
+        tuned = autotune.lookup_call("mosaic", args.query, args.key, causal=args.is_causal)
     return flash_mosaic.flash_attention(
         args.query,
         args.key,

@@ -26,13 +26,7 @@ def _triton(args: AttentionArgs, config) -> tuple[Array, Array]:
         raise NotImplementedError(f"triton needs a TritonConfig, got {type(config).__name__}")
     tuned = None
     if config is None:  # the autotune cache or the shipped table for this GPU and bucket
-        tuned = autotune.lookup(
-            "triton",
-            head_dim=args.query.shape[-1],
-            dtype=args.query.dtype,
-            causal=args.is_causal,
-            length=max(args.query.shape[1], args.key.shape[1]),
-        )
+        tuned = autotune.lookup_call("triton", args.query, args.key, causal=args.is_causal)
     return flash_triton.flash_attention(
         args.query,
         args.key,

@@ -121,6 +121,9 @@ def test_cache_round_trip_is_atomic_and_reloads_on_change(cache_file):
     assert autotune.load(cache_file) == {e.bucket: e for e in (_entry(), other)}
     assert _lookup() == ODD
     assert _lookup(causal=False) is None  # another bucket
+    query, key = jnp.zeros((1, 20, 2, 12)), jnp.zeros((1, 32, 1, 12))  # length max(T, S) = 32
+    assert autotune.lookup_call("triton", query, key, causal=True) == ODD
+    assert autotune.lookup_call("triton", query, key, causal=False) is None
     assert _lookup(head_dim=12) == ODD and _lookup(length=1024) == ODD  # the same bucket
     assert _lookup(dtype=np.float64) is None  # no bucket holds it (the kernel declines it)
     assert autotune.resolve(_bucket()) == (ODD, "cache")

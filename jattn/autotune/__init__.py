@@ -32,6 +32,7 @@ from jattn.autotune.cache import device_kind as device_kind
 from jattn.autotune.cache import enabled as enabled
 from jattn.autotune.cache import load as load
 from jattn.autotune.cache import lookup as lookup
+from jattn.autotune.cache import lookup_call as lookup_call
 from jattn.autotune.cache import register_tunable as register_tunable
 from jattn.autotune.cache import resolve as resolve
 from jattn.autotune.cache import save as save
@@ -59,6 +60,7 @@ __all__ = [
     "enabled",
     "load",
     "lookup",
+    "lookup_call",
     "plan",
     "register_tunable",
     "resolve",

@@ -425,6 +425,17 @@ def lookup(
     return None if found is None else found[0]
 
 
+def lookup_call(implementation: str, query, key, *, causal: bool) -> Any:
+    """`lookup` for a call's query [B, T, N, H] and key [B, S, K, H] (length: max(T, S))."""
+    return lookup(
+        implementation,
+        head_dim=query.shape[-1],
+        dtype=query.dtype,
+        causal=causal,
+        length=max(query.shape[1], key.shape[1]),
+    )
+
+
 def resolve(bucket: Bucket) -> tuple[Any, str]:
     """(config, source) that `config=None` gets for a bucket: source is 'cache', 'shipped' or
     'default' (the kernel's registered heuristic)."""
