@@ -1,9 +1,11 @@
 """The training loop every model script shares: optax AdamW, orbax checkpoints, JSON-lines metrics.
 
 - Optimiser: gradient clipping by global norm, then AdamW with a linear warmup + cosine decay
-  schedule and a weight-decay mask: only matrices (ndim >= 2) decay; biases, norm scales,
-  LayerScale and TSSA temperatures never do (ToST's `no_weight_decay` is its temperature; its
-  causal `denom_bias` is a matrix and decays, as nanoGPT's optimiser groups in the official LM).
+  schedule and a weight-decay mask, the official ToST LM's rule (`configure_optimizers` in
+  `tost_lang/model_TSSA.py`): a parameter decays iff it has ndim >= 2 and no name on its path
+  contains `temp` or `denom`; so TSSA temperatures and the causal `denom_bias` never decay, nor
+  do biases, norm scales and LayerScale (a leaf named `bias` never decays: jattn's head-shaped
+  projection biases are [N, H]). The same mask as `jattn.nn.weight_decay_mask`.
 - State: the model's parameters as a pure dict, split from the NNX module, and the optax state.
   One jit-compiled step updates both.
 - Checkpoints: orbax `CheckpointManager` under `<workdir>/checkpoints` every `checkpoint_every`
@@ -30,7 +32,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-NO_DECAY_NAMES = ("bias", "scale", "temperature", "temp")
+NO_DECAY_NAMES = ("bias", "scale")  # exact names
+NO_DECAY_KEYWORDS = ("temp", "denom")  # anywhere in a name, as the official ToST LM excludes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +81,13 @@ def train_config_from_args(args) -> TrainConfig:
 
 
 def decay_mask(params: Any) -> Any:
-    """True for parameters that get weight decay: matrices, unless named in NO_DECAY_NAMES."""
+    """True for parameters that get weight decay: ndim >= 2, unless a name on the path is in
+    NO_DECAY_NAMES or contains one of NO_DECAY_KEYWORDS (the official ToST LM's rule)."""
 
     def decays(path, leaf) -> bool:
         names = {str(getattr(p, "key", getattr(p, "name", p))) for p in path}
-        return jnp.ndim(leaf) >= 2 and not names & set(NO_DECAY_NAMES)
+        keyword = any(kw in name for kw in NO_DECAY_KEYWORDS for name in names)
+        return jnp.ndim(leaf) >= 2 and not names & set(NO_DECAY_NAMES) and not keyword
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

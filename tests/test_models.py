@@ -108,7 +108,7 @@ def test_tost_sizes_and_what_weight_decay_skips():
     }
     skipped = {name for name, decays in flat.items() if not decays}
     assert any(name.endswith("temperature") for name in skipped)
-    assert not any(name.endswith("denom_bias") for name in skipped)  # a matrix: decays
+    assert any(name.endswith("denom_bias") for name in skipped)  # as the official LM
     assert all(not name.endswith("gamma1") or name in skipped for name in flat)
     assert flat["embed/embedding"] and flat["blocks/0/fc1/kernel"]
     # The same as jattn.nn.weight_decay_mask says for the ToST layers.

@@ -90,7 +90,7 @@ def test_decay_mask_excludes_temperatures_biases_and_norms():
     mask = training.decay_mask(params)
     assert mask == {
         "attn": {"kernel": True, "bias": False, "temperature": False},
-        "tssa": {"denom_bias": True, "proj": {"kernel": True}},  # official ToST decays it
+        "tssa": {"denom_bias": False, "proj": {"kernel": True}},  # official ToST: no decay
         "norm": {"scale": False},
         "embed": {"embedding": True},
     }

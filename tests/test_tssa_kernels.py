@@ -249,7 +249,7 @@ def test_weight_decay_mask_keeps_temperature_and_biases_out():
     attention = mask["attention"]
     assert not attention["temperature"].get_value()
     assert not attention["qkv"]["bias"].get_value()  # [N, H], still a bias
-    assert attention["qkv"]["kernel"].get_value() and attention["denom_bias"].get_value()
+    assert attention["qkv"]["kernel"].get_value() and not attention["denom_bias"].get_value()
     assert not mask["gamma1"].get_value() and not mask["norm1"]["scale"].get_value()
     assert mask["fc1"]["kernel"].get_value()
 

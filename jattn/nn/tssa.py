@@ -5,10 +5,12 @@ The attention matches the official modules (`tost_vision/tost.py` AttentionTSSA,
 separate q/k/v), TSSA with a per-head temperature (and, causal, a per-position `denom_bias`),
 then the output projection. The operator is `jattn.token_statistics_attention`.
 
-Weight decay: ToST trains with AdamW and keeps `temp` out of weight decay (`no_weight_decay`),
-as timm also does for every 1-D parameter (biases, LayerNorm, LayerScale). The temperature is a
-`Temperature` variable (an `nnx.Param` subclass), and `weight_decay_mask(params)` returns the
-mask `optax.adamw(..., mask=...)` wants: False for temperatures and 1-D parameters.
+Weight decay: `weight_decay_mask(params)` returns the mask `optax.adamw(..., mask=...)` wants,
+by the official language model's rule (`tost_lang/model_TSSA.py`, `GPT.configure_optimizers`):
+a parameter decays when it has 2 or more dimensions and its name contains neither `temp` nor
+`denom`. So the temperature and the causal `denom_bias` never decay, nor do biases, LayerNorm
+scales or LayerScale; projection kernels and embeddings do. The temperature is a `Temperature`
+variable (an `nnx.Param` subclass).
 """
 
 from __future__ import annotations
@@ -25,27 +27,39 @@ class Temperature(nnx.Param):
     """The per-head softmax temperature of TSSA: a parameter kept out of weight decay."""
 
 
+NO_DECAY_KEYWORDS = ("temp", "denom")  # the official LM's `keywords` in configure_optimizers
+
+
 def weight_decay_mask(params) -> object:
-    """True where AdamW should decay: not temperatures, biases or 1-D parameters (timm's rule).
+    """True where AdamW should decay, by the official ToST language model's rule.
+
+    `GPT.configure_optimizers` in `tost_lang/model_TSSA.py` decays a parameter iff
+    `p.dim() >= 2 and not any(kw in name for kw in ['temp', 'denom'])`, `name` being its full
+    dotted name: this is that rule, with a name matching when any key on the leaf's path contains
+    `temp` or `denom` (so `temperature` and `denom_bias` never decay). Two additions keep the rule
+    the same on jattn's shapes: a leaf named `bias` never decays (the official biases are 1-D;
+    the head-shaped projections here have `[N, H]` biases), nor does a `Temperature` variable
+    under any name. LayerNorm scales and LayerScale (1-D) never decay; kernels and embeddings do.
 
     `params`: an `nnx.State` (e.g. `nnx.state(model, nnx.Param)`) or the pytree an optimizer
-    sees. Use it as `optax.adamw(lr, weight_decay=0.05, mask=weight_decay_mask)`.
+    sees. Use it as `optax.adamw(lr, weight_decay=0.1, mask=weight_decay_mask)`.
 
     Example:
-      >>> layer = TokenStatisticsAttention(4, 32, rngs=nnx.Rngs(0))
+      >>> layer = TokenStatisticsAttention(4, 32, causal=True, max_length=8, rngs=nnx.Rngs(0))
       >>> mask = weight_decay_mask(nnx.state(layer, nnx.Param))
-      >>> bool(mask["temperature"].get_value()), bool(mask["qkv"]["kernel"].get_value())
-      (False, True)
+      >>> [bool(mask[k].get_value()) for k in ("temperature", "denom_bias")]
+      [False, False]
+      >>> bool(mask["qkv"]["kernel"].get_value())
+      True
     """
 
     def decays(path, leaf):
-        is_bias = any(getattr(key, "key", getattr(key, "name", None)) == "bias" for key in path)
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        excluded = "bias" in names or any(kw in name for kw in NO_DECAY_KEYWORDS for name in names)
         if isinstance(leaf, nnx.Variable):
-            value = leaf.get_value()
-            return leaf.replace(
-                not isinstance(leaf, Temperature) and value.ndim > 1 and not is_bias
-            )
-        return jnp.ndim(leaf) > 1 and not is_bias
+            decay = not isinstance(leaf, Temperature) and leaf.get_value().ndim >= 2
+            return leaf.replace(decay and not excluded)
+        return jnp.ndim(leaf) >= 2 and not excluded
 
     return jax.tree_util.tree_map_with_path(
         decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
