@@ -111,7 +111,10 @@ def decode_attention(
         try:
             if name == "triton":
                 decode_kernel.check_supported(
-                    k_cache.shape, head_dim, None if page_table is None else k_cache.shape[1]
+                    k_cache.shape,
+                    head_dim,
+                    None if page_table is None else k_cache.shape[1],
+                    dtype=query.dtype,
                 )
                 out, lse = decode_kernel.decode_attention(
                     query,

@@ -15,8 +15,10 @@ built to read the cache once at full bandwidth:
 - an optional paged cache: pools `[P, page_size, K, H]` and a page table `[B, pages]`, one page
   per inner step.
 
-Limits: H <= 256 (padded to a power of two, which copies the cache when H is not one); page sizes
-are powers of two (>= 16 on a GPU); caches under 2**31 elements (Triton's int32 offsets).
+Limits: float16, bfloat16, float32 (float64 is declined: the 'xla' path serves it); H <= 256
+(padded to a power of two, which copies the cache when H is not one); page sizes are powers of
+two (>= 16 on a GPU); caches under 2**31 elements (Triton's int32 offsets). Index arithmetic is
+int32 throughout, so the kernel also traces with `jax_enable_x64`.
 Runs compiled on CUDA GPUs and in Pallas interpret mode elsewhere (`common.interpret_mode()`).
 """
 
@@ -44,6 +46,7 @@ MAX_CACHE_ELEMENTS = 2**31 - 1
 # SM count assumed when the device does not report one (H100 SXM).
 DEFAULT_SM_COUNT = 132
 MAX_HEAD_DIM = 256
+DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -113,7 +116,7 @@ def _decode_kernel(
     def body(i, carry, masked=True):
         o, m, denom = carry  # [rows, Hp], [rows], [rows]
         first = start + i * block_k
-        valid = first + jnp.arange(block_k) < end  # [block_k]
+        valid = first + jnp.arange(block_k, dtype=jnp.int32) < end  # [block_k]
         mask = valid[:, None] if masked else None
         if paged:
             page = page_table_ref[first // block_k]
@@ -156,7 +159,7 @@ def _decode_kernel(
         o_ref[...] = o
         lse_ref[...] = lse
     else:  # write the G real rows only: the padding rows would cost partial-result traffic
-        real = jnp.arange(rows) < groups
+        real = jnp.arange(rows, dtype=jnp.int32) < groups
         pltriton.store(o_ref.at[pl.ds(0, rows), :], o, mask=real[:, None])
         pltriton.store(lse_ref.at[pl.ds(0, rows)], lse, mask=real)
 
@@ -273,8 +276,15 @@ def _no_table(kernel):
     return contiguous
 
 
-def check_supported(k_cache_shape: tuple[int, ...], head_dim: int, page_size: int | None) -> None:
+def check_supported(
+    k_cache_shape: tuple[int, ...], head_dim: int, page_size: int | None, dtype=None
+) -> None:
     """Raise NotImplementedError (naming the reason) for calls this kernel cannot serve."""
+    if dtype is not None and jnp.dtype(dtype) not in DTYPES:
+        raise NotImplementedError(
+            f"the triton decode kernel serves float16/bfloat16/float32, not {jnp.dtype(dtype)} "
+            "(its float32 accumulators; the 'xla' implementation serves float64)"
+        )
     if head_dim > MAX_HEAD_DIM:
         raise NotImplementedError(f"the triton decode kernel supports H <= {MAX_HEAD_DIM}")
     elements = math.prod(k_cache_shape[:-1]) * common.padded_head_dim(head_dim)
