@@ -28,7 +28,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modules", type=int, default=2, help="attention modules")
     p.add_argument("--features", type=int, default=64, help="channels per module")
     p.add_argument("--normalize", action="store_true", help="cosine channel similarities")
-    p.add_argument("--scale", type=float, default=None, help="logit scale (paper: 1)")
+    p.add_argument(
+        "--scale", type=float, default=None, help="logit scale (default: 1, the paper's)"
+    )
 
 
 def build(args: argparse.Namespace, data: Planetoid, rngs: nnx.Rngs) -> nnx.Module:
@@ -46,7 +48,7 @@ def build(args: argparse.Namespace, data: Planetoid, rngs: nnx.Rngs) -> nnx.Modu
 
 def main(argv: Sequence[str] | None = None) -> dict:
     return run(
-        argv, description=__doc__.splitlines()[0], defaults=DEFAULTS, add_args=add_args,
+        argv, description=__doc__, defaults=DEFAULTS, add_args=add_args,
         build=build, model_name="cganet",
     )  # fmt: skip
 

@@ -51,9 +51,14 @@ class GAT(nnx.Module):
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=8, help="features per head")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--attention-dropout", type=float, default=0.6)
-    p.add_argument("--score", choices=("additive", "dot"), default="additive")
+    p.add_argument("--heads", type=int, default=8, help="attention heads of the hidden layer")
+    p.add_argument(
+        "--attention-dropout", type=float, default=0.6, help="dropout on attention coefficients"
+    )
+    p.add_argument(
+        "--score", choices=("additive", "dot"), default="additive",
+        help="attention score: GAT's additive one or a scaled dot product",
+    )  # fmt: skip
     p.add_argument(
         "--no-value-dropout", action="store_true",
         help="no dropout on the projected features (PyG's GATConv has none; GAT's code has it)",
@@ -71,7 +76,7 @@ def build(args: argparse.Namespace, data: Planetoid, rngs: nnx.Rngs) -> GAT:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     return run(
-        argv, description=__doc__.splitlines()[0], defaults=DEFAULTS, add_args=add_args,
+        argv, description=__doc__, defaults=DEFAULTS, add_args=add_args,
         build=build, model_name="gat",
     )  # fmt: skip
 

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from jattn import graph as graph_ops
-from models.planetoid import DATASETS, Planetoid, load_planetoid
+from models.planetoid import DATA_DIR_ENV, DATASETS, SOURCE, Planetoid, load_planetoid
 
 try:  # progress bars are optional (the [bench] extra)
     from tqdm import tqdm
@@ -137,17 +137,60 @@ def _call_attention(module, graph, layout):
     return module(graph)
 
 
-def parser(description: str, defaults: dict) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--dataset", choices=DATASETS, default="cora")
-    p.add_argument("--data-dir", default=None, help="folder with ind.<dataset>.* files")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=defaults.get("epochs", 1000), help="at most")
-    p.add_argument("--patience", type=int, default=defaults.get("patience", 100))
-    p.add_argument("--lr", type=float, default=defaults.get("lr", 0.005))
-    p.add_argument("--weight-decay", type=float, default=defaults.get("weight_decay", 5e-4))
-    p.add_argument("--dropout", type=float, default=defaults.get("dropout", 0.6))
-    p.add_argument("--implementation", choices=("fused", "xla"), default=None)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written (its example commands keep their lines); every option's
+    default after its help, unless it has none (None: the help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        if action.option_strings and shown and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def parser(description: str, defaults: dict, prog: str | None = None) -> argparse.ArgumentParser:
+    """The flags every graph script shares (`defaults`: the script's lr, dropout, ...)."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    p.add_argument("--dataset", choices=DATASETS, default="cora", help="Planetoid dataset")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"folder with the ind.<dataset>.* split files (from {SOURCE}; default: "
+        f"${DATA_DIR_ENV}, else ./data/planetoid)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and dropout")
+    p.add_argument(
+        "--epochs", type=int, default=defaults.get("epochs", 1000), help="epochs at most"
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=defaults.get("patience", 100),
+        help="stop after this many epochs without a better validation loss or accuracy",
+    )
+    p.add_argument("--lr", type=float, default=defaults.get("lr", 0.005), help="Adam step size")
+    notes = defaults.get("notes", {})  # what a None default means, per flag
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=defaults.get("weight_decay", 5e-4),
+        help="L2 penalty added to the gradients (Adam's coupled weight decay)"
+        + (f" (default: {notes['weight_decay']})" if "weight_decay" in notes else ""),
+    )
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=defaults.get("dropout", 0.6),
+        help="dropout rate on the features"
+        + (f" (default: {notes['dropout']})" if "dropout" in notes else ""),
+    )
+    p.add_argument(
+        "--implementation",
+        choices=("fused", "xla"),
+        default=None,
+        help="graph attention path (default: fused on a GPU, xla elsewhere)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -260,10 +303,13 @@ def run(
     model_name: str,
 ) -> dict:
     """Parse `argv`, load the data, build, train; print the metrics as the last stdout line."""
-    p = parser(description, defaults)
+    p = parser(description, defaults, prog=f"python -m models.{model_name}")
     add_args(p)
     args = p.parse_args(argv)
-    data = load_planetoid(args.dataset, args.data_dir)
+    try:
+        data = load_planetoid(args.dataset, args.data_dir)
+    except FileNotFoundError as e:
+        p.error(str(e))
     rngs = nnx.Rngs(params=args.seed, dropout=args.seed + 1_000_003)
     model = build(args, data, rngs)
     graph, layout = with_self_loops(data)

@@ -34,11 +34,17 @@ from models.planetoid import Planetoid
 # --dropout and --weight-decay default per architecture (None: resolved in `build`). The GANet
 # values were searched on Cora's validation accuracy (3 seeds per configuration; the search is in
 # benchmarks/results/graph_accuracy_planetoid.json); the GAT skeleton keeps GAT's.
-DEFAULTS = dict(lr=0.005, weight_decay=None, dropout=None, patience=100, epochs=1000)
 ARCHITECTURE_DEFAULTS = {
     "ganet": dict(dropout=0.8, weight_decay=2e-3),
     "gat": dict(dropout=0.6, weight_decay=5e-4),
 }
+DEFAULTS = dict(
+    lr=0.005, weight_decay=None, dropout=None, patience=100, epochs=1000,
+    notes={
+        name: ", ".join(f"{d[name]} for {a}" for a, d in ARCHITECTURE_DEFAULTS.items())
+        for name in ("dropout", "weight_decay")
+    },
+)  # fmt: skip
 
 
 class HardGAT(nnx.Module):
@@ -73,18 +79,30 @@ class HardGAT(nnx.Module):
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--architecture", choices=("ganet", "gat"), default="ganet")
+    p.add_argument(
+        "--architecture", choices=("ganet", "gat"), default="ganet",
+        help="ganet: the paper's GCN -> attention modules with dense skips -> GCN; gat: GAT's "
+        "two layers with hGAO in place of GAO (the DGL/GammaGL reproductions' design)",
+    )  # fmt: skip
     p.add_argument("--hidden", type=int, default=64, help="GCN-in width (ganet)")
     p.add_argument("--modules", type=int, default=2, help="attention modules (ganet)")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-features", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8, help="attention heads per hGAO layer")
+    p.add_argument("--head-features", type=int, default=8, help="features per head")
     p.add_argument("--k", type=int, default=8, help="neighbours kept per node")
-    p.add_argument("--score", choices=("dot", "additive"), default="dot")
-    p.add_argument("--scale", type=float, default=None, help="dot score scale (paper: 1)")
-    p.add_argument("--attention-dropout", type=float, default=0.6)
     p.add_argument(
-        "--input-dropout", type=float, default=None, help="on the input features (ganet; "
-        "default: --dropout)",
+        "--score", choices=("dot", "additive"), default="dot",
+        help="attention score among the kept neighbours: the paper's dot product or GAT's "
+        "additive one",
+    )  # fmt: skip
+    p.add_argument(
+        "--scale", type=float, default=None, help="dot score scale (default: 1, the paper's)"
+    )
+    p.add_argument(
+        "--attention-dropout", type=float, default=0.6, help="dropout on attention coefficients"
+    )
+    p.add_argument(
+        "--input-dropout", type=float, default=None, help="dropout on the input features "
+        "(ganet; default: --dropout)",
     )  # fmt: skip
 
 
@@ -118,7 +136,7 @@ def build(args: argparse.Namespace, data: Planetoid, rngs: nnx.Rngs) -> nnx.Modu
 
 def main(argv: Sequence[str] | None = None) -> dict:
     return run(
-        argv, description=__doc__.splitlines()[0], defaults=DEFAULTS, add_args=add_args,
+        argv, description=__doc__, defaults=DEFAULTS, add_args=add_args,
         build=build, model_name="hganet",
     )  # fmt: skip
 

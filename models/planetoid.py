@@ -1,7 +1,8 @@
 """Planetoid citation graphs (Cora, Citeseer) with the standard split, as a `jraph.GraphsTuple`.
 
-Reads the `ind.<name>.*` files of the Planetoid benchmark (Yang et al., ICML 2016) the way the GCN
-and GAT reference loaders do: 140 (Cora) / 120 (Citeseer) training nodes, 500 validation nodes,
+Reads the `ind.<name>.*` files of the Planetoid benchmark (Yang et al., ICML 2016; the public
+split files of github.com/kimiyoung/planetoid, folder `data/`) the way the GCN and GAT reference
+loaders do: 140 (Cora) / 120 (Citeseer) training nodes, 500 validation nodes,
 1000 test nodes; test rows reordered by the sorted test index; Citeseer's isolated test nodes get
 zero features and no label; features row-normalised; the graph made undirected, without duplicate
 edges or self-loops (models add self-loops where they need them).
@@ -13,6 +14,7 @@ files use and refuses everything else (pickle would otherwise run arbitrary code
 import collections
 import dataclasses
 import io
+import os
 import pathlib
 import pickle
 
@@ -21,8 +23,23 @@ import numpy as np
 import scipy.sparse as sp
 
 DATASETS = ("cora", "citeseer")
-DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "planetoid"
+PARTS = ("x", "y", "tx", "ty", "allx", "ally", "graph", "test.index")
+SOURCE = "https://github.com/kimiyoung/planetoid/tree/master/data"  # the public split files
+DATA_DIR_ENV = "JATTN_PLANETOID_DIR"
 NUM_VALIDATION = 500
+
+
+def default_data_dir() -> pathlib.Path:
+    """$JATTN_PLANETOID_DIR if set, else ./data/planetoid, else a `planetoid` data folder beside
+    the checkout (`../shared/data/planetoid`, where the development machines keep it)."""
+    if os.environ.get(DATA_DIR_ENV):
+        return pathlib.Path(os.environ[DATA_DIR_ENV])
+    here = pathlib.Path("data") / "planetoid"
+    beside = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "planetoid"
+    return here if here.is_dir() or not beside.is_dir() else beside
+
+
+DEFAULT_DATA_DIR = default_data_dir()
 
 # (module, name) as written in the Python 2 pickles -> the object to build.
 _ALLOWED = {
@@ -75,12 +92,23 @@ class Planetoid:
 
 
 def load_planetoid(name: str, data_dir: str | pathlib.Path | None = None) -> Planetoid:
-    """Loads `name` ('cora' or 'citeseer') from `data_dir` (default: ../shared/data/planetoid)."""
+    """Loads `name` ('cora' or 'citeseer') from `data_dir` (default: `default_data_dir()`).
+
+    Raises FileNotFoundError saying where to get the files when the folder or one of them is
+    missing."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
-    root = pathlib.Path(DEFAULT_DATA_DIR if data_dir is None else data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"Planetoid data folder {root} does not exist")
+    root = pathlib.Path(default_data_dir() if data_dir is None else data_dir)
+    missing = [
+        f"ind.{name}.{part}" for part in PARTS if not (root / f"ind.{name}.{part}").is_file()
+    ]
+    if missing:
+        where = "does not exist" if not root.is_dir() else f"lacks {', '.join(missing)}"
+        raise FileNotFoundError(
+            f"Planetoid data folder {root} {where}. Download the {name} split files "
+            f"ind.{name}.{{{','.join(PARTS)}}} from {SOURCE} into a folder and pass "
+            f"--data-dir FOLDER (or set ${DATA_DIR_ENV})"
+        )
     parts = {
         part: safe_load((root / f"ind.{name}.{part}").read_bytes())
         for part in ("x", "y", "tx", "ty", "allx", "ally", "graph")

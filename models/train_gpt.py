@@ -4,7 +4,8 @@
     python -m models.train_gpt --text my_notes/ --workdir runs/notes   # your own files
 
 Default corpus: the Python standard library's own sources (no download). Re-running with the
-same --workdir resumes from the newest checkpoint. Metrics: <workdir>/metrics.jsonl.
+same --workdir resumes from the newest checkpoint (Ctrl-C or SIGTERM saves one first); a larger
+--steps extends the run. Metrics: <workdir>/metrics.jsonl.
 """
 
 import argparse
@@ -28,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m models.train_gpt",
         description="Train a decoder-only transformer on jattn attention (byte tokens), with "
-        "orbax checkpoints (resume by re-running with the same --workdir), JSON-lines metrics "
-        "and a sample at the end.",
+        "orbax checkpoints (resume by re-running with the same --workdir; Ctrl-C or SIGTERM "
+        "saves one first), JSON-lines metrics and a sample at the end.",
     )
     parser.add_argument("--workdir", default="runs/gpt", help="checkpoints, config and metrics")
     parser.add_argument(
@@ -79,6 +80,14 @@ def model_config(args: argparse.Namespace) -> gpt.GPTConfig:
     )
 
 
+def run_defining_model(config: gpt.GPTConfig) -> dict:
+    """The model settings a resumed run must share with its checkpoint: not the KV cache size
+    (`max_length`, from --prompt and --sample-tokens) nor the attention implementation."""
+    settings = dataclasses.asdict(config)
+    del settings["max_length"], settings["implementation"]
+    return settings
+
+
 def train_on_corpus(
     model: nnx.Module,
     corpus: text_data.TextCorpus,
@@ -117,9 +126,10 @@ def run(args: argparse.Namespace, corpus: text_data.TextCorpus | None = None) ->
     corpus = corpus or text_data.load_corpus(args.text, max_bytes=args.max_corpus_bytes)
     model = gpt.GPT(model_config(args), rngs=nnx.Rngs(config.seed))
     run_info = dict(
-        model=dataclasses.asdict(model_config(args)),
+        model=run_defining_model(model_config(args)),
         text=args.text,
         max_corpus_bytes=args.max_corpus_bytes,
+        seq_len=args.seq_len,
     )
     result = train_on_corpus(model, corpus, config, args, run_info)
     summary = dict(

@@ -4,7 +4,9 @@
     python -m models.train_tost lm --attention softmax       # byte LM on the Python stdlib
     python -m models.train_tost compare --out results.json   # both kinds, both tasks, + scaling
 
-Each run resumes from its --workdir's newest checkpoint; metrics go to <workdir>/metrics.jsonl.
+Each run resumes from its --workdir's newest checkpoint (Ctrl-C or SIGTERM saves one first);
+metrics go to <workdir>/metrics.jsonl.
+
 `compare` trains every (task, attention) pair with the same steps, batch and width, then times
 one forward+backward of each language model at growing sequence length and reads the compiled
 program's peak temporary memory: TSSA grows linearly with T, softmax attention quadratically in
@@ -50,24 +52,26 @@ def _common(parser, defaults: training.TrainConfig, workdir: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m models.train_tost",
-        description="Train ToST (TSSA) models and same-size softmax baselines.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tasks = parser.add_subparsers(dest="task", required=True)
+    raw = dict(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     vision = tasks.add_parser(
-        "vision", help="classify sklearn's digits (or --images FILE.npz)", description=__doc__
+        "vision", help="classify sklearn's digits (or --images FILE.npz)", **raw
     )
     _common(vision, VISION_DEFAULTS, "runs/tost_vision")
     vision.add_argument(
         "--images", help=".npz with images [N, H, W] and labels [N] (default: sklearn digits)"
     )
     vision.add_argument("--patch", type=int, default=2, help="patch size in pixels")
-    lm = tasks.add_parser("lm", help="causal byte LM on text", description=__doc__)
+    lm = tasks.add_parser("lm", help="causal byte LM on text", **raw)
     _common(lm, LM_DEFAULTS, "runs/tost_lm")
     _lm_flags(lm)
     compare = tasks.add_parser(
         "compare",
         help="both attentions on both tasks, plus scaling; writes JSON",
-        description=__doc__,
+        **raw,
     )
     compare.add_argument("--out", default="tost_vs_softmax.json", help="results JSON path")
     compare.add_argument("--plot", help="also plot tokens/s and memory against T (PNG)")
@@ -75,8 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot-only", action="store_true", help="re-plot --out's JSON (no training)"
     )
     compare.add_argument("--workdir", default="runs/tost_compare", help="run directories")
-    compare.add_argument("--vision-steps", type=int, default=VISION_DEFAULTS.steps)
-    compare.add_argument("--lm-steps", type=int, default=LM_DEFAULTS.steps)
+    compare.add_argument(
+        "--vision-steps",
+        type=int,
+        default=VISION_DEFAULTS.steps,
+        help=f"training steps of each vision run (default: {VISION_DEFAULTS.steps})",
+    )
+    compare.add_argument(
+        "--lm-steps",
+        type=int,
+        default=LM_DEFAULTS.steps,
+        help=f"training steps of each language model run (default: {LM_DEFAULTS.steps})",
+    )
     compare.add_argument(
         "--lengths",
         type=int,
@@ -147,7 +161,12 @@ def run_lm(args, corpus: text_data.TextCorpus | None = None) -> dict:
         heads=args.heads,
     )
     model = tost.CausalLM(model_config, rngs=nnx.Rngs(config.seed))
-    run_info = dict(model=dataclasses.asdict(model_config), text=args.text)
+    run_info = dict(
+        model=dataclasses.asdict(model_config),
+        text=args.text,
+        max_corpus_bytes=args.max_corpus_bytes,
+        seq_len=args.seq_len,
+    )
     result = train_gpt.train_on_corpus(model, corpus, config, args, run_info)
     return _summary(result, model_config, "tokens_per_s")
 
