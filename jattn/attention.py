@@ -7,6 +7,7 @@ feature is ever silently dropped. Kernels (`triton`, `mosaic`) register themselv
 """
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -129,7 +130,10 @@ def dot_product_attention(
       local_window_size: `(left, right)` or an int w for `(w, w)`:
         i + q_offset - left <= j <= i + q_offset + right.
       return_residual: also return the float32 log-sum-exp `[B, T, N]` of the masked logits.
-      q_offset: int or `[B]`: absolute position of query row 0 for the causal and window masks.
+      q_offset: int or `[B]`: absolute position of query row 0 for the causal and window masks;
+        any int32 value (positions are compared without overflow, so 2**31 - 1 with causal sees
+        every key). Integer arguments wider than int32 must fit it (ValueError when concrete;
+        traced ones saturate, never wrap).
         `q_offset = S - T` aligns causal attention bottom-right (chunked prefill); decode is
         T = 1, q_offset = length - 1::
 
@@ -226,15 +230,35 @@ def _check_broadcast_4d(x, name: str, full: tuple[int, int, int, int]) -> Array:
     return x
 
 
+_INT32 = np.iinfo(np.int32)
+
+
+def _as_int32(x, name: str) -> Array:
+    """An integer array as int32, never wrapped: wider integers (int64, uint32, Python ints) are
+    range-checked when concrete (ValueError) and saturated when traced."""
+    dtype = np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {dtype}")
+    if np.can_cast(dtype, np.int32):
+        return jnp.asarray(x).astype(jnp.int32)
+    known = concrete_value(x)
+    if known is None:  # traced (int64 only exists with jax_enable_x64): saturate, never wrap
+        return jnp.clip(x, _INT32.min, _INT32.max).astype(jnp.int32)
+    if known.size and (known.min() < _INT32.min or known.max() > _INT32.max):
+        raise ValueError(
+            f"{name} must fit int32 [{_INT32.min}, {_INT32.max}] (jattn computes positions and "
+            f"ids in int32), got values in [{known.min()}, {known.max()}]"
+        )
+    return jnp.asarray(known.astype(np.int32))
+
+
 def _check_batch_ints(x, name: str, batch: int, allow_scalar: bool = False) -> Array | None:
     if x is None:
         return None
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise ValueError(f"{name} must be an integer array, got dtype {x.dtype}")
+    x = _as_int32(x, name)
     if x.shape != (batch,) and not (allow_scalar and x.ndim == 0):
         raise ValueError(f"{name} must have shape [B] = ({batch},), got {x.shape}")
-    return jnp.broadcast_to(x.astype(jnp.int32), (batch,))
+    return jnp.broadcast_to(x, (batch,))
 
 
 def concrete_value(x) -> np.ndarray | None:
@@ -255,9 +279,73 @@ def _static_number(x, name: str) -> float | None:
             f"{name} must be concrete (a number), got a traced value: close over it "
             "or mark it static instead of passing it through jit as an argument"
         )
+    if value.dtype.kind not in "iuf":  # strings, bools, complex, objects
+        raise ValueError(f"{name} must be a real number, got {x!r}")
     if value.ndim != 0:
         raise ValueError(f"{name} must be a scalar, got shape {value.shape}")
-    return float(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number}")
+    return number
+
+
+def _is_bool(x) -> bool:
+    return isinstance(x, bool | np.bool_)
+
+
+def _static_bool(x, name: str) -> bool:
+    """A Python bool from a bool or a concrete 0-d boolean array (not 'no', not 1)."""
+    value = None if isinstance(x, str) else concrete_value(x)
+    if value is None or value.dtype != np.bool_ or value.ndim != 0:
+        raise ValueError(f"{name} must be a bool (True or False, not traced), got {x!r}")
+    return bool(value)
+
+
+def _canonical_positions(
+    q_offset: Array | None,  # [B] int32
+    window: tuple[int, int] | None,
+    *,
+    is_causal: bool,
+    q_len: int,
+    kv_len: int,
+) -> tuple[Array | None, tuple[int, int] | None]:
+    """(q_offset, window) with the same causal and window masks, every value within a few times
+    T + S, so no implementation's position arithmetic can overflow int32.
+
+    The masks compare d = j - i (in [-(T - 1), S - 1]) with a = q_offset - left (key j visible
+    only if d >= a) and b = q_offset + right (d <= b; right is 0 under causal). Clamping a and b
+    to [-T, S] changes no mask; windows wider than T + S are clamped to it, and q_offset is
+    chosen so that the clamped window reproduces the clamped a and b exactly (when a window is
+    wider than T + S, at most one of its sides binds on any row). The sums are computed
+    saturated, so q_offset = 2**31 - 1 with causal sees every key, as it should.
+    """
+    if window is None and not is_causal:
+        return None, None  # q_offset moves only the causal and window masks
+    span = q_len + kv_len
+    clamped = None if window is None else (min(window[0], span), min(window[1], span))
+    if q_offset is None:
+        return None, clamped  # a = -left, b = right: within [-span, span] once clamped
+    right = 0 if is_causal else window[1]
+
+    def threshold(c: int) -> Array:  # clamp(q_offset + c, -T, S), exactly, for any Python int c
+        low, high = -q_len, kv_len
+        if high - c < _INT32.min or low - c > _INT32.max:  # q_offset + c is beyond [-T, S]
+            return jnp.full(q_offset.shape, high if high - c < _INT32.min else low, jnp.int32)
+        q = jnp.clip(q_offset, max(low - c, _INT32.min), min(high - c, _INT32.max))
+        wrapped = (c - _INT32.min) % 2**32 + _INT32.min  # c mod 2**32: q + c is in range
+        return q + jnp.asarray(wrapped, jnp.int32)
+
+    upper = threshold(right)
+    if window is None:
+        return upper, None  # causal alone: q_offset' = b
+    lower = threshold(-window[0])
+    left_, right_ = clamped[0], 0 if is_causal else clamped[1]
+    offset = jnp.where(
+        lower > -q_len,  # the left side binds (or hides every key)
+        lower + left_,
+        jnp.where(upper < kv_len, upper - right_, kv_len - right_),
+    )
+    return offset.astype(jnp.int32), clamped
 
 
 def check_attention_args(
@@ -321,21 +409,21 @@ def check_attention_args(
     if segment_ids is not None:
         if not isinstance(segment_ids, tuple | list) or len(segment_ids) != 2:
             raise ValueError("segment_ids must be a pair (q_ids [B, T], kv_ids [B, S])")
-        q_ids, kv_ids = (jnp.asarray(ids) for ids in segment_ids)
+        q_ids, kv_ids = (_as_int32(ids, "segment_ids") for ids in segment_ids)
         if q_ids.shape != (batch, q_len) or kv_ids.shape != (batch, kv_len):
             raise ValueError(
                 f"segment_ids must have shapes [B, T] = {(batch, q_len)} and "
                 f"[B, S] = {(batch, kv_len)}; got {q_ids.shape} and {kv_ids.shape}"
             )
-        for ids in (q_ids, kv_ids):
-            if not jnp.issubdtype(ids.dtype, jnp.integer):
-                raise ValueError(f"segment_ids must be integer arrays, got {ids.dtype}")
-        segment_ids = (q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32))
+        segment_ids = (q_ids, kv_ids)
     if local_window_size is not None:
-        if isinstance(local_window_size, int | np.integer):
+        if isinstance(local_window_size, int | np.integer) and not _is_bool(local_window_size):
             local_window_size = (local_window_size, local_window_size)
-        window = tuple(local_window_size)
-        if len(window) != 2 or any(not isinstance(w, int | np.integer) or w < 0 for w in window):
+        window = local_window_size
+        window = tuple(window) if isinstance(window, tuple | list | np.ndarray) else ()
+        if len(window) != 2 or any(
+            not isinstance(w, int | np.integer) or _is_bool(w) or w < 0 for w in window
+        ):
             raise ValueError(
                 f"local_window_size must be an int >= 0 or a pair (left, right) of "
                 f"ints >= 0, got {local_window_size!r}"
@@ -345,6 +433,10 @@ def check_attention_args(
     if logits_soft_cap is not None and not logits_soft_cap > 0:
         raise ValueError(f"logits_soft_cap must be > 0 (None turns it off), got {logits_soft_cap}")
     scale = _static_number(scale, "scale")
+    is_causal = _static_bool(is_causal, "is_causal")
+    q_offset, local_window_size = _canonical_positions(
+        q_offset, local_window_size, is_causal=is_causal, q_len=q_len, kv_len=kv_len
+    )
     return AttentionArgs(
         query=query,
         key=key,
@@ -352,7 +444,7 @@ def check_attention_args(
         bias=bias,
         mask=mask,
         scale=head_dim**-0.5 if scale is None else scale,
-        is_causal=bool(is_causal),
+        is_causal=is_causal,
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size,
