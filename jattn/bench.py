@@ -6,10 +6,9 @@ versions and date with every measurement.
 """
 
 import pathlib
+import shlex
 import subprocess
 import sys
-
-import jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -47,13 +46,21 @@ def commands(suites: list[str], out: str) -> list[list[str]]:
     return result
 
 
+def _default_backend() -> str:
+    import jax  # here, not at the top: `jattn bench --dry-run` does not start JAX
+
+    return jax.default_backend()
+
+
 def run_bench(
     suites: list[str], out: str, *, allow_cpu: bool = False, dry_run: bool = False
 ) -> int:
-    """Run the suites one after another; returns how many failed."""
+    """Run the suites one after another; returns how many failed. Each command is printed as
+    it would be typed (from the checkout's root, with this interpreter), so it can be re-run by
+    hand; `dry_run` only prints them."""
     if not (ROOT / "benchmarks").is_dir():
         raise SystemExit("jattn bench needs the repository checkout (benchmarks/ beside jattn/)")
-    if jax.default_backend() != "gpu" and not allow_cpu and not dry_run:
+    if not (allow_cpu or dry_run) and _default_backend() != "gpu":
         raise SystemExit(
             "jattn bench measures GPU kernels and there is no GPU here; pass --allow-cpu to run "
             "the suites anyway (Pallas kernels then run in interpret mode: very slow)"
@@ -63,7 +70,7 @@ def run_bench(
         pathlib.Path(out).mkdir(parents=True, exist_ok=True)
     failures = 0
     for suite, command in zip(suites, commands(suites, out), strict=True):
-        print(f"[{suite}] {' '.join(command[1:])}", flush=True)
+        print(f"[{suite}] cd {shlex.quote(str(ROOT))} && {shlex.join(command)}", flush=True)
         if dry_run:
             continue
         code = subprocess.call(command, cwd=ROOT)

@@ -29,20 +29,11 @@ import numpy as np
 
 from jattn import reference
 from jattn.attention import available_implementations, dot_product_attention
+from jattn.demo_config import DEMO_PARTS as DEMO_PARTS
+from jattn.demo_config import AttentionShape as AttentionShape
+from jattn.demo_config import GPTDemo as GPTDemo
 
 PALLAS_KERNELS = ("triton", "mosaic")  # timed only on a GPU: elsewhere they run interpreted
-DEMO_PARTS = ("attention", "gpt", "decode")
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionShape:
-    batch: int = 2
-    length: int = 512
-    heads: int = 8
-    kv_heads: int = 2
-    head_dim: int = 64
-    causal: bool = True
-    dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,22 +171,6 @@ def attention_demo(shape: AttentionShape, repeats: int) -> list[Row]:
     if failures:
         raise SystemExit(f"non-finite results from {[r.implementation for r in failures]}")
     return rows
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTDemo:
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 128
-    dim: int = 128
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    sample_tokens: int = 200
-    prompt: str = "def "
-    attention_devices: int = 4  # the decode's KV cache is sharded over this many devices
-    corpus_bytes: int = 2_000_000
-    seed: int = 0
 
 
 def use_cpu_devices(count: int) -> bool:

@@ -2,9 +2,11 @@
 
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from jattn import cli, demo
@@ -67,9 +69,66 @@ def test_demo_checks_and_times_every_implementation(capsys):
     assert by_name["xla_chunked"].forward_ms > 0
 
 
-def test_demo_rejects_unknown_parts():
+def test_demo_rejects_unknown_parts_with_the_demo_usage(capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "nonsense"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: jattn demo ") and "unknown demo part(s) ['nonsense']" in err
+
+
+def _imported_modules(importtime_log: str) -> set[str]:
+    """The modules `python -X importtime` reported importing."""
+    lines = [line.split("|")[-1].strip() for line in importtime_log.splitlines()]
+    return {line for line in lines if line and not line.startswith("imported package")}
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        ["-c", "import sys; sys.argv[0] = 'jattn'; from jattn.cli import main; main(['--help'])"],
+        ["-m", "jattn.cli", "demo", "--help"],
+        ["-m", "jattn.cli", "bench", "--dry-run"],
+    ],
+    ids=["console-script", "demo-help", "bench-dry-run"],
+)
+def test_help_answers_without_importing_jax(how):
+    # The console script's process (argv[0] 'jattn') and `python -m jattn.cli` defer the library.
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", *how], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    heavy = {m for m in _imported_modules(result.stderr) if m.split(".")[0] in ("jax", "flax")}
+    assert not heavy, sorted(heavy)[:5]
+
+
+def test_the_command_line_process_loads_the_library_on_first_use():
+    code = (
+        "import sys; sys.argv[0] = 'jattn'; import jattn; assert 'jax' not in sys.modules; "
+        "print(jattn.available_implementations(), jattn.nn.MultiHeadAttention.__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "'triton'" in result.stdout and "'mosaic'" in result.stdout  # the kernels registered
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the CPU refusal")
+def test_autotune_on_cpu_names_the_command_line_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["autotune", "--head-dims", "64", "--lengths", "256", "--no-progress"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: jattn autotune ") and "Pass --allow-cpu" in err
+    assert "allow_cpu=True" not in err
+
+
+def test_autotune_summary_matches_its_parser():
+    import argparse
+
+    from jattn.autotune import cli as autotune_cli
+
+    commands = argparse.ArgumentParser().add_subparsers()
+    autotune_cli.add_parser(commands)
+    assert commands._choices_actions[0].help == cli.AUTOTUNE_HELP
 
 
 def test_bench_lists_every_suite_and_refuses_unknown_ones(capsys, tmp_path):
@@ -79,6 +138,9 @@ def test_bench_lists_every_suite_and_refuses_unknown_ones(capsys, tmp_path):
     printed = capsys.readouterr().out
     for module in ("benchmarks.flash", "benchmarks.decode", "benchmarks.tssa", "models.train_tost"):
         assert f"-m {module}" in printed
+    for line in printed.splitlines():  # copy-pastable: from the checkout, with this interpreter
+        words = shlex.split(line.split("] ", 1)[1])
+        assert words[:4] == ["cd", str(ROOT), "&&", sys.executable] and words[4] == "-m"
     assert f"{out}/tost_vs_softmax.json" in printed
     with pytest.raises(SystemExit):
         cli.main(["bench", "nonsense"])
