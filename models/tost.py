@@ -5,7 +5,8 @@
   `attention="softmax"` is the same network with multi-head softmax attention (a ViT).
 - `CausalLM`: byte tokens + learned positions -> causal blocks -> tied output embedding.
   `attention="tssa"` is ToST's language model (causal TSSA with its per-position `denom_bias`);
-  `attention="softmax"` the same network with causal flash attention.
+  `attention="softmax"` the same network with causal flash attention. Bias-free, as the
+  official one trains (`bias=False` in `tost_lang/train.py`: no bias in any Linear or LayerNorm).
 
 Same width, depth, heads and block for both kinds (`jattn.nn.ToSTBlock`: pre-LN, LayerScale);
 TSSA has one input projection where softmax attention has three (q, k, v), so the ToST models
@@ -39,7 +40,7 @@ def make_block(kind: str, dim: int, heads: int, *, causal: bool, max_length: int
 
 class SoftmaxBlock(nnx.Module):
     """`jattn.nn.ToSTBlock` with multi-head softmax attention in place of TSSA (the baseline):
-    x + gamma1 * attention(LN(x)), then x + gamma2 * MLP(LN(x))."""
+    x + gamma1 * attention(LN(x)), then x + gamma2 * MLP(LN(x)); the same LayerNorms and biases."""
 
     def __init__(
         self,
@@ -49,16 +50,18 @@ class SoftmaxBlock(nnx.Module):
         causal: bool,
         layer_scale_init: float,
         norm_epsilon: float,
+        use_bias: bool = True,
         mlp_ratio: int = 4,
         rngs: nnx.Rngs,
     ):
-        self.norm1 = nnx.LayerNorm(dim, epsilon=norm_epsilon, rngs=rngs)
+        norm = dict(epsilon=norm_epsilon, use_bias=use_bias, use_fast_variance=False, rngs=rngs)
+        self.norm1 = nnx.LayerNorm(dim, **norm)
         self.attention = jattn.nn.MultiHeadAttention(
-            heads, dim, is_causal=causal, use_bias=True, rngs=rngs
+            heads, dim, is_causal=causal, use_bias=use_bias, rngs=rngs
         )
-        self.norm2 = nnx.LayerNorm(dim, epsilon=norm_epsilon, rngs=rngs)
-        self.fc1 = nnx.Linear(dim, mlp_ratio * dim, rngs=rngs)
-        self.fc2 = nnx.Linear(mlp_ratio * dim, dim, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, **norm)
+        self.fc1 = nnx.Linear(dim, mlp_ratio * dim, use_bias=use_bias, rngs=rngs)
+        self.fc2 = nnx.Linear(mlp_ratio * dim, dim, use_bias=use_bias, rngs=rngs)
         self.gamma1 = nnx.Param(jnp.full((dim,), layer_scale_init))
         self.gamma2 = nnx.Param(jnp.full((dim,), layer_scale_init))
 
@@ -104,7 +107,7 @@ class VisionTransformer(nnx.Module):
                 for _ in range(config.depth)
             ]
         )
-        self.norm = nnx.LayerNorm(config.dim, epsilon=1e-6, rngs=rngs)
+        self.norm = nnx.LayerNorm(config.dim, epsilon=1e-6, use_fast_variance=False, rngs=rngs)
         self.head = nnx.Linear(config.dim, config.num_classes, rngs=rngs)
 
     def __call__(self, patches: Array) -> Array:
@@ -123,6 +126,7 @@ class LMConfig:
     depth: int = 2
     heads: int = 4
     layer_scale: float = 1.0
+    bias: bool = False  # the official ToST LM's: no bias in Linear and LayerNorm layers
 
 
 class CausalLM(nnx.Module):
@@ -144,12 +148,15 @@ class CausalLM(nnx.Module):
                     max_length=config.max_length,
                     layer_scale_init=config.layer_scale,
                     norm_epsilon=1e-5,
+                    use_bias=config.bias,
                     rngs=rngs,
                 )
                 for _ in range(config.depth)
             ]
         )
-        self.norm = nnx.LayerNorm(config.dim, epsilon=1e-5, rngs=rngs)
+        self.norm = nnx.LayerNorm(
+            config.dim, epsilon=1e-5, use_bias=config.bias, use_fast_variance=False, rngs=rngs
+        )
 
     def __call__(self, tokens: Array) -> Array:
         length = tokens.shape[1]

@@ -3,9 +3,12 @@ parameters decay, which have biases, and the block's LayerNorm precision in floa
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
 import jattn
+from jattn import reference
 from models import tost, training
 
 
@@ -68,3 +71,95 @@ def test_adamw_with_the_mask_leaves_denom_bias_and_temperature_alone():
         "out/kernel": True,
         "out/bias": False,
     }
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_in_float32_on_inputs_with_a_large_mean_is_close_to_float64(rng, causal):
+    # Residual streams drift far from zero mean: here mean 1000, std 1. LayerNorm's fast variance
+    # E[x^2] - E[x]^2 cancels in float32 there (the update was ~15% off, gradients ~30%); the
+    # two-pass variance leaves the float32 rounding of the inputs themselves.
+    block = jattn.nn.ToSTBlock(
+        32, 4, causal=causal, max_length=16 if causal else None, implementation="xla",
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+    x = 1000 + rng.standard_normal((2, 12, 32))
+    r = rng.standard_normal((2, 12, 32))
+
+    @jax.jit
+    def run(params, x, r):
+        def loss(params):
+            y = nnx.merge(graphdef, params, rest)(x)
+            return jnp.sum((y - x) * r), y
+
+        grads, y = jax.grad(loss, has_aux=True)(params)
+        return y, jax.tree.leaves(grads)
+
+    def numpy64(tree):
+        return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+    x32 = np.float32(x)
+    y, grads = numpy64(run(params, jnp.asarray(x32), jnp.asarray(r, jnp.float32)))
+    with jax.enable_x64(True):
+        params64 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
+        want_y, want_grads = numpy64(run(params64, jnp.asarray(x32, jnp.float64), jnp.asarray(r)))
+
+    def rel(a, b):
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+    assert rel(y, want_y) < 1e-5
+    assert rel(y - x32, want_y - x32) < 1e-3  # the block's update, x's rounding removed
+    assert max(rel(a, b) for a, b in zip(grads, want_grads, strict=True)) < 2e-2
+
+
+def _bias_paths(module) -> set[str]:
+    names = _flat(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+    return {name for name in names if name.split("/")[-1] == "bias"}
+
+
+@pytest.mark.parametrize("attention", tost.ATTENTION_KINDS)
+def test_language_model_is_bias_free_and_vision_model_keeps_its_biases(attention):
+    # Official LM: bias=False in tost_lang/train.py, so c_attn, c_proj, the MLP and every
+    # LayerNorm have no bias. Official vision: qkv_bias=True, to_out, MLP and LayerNorm biases.
+    lm = tost.CausalLM(
+        tost.LMConfig(attention=attention, max_length=8, dim=16, depth=2), rngs=nnx.Rngs(0)
+    )
+    assert _bias_paths(lm) == set()
+    assert lm(jnp.zeros((1, 8), jnp.int32)).shape == (1, 8, 256)
+    vision = tost.VisionTransformer(
+        tost.VisionConfig(attention=attention, dim=16, depth=2), rngs=nnx.Rngs(0)
+    )
+    biases = _bias_paths(vision)
+    for i in range(2):
+        assert {f"blocks/{i}/{n}/bias" for n in ("norm1", "norm2", "fc1", "fc2")} <= biases
+    if attention == "tssa":
+        assert {f"blocks/{i}/attention/{n}/bias" for i in (0, 1) for n in ("qkv", "out")} <= biases
+
+
+def test_use_bias_switches_every_bias_of_the_layer_and_block(rng):
+    def layer(**options):
+        return jattn.nn.TokenStatisticsAttention(
+            2, 8, implementation="xla", rngs=nnx.Rngs(0), **options
+        )
+
+    assert _bias_paths(layer()) == {"qkv/bias", "out/bias"}
+    assert _bias_paths(layer(use_bias=False)) == set()
+    assert _bias_paths(layer(use_bias=False, output_bias=True)) == {"out/bias"}  # vision default
+    block = jattn.nn.ToSTBlock(
+        8, 2, causal=True, max_length=6, use_bias=False, implementation="xla", rngs=nnx.Rngs(0)
+    )
+    assert _bias_paths(block) == set()
+    assert set(_flat(nnx.to_pure_dict(nnx.state(block.norm1, nnx.Param)))) == {"scale"}
+    # With the MLP's LayerScale at zero the block is x + gamma1 * out(TSSA(qkv(LN(x)))), every
+    # map bias-free.
+    block.gamma2[...] = jnp.zeros(8)
+    x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
+    attention = block.attention
+    w = attention.qkv(block.norm1(x))
+    y = attention.out(
+        reference.token_statistics_attention(
+            w, attention.temperature[...], causal=True, denom_bias=attention.denom_bias[...]
+        )
+    )
+    want = x + block.gamma1[...][None, None] * y
+    np.testing.assert_allclose(block(x), want, rtol=1e-5, atol=1e-5)

@@ -77,7 +77,11 @@ class TokenStatisticsAttention(nnx.Module):
       causal: the language operator (running statistics, `denom_bias`) instead of the vision one.
       max_length: causal only: L, the positions `denom_bias [N, L]` covers (ToST's block_size);
         longer inputs raise ValueError. None: no position bias.
-      use_bias: bias of the input projection (ToST's qkv_bias; True in every ToST model).
+      use_bias: biases in both projections. ToST's vision models have them (qkv_bias=True and
+        the to_out bias); its language model has none (`bias=False` in `tost_lang/train.py`).
+      output_bias: the output projection's bias, when it differs from `use_bias` (None: the
+        same). The official vision AttentionTSSA always has a to_out bias: its default
+        qkv_bias=False is `use_bias=False, output_bias=True`.
       attention_dropout: ToST's attn_drop, on the factor 1 / (1 + m) (applied to the output,
         which that factor multiplies: the same thing); output_dropout: after the projection.
       implementation: passed to `jattn.token_statistics_attention` (None: auto).
@@ -98,6 +102,7 @@ class TokenStatisticsAttention(nnx.Module):
         causal: bool = False,
         max_length: int | None = None,
         use_bias: bool = True,
+        output_bias: bool | None = None,
         attention_dropout: float = 0.0,
         output_dropout: float = 0.0,
         implementation: str | None = None,
@@ -115,7 +120,11 @@ class TokenStatisticsAttention(nnx.Module):
             in_features, (num_heads, head_dim), use_bias=use_bias, **linear
         )
         self.out = nnx.LinearGeneral(
-            (num_heads, head_dim), out_features or in_features, axis=(-2, -1), **linear
+            (num_heads, head_dim),
+            out_features or in_features,
+            axis=(-2, -1),
+            use_bias=use_bias if output_bias is None else output_bias,
+            **linear,
         )
         self.temperature = Temperature(jnp.ones((num_heads,), param_dtype))
         self.denom_bias = (
@@ -149,6 +158,12 @@ class ToSTBlock(nnx.Module):
     x = x + gamma1 * attention(norm1(x)); x = x + gamma2 * mlp(norm2(x)) (ToST's `eta` is the
     LayerScale init: 1.0 for depth-12 vision models, 1e-5 for depth 24 and the language models;
     LayerNorm eps 1e-6 vision, 1e-5 language). MLP: Linear, GELU, Linear (ratio 4), dropout.
+    `use_bias`: biases in every Linear and LayerNorm of the block (the vision models: True; the
+    official language model: False, nanoGPT's `bias=False`; its LayerNorms keep their scale).
+
+    The LayerNorms compute the variance as the mean of squared deviations from the mean (two
+    passes, as PyTorch's layer_norm), not E[x^2] - E[x]^2: on float32 inputs with a large mean
+    (residual streams drift) the fast form cancels and loses most of the variance's digits.
 
     Example:
       >>> block = ToSTBlock(32, 4, causal=True, max_length=16, rngs=nnx.Rngs(0))
@@ -166,6 +181,7 @@ class ToSTBlock(nnx.Module):
         max_length: int | None = None,
         layer_scale_init: float = 1.0,
         norm_epsilon: float = 1e-6,
+        use_bias: bool = True,
         attention_dropout: float = 0.0,
         dropout: float = 0.0,
         implementation: str | None = None,
@@ -174,21 +190,23 @@ class ToSTBlock(nnx.Module):
         rngs: nnx.Rngs,
     ):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = nnx.LayerNorm(dim, epsilon=norm_epsilon, **common)
+        norm = dict(epsilon=norm_epsilon, use_bias=use_bias, use_fast_variance=False, **common)
+        self.norm1 = nnx.LayerNorm(dim, **norm)
         self.attention = TokenStatisticsAttention(
             num_heads,
             dim,
             causal=causal,
             max_length=max_length,
+            use_bias=use_bias,
             attention_dropout=attention_dropout,
             output_dropout=dropout,
             implementation=implementation,
             **common,
         )
-        self.norm2 = nnx.LayerNorm(dim, epsilon=norm_epsilon, **common)
+        self.norm2 = nnx.LayerNorm(dim, **norm)
         hidden = int(dim * mlp_ratio)
-        self.fc1 = nnx.Linear(dim, hidden, **common)
-        self.fc2 = nnx.Linear(hidden, dim, **common)
+        self.fc1 = nnx.Linear(dim, hidden, use_bias=use_bias, **common)
+        self.fc2 = nnx.Linear(hidden, dim, use_bias=use_bias, **common)
         self.mlp_dropout = nnx.Dropout(dropout, rngs=rngs)
         self.gamma1 = nnx.Param(jnp.full((dim,), layer_scale_init, param_dtype))
         self.gamma2 = nnx.Param(jnp.full((dim,), layer_scale_init, param_dtype))
