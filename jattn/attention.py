@@ -54,11 +54,44 @@ class AttentionArgs:
 # NotImplementedError("<why>") when it cannot serve the call.
 Implementation = Callable[[AttentionArgs, Any], tuple[Array, Array]]
 _REGISTRY: dict[str, Implementation] = {}
+_CONFIG_TYPES: dict[str, type | None] = {}  # the Config class each implementation takes
 
 
-def register_implementation(name: str, fn: Implementation) -> None:
-    """Make `fn` available as `implementation=name` (kernels call this when imported)."""
+def register_implementation(name: str, fn: Implementation, config_type: type | None = None) -> None:
+    """Make `fn` available as `implementation=name` (kernels call this when imported);
+    `config_type`: the Config dataclass it takes (None: it takes no config)."""
     _REGISTRY[name] = fn
+    _CONFIG_TYPES[name] = config_type
+
+
+def _check_config(names: tuple[str, ...], config, auto: bool) -> tuple[str, ...]:
+    """The implementations to try with `config`: a config belongs to one kernel, so another
+    kernel's config is a ValueError naming both types (auto tries only its owner)."""
+    if config is None:
+        return names
+    kind = type(config).__name__
+    owners = [n for n, t in _CONFIG_TYPES.items() if t is not None and isinstance(config, t)]
+    if not owners:
+        takes = sorted({t.__name__ for t in _CONFIG_TYPES.values() if t is not None})
+        raise ValueError(f"config must be one of {', '.join(takes)} (or None), got a {kind}")
+    if auto:
+        served = tuple(name for name in names if name in owners)
+        if not served:
+            raise ValueError(
+                f"config is a {kind}, the config of implementation {owners[0]!r}, which "
+                f"implementation=None does not try here (it tries {names}); pass "
+                f"implementation={owners[0]!r}"
+            )
+        return served
+    for name in names:
+        if name in _CONFIG_TYPES and name not in owners:
+            wanted = _CONFIG_TYPES[name]
+            takes = "takes no config" if wanted is None else f"takes a {wanted.__name__}"
+            raise ValueError(
+                f"implementation {name!r} {takes}, got a {kind} (the config of "
+                f"implementation {owners[0]!r})"
+            )
+    return names
 
 
 def available_implementations() -> tuple[str, ...]:
@@ -194,6 +227,7 @@ def _dispatch(args: AttentionArgs, implementation, config) -> tuple[Array, Array
     for name in names:
         if name not in IMPLEMENTATIONS:
             raise ValueError(f"Unknown implementation {name!r}; choose from {IMPLEMENTATIONS}.")
+    names = _check_config(names, config, auto=implementation is None)
     reasons = []
     for name in names:
         if name not in _REGISTRY:
@@ -494,4 +528,4 @@ def _xla_chunked(args: AttentionArgs, config) -> tuple[Array, Array]:
 
 
 register_implementation("xla", _xla)
-register_implementation("xla_chunked", _xla_chunked)
+register_implementation("xla_chunked", _xla_chunked, config_type=chunked.ChunkedConfig)

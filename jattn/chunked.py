@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import Array, lax
 
 from jattn import masking
+from pallas_kernels import common
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -37,8 +38,7 @@ class ChunkedConfig:
     block_k: int = 512
 
     def __post_init__(self):
-        if self.block_q < 1 or self.block_k < 1:
-            raise ValueError(f"block sizes must be >= 1, got {self.block_q}, {self.block_k}")
+        common.check_config_fields(self, ints=("block_q", "block_k"))
 
 
 # Measured defaults (benchmarks/chunked_blocks.py; results/chunked_blocks_*.json): on an H100

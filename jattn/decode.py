@@ -12,7 +12,7 @@ from jax import Array
 from jaxtyping import ArrayLike
 
 from jattn import reference
-from jattn.attention import SUPPORTED_DTYPES, concrete_value
+from jattn.attention import SUPPORTED_DTYPES, _as_int32, _static_number, concrete_value
 from pallas_kernels import common as kernel_common
 from pallas_kernels import decode as decode_kernel
 from pallas_kernels.decode import DecodeConfig
@@ -62,7 +62,7 @@ def decode_attention(
             f"choose from {DECODE_IMPLEMENTATIONS}"
         )
     query, k_cache, v_cache = jnp.asarray(query), jnp.asarray(k_cache), jnp.asarray(v_cache)
-    lengths = jnp.asarray(lengths)
+    lengths = _as_int32(lengths, "lengths")  # int64 is range-checked, never wrapped
     shapes = (
         f"query {query.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}, "
         f"lengths {lengths.shape}"
@@ -75,7 +75,7 @@ def decode_attention(
     batch, num_heads, head_dim = query.shape
     _, capacity, num_kv_heads, _ = k_cache.shape
     if page_table is not None:
-        page_table = jnp.asarray(page_table)
+        page_table = _as_int32(page_table, "page_table")
         shapes += f", page_table {page_table.shape}"
         if page_table.ndim != 2 or page_table.shape[0] != batch:
             raise ValueError(f"page_table must be [B, pages] with B = {batch}; got {shapes}")
@@ -91,16 +91,20 @@ def decode_attention(
             f"query and caches must share one float dtype; got {query.dtype}, "
             f"{k_cache.dtype}, {v_cache.dtype}"
         )
-    if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(
-            f"lengths must be an integer array of shape [B] = ({batch},); "
-            f"got {lengths.dtype} {lengths.shape}"
-        )
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must be an integer array of shape [B] = ({batch},); {shapes}")
     known = concrete_value(lengths)  # traced lengths cannot be checked here
     if known is not None and ((known < 0).any() or (known > capacity).any()):
         raise ValueError(f"lengths must lie in [0, S = {capacity}], got {known.tolist()}")
-    if logits_soft_cap is not None and not float(logits_soft_cap) > 0:
+    scale = _static_number(scale, "scale")
+    logits_soft_cap = _static_number(logits_soft_cap, "logits_soft_cap")
+    if logits_soft_cap is not None and not logits_soft_cap > 0:
         raise ValueError(f"logits_soft_cap must be > 0 (None turns it off), got {logits_soft_cap}")
+    if config is not None and not isinstance(config, DecodeConfig):
+        raise ValueError(
+            f"decode_attention takes a DecodeConfig, got a {type(config).__name__} "
+            "(the config of another kernel)"
+        )
     lengths = lengths.astype(jnp.int32)
     if page_table is not None:
         page_table = _check_page_table(page_table, k_cache.shape, shapes, known)

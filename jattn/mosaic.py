@@ -51,7 +51,7 @@ def _mosaic(args: AttentionArgs, config) -> tuple[Array, Array]:
     )
 
 
-register_implementation("mosaic", _mosaic)
+register_implementation("mosaic", _mosaic, config_type=MosaicConfig)
 
 
 # --- autotuning: the forward's tiles and ring depth, then its schedule (both timed on the

@@ -39,7 +39,7 @@ def _triton(args: AttentionArgs, config) -> tuple[Array, Array]:
     )
 
 
-register_implementation("triton", _triton)
+register_implementation("triton", _triton, config_type=TritonConfig)
 
 
 # --- autotuning: the forward tiles (timed on the forward), then the backward tiles (timed on

@@ -7,10 +7,40 @@ tests and CI). `interpret_mode()` is the one place that decides.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as pltriton
+
+
+def check_config_fields(
+    config,
+    *,
+    ints: tuple[str, ...] = (),
+    powers_of_two: tuple[str, ...] = (),
+    bools: tuple[str, ...] = (),
+    optional: tuple[str, ...] = (),
+    minimum: int = 1,
+) -> None:
+    """Validate a kernel Config at construction (its `__post_init__`), so a bad field fails here
+    and not as a ZeroDivisionError deep in a kernel: `ints` (and `powers_of_two`) must be ints,
+    not bools, >= minimum; `bools` must be bools; fields in `optional` may also be None."""
+    kind = type(config).__name__
+    for name in ints + powers_of_two + bools:
+        value = getattr(config, name)
+        if value is None and name in optional:
+            continue
+        if name in bools:
+            if not isinstance(value, bool):
+                raise ValueError(f"{kind}.{name} must be a bool, got {value!r}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{kind}.{name} must be an int, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"{kind}.{name} must be >= {minimum}, got {value}")
+        if name in powers_of_two and value & (value - 1):
+            raise ValueError(f"{kind}.{name} must be a power of two, got {value}")
 
 
 def on_gpu() -> bool:

@@ -72,6 +72,21 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 4
 
+    def __post_init__(self):
+        common.check_config_fields(
+            self,
+            ints=("num_splits", "programs_per_sm", "min_split", "num_warps", "num_stages"),
+            powers_of_two=("block_k",),
+            bools=("unmasked_body",),
+            optional=("num_splits",),
+        )
+        if self.block_k < MIN_DOT_ROWS:
+            raise ValueError(f"DecodeConfig.block_k must be >= {MIN_DOT_ROWS}, got {self.block_k}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(
+                f"DecodeConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}"
+            )
+
 
 def sm_count() -> int:
     device = jax.devices()[0]

@@ -77,6 +77,15 @@ class MosaicConfig:
     bwd_num_stages: int = 2
 
     def __post_init__(self):
+        ints = (
+            "block_q",
+            "block_kv",
+            "num_stages",
+            "bwd_block_q",
+            "bwd_block_kv",
+            "bwd_num_stages",
+        )
+        common.check_config_fields(self, ints=ints, bools=("schedule_barrier",))
         for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
             value = getattr(self, name)
             if value < 64 or value % 64:

@@ -59,6 +59,9 @@ class TritonConfig:
     bwd_num_stages: int = 2
 
     def __post_init__(self):
+        common.check_config_fields(
+            self, ints=tuple(field.name for field in dataclasses.fields(self))
+        )
         for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
             value = getattr(self, name)
             if value < _MIN_BLOCK or value & (value - 1):

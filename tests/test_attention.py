@@ -196,7 +196,7 @@ def test_a_declining_implementation_falls_through_to_the_next(rng, monkeypatch):
 
 def test_a_foreign_config_is_declined_not_ignored(rng):
     q, k, v = make_inputs(rng, SHAPES["mha_square"])
-    with pytest.raises(NotImplementedError, match="xla takes no config"):
+    with pytest.raises(ValueError, match="'xla' takes no config, got a ChunkedConfig"):
         jattn.dot_product_attention(q, k, v, implementation="xla", config=jattn.ChunkedConfig())
 
 

@@ -116,7 +116,7 @@ def test_declines_what_it_does_not_serve(rng):
     with pytest.raises(NotImplementedError, match="head dims up to 256"):
         jattn.dot_product_attention(q, k, v, implementation="mosaic")
     q, k, v = make_inputs(rng, (1, 8, 8, 2, 2, 16), jnp.bfloat16)
-    with pytest.raises(NotImplementedError, match="MosaicConfig"):
+    with pytest.raises(ValueError, match="takes a MosaicConfig, got a TritonConfig"):
         jattn.dot_product_attention(q, k, v, implementation="mosaic", config=jattn.TritonConfig())
     # auto-dispatch passes over the decline to the next implementation
     got = jattn.dot_product_attention(

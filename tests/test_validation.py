@@ -1,6 +1,8 @@
 """Integers and options out of range are checked, never wrapped; the config dataclasses validate
 their fields; a config of another kernel is refused by name."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import jattn
 from jattn import reference
 from jattn.attention import check_attention_args
+from pallas_kernels.decode import DecodeConfig
 
 import oracle
 from cases import make_inputs
@@ -135,9 +138,9 @@ def test_wide_integers_are_range_checked_not_wrapped(rng):
     """Before: a length of 2**32 + 3 became 3, segment id 2**32 + 1 aliased id 1."""
     q, k, v = make_inputs(rng, (2, 4, 6, 2, 2, 8))
     big = np.array([2**32 + 3, 2], np.int64)
-    with pytest.raises(ValueError, match="key_value_seq_lengths must fit int32"):
+    with pytest.raises(ValueError, match="key_value_seq_lengths must (fit int32|lie in)"):
         jattn.dot_product_attention(q, k, v, key_value_seq_lengths=big)
-    with pytest.raises(ValueError, match="query_seq_lengths must fit int32"):
+    with pytest.raises(ValueError, match="query_seq_lengths must (fit int32|lie in)"):
         jattn.dot_product_attention(q, k, v, query_seq_lengths=np.array([1, -(2**40)]))
     with pytest.raises(ValueError, match="q_offset must fit int32"):
         jattn.dot_product_attention(q, k, v, is_causal=True, q_offset=2**31)
@@ -200,3 +203,85 @@ def test_bool_like_options_that_are_fine(rng):
     for is_causal in (True, np.bool_(True), jnp.asarray(True)):
         got = jattn.dot_product_attention(q, k, v, is_causal=is_causal, scale=np.float32(0.5))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+def test_decode_checks_wide_integers_and_options(rng):
+    q = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 6, 2, 8)), jnp.float32)
+    with pytest.raises(ValueError, match="lengths must fit int32"):
+        jattn.decode_attention(q, k, k, np.array([2**32 + 3, 2], np.int64))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, S"):
+        jattn.decode_attention(q, k, k, np.array([7, 2], np.int64))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        jattn.decode_attention(q, k, k, np.array([3, 2]), scale=float("nan"))
+    with pytest.raises(ValueError, match="logits_soft_cap must be finite"):
+        jattn.decode_attention(q, k, k, np.array([3, 2]), logits_soft_cap=float("inf"))
+    with pytest.raises(ValueError, match="takes a DecodeConfig, got a TritonConfig"):
+        jattn.decode_attention(q, k, k, np.array([3, 2]), config=jattn.TritonConfig())
+
+
+# --- configs ----------------------------------------------------------------------------------
+
+BAD_CONFIGS = [
+    (jattn.ChunkedConfig, dict(block_q=0), "block_q must be >= 1"),
+    (jattn.ChunkedConfig, dict(block_k=-4), "block_k must be >= 1"),
+    (jattn.ChunkedConfig, dict(block_k=8.0), "block_k must be an int"),
+    (jattn.ChunkedConfig, dict(block_q=True), "block_q must be an int"),
+    (jattn.TritonConfig, dict(block_q=24), "power of two"),
+    (jattn.TritonConfig, dict(block_k=64.0), "block_k must be an int"),
+    (jattn.TritonConfig, dict(num_stages=0), "num_stages must be >= 1"),
+    (jattn.TritonConfig, dict(num_warps=3), "num_warps must be 1, 2, 4, 8 or 16"),
+    (jattn.MosaicConfig, dict(block_q=64.0), "block_q must be an int"),
+    (jattn.MosaicConfig, dict(block_kv=96), "multiple of 64"),
+    (jattn.MosaicConfig, dict(num_stages=0), "num_stages must be >= 1"),
+    (jattn.MosaicConfig, dict(schedule_barrier=1), "schedule_barrier must be a bool"),
+    (DecodeConfig, dict(block_k=0), "block_k must be >= 1"),
+    (DecodeConfig, dict(block_k=48), "block_k must be a power of two"),
+    (DecodeConfig, dict(block_k=8), "block_k must be >= 16"),
+    (DecodeConfig, dict(num_splits=0), "num_splits must be >= 1"),
+    (DecodeConfig, dict(num_splits=2.5), "num_splits must be an int"),
+    (DecodeConfig, dict(programs_per_sm=0), "programs_per_sm must be >= 1"),
+    (DecodeConfig, dict(min_split=-1), "min_split must be >= 1"),
+    (DecodeConfig, dict(num_warps=6), "num_warps must be 1, 2, 4, 8 or 16"),
+    (DecodeConfig, dict(unmasked_body="yes"), "unmasked_body must be a bool"),
+]
+
+
+@pytest.mark.parametrize(
+    "config_type, fields, message", BAD_CONFIGS, ids=lambda x: getattr(x, "__name__", None)
+)
+def test_configs_validate_at_construction(config_type, fields, message):
+    """Before: zero, negative or float fields were accepted and failed deep inside a kernel
+    (ZeroDivisionError, slice-size TypeErrors)."""
+    with pytest.raises(ValueError, match=message):
+        config_type(**fields)
+    default = config_type()  # the defaults are valid, and replace() validates too
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(default, **fields)
+
+
+def test_another_kernels_config_is_refused_by_name(rng):
+    """Before: `AttributeError: 'TritonConfig' object has no attribute 'num_splits'` and the
+    like, or a NotImplementedError from every implementation."""
+    q, k, v = make_inputs(rng, (1, 8, 8, 2, 2, 16))
+    with pytest.raises(ValueError, match="'xla_chunked' takes a ChunkedConfig, got a TritonConfig"):
+        jattn.dot_product_attention(
+            q, k, v, implementation="xla_chunked", config=jattn.TritonConfig()
+        )
+    with pytest.raises(ValueError, match="'triton' takes a TritonConfig, got a ChunkedConfig"):
+        jattn.dot_product_attention(q, k, v, implementation="triton", config=jattn.ChunkedConfig())
+    with pytest.raises(ValueError, match="'mosaic' takes a MosaicConfig, got a TritonConfig"):
+        jattn.dot_product_attention(q, k, v, implementation="mosaic", config=jattn.TritonConfig())
+    with pytest.raises(ValueError, match="'xla' takes no config, got a ChunkedConfig"):
+        jattn.dot_product_attention(q, k, v, implementation="xla", config=jattn.ChunkedConfig())
+    with pytest.raises(ValueError, match="must be one of .*got a DecodeConfig"):
+        jattn.dot_product_attention(q, k, v, config=DecodeConfig())
+    with pytest.raises(ValueError, match="must be one of .*got a dict"):
+        jattn.dot_product_attention(q, k, v, config={"block_q": 16})
+    if jax.default_backend() != "gpu":  # auto does not try the Triton kernel off the GPU
+        with pytest.raises(ValueError, match="TritonConfig.*pass implementation='triton'"):
+            jattn.dot_product_attention(q, k, v, config=SMALL_TRITON)
+    # auto with a config tries only the implementation the config belongs to
+    got = jattn.dot_product_attention(q, k, v, config=jattn.ChunkedConfig(block_k=4))
+    want = reference.dot_product_attention(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
