@@ -20,7 +20,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jattn import reference
-from jattn.offload.sharded import KVCache, advance, append_and_attend, make_mesh
+
+# The unchecked steps: `step` checks the host copy of the lengths itself (no device read-back).
+from jattn.offload.sharded import KVCache, make_mesh
+from jattn.offload.sharded import _advance as advance
+from jattn.offload.sharded import _append_and_attend as append_and_attend
 
 
 @dataclasses.dataclass(frozen=True)

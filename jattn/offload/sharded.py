@@ -97,6 +97,32 @@ def _placed(mesh: Mesh, specs, args):
     )
 
 
+def _onto_mesh(mesh: Mesh, specs, args):
+    """Concrete arrays committed to devices outside the mesh (say the cache on 2 devices, the
+    mesh over 4 others) are moved onto it first: jit refuses arguments on devices other than
+    the computation's. Arrays already on the mesh's devices (and traced ones) pass unchanged."""
+    devices = set(mesh.devices.flat)
+    moved = []
+    for x, spec in zip(args, specs, strict=True):
+        if (
+            isinstance(x, jax.Array)
+            and not isinstance(x, jax.core.Tracer)
+            and getattr(x, "committed", True)
+            and x.sharding.device_set != devices
+        ):
+            x = jax.device_put(x, NamedSharding(mesh, spec))
+        moved.append(x)
+    return tuple(moved)
+
+
+def _host_lengths(lengths) -> np.ndarray | None:
+    """A cache's lengths on the host when they are concrete (None under a trace). Replicated, so
+    one addressable shard holds them all (also when the mesh spans processes)."""
+    if isinstance(lengths, jax.core.Tracer):
+        return None
+    return np.asarray(lengths.addressable_shards[0].data)
+
+
 def _local_lengths(lengths: jax.Array, local_capacity: int, axis: str) -> jax.Array:
     """This device's share of each sequence's length when S is cut into contiguous slices."""
     start = lax.axis_index(axis) * local_capacity
@@ -183,6 +209,15 @@ def sharded_decode_attention(
             f"shape; got query {query.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}"
         )
     check_shardable(k_cache.shape, mesh, axis, shard_by)
+    query, k_cache, v_cache, lengths = _onto_mesh(
+        mesh,
+        (
+            P(None, axis, None) if shard_by == "heads" else P(),
+            *[cache_spec(shard_by, axis)] * 2,
+            P(),
+        ),
+        (query, k_cache, v_cache, lengths),
+    )
     known = concrete_value(lengths)
     if known is not None and ((known < 0).any() or (known > k_cache.shape[1]).any()):
         raise ValueError(f"lengths must lie in [0, S = {k_cache.shape[1]}], got {known.tolist()}")
@@ -206,7 +241,7 @@ def sharded_decode_attention(
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["keys", "values", "lengths"],
+    data_fields=["keys", "values", "lengths", "overflow"],
     meta_fields=["mesh", "axis", "shard_by"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +251,13 @@ class KVCache:
     `keys`/`values` are sharded with `NamedSharding(mesh, cache_spec(shard_by, axis))`, `lengths`
     `[B]` is replicated. Create with `KVCache.create`; `append` writes one token per sequence in
     place (the cache is donated), `advance` bumps the lengths after the last layer.
+
+    A full cache never drops a token silently. Called eagerly (concrete lengths), `append`,
+    `append_and_attend` and `advance` raise `ValueError` when a sequence is full (this reads the
+    `[B]` lengths back to the host). Under a trace (inside the caller's `jit`, `scan`, ...) the
+    token of a full sequence is not written, its length stays at the capacity, and
+    `overflow[b]` (bool `[B]`, replicated) turns True and stays True: read it, or call
+    `cache.check()` outside the trace, which raises for any overflowed sequence.
     """
 
     keys: tuple[jax.Array, ...]
@@ -224,6 +266,7 @@ class KVCache:
     mesh: Mesh
     axis: str
     shard_by: str
+    overflow: jax.Array | None = None  # bool [B]: a token was dropped because the cache was full
 
     @property
     def capacity(self) -> int:
@@ -249,20 +292,70 @@ class KVCache:
         shard_by: str = "heads",
         lengths=None,
     ) -> KVCache:
-        """An empty (or `lengths`-long, zero-filled) cache, allocated directly in its shards."""
+        """An empty (or `lengths`-long, zero-filled) cache, allocated directly in its shards.
+
+        `lengths`: None (all 0) or integers `[batch]` in [0, capacity] (ValueError otherwise).
+        """
+        sizes = dict(
+            num_layers=num_layers, batch=batch, capacity=capacity, kv_heads=kv_heads,
+            head_dim=head_dim,
+        )  # fmt: skip
+        for name, size in sizes.items():
+            if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+                raise ValueError(f"KVCache.create: {name} must be an int >= 1, got {size!r}")
         shape = (batch, capacity, kv_heads, head_dim)
         check_shardable(shape, mesh, axis, shard_by)
         sharding = NamedSharding(mesh, cache_spec(shard_by, axis))
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-        lengths = np.zeros(batch, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+        if lengths is None:
+            lengths = np.zeros(batch, np.int32)
+        else:
+            given = np.asarray(lengths)
+            if given.shape != (batch,) or given.dtype.kind not in "iu":
+                raise ValueError(
+                    f"KVCache.create: lengths must be integers of shape [batch] = ({batch},), "
+                    f"got {given.dtype} {given.shape}"
+                )
+            if (given < 0).any() or (given > capacity).any():
+                raise ValueError(
+                    f"KVCache.create: lengths must lie in [0, capacity = {capacity}], got "
+                    f"{given.tolist()}"
+                )
+            lengths = given.astype(np.int32)
+        replicated = NamedSharding(mesh, P())
         return KVCache(
             keys=tuple(zeros() for _ in range(num_layers)),
             values=tuple(zeros() for _ in range(num_layers)),
-            lengths=jax.device_put(jnp.asarray(lengths), NamedSharding(mesh, P())),
+            lengths=jax.device_put(jnp.asarray(lengths), replicated),
             mesh=mesh,
             axis=axis,
             shard_by=shard_by,
+            overflow=jax.device_put(jnp.zeros(batch, bool), replicated),
         )
+
+    def check(self) -> None:
+        """Raise ValueError if a token was ever dropped because a sequence's cache was full
+        (the `overflow` flags set under a trace); a host read of `[B]` bools."""
+        if self.overflow is None:
+            return
+        flags = _host_lengths(self.overflow)
+        if flags is None:
+            raise ValueError("KVCache.check() reads the overflow flags: call it outside jit")
+        if flags.any():
+            raise ValueError(
+                f"KV cache overflow: sequences {np.flatnonzero(flags).tolist()} were full "
+                f"(capacity {self.capacity}) when a token was appended; it was dropped"
+            )
+
+    def _check_room(self, what: str) -> None:
+        """Eagerly (concrete lengths): ValueError when a sequence has no free slot."""
+        lengths = _host_lengths(self.lengths)
+        if lengths is not None and (lengths >= self.capacity).any():
+            raise ValueError(
+                f"{what}: KV cache full: lengths {lengths.tolist()} with capacity "
+                f"{self.capacity} (sequences {np.flatnonzero(lengths >= self.capacity).tolist()} "
+                "have no free slot)"
+            )
 
     def token_sharding(self) -> NamedSharding:
         """Where a step's new k/v `[B, K, H]` (and q `[B, N, H]`) go on the attention mesh."""
@@ -296,27 +389,51 @@ def _append_fn(cache: KVCache, layer: int, k_new: jax.Array, v_new: jax.Array) -
     k_new, v_new = _placed(cache.mesh, (token_spec, token_spec), (k_new, v_new))
     keys[layer] = write(keys[layer], k_new, cache.lengths)
     values[layer] = write(values[layer], v_new, cache.lengths)
-    return dataclasses.replace(cache, keys=tuple(keys), values=tuple(values))
+    return dataclasses.replace(
+        cache, keys=tuple(keys), values=tuple(values), overflow=_overflowed(cache)
+    )
+
+
+def _overflowed(cache: KVCache) -> jax.Array:
+    """The sticky overflow flags after a step that writes at slot `lengths`."""
+    full = cache.lengths >= cache.capacity
+    return full if cache.overflow is None else cache.overflow | full
 
 
 @functools.partial(jax.jit, static_argnames="layer", donate_argnums=0)
+def _append(cache: KVCache, layer: int, k_new: jax.Array, v_new: jax.Array) -> KVCache:
+    return _append_fn(cache, layer, k_new, v_new)
+
+
 def append(cache: KVCache, layer: int, k_new: jax.Array, v_new: jax.Array) -> KVCache:
     """Write one token per sequence (`[B, K, H]`) at slot `lengths[b]` of `layer`, in place.
 
     The cache is donated: its buffers are reused, so do not touch the old `cache` afterwards.
-    A sequence whose cache is full (lengths == S) writes nothing. Lengths do not change: call
-    `advance` once all layers have their token.
+    Lengths do not change: call `advance` once all layers have their token. A full sequence
+    (lengths == S) raises ValueError when the lengths are concrete; under a trace its token is
+    dropped and `cache.overflow[b]` is set (see `KVCache`).
     """
-    return _append_fn(cache, layer, k_new, v_new)
+    cache._check_room("append")
+    return _append(cache, layer, k_new, v_new)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
+def _advance(cache: KVCache) -> KVCache:
+    return dataclasses.replace(
+        cache,
+        lengths=jnp.minimum(cache.lengths + 1, cache.capacity),
+        overflow=_overflowed(cache),
+    )
+
+
 def advance(cache: KVCache) -> KVCache:
-    """lengths += 1 (capped at the capacity): the step's token is now part of every layer."""
-    return dataclasses.replace(cache, lengths=jnp.minimum(cache.lengths + 1, cache.capacity))
+    """lengths += 1: the step's token is now part of every layer. A full sequence raises
+    ValueError when the lengths are concrete; under a trace its length stays at the capacity
+    and `cache.overflow[b]` is set."""
+    cache._check_room("advance")
+    return _advance(cache)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "implementation"), donate_argnums=0)
 def append_and_attend(
     cache: KVCache,
     layer: int,
@@ -328,8 +445,23 @@ def append_and_attend(
     """One layer on the attention devices: append the token's k/v, then attend over lengths + 1.
 
     q `[B, N, H]`, k_new/v_new `[B, K, H]`, ideally already on `cache.token_sharding()`.
-    Returns the updated (donated) cache and the attention output `[B, N, H]`.
+    Returns the updated (donated) cache and the attention output `[B, N, H]`. A full sequence
+    raises ValueError when the lengths are concrete; under a trace its token is dropped, it
+    attends over the S cached tokens, and `cache.overflow[b]` is set (see `KVCache`).
     """
+    cache._check_room("append_and_attend")
+    return _append_and_attend(cache, layer, q, k_new, v_new, implementation=implementation)
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "implementation"), donate_argnums=0)
+def _append_and_attend(
+    cache: KVCache,
+    layer: int,
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    implementation: str | None = None,
+) -> tuple[KVCache, jax.Array]:
     cache = _append_fn(cache, layer, k_new, v_new)
     lengths = jnp.minimum(cache.lengths + 1, cache.capacity)
     out = _sharded(

@@ -1,0 +1,116 @@
+"""KV caches never drop a token silently: `jattn.offload.KVCache`, `jattn.nn.MultiHeadAttention`'s
+cache and `models.gpt.generate`; `KVCache.create` checks its lengths; `sharded_decode_attention`
+takes inputs placed on other devices than its mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jattn import offload
+
+import oracle
+from cases import TOLERANCE, assert_close
+
+
+def small_cache(shard_by="heads", lengths=None, capacity=4, devices=2):
+    mesh = offload.make_mesh(jax.devices()[:devices])
+    return offload.KVCache.create(
+        mesh, num_layers=1, batch=2, capacity=capacity, kv_heads=2, head_dim=8,
+        dtype=jnp.float32, shard_by=shard_by, lengths=lengths,
+    )  # fmt: skip
+
+
+def test_kv_cache_full_raises_eagerly(rng):
+    cache = small_cache(lengths=np.array([4, 1]))
+    new = jnp.asarray(rng.standard_normal((2, 2, 8)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)
+    with pytest.raises(ValueError, match=r"KV cache full: lengths \[4, 1\] with capacity 4"):
+        offload.append(cache, 0, new, new)
+    with pytest.raises(ValueError, match="KV cache full"):
+        offload.append_and_attend(cache, 0, q, new, new)
+    with pytest.raises(ValueError, match="KV cache full"):
+        offload.advance(cache)
+    cache.check()  # nothing was dropped
+
+
+@pytest.mark.parametrize("shard_by", ["heads", "sequence"])
+def test_kv_cache_overflow_under_jit_sets_a_sticky_flag(rng, shard_by):
+    """Under a trace the token of a full sequence is dropped (the cache is unchanged, the length
+    stays at the capacity) and `overflow` records it; `check()` then raises."""
+    capacity, steps = 4, 6
+    cache = small_cache(shard_by, lengths=np.array([0, 2]), capacity=capacity)
+    news = jnp.asarray(rng.standard_normal((steps, 2, 2, 8)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)
+
+    @jax.jit
+    def step(cache, new):
+        cache, out = offload.append_and_attend(cache, 0, q, new, new)
+        return offload.advance(cache), out
+
+    overflow = []
+    for i in range(steps):
+        cache, out = step(cache, news[i])
+        overflow.append(np.asarray(cache.overflow).tolist())
+        assert np.all(np.isfinite(np.asarray(out)))
+    # Sequence 1 starts at 2: full after 2 steps, its 3rd token is the first one dropped.
+    assert overflow == [[False, False]] * 2 + [[False, True]] * 2 + [[True, True]] * 2
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [capacity, capacity])
+    keys = np.asarray(cache.keys[0])
+    np.testing.assert_array_equal(keys[0], np.asarray(news[:capacity, 0]))  # steps 0..3
+    np.testing.assert_array_equal(keys[1, 2:], np.asarray(news[:2, 1]))  # steps 0, 1 only
+    np.testing.assert_array_equal(keys[1, :2], 0.0)
+    want, _ = oracle.decode(
+        np.asarray(q, np.float64), keys.astype(np.float64), keys.astype(np.float64),
+        np.array([capacity, capacity]),
+    )  # fmt: skip
+    assert_close(out, want, TOLERANCE[jnp.float32])  # attends over the S cached tokens
+    with pytest.raises(ValueError, match=r"sequences \[0, 1\] were full \(capacity 4\)"):
+        cache.check()
+
+
+@pytest.mark.parametrize(
+    "lengths, message",
+    [
+        (np.array([1, 5]), r"lengths must lie in \[0, capacity = 4\], got \[1, 5\]"),
+        (np.array([-1, 0]), r"lengths must lie in \[0, capacity = 4\]"),
+        (np.array([1, 2, 3]), r"lengths must be integers of shape \[batch\] = \(2,\)"),
+        (np.array([[1, 2]]), r"lengths must be integers of shape"),
+        (np.array([1.5, 2.0]), r"lengths must be integers of shape"),
+    ],
+)
+def test_kv_cache_create_checks_lengths(lengths, message):
+    with pytest.raises(ValueError, match=message):
+        small_cache(lengths=lengths)
+
+
+def test_kv_cache_create_checks_sizes():
+    mesh = offload.make_mesh(jax.devices()[:1])
+    for bad in (dict(batch=0), dict(capacity=-1), dict(num_layers=1.0), dict(head_dim=True)):
+        sizes = dict(num_layers=1, batch=2, capacity=4, kv_heads=2, head_dim=8) | bad
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an int >= 1"):
+            offload.KVCache.create(mesh, **sizes)
+
+
+@pytest.mark.parametrize("shard_by", ["heads", "sequence"])
+def test_sharded_decode_takes_inputs_on_other_devices(rng, shard_by):
+    """The cache placed on devices 0-1, the mesh over devices 4-7: moved onto the mesh first."""
+    batch, capacity, kv_heads, dim = 2, 8, 4, 8
+    q = jnp.asarray(rng.standard_normal((batch, 8, dim)), jnp.float32)
+    k, v = (
+        jnp.asarray(rng.standard_normal((batch, capacity, kv_heads, dim)), jnp.float32)
+        for _ in range(2)
+    )
+    lengths = np.array([3, 8])
+    elsewhere = jax.sharding.NamedSharding(
+        offload.make_mesh(jax.devices()[:2]), offload.cache_spec(shard_by, "attn")
+    )
+    k, v = jax.device_put(k, elsewhere), jax.device_put(v, elsewhere)
+    q = jax.device_put(q, jax.devices()[1])
+    mesh = offload.make_mesh(jax.devices()[4:])
+    out = offload.sharded_decode_attention(q, k, v, lengths, mesh=mesh, shard_by=shard_by)
+    want, _ = oracle.decode(
+        *(np.asarray(x, np.float64) for x in (q, k, v)), lengths
+    )  # fmt: skip
+    assert_close(out, want, TOLERANCE[jnp.float32])
+    assert out.sharding.device_set == set(jax.devices()[4:])
