@@ -3,12 +3,12 @@
 Part `attention`: every available implementation of `dot_product_attention` on one shape,
 checked against the reference (forward and gradients) and timed.
 
-Part `gpt`: end to end. Trains the small GPT of `models/gpt.py` (jattn attention: the Pallas
-kernels on a GPU) for a few hundred steps on the Python standard library's own sources, then
-generates with the KV cache: prefill through `dot_product_attention`, decode steps through
+Part `gpt`: end to end. Trains the small GPT of `jattn.examples.gpt` (jattn attention: the
+Pallas kernels on a GPU) for a few hundred steps on the Python standard library's own sources,
+then generates with the KV cache: prefill through `dot_product_attention`, decode steps through
 `jattn.offload.sharded_decode_attention` with the cache sharded over the attention devices
 (simulated CPU devices on a machine without accelerators). Prints loss curve points, tokens/s
-and a sample. Needs the repository checkout (`models/` lives beside `jattn/`).
+and a sample. Everything it runs ships with the package (no repository checkout needed).
 
 Part `decode`: attention offloading (`jattn/offload/demo.py`) on `--devices` simulated CPU
 devices: sharded vs single-device errors, KV capacity per device count, and generation with
@@ -182,34 +182,18 @@ def use_cpu_devices(count: int) -> bool:
         return False
 
 
-def _import_models():
-    try:
-        from models import gpt, text_data, train_gpt
-    except ImportError:  # installed jattn, run from elsewhere: find the checkout beside it
-        import sys
-
-        root = pathlib.Path(__file__).resolve().parents[1]
-        if not (root / "models" / "gpt.py").exists():
-            raise SystemExit(
-                "the gpt demo needs the repository checkout (models/ beside jattn/)"
-            ) from None
-        sys.path.insert(0, str(root))
-        from models import gpt, text_data, train_gpt
-    return gpt, text_data, train_gpt
-
-
-def gpt_demo(settings: GPTDemo, workdir: str | None = None, progress: bool = True) -> dict:
+def gpt_demo(settings: GPTDemo, progress: bool = True) -> dict:
     """Train the small GPT, then sample with attention offloaded to the attention devices."""
     import functools
-    import tempfile
 
+    from flax import nnx
     from jax.sharding import NamedSharding
 
     from jattn import offload
+    from jattn.examples import gpt, text, train
 
-    gpt, text_data, train_gpt = _import_models()
     start = time.perf_counter()
-    corpus = text_data.load_corpus(max_bytes=settings.corpus_bytes)
+    corpus = text.load_corpus(max_bytes=settings.corpus_bytes)
     device = jax.devices()[0]
     megabytes = (len(corpus.train) + len(corpus.valid)) / 1e6
     print(
@@ -218,31 +202,39 @@ def gpt_demo(settings: GPTDemo, workdir: str | None = None, progress: bool = Tru
         f"{settings.steps} steps of {settings.batch_size}x{settings.seq_len} byte tokens from "
         f"{corpus.num_files} Python stdlib files ({megabytes:.1f} MB)"
     )
+    config = gpt.GPTConfig(
+        vocab_size=text.VOCAB_SIZE,
+        max_length=max(settings.seq_len, len(settings.prompt.encode()) + settings.sample_tokens),
+        num_layers=settings.layers,
+        dim=settings.dim,
+        num_heads=settings.heads,
+        num_kv_heads=settings.kv_heads,
+    )
+    model = gpt.GPT(config, rngs=nnx.Rngs(settings.seed))
     log_every = max(1, settings.steps // 12)
-    flags = [
-        "--workdir", workdir or tempfile.mkdtemp(prefix="jattn-demo-"), "--no-resume",
-        "--steps", str(settings.steps), "--batch-size", str(settings.batch_size),
-        "--seq-len", str(settings.seq_len), "--dim", str(settings.dim),
-        "--layers", str(settings.layers), "--heads", str(settings.heads),
-        "--kv-heads", str(settings.kv_heads), "--seed", str(settings.seed),
-        "--log-every", str(log_every),
-        "--eval-every", str(4 * log_every), "--eval-batches", "4",
-        "--warmup-steps", str(max(1, settings.steps // 10)), "--sample-tokens", "0",
-        "--prompt", settings.prompt,
-    ]  # fmt: skip
-    if not progress:
-        flags.append("--no-progress")
-    summary = train_gpt.run(train_gpt.build_parser().parse_args(flags), corpus)
+    history = train.train_language_model(
+        model,
+        corpus,
+        train.LMTraining(
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            seq_len=settings.seq_len,
+            warmup_steps=max(1, settings.steps // 10),
+            log_every=log_every,
+            eval_every=4 * log_every,
+            seed=settings.seed,
+        ),
+        progress=progress,
+    )
     train_seconds = time.perf_counter() - start
-    losses = [line for line in summary["history"] if "loss" in line]
+    losses = [line for line in history if "loss" in line]
     print(f"{'step':>6} {'loss':>7} {'val loss':>9} {'tokens/s':>10}")
-    val = {line["step"]: line["val_loss"] for line in summary["history"] if "val_loss" in line}
+    val = {line["step"]: line["val_loss"] for line in history if "val_loss" in line}
     for line in losses:
         val_text = f"{val[line['step']]:9.3f}" if line["step"] in val else " " * 9
-        print(f"{line['step']:>6} {line['loss']:7.3f} {val_text} {line['items_per_s']:10,.0f}")
-    train_rate = float(np.median([line["items_per_s"] for line in losses[1:] or losses]))
+        print(f"{line['step']:>6} {line['loss']:7.3f} {val_text} {line['tokens_per_s']:10,.0f}")
+    train_rate = float(np.median([line["tokens_per_s"] for line in losses[1:] or losses]))
 
-    model = summary["model"]
     devices = jax.devices()[: settings.attention_devices]
     shard_by = "heads" if settings.kv_heads % len(devices) == 0 else "sequence"
     mesh = offload.make_mesh(devices, "attn")
@@ -251,7 +243,7 @@ def gpt_demo(settings: GPTDemo, workdir: str | None = None, progress: bool = Tru
             offload.sharded_decode_attention, mesh=mesh, axis="attn", shard_by=shard_by
         )
     )
-    prompt = jnp.asarray(text_data.encode(settings.prompt)[None])
+    prompt = jnp.asarray(text.encode(settings.prompt)[None])
     needed = prompt.shape[1] + settings.sample_tokens
     capacity = -(-needed // len(devices)) * len(devices)  # sequence sharding: S % devices == 0
     generate = functools.partial(
@@ -266,7 +258,7 @@ def gpt_demo(settings: GPTDemo, workdir: str | None = None, progress: bool = Tru
     begin = time.perf_counter()
     tokens = np.asarray(generate(settings.sample_tokens))
     decode_seconds = time.perf_counter() - begin
-    sample = settings.prompt + text_data.decode(tokens[0])
+    sample = settings.prompt + text.decode(tokens[0])
     decode_rate = settings.sample_tokens / decode_seconds
     print(
         f"training: {train_rate:,.0f} tokens/s (median); {train_seconds:.0f} s with data and "

@@ -1,4 +1,5 @@
-"""A decoder-only transformer (GPT) on `jattn.nn.MultiHeadAttention`.
+"""A decoder-only transformer (GPT) on `jattn.nn.MultiHeadAttention`: the model is
+`jattn.examples.gpt` (which `jattn demo` trains too), re-exported here with its sampler.
 
 Pre-LayerNorm blocks, rotary positions, GQA, a GELU MLP, tied input/output embeddings. Training
 runs flash attention through `jattn.dot_product_attention` (the Pallas kernels on a GPU, the
@@ -8,8 +9,6 @@ chunked XLA path elsewhere); generation prefills the KV cache with it and decode
     python -m models.train_gpt --help
 """
 
-import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -17,95 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 
-import jattn
-from jattn.nn.attention import DecodeFn
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int = 256
-    max_length: int = 256  # longest sequence (prompt + generated) the KV cache is sized for
-    num_layers: int = 4
-    dim: int = 128
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    mlp_ratio: int = 4
-    rope_base: float = 10_000.0
-    implementation: str | Sequence[str] | None = None  # dot_product_attention's
-
-
-class MLP(nnx.Module):
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-        self.up = nnx.Linear(dim, hidden, rngs=rngs)
-        self.down = nnx.Linear(hidden, dim, rngs=rngs)
-
-    def __call__(self, x: Array) -> Array:
-        return self.down(jax.nn.gelu(self.up(x)))
-
-
-class Block(nnx.Module):
-    """x + attention(LN(x)), then x + MLP(LN(x))."""
-
-    def __init__(self, config: GPTConfig, *, decode_fn: DecodeFn | None, rngs: nnx.Rngs):
-        self.norm1 = nnx.LayerNorm(config.dim, rngs=rngs)
-        self.attention = jattn.nn.MultiHeadAttention(
-            config.num_heads,
-            config.dim,
-            num_kv_heads=config.num_kv_heads,
-            is_causal=True,
-            rope_base=config.rope_base,
-            implementation=config.implementation,
-            decode_fn=decode_fn,
-            rngs=rngs,
-        )
-        self.norm2 = nnx.LayerNorm(config.dim, rngs=rngs)
-        self.mlp = MLP(config.dim, config.mlp_ratio * config.dim, rngs=rngs)
-
-    def __call__(self, x: Array, **attention_options: Any) -> Array:
-        x = x + self.attention(self.norm1(x), **attention_options)
-        return x + self.mlp(self.norm2(x))
-
-
-class GPT(nnx.Module):
-    """Token ids `[B, T]` -> next-token logits `[B, T, vocab]`."""
-
-    def __init__(self, config: GPTConfig, *, decode_fn: DecodeFn | None = None, rngs: nnx.Rngs):
-        self.config = config
-        self.embed = nnx.Embed(config.vocab_size, config.dim, rngs=rngs)
-        self.blocks = nnx.List(
-            [Block(config, decode_fn=decode_fn, rngs=rngs) for _ in range(config.num_layers)]
-        )
-        self.norm = nnx.LayerNorm(config.dim, rngs=rngs)
-
-    def __call__(
-        self, tokens: Array, *, decode: bool = False, query_seq_lengths: Array | None = None
-    ) -> Array:
-        x = self.embed(tokens)
-        options = dict(decode=True, query_seq_lengths=query_seq_lengths) if decode else {}
-        for block in self.blocks:
-            x = block(x, **options)
-        return self.embed.attend(self.norm(x))  # tied output embedding
-
-    def init_cache(
-        self, batch_size: int, max_length: int | None = None, sharding: Any = None
-    ) -> None:
-        for block in self.blocks:
-            block.attention.init_cache(
-                batch_size, max_length or self.config.max_length, sharding=sharding
-            )
-
-    def set_decode_fn(self, decode_fn: DecodeFn | None) -> None:
-        """Route every layer's decode steps through `decode_fn` (e.g. an offloaded decode)."""
-        for block in self.blocks:
-            block.attention.decode_fn = decode_fn
-
-
-def next_token_loss(model: nnx.Module, tokens: Array) -> Array:
-    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1] (`tokens [B, T + 1]`)."""
-    logits = model(tokens[:, :-1]).astype(jnp.float32)
-    targets = tokens[:, 1:]
-    log_probs = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None], axis=-1))
+from jattn.examples.gpt import GPT as GPT
+from jattn.examples.gpt import MLP as MLP
+from jattn.examples.gpt import Block as Block
+from jattn.examples.gpt import GPTConfig as GPTConfig
+from jattn.examples.gpt import next_token_loss as next_token_loss
 
 
 @nnx.jit
