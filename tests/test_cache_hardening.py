@@ -114,3 +114,55 @@ def test_sharded_decode_takes_inputs_on_other_devices(rng, shard_by):
     )  # fmt: skip
     assert_close(out, want, TOLERANCE[jnp.float32])
     assert out.sharding.device_set == set(jax.devices()[4:])
+
+
+# ------------------------------------------------------------------------------------------------
+# jattn.nn.MultiHeadAttention's cache
+
+
+def test_nn_cache_overflow_under_nnx_jit_is_flagged_not_silent(rng):
+    """Capacity 15, a 14-token prefill, then decode steps under nnx.jit: the 16th token is not
+    written (no earlier slot changes), cache_lengths stops at 15, cache_overflow is set and
+    check_cache() raises."""
+    from flax import nnx
+
+    import jattn
+
+    layer = jattn.nn.MultiHeadAttention(2, 16, is_causal=True, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.standard_normal((2, 16, 16)), jnp.float32)
+    layer.init_cache(2, 15)
+    step = nnx.jit(lambda m, t: m(t, decode=True))
+    layer(x[:, :14], decode=True)
+    out = step(layer, x[:, 14:15])
+    assert layer.cache_lengths[...].tolist() == [15, 15]
+    assert layer.cache_overflow[...].tolist() == [False, False]
+    layer.check_cache()
+    keys = np.asarray(layer.cached_key[...])
+    out = step(layer, x[:, 15:16])
+    assert np.all(np.isfinite(np.asarray(out)))
+    assert layer.cache_lengths[...].tolist() == [15, 15]
+    assert layer.cache_overflow[...].tolist() == [True, True]
+    np.testing.assert_array_equal(np.asarray(layer.cached_key[...]), keys)  # nothing overwritten
+    with pytest.raises(ValueError, match=r"sequences \[0, 1\] reached the capacity 15"):
+        layer.check_cache()
+    with pytest.raises(ValueError, match="overflow"):
+        layer(x[:, :1], decode=True)  # eager: raises
+
+
+def test_nn_prefill_lengths_never_count_unwritten_tokens(rng):
+    from flax import nnx
+
+    import jattn
+
+    layer = jattn.nn.MultiHeadAttention(2, 16, is_causal=True, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.standard_normal((2, 4, 16)), jnp.float32)
+    layer.init_cache(2, 8)
+    with pytest.raises(ValueError, match=r"query_seq_lengths must lie in \[0, T = 4\]"):
+        layer(x, decode=True, query_seq_lengths=jnp.array([2, 6]))
+    with pytest.raises(ValueError, match=r"query_seq_lengths must lie in \[0, T = 4\]"):
+        layer(x, decode=True, query_seq_lengths=jnp.array([-1, 2]))
+    assert layer.cache_lengths[...].tolist() == [0, 0]
+    prefill = nnx.jit(lambda m, t, n: m(t, decode=True, query_seq_lengths=n))
+    prefill(layer, x, jnp.array([2, 6]))  # traced: clamped to the 4 tokens written
+    assert layer.cache_lengths[...].tolist() == [2, 4]
+    assert layer.cache_overflow[...].tolist() == [False, False]

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import Array
 
@@ -38,8 +39,16 @@ class MultiHeadAttention(nnx.Module):
     through `dot_product_attention` (flash attention, causal with `q_offset` = current length);
     a call with one token is a decode step through `decode_fn` (`jattn.decode_attention` by
     default; pass a sharded or offloaded one to move attention to other devices). Prompts of
-    different lengths: right-pad them and pass `query_seq_lengths`; each cache then advances by
-    its own length.
+    different lengths: right-pad them and pass `query_seq_lengths` (in [0, T]); each cache then
+    advances by its own length.
+
+    A full cache never drops a token silently. With concrete lengths (eager calls) a step that
+    does not fit raises `ValueError`. Under a trace (`nnx.jit`, scan) tokens past the capacity
+    are not written (no earlier slot is overwritten), `cache_lengths` stops at the capacity and
+    the sticky flag `cache_overflow` (`nnx.Cache`, bool `[B]`) turns True for that sequence:
+    read it, or call `check_cache()` outside the trace, which raises. `query_seq_lengths` past
+    T raise when concrete and are clamped to T when traced (a cache never counts unwritten
+    tokens).
 
     Example:
       >>> layer = MultiHeadAttention(8, 64, num_kv_heads=2, is_causal=True, rngs=nnx.Rngs(0))
@@ -109,6 +118,7 @@ class MultiHeadAttention(nnx.Module):
         self.cached_key: nnx.Cache | None = nnx.data(None)
         self.cached_value: nnx.Cache | None = nnx.data(None)
         self.cache_lengths: nnx.Cache | None = nnx.data(None)
+        self.cache_overflow: nnx.Cache | None = nnx.data(None)
 
     def init_cache(
         self, batch_size: int, max_length: int, dtype: Any = None, sharding: Any = None
@@ -128,6 +138,21 @@ class MultiHeadAttention(nnx.Module):
         self.cached_key = nnx.Cache(empty)
         self.cached_value = nnx.Cache(empty)
         self.cache_lengths = nnx.Cache(jnp.zeros((batch_size,), jnp.int32))
+        self.cache_overflow = nnx.Cache(jnp.zeros((batch_size,), jnp.bool_))
+
+    def check_cache(self) -> None:
+        """Raise ValueError if a decode step under a trace found its cache full (tokens past
+        the capacity were dropped; see the class docstring). Reads `[B]` flags to the host."""
+        if self.cache_overflow is None:
+            return
+        flags = concrete_value(self.cache_overflow[...])
+        if flags is None:
+            raise ValueError("check_cache() reads the overflow flags: call it outside jit")
+        if flags.any():
+            raise ValueError(
+                f"KV cache overflow: sequences {np.flatnonzero(flags).tolist()} reached the "
+                f"capacity {self.cached_key[...].shape[1]}; tokens past it were dropped"
+            )
 
     def __call__(
         self,
@@ -195,12 +220,29 @@ class MultiHeadAttention(nnx.Module):
                 f"decode inputs must be [B = {batch}, T, D], got {inputs.shape} "
                 f"(cache {cache_k.shape})"
             )
-        known = concrete_value(lengths)
-        if known is not None and (known + steps > capacity).any():
-            raise ValueError(
-                f"KV cache overflow: lengths {known.tolist()} + {steps} new tokens > "
-                f"capacity {capacity} (cache {cache_k.shape})"
-            )
+        if new_tokens is None:
+            advance = jnp.full((batch,), steps, jnp.int32)
+        else:
+            new_tokens = jnp.asarray(new_tokens)
+            if new_tokens.shape != (batch,) or new_tokens.dtype.kind not in "iu":
+                raise ValueError(
+                    f"query_seq_lengths must be integers [B] = ({batch},), got "
+                    f"{new_tokens.dtype} {new_tokens.shape}"
+                )
+            known_new = concrete_value(new_tokens)
+            if known_new is not None and ((known_new < 0).any() or (known_new > steps).any()):
+                raise ValueError(
+                    f"query_seq_lengths must lie in [0, T = {steps}] (the tokens given), got "
+                    f"{known_new.tolist()}"
+                )
+            advance = new_tokens = jnp.clip(new_tokens, 0, steps).astype(jnp.int32)
+        known, known_advance = concrete_value(lengths), concrete_value(advance)
+        if known is not None and known_advance is not None:
+            if (known + known_advance > capacity).any():
+                raise ValueError(
+                    f"KV cache overflow: lengths {known.tolist()} + new tokens "
+                    f"{known_advance.tolist()} > capacity {capacity} (cache {cache_k.shape})"
+                )
         query = self.query(inputs)  # [B, T, N, H]
         key = self.key(inputs)  # [B, T, K, H]
         value = self.value(inputs)  # [B, T, K, H]
@@ -208,16 +250,21 @@ class MultiHeadAttention(nnx.Module):
             positions = lengths[:, None] + jnp.arange(steps)[None]  # [B, T]
             query = apply_rotary(query, positions, self.rope_base)
             key = apply_rotary(key, positions, self.rope_base)
-        write = jax.vmap(
-            lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(
-                cache, new.astype(cache.dtype), start, axis=0
-            )
-        )
-        cache_k, cache_v = write(cache_k, key, lengths), write(cache_v, value, lengths)
-        advance = steps if new_tokens is None else jnp.asarray(new_tokens, jnp.int32)
-        new_lengths = lengths + advance
+        # Slots lengths + t; past the capacity a token is dropped (mode="drop"), never written
+        # over an earlier slot (dynamic_update_slice would clamp the start).
+        slots = lengths[:, None] + jnp.arange(steps, dtype=jnp.int32)[None]  # [B, T]
+        rows = jnp.arange(batch)[:, None]
+
+        def write(cache, new):
+            return cache.at[rows, slots].set(new.astype(cache.dtype), mode="drop")
+
+        cache_k, cache_v = write(cache_k, key), write(cache_v, value)
+        overflow = lengths + advance > capacity
+        new_lengths = jnp.minimum(lengths + advance, capacity)
         self.cached_key[...], self.cached_value[...] = cache_k, cache_v
         self.cache_lengths[...] = new_lengths
+        if self.cache_overflow is not None:
+            self.cache_overflow[...] = self.cache_overflow[...] | overflow
         query = query.astype(cache_k.dtype)
         if steps == 1 and new_tokens is None and self.local_window_size is None:
             decode = self.decode_fn or decode_attention
