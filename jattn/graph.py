@@ -11,6 +11,19 @@ per head, `[N, heads, F]`. Padding made with `jraph.pad_with_graphs` is computat
 padding edges join padding nodes only, and edges whose sender or receiver lies outside `[0, N)`
 are ignored, so real nodes' outputs and gradients never depend on padding.
 
+What a node cannot see never reaches it, even as NaN or inf: masked edges (`edge_mask`, hGAO's
+top-k, out-of-range ends) and empty table slots are absent (their gathers read zeros through the
+"no node" index N; nothing is a weight-0 term, as 0 * NaN = NaN), and cGAO mixes each graph's
+channels from its own nodes only. So NaN/inf features on padding nodes (or behind masked edges)
+leave the real nodes' outputs and their gradients exact. Gradients of shared parameters
+(`attn_sender`/`attn_receiver`, hGAO's projection) sum over every node, padding ones included, as
+with jraph's segment ops: they need finite padding features (jraph pads with zeros; after a layer
+that may leave NaN there, zero them with `jraph.get_node_padding_mask`). A graph with no nodes
+gives an empty output; one with no edges gives zeros. Softmax follows `jraph.segment_softmax`
+(a NaN logit makes its receiver's weights NaN), except that a receiver with no edge gets 0.
+Precision: float32/float64 inputs are computed in their own precision, 16-bit ones in float32
+(one rounding at the end).
+
 Choices where the paper is silent or ambiguous (the paper has no official code):
 - The paper's attention is dot-product, `attn(q, K, V) = V softmax(K^T q)`, with no scale:
   `score="dot"` with `scale=None` is that literal form (pass `scale=F ** -0.5` for the
@@ -47,6 +60,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import jraph
+import numpy as np
 from jax import Array, lax
 
 from jattn import reference
@@ -144,10 +158,16 @@ class EdgeLayout(NamedTuple):
 def edge_layout(graph: jraph.GraphsTuple, *, row_width: int = DEFAULT_ROW_WIDTH) -> EdgeLayout:
     """The row-split receiver and sender tables of `graph` (see `EdgeLayout`). Edges whose sender
     or receiver is outside `[0, N)` are left out."""
+    if isinstance(row_width, bool) or not isinstance(row_width, int | np.integer) or row_width < 1:
+        raise ValueError(f"row_width must be an int >= 1, got {row_width!r}")
     num_nodes = _num_nodes(graph)
     num_edges = graph.senders.shape[0]
-    width = row_width
+    width = int(row_width)
     num_rows = num_nodes + -(-num_edges // width)
+    if num_nodes == 0:  # no node: every edge is out of range, every slot and row unused
+        empty = jnp.full((num_rows, width), num_edges, jnp.int32)
+        unused = jnp.zeros((num_rows,), jnp.int32)
+        return EdgeLayout(empty, unused, jnp.full_like(empty, num_rows * width), unused)
     valid = _edge_in_range(graph, num_nodes)
     edge_ids = jnp.arange(num_edges, dtype=jnp.int32)
 
@@ -188,10 +208,12 @@ def top_k_edges(
     """Marks, for every receiver, its `min(k, in-degree)` incoming edges with the largest
     `scores[sender]` (ties: lower edge index first). No dense adjacency: one stable two-key sort
     of the E edges by (receiver, -score), then each edge's rank inside its receiver's run."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    k = _check_k(k)
     num_nodes = scores.shape[0]
     num_edges = graph.senders.shape[0]
+    _check_edge_mask(edge_mask, num_edges)
+    if num_nodes == 0:  # no node: no edge is in range
+        return jnp.zeros((num_edges,), bool)
     valid = _edge_in_range(graph, num_nodes)
     if edge_mask is not None:
         valid = valid & edge_mask
@@ -251,8 +273,7 @@ def graph_attention(
     if score not in _SCORES:
         raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
     implementation = _implementation(implementation)
-    if edge_mask is not None and edge_mask.shape != (num_edges,):
-        raise ValueError(f"edge_mask must have shape [E]=({num_edges},), got {edge_mask.shape}")
+    _check_edge_mask(edge_mask, num_edges)
     if edge_weights is not None and edge_weights.shape != (num_edges, heads):
         raise ValueError(
             f"edge_weights must have shape [E, heads]=({num_edges}, {heads}), "
@@ -278,6 +299,8 @@ def graph_attention(
     if edge_mask is not None:
         valid = valid & edge_mask
     weights = None if edge_weights is None else lax.stop_gradient(edge_weights)
+    if num_nodes == 0:  # a graph without nodes: the empty output
+        return graph._replace(nodes=jnp.zeros_like(graph.nodes))
 
     if implementation == "xla":
         out = _gao_xla(
@@ -307,19 +330,21 @@ def _logits_xla(values, senders, receivers, *, score, attn_sender, attn_receiver
     if score == "additive":
         s = _rowdot(key, attn_sender[None])
         d = _rowdot(query, attn_receiver[None])
-        return jax.nn.leaky_relu(s[senders] + d[receivers], negative_slope)
-    return scale * _rowdot(query[receivers], key[senders])
+        return jax.nn.leaky_relu(_gather(s, senders) + _gather(d, receivers), negative_slope)
+    return scale * _rowdot(_gather(query, receivers), _gather(key, senders))
 
 
 def _gao_xla(values, senders, receivers, valid, weights, **score_args):
     num_nodes = values.shape[0]
-    senders = jnp.clip(senders, 0, num_nodes - 1)
+    # Masked edges: the "no node" index N on both ends (zeros gathered, segment dropped).
+    senders = jnp.where(valid, senders, num_nodes)
+    receivers = jnp.where(valid, receivers, num_nodes)
     logits = _logits_xla(values, senders, receivers, **score_args)
     logits = jnp.where(valid[:, None], logits, -jnp.inf)
-    alpha = reference.segment_softmax(logits, jnp.where(valid, receivers, num_nodes), num_nodes)
+    alpha = reference.segment_softmax(logits, receivers, num_nodes)
     if weights is not None:
         alpha = alpha * weights
-    messages = alpha[..., None] * values[senders]
+    messages = alpha[..., None] * _gather(values, senders).astype(alpha.dtype)
     return jax.ops.segment_sum(messages, receivers, num_nodes).astype(values.dtype)
 
 
@@ -330,8 +355,9 @@ def _gao_fused(values, senders, receivers, valid, weights, *, layout, score, att
     del layout
     num_nodes = values.shape[0]
     by_sender = None
-    snd = jnp.clip(senders, 0, num_nodes - 1).astype(jnp.int32)
-    # Out-of-range receivers go to a dummy segment N (dropped by the segment reductions).
+    # Masked and out-of-range edges go to the "no node" index N on both ends: their receiver
+    # segment is dropped by the segment reductions, their gathers give zeros.
+    snd = jnp.where(valid, senders, num_nodes).astype(jnp.int32)
     rcv = jnp.where(valid, receivers, num_nodes).astype(jnp.int32)
     if score == "additive":
         s = _rowdot(key, attn_sender[None])
@@ -359,9 +385,15 @@ def _gao_rows(values, senders, receivers, valid, weights, *, layout, score, attn
     slot_ok = layout.in_edge < num_edges
     if num_edges:
         slot_ok = slot_ok & valid[edge]
-    snd = jnp.clip(senders[edge], 0, num_nodes - 1).astype(jnp.int32) if num_edges else edge
+    # Empty and masked slots take the "no node" index N: their gathers give zeros, so an absent
+    # neighbour never multiplies a weight of 0 into another node's features (0 * NaN = NaN).
+    snd = jnp.where(slot_ok, senders[edge] if num_edges else edge, num_nodes).astype(jnp.int32)
     in_node = layout.in_node
-    out_rcv = jnp.take(jnp.clip(in_node, 0, num_nodes - 1), layout.out_slot // width, mode="clip")
+    # The receiver of every sender-table slot (N where empty or masked).
+    flat_ok = jnp.concatenate([slot_ok.reshape(-1), jnp.zeros((1,), bool)])
+    out_ok = jnp.take(flat_ok, layout.out_slot, mode="clip")
+    out_rcv = jnp.take(in_node, layout.out_slot // width, mode="clip")
+    out_rcv = jnp.where(out_ok, out_rcv, num_nodes).astype(jnp.int32)
     tables = (snd, in_node, slot_ok, layout.out_slot, out_rcv, layout.out_node)
     w = None if weights is None or not num_edges else weights[edge]  # [R, D, H]
     if score == "additive":
@@ -385,20 +417,22 @@ def _row_attention(score: str, negative_slope: float, scale: float):
         if score == "additive":
             pre = _gather(a, snd) + _gather(b, node)[:, None]
             return pre, jnp.where(pre > 0, pre, negative_slope * pre)
-        logits = scale * jnp.sum(_gather(b, node)[:, None] * _gather(a, snd), axis=-1)
-        return None, logits
+        dtype = _compute_dtype(a.dtype)
+        rows, cols = _gather(b, node).astype(dtype), _gather(a, snd).astype(dtype)
+        return None, scale * jnp.sum(rows[:, None] * cols, axis=-1)
 
     def fwd(a, b, values, weights, tables):
         snd, in_node, slot_ok, _, _, _ = tables
         num_nodes = values.shape[0]
         node = jnp.minimum(in_node, num_nodes - 1)
         pre, logits = logits_of(a, b, snd, node)
-        logits = jnp.where(slot_ok[..., None], logits.astype(jnp.float32), -jnp.inf)
+        logits = logits.astype(_compute_dtype(logits.dtype))
+        logits = jnp.where(slot_ok[..., None], logits, -jnp.inf)
         node_max = jax.ops.segment_max(jnp.max(logits, axis=1), in_node, num_nodes)  # [N, H]
-        node_max = jnp.where(jnp.isfinite(node_max), node_max, 0.0)
+        node_max = jnp.where(node_max == -jnp.inf, 0.0, node_max)  # no edge (NaN stays NaN)
         p = jnp.exp(logits - _gather(node_max, node)[:, None])  # empty slots: 0
         total = jax.ops.segment_sum(jnp.sum(p, axis=1), in_node, num_nodes)  # [N, H]
-        alpha = p / _gather(jnp.where(total > 0, total, 1.0), node)[:, None]  # [R, D, H]
+        alpha = p / _gather(jnp.where(total == 0, 1.0, total), node)[:, None]  # [R, D, H]
         w = alpha if weights is None else alpha * weights
         rows = jnp.sum(w[..., None] * _gather(values, snd), axis=1)  # [R, H, F]
         out = jax.ops.segment_sum(rows, in_node, num_nodes).astype(values.dtype)
@@ -406,16 +440,17 @@ def _row_attention(score: str, negative_slope: float, scale: float):
 
     def bwd(res, g):  # g: [N, H, F]
         a, b, values, weights, tables, alpha, pre, out = res
-        snd, in_node, _, out_slot, out_rcv, out_node = tables
+        snd, in_node, slot_ok, out_slot, out_rcv, out_node = tables
         num_nodes = values.shape[0]
         node = jnp.minimum(in_node, num_nodes - 1)
-        g32 = g.astype(jnp.float32)
+        g32 = g.astype(_compute_dtype(g.dtype))
         g_row = _gather(g32, node)  # [R, H, F]
         d_w = jnp.sum(g_row[:, None] * _gather(values, snd), axis=-1)  # [R, D, H]
         d_alpha = d_w if weights is None else d_w * weights
         # Softmax backward: sum_e alpha_e d_alpha_e over a node's edges is <g_i, out_i>.
         row_term = _gather(jnp.sum(g32 * out, axis=-1), node)  # [R, H]
         d_logits = alpha * (d_alpha - row_term[:, None])  # [R, D, H]
+        d_logits = jnp.where(slot_ok[..., None], d_logits, 0.0)  # absent edges: no gradient
 
         def by_sender(slot_values):  # [R, D, ...] per receiver slot -> [R, D, ...] per sender
             flat = slot_values.reshape((-1,) + slot_values.shape[2:])
@@ -470,11 +505,20 @@ def _rowdot(a, b):  # [..., F] x [..., F] -> [...]
     """Multiply + reduce, not a dot_general: a batch of E tiny dots would become a batched
     matmul with E batches, while this fuses with the gathers that produce a and b."""
     a, b = jnp.broadcast_arrays(a, b)
-    return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=-1)
+    dtype = _compute_dtype(jnp.result_type(a, b))
+    return jnp.sum(a.astype(dtype) * b.astype(dtype), axis=-1)
 
 
 def _gather(x, idx):
-    return jnp.take(x, idx, axis=0, mode="clip")
+    """Rows of x at idx; an index outside [0, N) (the "no node" index N of masked edges, empty
+    slots and unused rows) gives a row of zeros, so an absent neighbour contributes 0 and never
+    a clipped node's features (0 * NaN would be NaN)."""
+    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+    """float32 for 16-bit inputs (fp32 accumulation), the input precision for float32/64."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 @jax.custom_vjp
@@ -523,10 +567,10 @@ _edge_dot.defvjp(_edge_dot_fwd, _edge_dot_bwd)
 def _softmax_weights(logits, rcv, num_nodes, by_sender):  # [E, H] -> alpha [E, H], float32
     x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     row_max = jax.ops.segment_max(x, rcv, num_nodes, indices_are_sorted=by_sender is not None)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    row_max = jnp.where(row_max == -jnp.inf, 0.0, row_max)  # no edge: 0 (NaN stays NaN)
     p = jnp.exp(x - _gather(row_max, rcv))  # masked edges have logit -inf: p = 0
     row_sum = _sum_by_receiver(p, rcv, num_nodes, by_sender)
-    return p / _gather(jnp.where(row_sum > 0, row_sum, 1.0), rcv)
+    return p / _gather(jnp.where(row_sum == 0, 1.0, row_sum), rcv)
 
 
 @jax.custom_vjp
@@ -539,7 +583,8 @@ def _softmax_aggregate_fwd(logits, values, snd, rcv, by_sender, weights):
     num_nodes = values.shape[0]
     alpha = _softmax_weights(logits, rcv, num_nodes, by_sender)  # [E, H]
     w = alpha if weights is None else alpha * weights
-    messages = w[..., None].astype(values.dtype) * _gather(values, snd)  # [E, H, F]
+    dtype = _compute_dtype(values.dtype)
+    messages = w[..., None].astype(dtype) * _gather(values, snd).astype(dtype)  # [E, H, F]
     out = _sum_by_receiver(messages, rcv, num_nodes, by_sender).astype(values.dtype)  # [N, H, F]
     return out, (alpha, values, out, snd, rcv, by_sender, weights, logits[:0])  # [:0]: dtype
 
@@ -556,11 +601,14 @@ def _softmax_aggregate_bwd(res, g):  # g: [N, H, F]
     w = alpha if weights is None else alpha * weights
     # dvalues[j] = sum over j's out-edges of w_e g[rcv_e]: a (sorted) reduction by sender, with
     # the gathers done in sender order rather than scattering the [E, H, F] messages' cotangent.
+    dtype = _compute_dtype(g.dtype)
     if by_sender is None:
-        d_values = jax.ops.segment_sum(w[..., None].astype(g.dtype) * g_rcv, snd, num_nodes)
+        d_values = jax.ops.segment_sum(
+            w[..., None].astype(dtype) * g_rcv.astype(dtype), snd, num_nodes
+        )
     else:
         d_values = jax.ops.segment_sum(
-            w[by_sender][..., None].astype(g.dtype) * _gather(g, rcv[by_sender]),
+            w[by_sender][..., None].astype(dtype) * _gather(g, rcv[by_sender]).astype(dtype),
             snd[by_sender],
             num_nodes,
             indices_are_sorted=True,
@@ -628,7 +676,13 @@ def hard_graph_attention(
     v, squeeze = _heads(values, "values")
     if v.shape[0] != node_scores.shape[0]:
         raise ValueError(f"values {values.shape} must have N={node_scores.shape[0]} rows")
-    y = jnp.abs(node_scores) / jnp.linalg.norm(projection)
+    _check_k(k)
+    if v.shape[0] == 0:  # a graph without nodes: the empty output
+        return graph._replace(nodes=jnp.zeros_like(values))
+    # ||p|| through a safe sqrt: p = 0 gives y = 0 (X p = 0 too) and finite gradients, not 0/0.
+    norm_sq = jnp.sum(jnp.square(projection.astype(_compute_dtype(projection.dtype))))
+    norm = jnp.sqrt(jnp.where(norm_sq > 0, norm_sq, 1.0))
+    y = jnp.abs(node_scores) / norm
     keep = top_k_edges(graph, y, k, edge_mask=edge_mask)
     gate = jax.nn.sigmoid(y).astype(v.dtype)[:, None, None]  # [N, 1, 1]
     gated = v * gate
@@ -670,9 +724,14 @@ def channel_graph_attention(
     """
     x, squeeze = _heads(graph.nodes, "graph.nodes")  # [N, H, F]
     num_graphs = graph.n_node.shape[0]
+    if x.shape[0] == 0 or num_graphs == 0:
+        return graph._replace(nodes=jnp.zeros_like(graph.nodes))  # no node: empty output
     gid = node_graph_index(graph)
-    onehot = (gid[:, None] == jnp.arange(num_graphs)[None, :]).astype(x.dtype)  # [N, G]
-    xg = onehot[:, :, None, None] * x[:, None]  # [N, G, H, F]: node n's features in its graph
+    member = (gid[:, None] == jnp.arange(num_graphs)[None, :])[:, :, None, None]  # [N, G, 1, 1]
+    # Node n's features in its own graph's slot, zeros (selected, not multiplied: 0 * NaN = NaN)
+    # in the others, so one graph's NaN or inf never reaches another graph.
+    x32 = x.astype(_compute_dtype(x.dtype))
+    xg = jnp.where(member, x32[:, None], 0.0)  # [N, G, H, F]
     keys = xg
     if normalize:
         sq = jnp.sum(xg * xg, axis=0)  # [G, H, F]
@@ -681,7 +740,10 @@ def channel_graph_attention(
         keys = xg / jnp.sqrt(jnp.where(sq > 0, sq, 1.0))[None]
     energy = jnp.einsum("nghc,nghd->ghcd", keys, keys, precision=_HIGHEST)  # [G, H, F, F]
     attn = jax.nn.softmax((1.0 if scale is None else scale) * energy, axis=-1)
-    out = jnp.einsum("ghcd,nghd->nhc", attn, xg, precision=_HIGHEST).astype(x.dtype)
+    # Every graph's attention applied to its own nodes only (another graph's attention, NaN for
+    # a NaN graph, is selected away before the sum over graphs).
+    mixed = jnp.einsum("ghcd,nghd->nghc", attn, xg, precision=_HIGHEST)  # [N, G, H, F]
+    out = jnp.sum(jnp.where(member, mixed, 0.0), axis=1).astype(x.dtype)
     return graph._replace(nodes=out[:, 0] if squeeze else out)
 
 
@@ -713,6 +775,29 @@ def _check_edges(graph: jraph.GraphsTuple, num_nodes: int) -> None:
 def _edge_in_range(graph: jraph.GraphsTuple, num_nodes: int) -> Array:
     s, r = graph.senders, graph.receivers
     return (s >= 0) & (s < num_nodes) & (r >= 0) & (r < num_nodes)
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        raise ValueError(f"k must be an int >= 1 (the neighbours kept), got {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return int(k)
+
+
+def _check_edge_mask(edge_mask, num_edges: int) -> None:
+    """edge_mask: bool `[E]` (True: the edge may be used). Other dtypes are refused rather than
+    read as weights or cast (0.5 would silently count as True)."""
+    if edge_mask is None:
+        return
+    if getattr(edge_mask, "dtype", None) != jnp.bool_:
+        raise ValueError(
+            f"edge_mask must be a boolean array [E]; got dtype "
+            f"{getattr(edge_mask, 'dtype', type(edge_mask).__name__)} (use mask != 0, or "
+            f"edge_weights for weights)"
+        )
+    if edge_mask.shape != (num_edges,):
+        raise ValueError(f"edge_mask must have shape [E]=({num_edges},), got {edge_mask.shape}")
 
 
 def _implementation(implementation: str | None) -> str:

@@ -198,17 +198,20 @@ def segment_softmax(
 ) -> Array:  # [E, ...]
     """Softmax over the entries that share a segment id (jraph's `segment_softmax`).
 
-    Entries with logit -inf get weight 0; a segment whose entries are all -inf gets weights 0,
-    not NaN. Ids outside [0, num_segments) (jraph's padding convention) get weight 0.
+    As jraph: a NaN or +inf logit makes its whole segment NaN, and integer logits give floats
+    (the dtype `jnp.exp` gives them). Where we differ, on purpose: entries with logit -inf get
+    weight 0 and a segment whose entries are all -inf gets weights 0, not NaN; ids outside
+    [0, num_segments) (jraph's padding convention) get weight 0.
     """
-    dtype = _compute_dtype(logits.dtype)
-    x = logits.astype(dtype)
+    out_dtype = jax.eval_shape(jnp.exp, jax.ShapeDtypeStruct((), logits.dtype)).dtype
+    x = logits.astype(_compute_dtype(out_dtype))
     seg_max = jax.ops.segment_max(x, segment_ids, num_segments)  # [num_segments, ...]
-    seg_max = lax.stop_gradient(jnp.where(jnp.isfinite(seg_max), seg_max, 0.0))
+    # Only a segment with no finite entry (max -inf) is shifted by 0; NaN and +inf stay.
+    seg_max = lax.stop_gradient(jnp.where(seg_max == -jnp.inf, 0.0, seg_max))
     in_range = (segment_ids >= 0) & (segment_ids < num_segments)
     in_range = in_range.reshape(in_range.shape + (1,) * (x.ndim - 1))
     safe_ids = jnp.clip(segment_ids, 0, num_segments - 1)
     unnormalised = jnp.where(in_range, jnp.exp(x - seg_max[safe_ids]), 0.0)
     seg_sum = jax.ops.segment_sum(unnormalised, segment_ids, num_segments)
-    seg_sum = jnp.where(seg_sum > 0, seg_sum, 1.0)
-    return (unnormalised / seg_sum[safe_ids]).astype(logits.dtype)
+    seg_sum = jnp.where(seg_sum == 0, 1.0, seg_sum)  # a NaN sum stays NaN
+    return (unnormalised / seg_sum[safe_ids]).astype(out_dtype)
