@@ -166,3 +166,23 @@ def test_nn_prefill_lengths_never_count_unwritten_tokens(rng):
     prefill(layer, x, jnp.array([2, 6]))  # traced: clamped to the 4 tokens written
     assert layer.cache_lengths[...].tolist() == [2, 4]
     assert layer.cache_overflow[...].tolist() == [False, False]
+
+
+def test_generate_with_a_cache_too_small_raises(rng):
+    from flax import nnx
+
+    from models import gpt
+
+    config = gpt.GPTConfig(num_layers=1, dim=32, num_heads=2, num_kv_heads=1, max_length=32)
+    model = gpt.GPT(config, rngs=nnx.Rngs(0))
+    prompt = jnp.asarray(rng.integers(0, 256, (2, 5)), jnp.int32)
+    with pytest.raises(ValueError, match=r"cache_length 8 is too small.*need 9 positions"):
+        gpt.generate(model, prompt, 4, cache_length=8)
+    with pytest.raises(ValueError, match=r"cache_length 6 is too small.*need 7"):
+        gpt.generate(model, prompt, 4, prompt_lengths=jnp.array([3, 2]), cache_length=6)
+    with pytest.raises(ValueError, match=r"prompt_lengths must be \[B\]"):
+        gpt.generate(model, prompt, 4, prompt_lengths=jnp.array([6, 2]))
+    got = gpt.generate(model, prompt, 4, prompt_lengths=jnp.array([3, 2]), cache_length=7)
+    assert got.shape == (2, 4)
+    for layer in model.blocks:
+        layer.attention.check_cache()
