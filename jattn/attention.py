@@ -15,6 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+from jax._src import core as _core  # tracer types: which autodiff traces a call
+from jax._src.interpreters import ad as _ad
+from jax._src.interpreters import batching as _batching
+from jax._src.interpreters import partial_eval as _pe
 from jaxtyping import ArrayLike
 
 from jattn import chunked, reference
@@ -185,6 +189,13 @@ def dot_product_attention(
       `[B, T, N, H]` in the query dtype (and lse `[B, T, N]` float32 with `return_residual`).
       A row that sees no key returns 0, lse -inf and zero gradients (jax.nn: the mean of V).
 
+    Autodiff: reverse mode (jax.grad, jax.vjp) runs each implementation's own backward (a
+    custom_vjp). Forward mode (jax.jvp, jax.jacfwd, jax.hessian) and second derivatives (grad of
+    grad) are served by 'xla_chunked' differentiated as plain JAX (auto picks it then) and by
+    'xla'; the kernels ('triton', 'mosaic', 'cudnn') raise NotImplementedError naming them.
+    The choice is read from the input tracers, so a jit between this call and the jvp
+    (`jax.jvp(jax.jit(f))`) hides it: there pass `implementation='xla'` (or jit the jvp).
+
     Raises:
       ValueError: bad ranks, shapes or dtypes, naming the shapes; checked before any tracing.
       NotImplementedError: no requested implementation can serve the call (with each reason).
@@ -217,6 +228,55 @@ def dot_product_attention(
     return (out, lse) if return_residual else out
 
 
+def _autodiff_levels(args: AttentionArgs) -> tuple[bool, int]:
+    """(forward, reverse): whether forward-mode autodiff (jax.jvp, jacfwd, hessian) traces the
+    call's differentiable arrays, and how many reverse-mode levels (jax.grad, vjp) are nested
+    around them. Read from the tracers, so it sees transformations applied outside this call
+    but not ones applied to a jit that contains it (`jax.jvp(jax.jit(f))`)."""
+    forward, reverse = False, 0
+    for x in jax.tree.leaves((args.query, args.key, args.value, args.bias)):
+        levels = 0
+        while isinstance(x, _core.Tracer):
+            if isinstance(x, _ad.JVPTracer):
+                if isinstance(x.tangent, _pe.JaxprTracer):  # jax_use_direct_linearize off: grad
+                    levels += 1
+                else:
+                    forward = True
+                x = x.primal
+            elif isinstance(x, _ad.LinearizeTracer):  # jax.grad, jax.vjp, jax.linearize
+                levels += 1
+                x = x.primal
+            elif isinstance(x, _batching.BatchTracer):
+                x = x.val
+            else:  # jit, shard_map, ...: the tracers of what is traced around it
+                break
+        reverse = max(reverse, levels)
+    return forward, reverse
+
+
+def _higher_order(name: str, forward: bool) -> Implementation:
+    """What serves `implementation=name` under forward mode or nested reverse mode: xla and
+    xla_chunked (differentiated as plain JAX); the kernels' custom_vjp differentiates once."""
+    if name == "xla":
+        return _xla
+    if name == "xla_chunked":
+        return _xla_chunked_autodiff if forward else _xla_chunked
+
+    def decline(args, config):
+        mode = (
+            "forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian)"
+            if forward
+            else "a second derivative (grad of grad)"
+        )
+        raise NotImplementedError(
+            f"jattn: implementation {name!r} differentiates in reverse mode, once (a custom_vjp "
+            f"around its own backward), so it cannot serve {mode}; use implementation="
+            "'xla_chunked' (O(T) memory) or 'xla', which implementation=None picks here"
+        )
+
+    return decline
+
+
 def _dispatch(args: AttentionArgs, implementation, config) -> tuple[Array, Array]:
     if implementation is None:
         names = auto_order()
@@ -228,12 +288,15 @@ def _dispatch(args: AttentionArgs, implementation, config) -> tuple[Array, Array
         if name not in IMPLEMENTATIONS:
             raise ValueError(f"Unknown implementation {name!r}; choose from {IMPLEMENTATIONS}.")
     names = _check_config(names, config, auto=implementation is None)
+    forward, reverse = _autodiff_levels(args)
     reasons = []
     for name in names:
         if name not in _REGISTRY:
             reasons.append(f"{name}: not available in this version of jattn")
             continue
         try:
+            if forward or reverse > 1:
+                return _higher_order(name, forward)(args, config)
             return _REGISTRY[name](args, config)
         except NotImplementedError as e:
             reasons.append(f"{name}: {e}")
@@ -524,6 +587,22 @@ def _xla_chunked(args: AttentionArgs, config) -> tuple[Array, Array]:
         raise NotImplementedError(f"xla_chunked needs a ChunkedConfig, got {type(config).__name__}")
     return chunked.chunked_attention(
         args.query, args.key, args.value, args.bias, args.mask, config=config, **option_kwargs(args)
+    )
+
+
+def _xla_chunked_autodiff(args: AttentionArgs, config) -> tuple[Array, Array]:
+    """xla_chunked without its custom_vjp: JAX differentiates its scans (forward mode too)."""
+    if config is None:
+        config = chunked.default_config()
+    return chunked.chunked_attention(
+        args.query,
+        args.key,
+        args.value,
+        args.bias,
+        args.mask,
+        config=config,
+        autodiff=True,
+        **option_kwargs(args),
     )
 
 

@@ -93,8 +93,14 @@ def chunked_attention(
     segment_ids: tuple[Array, Array] | None,
     logits_soft_cap: float | None,
     config: ChunkedConfig,
+    autodiff: bool = False,
 ) -> tuple[Array, Array]:  # [B, T, N, H] in query.dtype, lse [B, T, N] float32
-    """Attention with validated, rank-4 inputs (see `jattn.dot_product_attention`)."""
+    """Attention with validated, rank-4 inputs (see `jattn.dot_product_attention`).
+
+    `autodiff=True` leaves out the custom_vjp, so JAX differentiates the forward's scans
+    themselves: forward mode (jax.jvp, jacfwd, hessian) and any order, in O(T) memory under
+    jvp (reverse mode stores per-tile residuals: O(T * S)).
+    """
     q_len, kv_len = query.shape[1], key.shape[1]
     static = _Static(
         scale=float(scale),
@@ -108,6 +114,8 @@ def chunked_attention(
     )
     q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
     aux = _Aux(mask, q_offset, query_seq_lengths, key_value_seq_lengths, q_ids, kv_ids)
+    if autodiff:
+        return _forward(static, query, key, value, bias, aux)
     return _attention_vjp(static)(query, key, value, bias, aux)
 
 
@@ -260,7 +268,9 @@ def _forward(static: _Static, query, key, value, bias, aux):
                 row_max, row_sum, acc = carry  # row_max is -inf until a row has seen a key
                 _, logits = _tile_logits(static, q, padded, q_start, k_start)
                 logits = jnp.where(visible, logits, -jnp.inf)
-                new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
+                # The shift cancels in every result: no derivative through it (JAX's max jvp
+                # divides by the count of maxima, 0 when XLA recomputes the logits inexactly).
+                new_max = lax.stop_gradient(jnp.maximum(row_max, jnp.max(logits, axis=-1)))
                 # Shift by a finite max so that exp never sees inf - inf; on rows that have
                 # seen nothing yet everything is exp(-inf) = 0 whatever the shift.
                 shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
