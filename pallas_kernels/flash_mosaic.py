@@ -20,9 +20,9 @@ forward's output and lse.
 
 Interpret mode: Mosaic GPU's interpreter (JAX >= 0.10) runs this kernel on CPU for tests: the
 TMA copies, barriers and the producer/consumer schedule as on the GPU. It lacks layout casts,
-`plgpu.load`, `pl.run_state` and transposed wgmma operands, so small helpers below (`_layout`,
-`_load_vector`, `_mma_*`) swap in plain jnp equivalents there (the matmuls become jnp dots).
-`tests/test_flash_mosaic.py` also lowers the GPU path to Mosaic GPU IR on CPU.
+`plgpu.load`, `pl.run_state` and transposed wgmma operands, so small helpers of `mosaic_common`
+(`layout_cast`, `load_vector`, `mma_*`) swap in plain jnp equivalents there (the matmuls become
+jnp dots). `tests/test_flash_mosaic.py` also lowers the GPU path to Mosaic GPU IR on CPU.
 
 Limits: float16 and bfloat16 only (float32 raises NotImplementedError: the dispatcher then
 routes it to the Triton kernel); H is padded to a multiple of 64, T to 2 * block_q and S to
@@ -41,13 +41,28 @@ from jax import Array, lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import common, flash_triton
+from pallas_kernels import common, flash_mosaic_bwd, flash_triton
+from pallas_kernels.mosaic_common import (
+    CONSUMERS,
+    WGMMA,
+    WGMMA_COL,
+    WGMMA_ROW,
+    Static,
+    hide_invisible,
+    interpret_kwargs,
+    key_blocks,
+    layout_cast,
+    load_vector,
+    mma_accumulate,
+    mma_transposed,
+    padded_head_dim,
+    pair_window,
+    tile_logits,
+    tiled,
+)
 
-_LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _DTYPES = (jnp.float16, jnp.bfloat16)
-_CONSUMERS = 2  # compute warpgroups per program
-_HEAD_MULTIPLE = 64  # 128-byte swizzle of 16-bit elements
 _THREADS_PER_WARPGROUP = 128
 _REGISTER_TILES_LIMIT = 192  # of a consumer thread's 232 registers: the rest for everything else
 SHARED_MEMORY = 227 * 1024
@@ -97,11 +112,6 @@ class MosaicConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def padded_head_dim(head_dim: int) -> int:
-    """The head dim the kernel computes with: the next multiple of 64."""
-    return -(-head_dim // _HEAD_MULTIPLE) * _HEAD_MULTIPLE
-
-
 def fits_shared_memory(nbytes: int) -> bool:
     """Whether a kernel's buffers fit an H100's shared memory (4 KiB kept for barriers and
     alignment: the estimates below count only the buffers)."""
@@ -111,7 +121,7 @@ def fits_shared_memory(nbytes: int) -> bool:
 def shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_itemsize: int) -> int:
     """Bytes of the forward's buffers (16-bit Q, K, V; pair_itemsize: bias + mask bytes per
     element of a [2 * block_q, block_kv] tile)."""
-    rows = _CONSUMERS * config.block_q
+    rows = CONSUMERS * config.block_q
     h_pad = padded_head_dim(head_dim)
     per_stage = 2 * config.block_kv * h_pad * 2 + rows * config.block_kv * pair_itemsize
     return rows * h_pad * 2 + config.num_stages * per_stage + rows * 4 + 4 * config.block_kv
@@ -121,9 +131,9 @@ def backward_shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_it
     """Bytes of the larger of the two backward kernels' buffers."""
     h_pad = padded_head_dim(head_dim)
     bq, bk, stages = config.bwd_block_q, config.bwd_block_kv, config.bwd_num_stages
-    pair = _CONSUMERS * bq * bk * pair_itemsize
-    dq = _CONSUMERS * bq * (2 * h_pad * 2 + 3 * 4) + stages * (2 * bk * h_pad * 2 + pair + 4 * bk)
-    dkdv = _CONSUMERS * bk * (2 * h_pad * 2 + 4) + stages * (2 * bq * h_pad * 2 + pair + 12 * bq)
+    pair = CONSUMERS * bq * bk * pair_itemsize
+    dq = CONSUMERS * bq * (2 * h_pad * 2 + 3 * 4) + stages * (2 * bk * h_pad * 2 + pair + 4 * bk)
+    dkdv = CONSUMERS * bk * (2 * h_pad * 2 + 4) + stages * (2 * bq * h_pad * 2 + pair + 12 * bq)
     return max(dq, dkdv)
 
 
@@ -181,159 +191,10 @@ def default_config(head_dim: int, pair_itemsize: int = 0) -> MosaicConfig:
     return config
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class _Static:
-    """Everything the kernel bakes in (hashable: it keys the traced kernel)."""
-
-    scale: float
-    softcap: float | None
-    right: int | None  # common.right_reach
-    left: int | None  # common.left_reach
-    check_q_len: bool
-    check_kv_len: bool
-    dense_masks: bool  # segments or a user mask: every tile needs its mask
-    has_bias: bool
-    has_mask: bool
-    has_segments: bool
-    groups: int
-    block_q: int
-    block_kv: int
-    num_stages: int
-    schedule_barrier: bool
-    interpret: bool
-
-
-# --- interpret-mode stand-ins -----------------------------------------------------------------
-
-_WGMMA = plgpu.Layout.WGMMA
-_WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)  # [block_q] vectors: one value per row
-_WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)  # [block_kv] vectors: one value per column
-
-
-def _layout(st: _Static, x: Array, layout) -> Array:
-    return x if st.interpret else plgpu.layout_cast(x, layout)
-
-
-def _iota(st: _Static, shape, dim: int) -> Array:
-    return _layout(st, lax.broadcasted_iota(jnp.int32, shape, dim), _WGMMA)
-
-
-def _load_vector(st: _Static, ref, layout) -> Array:
-    """A 1-D shared-memory vector into registers, in the layout it will broadcast from."""
-    if st.interpret:
-        return ref[...]
-    return plgpu.load(ref, (), layout=layout)
-
-
-def _mma_accumulate(st: _Static, acc: Array, lhs: Array, rhs_ref) -> Array:
-    """acc + lhs @ rhs on the tensor cores (acc float32 [M, N], lhs [M, K] in registers)."""
-    if st.interpret:
-        return acc + jnp.dot(lhs, rhs_ref[...], preferred_element_type=jnp.float32)
-
-    def accumulate(acc_ref):
-        plgpu.wgmma(acc_ref, lhs, rhs_ref)
-
-    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
-
-
-def _mma_transposed(st: _Static, lhs_ref, rhs_ref, while_running=None) -> Array:
-    """lhs @ rhs^T into a fresh float32 accumulator (both [rows, K] in shared memory).
-    while_running(): what to do between issuing the matmul and waiting for its result."""
-    if st.interpret:  # the interpreter's wgmma takes no transposed operand
-        if while_running is not None:
-            while_running()
-        return lax.dot_general(
-            lhs_ref[...], rhs_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
-
-    def product(acc_ref):
-        plgpu.wgmma(acc_ref, lhs_ref, plgpu.transpose_ref(rhs_ref, (1, 0)))
-        if while_running is not None:
-            while_running()
-        return acc_ref[...]
-
-    shape = (lhs_ref.shape[0], rhs_ref.shape[0])
-    return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
-
-
-def tile_logits(st: _Static, qk: Array, bias: Array | None) -> tuple[Array, Array | None]:
-    """(base-2 logits, scale * q.k when the soft cap's gradient needs it, else None) of a tile."""
-    if st.softcap is None:  # one multiply per element: scale and the base-2 change together
-        logits = qk * (st.scale * _LOG2E)
-        if bias is not None:
-            logits = logits + bias * _LOG2E
-        return logits, None
-    scores = qk * st.scale
-    logits = common.capped_logits(scores, st.softcap)
-    if bias is not None:
-        logits = logits + bias
-    return logits * _LOG2E, scores
-
-
-def hide_invisible(
-    st: _Static, logits, *, q_first, k_first, bounds, q_seg, kv_seg, mask, transposed=False
-):
-    """-inf where a query does not see a key. logits: queries down, keys across (or keys down
-    with transposed=True, in the dk/dv kernel); q_seg, kv_seg: 1-D vectors in the layout of
-    their axis. The position grids are built here, per masked tile, not held across the loop
-    (two int32 tiles would cost a consumer 128 registers)."""
-    shape = logits.shape
-    q_axis, k_axis = (1, 0) if transposed else (0, 1)
-    if q_seg is not None:
-        q_seg = lax.broadcast_in_dim(q_seg, shape, [q_axis])
-        kv_seg = lax.broadcast_in_dim(kv_seg, shape, [k_axis])
-    visible = common.tile_visibility(
-        q_first + _iota(st, shape, q_axis),
-        k_first + _iota(st, shape, k_axis),
-        q_offset=bounds[0],
-        q_len=bounds[1],
-        kv_len=bounds[2],
-        right=st.right,
-        left=st.left,
-        check_q_len=st.check_q_len,
-        check_kv_len=st.check_kv_len,
-        q_seg=q_seg,
-        kv_seg=kv_seg,
-        broadcast=False,
-    )
-    if mask is not None:
-        visible = mask != 0 if visible is None else visible & (mask != 0)
-    return logits if visible is None else jnp.where(visible, logits, -jnp.inf)
-
-
-def pair_window(ref, batch, head, rows, cols):
-    """The [rows, cols] window of a [B', N', R, C] operand that broadcasts over B' or N' == 1."""
-    return ref.at[batch if ref.shape[0] > 1 else 0, head if ref.shape[1] > 1 else 0, rows, cols]
-
-
 # --- the kernel ---------------------------------------------------------------------------------
 
 
-def _key_blocks(st: _Static, bounds, q_first, rows: int):
-    """(lo, inner_lo, inner_hi, hi) of the key blocks that queries [q_first, +rows) visit."""
-    q_offset, q_len, kv_len = bounds
-    reach = dict(right=st.right, left=st.left)
-    q_stop = jnp.minimum(q_first + rows, q_len)
-    lo, hi = common.key_block_range(
-        q_first, q_stop, q_offset=q_offset, kv_len=kv_len, block_k=st.block_kv, **reach
-    )
-    inner_lo, inner_hi = common.unmasked_key_blocks(
-        lo,
-        hi,
-        q_first,
-        q_offset=q_offset,
-        q_len=q_len,
-        kv_len=kv_len,
-        block_q=rows,
-        block_k=st.block_kv,
-        check_q_len=st.check_q_len,
-        check_kv_len=st.check_kv_len,
-        **reach,
-    )
-    return lo, inner_lo, inner_hi, hi
-
-
-def _forward_kernel(refs, scratch, *, st: _Static):
+def _forward_kernel(refs, scratch, *, st: Static):
     q_ref, k_ref, v_ref, bounds_ref = refs["q"], refs["k"], refs["v"], refs["bounds"]
     out_ref, lse_ref = refs["out"], refs["lse"]
     block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
@@ -341,15 +202,15 @@ def _forward_kernel(refs, scratch, *, st: _Static):
     batch = lax.axis_index("batch")
     wg = lax.axis_index("wg")
     bounds = (bounds_ref[batch, 0], bounds_ref[batch, 1], bounds_ref[batch, 2])
-    program_first = q_tile * (_CONSUMERS * block_q)
-    lo, _, _, hi = _key_blocks(st, bounds, program_first, _CONSUMERS * block_q)
+    program_first = q_tile * (CONSUMERS * block_q)
+    lo, _, _, hi = key_blocks(st, bounds, program_first, CONSUMERS * block_q)
 
     def slot_of(step):
         return lax.rem(step - lo, stages)
 
-    program_rows = pl.ds(program_first, _CONSUMERS * block_q)
+    program_rows = pl.ds(program_first, CONSUMERS * block_q)
 
-    @pl.when(wg == _CONSUMERS)
+    @pl.when(wg == CONSUMERS)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
         kv_head = lax.div(head, st.groups)
@@ -391,7 +252,7 @@ def _forward_kernel(refs, scratch, *, st: _Static):
             plgpu.barrier_wait(scratch["k_consumed"].at[slot_of(step)])
             plgpu.barrier_wait(scratch["v_consumed"].at[slot_of(step)])
 
-    @pl.when(wg < _CONSUMERS)
+    @pl.when(wg < CONSUMERS)
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
         q_first = program_first + wg * block_q
@@ -406,8 +267,8 @@ def _forward_kernel(refs, scratch, *, st: _Static):
             )
         plgpu.barrier_wait(scratch["q_produced"].at[wg])
         if st.has_segments:
-            q_seg = _load_vector(st, scratch["q_seg"].at[wg], _WGMMA_ROW)
-        _, inner_lo, inner_hi, _ = _key_blocks(st, bounds, q_first, block_q)
+            q_seg = load_vector(st, scratch["q_seg"].at[wg], WGMMA_ROW)
+        _, inner_lo, inner_hi, _ = key_blocks(st, bounds, q_first, block_q)
 
         # The ping-pong schedule: a two-party barrier the consumers meet at twice a step, right
         # after issuing Q K^T and right after their softmax, so that one's softmax overlaps the
@@ -426,7 +287,7 @@ def _forward_kernel(refs, scratch, *, st: _Static):
             acc, m_i, l_i = carry  # [bq, Hp] f32; [bq] f32 running max (base 2); [bq] f32 sum
             slot = slot_of(step)
             plgpu.barrier_wait(scratch["k_produced"].at[slot])
-            qk = _mma_transposed(
+            qk = mma_transposed(
                 st, q_smem, scratch["k"].at[slot], take_turns if turn is not None else None
             )
             bias = mask = kv_seg = None
@@ -435,7 +296,7 @@ def _forward_kernel(refs, scratch, *, st: _Static):
             if st.has_mask:
                 mask = scratch["mask"][slot, pl.ds(wg * block_q, block_q)]
             if st.has_segments:
-                kv_seg = _load_vector(st, scratch["kv_seg"].at[slot], _WGMMA_COL)
+                kv_seg = load_vector(st, scratch["kv_seg"].at[slot], WGMMA_COL)
             plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
 
             logits, _ = tile_logits(st, qk, bias)
@@ -466,14 +327,14 @@ def _forward_kernel(refs, scratch, *, st: _Static):
                 plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(scratch["v_produced"].at[slot])
                 plgpu.barrier_wait(turn)
-            acc = _mma_accumulate(st, acc, p, scratch["v"].at[slot])
+            acc = mma_accumulate(st, acc, p, scratch["v"].at[slot])
             plgpu.barrier_arrive(scratch["v_consumed"].at[slot])
             return acc, m_new, l_i
 
         h_pad = q_ref.shape[-1]
-        acc = _layout(st, jnp.zeros((block_q, h_pad), jnp.float32), _WGMMA)
-        m_i = _layout(st, jnp.full((block_q,), -jnp.inf, jnp.float32), _WGMMA_ROW)
-        l_i = _layout(st, jnp.zeros((block_q,), jnp.float32), _WGMMA_ROW)
+        acc = layout_cast(st, jnp.zeros((block_q, h_pad), jnp.float32), WGMMA)
+        m_i = layout_cast(st, jnp.full((block_q,), -jnp.inf, jnp.float32), WGMMA_ROW)
+        l_i = layout_cast(st, jnp.zeros((block_q,), jnp.float32), WGMMA_ROW)
         # This warpgroup's unmasked range, clipped into the program's [lo, hi): both consumers
         # visit every step of [lo, hi) (the barriers count on it), masking what they do not see.
         inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
@@ -493,21 +354,8 @@ def _forward_kernel(refs, scratch, *, st: _Static):
         plgpu.wait_smem_to_gmem(0)
 
 
-def _tiled(shape, dtype):
-    """Shared memory in the tiled, swizzled form wgmma operands and register tiles use: rows of
-    8, the widest swizzle (128, 64 or 32 bytes) that one row of the last axis fills."""
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = max(s for s in (32, 64, 128) if s <= max(32, shape[-1] * itemsize))
-    elements = swizzle // itemsize
-    return plgpu.SMEM(
-        shape,
-        dtype,
-        transforms=(plgpu.TilingTransform((8, elements)), plgpu.SwizzleTransform(swizzle)),
-    )
-
-
 def forward(
-    st: _Static,
+    st: Static,
     query: Array,  # [B, T, N, H] float16/bfloat16
     key: Array,  # [B, S, K, H]
     value: Array,  # [B, S, K, H]
@@ -519,7 +367,7 @@ def forward(
     """Pad, run the kernel, unpad."""
     batch, q_len, num_heads, head_dim = query.shape
     kv_len = key.shape[1]
-    rows_per_program = _CONSUMERS * st.block_q
+    rows_per_program = CONSUMERS * st.block_q
     t_pad = -(-q_len // rows_per_program) * rows_per_program
     s_pad = -(-kv_len // st.block_kv) * st.block_kv
     h_pad = padded_head_dim(head_dim)
@@ -539,37 +387,37 @@ def forward(
     }
     stages, block_kv = st.num_stages, st.block_kv
     scratch = {
-        "q": _tiled((_CONSUMERS, st.block_q, h_pad), query.dtype),
-        "k": _tiled((stages, block_kv, h_pad), query.dtype),
-        "v": _tiled((stages, block_kv, h_pad), query.dtype),
-        "lse": plgpu.SMEM((_CONSUMERS, st.block_q), jnp.float32),
+        "q": tiled((CONSUMERS, st.block_q, h_pad), query.dtype),
+        "k": tiled((stages, block_kv, h_pad), query.dtype),
+        "v": tiled((stages, block_kv, h_pad), query.dtype),
+        "lse": plgpu.SMEM((CONSUMERS, st.block_q), jnp.float32),
     }
     produced_copies = 1
     if bias is not None:
         operands["bias"] = pairwise(bias, bias.dtype if bias.dtype != jnp.float64 else jnp.float32)
-        scratch["bias"] = _tiled((stages, rows_per_program, block_kv), operands["bias"].dtype)
+        scratch["bias"] = tiled((stages, rows_per_program, block_kv), operands["bias"].dtype)
         produced_copies += 1
     if mask is not None:
         operands["mask"] = pairwise(mask, jnp.int8)
-        scratch["mask"] = _tiled((stages, rows_per_program, block_kv), jnp.int8)
+        scratch["mask"] = tiled((stages, rows_per_program, block_kv), jnp.int8)
         produced_copies += 1
     q_copies = 1
     if segment_ids is not None:
         operands["q_seg"] = common.pad_to(segment_ids[0].astype(jnp.int32), 1, t_pad, -1)
         operands["kv_seg"] = common.pad_to(segment_ids[1].astype(jnp.int32), 1, s_pad, -2)
-        scratch["q_seg"] = plgpu.SMEM((_CONSUMERS, st.block_q), jnp.int32)
+        scratch["q_seg"] = plgpu.SMEM((CONSUMERS, st.block_q), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((stages, block_kv), jnp.int32)
         produced_copies += 1
         q_copies += 1
     scratch.update(
-        q_produced=plgpu.Barrier(num_arrivals=q_copies, num_barriers=_CONSUMERS),
+        q_produced=plgpu.Barrier(num_arrivals=q_copies, num_barriers=CONSUMERS),
         k_produced=plgpu.Barrier(num_arrivals=produced_copies, num_barriers=stages),
         v_produced=plgpu.Barrier(num_barriers=stages),
-        k_consumed=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
-        v_consumed=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+        k_consumed=plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+        v_consumed=plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
     )
     if st.schedule_barrier:
-        scratch["turn"] = plgpu.Barrier(num_arrivals=_CONSUMERS)
+        scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS)
 
     def body(*refs):
         names = list(operands) + ["out", "lse"]
@@ -589,22 +437,14 @@ def forward(
         out_type=out_type,
         grid=(num_heads, t_pad // rows_per_program, batch),
         grid_names=("heads", "q_tiles", "batch"),
-        num_threads=_CONSUMERS + 1,
+        num_threads=CONSUMERS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        **_interpret_kwargs(st),
+        **interpret_kwargs(st),
     )
     out, lse = kernel(*operands.values())
     out = out[:, :q_len, :, :head_dim]
     return out, jnp.swapaxes(lse[:, :, :q_len], 1, 2)
-
-
-def _interpret_kwargs(st: _Static) -> dict:
-    if not st.interpret:
-        return {}
-    from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params
-
-    return {"interpret": interpret_params.InterpretGPUParams()}
 
 
 # --- the public entry: forward here, backward from the Triton kernels ---------------------------
@@ -676,7 +516,7 @@ def flash_attention(
             f"{config} needs more shared memory than an H100 has for head dim {head_dim}"
         )
     s_pad = -(-kv_len // config.block_kv) * config.block_kv
-    st = _Static(
+    st = Static(
         scale=float(scale),
         softcap=logits_soft_cap,
         right=common.right_reach(is_causal, local_window_size),
@@ -741,8 +581,6 @@ def flash_attention(
         if isinstance(d_lse, jax.custom_derivatives.SymbolicZero):
             d_lse = jnp.zeros(lse.shape, lse.dtype)
         if native_backward and want_dbias is None:
-            from pallas_kernels import flash_mosaic_bwd
-
             dq, dk, dv = flash_mosaic_bwd.backward(
                 bwd_st, query, key, value, bias, mask, bounds, segment_ids, out, lse, d_out, d_lse
             )

@@ -19,8 +19,6 @@ computed here: when the bias is differentiated the caller uses the Triton backwa
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
@@ -28,26 +26,25 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import common
-from pallas_kernels.flash_mosaic import (
-    _CONSUMERS,
-    _WGMMA,
-    _WGMMA_COL,
-    _WGMMA_ROW,
-    _interpret_kwargs,
-    _key_blocks,
-    _layout,
-    _load_vector,
-    _mma_accumulate,
-    _mma_transposed,
-    _Static,
-    _tiled,
+from pallas_kernels.mosaic_common import (
+    CONSUMERS,
+    LOG2E,
+    WGMMA,
+    WGMMA_COL,
+    WGMMA_ROW,
+    Static,
     hide_invisible,
+    interpret_kwargs,
+    key_blocks,
+    layout_cast,
+    load_vector,
+    mma_accumulate,
+    mma_transposed,
     padded_head_dim,
     pair_window,
     tile_logits,
+    tiled,
 )
-
-_LOG2E = math.log2(math.e)
 
 
 def _scalars(bounds_ref, batch):
@@ -77,16 +74,16 @@ def _produce(scratch, lo, hi, stages: int, copies) -> None:
 # --- dq ----------------------------------------------------------------------------------------
 
 
-def _dq_kernel(refs, scratch, *, st: _Static):
+def _dq_kernel(refs, scratch, *, st: Static):
     block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
     head, q_tile = lax.axis_index("heads"), lax.axis_index("tiles")
     batch, wg = lax.axis_index("batch"), lax.axis_index("wg")
     bounds = _scalars(refs["bounds"], batch)
-    program_first = q_tile * (_CONSUMERS * block_q)
-    program_rows = pl.ds(program_first, _CONSUMERS * block_q)
-    lo, _, _, hi = _key_blocks(st, bounds, program_first, _CONSUMERS * block_q)
+    program_first = q_tile * (CONSUMERS * block_q)
+    program_rows = pl.ds(program_first, CONSUMERS * block_q)
+    lo, _, _, hi = key_blocks(st, bounds, program_first, CONSUMERS * block_q)
 
-    @pl.when(wg == _CONSUMERS)
+    @pl.when(wg == CONSUMERS)
     def _producer():
         kv_head = lax.div(head, st.groups)
 
@@ -106,7 +103,7 @@ def _dq_kernel(refs, scratch, *, st: _Static):
 
         _produce(scratch, lo, hi, stages, copies)
 
-    @pl.when(wg < _CONSUMERS)
+    @pl.when(wg < CONSUMERS)
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
         q_first = program_first + wg * block_q
@@ -121,19 +118,19 @@ def _dq_kernel(refs, scratch, *, st: _Static):
         plgpu.barrier_wait(ready)
 
         shape = (block_q, block_kv)
-        lse = _load_vector(st, scratch["lse"].at[wg], _WGMMA_ROW)
-        lse = jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)  # a fully masked row has p = 0
-        delta = _load_vector(st, scratch["delta"].at[wg], _WGMMA_ROW)
+        lse = load_vector(st, scratch["lse"].at[wg], WGMMA_ROW)
+        lse = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)  # a fully masked row has p = 0
+        delta = load_vector(st, scratch["delta"].at[wg], WGMMA_ROW)
         q_seg = None
         if st.has_segments:
-            q_seg = _load_vector(st, scratch["q_seg"].at[wg], _WGMMA_ROW)
+            q_seg = load_vector(st, scratch["q_seg"].at[wg], WGMMA_ROW)
         q_smem, d_out_smem = scratch["q"].at[wg], scratch["d_out"].at[wg]
 
         def visit(step, dq, *, masked: bool):
             slot = lax.rem(step - lo, stages)
             plgpu.barrier_wait(scratch["produced"].at[slot])
             k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
-            qk = _mma_transposed(st, q_smem, k_smem)
+            qk = mma_transposed(st, q_smem, k_smem)
             bias = mask = kv_seg = None
             own_rows = pl.ds(wg * block_q, block_q)
             if st.has_bias:
@@ -141,7 +138,7 @@ def _dq_kernel(refs, scratch, *, st: _Static):
             if st.has_mask:
                 mask = scratch["mask"][slot, own_rows]
             if st.has_segments:
-                kv_seg = _load_vector(st, scratch["kv_seg"].at[slot], _WGMMA_COL)
+                kv_seg = load_vector(st, scratch["kv_seg"].at[slot], WGMMA_COL)
             logits, scores = tile_logits(st, qk, bias)
             if masked:
                 logits = hide_invisible(
@@ -155,17 +152,17 @@ def _dq_kernel(refs, scratch, *, st: _Static):
                     mask=mask,
                 )
             p = jnp.exp2(logits - lax.broadcast_in_dim(lse, shape, [0]))
-            dp = _mma_transposed(st, d_out_smem, v_smem)
+            dp = mma_transposed(st, d_out_smem, v_smem)
             ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
             if scores is not None:
                 ds = ds * common.capped_logits_grad(scores, st.softcap)
-            dq = _mma_accumulate(st, dq, ds.astype(k_smem.dtype), k_smem)
+            dq = mma_accumulate(st, dq, ds.astype(k_smem.dtype), k_smem)
             plgpu.barrier_arrive(scratch["consumed"].at[slot])
             return dq
 
-        _, inner_lo, inner_hi, _ = _key_blocks(st, bounds, q_first, block_q)
+        _, inner_lo, inner_hi, _ = key_blocks(st, bounds, q_first, block_q)
         inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
-        dq = _layout(st, jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), _WGMMA)
+        dq = layout_cast(st, jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), WGMMA)
         dq = common.visit_all(st, (lo, inner_lo, inner_hi, hi), visit, dq)
         q_smem[...] = (dq * st.scale).astype(q_smem.dtype)  # Q is no longer needed
         plgpu.commit_smem()
@@ -176,9 +173,9 @@ def _dq_kernel(refs, scratch, *, st: _Static):
 # --- dk, dv -----------------------------------------------------------------------------------
 
 
-def _query_blocks(st: _Static, bounds, k_first, keys: int):
+def _query_blocks(st: Static, bounds, k_first, keys: int):
     """(lo, inner_lo, inner_hi, hi) of the query blocks that see keys [k_first, +keys), and the
-    inner part whose queries see all of them (the dk/dv twin of `_key_blocks`)."""
+    inner part whose queries see all of them (the dk/dv twin of `key_blocks`)."""
     q_offset, q_len, kv_len = bounds
     reach = dict(right=st.right, left=st.left)
     k_stop = jnp.minimum(k_first + keys, kv_len)
@@ -201,17 +198,17 @@ def _query_blocks(st: _Static, bounds, k_first, keys: int):
     return lo, inner_lo, inner_hi, hi
 
 
-def _dkdv_kernel(refs, scratch, *, st: _Static):
+def _dkdv_kernel(refs, scratch, *, st: Static):
     # Roles swapped: st.block_kv key rows per consumer, st.block_q queries per pipeline step.
     block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
     head, kv_tile = lax.axis_index("heads"), lax.axis_index("tiles")
     batch, wg = lax.axis_index("batch"), lax.axis_index("wg")
     bounds = _scalars(refs["bounds"], batch)
-    program_first = kv_tile * (_CONSUMERS * block_kv)
-    program_keys = pl.ds(program_first, _CONSUMERS * block_kv)
-    lo, _, _, hi = _query_blocks(st, bounds, program_first, _CONSUMERS * block_kv)
+    program_first = kv_tile * (CONSUMERS * block_kv)
+    program_keys = pl.ds(program_first, CONSUMERS * block_kv)
+    lo, _, _, hi = _query_blocks(st, bounds, program_first, CONSUMERS * block_kv)
 
-    @pl.when(wg == _CONSUMERS)
+    @pl.when(wg == CONSUMERS)
     def _producer():
         def copies(step, slot, barrier):
             rows = pl.ds(step * block_q, block_q)
@@ -233,7 +230,7 @@ def _dkdv_kernel(refs, scratch, *, st: _Static):
 
         _produce(scratch, lo, hi, stages, copies)
 
-    @pl.when(wg < _CONSUMERS)
+    @pl.when(wg < CONSUMERS)
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
         k_first = program_first + wg * block_kv
@@ -251,7 +248,7 @@ def _dkdv_kernel(refs, scratch, *, st: _Static):
         shape = (block_kv, block_q)  # transposed tiles: keys down, queries across
         kv_seg = None
         if st.has_segments:
-            kv_seg = _load_vector(st, scratch["kv_seg"].at[wg], _WGMMA_ROW)
+            kv_seg = load_vector(st, scratch["kv_seg"].at[wg], WGMMA_ROW)
         k_smem, v_smem = scratch["k"].at[wg], scratch["v"].at[wg]
 
         def visit(step, carry, *, masked: bool):
@@ -259,11 +256,11 @@ def _dkdv_kernel(refs, scratch, *, st: _Static):
             slot = lax.rem(step - lo, stages)
             plgpu.barrier_wait(scratch["produced"].at[slot])
             q_smem, d_out_smem = scratch["q"].at[slot], scratch["d_out"].at[slot]
-            lse = _load_vector(st, scratch["lse"].at[slot], _WGMMA_COL)
-            lse = lax.broadcast_in_dim(jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E), shape, [1])
-            delta = _load_vector(st, scratch["delta"].at[slot], _WGMMA_COL)
+            lse = load_vector(st, scratch["lse"].at[slot], WGMMA_COL)
+            lse = lax.broadcast_in_dim(jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E), shape, [1])
+            delta = load_vector(st, scratch["delta"].at[slot], WGMMA_COL)
             delta = lax.broadcast_in_dim(delta, shape, [1])
-            qk_t = _mma_transposed(st, k_smem, q_smem)
+            qk_t = mma_transposed(st, k_smem, q_smem)
             bias = mask = q_seg = None
             own_keys = pl.ds(wg * block_kv, block_kv)
             if st.has_bias:
@@ -271,7 +268,7 @@ def _dkdv_kernel(refs, scratch, *, st: _Static):
             if st.has_mask:
                 mask = scratch["mask"][slot, own_keys]
             if st.has_segments:
-                q_seg = _load_vector(st, scratch["q_seg"].at[slot], _WGMMA_COL)
+                q_seg = load_vector(st, scratch["q_seg"].at[slot], WGMMA_COL)
             logits_t, scores_t = tile_logits(st, qk_t, bias)
             if masked:
                 logits_t = hide_invisible(
@@ -286,18 +283,18 @@ def _dkdv_kernel(refs, scratch, *, st: _Static):
                     transposed=True,
                 )
             p_t = jnp.exp2(logits_t - lse)
-            dv = _mma_accumulate(st, dv, p_t.astype(v_smem.dtype), d_out_smem)
-            dp_t = _mma_transposed(st, v_smem, d_out_smem)
+            dv = mma_accumulate(st, dv, p_t.astype(v_smem.dtype), d_out_smem)
+            dp_t = mma_transposed(st, v_smem, d_out_smem)
             ds_t = p_t * (dp_t - delta)
             if scores_t is not None:
                 ds_t = ds_t * common.capped_logits_grad(scores_t, st.softcap)
-            dk = _mma_accumulate(st, dk, ds_t.astype(k_smem.dtype), q_smem)
+            dk = mma_accumulate(st, dk, ds_t.astype(k_smem.dtype), q_smem)
             plgpu.barrier_arrive(scratch["consumed"].at[slot])
             return dk, dv
 
         _, inner_lo, inner_hi, _ = _query_blocks(st, bounds, k_first, block_kv)
         inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
-        zeros = _layout(st, jnp.zeros((block_kv, k_smem.shape[-1]), jnp.float32), _WGMMA)
+        zeros = layout_cast(st, jnp.zeros((block_kv, k_smem.shape[-1]), jnp.float32), WGMMA)
         dk, dv = common.visit_all(st, (lo, inner_lo, inner_hi, hi), visit, (zeros, zeros))
         k_smem[...] = (dk * st.scale).astype(k_smem.dtype)  # K and V are no longer needed
         v_smem[...] = dv.astype(v_smem.dtype)
@@ -310,7 +307,7 @@ def _dkdv_kernel(refs, scratch, *, st: _Static):
 # --- launch -----------------------------------------------------------------------------------
 
 
-def _launch(kernel, st: _Static, operands: dict, scratch: dict, out_names, out_type, grid):
+def _launch(kernel, st: Static, operands: dict, scratch: dict, out_names, out_type, grid):
     def body(*refs):
         names = list(operands) + list(out_names)
         named = dict(zip(names, refs[: len(names)], strict=True))
@@ -325,15 +322,15 @@ def _launch(kernel, st: _Static, operands: dict, scratch: dict, out_names, out_t
         out_type=out_type,
         grid=grid,
         grid_names=("heads", "tiles", "batch"),
-        num_threads=_CONSUMERS + 1,
+        num_threads=CONSUMERS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        **_interpret_kwargs(st),
+        **interpret_kwargs(st),
     )(*operands.values())
 
 
 def backward(
-    st: _Static,
+    st: Static,
     query: Array,  # [B, T, N, H]
     key: Array,  # [B, S, K, H]
     value: Array,  # [B, S, K, H]
@@ -349,7 +346,7 @@ def backward(
     batch, q_len, num_heads, head_dim = query.shape
     kv_len, num_kv_heads = key.shape[1], key.shape[2]
     block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
-    tile = _CONSUMERS * max(block_q, block_kv)  # both kernels tile both axes
+    tile = CONSUMERS * max(block_q, block_kv)  # both kernels tile both axes
     t_pad = -(-q_len // tile) * tile
     s_pad = -(-kv_len // tile) * tile
     h_pad = padded_head_dim(head_dim)
@@ -385,21 +382,21 @@ def backward(
 
     def barriers(copies, row_copies):
         return dict(
-            rows_produced=plgpu.Barrier(num_arrivals=row_copies, num_barriers=_CONSUMERS),
+            rows_produced=plgpu.Barrier(num_arrivals=row_copies, num_barriers=CONSUMERS),
             produced=plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
-            consumed=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
+            consumed=plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         )
 
     # dq: the forward's schedule with dO, lse and delta riding along with Q.
-    rows_per_program = _CONSUMERS * block_q
-    scratch = {name: _tiled((_CONSUMERS, block_q, h_pad), dtype) for name in ("q", "d_out")} | {
-        name: plgpu.SMEM((_CONSUMERS, block_q), jnp.float32) for name in ("lse", "delta")
+    rows_per_program = CONSUMERS * block_q
+    scratch = {name: tiled((CONSUMERS, block_q, h_pad), dtype) for name in ("q", "d_out")} | {
+        name: plgpu.SMEM((CONSUMERS, block_q), jnp.float32) for name in ("lse", "delta")
     }
-    scratch |= {name: _tiled((stages, block_kv, h_pad), dtype) for name in ("k", "v")}
+    scratch |= {name: tiled((stages, block_kv, h_pad), dtype) for name in ("k", "v")}
     for name, x in pairs.items():
-        scratch[name] = _tiled((stages, rows_per_program, block_kv), x.dtype)
+        scratch[name] = tiled((stages, rows_per_program, block_kv), x.dtype)
     if segment_ids is not None:
-        scratch["q_seg"] = plgpu.SMEM((_CONSUMERS, block_q), jnp.int32)
+        scratch["q_seg"] = plgpu.SMEM((CONSUMERS, block_q), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((stages, block_kv), jnp.int32)
     has_seg = int(segment_ids is not None)
     scratch |= barriers(2 + len(pairs) + has_seg, 4 + has_seg)
@@ -414,16 +411,16 @@ def backward(
     )
 
     # dk, dv: per query head, bias and mask transposed to [B', N', S, T].
-    keys_per_program = _CONSUMERS * block_kv
+    keys_per_program = CONSUMERS * block_kv
     pairs_t = {name: jnp.swapaxes(x, 2, 3) for name, x in pairs.items()}
-    scratch = {name: _tiled((_CONSUMERS, block_kv, h_pad), dtype) for name in ("k", "v")}
-    scratch |= {name: _tiled((stages, block_q, h_pad), dtype) for name in ("q", "d_out")}
+    scratch = {name: tiled((CONSUMERS, block_kv, h_pad), dtype) for name in ("k", "v")}
+    scratch |= {name: tiled((stages, block_q, h_pad), dtype) for name in ("q", "d_out")}
     scratch |= {name: plgpu.SMEM((stages, block_q), jnp.float32) for name in ("lse", "delta")}
     for name, x in pairs_t.items():
-        scratch[name] = _tiled((stages, keys_per_program, block_q), x.dtype)
+        scratch[name] = tiled((stages, keys_per_program, block_q), x.dtype)
     if segment_ids is not None:
         scratch["q_seg"] = plgpu.SMEM((stages, block_q), jnp.int32)
-        scratch["kv_seg"] = plgpu.SMEM((_CONSUMERS, block_kv), jnp.int32)
+        scratch["kv_seg"] = plgpu.SMEM((CONSUMERS, block_kv), jnp.int32)
     scratch |= barriers(4 + len(pairs) + has_seg, 2 + has_seg)
     per_head = jax.ShapeDtypeStruct((batch, s_pad, num_heads, h_pad), dtype)
     dk, dv = _launch(

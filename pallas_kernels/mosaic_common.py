@@ -1,0 +1,199 @@
+"""What the Mosaic GPU flash attention kernels share: the forward (`flash_mosaic`) and the
+backward (`flash_mosaic_bwd`) both import it, so the two read forward -> backward without a
+circle.
+
+The static parameters a kernel bakes in (`Static`), the wgmma register layouts and their
+interpret-mode stand-ins, the tensor-core matmuls, the per-tile logits and visibility mask, the
+key-block range a block of queries visits, and the tiled shared-memory shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+from jax import Array, lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import common
+
+LOG2E = math.log2(math.e)
+CONSUMERS = 2  # compute warpgroups per program
+HEAD_MULTIPLE = 64  # 128-byte swizzle of 16-bit elements
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim the kernel computes with: the next multiple of 64."""
+    return -(-head_dim // HEAD_MULTIPLE) * HEAD_MULTIPLE
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Static:
+    """Everything the kernel bakes in (hashable: it keys the traced kernel)."""
+
+    scale: float
+    softcap: float | None
+    right: int | None  # common.right_reach
+    left: int | None  # common.left_reach
+    check_q_len: bool
+    check_kv_len: bool
+    dense_masks: bool  # segments or a user mask: every tile needs its mask
+    has_bias: bool
+    has_mask: bool
+    has_segments: bool
+    groups: int
+    block_q: int
+    block_kv: int
+    num_stages: int
+    schedule_barrier: bool
+    interpret: bool
+
+
+# --- interpret-mode stand-ins -----------------------------------------------------------------
+
+WGMMA = plgpu.Layout.WGMMA
+WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)  # [block_q] vectors: one value per row
+WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)  # [block_kv] vectors: one value per column
+
+
+def layout_cast(st: Static, x: Array, layout) -> Array:
+    return x if st.interpret else plgpu.layout_cast(x, layout)
+
+
+def tile_iota(st: Static, shape, dim: int) -> Array:
+    return layout_cast(st, lax.broadcasted_iota(jnp.int32, shape, dim), WGMMA)
+
+
+def load_vector(st: Static, ref, layout) -> Array:
+    """A 1-D shared-memory vector into registers, in the layout it will broadcast from."""
+    if st.interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=layout)
+
+
+def mma_accumulate(st: Static, acc: Array, lhs: Array, rhs_ref) -> Array:
+    """acc + lhs @ rhs on the tensor cores (acc float32 [M, N], lhs [M, K] in registers)."""
+    if st.interpret:
+        return acc + jnp.dot(lhs, rhs_ref[...], preferred_element_type=jnp.float32)
+
+    def accumulate(acc_ref):
+        plgpu.wgmma(acc_ref, lhs, rhs_ref)
+
+    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+def mma_transposed(st: Static, lhs_ref, rhs_ref, while_running=None) -> Array:
+    """lhs @ rhs^T into a fresh float32 accumulator (both [rows, K] in shared memory).
+    while_running(): what to do between issuing the matmul and waiting for its result."""
+    if st.interpret:  # the interpreter's wgmma takes no transposed operand
+        if while_running is not None:
+            while_running()
+        return lax.dot_general(
+            lhs_ref[...], rhs_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, lhs_ref, plgpu.transpose_ref(rhs_ref, (1, 0)))
+        if while_running is not None:
+            while_running()
+        return acc_ref[...]
+
+    shape = (lhs_ref.shape[0], rhs_ref.shape[0])
+    return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+
+def tile_logits(st: Static, qk: Array, bias: Array | None) -> tuple[Array, Array | None]:
+    """(base-2 logits, scale * q.k when the soft cap's gradient needs it, else None) of a tile."""
+    if st.softcap is None:  # one multiply per element: scale and the base-2 change together
+        logits = qk * (st.scale * LOG2E)
+        if bias is not None:
+            logits = logits + bias * LOG2E
+        return logits, None
+    scores = qk * st.scale
+    logits = common.capped_logits(scores, st.softcap)
+    if bias is not None:
+        logits = logits + bias
+    return logits * LOG2E, scores
+
+
+def hide_invisible(
+    st: Static, logits, *, q_first, k_first, bounds, q_seg, kv_seg, mask, transposed=False
+):
+    """-inf where a query does not see a key. logits: queries down, keys across (or keys down
+    with transposed=True, in the dk/dv kernel); q_seg, kv_seg: 1-D vectors in the layout of
+    their axis. The position grids are built here, per masked tile, not held across the loop
+    (two int32 tiles would cost a consumer 128 registers)."""
+    shape = logits.shape
+    q_axis, k_axis = (1, 0) if transposed else (0, 1)
+    if q_seg is not None:
+        q_seg = lax.broadcast_in_dim(q_seg, shape, [q_axis])
+        kv_seg = lax.broadcast_in_dim(kv_seg, shape, [k_axis])
+    visible = common.tile_visibility(
+        q_first + tile_iota(st, shape, q_axis),
+        k_first + tile_iota(st, shape, k_axis),
+        q_offset=bounds[0],
+        q_len=bounds[1],
+        kv_len=bounds[2],
+        right=st.right,
+        left=st.left,
+        check_q_len=st.check_q_len,
+        check_kv_len=st.check_kv_len,
+        q_seg=q_seg,
+        kv_seg=kv_seg,
+        broadcast=False,
+    )
+    if mask is not None:
+        visible = mask != 0 if visible is None else visible & (mask != 0)
+    return logits if visible is None else jnp.where(visible, logits, -jnp.inf)
+
+
+def pair_window(ref, batch, head, rows, cols):
+    """The [rows, cols] window of a [B', N', R, C] operand that broadcasts over B' or N' == 1."""
+    return ref.at[batch if ref.shape[0] > 1 else 0, head if ref.shape[1] > 1 else 0, rows, cols]
+
+
+def key_blocks(st: Static, bounds, q_first, rows: int):
+    """(lo, inner_lo, inner_hi, hi) of the key blocks that queries [q_first, +rows) visit."""
+    q_offset, q_len, kv_len = bounds
+    reach = dict(right=st.right, left=st.left)
+    q_stop = jnp.minimum(q_first + rows, q_len)
+    lo, hi = common.key_block_range(
+        q_first, q_stop, q_offset=q_offset, kv_len=kv_len, block_k=st.block_kv, **reach
+    )
+    inner_lo, inner_hi = common.unmasked_key_blocks(
+        lo,
+        hi,
+        q_first,
+        q_offset=q_offset,
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=rows,
+        block_k=st.block_kv,
+        check_q_len=st.check_q_len,
+        check_kv_len=st.check_kv_len,
+        **reach,
+    )
+    return lo, inner_lo, inner_hi, hi
+
+
+def tiled(shape, dtype):
+    """Shared memory in the tiled, swizzled form wgmma operands and register tiles use: rows of
+    8, the widest swizzle (128, 64 or 32 bytes) that one row of the last axis fills."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = max(s for s in (32, 64, 128) if s <= max(32, shape[-1] * itemsize))
+    elements = swizzle // itemsize
+    return plgpu.SMEM(
+        shape,
+        dtype,
+        transforms=(plgpu.TilingTransform((8, elements)), plgpu.SwizzleTransform(swizzle)),
+    )
+
+
+def interpret_kwargs(st: Static) -> dict:
+    if not st.interpret:
+        return {}
+    from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params
+
+    return {"interpret": interpret_params.InterpretGPUParams()}
