@@ -7,6 +7,7 @@ feature is ever silently dropped. Kernels (`triton`, `mosaic`) register themselv
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +26,11 @@ from jattn import chunked, reference
 
 SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 IMPLEMENTATIONS = ("mosaic", "triton", "cudnn", "xla_chunked", "xla")
+# Appended to shape errors: a [B, N, T, H] array (PyTorch's layout) is the common mistake.
+LAYOUT_HINT = (
+    "jattn takes the [B, T, N, H] layout of jax.nn.dot_product_attention (sequence on axis 1, "
+    "heads on axis 2), not [B, N, T, H]"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,15 +164,20 @@ def dot_product_attention(
       query: `[B, T, N, H]` (or `[T, N, H]`).
       key, value: `[B, S, K, H]` (or `[S, K, H]`); N % K == 0. Query head n uses kv head
         n // (N // K) (GQA; K == 1 is MQA).
-      bias: additive, rank <= 4, broadcastable to `[B, N, T, S]` (head axis 1 or N).
+      bias: additive, rank <= 4, broadcastable to `[B, N, T, S]` (head axis 1 or N). A boolean
+        or integer bias is added as numbers (True = 1), as jax.nn adds it.
       mask: boolean, True = attend; same shapes as bias.
-      scale: logits = scale * q.k; default H ** -0.5.
+      scale: logits = scale * q.k; default H ** -0.5. A traced scalar (a learned temperature
+        under jit) is folded into the query, so it is differentiable too.
       is_causal: query i sees key j only if j <= i + q_offset (top-left aligned by default).
-      query_seq_lengths: `[B]`: query rows i >= length are padding and get output 0.
-      key_value_seq_lengths: `[B]`: keys j >= length are padding.
+      query_seq_lengths: `[B]` in [0, T]: query rows i >= length are padding and get output 0.
+      key_value_seq_lengths: `[B]` in [0, S]: keys j >= length are padding; whatever they hold
+        (NaN, inf) never reaches a result. Lengths out of range raise ValueError when concrete
+        and are clamped into range when traced (the rule of `decode_attention`).
       local_window_size: `(left, right)` or an int w for `(w, w)`:
         i + q_offset - left <= j <= i + q_offset + right.
-      return_residual: also return the float32 log-sum-exp `[B, T, N]` of the masked logits.
+      return_residual: also return the log-sum-exp `[B, T, N]` of the masked logits (in the
+        query dtype, as jax.nn returns it; computed in float32).
       q_offset: int or `[B]`: absolute position of query row 0 for the causal and window masks;
         any int32 value (positions are compared without overflow, so 2**31 - 1 with causal sees
         every key). Integer arguments wider than int32 must fit it (ValueError when concrete;
@@ -186,8 +197,10 @@ def dot_product_attention(
       config: the chosen implementation's Config (e.g. `jattn.ChunkedConfig`); None = default.
 
     Returns:
-      `[B, T, N, H]` in the query dtype (and lse `[B, T, N]` float32 with `return_residual`).
-      A row that sees no key returns 0, lse -inf and zero gradients (jax.nn: the mean of V).
+      `[B, T, N, H]` in the query dtype (and lse `[B, T, N]` with `return_residual`).
+      A row that sees no key returns 0, lse -inf and zero gradients (jax.nn: the mean of V);
+      so does S = 0. Empty T, B, N or H give empty results. A key that holds NaN/inf reaches
+      only the rows that see it (their output and lse are NaN), never a row it is hidden from.
 
     Autodiff: reverse mode (jax.grad, jax.vjp) runs each implementation's own backward (a
     custom_vjp). Forward mode (jax.jvp, jax.jacfwd, jax.hessian) and second derivatives (grad of
@@ -207,6 +220,9 @@ def dot_product_attention(
       0.0
     """
     unbatched = jnp.ndim(query) == 3
+    traced_scale = None
+    if scale is not None and concrete_value(scale) is None:
+        traced_scale, scale = _check_traced_scale(scale), 1.0
     args = check_attention_args(
         query,
         key,
@@ -222,10 +238,64 @@ def dot_product_attention(
         segment_ids=segment_ids,
         logits_soft_cap=logits_soft_cap,
     )
-    out, lse = _dispatch(args, implementation, config)
+    if traced_scale is not None:  # scale * (q . k) == (scale * q) . k
+        q = args.query
+        scaled = q.astype(jnp.promote_types(q.dtype, jnp.float32)) * traced_scale
+        args = dataclasses.replace(args, query=scaled.astype(q.dtype))
+    out, lse = _run(args, implementation, config)
+    lse = lse.astype(out.dtype)  # jax.nn returns the lse in the input dtype
     if unbatched:
         out, lse = out[0], lse[0]
     return (out, lse) if return_residual else out
+
+
+def _check_traced_scale(scale) -> Array:
+    scale = jnp.asarray(scale)
+    if scale.ndim != 0 or not (
+        jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer)
+    ):
+        raise ValueError(f"scale must be a real scalar, got {scale.dtype}{list(scale.shape)}")
+    return scale
+
+
+# The arrays of AttentionArgs; every other field is static (it keys the compiled function).
+_ARRAY_FIELDS = (
+    "query",
+    "key",
+    "value",
+    "bias",
+    "mask",
+    "query_seq_lengths",
+    "key_value_seq_lengths",
+    "q_offset",
+    "segment_ids",
+)
+
+
+def _run(args: AttentionArgs, implementation, config) -> tuple[Array, Array]:
+    """`_dispatch` under one jit per static signature: an eager call compiles once per shape
+    and option set instead of re-tracing every scan and kernel on every call."""
+    forward, reverse = _autodiff_levels(args)
+    if forward or reverse > 1:  # a jit here would hide the tracers that pick the implementation
+        return _dispatch(args, implementation, config)
+    if not isinstance(implementation, str | None):
+        implementation = tuple(implementation)
+    static = tuple(
+        (field.name, getattr(args, field.name))
+        for field in dataclasses.fields(args)
+        if field.name not in _ARRAY_FIELDS
+    )
+    try:
+        hash((static, implementation, config))
+    except TypeError:  # an unhashable config: let the implementation say what is wrong
+        return _dispatch(args, implementation, config)
+    arrays = {name: getattr(args, name) for name in _ARRAY_FIELDS}
+    return _dispatch_jit(arrays, static, implementation, config)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _dispatch_jit(arrays, static, implementation, config) -> tuple[Array, Array]:
+    return _dispatch(AttentionArgs(**arrays, **dict(static)), implementation, config)
 
 
 def _autodiff_levels(args: AttentionArgs) -> tuple[bool, int]:
@@ -288,6 +358,10 @@ def _dispatch(args: AttentionArgs, implementation, config) -> tuple[Array, Array
         if name not in IMPLEMENTATIONS:
             raise ValueError(f"Unknown implementation {name!r}; choose from {IMPLEMENTATIONS}.")
     names = _check_config(names, config, auto=implementation is None)
+    if 0 in args.query.shape or 0 in args.key.shape:
+        # Nothing for a kernel to tile (S = 0: every row sees nothing, so output 0 and lse
+        # -inf; T, B, N or H = 0: empty results): every implementation answers the same.
+        return _xla(args, None)
     forward, reverse = _autodiff_levels(args)
     reasons = []
     for name in names:
@@ -356,6 +430,19 @@ def _check_batch_ints(x, name: str, batch: int, allow_scalar: bool = False) -> A
     if x.shape != (batch,) and not (allow_scalar and x.ndim == 0):
         raise ValueError(f"{name} must have shape [B] = ({batch},), got {x.shape}")
     return jnp.broadcast_to(x, (batch,))
+
+
+def _check_seq_lengths(x, name: str, batch: int, axis: str, limit: int) -> Array | None:
+    """Lengths in [0, limit]: a concrete value out of range raises (checked before the int32
+    cast, so 2**32 + 3 cannot wrap to 3); a traced one is clamped into range, as
+    `decode_attention` clamps its lengths, the same for every implementation."""
+    if x is None:
+        return None
+    known = concrete_value(x)
+    if known is not None and np.issubdtype(known.dtype, np.integer) and known.size:
+        if (known < 0).any() or (known > limit).any():
+            raise ValueError(f"{name} must lie in [0, {axis} = {limit}], got {known.tolist()}")
+    return jnp.clip(_check_batch_ints(x, name, batch), 0, limit)
 
 
 def concrete_value(x) -> np.ndarray | None:
@@ -466,7 +553,7 @@ def check_attention_args(
     if not (np.ndim(query) == np.ndim(key) == np.ndim(value)) or np.ndim(query) not in (3, 4):
         raise ValueError(
             f"query, key and value must all be rank 4 [B, T|S, N|K, H] (or all "
-            f"rank 3 without B); got {shapes}"
+            f"rank 3 without B); got {shapes}. {LAYOUT_HINT}"
         )
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     if query.ndim == 3:
@@ -474,13 +561,26 @@ def check_attention_args(
     batch, q_len, num_heads, head_dim = query.shape
     _, kv_len, num_kv_heads, _ = key.shape
     if key.shape != value.shape:
-        raise ValueError(f"key and value must have the same shape [B, S, K, H]; got {shapes}")
+        raise ValueError(
+            f"key and value must have the same shape [B, S, K, H]; got {shapes}. {LAYOUT_HINT}"
+        )
     if key.shape[0] != batch:
-        raise ValueError(f"query and key disagree on the batch size B; got {shapes}")
+        raise ValueError(
+            f"query [B, T, N, H] and key [B, S, K, H] disagree on the batch size B; got "
+            f"{shapes}. {LAYOUT_HINT}"
+        )
     if key.shape[3] != head_dim:
-        raise ValueError(f"query and key disagree on the head dim H; got {shapes}")
+        raise ValueError(
+            f"query [B, T, N, H] and key [B, S, K, H] disagree on the head dim H; got "
+            f"{shapes}. {LAYOUT_HINT}"
+        )
+    if head_dim == 0:  # no default scale (H ** -0.5) and nothing to attend with
+        raise ValueError(f"the head dim H must be >= 1; got {shapes}")
     if num_kv_heads == 0 or num_heads % num_kv_heads:
-        raise ValueError(f"query heads N must be a multiple of kv heads K (GQA); got {shapes}")
+        raise ValueError(
+            f"query heads N (axis 2 of query [B, T, N, H]) must be a multiple of kv heads K "
+            f"(axis 2 of key [B, S, K, H]; GQA), and K >= 1; got {shapes}. {LAYOUT_HINT}"
+        )
     dtypes = {query.dtype, key.dtype, value.dtype}
     if len(dtypes) != 1 or query.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
@@ -491,8 +591,10 @@ def check_attention_args(
     full = (batch, num_heads, q_len, kv_len)
     if bias is not None:
         bias = _check_broadcast_4d(bias, "bias", full)
-        if not jnp.issubdtype(bias.dtype, jnp.floating):
-            raise ValueError(f"bias must be floating point, got {bias.dtype}")
+        if bias.dtype == jnp.bool_ or jnp.issubdtype(bias.dtype, jnp.integer):
+            bias = bias.astype(query.dtype)  # added as numbers, as jax.nn does (True = 1)
+        elif not jnp.issubdtype(bias.dtype, jnp.floating):
+            raise ValueError(f"bias must be real, got {bias.dtype}")
     if mask is not None:
         mask = _check_broadcast_4d(mask, "mask", full)
         if mask.dtype != jnp.bool_:
@@ -500,8 +602,12 @@ def check_attention_args(
                 f"mask must be boolean (True = attend), got {mask.dtype}; pass an "
                 "additive mask as bias"
             )
-    query_seq_lengths = _check_batch_ints(query_seq_lengths, "query_seq_lengths", batch)
-    key_value_seq_lengths = _check_batch_ints(key_value_seq_lengths, "key_value_seq_lengths", batch)
+    query_seq_lengths = _check_seq_lengths(
+        query_seq_lengths, "query_seq_lengths", batch, "T", q_len
+    )
+    key_value_seq_lengths = _check_seq_lengths(
+        key_value_seq_lengths, "key_value_seq_lengths", batch, "S", kv_len
+    )
     q_offset = _check_batch_ints(q_offset, "q_offset", batch, allow_scalar=True)
     if segment_ids is not None:
         if not isinstance(segment_ids, tuple | list) or len(segment_ids) != 2:

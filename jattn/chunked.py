@@ -237,14 +237,31 @@ def _tile_visible(static: _Static, padded: _Padded, aux: _Aux, q_start, k_start)
     return visible if mask is None else visible & mask
 
 
-def _tile_logits(static: _Static, q, padded: _Padded, q_start, k_start) -> tuple[Array, Array]:
-    """Scaled scores and final logits (soft cap, bias) of one tile: [B, K, G, bq, bk] each."""
-    k = _tile(padded.key, {1: k_start}, {1: static.block_k})  # [B, bk, K, H]
-    scores = static.scale * _matmul("btkgh,bskh->bkgts", q, k)
+class _KeyTile(NamedTuple):
+    key: Array  # [B, bk, K, H], NaN/inf keys zeroed
+    value: Array  # [B, bk, K, H], the same keys zeroed
+    bad: Array  # [B, K, 1, 1, bk] bool: the key or value held NaN/inf
+
+
+def _key_tile(static: _Static, padded: _Padded, k_start) -> _KeyTile:
+    """One key block, with non-finite keys zeroed (see `masking.split_nonfinite_keys`)."""
+    k = _tile(padded.key, {1: k_start}, {1: static.block_k})
+    v = _tile(padded.value, {1: k_start}, {1: static.block_k})
+    k, v, bad = masking.split_nonfinite_keys(k, v)  # bad: [B, bk, K]
+    return _KeyTile(k, v, jnp.moveaxis(bad, 1, 2)[:, :, None, None])
+
+
+def _tile_logits(
+    static: _Static, q, keys: _KeyTile, visible, padded: _Padded, q_start, k_start
+) -> tuple[Array, Array]:
+    """Scaled scores and final logits (soft cap, bias; NaN on rows that see a non-finite key)
+    of one tile: [B, K, G, bq, bk] each."""
+    scores = static.scale * _matmul("btkgh,bskh->bkgts", q, keys.key)
     logits = masking.soft_cap(scores, static.logits_soft_cap)
     sizes = {3: static.block_q, 4: static.block_k}
     bias = _tile(padded.bias, {3: q_start, 4: k_start}, sizes)
-    return scores, logits if bias is None else logits + bias
+    logits = logits if bias is None else logits + bias
+    return scores, masking.poison_rows(logits, jnp.any(visible & keys.bad, axis=-1))
 
 
 # --- forward ----------------------------------------------------------------------------------
@@ -266,7 +283,8 @@ def _forward(static: _Static, query, key, value, bias, aux):
 
             def attend(carry):
                 row_max, row_sum, acc = carry  # row_max is -inf until a row has seen a key
-                _, logits = _tile_logits(static, q, padded, q_start, k_start)
+                keys = _key_tile(static, padded, k_start)
+                _, logits = _tile_logits(static, q, keys, visible, padded, q_start, k_start)
                 logits = jnp.where(visible, logits, -jnp.inf)
                 # The shift cancels in every result: no derivative through it (JAX's max jvp
                 # divides by the count of maxima, 0 when XLA recomputes the logits inexactly).
@@ -276,7 +294,7 @@ def _forward(static: _Static, query, key, value, bias, aux):
                 shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
                 probs = jnp.exp(logits - shift[..., None])  # [B, K, G, bq, bk]
                 rescale = jnp.exp(row_max - shift)
-                v = _tile(padded.value, {1: k_start}, {1: static.block_k})
+                v = keys.value
                 pv = _matmul("bkgts,bskh->bkgth", probs.astype(v.dtype), v)
                 acc = acc * rescale[..., None] + pv
                 row_sum = row_sum * rescale + jnp.sum(probs, axis=-1)
@@ -328,7 +346,9 @@ def _backward(static: _Static, query, key, value, bias, aux, out, lse, d_out, d_
     delta = jnp.sum(do.astype(acc_dtype) * grouped(out.astype(acc_dtype)), axis=-1)
     delta = delta - grouped(d_lse.astype(acc_dtype))  # [B, K, G, T_pad]
     lse = grouped(lse)
-    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see nothing: logits are -inf anyway
+    # Rows that see nothing: their logits are -inf anyway. A NaN lse (a row that sees a
+    # non-finite key) stays NaN, so that row's gradients are NaN too.
+    lse = jnp.where(lse == -jnp.inf, 0.0, lse)
     bias_tile_shape = None
     if padded.bias is not None:
         b, k, g, t, s = padded.bias.shape
@@ -346,20 +366,22 @@ def _backward(static: _Static, query, key, value, bias, aux, out, lse, d_out, d_
 
             def attend(carry):
                 dq, dk, dv, dbias = carry
-                scores, logits = _tile_logits(static, q, padded, q_start, k_start)
+                keys = _key_tile(static, padded, k_start)
+                scores, logits = _tile_logits(static, q, keys, visible, padded, q_start, k_start)
                 probs = jnp.where(visible, jnp.exp(logits - lse_q[..., None]), 0.0)
-                v = _tile(padded.value, {1: k_start}, {1: static.block_k})
+                v = keys.value
                 dv = _add_tile(
                     dv, _matmul("bkgts,bkgth->bskh", probs.astype(dtype), do_q), {1: k_start}
                 )
                 d_probs = _matmul("bkgth,bskh->bkgts", do_q, v)
-                d_logits = probs * (d_probs - delta_q[..., None])  # [B, K, G, bq, bk]
+                # where, not probs * ...: a NaN delta (a poisoned row) must not reach hidden keys
+                d_logits = jnp.where(visible, probs * (d_probs - delta_q[..., None]), 0.0)
                 d_scores = d_logits
                 if static.logits_soft_cap is not None:
                     tanh = jnp.tanh(scores / static.logits_soft_cap)
                     d_scores = d_logits * (1.0 - jnp.square(tanh))
                 d_scores = (d_scores * static.scale).astype(dtype)
-                k = _tile(padded.key, {1: k_start}, {1: static.block_k})
+                k = keys.key
                 dq = dq + _matmul("bkgts,bskh->btkgh", d_scores, k)
                 dk = _add_tile(dk, _matmul("bkgts,btkgh->bskh", d_scores, q), {1: k_start})
                 if dbias is not None:

@@ -43,7 +43,10 @@ def decode_attention(
         traced lengths are clipped to [0, S]). With a paged cache S = pages * page_size.
       page_table: optional int `[B, pages]`: entry i of sequence b lives at
         `k_cache[page_table[b, i // page_size], i % page_size]`. Pages past a sequence's length
-        are never read (their entries may hold anything).
+        are never read (their entries may hold anything), and neither are slots past it.
+        An in-use entry outside [0, P) raises ValueError when the table and lengths are
+        concrete; when traced, it is clamped for the read (memory outside the pool is never
+        touched) and that sequence's output and lse are NaN, on every implementation.
       scale: default H ** -0.5.
       logits_soft_cap: c: logits = c * tanh(logits / c).
       return_residual: also return the float32 log-sum-exp `[B, N]`, so that partial results
@@ -54,7 +57,8 @@ def decode_attention(
       config: `DecodeConfig` tiling for 'triton' (None: the H100-tuned default).
 
     Returns:
-      `[B, N, H]` (and lse). A sequence with length 0 gets output 0 and lse -inf.
+      `[B, N, H]` (and lse). A sequence with length 0 gets output 0 and lse -inf; so does every
+      sequence of an empty cache (S = 0). B = 0 or N = 0 give empty results; H = 0 raises.
     """
     if implementation not in (None, *DECODE_IMPLEMENTATIONS):
         raise ValueError(
@@ -106,8 +110,49 @@ def decode_attention(
             "(the config of another kernel)"
         )
     lengths = lengths.astype(jnp.int32)
+    if head_dim == 0:
+        raise ValueError(f"the head dim H must be >= 1; got {shapes}")
+    bad_pages = None
     if page_table is not None:
         page_table = _check_page_table(page_table, k_cache.shape, shapes, known)
+        # A traced table can still point outside the pool: both paths read a clamped page
+        # (never memory outside the pool) and give that sequence NaN (like jnp.take's fill).
+        bad_pages = _sequences_with_bad_pages(page_table, lengths, k_cache.shape)
+        page_table = jnp.clip(page_table, 0, max(k_cache.shape[0] - 1, 0))
+    if 0 in (batch, num_heads, capacity, k_cache.shape[0]):  # nothing to read: no key is seen
+        out = jnp.zeros((batch, num_heads, head_dim), query.dtype)
+        lse = jnp.full((batch, num_heads), -jnp.inf, jnp.float32)
+    else:
+        out, lse = _serve(
+            query,
+            k_cache,
+            v_cache,
+            lengths,
+            page_table,
+            scale,
+            logits_soft_cap,
+            implementation,
+            config,
+            head_dim,
+        )
+    if bad_pages is not None:
+        out = jnp.where(bad_pages[:, None, None], jnp.nan, out).astype(out.dtype)
+        lse = jnp.where(bad_pages[:, None], jnp.nan, lse)
+    return (out, lse) if return_residual else out
+
+
+def _serve(
+    query,
+    k_cache,
+    v_cache,
+    lengths,
+    page_table,
+    scale,
+    logits_soft_cap,
+    implementation,
+    config,
+    head_dim,
+) -> tuple[Array, Array]:
     order = [implementation] if implementation else ["triton", "xla"]
     if implementation is None and not kernel_common.on_gpu():
         order = ["xla"]  # interpret mode is for tests, not for use
@@ -130,7 +175,7 @@ def decode_attention(
                     logits_soft_cap=logits_soft_cap,
                     config=config,
                 )
-                return (out, lse) if return_residual else out
+                return out, lse
         except NotImplementedError:
             if implementation is not None:
                 raise
@@ -144,7 +189,7 @@ def decode_attention(
             lengths,
             scale=scale,
             logits_soft_cap=logits_soft_cap,
-            return_residual=return_residual,
+            return_residual=True,
         )
     raise AssertionError("unreachable: 'xla' serves every call")
 
@@ -153,6 +198,13 @@ def _gather_pages(pool: Array, page_table: Array) -> Array:
     """`[P, page_size, K, H]` pages in `page_table` `[B, pages]` order -> `[B, S, K, H]`."""
     batch, pages = page_table.shape
     return pool[page_table].reshape(batch, pages * pool.shape[1], *pool.shape[2:])
+
+
+def _sequences_with_bad_pages(page_table: Array, lengths: Array, pool_shape) -> Array:
+    """[B] bool: the sequences with an in-use page_table entry outside [0, P)."""
+    pool, page_size = pool_shape[0], pool_shape[1]
+    used = jnp.arange(page_table.shape[1])[None, :] * page_size < lengths[:, None]
+    return jnp.any(used & ((page_table < 0) | (page_table >= pool)), axis=1)
 
 
 def _check_page_table(page_table, pool_shape, shapes, known_lengths) -> Array:

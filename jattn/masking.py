@@ -66,7 +66,30 @@ def group_heads(x: Array | None, num_kv_heads: int) -> Array | None:
     return x.reshape(b, num_kv_heads, n // num_kv_heads, t, s)
 
 
+def split_nonfinite_keys(key: Array, value: Array) -> tuple[Array, Array, Array]:
+    """(key, value with every NaN/inf key zeroed, which keys were: `[..., S, K]` bool).
+
+    Matmuls must not meet a hidden key's NaN (0 * NaN = NaN): the kernels multiply by zeroed
+    copies and poison only the rows that see a non-finite key (`poison_rows`).
+    """
+    bad = ~(jnp.all(jnp.isfinite(key), axis=-1) & jnp.all(jnp.isfinite(value), axis=-1))
+    return (
+        jnp.where(bad[..., None], jnp.zeros((), key.dtype), key),
+        jnp.where(bad[..., None], jnp.zeros((), value.dtype), value),
+        bad,
+    )
+
+
+def poison_rows(logits: Array, poisoned: Array) -> Array:
+    """logits [..., T, S] with the rows in `poisoned` [..., T] made NaN: a query that sees a
+    non-finite key or value gets NaN output and lse, as it would without zeroing. (Its
+    gradients are not specified: NaN from the kernels' backward, 0 through this `where`.)"""
+    return jnp.where(poisoned[..., None], jnp.array(jnp.nan, logits.dtype), logits)
+
+
 def safe_lse(row_max: Array, row_sum: Array) -> Array:
-    """log-sum-exp from (max, sum of exp(x - max)); -inf where the sum is 0, with a clean grad."""
-    has_keys = row_sum > 0
+    """log-sum-exp from (max, sum of exp(x - max)); -inf where the sum is 0, with a clean grad.
+
+    A NaN sum (a row that sees a non-finite key) stays NaN."""
+    has_keys = row_sum != 0
     return jnp.where(has_keys, row_max + jnp.log(jnp.where(has_keys, row_sum, 1.0)), -jnp.inf)

@@ -67,8 +67,9 @@ def dot_product_attention(
 
     dtype = _compute_dtype(query.dtype)
     q = query.astype(dtype).reshape(batch, q_len, num_kv_heads, groups, head_dim)
-    k = key.astype(dtype)
-    v = value.astype(dtype)
+    # A key whose k or v holds NaN/inf enters the matmuls as 0 and reaches, as NaN, only the
+    # rows that see it (`poison_rows`): a hidden key must not get in through 0 * NaN.
+    k, v, bad_keys = masking.split_nonfinite_keys(key.astype(dtype), value.astype(dtype))
 
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=_HIGHEST)  # [B, K, G, T, S]
     logits = masking.soft_cap(scale * scores, logits_soft_cap)
@@ -88,6 +89,8 @@ def dot_product_attention(
     )[:, None, None]  # [B or 1, 1, 1, T, S]
     if mask is not None:
         visible = visible & masking.group_heads(_as_4d(mask), num_kv_heads)
+    bad = jnp.moveaxis(bad_keys, 1, 2)[:, :, None, None]  # [B, K, 1, 1, S]
+    logits = masking.poison_rows(logits, jnp.any(visible & bad, axis=-1))
 
     row_max, probs, row_sum = _masked_softmax_stats(logits, visible)
     probs = probs / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
@@ -107,7 +110,7 @@ def _masked_softmax_stats(logits: Array, visible: Array) -> tuple[Array, Array, 
     with nothing visible has sum 0, which callers turn into output 0 and lse -inf (never NaN).
     """
     logits = jnp.where(visible, logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)  # S = 0: -inf
     # The max only shifts the exponent and cancels in every result: it carries no gradient.
     row_max = lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
     probs = jnp.exp(logits - row_max)

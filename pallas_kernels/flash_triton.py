@@ -180,14 +180,37 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
+def _finite_keys(k, v):
+    """(k, v, bad): keys whose k or v holds NaN/inf zeroed, and which they were ([bk] bool).
+
+    Masked tiles multiply by these copies: a hidden key's NaN must not enter a dot as 0 * NaN.
+    The rows that do see a bad key get NaN logits there (`_tile_logits`), so they stay NaN."""
+    finite = jnp.isfinite(k) & jnp.isfinite(v)  # [bk, Hp]
+    bad = jnp.max(jnp.where(finite, 0.0, 1.0), axis=1) > 0.0  # [bk]
+    zero = jnp.zeros((), k.dtype)
+    return jnp.where(bad[:, None], zero, k), jnp.where(bad[:, None], zero, v), bad
+
+
 def _tile_logits(
-    st: _Static, x, q, k, q_pos, k_pos, bias_tile, mask_tile, q_seg, kv_seg, masked: bool
+    st: _Static,
+    x,
+    q,
+    k,
+    q_pos,
+    k_pos,
+    bias_tile,
+    mask_tile,
+    q_seg,
+    kv_seg,
+    masked: bool,
+    bad_keys=None,
 ):
     """One tile: (scale * q.k if soft-capped else None, base-2 logits, -inf where hidden,
     visibility).
 
     q: [bq, Hp], k: [bk, Hp]; returns [bq, bk] float32 arrays (visibility None: all visible).
-    `masked=False` is for tiles known to be fully visible: no mask is built.
+    `masked=False` is for tiles known to be fully visible: no mask is built. `bad_keys` [bk]:
+    keys zeroed by `_finite_keys`; their visible logits become NaN.
     """
     q_offset, q_len, kv_len = _bounds(x)
     qk = pltriton.dot(q, k, trans_b=True, precision=_precision(q.dtype))
@@ -220,6 +243,8 @@ def _tile_logits(
     if mask_tile is not None:
         user = mask_tile != 0
         visible = user if visible is None else visible & user
+    if bad_keys is not None:
+        logits = jnp.where(bad_keys[None, :], jnp.nan, logits)
     if visible is not None:
         logits = jnp.where(visible, logits, -jnp.inf)
     return scores, logits, visible
@@ -311,11 +336,14 @@ def _forward_kernel(
         k_first = j * block_k
         keys = pl.ds(k_first, block_k)
         k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)
+        k, v, bad = x["key"][keys, :], x["value"][keys, :], None
+        if masked:
+            k, v, bad = _finite_keys(k, v)
         _, logits, _ = _tile_logits(
             st,
             x,
             q,
-            x["key"][keys, :],
+            k,
             q_pos,
             k_pos,
             _slice(x, "bias", cols=keys),
@@ -323,13 +351,13 @@ def _forward_kernel(
             q_seg,
             _slice(x, "kv_seg", keys),
             masked,
+            bad,
         )
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
         safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # rows with nothing seen yet
         probs = jnp.exp2(logits - safe_max[:, None])  # [bq, bk]
         correction = jnp.exp2(row_max - safe_max)
         row_sum = correction * row_sum + jnp.sum(probs, axis=-1)
-        v = x["value"][keys, :]
         pv = pltriton.dot(probs.astype(v.dtype), v, precision=_precision(v.dtype))
         return acc * correction[:, None] + pv, new_max, row_sum
 
@@ -340,7 +368,7 @@ def _forward_kernel(
     )
     ranges = _key_blocks(st, x, q_first, block_q, block_k)
     acc, row_max, row_sum = common.visit_all(st, ranges, visit, init)
-    has_keys = row_sum > 0
+    has_keys = row_sum != 0  # NaN (a row that sees a non-finite key) stays NaN
     safe_sum = jnp.where(has_keys, row_sum, 1.0)
     o_ref[...] = (acc / safe_sum[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(has_keys, row_max * _LN2 + jnp.log(safe_sum), -jnp.inf)
@@ -364,14 +392,17 @@ def _dq_kernel(
     q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)
     q, d_out = x["query"][...], x["d_out"][...]
     lse, delta = x["lse"][...], x["delta"][...]  # [bq] float32
-    lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, 0.0)  # rows that see nothing: p is 0
+    # Rows that see nothing: p is 0 anyway. A NaN lse (a poisoned row) keeps its gradient NaN.
+    lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)
     q_seg = _slice(x, "q_seg")
 
     def visit(j, dq, masked):
         k_first = j * block_k
         keys = pl.ds(k_first, block_k)
         k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)
-        k, v = x["key"][keys, :], x["value"][keys, :]
+        k, v, bad = x["key"][keys, :], x["value"][keys, :], None
+        if masked:
+            k, v, bad = _finite_keys(k, v)
         scores, logits, visible = _tile_logits(
             st,
             x,
@@ -384,12 +415,15 @@ def _dq_kernel(
             q_seg,
             _slice(x, "kv_seg", keys),
             masked,
+            bad,
         )
         probs = jnp.exp2(logits - lse2[:, None])
         if visible is not None:
             probs = jnp.where(visible, probs, 0.0)
         d_probs = pltriton.dot(d_out, v, trans_b=True, precision=_precision(v.dtype))
         d_logits = probs * (d_probs - delta[:, None])  # [bq, bk]
+        if visible is not None:  # a poisoned row's NaN delta must not reach hidden keys
+            d_logits = jnp.where(visible, d_logits, 0.0)
         if want_dbias:
             dbias_ref[:, keys] = d_logits
         if not want_dq:
@@ -426,6 +460,8 @@ def _dkdv_kernel(
     k_first = pl.program_id(0) * block_k
     k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)
     k, v = x["key"][...], x["value"][...]
+    # Zeroed NaN/inf keys for the masked tiles (the unmasked ones: every query sees every key).
+    clean_k, clean_v, bad = _finite_keys(k, v)
     kv_seg = _slice(x, "kv_seg")
 
     def visit(i, carry, masked):
@@ -435,12 +471,13 @@ def _dkdv_kernel(
         q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)
         q, d_out = x["query"][rows, :], x["d_out"][rows, :]
         lse, delta = x["lse"][rows], x["delta"][rows]
-        lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, 0.0)
+        lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)
+        tile_k, tile_v = (clean_k, clean_v) if masked else (k, v)
         scores, logits, visible = _tile_logits(
             st,
             x,
             q,
-            k,
+            tile_k,
             q_pos,
             k_pos,
             _slice(x, "bias", rows=rows),
@@ -448,6 +485,7 @@ def _dkdv_kernel(
             _slice(x, "q_seg", rows),
             kv_seg,
             masked,
+            bad if masked else None,
         )
         probs = jnp.exp2(logits - lse2[:, None])  # [bq, bk]
         if visible is not None:
@@ -455,8 +493,10 @@ def _dkdv_kernel(
         dv = dv + pltriton.dot(
             probs.astype(d_out.dtype), d_out, trans_a=True, precision=_precision(d_out.dtype)
         )
-        d_probs = pltriton.dot(d_out, v, trans_b=True, precision=_precision(v.dtype))
+        d_probs = pltriton.dot(d_out, tile_v, trans_b=True, precision=_precision(v.dtype))
         d_logits = probs * (d_probs - delta[:, None])
+        if visible is not None:  # a poisoned row's NaN delta must not reach hidden keys
+            d_logits = jnp.where(visible, d_logits, 0.0)
         d_scores = d_logits * (common.capped_logits_grad(scores, st.softcap) * st.scale)
         dk = dk + pltriton.dot(
             d_scores.astype(q.dtype), q, trans_a=True, precision=_precision(q.dtype)

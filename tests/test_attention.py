@@ -1,5 +1,8 @@
 """jattn.dot_product_attention: argument checks, dispatch, and every XLA implementation."""
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -248,6 +251,21 @@ BAD_CALLS = {
 }
 
 
+BAD_CALLS["layout_bnth"] = (  # [B, N, T, H] arrays: the error names the expected layout
+    dict(query=jnp.ones((B, N, T, H)), key=jnp.ones((B, K, S, H)), value=jnp.ones((B, K, S, H))),
+    r"multiple of kv heads.*\[B, T, N, H\] layout",
+)
+BAD_CALLS["head_dim_0"] = (
+    dict(query=jnp.ones((B, T, N, 0)), key=jnp.ones((B, S, K, 0)), value=jnp.ones((B, S, K, 0))),
+    "head dim H must be >= 1",
+)
+BAD_CALLS["kv_lengths_above_s"] = (
+    dict(key_value_seq_lengths=jnp.array([S + 1, 1])),
+    r"\[0, S = 7\]",
+)
+BAD_CALLS["q_lengths_negative"] = (dict(query_seq_lengths=jnp.array([-1, 1])), r"\[0, T = 5\]")
+
+
 @pytest.mark.parametrize("case", BAD_CALLS)
 def test_bad_input_is_a_value_error_naming_the_problem(case):
     overrides, message = BAD_CALLS[case]
@@ -255,14 +273,25 @@ def test_bad_input_is_a_value_error_naming_the_problem(case):
         _call(**overrides)
 
 
-def test_scale_as_a_concrete_array_is_accepted_and_a_traced_one_is_named(rng):
+@pytest.mark.parametrize("implementation", [None, "xla", "triton"])
+def test_scale_concrete_or_traced_matches_jax_nn_with_its_gradient(rng, implementation):
+    """A learnable temperature under jit: the value and d/d scale equal jax.nn's."""
     q, k, v = make_inputs(rng, SHAPES["mha_square"])
     want = jax.nn.dot_product_attention(q, k, v, scale=0.3)
     got = jattn.dot_product_attention(q, k, v, scale=jnp.float32(0.3))
     assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.float32])
-    traced = jax.jit(lambda s: jattn.dot_product_attention(q, k, v, scale=s))
-    with pytest.raises(ValueError, match="scale must be concrete"):
-        traced(0.3)
+    cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def loss(scale, fn, **options):
+        return jnp.sum(fn(q, k, v, scale=scale, is_causal=True, **options) * cotangent)
+
+    ours = functools.partial(jattn.dot_product_attention, implementation=implementation)
+    value, d_scale = jax.jit(jax.value_and_grad(loss), static_argnums=1)(0.3, ours)
+    want_value, want_d_scale = jax.value_and_grad(loss)(0.3, jax.nn.dot_product_attention)
+    assert_close(value, np.float64(want_value), TOLERANCE[jnp.float32])
+    assert_close(d_scale, np.float64(want_d_scale), GRAD_TOLERANCE[jnp.float32])
+    with pytest.raises(ValueError, match="scale must be a real scalar"):
+        jax.jit(lambda s: jattn.dot_product_attention(q, k, v, scale=s))(jnp.ones(2))
 
 
 def test_checks_run_before_tracing_under_jit():
@@ -300,3 +329,116 @@ def test_batch_sharded_over_eight_devices_equals_unsharded(rng, implementation):
     assert out_sharded.sharding.is_equivalent_to(sharding, out.ndim)
     for a, b in zip((out, *grads), (out_sharded, *grads_sharded), strict=True):
         assert_close(b, np.asarray(a, np.float64), TOLERANCE[jnp.float32])
+
+
+# --- degenerate shapes, drop-in gaps (issue 19) ---------------------------------------------
+
+ALL_IMPLEMENTATIONS = {
+    **IMPLEMENTATIONS,
+    "triton": jattn.TritonConfig(block_q=16, block_k=16, bwd_block_q=16, bwd_block_k=16),
+    None: None,
+}
+
+
+@pytest.mark.parametrize("implementation", ALL_IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    "shape",  # (B, T, S, N, K, H) with one size 0
+    [(2, 5, 0, 4, 2, 8), (2, 0, 6, 4, 2, 8), (0, 5, 6, 4, 2, 8), (2, 5, 6, 0, 2, 8)],
+    ids=["S=0", "T=0", "B=0", "N=0"],
+)
+def test_empty_shapes_are_served_alike_by_every_implementation(rng, implementation, shape):
+    """S = 0: every row sees nothing (output 0, lse -inf, zero gradients); T, B, N = 0: empty."""
+    q, k, v = make_inputs(rng, shape)
+    config = ALL_IMPLEMENTATIONS[implementation]
+
+    def run(q, k, v):
+        return jattn.dot_product_attention(
+            q, k, v, return_residual=True, implementation=implementation, config=config
+        )
+
+    (out, lse), vjp = jax.vjp(run, q, k, v)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    np.testing.assert_array_equal(np.asarray(out), np.zeros(q.shape))
+    np.testing.assert_array_equal(np.asarray(lse), np.full(q.shape[:3], -np.inf))
+    for grad, x in zip(vjp((jnp.ones_like(out), jnp.zeros_like(lse))), (q, k, v), strict=True):
+        assert grad.shape == x.shape
+        np.testing.assert_array_equal(np.asarray(grad), np.zeros(x.shape))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_lse_comes_back_in_the_input_dtype_as_jax_nn_returns_it(rng, dtype):
+    """jax.nn's tests take a vjp with an lse cotangent in the input dtype: that must work."""
+    q, k, v = make_inputs(rng, SHAPES["mha_square"], dtype)
+    want_out, want_lse = jax.nn.dot_product_attention(q, k, v, return_residual=True)
+    (out, lse), vjp = jax.vjp(
+        lambda q, k, v: jattn.dot_product_attention(q, k, v, return_residual=True), q, k, v
+    )
+    assert lse.dtype == want_lse.dtype == dtype and out.dtype == dtype
+    assert_close(lse, np.asarray(want_lse.astype(jnp.float32), np.float64), TOLERANCE[dtype])
+    grads = vjp((jnp.ones_like(out), jnp.zeros_like(lse)))
+    assert all(g.dtype == dtype for g in grads)
+
+
+@pytest.mark.parametrize("implementation", ALL_IMPLEMENTATIONS)
+def test_boolean_and_integer_bias_are_added_as_jax_nn_adds_them(rng, implementation):
+    q, k, v = make_inputs(rng, SHAPES["mha_square"])
+    config = ALL_IMPLEMENTATIONS[implementation]
+    for bias in (rng.random((1, 4, 7, 7)) < 0.5, rng.integers(-2, 3, size=(2, 1, 7, 7))):
+        bias = jnp.asarray(bias)
+        want = jax.nn.dot_product_attention(q, k, v, bias)
+        got = jattn.dot_product_attention(
+            q, k, v, bias, implementation=implementation, config=config
+        )
+        assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.float32])
+
+
+@pytest.mark.parametrize("implementation", ALL_IMPLEMENTATIONS)
+def test_traced_lengths_out_of_range_are_clamped_alike(rng, implementation):
+    """Traced lengths cannot raise: above T/S they mean T/S, below 0 they mean 0, on every
+    implementation (the Triton kernel used to show its zero padding keys past S)."""
+    q, k, v = make_inputs(rng, (2, 3, 20, 2, 1, 16))
+    config = ALL_IMPLEMENTATIONS[implementation]
+    run = jax.jit(
+        lambda q_lengths, kv_lengths: jattn.dot_product_attention(
+            q,
+            k,
+            v,
+            query_seq_lengths=q_lengths,
+            key_value_seq_lengths=kv_lengths,
+            return_residual=True,
+            implementation=implementation,
+            config=config,
+        )
+    )
+    got_out, got_lse = run(jnp.array([7, -2]), jnp.array([33, 21]))
+    want_out, want_lse = jattn.reference.dot_product_attention(
+        q, k, v, query_seq_lengths=jnp.array([3, 0]), return_residual=True
+    )
+    assert_close(got_out, np.asarray(want_out, np.float64), TOLERANCE[jnp.float32])
+    np.testing.assert_array_equal(np.isneginf(got_lse), np.isneginf(want_lse))
+    finite = np.isfinite(np.asarray(want_lse))
+    assert_close(np.asarray(got_lse)[finite], np.asarray(want_lse)[finite], TOLERANCE[jnp.float32])
+
+
+def test_eager_calls_compile_once_per_signature(rng, caplog):
+    """The default path is jitted per static signature: a repeated eager call compiles nothing."""
+    q, k, v = make_inputs(rng, SHAPES["gqa4_t_lt_s"])
+    call = lambda: jattn.dot_product_attention(q, k, v, is_causal=True, q_offset=3)
+    call()
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        call()
+    assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def test_flax_attention_fn_takes_extra_leading_batch_axes(rng):
+    """Flax's attention_fn contract: `[batch..., L, N, H]`, mask `[batch..., N, T, S]`."""
+    from jattn.nn.attention import flax_attention_fn
+
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 3, 5, 2, 4)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(rng.random((2, 1, 2, 5, 5)) < 0.7) | jnp.eye(5, dtype=bool)[None, None, None]
+    got = flax_attention_fn()(q, k, v, mask=mask)
+    flat = lambda x: x.reshape(6, *x.shape[2:])
+    full_mask = jnp.broadcast_to(mask, (2, 3, 2, 5, 5))
+    want = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), mask=flat(full_mask))
+    assert got.shape == q.shape
+    assert_close(got, np.asarray(want.reshape(q.shape), np.float64), TOLERANCE[jnp.float32])

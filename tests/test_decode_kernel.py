@@ -242,3 +242,65 @@ def test_gpu_real_sizes(rng, kv_heads, paged, unmasked_body):
     assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.bfloat16])
     assert_close(lse[1:], np.asarray(want_lse[1:], np.float64), (1e-2, 1e-2))
     assert (np.asarray(got[0], np.float32) == 0).all()
+
+
+@pytest.mark.parametrize("implementation", ["xla", "triton"])
+def test_traced_page_table_out_of_range_gives_nan_for_that_sequence(rng, implementation):
+    """One documented behaviour: the read is clamped into the pool (never outside it) and the
+    sequence whose in-use entry is out of range gets NaN output and lse; the others are exact."""
+    q, k, v = _inputs(rng, 3, 4, 2, 16, 16, jnp.float32)
+    pool = jnp.asarray(np.concatenate([k, v]).reshape(6, 16, 2, 16)[:4], jnp.float32)
+    lengths = jnp.array([20, 5, 30], jnp.int32)
+    table = jnp.array([[0, 9], [-3, 1], [2, 3]], jnp.int32)  # 0: page 9 > P, 1: -3 in use
+    run = jax.jit(
+        lambda table: jattn.decode_attention(
+            q,
+            pool,
+            pool,
+            lengths,
+            page_table=table,
+            return_residual=True,
+            implementation=implementation,
+        )
+    )
+    out, lse = run(table)
+    assert bool(jnp.isnan(out[:2]).all()) and bool(jnp.isnan(lse[:2]).all())
+    want_out, want_lse = jattn.decode_attention(
+        q,
+        pool,
+        pool,
+        lengths,
+        page_table=jnp.array([[0, 1], [1, 1], [2, 3]]),
+        return_residual=True,
+        implementation="xla",
+    )
+    assert_close(out[2], np.asarray(want_out[2], np.float64), TOLERANCE[jnp.float32])
+    assert_close(lse[2], np.asarray(want_lse[2], np.float64), TOLERANCE[jnp.float32])
+    out, _ = run(jnp.array([[0, 9], [1, 2], [2, 3]]))  # page 9 unused by sequence 1: fine
+    assert bool(jnp.isfinite(out[1:]).all())
+
+
+@pytest.mark.parametrize("implementation", ["xla", "triton", None])
+@pytest.mark.parametrize(
+    "shape",  # (B, S, N, K, H) with one size 0
+    [(2, 0, 4, 2, 8), (0, 6, 4, 2, 8), (2, 6, 0, 2, 8)],
+    ids=["S=0", "B=0", "N=0"],
+)
+def test_empty_shapes_are_served_alike(implementation, shape):
+    batch, capacity, heads, kv_heads, dim = shape
+    q = jnp.ones((batch, heads, dim))
+    cache = jnp.ones((batch, capacity, kv_heads, dim))
+    out, lse = jattn.decode_attention(
+        q,
+        cache,
+        cache,
+        jnp.zeros((batch,), jnp.int32),
+        return_residual=True,
+        implementation=implementation,
+    )
+    np.testing.assert_array_equal(np.asarray(out), np.zeros(q.shape))
+    np.testing.assert_array_equal(np.asarray(lse), np.full(q.shape[:2], -np.inf))
+    with pytest.raises(ValueError, match="head dim H must be >= 1"):
+        jattn.decode_attention(
+            jnp.ones((2, 4, 0)), jnp.ones((2, 6, 2, 0)), jnp.ones((2, 6, 2, 0)), jnp.ones(2, int)
+        )

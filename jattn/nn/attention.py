@@ -287,6 +287,21 @@ class MultiHeadAttention(nnx.Module):
         return self.out(encoded)
 
 
+def _flatten_batch(x, batch_dims: tuple[int, ...]):
+    """A bias or mask `[batch..., N, T, S]` (broadcastable) -> `[prod(batch), N', T', S']`."""
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if x.ndim <= 3:  # no batch axes: broadcasts over all of them
+        return x
+    lead = x.shape[:-3]
+    if all(size == 1 for size in lead):
+        return x.reshape(1, *x.shape[-3:])
+    full = (1,) * (len(batch_dims) - len(lead)) + lead
+    x = jnp.broadcast_to(x.reshape(*full, *x.shape[-3:]), (*batch_dims, *x.shape[-3:]))
+    return x.reshape(-1, *x.shape[-3:])
+
+
 def flax_attention_fn(
     implementation: str | Sequence[str] | None = None, **options: Any
 ) -> Callable[..., Array]:
@@ -295,9 +310,12 @@ def flax_attention_fn(
     Flax calls `attention_fn(query, key, value, mask=..., dropout_rng=..., dropout_rate=...,
     deterministic=..., dtype=..., precision=..., module=..., is_causal=...)`; this adapter takes
     that call and hands the arrays, the boolean mask (`[B, N, T, S]`, broadcast as in Flax) and
-    `is_causal` to jattn. `options` are further `dot_product_attention` keywords
-    (`logits_soft_cap`, `local_window_size`, `config`, ...). Attention dropout and sowing the
-    weights need the materialised probabilities, which flash attention never forms: they raise.
+    `is_causal` to jattn. As Flax allows, query/key/value may carry several leading batch
+    axes (`[batch..., L, N, H]`, mask and bias `[batch..., N, T, S]` broadcastable): they are
+    flattened into one B for the call and restored after. `options` are further
+    `dot_product_attention` keywords (`logits_soft_cap`, `local_window_size`, `config`, ...).
+    Attention dropout and sowing the weights need the materialised probabilities, which flash
+    attention never forms: they raise.
 
     Example:
       >>> layer = nnx.MultiHeadAttention(
@@ -331,7 +349,17 @@ def flax_attention_fn(
             mask = jnp.asarray(mask).astype(jnp.bool_)  # Flax masks are 0/1 in any dtype
         if dtype is not None:
             query, key, value = (x.astype(dtype) for x in (query, key, value))
-        return dot_product_attention(
+        query, key, value = (jnp.asarray(x) for x in (query, key, value))
+        batch_dims = query.shape[:-3]
+        if query.ndim > 4 and key.ndim == value.ndim == query.ndim:
+            if key.shape[:-3] != batch_dims or value.shape[:-3] != batch_dims:
+                raise ValueError(
+                    f"query, key and value must share their leading batch axes; got query "
+                    f"{query.shape}, key {key.shape}, value {value.shape}"
+                )
+            query, key, value = (x.reshape(-1, *x.shape[-3:]) for x in (query, key, value))
+            bias, mask = (_flatten_batch(x, batch_dims) for x in (bias, mask))
+        out = dot_product_attention(
             query,
             key,
             value,
@@ -341,5 +369,6 @@ def flax_attention_fn(
             implementation=implementation,
             **options,
         )
+        return out.reshape(*batch_dims, *out.shape[-3:]) if len(batch_dims) > 1 else out
 
     return attention_fn

@@ -1,0 +1,149 @@
+"""What a query cannot see never reaches it: NaN/inf in hidden keys, on every implementation.
+
+A KV cache's unused slots are uninitialised memory in real serving; masked keys must be absent,
+not weight-0 terms (0 * NaN = NaN). Each test poisons the hidden keys and compares the result and
+the gradients with the same call on clean inputs.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import jattn
+from jattn import offload
+
+from cases import GRAD_TOLERANCE, TOLERANCE, assert_close, make_inputs
+
+IMPLEMENTATIONS = {
+    "xla": None,
+    "xla_chunked": jattn.ChunkedConfig(block_q=4, block_k=8),
+    "triton": jattn.TritonConfig(block_q=16, block_k=16, bwd_block_q=16, bwd_block_k=16),
+    None: None,  # auto
+}
+POISONS = (jnp.nan, jnp.inf, -jnp.inf)
+
+
+def _grads(loss, *args):
+    return jax.grad(loss, argnums=tuple(range(len(args))))(*args)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_key_lengths_hide_nan_and_inf(rng, implementation):
+    """NaN/inf past key_value_seq_lengths (and in the padding of the last key block): the output,
+    dq, and dk/dv of every visible key equal those of the same call on clean inputs."""
+    q, k, v = make_inputs(rng, (2, 6, 20, 4, 2, 16))
+    lengths = jnp.array([5, 7], jnp.int32)
+    hidden = (jnp.arange(20)[None, :] >= lengths[:, None])[:, :, None, None]  # [B, S, 1, 1]
+    poison = jnp.asarray(rng.choice(POISONS, size=k.shape), jnp.float32)
+    bad_k, bad_v = (jnp.where(hidden, poison, x) for x in (k, v))
+    cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    options = dict(
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+        config=IMPLEMENTATIONS[implementation],
+    )
+
+    def loss(q, k, v):
+        return jnp.sum(jattn.dot_product_attention(q, k, v, **options) * cotangent)
+
+    want = jattn.dot_product_attention(q, k, v, **options)
+    got = jattn.dot_product_attention(q, bad_k, bad_v, **options)
+    assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.float32])
+    want_grads = _grads(loss, q, k, v)
+    got_grads = _grads(loss, q, bad_k, bad_v)
+    for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
+        if name != "q":  # hidden keys: any gradient; visible ones: exact
+            g, w = jnp.where(hidden, 0.0, g), jnp.where(hidden, 0.0, w)
+        assert bool(jnp.isfinite(g).all()), f"d{name} not finite"
+        assert_close(g, np.asarray(w, np.float64), GRAD_TOLERANCE[jnp.float32])
+
+
+@pytest.mark.parametrize("implementation", ["xla", "xla_chunked", "triton"])
+@pytest.mark.parametrize("feature", ["causal", "window", "segments", "mask"])
+def test_masked_key_with_nan_reaches_only_rows_that_see_it(rng, implementation, feature):
+    """k = NaN and v = inf in one key: the rows that see it get NaN output and lse; every other
+    row's output, lse and dq equal the clean call's, and so do dk/dv of the keys that only those
+    rows see (a key that a NaN row sees gets a NaN gradient, as under plain autodiff)."""
+    size, nan_key = 24, 17
+    q, k, v = make_inputs(rng, (1, size, size, 2, 1, 16))
+    i, j = np.arange(size)[:, None], np.arange(size)[None, :]
+    options = dict(implementation=implementation, config=IMPLEMENTATIONS[implementation])
+    if feature == "causal":
+        options["is_causal"] = True
+        visible = j <= i
+    elif feature == "window":
+        options["local_window_size"] = (2, 1)
+        visible = (j >= i - 2) & (j <= i + 1)
+    elif feature == "segments":
+        ids = (np.arange(size) >= 12).astype(np.int32)
+        options["segment_ids"] = (jnp.asarray(ids)[None], jnp.asarray(ids)[None])
+        visible = ids[:, None] == ids[None, :]
+    else:
+        visible = rng.random((size, size)) < 0.3
+        options["mask"] = jnp.asarray(visible)[None, None]
+    sees_nan = visible[:, nan_key]  # [T]
+    clean_keys = ~visible[sees_nan].any(axis=0)  # [S]: no NaN row sees them
+    assert sees_nan.any() and not sees_nan.all()  # causal: every key is seen by a NaN row
+    rows = jnp.asarray(~sees_nan)[None, :, None]  # [1, T, 1]
+    bad_k, bad_v = k.at[:, nan_key].set(jnp.nan), v.at[:, nan_key].set(jnp.inf)
+
+    def run(q, k, v):
+        return jattn.dot_product_attention(q, k, v, return_residual=True, **options)
+
+    want_out, want_lse = run(q, k, v)
+    got_out, got_lse = run(q, bad_k, bad_v)
+    assert bool(jnp.isnan(got_lse[:, sees_nan]).all())
+    assert bool((~jnp.isfinite(got_out[:, sees_nan])).any(axis=-1).all())
+    clean_rows = lambda x: jnp.where(rows if x.ndim == 3 else rows[..., None], x, 0.0)
+    assert_close(clean_rows(got_out), np.asarray(clean_rows(want_out)), TOLERANCE[jnp.float32])
+    assert_close(clean_rows(got_lse), np.asarray(clean_rows(want_lse)), TOLERANCE[jnp.float32])
+    cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def loss(q, k, v):
+        return jnp.sum(clean_rows(run(q, k, v)[0]) * cotangent)
+
+    want_grads = _grads(loss, q, k, v)
+    got_grads = _grads(loss, q, bad_k, bad_v)
+    keys = jnp.asarray(clean_keys)[None, :, None, None]
+    for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
+        g, w = (clean_rows(x) if name == "q" else jnp.where(keys, x, 0.0) for x in (g, w))
+        assert bool(jnp.isfinite(g).all()), f"d{name} not finite"
+        assert_close(g, np.asarray(w, np.float64), GRAD_TOLERANCE[jnp.float32])
+
+
+def _decode_repro(paged: bool):
+    """1 sequence, 2 pages of 4 slots, length 3, K = V = 1 in the valid slots, NaN elsewhere."""
+    q = jnp.ones((1, 1, 4))
+    if paged:  # page 2 in use; page 0 unused by anyone, page 1 the sequence's second page
+        pool = jnp.full((3, 4, 1, 4), jnp.nan).at[2, :3].set(1.0)
+        return q, pool, dict(page_table=jnp.array([[2, 1]], jnp.int32))
+    return q, jnp.full((1, 8, 1, 4), jnp.nan).at[:, :3].set(1.0), {}
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("implementation", ["xla", "triton", None])
+def test_decode_ignores_nan_past_lengths(implementation, paged):
+    q, cache, extra = _decode_repro(paged)
+    run = lambda q: jattn.decode_attention(
+        q, cache, cache, jnp.array([3]), implementation=implementation, **extra
+    )
+    np.testing.assert_array_equal(np.asarray(run(q)), np.ones((1, 1, 4)))
+    if implementation != "triton":  # the kernel has no backward; the XLA path does
+        dq = jax.grad(lambda q: jnp.sum(run(q)))(q)
+        np.testing.assert_array_equal(np.asarray(dq), np.zeros_like(q))
+
+
+@pytest.mark.parametrize("shard_by", ["heads", "sequence"])
+def test_sharded_decode_ignores_nan_past_lengths(rng, shard_by):
+    devices = np.array(jax.devices()[:8])
+    mesh = Mesh(devices[:4] if shard_by == "heads" else devices, ("attn",))
+    q, k, v = make_inputs(rng, (2, 1, 32, 8, 4, 8))
+    q = q[:, 0]
+    lengths = jnp.array([3, 13], jnp.int32)
+    hidden = (jnp.arange(32)[None, :] >= lengths[:, None])[:, :, None, None]
+    bad_k, bad_v = (jnp.where(hidden, jnp.nan, x) for x in (k, v))
+    want = jattn.decode_attention(q, k, v, lengths)
+    got = offload.sharded_decode_attention(q, bad_k, bad_v, lengths, mesh=mesh, shard_by=shard_by)
+    assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.float32])
