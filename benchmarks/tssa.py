@@ -1,7 +1,8 @@
 """TSSA side by side: jattn's fused kernels vs the XLA-compiled reference, the official PyTorch
 ToST operator, and flash attention (cuDNN, jattn) at the same shape, T from 1k to 256k.
 
-Shape: B=1, N=8 heads x H=64 (ToST-S/M's heads), bfloat16. Time is the median after warm-up;
+Shape: B = max(1, 32768 // T), N=8 heads x H=64 (ToST-S/M's heads), bfloat16. Time is the
+median after warm-up (JAX: of 10 calls queued back to back, per call);
 bandwidth counts the minimum traffic: one read of w and one write of y (forward), plus one read
 of w and dy and one write of dw (backward); memory is XLA's compiled footprint (arguments,
 outputs and temporaries) for JAX and `torch.cuda.max_memory_allocated` for PyTorch.
@@ -32,7 +33,8 @@ from jattn.demo import environment, median_ms
 from pallas_kernels import tssa as tssa_kernels
 
 HEADS, HEAD_DIM = 8, 64
-LENGTHS = (1024, 4096, 16384, 65536, 262144)
+LENGTHS = (4096, 16384, 65536, 262144, 1048576)
+BATCH_TOKENS = 32768  # B = max(1, BATCH_TOKENS // T): B * T >= 32k tokens
 FLASH_BUDGET_MS = 2000.0  # stop timing a quadratic peer at longer T once one call takes this
 
 
@@ -40,11 +42,26 @@ def _repeats(ms_guess: float) -> int:
     return 20 if ms_guess < 5 else (5 if ms_guess < 100 else 2)
 
 
+def batch_for(length: int) -> int:
+    """Batch elements at length T: B * T >= BATCH_TOKENS, so short sequences fill the GPU."""
+    return max(1, BATCH_TOKENS // length)
+
+
 def _time(fn, *args) -> float:
+    """Median ms of one call; each sample queues several calls back to back, so the host's
+    dispatch latency (~0.1 ms a call) does not pose as device time at small T."""
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))  # compile + first call
     first = (time.perf_counter() - start) * 1e3
-    return median_ms(lambda: fn(*args), _repeats(first))
+    inner = 10 if first < 50 else 1
+
+    def run():
+        out = None
+        for _ in range(inner):
+            out = fn(*args)
+        return out
+
+    return median_ms(run, _repeats(first)) / inner
 
 
 def copy_bandwidth(num_bytes: int) -> float:
@@ -101,6 +118,7 @@ def measure_jax(rows, name, variant, length, fwd, fwd_bwd, w, dy, nbytes):
                 method=name,
                 variant=variant,
                 T=length,
+                B=w.shape[0],
                 pass_=pass_,
                 ms=ms,
                 gbps=traffic * nbytes / ms / 1e6,
@@ -198,7 +216,9 @@ def torch_rows(rows, lengths, dtype_name):
 
     temp = torch.ones(HEADS, 1, device=dev, dtype=dtype, requires_grad=True)
     for length in tqdm(lengths, desc="torch"):
-        x = torch.randn(1, length, HEADS * HEAD_DIM, device=dev, dtype=dtype, requires_grad=True)
+        x = torch.randn(
+            batch_for(length), length, HEADS * HEAD_DIM, device=dev, dtype=dtype, requires_grad=True
+        )
         dy = torch.randn_like(x)
         nbytes = x.numel() * x.element_size()
         bias = torch.zeros(HEADS, length, 1, device=dev, dtype=dtype, requires_grad=True)
@@ -262,6 +282,7 @@ def tile_sweep(rows, length, dtype):
         tssa_kernels.Config(block_t=16, num_warps=8, reverse_middle_pass=False),
         tssa_kernels.Config(block_t=16, chunk_t=64, num_warps=8),
         tssa_kernels.Config(block_t=16, chunk_t=1024, num_warps=8),
+        tssa_kernels.Config(block_t=8, chunk_t=256, single_pass=True),  # causal: one launch
     ]
     for causal in (False, True):
         op = tssa_functions(causal, length)
@@ -348,14 +369,14 @@ def main(argv=None):
         dtype=args.dtype,
         heads=HEADS,
         head_dim=HEAD_DIM,
-        batch=1,
+        batch=f"max(1, {BATCH_TOKENS} // T)",
         note="bandwidth counts one read of w + one write of y (fwd); + read w, dy, write dw (bwd)",
     )
     record["copy_gbps"] = copy_bandwidth(256 * 2**20)
     skip = set()
     for length in tqdm(args.lengths, desc="jax"):
         keys = jax.random.split(jax.random.key(0), 2)
-        w = jax.random.normal(keys[0], (1, length, HEADS, HEAD_DIM), dtype)
+        w = jax.random.normal(keys[0], (batch_for(length), length, HEADS, HEAD_DIM), dtype)
         dy = jax.random.normal(keys[1], w.shape, dtype)
         for causal in (False, True):
             op = tssa_functions(causal, length)

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.common import interpret_mode, triton_params
 
@@ -63,6 +64,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     reverse_middle_pass: bool = True  # walk the middle pass backwards for L2 reuse
+    single_pass: bool = False  # causal forward in one launch with look-back (measured slower)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,15 +144,10 @@ def _softmax_over_heads(logits, valid):
     return jnp.where(valid[:, None], pi, 0.0)
 
 
-def _exclusive_cumsum(x):
-    return lax.cumsum(x, axis=0) - x
+def _causal_pi(w, c1, temp, head_bias, bias, valid):
+    """Pi of one causal tile given the running sum of w^2 before it (c1 [N, H]).
 
-
-def _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid):
-    """Forward quantities of one causal tile given the running sums before it.
-
-    w [block_t, N, H]; c1, c2 [N, H] (sums of w^2 and Pi w^2 before the tile); c3 [N] (of Pi);
-    bias [block_t, N] (H * denom_bias) or None. Returns a dict of [block_t, ...] tiles.
+    w [block_t, N, H]; bias [block_t, N] (H * denom_bias) or None. Returns a dict of tiles.
     """
     w2 = w * w
     run1 = c1[None] + lax.cumsum(w2, axis=0)
@@ -159,6 +156,17 @@ def _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid):
     if bias is not None:
         s = s + bias
     pi = _softmax_over_heads(s * temp[None, :] + head_bias[None, :], valid)
+    return dict(w2=w2, run1=run1, denom=denom, s=s, pi=pi)
+
+
+def _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid):
+    """Forward quantities of one causal tile given the running sums before it.
+
+    w [block_t, N, H]; c1, c2 [N, H] (sums of w^2 and Pi w^2 before the tile); c3 [N] (of Pi);
+    bias [block_t, N] (H * denom_bias) or None. Returns a dict of [block_t, ...] tiles.
+    """
+    f = _causal_pi(w, c1, temp, head_bias, bias, valid)
+    w2, run1, denom, s, pi = (f[k] for k in ("w2", "run1", "denom", "s", "pi"))
     pw2 = pi[:, :, None] * w2
     run2 = c2[None] + lax.cumsum(pw2, axis=0)
     inv3 = 1.0 / (c3[None] + lax.cumsum(pi, axis=0) + PI_EPS)  # [block_t, N]
@@ -166,9 +174,11 @@ def _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid):
     return dict(w2=w2, run1=run1, denom=denom, s=s, pi=pi, pw2=pw2, run2=run2, inv3=inv3, a=a)
 
 
-def _noncausal_tile(w, nu2, temp, head_bias, valid):
+def _noncausal_tile(w, inv_nu2, temp, head_bias, valid):
+    """Pi of one non-causal tile; inv_nu2 [N, H] = 1 / nu2 (a multiply per element, not a
+    division: the reciprocal is taken once per tile or program)."""
     w2 = w * w
-    s = jnp.sum(w2 / nu2[None], axis=-1)  # [block_t, N]
+    s = jnp.sum(w2 * inv_nu2[None], axis=-1)  # [block_t, N]
     pi = _softmax_over_heads(s * temp[None, :] + head_bias[None, :], valid)
     return dict(w2=w2, s=s, pi=pi)
 
@@ -223,6 +233,7 @@ def _fwd_pi_kernel(
     start = _chunk_start(st)
     temp, head_bias = temp_ref[...], head_bias_ref[...]
     c1 = c1_ref[0, 0]
+    inv_nu2 = 1.0 / c1  # non-causal only: c1 is nu2 there
     zeros2 = jnp.zeros(s2_ref.shape[2:], jnp.float32)
     zeros3 = jnp.zeros(s3_ref.shape[2:], jnp.float32)
 
@@ -231,11 +242,11 @@ def _fwd_pi_kernel(
         w, valid = _load_rows(w_ref, st, i), _valid_tokens(st, start, i)
         if st.causal:
             bias = bias_ref[_tile_slice(st, i), :] if bias_ref is not None else None
-            f = _causal_tile(w, acc1, zeros2, zeros3, temp, head_bias, bias, valid)
+            f = _causal_pi(w, acc1, temp, head_bias, bias, valid)
             acc1 = acc1 + jnp.sum(f["w2"], axis=0)
-            pw2 = f["pw2"]
+            pw2 = f["pi"][:, :, None] * f["w2"]
         else:
-            f = _noncausal_tile(w, c1, temp, head_bias, valid)
+            f = _noncausal_tile(w, inv_nu2, temp, head_bias, valid)
             pw2 = f["pi"][:, :, None] * f["w2"]
         return acc1, acc2 + jnp.sum(pw2, axis=0), acc3 + jnp.sum(f["pi"], axis=0)
 
@@ -272,13 +283,256 @@ def _fwd_out_kernel(
                 c3 + jnp.sum(f["pi"], axis=0),
             )
         else:
-            nu2, a, _ = carry
-            f = _noncausal_tile(w, nu2, temp, head_bias, valid)
+            inv_nu2, a, _ = carry
+            f = _noncausal_tile(w, inv_nu2, temp, head_bias, valid)
             y = -f["pi"][:, :, None] * w * a[None]
         y_ref[0, _tile_slice(st, i), :, :] = y.astype(y_ref.dtype)
         return carry
 
-    lax.fori_loop(0, st.num_tiles, body, (c1_ref[0, 0], c2_ref[0, 0], c3_ref[0, 0]))
+    c1 = c1_ref[0, 0] if st.causal else 1.0 / c1_ref[0, 0]  # non-causal: 1 / nu2, once
+    lax.fori_loop(0, st.num_tiles, body, (c1, c2_ref[0, 0], c3_ref[0, 0]))
+
+
+# --- the causal forward in one pass: a chunked scan with decoupled look-back -----------------
+#
+# Every statistic of the causal variant is a prefix sum over tokens, so one launch can stream w
+# once (Merrill & Garland, "Single-pass Parallel Prefix Scan with Decoupled Look-back", 2016):
+# programs take chunks in launch order from an atomic ticket, publish each chunk's local sums
+# (its aggregate) as soon as they have them, then walk back over the chunks before theirs,
+# adding aggregates until they meet a published inclusive prefix, and publish their own. The
+# causal statistics nest (Pi needs the finished prefix of w^2; the moments need Pi), so there
+# are two look-backs: one for C1 = sum w^2, then one for (C2, C3) = sums of (Pi w^2, Pi). Each
+# chunk is read three times (sums of w^2, Pi, y), the second and third from L2 while the chunk
+# is young.
+#
+# Publishing: the sums go out with atomic adds onto zeroed slots (performed at L2), then a
+# barrier of the program's threads, then one scalar atomic raises the slot's flag (AGGREGATE,
+# then INCLUSIVE) with release semantics. Reading: the flag with an atomic (acquire), then the
+# slot with atomic adds of zero (L2, never a stale L1 line). Triton's compiler crashes on a
+# reduction inside a while loop (JAX 0.11.2, seen on the H200), so every spin tests a scalar
+# flag only.
+#
+# Measured on the H200 (bf16, N=8, H=64; benchmarks/NOTES.md): correct, but slower than the
+# three launches (0.49 against 0.73 TB/s at T = 262k): the chunks wait on each other, and the
+# per-token arithmetic, not the bytes, bounds this variant. So it is opt-in
+# (`Config(single_pass=True)`), kept for the next attempt; a chained scan without the window
+# was slower still (3.2 us per chunk hop).
+
+AGGREGATE, INCLUSIVE = 1, 2  # a look-back flag: the slot holds the chunk's own / prefix sums
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScanStatic:
+    has_bias: bool
+    seq_len: int  # true T (padded tokens are masked)
+    block_t: int
+    num_tiles: int  # tiles per chunk
+    num_chunks: int  # chunks per batch row
+
+
+def _slot(ref, index):
+    return (index, *(pl.ds(0, n) for n in ref.shape[1:]))
+
+
+def _atomic_read(ref, index):
+    """ref[index] read at GPU scope (an atomic add of zero): never a stale L1 line."""
+    return pltriton.atomic_add(ref, _slot(ref, index), jnp.zeros(ref.shape[1:], ref.dtype))
+
+
+def _publish(flag_ref, flag, refs, index, values):
+    """refs[i][index] = values[i] (zeroed slots), then flag_ref[index] = flag, in that order."""
+    for ref, value in zip(refs, values, strict=True):
+        pltriton.atomic_add(ref, _slot(ref, index), value)
+    if not interpret_mode():  # interpret mode runs programs one after another
+        pltriton.debug_barrier()  # every thread's slot writes before the flag
+    pltriton.atomic_max(flag_ref, (index,), jnp.asarray(flag, jnp.int32))
+
+
+def _read_flag(flag_ref, index):
+    """flag_ref[index] read at GPU scope. (Interpret mode cannot discharge a scalar-indexed
+    atomic inside a while loop; a one-element slice there is the same value.)"""
+    if interpret_mode():
+        return pltriton.atomic_add(flag_ref, (pl.ds(index, 1),), jnp.zeros((1,), jnp.int32))[0]
+    return pltriton.atomic_add(flag_ref, (index,), jnp.int32(0))
+
+
+def _wait_for(flag_ref, index, flag):
+    """Spins until flag_ref[index] >= flag; returns the flag read (a scalar-only while loop)."""
+
+    def cond(seen):
+        return seen < flag
+
+    def body(_):
+        return _read_flag(flag_ref, index)
+
+    return lax.while_loop(cond, body, jnp.int32(0))
+
+
+LOOK_BACK_WINDOW = 8  # predecessors whose aggregates a chunk adds before it waits for a prefix
+
+
+def _look_back(ticket, first, flag_ref, aggregate_refs, inclusive_refs):
+    """The exclusive prefix (a tuple like the refs' slots) of the chunk holding `ticket`.
+
+    Decoupled look-back over at most LOOK_BACK_WINDOW predecessors (waiting for each one's
+    aggregate, stopping at an inclusive prefix), then, if none was found, a wait for the
+    inclusive prefix just before the window. The walk is a for loop with a fixed trip count
+    and each wait a scalar-only while loop: Triton's compiler crashed (segfault, JAX 0.11.2 on
+    the H200) on a while loop that also read or combined the vector slots. `first`: the row's
+    first chunk (prefix 0; it publishes its inclusive prefix at once)."""
+    zeros = tuple(jnp.zeros(r.shape[1:], jnp.float32) for r in aggregate_refs)
+    j = ticket  # steps below never cross the row's first chunk (which publishes INCLUSIVE)
+
+    def step(s, carry):
+        done, acc = carry
+        k = jnp.maximum(j - 1 - s, 0)
+        flag = _wait_for(flag_ref, k, AGGREGATE * (1 - done))
+        inclusive = tuple(_atomic_read(r, k) for r in inclusive_refs)
+        aggregate = tuple(_atomic_read(r, k) for r in aggregate_refs)
+        live = done == 0
+        acc = tuple(
+            jnp.where(live & (flag == INCLUSIVE), a + i, jnp.where(live, a + g, a))
+            for a, i, g in zip(acc, inclusive, aggregate, strict=True)
+        )
+        return jnp.maximum(done, (live & (flag == INCLUSIVE)).astype(jnp.int32)), acc
+
+    done, acc = lax.fori_loop(0, LOOK_BACK_WINDOW, step, (first.astype(jnp.int32), zeros))
+    k = jnp.maximum(j - 1 - LOOK_BACK_WINDOW, 0)
+    _wait_for(flag_ref, k, INCLUSIVE * (1 - done))
+    tail = tuple(_atomic_read(r, k) for r in inclusive_refs)
+    return tuple(jnp.where(done == 1, a, a + t) for a, t in zip(acc, tail, strict=True))
+
+
+def _causal_scan_kernel(
+    w_ref,  # [B, Tp, N, H]
+    temp_ref,  # [N]
+    head_bias_ref,  # [N]: 0 for real heads, -inf for padding
+    *rest,
+    st: _ScanStatic,
+):
+    """One program: one chunk of one batch row, in ticket order (see the section comment).
+
+    rest: bias_ref [Tp, N] (with denom_bias); the aliased state inputs (unused: the outputs
+    below are the same buffers); then the outputs: y_ref [B, Tp, N, H]; c1_ref, c2_ref
+    [B, chunks, N, H] and c3_ref [B, chunks, N], the sums before each chunk (the backward's
+    residuals); ticket_ref [1] int32; look-back flags flag1_ref, flag2_ref [B * chunks] int32;
+    slots agg1_ref, inc1_ref, agg2_ref, inc2_ref [B * chunks, N, H] and agg3_ref, inc3_ref
+    [B * chunks, N], all zeroed."""
+    bias_ref = rest[0] if st.has_bias else None
+    outs = rest[-13:]
+    y_ref, c1_ref, c2_ref, c3_ref, ticket_ref, flag1_ref, flag2_ref = outs[:7]
+    agg1_ref, inc1_ref, agg2_ref, inc2_ref, agg3_ref, inc3_ref = outs[7:]
+    ticket = pltriton.atomic_add(ticket_ref, (jnp.int32(0),), jnp.int32(1))
+    b, j = ticket // st.num_chunks, ticket % st.num_chunks
+    first = j == 0
+    start = j * (st.num_tiles * st.block_t)
+    temp, head_bias = temp_ref[...], head_bias_ref[...]
+    n, h = w_ref.shape[2:]
+
+    def rows(i):
+        tokens = pl.ds(pl.multiple_of(start + i * st.block_t, st.block_t), st.block_t)
+        return tokens, w_ref[b, tokens, :, :].astype(jnp.float32)  # [block_t, N, H]
+
+    def valid(i):
+        return start + i * st.block_t + lax.iota(jnp.int32, st.block_t) < st.seq_len
+
+    def bias(tokens):
+        return bias_ref[tokens, :] if bias_ref is not None else None
+
+    # 1. the chunk's sum of w^2; publish it, look back for C1 before the chunk, publish C1 after.
+    def sum_sq(i, acc):
+        _, w = rows(i)
+        return acc + jnp.sum(w * w, axis=0)
+
+    agg1 = lax.fori_loop(0, st.num_tiles, sum_sq, jnp.zeros((n, h), jnp.float32))
+    # (The row's first chunk publishes its inclusive prefix at once: the look-back stops there.)
+    _publish(
+        flag1_ref,
+        AGGREGATE + first.astype(jnp.int32),
+        (agg1_ref, inc1_ref),
+        ticket,
+        (agg1, jnp.where(first, agg1, 0.0)),
+    )
+    (c1,) = _look_back(ticket, first, flag1_ref, (agg1_ref,), (inc1_ref,))
+    _publish(flag1_ref, INCLUSIVE, (inc1_ref,), ticket, (jnp.where(first, 0.0, c1 + agg1),))
+
+    # 2. Pi, and the chunk's sums of Pi w^2 and Pi; the same for (C2, C3).
+    def moments(i, carry):
+        run1, acc2, acc3 = carry
+        tokens, w = rows(i)
+        f = _causal_pi(w, run1, temp, head_bias, bias(tokens), valid(i))
+        pw2 = f["pi"][:, :, None] * f["w2"]
+        return (
+            run1 + jnp.sum(f["w2"], axis=0),
+            acc2 + jnp.sum(pw2, axis=0),
+            acc3 + jnp.sum(f["pi"], axis=0),
+        )
+
+    init = (c1, jnp.zeros((n, h), jnp.float32), jnp.zeros((n,), jnp.float32))
+    _, agg2, agg3 = lax.fori_loop(0, st.num_tiles, moments, init)
+    _publish(
+        flag2_ref,
+        AGGREGATE + first.astype(jnp.int32),
+        (agg2_ref, agg3_ref, inc2_ref, inc3_ref),
+        ticket,
+        (agg2, agg3, jnp.where(first, agg2, 0.0), jnp.where(first, agg3, 0.0)),
+    )
+    c2, c3 = _look_back(ticket, first, flag2_ref, (agg2_ref, agg3_ref), (inc2_ref, inc3_ref))
+    _publish(
+        flag2_ref,
+        INCLUSIVE,
+        (inc2_ref, inc3_ref),
+        ticket,
+        (jnp.where(first, 0.0, c2 + agg2), jnp.where(first, 0.0, c3 + agg3)),
+    )
+    c1_ref[b, j] = c1
+    c2_ref[b, j] = c2
+    c3_ref[b, j] = c3
+
+    # 3. y, with the running sums rebuilt inside the chunk.
+    def out(i, carry):
+        run1, run2, run3 = carry
+        tokens, w = rows(i)
+        f = _causal_tile(w, run1, run2, run3, temp, head_bias, bias(tokens), valid(i))
+        y_ref[b, tokens, :, :] = (-f["pi"][:, :, None] * w * f["a"]).astype(y_ref.dtype)
+        return (
+            run1 + jnp.sum(f["w2"], axis=0),
+            run2 + jnp.sum(f["pw2"], axis=0),
+            run3 + jnp.sum(f["pi"], axis=0),
+        )
+
+    lax.fori_loop(0, st.num_tiles, out, (c1, c2, c3))
+
+
+def _causal_scan_forward(w, temperature, head_bias, bias, *, st: _ScanStatic, config: Config):
+    """y and the per-chunk sums (c1, c2, c3) before each chunk, in one launch."""
+    batch, padded_len, n, h = w.shape
+    slots = batch * st.num_chunks
+    state = [
+        jnp.zeros((1,), jnp.int32),  # the ticket counter
+        *(jnp.zeros((slots,), jnp.int32) for _ in range(2)),  # look-back flags
+        *(jnp.zeros((slots, n, h), jnp.float32) for _ in range(4)),
+        *(jnp.zeros((slots, n), jnp.float32) for _ in range(2)),
+    ]
+    inputs = [w, temperature, head_bias, *([bias] if st.has_bias else []), *state]
+    first_state = len(inputs) - len(state)
+    out_shape = [
+        jax.ShapeDtypeStruct(w.shape, w.dtype),
+        _f32(batch, st.num_chunks, n, h),
+        _f32(batch, st.num_chunks, n, h),
+        _f32(batch, st.num_chunks, n),
+        *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state),
+    ]
+    outs = pl.pallas_call(
+        functools.partial(_causal_scan_kernel, st=st),
+        grid=(slots,),
+        out_shape=out_shape,
+        input_output_aliases={first_state + i: 4 + i for i in range(len(state))},
+        compiler_params=triton_params(config.num_warps, config.num_stages),
+        interpret=interpret_mode(),
+        name="tssa_fwd_causal_scan",
+    )(*inputs)
+    return outs[:4]
 
 
 def _suffix_in_tile(x):
@@ -334,7 +588,7 @@ def _bwd_moment_kernel(
                 c3 + jnp.sum(f["pi"], axis=0),
             )
         else:
-            f = _noncausal_tile(w, c1, temp, head_bias, valid)
+            f = _noncausal_tile(w, 1.0 / c1, temp, head_bias, valid)
             gm_ref[0, i] = jnp.sum(g * f["pi"][:, :, None] * w, axis=0)
             gm3_ref[0, i] = jnp.zeros(gm3_ref.shape[2:], jnp.float32)
         return carry
@@ -375,7 +629,7 @@ def _bwd_tile(st: _Static, refs, start, i, carry, temp, head_bias):
         )
         return w, f, d_logit, d_s, d_run1, dw, carry
     nu2, a, d_s2, d_s3 = carry
-    f = _noncausal_tile(w, nu2, temp, head_bias, valid)
+    f = _noncausal_tile(w, 1.0 / nu2, temp, head_bias, valid)
     d_pi = jnp.sum(w * (d_s2[None] * w - a[None] * g), axis=-1) + d_s3[None]
     d_logit = f["pi"] * (d_pi - jnp.sum(f["pi"] * d_pi, axis=1, keepdims=True))
     d_s = d_logit * temp[None, :]
@@ -524,8 +778,11 @@ def _f32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _exclusive_scan(x):  # over the chunk axis 1
-    return jnp.cumsum(x, axis=1) - x
+def _exclusive_scan(x):
+    """Sums over the entries before each one along axis 1 (the chunks), by a shift, never
+    `cumsum - x`: a NaN or inf in a chunk must not reach the chunks before it (NaN - NaN)."""
+    inclusive = jnp.cumsum(x, axis=1)
+    return jnp.concatenate([jnp.zeros_like(inclusive[:, :1]), inclusive[:, :-1]], axis=1)
 
 
 def _after_scan(x):
@@ -562,6 +819,18 @@ def _make_tssa(
         b, _, n, h = w.shape
         nc = tile.num_chunks
         hb = head_bias(n)
+        if causal and config.single_pass:
+            scan_st = _ScanStatic(
+                has_bias=has_bias,
+                seq_len=seq_len,
+                block_t=tile.block_t,
+                num_tiles=tile.chunk_t // tile.block_t,
+                num_chunks=nc,
+            )
+            y, c1, c2, c3 = _causal_scan_forward(
+                w, temperature, hb, bias, st=scan_st, config=config
+            )
+            return y, (c1, c2, c3, None)
         sp = _specs(forward_st, w.shape, tile.chunk_t)
         s1 = _call(
             _fwd_sq_kernel,

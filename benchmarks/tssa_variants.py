@@ -1,0 +1,171 @@
+"""TSSA kernel variants on one GPU, in one process: correctness, then forward times per config.
+
+A development probe for issue 15 (the numbers of each kernel version go to benchmarks/NOTES.md):
+the causal forward as three launches vs one launch with decoupled look-back, tilings of both,
+the non-causal forward, the XLA reference, and a device copy as the roofline. Shape: N=8 heads x
+H=64, bfloat16; GB/s counts one read of w and one write of y.
+
+Run: python -m benchmarks.tssa_variants --json OUT.json [--lengths 4096 65536 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattn import reference
+from jattn.demo import environment, median_ms
+from pallas_kernels import tssa as kernels
+
+HEADS, HEAD_DIM = 8, 64
+BATCH_FOR = {4096: 8, 16384: 4, 65536: 2, 262144: 1, 1048576: 1}
+
+
+def _time(fn, *args, inner: int = 10) -> float:
+    """Median ms of one call, each sample `inner` calls queued back to back (no host gaps)."""
+    jax.block_until_ready(fn(*args))
+
+    def run():
+        out = None
+        for _ in range(inner):
+            out = fn(*args)
+        return out
+
+    return median_ms(run, 15) / inner
+
+
+def _inputs(batch, length, dtype, seed=0):
+    key = jax.random.key(seed)
+    w = jax.random.normal(key, (batch, length, HEADS, HEAD_DIM), dtype)
+    temperature = jnp.linspace(0.5, 1.5, HEADS, dtype=jnp.float32)
+    bias = 0.01 * jax.random.normal(jax.random.key(seed + 1), (HEADS, length), jnp.float32)
+    return w, temperature, bias
+
+
+def _kernel(temperature, causal, bias, config):
+    def f(w):
+        return kernels.token_statistics_attention(
+            w, temperature, causal=causal, denom_bias=bias, config=config
+        )
+
+    return jax.jit(f)
+
+
+def _xla(temperature, causal, bias):
+    def f(w):
+        return reference.token_statistics_attention(w, temperature, causal=causal, denom_bias=bias)
+
+    return jax.jit(f)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def check(rows) -> None:
+    """Every variant against the XLA reference (float32 math on the same values), twice."""
+    for dtype, shape in ((jnp.float32, (2, 4099, 8, 64)), (jnp.bfloat16, (1, 262144, 8, 64))):
+        w, temperature, bias = _inputs(shape[0], shape[1], dtype, seed=7)
+        for causal in (False, True):
+            b = bias if causal else None
+            want = reference.token_statistics_attention(
+                w.astype(jnp.float32), temperature, causal=causal, denom_bias=b
+            )
+            for config in (kernels.Config(), kernels.Config(single_pass=False)):
+                if not causal and not config.single_pass:
+                    continue
+                fn = _kernel(temperature, causal, b, config)
+                first, second = fn(w), fn(w)
+                rows.append(
+                    dict(
+                        check=True,
+                        dtype=jnp.dtype(dtype).name,
+                        shape=shape,
+                        causal=causal,
+                        config=repr(config),
+                        rel_err=_rel(first.astype(jnp.float32), want),
+                        rerun_diff=_rel(first.astype(jnp.float32), second.astype(jnp.float32)),
+                        finite=bool(jnp.isfinite(first).all()),
+                    )
+                )
+                print(rows[-1], flush=True)
+
+
+def sweep(rows, lengths, configs) -> None:
+    for length in lengths:
+        batch = BATCH_FOR.get(length, 1)
+        w, temperature, bias = _inputs(batch, length, jnp.bfloat16)
+        nbytes = 2 * w.nbytes
+        for causal in (False, True):
+            b = bias if causal else None
+            ref = _xla(temperature, causal, b)
+            candidates = [("xla", None, ref)]
+            for name, config in configs:
+                if not causal and not config.single_pass:
+                    continue
+                fn = _kernel(temperature, causal, b, config)
+                candidates.append((name, config, fn))
+            for name, config, fn in candidates:
+                try:
+                    ms = _time(fn, w)
+                except Exception as err:  # noqa: BLE001  (record a config that fails to compile)
+                    rows.append(dict(T=length, causal=causal, name=name, error=repr(err)[:300]))
+                    print(rows[-1], flush=True)
+                    continue
+                rows.append(
+                    dict(
+                        T=length,
+                        B=batch,
+                        causal=causal,
+                        name=name,
+                        config=repr(config),
+                        ms=ms,
+                        tbps=nbytes / ms / 1e9,
+                    )
+                )
+                print(
+                    f"T={length} causal={causal} {name:24s} {ms:8.3f} ms "
+                    f"{rows[-1]['tbps']:.2f} TB/s",
+                    flush=True,
+                )
+
+
+CONFIGS = {
+    "three_pass": kernels.Config(single_pass=False),
+    "default": kernels.Config(),
+    "c64_b8_w4": kernels.Config(block_t=8, chunk_t=64, num_warps=4),
+    "c128_b8_w4": kernels.Config(block_t=8, chunk_t=128, num_warps=4),
+    "c256_b8_w4": kernels.Config(block_t=8, chunk_t=256, num_warps=4),
+    "c128_b16_w8": kernels.Config(block_t=16, chunk_t=128, num_warps=8),
+    "c256_b16_w8": kernels.Config(block_t=16, chunk_t=256, num_warps=8),
+    "c128_b8_w8": kernels.Config(block_t=8, chunk_t=128, num_warps=8),
+}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--lengths", type=int, nargs="*", default=[4096, 65536, 262144, 1048576])
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--no-check", action="store_true")
+    args = parser.parse_args(argv)
+    rows: list[dict] = []
+    x = jnp.ones((1 << 28,), jnp.float32)
+    copy_ms = _time(jax.jit(lambda x: x * 2.0), x)
+    copy_tbps = 2 * x.nbytes / copy_ms / 1e9
+    print(f"copy {copy_tbps:.2f} TB/s", flush=True)
+    if not args.no_check:
+        check(rows)
+    sweep(rows, args.lengths, [(name, CONFIGS[name]) for name in args.configs])
+    record = dict(environment=environment(), copy_tbps=copy_tbps, rows=rows)
+    with open(args.json, "w") as f:
+        json.dump(record, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
