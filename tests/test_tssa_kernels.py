@@ -25,6 +25,9 @@ CASES = {
     ),
     "one_token": ((2, 1, 4, 8), None),  # non-causal: w/||w|| over one token is ill-conditioned
     "default_tiling": ((1, 64, 8, 16), None),
+    # the causal forward in one launch (decoupled look-back over chunks of 4 tokens; the
+    # non-causal variant ignores the flag)
+    "single_pass_scan": ((2, 45, 3, 8), kernels.Config(block_t=2, chunk_t=4, single_pass=True)),
 }
 
 
@@ -139,6 +142,26 @@ def test_kernel_zero_columns_and_tiny_prefixes(rng, causal):
         assert _rel_err(got, expected) <= 1e-4
 
 
+@pytest.mark.parametrize("single_pass", [False, True])
+def test_causal_nan_in_a_later_token_never_reaches_earlier_ones(rng, single_pass):
+    """A token's output depends only on tokens up to it: a NaN or inf in token t
+    (uninitialised memory past a sequence's end, say) leaves every output before t exact. The
+    chunk carries once took `cumsum - x`, which made a chunk's NaN the whole chunk's. (Gradients
+    of earlier tokens do depend on later outputs, so there NaN * 0 = NaN is IEEE's answer.)"""
+    shape, bad = (1, 23, 3, 4), 19
+    w, temperature, denom_bias, _ = _inputs(rng, shape, causal=True)
+    config = kernels.Config(single_pass=single_pass)
+    fn = jax.jit(
+        lambda w: kernels.token_statistics_attention(
+            w, temperature, causal=True, denom_bias=denom_bias, config=config
+        )
+    )
+    clean = np.asarray(fn(w))
+    for poison in (jnp.nan, jnp.inf):
+        y = np.asarray(fn(w.at[:, bad:].set(poison)))
+        np.testing.assert_array_equal(y[:, :bad], clean[:, :bad])
+
+
 def test_dispatch(rng):
     w, temperature, denom_bias, _ = _inputs(rng, (1, 9, 2, 8), causal=True)
 
@@ -173,15 +196,18 @@ def test_tiling_rejects_chunks_that_are_not_whole_tiles():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "causal, single_pass", [(False, False), (True, False), (True, True)], ids=str
+)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_real_size_on_gpu(rng, causal, dtype):
+def test_kernel_real_size_on_gpu(rng, causal, single_pass, dtype):
     shape = (2, 4099, 8, 64)
     w, temperature, denom_bias, cotangent = _inputs(rng, shape, causal, dtype, extra_len=1)
+    config = kernels.Config(single_pass=single_pass)
 
     def kernel(w, t, b):
         return jattn.token_statistics_attention(
-            w, t, causal=causal, denom_bias=b, implementation="triton"
+            w, t, causal=causal, denom_bias=b, implementation="triton", config=config
         )
 
     def ref(w, t, b):
