@@ -24,6 +24,18 @@ def test_readme_states_the_two_commands_and_ci_runs_the_test_one():
     assert re.search(r"^pytest$", ci, re.MULTILINE)
 
 
+def test_readme_names_no_development_machine_paths_and_the_current_implementations():
+    assert "/work/" not in README and "../shared" not in README
+    (printed,) = re.findall(r"print\(jattn.available_implementations\(\)\)  # (\(.*\))", README)
+    import jattn
+
+    assert sorted(eval(printed)) == sorted(jattn.available_implementations())
+    text = " ".join(README.split())
+    order = [text.index(f"`{part}`, ") for part in ("attention", "gpt", "decode")]
+    assert "in the order they run" in text and order == sorted(order)
+    assert demo.DEMO_PARTS == ("attention", "gpt", "decode")  # the order the README gives
+
+
 def test_readme_snippets_run():
     snippets = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
     assert len(snippets) >= 4

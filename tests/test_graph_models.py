@@ -19,7 +19,8 @@ from models import planetoid
 
 DATA = planetoid.DEFAULT_DATA_DIR
 needs_data = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"Planetoid data not found at {DATA} (../shared/data/planetoid)"
+    not DATA.is_dir(),
+    reason=f"Planetoid data not found at {DATA} (--data-dir, $JATTN_PLANETOID_DIR)",
 )
 
 
@@ -123,6 +124,7 @@ def test_safe_unpickler_refuses_other_classes():
         ("gat", []),
         ("hganet", ["--modules", "1", "--k", "4"]),
         ("hganet", ["--architecture", "gat", "--heads", "2"]),
+        ("hganet", ["--architecture", "gat", "--heads", "2", "--score", "additive", "--match-dgl"]),
         ("cganet", ["--modules", "1", "--normalize"]),
     ],
 )
