@@ -29,9 +29,9 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_sessionfinish(session):
     """Collect garbage now, then freeze what is left, while an xdist worker has not yet reported
-    that it finished. pytest's cleanup afterwards runs five full collections, which can take
-    over 5 s with JAX's heap on a loaded 2-core machine; execnet interrupts a worker still busy 5 s after
-    it is told to stop (SIGINT to itself), which ended runs that passed with
+    that it finished. pytest's cleanup afterwards runs five full collections, which can take over
+    5 s with JAX's heap on a loaded 2-core machine; execnet interrupts a worker still busy 5 s
+    after it is told to stop (SIGINT to itself), which ended runs that passed with
     `PytestUnraisableExceptionWarning: ... _xla_gc_callback ... KeyboardInterrupt`. pytest's
     check for unraisable exceptions still sees what this collection finds."""
     gc.collect()
