@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import Array
 
@@ -132,12 +133,29 @@ def generate(
     """Sample `num_tokens` after each prompt: one prefill, then one decode step per token.
 
     Temperature 0 is greedy. The model's KV cache is (re)allocated for `cache_length` (default
-    prompt + new tokens) positions, placed with `cache_sharding` (see `GPT.set_decode_fn`).
+    prompt + new tokens) positions, placed with `cache_sharding` (see `GPT.set_decode_fn`); a
+    cache shorter than the longest prompt + `num_tokens` raises ValueError (its steps run under
+    `nnx.jit`, where a full cache could only flag the overflow, not stop it).
     """
     batch, prompt_length = prompt.shape
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
     if prompt_lengths is None:
         prompt_lengths = jnp.full((batch,), prompt_length, jnp.int32)
-    model.init_cache(batch, cache_length or prompt_length + num_tokens, sharding=cache_sharding)
+    lengths = np.asarray(prompt_lengths)
+    if lengths.shape != (batch,) or (lengths < 1).any() or (lengths > prompt_length).any():
+        raise ValueError(
+            f"prompt_lengths must be [B] = ({batch},) in [1, P = {prompt_length}], got "
+            f"{lengths.tolist()}"
+        )
+    needed = int(lengths.max()) + num_tokens
+    cache_length = prompt_length + num_tokens if cache_length is None else cache_length
+    if cache_length < needed:
+        raise ValueError(
+            f"cache_length {cache_length} is too small: the longest prompt "
+            f"({int(lengths.max())} tokens) + {num_tokens} new tokens need {needed} positions"
+        )
+    model.init_cache(batch, cache_length, sharding=cache_sharding)
     logits = _prefill(model, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32))
     key = jax.random.key(seed)
     tokens = []
