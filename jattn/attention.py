@@ -280,6 +280,13 @@ def _run(args: AttentionArgs, implementation, config) -> tuple[Array, Array]:
         return _dispatch(args, implementation, config)
     if not isinstance(implementation, str | None):
         implementation = tuple(implementation)
+    names = (implementation,) if isinstance(implementation, str) else implementation
+    names = auto_order() if names is None else names
+    if "mosaic" in names and "mosaic" in _REGISTRY:
+        # flash_mosaic's custom_vjp closes over the lengths, mask and segment arrays, which
+        # fails with traced ones ("No constant handler for type DynamicJaxprTracer", on the
+        # H200); eager calls stay eager until that kernel takes them as arguments.
+        return _dispatch(args, implementation, config)
     static = tuple(
         (field.name, getattr(args, field.name))
         for field in dataclasses.fields(args)
@@ -371,12 +378,29 @@ def _dispatch(args: AttentionArgs, implementation, config) -> tuple[Array, Array
         try:
             if forward or reverse > 1:
                 return _higher_order(name, forward)(args, config)
+            if name == "mosaic":  # its kernel lets a NaN past the lengths in as 0 * NaN
+                return _REGISTRY[name](zero_keys_past_lengths(args), config)
             return _REGISTRY[name](args, config)
         except NotImplementedError as e:
             reasons.append(f"{name}: {e}")
     raise NotImplementedError(
         f"No implementation can serve this call ({args.shape_summary}):\n  " + "\n  ".join(reasons)
     )
+
+
+def zero_keys_past_lengths(args: AttentionArgs) -> AttentionArgs:
+    """args with the keys and values past `key_value_seq_lengths` set to 0.
+
+    Slots past a length are often uninitialised cache memory. They are hidden from every query,
+    so zeroing them changes no result, and a kernel whose P.V multiplies hidden keys by 0 can
+    then not turn their NaN into 0 * NaN = NaN (cuDNN; the Mosaic kernel until it masks them).
+    """
+    if args.key_value_seq_lengths is None:
+        return args
+    past = jnp.arange(args.key.shape[1])[None, :] >= args.key_value_seq_lengths[:, None]
+    past = past[:, :, None, None]  # [B, S, 1, 1]
+    key, value = (jnp.where(past, jnp.zeros((), x.dtype), x) for x in (args.key, args.value))
+    return dataclasses.replace(args, key=key, value=value)
 
 
 def _shape(x) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from jattn import masking
-from jattn.attention import AttentionArgs, register_implementation
+from jattn.attention import AttentionArgs, register_implementation, zero_keys_past_lengths
 
 _MAX_HEAD_DIM = {True: 256, False: 128}  # by "is Hopper or newer"
 
@@ -89,6 +89,8 @@ def _cudnn(args: AttentionArgs, config) -> tuple[Array, Array]:
     window = args.local_window_size
     if window is not None and args.is_causal:
         window = (window[0], 0)  # causal already hides every key right of the query
+    # Slots past a length may hold NaN: cuDNN's P.V would let it in as 0 * NaN.
+    args = zero_keys_past_lengths(args)
     out, lse = jax.nn.dot_product_attention(
         args.query,
         args.key,

@@ -183,7 +183,7 @@ def test_declines_float64_and_a_foreign_config(rng):
     finally:
         jax.config.update("jax_enable_x64", False)
     q, k, v = make_inputs(rng, SHAPES["mha_square"])
-    with pytest.raises(NotImplementedError, match="needs a TritonConfig"):
+    with pytest.raises(ValueError, match="'triton' takes a TritonConfig, got a ChunkedConfig"):
         jattn.dot_product_attention(q, k, v, implementation="triton", config=jattn.ChunkedConfig())
 
 

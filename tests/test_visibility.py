@@ -147,3 +147,29 @@ def test_sharded_decode_ignores_nan_past_lengths(rng, shard_by):
     want = jattn.decode_attention(q, k, v, lengths)
     got = offload.sharded_decode_attention(q, bad_k, bad_v, lengths, mesh=mesh, shard_by=shard_by)
     assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.float32])
+
+
+def test_mosaic_gets_keys_past_the_lengths_zeroed(rng, monkeypatch):
+    """The Mosaic kernel (GPU only) multiplies hidden keys by 0; the dispatcher zeroes the slots
+    past the lengths before calling it. Stand-in: jax.nn's XLA path, which has the same 0 * NaN."""
+
+    def naive(args, config):
+        out, lse = jax.nn.dot_product_attention(
+            args.query,
+            args.key,
+            args.value,
+            key_value_seq_lengths=args.key_value_seq_lengths,
+            return_residual=True,
+        )
+        return out, lse.astype(jnp.float32)
+
+    monkeypatch.setitem(jattn.attention._REGISTRY, "mosaic", naive)
+    q, k, v = make_inputs(rng, (2, 4, 9, 2, 1, 8))
+    lengths = jnp.array([3, 9], jnp.int32)
+    hidden = (jnp.arange(9)[None, :] >= lengths[:, None])[:, :, None, None]
+    bad_k, bad_v = (jnp.where(hidden, jnp.nan, x) for x in (k, v))
+    want = jattn.reference.dot_product_attention(q, k, v, key_value_seq_lengths=lengths)
+    got = jattn.dot_product_attention(
+        q, bad_k, bad_v, key_value_seq_lengths=lengths, implementation="mosaic"
+    )
+    assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.float32])
