@@ -552,14 +552,18 @@ def _prepare(st: _Static, query, key, value, bias, aux) -> _Inputs:
     def rows(x, size):  # [B, L, heads, H] -> [B, size, heads, Hp]
         return common.pad_last(common.pad_to(x, 1, size), h_pad)
 
-    def per_batch(x, default):
-        return jnp.full((batch,), default, jnp.int32) if x is None else x.astype(jnp.int32)
+    def per_batch(x, default, limit=None):
+        if x is None:
+            return jnp.full((batch,), default, jnp.int32)
+        x = x.astype(jnp.int32)
+        # A length past T or S would make the zero padding of the last block visible.
+        return x if limit is None else jnp.clip(x, 0, limit)
 
     bounds = jnp.stack(
         [
             per_batch(q_offset, 0),
-            per_batch(q_lengths, st.q_len),
-            per_batch(kv_lengths, st.kv_len),
+            per_batch(q_lengths, st.q_len, st.q_len),
+            per_batch(kv_lengths, st.kv_len, st.kv_len),
             jnp.zeros((batch,), jnp.int32),
         ],
         axis=1,

@@ -288,3 +288,26 @@ def test_gpu_backward_is_deterministic(rng):
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     for first, second in zip(grad(q, k, v), grad(q, k, v), strict=True):
         np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_kernel_clamps_key_lengths_past_s(rng):
+    """Called directly (as the Mosaic backward does), a key length past S means S: the zero
+    padding between S and the block edge stays hidden (S = 20, length 33 gave a 0.19 error)."""
+    q, k, v = make_inputs(rng, (1, 1, 20, 1, 1, 16))
+    options = dict(
+        scale=0.25,
+        is_causal=False,
+        q_offset=None,
+        query_seq_lengths=jnp.array([5]),
+        local_window_size=None,
+        segment_ids=None,
+        logits_soft_cap=None,
+    )
+    out, lse = flash_triton.flash_attention(
+        q, k, v, None, None, key_value_seq_lengths=jnp.array([33]), **options
+    )
+    want_out, want_lse = jattn.reference.dot_product_attention(
+        q, k, v, scale=0.25, return_residual=True
+    )
+    assert_close(out, np.asarray(want_out, np.float64), TOLERANCE[jnp.float32])
+    assert_close(lse, np.asarray(want_lse, np.float64), TOLERANCE[jnp.float32])
