@@ -370,6 +370,7 @@ def _dispatch(args: AttentionArgs, implementation, config) -> tuple[Array, Array
         # -inf; T, B, N or H = 0: empty results): every implementation answers the same.
         return _xla(args, None)
     forward, reverse = _autodiff_levels(args)
+    args = _zero_queries_past_lengths(args)
     reasons = []
     for name in names:
         if name not in _REGISTRY:
@@ -401,6 +402,16 @@ def zero_keys_past_lengths(args: AttentionArgs) -> AttentionArgs:
     past = past[:, :, None, None]  # [B, S, 1, 1]
     key, value = (jnp.where(past, jnp.zeros((), x.dtype), x) for x in (args.key, args.value))
     return dataclasses.replace(args, key=key, value=value)
+
+
+def _zero_queries_past_lengths(args: AttentionArgs) -> AttentionArgs:
+    """Query rows past `query_seq_lengths` set to 0: they see no key, so nothing changes, but a
+    NaN there can no longer reach dk, dv of the keys through dS^T q as 0 * NaN."""
+    if args.query_seq_lengths is None:
+        return args
+    past = jnp.arange(args.query.shape[1])[None, :] >= args.query_seq_lengths[:, None]
+    zero = jnp.zeros((), args.query.dtype)
+    return dataclasses.replace(args, query=jnp.where(past[:, :, None, None], zero, args.query))
 
 
 def _shape(x) -> tuple[int, ...]:

@@ -173,3 +173,32 @@ def test_mosaic_gets_keys_past_the_lengths_zeroed(rng, monkeypatch):
         q, bad_k, bad_v, key_value_seq_lengths=lengths, implementation="mosaic"
     )
     assert_close(got, np.asarray(want, np.float64), TOLERANCE[jnp.float32])
+
+
+@pytest.mark.parametrize("implementation", ["xla", "xla_chunked", "triton"])
+def test_padded_query_rows_with_nan_reach_no_key_gradient(rng, implementation):
+    """NaN in query rows past query_seq_lengths: the real rows' outputs and every dk, dv equal
+    those of clean inputs (the padded rows give 0 and get zero gradients)."""
+    q, k, v = make_inputs(rng, (2, 10, 12, 2, 1, 16))
+    lengths = jnp.array([4, 10], jnp.int32)
+    padded = (jnp.arange(10)[None, :] >= lengths[:, None])[:, :, None, None]
+    bad_q = jnp.where(padded, jnp.nan, q)
+    cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    options = dict(
+        query_seq_lengths=lengths,
+        is_causal=True,
+        implementation=implementation,
+        config=IMPLEMENTATIONS[implementation],
+    )
+
+    def loss(q, k, v):
+        return jnp.sum(jattn.dot_product_attention(q, k, v, **options) * cotangent)
+
+    assert_close(
+        jattn.dot_product_attention(bad_q, k, v, **options),
+        np.asarray(jattn.dot_product_attention(q, k, v, **options), np.float64),
+        TOLERANCE[jnp.float32],
+    )
+    for name, g, w in zip("qkv", _grads(loss, bad_q, k, v), _grads(loss, q, k, v), strict=True):
+        assert bool(jnp.isfinite(g).all()), f"d{name} not finite"
+        assert_close(g, np.asarray(w, np.float64), GRAD_TOLERANCE[jnp.float32])
