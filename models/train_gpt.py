@@ -153,7 +153,10 @@ def run(args: argparse.Namespace, corpus: text_data.TextCorpus | None = None) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    summary = run(args)
+    try:
+        summary = run(args)
+    except training.ResumeError as e:
+        raise SystemExit(f"error: {e}") from None
     lines = summary["history"]
     losses = [line for line in lines if "loss" in line]
     evals = [line for line in lines if "val_loss" in line]

@@ -319,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             compare(args)
         return 0
-    summary = run_vision(args) if args.task == "vision" else run_lm(args)
+    try:
+        summary = run_vision(args) if args.task == "vision" else run_lm(args)
+    except training.ResumeError as e:
+        raise SystemExit(f"error: {e}") from None
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -196,6 +196,10 @@ def run_differences(saved: dict, settings: dict) -> list[str]:
     ]
 
 
+class ResumeError(ValueError):
+    """The workdir holds a run this one cannot continue (other settings, or past --steps)."""
+
+
 class Interrupted(SystemExit):
     """Raised by `train` after it saved a checkpoint on SIGINT/SIGTERM; the exit status is the
     shell's for that signal (128 + its number), so an uncaught one ends the script like it."""
@@ -270,13 +274,13 @@ def train(
         saved = json.loads(settings_path.read_text()) if settings_path.exists() else None
         differences = run_differences(saved, settings) if saved is not None else []
         if differences:
-            raise ValueError(
+            raise ResumeError(
                 f"{workdir} holds a run with other settings ({'; '.join(differences)}); "
                 "use a new --workdir, --no-resume, or the saved value"
             )
         start = manager.latest_step()
         if start > config.steps:
-            raise ValueError(
+            raise ResumeError(
                 f"{workdir} holds a checkpoint at step {start}, past --steps {config.steps}; "
                 f"pass --steps {start} or more to resume it"
             )

@@ -79,7 +79,7 @@ def test_resume_compares_only_what_defines_the_run(tmp_path, capsys):
     # Other intervals and more steps: resumes and continues to the new --steps.
     longer = _tiny_run(tmp_path, steps=6, log_every=2, checkpoint_every=3, eval_every=5)
     assert longer.start_step == 4 and longer.history[-1]["step"] == 6
-    with pytest.raises(ValueError, match="past --steps 5; pass --steps 6 or more"):
+    with pytest.raises(training.ResumeError, match="past --steps 5; pass --steps 6 or more"):
         _tiny_run(tmp_path, steps=5)
     with pytest.raises(ValueError, match="other settings") as error:
         _tiny_run(tmp_path, steps=8, run_info=dict(model=dict(dim=8)))
@@ -96,8 +96,8 @@ def test_train_gpt_resumes_when_only_sampling_flags_change(tmp_path, capsys):
     flags = ["--steps", "1", "--log-every", "3", "--checkpoint-every", "7", "--prompt", "x" * 20]
     assert train_gpt.main([*workdir, *TINY_GPT, *flags]) == 0
     assert "resuming from step 1" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"other settings \(model.dim: 16 -> 32\)"):
-        train_gpt.main([*workdir, *TINY_GPT, "--steps", "2", "--dim", "32"])
+    with pytest.raises(SystemExit, match=r"^error: .* other settings \(model.dim: 16 -> 32\)"):
+        train_gpt.main([*workdir, *TINY_GPT, "--steps", "2", "--dim", "32"])  # no traceback
 
 
 def test_short_runs_warm_up_over_a_tenth_of_the_steps(tmp_path, capsys):
