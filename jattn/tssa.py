@@ -42,7 +42,14 @@ def token_statistics_attention(
       config: tiling of the 'triton' kernels (`pallas_kernels.tssa.Config`); None: heuristics.
 
     Returns:
-      `[B, T, N, H]`: y = -Pi * w / (1 + m), Pi a softmax over the N heads of each token.
+      `[B, T, N, H]`: y = -Pi * w / (1 + m), Pi a softmax over the N heads of each token. An
+      empty w (B, T, N or H = 0) gives an empty output.
+
+    Raises:
+      ValueError: w not `[B, T, N, H]` float, temperature not `[N]`, denom_bias not `[N, L]`
+        with L >= T, or denom_bias without causal.
+      NotImplementedError: implementation='triton' with float64 w (the kernels accumulate in
+        float32; 'xla' serves float64).
     """
     if implementation not in (None, *TSSA_IMPLEMENTATIONS):
         raise ValueError(
@@ -70,9 +77,16 @@ def token_statistics_attention(
                 f"T = {w.shape[1]} is longer than denom_bias {denom_bias.shape} "
                 "covers (L must be >= T)"
             )
+    if w.size == 0:  # B, T, N or H = 0: nothing to attend over, the same for every implementation
+        return jnp.zeros(w.shape, w.dtype)
     if implementation is None:
         on_gpu = jax.default_backend() == "gpu"
         implementation = "triton" if on_gpu and w.dtype != jnp.float64 else "xla"
+    if implementation == "triton" and w.dtype == jnp.float64:
+        raise NotImplementedError(
+            "jattn's TSSA 'triton' kernels compute in float32; for float64 w use "
+            "implementation='xla' (auto picks it)"
+        )
     if implementation == "triton":
         return tssa_kernels.token_statistics_attention(
             w, temperature, causal=causal, denom_bias=denom_bias, config=config

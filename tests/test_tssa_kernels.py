@@ -162,6 +162,44 @@ def test_causal_nan_in_a_later_token_never_reaches_earlier_ones(rng, single_pass
         np.testing.assert_array_equal(y[:, :bad], clean[:, :bad])
 
 
+@pytest.mark.parametrize("implementation", ["xla", "triton"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(0, 5, 2, 4), (1, 0, 2, 4), (1, 5, 0, 4), (2, 5, 2, 0)])
+def test_empty_inputs_give_empty_outputs(shape, causal, implementation):
+    w = jnp.ones(shape, jnp.float32)
+    temperature = jnp.ones(shape[2], jnp.float32)
+
+    def loss(w, t):
+        y = jattn.token_statistics_attention(w, t, causal=causal, implementation=implementation)
+        return jnp.sum(y), y
+
+    (_, y), (dw, dt) = jax.value_and_grad(loss, (0, 1), has_aux=True)(w, temperature)
+    assert y.shape == shape and y.dtype == w.dtype
+    assert dw.shape == shape and not np.asarray(dt).any()
+
+
+def test_kernel_under_x64(rng):
+    """With jax_enable_x64 the kernels' index arithmetic stays int32; float64 w is declined."""
+    with jax.enable_x64(True):
+        w, temperature, denom_bias, cotangent = _inputs(rng, (1, 13, 3, 8), causal=True)
+        config = kernels.Config(block_t=4, chunk_t=8)
+        for causal in (False, True):
+            bias = denom_bias if causal else None
+            got = kernels.token_statistics_attention(
+                w, temperature, causal=causal, denom_bias=bias, config=config
+            )
+            want = reference.token_statistics_attention(
+                w, temperature, causal=causal, denom_bias=bias
+            )
+            assert got.dtype == jnp.float32 and _rel_err(got, want) <= 1e-5
+        with pytest.raises(NotImplementedError, match="implementation='xla'"):
+            jattn.token_statistics_attention(
+                w.astype(jnp.float64), temperature, implementation="triton"
+            )
+        auto = jattn.token_statistics_attention(w.astype(jnp.float64), temperature)
+        assert auto.dtype == jnp.float64
+
+
 def test_dispatch(rng):
     w, temperature, denom_bias, _ = _inputs(rng, (1, 9, 2, 8), causal=True)
 
