@@ -444,3 +444,109 @@ def test_cli_help_and_dry_run(cache_file, capsys, monkeypatch):
         cli.main([*argv, "--lengths", "32"])
     with pytest.raises(SystemExit):
         cli.main([*argv, "--lengths", "32", "64", "--dry-run"])
+
+
+# --- hardening (issue 19): deep JSON, FIFOs, concurrent writers, bad values, read-only folders --
+
+
+def test_deeply_nested_json_is_skipped_with_a_warning(cache_file):
+    cache_file.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.warns(autotune.AutotuneCacheWarning, match="not valid JSON"):
+        assert _lookup() is None
+    deep = dict(_entry().to_json(), config={"block_q": [[[[[[16]]]]]] * 1})
+    cache_file.write_text(json.dumps(dict(format=cache.FORMAT, version=1, entries=[deep])))
+    with pytest.warns(autotune.AutotuneCacheWarning, match="not a finite scalar"):
+        assert _lookup() is None
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_at_the_cache_path_is_skipped_never_blocks(cache_file):
+    """Opening a FIFO for reading blocks until a writer comes: a lookup must not open it."""
+    os.mkfifo(cache_file)
+    code = (
+        "import warnings, jax.numpy as jnp\n"
+        "from jattn import autotune\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    found = autotune.lookup('triton', head_dim=16, dtype=jnp.float32, causal=True,"
+        " length=32, device='cpu')\n"
+        "print(found, any('regular file' in str(x.message) for x in w))\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "True"]
+    with pytest.raises(OSError, match="not a regular file"):
+        autotune.save(cache_file, [_entry()])
+
+
+def _merge_distinct(path: str, worker: int, count: int) -> None:
+    from jattn.autotune import cache as worker_cache
+
+    for i in range(count):
+        bucket = worker_cache.Bucket(
+            implementation="triton", device=f"dev{worker}_{i}", head_dim=16, dtype="float32",
+            causal=True, lengths="<=1024",
+        )  # fmt: skip
+        worker_cache.merge(path, [worker_cache.Entry(bucket, {"block_q": 16}, {"forward": 1.0})])
+
+
+def test_concurrent_writers_keep_every_entry(tmp_path):
+    """Four processes merging 20 distinct entries each into one file at the same time: all 80
+    survive (the lock covers read-merge-rename)."""
+    import multiprocessing
+
+    path = str(tmp_path / "shared.json")
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_merge_distinct, args=(path, w, 20)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(timeout=240)
+        assert p.exitcode == 0
+    stored = autotune.load(path)
+    assert len(stored) == 80
+    assert {b.device for b in stored} == {f"dev{w}_{i}" for w in range(4) for i in range(20)}
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("block_q", float("nan")),
+        ("block_k", float("inf")),
+        ("num_warps", 4.0),
+        ("num_stages", True),
+    ],
+)
+def test_nan_and_wrongly_typed_config_values_are_ignored(cache_file, field, value):
+    entry = dict(_entry().to_json())
+    entry["config"] = dict(entry["config"], **{field: value})
+    good = _entry(causal=False).to_json()
+    record = dict(format=cache.FORMAT, version=cache.VERSION, entries=[entry, good])
+    cache_file.write_text(json.dumps(record))  # json writes NaN and Infinity tokens
+    with pytest.warns(autotune.AutotuneCacheWarning, match=field):
+        assert _lookup() is None
+    assert _lookup(causal=False) == ODD
+
+
+@pytest.mark.parametrize("place", ["read-only folder", "folder is a file"])
+def test_cli_into_an_unwritable_folder_prints_a_message(tmp_path, capsys, place):
+    folder = tmp_path / "cache"
+    if place == "read-only folder":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        folder.mkdir()
+        folder.chmod(0o500)
+    else:
+        folder.write_text("a file where the cache folder should be")
+    argv = ["autotune", "--head-dims", "16", "--dtypes", "float32", "--causal", "yes"]
+    argv += ["--lengths", "32", "--allow-cpu", "--cache", str(folder / "autotune.json")]
+    try:
+        assert cli.main(argv) == 1
+    finally:
+        if folder.is_dir():
+            folder.chmod(0o700)
+    err = capsys.readouterr().err
+    assert "jattn autotune: cannot write" in err and "Traceback" not in err

@@ -5,16 +5,23 @@ of two >= 16, dtype, causal, length range of max(T, S)). `lookup` tries the user
 then the tables shipped inside the package, and returns None when neither has the bucket (the
 kernel then uses its heuristic). A file that cannot be read, is not a jattn autotune file, has
 another format version, or holds an entry whose config does not validate is skipped with one
-`AutotuneCacheWarning`: a cache never breaks a call.
+`AutotuneCacheWarning`: a cache never breaks a call. That includes a path that is not a regular
+file (a FIFO or a device is never opened for reading, so a lookup cannot block), JSON nested too
+deeply to parse, and configs holding NaN, infinities or values of the wrong type. Writers
+(`merge`, so `jattn autotune`) hold an advisory lock (`fcntl.flock` on `<cache>.lock`) around
+read-merge-rename, so concurrent tuners keep each other's entries.
 """
 
+import contextlib
 import dataclasses
 import functools
 import importlib.resources
 import json
+import math
 import os
 import pathlib
 import re
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -22,6 +29,11 @@ from typing import Any
 
 import jax
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: writers go unlocked
+    fcntl = None
 
 FORMAT = "jattn-autotune"
 VERSION = 1
@@ -261,8 +273,8 @@ def _parse(text: str, source: str, stamp: tuple) -> dict[Bucket, Entry]:
     """The entries of a file's text; a file-level problem warns once and gives no entries."""
     try:
         data = json.loads(text)
-    except ValueError as e:
-        _warn_once((source, stamp), f"{source}: not valid JSON ({e}); ignoring it")
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
+        _warn_once((source, stamp), f"{source}: not valid JSON ({e!r:.200}); ignoring it")
         return {}
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         _warn_once((source, stamp), f"{source}: not a jattn autotune file; ignoring it")
@@ -285,6 +297,11 @@ def _parse(text: str, source: str, stamp: tuple) -> dict[Bucket, Entry]:
             bucket = Bucket(**fields)
             if not isinstance(raw["config"], dict):
                 raise ValueError("'config' is not an object")
+            for name, value in raw["config"].items():
+                if not isinstance(value, str | bool | int | float) or (
+                    isinstance(value, float) and not math.isfinite(value)
+                ):
+                    raise ValueError(f"config field {name!r} = {value!r} is not a finite scalar")
             entries[bucket] = Entry(
                 bucket, dict(raw["config"]), dict(raw.get("ms", {})), dict(raw.get("measured", {}))
             )
@@ -298,7 +315,20 @@ def _stamp(path: pathlib.Path) -> tuple | None:
         st = path.stat()
     except OSError:
         return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+    return (st.st_mtime_ns, st.st_size, st.st_ino, stat.S_ISREG(st.st_mode))
+
+
+def _read_regular(path: pathlib.Path) -> str:
+    """The text of a regular file. Opened non-blocking and checked with fstat before reading, so
+    a FIFO (or a file swapped for one since the stat) raises OSError instead of blocking."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read().decode()
+    finally:
+        os.close(fd)
 
 
 def load(path: str | os.PathLike) -> dict[Bucket, Entry]:
@@ -312,7 +342,9 @@ def load(path: str | os.PathLike) -> dict[Bucket, Entry]:
     if key in _LOADED and _LOADED[key][0] == stamp:
         return _LOADED[key][1]
     try:
-        text = path.read_text()
+        if not stamp[-1]:
+            raise OSError("not a regular file")
+        text = _read_regular(path)
     except (OSError, UnicodeDecodeError) as e:
         _warn_once((key, stamp), f"{path}: cannot be read ({e}); ignoring it")
         entries = {}
@@ -327,6 +359,8 @@ def save(path: str | os.PathLike, entries: Sequence[Entry]) -> None:
     over the old one), so a reader never sees half a file."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_file():
+        raise OSError(f"{path} exists and is not a regular file; not replacing it")
     record = dict(format=FORMAT, version=VERSION, entries=[e.to_json() for e in entries])
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -340,12 +374,43 @@ def save(path: str | os.PathLike, entries: Sequence[Entry]) -> None:
     _LOADED.pop(str(path), None)
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise OSError now if the cache at `path` could not be written (its folder cannot be made
+    or written, or the path is not a regular file): before hours of tuning, not after."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_file():
+        raise OSError(f"{path} exists and is not a regular file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+    """An exclusive advisory lock on `<path>.lock` (created beside the cache) for the duration:
+    read-merge-rename by two processes at once would otherwise lose one's entries."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 def merge(path: str | os.PathLike, new: Sequence[Entry]) -> None:
     """Add or replace entries in a cache file (an unusable old file is replaced, with a warning
-    from `load`)."""
-    entries = dict(load(path))
-    entries.update({e.bucket: e for e in new})
-    save(path, list(entries.values()))
+    from `load`). Holds the file's lock from the read to the rename, so concurrent merges (two
+    tuners at once) keep every entry."""
+    path = pathlib.Path(path)
+    with _locked(path):
+        _LOADED.pop(str(path), None)  # read what is on disk now, not a memo
+        entries = dict(load(path))
+        entries.update({e.bucket: e for e in new})
+        save(path, list(entries.values()))
 
 
 @functools.cache
@@ -361,6 +426,28 @@ def shipped_tables() -> tuple[pathlib.Path, ...]:
     )
 
 
+def _check_field_types(config_type: type, fields: dict[str, Any]) -> None:
+    """A stored value must have the type of its field's default: an int field takes an int (not
+    a float, not a bool), a bool field a bool, a float field a finite number."""
+    if not dataclasses.is_dataclass(config_type):
+        return
+    for f in dataclasses.fields(config_type):
+        if f.name not in fields or f.default is dataclasses.MISSING:
+            continue
+        value, default = fields[f.name], f.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value)
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"{f.name} = {value!r} is not a {type(default).__name__}")
+
+
 def _config_from(entry: Entry, source: str, stamp: tuple) -> Any:
     """The entry's config rebuilt and validated by its kernel's config type, or None (warned)."""
     key = (source, stamp, entry.bucket)
@@ -369,6 +456,7 @@ def _config_from(entry: Entry, source: str, stamp: tuple) -> Any:
         if tunable is None:
             return None  # not registered now; the entry stays for when it is
         try:
+            _check_field_types(tunable.config_type, entry.config)
             _BUILT[key] = tunable.config_type(**entry.config)
         except (TypeError, ValueError) as e:
             _warn_once(key, f"{source}: the config for {entry.bucket} is invalid ({e}); ignored")

@@ -1,6 +1,7 @@
 """`jattn autotune`: tune a kernel on this GPU (or list the search space with --dry-run)."""
 
 import argparse
+import sys
 
 from jattn.autotune import cache, tuner
 
@@ -114,6 +115,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     for config in candidates:
                         print(f"    {config}")
             return 0
+        cache.check_writable(path)
         results = tuner.tune(
             args.implementation,
             **options,
@@ -125,6 +127,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     except (ValueError, RuntimeError) as e:
         parser.error(str(e))
+    except OSError as e:  # a read-only or missing folder, a non-regular file: a message
+        where = e.filename or path
+        print(f"jattn autotune: cannot write {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
     for r in results:
         times = ", ".join(
             f"{name} {ms:.3f} ms (default {r.default_ms.get(name, float('nan')):.3f})"
