@@ -109,15 +109,22 @@ def left_reach(window: tuple[int, int] | None) -> int | None:
     return None if window is None else window[0]
 
 
-def _div(a, b: int):
-    """a // b for a traced int32 a >= 0 and a static b: the divisor takes a's dtype, so the
-    kernels also trace with `jax_enable_x64` (where a Python int would become int64)."""
+def idiv(a, b: int):
+    """`lax.div(a, b)` for a traced integer a and a static b (a // b for a >= 0): b takes a's
+    dtype, so kernels also trace with `jax_enable_x64`, where a Python int would be int64 and
+    lax.div refuses to mix the two."""
     a = jnp.asarray(a)
     return jax.lax.div(a, jnp.asarray(b, a.dtype))
 
 
+def irem(a, b: int):
+    """`lax.rem(a, b)` for a traced integer a and a static b, x64-safe as `idiv`."""
+    a = jnp.asarray(a)
+    return jax.lax.rem(a, jnp.asarray(b, a.dtype))
+
+
 def _ceil_div(a, b: int):
-    return _div(a + (b - 1), b)
+    return idiv(a + (b - 1), b)
 
 
 def key_block_range(
@@ -131,7 +138,7 @@ def key_block_range(
     key_start = jnp.zeros_like(kv_len)
     if left is not None:
         key_start = jnp.maximum(key_start, q_first + q_offset - left)
-    lo = _div(key_start, block_k)
+    lo = idiv(key_start, block_k)
     hi = _ceil_div(jnp.maximum(key_stop, 0), block_k)
     hi = jnp.where(q_stop > q_first, jnp.maximum(hi, lo), lo)
     return lo, hi
@@ -148,7 +155,7 @@ def query_block_range(
     query_stop = q_len
     if left is not None:
         query_stop = jnp.minimum(query_stop, k_stop - 1 - q_offset + left + 1)
-    lo = _div(query_start, block_q)
+    lo = idiv(query_start, block_q)
     hi = _ceil_div(jnp.maximum(query_stop, 0), block_q)
     hi = jnp.where(k_stop > k_first, jnp.maximum(hi, lo), lo)
     return lo, hi
@@ -244,9 +251,9 @@ def unmasked_key_blocks(
     if left is not None:  # key block start >= q_last + q_offset - left
         inner_lo = _ceil_div(jnp.maximum(q_last + q_offset - left, 0), block_k)
     if right is not None:  # key block end - 1 <= q_first + q_offset + right
-        inner_hi = _div(jnp.maximum(q_first + q_offset + right + 1, 0), block_k)
+        inner_hi = idiv(jnp.maximum(q_first + q_offset + right + 1, 0), block_k)
     if check_kv_len:
-        inner_hi = jnp.minimum(inner_hi, _div(kv_len, block_k))
+        inner_hi = jnp.minimum(inner_hi, idiv(kv_len, block_k))
     if check_q_len:  # a block with rows past q_len masks every tile
         inner_hi = jnp.where(q_first + block_q <= q_len, inner_hi, inner_lo)
     return clip_inner(lo, hi, inner_lo, inner_hi)
@@ -274,9 +281,9 @@ def unmasked_query_blocks(
     if right is not None:  # query block start + q_offset + right >= k_last
         inner_lo = _ceil_div(jnp.maximum(k_last - q_offset - right, 0), block_q)
     if left is not None:  # query block end - 1 + q_offset - left <= k_first
-        inner_hi = _div(jnp.maximum(k_first - q_offset + left + 1, 0), block_q)
+        inner_hi = idiv(jnp.maximum(k_first - q_offset + left + 1, 0), block_q)
     if check_q_len:
-        inner_hi = jnp.minimum(inner_hi, _div(q_len, block_q))
+        inner_hi = jnp.minimum(inner_hi, idiv(q_len, block_q))
     if check_kv_len:  # a key block with keys past kv_len masks every tile
         inner_hi = jnp.where(k_first + block_k <= kv_len, inner_hi, inner_lo)
     return clip_inner(lo, hi, inner_lo, inner_hi)
