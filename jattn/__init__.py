@@ -27,6 +27,7 @@ if _LOADED:
     from jattn import mosaic as _mosaic  # noqa: F401  (registers implementation="mosaic")
     from jattn import nn as nn
     from jattn import offload as offload
+    from jattn import parallel as parallel
     from jattn import reference as reference
     from jattn import triton as _triton  # noqa: F401  (registers implementation="triton")
     from jattn.attention import AttentionArgs as AttentionArgs
@@ -36,6 +37,9 @@ if _LOADED:
     from jattn.attention import register_implementation as register_implementation
     from jattn.chunked import ChunkedConfig as ChunkedConfig
     from jattn.decode import decode_attention as decode_attention
+    from jattn.flex import BlockMask as BlockMask
+    from jattn.flex import create_block_mask as create_block_mask
+    from jattn.flex import flex_attention as flex_attention
     from jattn.mosaic import MosaicConfig as MosaicConfig
     from jattn.triton import TritonConfig as TritonConfig
     from jattn.tssa import token_statistics_attention as token_statistics_attention
@@ -57,17 +61,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionArgs",
+    "BlockMask",
     "ChunkedConfig",
     "MosaicConfig",
     "TritonConfig",
     "auto_order",
     "autotune",
     "available_implementations",
+    "create_block_mask",
     "decode_attention",
     "dot_product_attention",
+    "flex_attention",
     "graph",
     "nn",
     "offload",
+    "parallel",
     "reference",
     "register_implementation",
     "token_statistics_attention",
