@@ -283,6 +283,8 @@ def tile_sweep(rows, length, dtype):
         tssa_kernels.Config(block_t=16, chunk_t=64, num_warps=8),
         tssa_kernels.Config(block_t=16, chunk_t=1024, num_warps=8),
         tssa_kernels.Config(block_t=8, chunk_t=256, single_pass=True),  # causal: one launch
+        tssa_kernels.Config(block_t=8, store_pi=True),  # Pi through memory (not yet timed)
+        tssa_kernels.Config(block_t=16, num_warps=8, store_pi=True),
     ]
     for causal in (False, True):
         op = tssa_functions(causal, length)

@@ -76,9 +76,13 @@ def check(rows) -> None:
             want = reference.token_statistics_attention(
                 w.astype(jnp.float32), temperature, causal=causal, denom_bias=b
             )
-            for config in (kernels.Config(), kernels.Config(single_pass=False)):
-                if not causal and not config.single_pass:
-                    continue
+            for config in (
+                kernels.Config(),
+                kernels.Config(store_pi=True),
+                kernels.Config(single_pass=True),
+            ):
+                if not causal and config.single_pass:
+                    continue  # the non-causal forward has no one-launch variant
                 fn = _kernel(temperature, causal, b, config)
                 first, second = fn(w), fn(w)
                 rows.append(
@@ -106,8 +110,8 @@ def sweep(rows, lengths, configs) -> None:
             ref = _xla(temperature, causal, b)
             candidates = [("xla", None, ref)]
             for name, config in configs:
-                if not causal and not config.single_pass:
-                    continue
+                if not causal and config.single_pass:
+                    continue  # the non-causal forward has no one-launch variant
                 fn = _kernel(temperature, causal, b, config)
                 candidates.append((name, config, fn))
             for name, config, fn in candidates:
@@ -136,14 +140,12 @@ def sweep(rows, lengths, configs) -> None:
 
 
 CONFIGS = {
-    "three_pass": kernels.Config(single_pass=False),
     "default": kernels.Config(),
-    "c64_b8_w4": kernels.Config(block_t=8, chunk_t=64, num_warps=4),
-    "c128_b8_w4": kernels.Config(block_t=8, chunk_t=128, num_warps=4),
-    "c256_b8_w4": kernels.Config(block_t=8, chunk_t=256, num_warps=4),
-    "c128_b16_w8": kernels.Config(block_t=16, chunk_t=128, num_warps=8),
-    "c256_b16_w8": kernels.Config(block_t=16, chunk_t=256, num_warps=8),
-    "c128_b8_w8": kernels.Config(block_t=8, chunk_t=128, num_warps=8),
+    "stored_pi": kernels.Config(store_pi=True),
+    "stored_pi_b16_w8": kernels.Config(block_t=16, num_warps=8, store_pi=True),
+    "b16_w8": kernels.Config(block_t=16, num_warps=8),
+    "one_launch_c128": kernels.Config(block_t=8, chunk_t=128, single_pass=True),
+    "one_launch_c256": kernels.Config(block_t=8, chunk_t=256, single_pass=True),
 }
 
 

@@ -65,6 +65,7 @@ class Config:
     num_stages: int = 2
     reverse_middle_pass: bool = True  # walk the middle pass backwards for L2 reuse
     single_pass: bool = False  # causal forward in one launch with look-back (measured slower)
+    store_pi: bool = False  # the middle pass writes Pi [B, T, N] (float32) for the output pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +112,7 @@ class _Static:
     num_tiles: int  # tiles per chunk
     num_chunks: int
     reverse: bool  # this call walks the chunks backwards
+    store_pi: bool = False  # Pi goes from the middle pass to the output pass through memory
 
 
 def _chunk_index(st: _Static):
@@ -225,11 +227,13 @@ def _fwd_pi_kernel(
     c1_ref,  # [1, 1, N, H]: nu2 (non-causal) / sum of w^2 before the chunk (causal)
     temp_ref,  # [N]
     head_bias_ref,  # [N]: 0 for real heads, -inf for padding
-    *rest,  # bias_ref [chunk_t, N] (causal with denom_bias), s2_ref [1,1,N,H], s3_ref [1,1,N]
+    *rest,  # bias_ref [chunk_t, N] (causal with denom_bias); out: s2_ref [1,1,N,H], s3_ref
+    # [1,1,N], pi_ref [1, chunk_t, N] (with store_pi)
     st: _Static,
 ):
     bias_ref = rest[0] if st.has_bias else None
-    s2_ref, s3_ref = rest[-2:]
+    pi_ref = rest[-1] if st.store_pi else None
+    s2_ref, s3_ref = rest[-3:-1] if st.store_pi else rest[-2:]
     start = _chunk_start(st)
     temp, head_bias = temp_ref[...], head_bias_ref[...]
     c1 = c1_ref[0, 0]
@@ -248,6 +252,8 @@ def _fwd_pi_kernel(
         else:
             f = _noncausal_tile(w, inv_nu2, temp, head_bias, valid)
             pw2 = f["pi"][:, :, None] * f["w2"]
+        if pi_ref is not None:
+            pi_ref[0, _tile_slice(st, i), :] = f["pi"]
         return acc1, acc2 + jnp.sum(pw2, axis=0), acc3 + jnp.sum(f["pi"], axis=0)
 
     _, s2, s3 = lax.fori_loop(0, st.num_tiles, body, (c1, zeros2, zeros3))
@@ -262,17 +268,27 @@ def _fwd_out_kernel(
     c3_ref,  # [1, 1, N]: unused / running sum of Pi before the chunk
     temp_ref,  # [N]
     head_bias_ref,  # [N]
-    *rest,  # bias_ref [chunk_t, N] (causal with denom_bias), y_ref [1, chunk_t, N, H]
+    *rest,  # bias_ref [chunk_t, N] (causal with denom_bias), pi_ref [1, chunk_t, N] (with
+    # store_pi); out: y_ref [1, chunk_t, N, H]
     st: _Static,
 ):
     bias_ref = rest[0] if st.has_bias else None
+    pi_ref = rest[-2] if st.store_pi else None
     y_ref = rest[-1]
     start = _chunk_start(st)
     temp, head_bias = temp_ref[...], head_bias_ref[...]
 
     def body(i, carry):
         w, valid = _load_rows(w_ref, st, i), _valid_tokens(st, start, i)
-        if st.causal:
+        if st.causal and pi_ref is not None:  # Pi from memory: no s, no softmax, no C1
+            _, c2, c3 = carry
+            pi = pi_ref[0, _tile_slice(st, i), :]  # [block_t, N]
+            pw2 = pi[:, :, None] * (w * w)
+            run2 = c2[None] + lax.cumsum(pw2, axis=0)
+            inv3 = 1.0 / (c3[None] + lax.cumsum(pi, axis=0) + PI_EPS)
+            y = -pi[:, :, None] * w / (1.0 + run2 * inv3[:, :, None])
+            carry = (carry[0], c2 + jnp.sum(pw2, axis=0), c3 + jnp.sum(pi, axis=0))
+        elif st.causal:
             c1, c2, c3 = carry
             bias = bias_ref[_tile_slice(st, i), :] if bias_ref is not None else None
             f = _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid)
@@ -284,8 +300,11 @@ def _fwd_out_kernel(
             )
         else:
             inv_nu2, a, _ = carry
-            f = _noncausal_tile(w, inv_nu2, temp, head_bias, valid)
-            y = -f["pi"][:, :, None] * w * a[None]
+            if pi_ref is not None:  # Pi from memory: a streaming multiply
+                pi = pi_ref[0, _tile_slice(st, i), :]
+            else:
+                pi = _noncausal_tile(w, inv_nu2, temp, head_bias, valid)["pi"]
+            y = -pi[:, :, None] * w * a[None]
         y_ref[0, _tile_slice(st, i), :, :] = y.astype(y_ref.dtype)
         return carry
 
@@ -806,8 +825,10 @@ def _make_tssa(
         num_tiles=tile.chunk_t // tile.block_t,
         num_chunks=tile.num_chunks,
     )
-    forward_st = _Static(**statics, reverse=False)
-    middle_st = _Static(**statics, reverse=config.reverse_middle_pass)
+    forward_st = _Static(**statics, reverse=False, store_pi=config.store_pi)
+    middle_st = _Static(**statics, reverse=config.reverse_middle_pass, store_pi=config.store_pi)
+    backward_st = _Static(**statics, reverse=False)  # the backward never reads a stored Pi
+    backward_middle_st = _Static(**statics, reverse=config.reverse_middle_pass)
 
     def head_bias(n_pad):
         return jnp.where(jnp.arange(n_pad) < num_heads, 0.0, -jnp.inf).astype(jnp.float32)
@@ -849,14 +870,15 @@ def _make_tssa(
             c1 = jnp.where(total1 > NORM_EPS_SQ, total1, NORM_EPS_SQ)  # nu2
         sp = _specs(middle_st, w.shape, tile.chunk_t)
         b_specs, b_args = bias_args(middle_st, w.shape, bias)
-        s2, s3 = _call(
+        pi_specs, pi_shapes = ([sp["token_head"]], [_f32(b, tile.padded_len, n)])
+        s2, s3, *pi = _call(
             _fwd_pi_kernel,
             middle_st,
             config,
             w.shape,
             [sp["rows"], sp["state"], sp["head"], sp["head"], *b_specs],
-            [sp["per_chunk"], sp["per_chunk_head"]],
-            [_f32(b, nc, n, h), _f32(b, nc, n)],
+            [sp["per_chunk"], sp["per_chunk_head"], *(pi_specs if config.store_pi else [])],
+            [_f32(b, nc, n, h), _f32(b, nc, n), *(pi_shapes if config.store_pi else [])],
             "tssa_fwd_pi",
         )(w, c1, temperature, hb, *b_args)
         if causal:
@@ -874,11 +896,12 @@ def _make_tssa(
             config,
             w.shape,
             [sp["rows"], sp["state"], sp["state"], sp["state_head"], sp["head"], sp["head"]]
-            + b_specs,
+            + b_specs
+            + ([sp["token_head"]] if config.store_pi else []),
             sp["rows"],
             jax.ShapeDtypeStruct(w.shape, w.dtype),
             "tssa_fwd_out",
-        )(w, c1, c2, c3, temperature, hb, *b_args)
+        )(w, c1, c2, c3, temperature, hb, *b_args, *pi)
         stats = (c1, c2, c3, s2 if not causal else None)
         return y, stats
 
@@ -896,11 +919,11 @@ def _make_tssa(
         num_tiles = tile.padded_len // tile.block_t
         hb = head_bias(n)
         per_tile_shape = [_f32(b, num_tiles, n, h), _f32(b, num_tiles, n)]
-        sp = _specs(forward_st, w.shape, tile.chunk_t)
-        b_specs, b_args = bias_args(forward_st, w.shape, bias)
+        sp = _specs(backward_st, w.shape, tile.chunk_t)
+        b_specs, b_args = bias_args(backward_st, w.shape, bias)
         gm, gm3 = _call(
             _bwd_moment_kernel,
-            forward_st,
+            backward_st,
             config,
             w.shape,
             [sp["rows"], sp["rows"], sp["state"], sp["state"], sp["state_head"]]
@@ -916,8 +939,8 @@ def _make_tssa(
             d_m = a * a * jnp.sum(gm, axis=1, keepdims=True)
             r2 = d_m * inv3[..., None]  # dS2
             r3 = -jnp.sum(d_m * s2.sum(axis=1, keepdims=True), axis=-1) * inv3 * inv3  # dS3
-        sp = _specs(middle_st, w.shape, tile.chunk_t)
-        b_specs, b_args = bias_args(middle_st, w.shape, bias)
+        sp = _specs(backward_middle_st, w.shape, tile.chunk_t)
+        b_specs, b_args = bias_args(backward_middle_st, w.shape, bias)
         out_specs = [sp["per_tile"], sp["per_tile_head"]]
         out_shape = list(per_tile_shape)
         if has_bias:
@@ -925,7 +948,7 @@ def _make_tssa(
             out_shape.append(_f32(b, tile.padded_len, n))
         outs = _call(
             _bwd_logit_kernel,
-            middle_st,
+            backward_middle_st,
             config,
             w.shape,
             [sp["rows"], sp["rows"], sp["state"], sp["state"], sp["state_head"]]
@@ -940,11 +963,11 @@ def _make_tssa(
         else:
             nu2 = c1
             r1 = jnp.where(nu2 > NORM_EPS_SQ, -jnp.sum(gn, axis=1, keepdims=True) / (nu2 * nu2), 0)
-        sp = _specs(forward_st, w.shape, tile.chunk_t)
-        b_specs, b_args = bias_args(forward_st, w.shape, bias)
+        sp = _specs(backward_st, w.shape, tile.chunk_t)
+        b_specs, b_args = bias_args(backward_st, w.shape, bias)
         dw = _call(
             _bwd_dw_kernel,
-            forward_st,
+            backward_st,
             config,
             w.shape,
             [sp["rows"], sp["rows"], sp["state"], sp["state"], sp["state_head"]]

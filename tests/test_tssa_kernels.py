@@ -28,6 +28,8 @@ CASES = {
     # the causal forward in one launch (decoupled look-back over chunks of 4 tokens; the
     # non-causal variant ignores the flag)
     "single_pass_scan": ((2, 45, 3, 8), kernels.Config(block_t=2, chunk_t=4, single_pass=True)),
+    # Pi written by the middle pass and read by the output pass
+    "stored_pi": ((2, 19, 3, 8), kernels.Config(block_t=4, chunk_t=8, store_pi=True)),
 }
 
 
