@@ -214,3 +214,39 @@ def test_step_never_mutates_an_array_jax_may_still_read():
     decoder.step(np.zeros(2, np.int32))
     assert decoder.positions is not before and (before == 0).all()
     assert (decoder.positions == 1).all()
+
+
+@pytest.mark.parametrize("shard_by, attention", [("heads", 2), ("sequence", 4)])
+def test_link_bytes_agree_when_the_batch_does_not_divide_the_compute_devices(
+    rng, shard_by, attention
+):
+    """B = 4 over 3 compute devices: activations once fell back to replicated, so the attention
+    output crossed once per compute device (2304 B measured vs 1280 B by the formula). Now the
+    batch is split over 2 of the 3 and the bytes are the formula's."""
+    config = offload.GPTConfig(max_len=8, layers=2, heads=4, kv_heads=2, head_dim=8)
+    params = offload.init_params(config, jax.random.key(int(rng.integers(1 << 30))))
+    devices = jax.devices()
+    decoder = offload.OffloadedDecoder(
+        params,
+        config,
+        compute_devices=devices[:3],
+        attention_devices=devices[3 : 3 + attention],
+        batch=4,
+        shard_by=shard_by,
+    )
+    assert decoder.compute_mesh.devices.tolist() == devices[:2]
+    assert decoder.idle_compute_devices == devices[2:3]
+    tokens = decoder.generate(rng.integers(0, config.vocab, (4, 2)), steps=2)
+    assert decoder.link_bytes_per_token_layer() == offload.link_bytes_formula(
+        config, shard_by, attention
+    )
+    want = offload.forward(params, jnp.asarray(tokens), config)[:, -1]
+    assert_close(decoder.last_logits, np.asarray(want, np.float64), (1e-4, 1e-4))
+
+
+def test_compute_devices_for_batch():
+    assert [offload.compute_devices_for_batch(4, n) for n in (1, 2, 3, 4, 8)] == [1, 2, 2, 4, 4]
+    assert offload.compute_devices_for_batch(6, 4) == 3
+    assert offload.compute_devices_for_batch(7, 4) == 1
+    with pytest.raises(ValueError, match="batch >= 1"):
+        offload.compute_devices_for_batch(0, 2)

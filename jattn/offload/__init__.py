@@ -10,6 +10,7 @@
 
 from jattn.offload.model import GPTConfig as GPTConfig
 from jattn.offload.model import OffloadedDecoder as OffloadedDecoder
+from jattn.offload.model import compute_devices_for_batch as compute_devices_for_batch
 from jattn.offload.model import forward as forward
 from jattn.offload.model import init_params as init_params
 from jattn.offload.model import link_bytes_formula as link_bytes_formula
@@ -31,6 +32,7 @@ __all__ = [
     "append",
     "append_and_attend",
     "cache_spec",
+    "compute_devices_for_batch",
     "forward",
     "init_params",
     "link_bytes_formula",

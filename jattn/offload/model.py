@@ -116,6 +116,14 @@ def split_devices(devices, num_attention: int | None = None) -> tuple[list, list
     return devices[: len(devices) - n_attn], devices[len(devices) - n_attn :]
 
 
+def compute_devices_for_batch(batch: int, available: int) -> int:
+    """How many of `available` compute devices a batch of `batch` sequences is split over: the
+    largest count <= available that divides the batch (the batch axis shards evenly)."""
+    if batch < 1 or available < 1:
+        raise ValueError(f"need batch >= 1 and compute devices >= 1, got {batch}, {available}")
+    return max(m for m in range(1, min(batch, available) + 1) if batch % m == 0)
+
+
 def link_bytes_formula(config: GPTConfig, shard_by: str = "heads", attn_devices: int = 1) -> int:
     """Bytes crossing compute <-> attention per token per layer.
 
@@ -135,7 +143,9 @@ class OffloadedDecoder:
     """Greedy decoding with attention offloaded to `attn_mesh`, everything else on `compute_mesh`.
 
     Weights are replicated on the compute mesh and activations split over its devices by batch
-    (when B divides); the `KVCache` is sharded over the attention mesh by heads or sequence.
+    (over the largest number of the given compute devices that divides B, see
+    `compute_devices_for_batch`; the rest are `idle_compute_devices`); the `KVCache` is
+    sharded over the attention mesh by heads or sequence.
     `link_bytes` counts the bytes that land on the other mesh (sum of the shards' sizes) for
     every transfer, so `link_bytes_per_token_layer()` is a measurement to set beside
     `link_bytes_formula`.
@@ -153,12 +163,16 @@ class OffloadedDecoder:
         implementation: str | None = None,
     ):
         self.config, self.batch, self.implementation = config, batch, implementation
-        self.compute_mesh: Mesh = make_mesh(compute_devices, "compute")
+        # Activations are split by batch over the compute devices. When B does not divide them
+        # (B = 4 over 3), the decoder uses the largest count that divides B (2 of 3) rather
+        # than replicating: replicated activations would repeat the MLP on every device and
+        # bring the attention output back once per device, off `link_bytes_formula`.
+        compute_devices = list(compute_devices)
+        used = compute_devices_for_batch(batch, len(compute_devices))
+        self.idle_compute_devices = compute_devices[used:]
+        self.compute_mesh: Mesh = make_mesh(compute_devices[:used], "compute")
         self.attn_mesh: Mesh = make_mesh(attention_devices, "attn")
-        n_compute = len(list(compute_devices))
-        self.activations = NamedSharding(
-            self.compute_mesh, P("compute") if batch % n_compute == 0 else P()
-        )
+        self.activations = NamedSharding(self.compute_mesh, P("compute"))
         self.params = jax.device_put(params, NamedSharding(self.compute_mesh, P()))
         self.cache = KVCache.create(
             self.attn_mesh,
