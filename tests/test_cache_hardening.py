@@ -186,3 +186,15 @@ def test_generate_with_a_cache_too_small_raises(rng):
     assert got.shape == (2, 4)
     for layer in model.blocks:
         layer.attention.check_cache()
+
+
+def test_cache_append_takes_tokens_on_other_devices(rng):
+    cache = small_cache("sequence", lengths=np.array([0, 1]))  # on devices 0-1
+    new = jax.device_put(jnp.asarray(rng.standard_normal((2, 2, 8)), jnp.float32), jax.devices()[5])
+    q = jax.device_put(jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32), jax.devices()[6])
+    cache = offload.append(cache, 0, new, new)
+    cache, out = offload.append_and_attend(cache, 0, q, new, new)
+    keys = np.asarray(cache.keys[0])
+    np.testing.assert_array_equal(keys[0, 0], np.asarray(new[0]))
+    np.testing.assert_array_equal(keys[1, 1], np.asarray(new[1]))
+    assert out.shape == (2, 4, 8) and np.all(np.isfinite(np.asarray(out)))

@@ -414,6 +414,8 @@ def append(cache: KVCache, layer: int, k_new: jax.Array, v_new: jax.Array) -> KV
     dropped and `cache.overflow[b]` is set (see `KVCache`).
     """
     cache._check_room("append")
+    token = cache.token_sharding().spec
+    k_new, v_new = _onto_mesh(cache.mesh, (token, token), (k_new, v_new))
     return _append(cache, layer, k_new, v_new)
 
 
@@ -450,6 +452,8 @@ def append_and_attend(
     attends over the S cached tokens, and `cache.overflow[b]` is set (see `KVCache`).
     """
     cache._check_room("append_and_attend")
+    token = cache.token_sharding().spec
+    q, k_new, v_new = _onto_mesh(cache.mesh, (token,) * 3, (q, k_new, v_new))
     return _append_and_attend(cache, layer, q, k_new, v_new, implementation=implementation)
 
 
