@@ -320,3 +320,30 @@ def shared_memory_bytes() -> int | None:
     if major >= 9:
         return _SHARED_MEMORY[(9, 0)]
     return _SHARED_MEMORY.get((major, minor), _SHARED_MEMORY_DEFAULT)
+
+
+# --- user score / mask modifiers (jattn.flex_attention) ----------------------------------------
+
+
+def score_mod_tile(score_mod, scores: jax.Array, b, h, q_idx, k_idx, consts=()) -> jax.Array:
+    """A scalar `score_mod(score, b, h, q_idx, kv_idx, *consts)` over a tile: scores
+    [bq, bk] float32, q_idx [bq], k_idx [bk] int32; vmapped, so any jnp op works."""
+
+    def one(score, q, k):
+        return score_mod(score, b, h, q, k, *consts)
+
+    tile = jax.vmap(jax.vmap(one, in_axes=(0, None, 0)), in_axes=(0, 0, None))
+    return jnp.broadcast_to(jnp.asarray(tile(scores, q_idx, k_idx)), scores.shape).astype(
+        scores.dtype
+    )
+
+
+def mask_mod_tile(mask_mod, b, h, q_idx, k_idx, consts=()) -> jax.Array:
+    """A scalar `mask_mod(b, h, q_idx, kv_idx, *consts) -> bool` over a tile: [bq, bk] bool."""
+
+    def one(q, k):
+        return mask_mod(b, h, q, k, *consts)
+
+    tile = jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None))
+    visible = jnp.asarray(tile(q_idx, k_idx)).astype(bool)
+    return jnp.broadcast_to(visible, (q_idx.shape[0], k_idx.shape[0]))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -142,6 +143,29 @@ def _fit_shared_memory(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class FlexSpec:
+    """A user score_mod / mask_mod traced into the kernels (`jattn.flex_attention`).
+
+    `score_mod(score, b, h, q_idx, kv_idx, *score_consts)` and `mask_mod(b, h, q_idx, kv_idx,
+    *mask_consts)` are scalar functions, vmapped over each tile (`common.score_mod_tile`); the
+    consts (every array they close over, hoisted by jattn.flex: score_mod's first) are kernel
+    inputs that each program loads whole. Indices past T or S are clamped before the mods see
+    them (those positions are masked anyway). The score_mod's derivative is JAX's (jax.vjp of
+    the tile function in the backward kernels); its float consts' gradients are summed per dq
+    program and reduced after. `block_mask`: (block_q, block_kv) when the key blocks come from
+    a BlockMask's lists (empty blocks never visited, full ones without mask arithmetic; the
+    kernels then tile by these blocks), None when every tile is visited (masked when there is a
+    mask_mod).
+    """
+
+    score_mod: Callable | None
+    mask_mod: Callable | None
+    num_score_consts: int
+    const_shapes: tuple[tuple[int, ...], ...]
+    block_mask: tuple[int, int] | None
+
+
 class _Static(NamedTuple):
     """Everything that is not an array; it keys the custom_vjp closure and the kernels."""
 
@@ -165,6 +189,7 @@ class _Static(NamedTuple):
     bwd_num_warps: int
     bwd_num_stages: int
     interpret: bool
+    flex: FlexSpec | None = None  # jattn.flex_attention: the user's mods (no other option then)
 
 
 # --- tile math shared by the three kernels ----------------------------------------------------
@@ -204,17 +229,25 @@ def _tile_logits(
     kv_seg,
     masked: bool,
     bad_keys=None,
+    flex=None,
 ):
     """One tile: (scale * q.k if soft-capped else None, base-2 logits, -inf where hidden,
     visibility).
 
     q: [bq, Hp], k: [bk, Hp]; returns [bq, bk] float32 arrays (visibility None: all visible).
     `masked=False` is for tiles known to be fully visible: no mask is built. `bad_keys` [bk]:
-    keys zeroed by `_finite_keys`; their visible logits become NaN.
+    keys zeroed by `_finite_keys`; their visible logits become NaN. `flex`: the program's
+    `_flex_context` (flex_attention: scores are scale * q.k, logits score_mod(scores)).
     """
     q_offset, q_len, kv_len = _bounds(x)
     qk = pltriton.dot(q, k, trans_b=True, precision=_precision(q.dtype))
-    if st.softcap is None:  # one multiply per element: scale and the base-2 change together
+    if st.flex is not None:
+        scores = qk * st.scale
+        logits = scores
+        if st.flex.score_mod is not None:
+            logits = _flex_scores(st, scores, q_pos, k_pos, flex)
+        logits = logits * _LOG2E
+    elif st.softcap is None:  # one multiply per element: scale and the base-2 change together
         scores = None  # only the soft cap's gradient needs them
         logits = qk * (st.scale * _LOG2E)
         if bias_tile is not None:
@@ -242,6 +275,13 @@ def _tile_logits(
     )
     if mask_tile is not None:
         user = mask_tile != 0
+        visible = user if visible is None else visible & user
+    if st.flex is not None and st.flex.mask_mod is not None:
+        b, h, consts = flex
+        q_idx, k_idx = _flex_indices(st, q_pos, k_pos)
+        user = common.mask_mod_tile(
+            st.flex.mask_mod, b, h, q_idx, k_idx, consts[st.flex.num_score_consts :]
+        )
         visible = user if visible is None else visible & user
     if bad_keys is not None:
         logits = jnp.where(bad_keys[None, :], jnp.nan, logits)
@@ -313,6 +353,71 @@ def _slice(x, name: str, rows=None, cols=None):
     ]
 
 
+# --- flex_attention: the user's mods ------------------------------------------------------------
+
+
+def _flex_context(st: _Static, x):
+    """(b, h, consts) for the mods of this program (grid axes 1, 2: batch, query head); None
+    without flex. The consts are loaded once per program."""
+    if st.flex is None:
+        return None
+    consts = tuple(
+        x[f"flex_const{i}"][...].reshape(shape) for i, shape in enumerate(st.flex.const_shapes)
+    )
+    return pl.program_id(1), pl.program_id(2), consts
+
+
+def _flex_indices(st: _Static, q_pos, k_pos):
+    """Positions clamped into [0, T) and [0, S): padding rows and keys (masked) never make a
+    mod index a closed-over array out of range."""
+    return jnp.minimum(q_pos, st.q_len - 1), jnp.minimum(k_pos, st.kv_len - 1)
+
+
+def _flex_scores(st: _Static, scores, q_pos, k_pos, flex, score_consts=None):
+    """score_mod over a [bq, bk] tile of scale * q.k (float32)."""
+    b, h, consts = flex
+    if score_consts is None:
+        score_consts = consts[: st.flex.num_score_consts]
+    q_idx, k_idx = _flex_indices(st, q_pos, k_pos)
+    return common.score_mod_tile(st.flex.score_mod, scores, b, h, q_idx, k_idx, score_consts)
+
+
+def _flex_score_grad(st: _Static, scores, d_logits, q_pos, k_pos, flex, want_dconsts=()):
+    """(d scores, d consts) from d logits: the vjp of score_mod's tile function, by JAX.
+
+    want_dconsts: indices of the score consts to differentiate (their [shape] tile sums)."""
+    if st.flex.score_mod is None:
+        return d_logits, ()
+    consts = list(flex[2][: st.flex.num_score_consts])
+
+    def tile(s, *wanted):
+        for i, c in zip(want_dconsts, wanted, strict=True):
+            consts[i] = c
+        return _flex_scores(st, s, q_pos, k_pos, flex, tuple(consts))
+
+    _, vjp = jax.vjp(tile, scores, *(consts[i] for i in want_dconsts))
+    d_scores, *d_consts = vjp(d_logits)
+    return d_scores, tuple(d_consts)
+
+
+def _visit_all(st: _Static, x, ranges, visit, carry):
+    """`common.visit_all`, or with a block mask the blocks it lists for this program: partial
+    ones masked, full ones unmasked; empty ones are never visited (their tiles never loaded)."""
+    if st.flex is None or st.flex.block_mask is None:
+        return common.visit_all(st, ranges, visit, carry)
+    blocks = x["flex_blocks"]  # [2 + 2 n] int32: n_partial, n_full, partial ids, full ids
+    n = (blocks.shape[0] - 2) // 2
+
+    def partial(t, c):
+        return visit(blocks[2 + t], c, masked=True)
+
+    def full(t, c):
+        return visit(blocks[2 + n + t], c, masked=False)
+
+    carry = lax.fori_loop(0, blocks[0], partial, carry)
+    return lax.fori_loop(0, blocks[1], full, carry)
+
+
 # --- forward ------------------------------------------------------------------------------------
 
 
@@ -330,6 +435,7 @@ def _forward_kernel(
     q = x["query"][...]
     q_seg = _slice(x, "q_seg")
     head_dims = q.shape[-1]
+    flex = _flex_context(st, x)
 
     def visit(j, carry, masked):
         acc, row_max, row_sum = carry
@@ -352,6 +458,7 @@ def _forward_kernel(
             _slice(x, "kv_seg", keys),
             masked,
             bad,
+            flex,
         )
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
         safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)  # rows with nothing seen yet
@@ -367,7 +474,7 @@ def _forward_kernel(
         jnp.zeros((block_q,), jnp.float32),
     )
     ranges = _key_blocks(st, x, q_first, block_q, block_k)
-    acc, row_max, row_sum = common.visit_all(st, ranges, visit, init)
+    acc, row_max, row_sum = _visit_all(st, x, ranges, visit, init)
     has_keys = row_sum != 0  # NaN (a row that sees a non-finite key) stays NaN
     safe_sum = jnp.where(has_keys, row_sum, 1.0)
     o_ref[...] = (acc / safe_sum[:, None]).astype(o_ref.dtype)
@@ -380,13 +487,16 @@ def _forward_kernel(
 def _dq_kernel(
     x,  # dict of refs: query/d_out [bq, Hp], lse/delta [bq], key/value [S_pad, Hp],
     #     bias/mask [bq, S_pad], q_seg [bq], kv_seg [S_pad], bounds [4]
-    *out_refs,  # dq [bq, Hp] and/or dbias [bq, S_pad] float32
+    *out_refs,  # dq [bq, Hp] and/or dbias [bq, S_pad] float32, then d flex consts [shape]
     st: _Static,
     want_dq: bool,
     want_dbias: bool,
+    want_dconsts: tuple[int, ...] = (),
 ):
-    dq_ref = out_refs[0] if want_dq else None
-    dbias_ref = out_refs[-1] if want_dbias else None
+    out_refs = list(out_refs)
+    dq_ref = out_refs.pop(0) if want_dq else None
+    dbias_ref = out_refs.pop(0) if want_dbias else None
+    dconst_refs = out_refs  # per program: the tile sums of d score const want_dconsts[i]
     block_q, block_k = st.bwd_block_q, st.bwd_block_k
     q_first = pl.program_id(0) * block_q
     q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)
@@ -395,8 +505,10 @@ def _dq_kernel(
     # Rows that see nothing: p is 0 anyway. A NaN lse (a poisoned row) keeps its gradient NaN.
     lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)
     q_seg = _slice(x, "q_seg")
+    flex = _flex_context(st, x)
 
-    def visit(j, dq, masked):
+    def visit(j, carry, masked):
+        dq, d_consts = carry
         k_first = j * block_k
         keys = pl.ds(k_first, block_k)
         k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)
@@ -416,6 +528,7 @@ def _dq_kernel(
             _slice(x, "kv_seg", keys),
             masked,
             bad,
+            flex,
         )
         probs = jnp.exp2(logits - lse2[:, None])
         if visible is not None:
@@ -427,9 +540,17 @@ def _dq_kernel(
         if want_dbias:
             dbias_ref[:, keys] = d_logits
         if not want_dq:
-            return dq
-        d_scores = d_logits * (common.capped_logits_grad(scores, st.softcap) * st.scale)
-        return dq + pltriton.dot(d_scores.astype(k.dtype), k, precision=_precision(k.dtype))
+            return dq, d_consts
+        if st.flex is None:
+            d_scores = d_logits * (common.capped_logits_grad(scores, st.softcap) * st.scale)
+        else:
+            d_scores, d_tile = _flex_score_grad(
+                st, scores, d_logits, q_pos, k_pos, flex, want_dconsts
+            )
+            d_scores = d_scores * st.scale
+            d_consts = tuple(a + b for a, b in zip(d_consts, d_tile, strict=True))
+        dq = dq + pltriton.dot(d_scores.astype(k.dtype), k, precision=_precision(k.dtype))
+        return dq, d_consts
 
     def zero_dbias(j, carry):  # tiles no query of this block sees: dbias is exactly 0
         dbias_ref[:, pl.ds(j * block_k, block_k)] = jnp.zeros((block_q, block_k), jnp.float32)
@@ -437,12 +558,15 @@ def _dq_kernel(
 
     ranges = _key_blocks(st, x, q_first, block_q, block_k)
     lo, hi = ranges[0], ranges[-1]
-    dq = common.visit_all(st, ranges, visit, jnp.zeros(q.shape, jnp.float32))
+    d_consts = tuple(jnp.zeros(ref.shape, jnp.float32) for ref in dconst_refs)
+    dq, d_consts = _visit_all(st, x, ranges, visit, (jnp.zeros(q.shape, jnp.float32), d_consts))
     if want_dbias:
         lax.fori_loop(0, lo, zero_dbias, 0)
         lax.fori_loop(hi, dbias_ref.shape[1] // block_k, zero_dbias, 0)
     if want_dq:
         dq_ref[...] = dq.astype(dq_ref.dtype)
+    for ref, d_const in zip(dconst_refs, d_consts, strict=True):
+        ref[...] = d_const
 
 
 # --- backward: dk, dv ---------------------------------------------------------------------------
@@ -463,6 +587,7 @@ def _dkdv_kernel(
     # Zeroed NaN/inf keys for the masked tiles (the unmasked ones: every query sees every key).
     clean_k, clean_v, bad = _finite_keys(k, v)
     kv_seg = _slice(x, "kv_seg")
+    flex = _flex_context(st, x)
 
     def visit(i, carry, masked):
         dk, dv = carry
@@ -486,6 +611,7 @@ def _dkdv_kernel(
             kv_seg,
             masked,
             bad if masked else None,
+            flex,
         )
         probs = jnp.exp2(logits - lse2[:, None])  # [bq, bk]
         if visible is not None:
@@ -497,7 +623,10 @@ def _dkdv_kernel(
         d_logits = probs * (d_probs - delta[:, None])
         if visible is not None:  # a poisoned row's NaN delta must not reach hidden keys
             d_logits = jnp.where(visible, d_logits, 0.0)
-        d_scores = d_logits * (common.capped_logits_grad(scores, st.softcap) * st.scale)
+        if st.flex is None:
+            d_scores = d_logits * (common.capped_logits_grad(scores, st.softcap) * st.scale)
+        else:
+            d_scores = _flex_score_grad(st, scores, d_logits, q_pos, k_pos, flex)[0] * st.scale
         dk = dk + pltriton.dot(
             d_scores.astype(q.dtype), q, trans_a=True, precision=_precision(q.dtype)
         )
@@ -505,7 +634,7 @@ def _dkdv_kernel(
 
     ranges = _query_blocks(st, x, k_first, block_q, block_k)
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = common.visit_all(st, ranges, visit, (zeros, zeros))
+    dk, dv = _visit_all(st, x, ranges, visit, (zeros, zeros))
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -524,6 +653,8 @@ class _Inputs(NamedTuple):
     q_seg: Array | None  # [B, T_pad] int32
     kv_seg: Array | None  # [B, S_pad] int32
     bounds: Array  # [B, 4] int32: q_offset, q_len, kv_len, 0
+    flex_consts: tuple[Array, ...] = ()  # the mods' arrays (rank >= 1)
+    flex_blocks: tuple[Array, ...] = ()  # BlockMask (kv_blocks, q_blocks) [B', N', rows, cols]
 
 
 def _padded_lengths(st: _Static) -> tuple[int, int]:
@@ -544,7 +675,8 @@ def _pairwise(x: Array | None, st: _Static, dtype=None) -> Array | None:
 
 
 def _prepare(st: _Static, query, key, value, bias, aux) -> _Inputs:
-    mask, q_offset, q_lengths, kv_lengths, q_ids, kv_ids = aux
+    mask, q_offset, q_lengths, kv_lengths, q_ids, kv_ids, *flex = aux
+    flex_consts, flex_blocks = flex[0] if flex else ((), ())
     batch = query.shape[0]
     t_pad, s_pad = _padded_lengths(st)
     h_pad = common.padded_head_dim(st.head_dim)
@@ -577,6 +709,8 @@ def _prepare(st: _Static, query, key, value, bias, aux) -> _Inputs:
         q_seg=None if q_ids is None else common.pad_to(q_ids, 1, t_pad, -1),
         kv_seg=None if kv_ids is None else common.pad_to(kv_ids, 1, s_pad, -2),
         bounds=bounds,
+        flex_consts=tuple(c.reshape(c.shape or (1,)) for c in flex_consts),
+        flex_blocks=tuple(flex_blocks),
     )
 
 
@@ -608,7 +742,23 @@ def _query_tiled_specs(inputs: _Inputs, block_q: int, groups: int):
         operands["q_seg"], operands["kv_seg"] = inputs.q_seg, inputs.kv_seg
         specs["q_seg"] = pl.BlockSpec((None, block_q), lambda i, b, n: (b, i))
         specs["kv_seg"] = pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))
+    _flex_specs(inputs, operands, specs, 0)
     return operands, specs
+
+
+def _flex_specs(inputs: _Inputs, operands: dict, specs: dict, which: int) -> None:
+    """Add the mods' arrays (whole, to every program) and the block mask's lists for a grid
+    (tile, b, n): which=0 kv_blocks (a row per query tile), 1 q_blocks (per key tile)."""
+    for i, c in enumerate(inputs.flex_consts):
+        operands[f"flex_const{i}"] = c
+        specs[f"flex_const{i}"] = pl.BlockSpec(c.shape, lambda t, b, n, rank=c.ndim: (0,) * rank)
+    if inputs.flex_blocks:
+        blocks = inputs.flex_blocks[which]  # [B', N', tiles, 2 + 2 * other tiles]
+        operands["flex_blocks"] = blocks
+        specs["flex_blocks"] = pl.BlockSpec(
+            (None, None, None, blocks.shape[-1]),
+            functools.partial(lambda x, t, b, n: _pair_index(x, b, n, t, 0), blocks),
+        )
 
 
 def _forward(st: _Static, query, key, value, bias, aux):
@@ -635,7 +785,19 @@ def _forward(st: _Static, query, key, value, bias, aux):
 
 
 def _backward(
-    st: _Static, query, key, value, bias, aux, out_padded, lse_padded, d_out, d_lse, *, want_dbias
+    st: _Static,
+    query,
+    key,
+    value,
+    bias,
+    aux,
+    out_padded,
+    lse_padded,
+    d_out,
+    d_lse,
+    *,
+    want_dbias,
+    want_dconsts: tuple[int, ...] = (),
 ):
     inputs = _prepare(st, query, key, value, bias, aux)
     batch, t_pad, num_heads, h_pad = inputs.query.shape
@@ -662,12 +824,24 @@ def _backward(
     )
     grid = (t_pad // st.bwd_block_q, batch, num_heads)
     params = common.triton_params(st.bwd_num_warps, st.bwd_num_stages)
-    (dq,) = pl.pallas_call(
-        functools.partial(_dq_kernel, st=st, want_dq=True, want_dbias=False),
+    # flex: a [shape] tile sum of each differentiated score const per program, reduced after.
+    const_shapes = [inputs.flex_consts[i].shape for i in want_dconsts]
+    dq, *d_consts = pl.pallas_call(
+        functools.partial(
+            _dq_kernel, st=st, want_dq=True, want_dbias=False, want_dconsts=want_dconsts
+        ),
         grid=grid,
         in_specs=[specs],
-        out_specs=[row_spec],
-        out_shape=[jax.ShapeDtypeStruct(inputs.query.shape, query.dtype)],
+        out_specs=[row_spec]
+        + [
+            pl.BlockSpec(
+                (None, None, None, *shape),
+                functools.partial(lambda r, i, b, n: (i, b, n) + (0,) * r, len(shape)),
+            )
+            for shape in const_shapes
+        ],
+        out_shape=[jax.ShapeDtypeStruct(inputs.query.shape, query.dtype)]
+        + [jax.ShapeDtypeStruct(grid + shape, jnp.float32) for shape in const_shapes],
         compiler_params=params,
         interpret=st.interpret,
         name="jattn_flash_dq",
@@ -727,6 +901,7 @@ def _backward(
         kv_operands["q_seg"], kv_operands["kv_seg"] = inputs.q_seg, inputs.kv_seg
         kv_specs["q_seg"] = pl.BlockSpec((None, t_pad), lambda j, b, n: (b, 0))
         kv_specs["kv_seg"] = pl.BlockSpec((None, st.bwd_block_k), lambda j, b, n: (b, j))
+    _flex_specs(inputs, kv_operands, kv_specs, 1)
     grad_dtype = key.dtype if groups == 1 else jnp.float32
     per_head = jax.ShapeDtypeStruct((batch, s_pad, num_heads, h_pad), grad_dtype)
     out_tile = pl.BlockSpec((None, st.bwd_block_k, None, h_pad), lambda j, b, n: (b, j, n, 0))
@@ -747,7 +922,14 @@ def _backward(
         return g.astype(key.dtype)
 
     d_query = dq[:, : st.q_len, :, : st.head_dim]
-    return d_query, kv_grad(dk), kv_grad(dv), d_bias, None
+    d_aux = None
+    if st.flex is not None:  # cotangents of aux: only the differentiated score consts
+        consts = aux[6][0]
+        d_flex = [None] * len(consts)
+        for i, d_const in zip(want_dconsts, d_consts, strict=True):
+            d_flex[i] = d_const.sum(axis=(0, 1, 2)).reshape(consts[i].shape).astype(consts[i].dtype)
+        d_aux = (None,) * 6 + ((tuple(d_flex), None),)
+    return d_query, kv_grad(dk), kv_grad(dv), d_bias, d_aux
 
 
 def _instantiate(cotangent, like: jax.ShapeDtypeStruct) -> Array:
@@ -775,15 +957,40 @@ def _attention_vjp(st: _Static):
         aux_value = jax.tree.map(lambda a: a.value, aux)
         out, lse = _forward(st, *primals, bias_value, aux_value)
         want_dbias = bias_value is not None and bias.perturbed
-        residuals = (*primals, bias_value, aux_value, out, lse, () if want_dbias else None)
+        # flex: which score consts are differentiated, as pytree structure (() yes, None no)
+        dconsts = ()
+        if st.flex is not None:
+            dconsts = tuple(
+                () if c.perturbed and jnp.issubdtype(c.value.dtype, jnp.inexact) else None
+                for c in aux[6][0][: st.flex.num_score_consts]
+            )
+        residuals = (
+            *primals,
+            bias_value,
+            aux_value,
+            out,
+            lse,
+            () if want_dbias else None,
+            dconsts,
+        )
         return unpad(out, lse), residuals
 
     def backward_rule(residuals, cotangents):
-        *inputs, out, lse, want_dbias = residuals
+        *inputs, out, lse, want_dbias, dconsts = residuals
+        want_dconsts = tuple(i for i, flag in enumerate(dconsts) if flag is not None)
         query = inputs[0]
         d_out = _instantiate(cotangents[0], jax.ShapeDtypeStruct(query.shape, query.dtype))
         d_lse = _instantiate(cotangents[1], jax.ShapeDtypeStruct(query.shape[:3], jnp.float32))
-        return _backward(st, *inputs, out, lse, d_out, d_lse, want_dbias=want_dbias is not None)
+        return _backward(
+            st,
+            *inputs,
+            out,
+            lse,
+            d_out,
+            d_lse,
+            want_dbias=want_dbias is not None,
+            want_dconsts=want_dconsts,
+        )
 
     attention.defvjp(forward_rule, backward_rule, symbolic_zeros=True)
     return attention
@@ -966,3 +1173,61 @@ def backward(
         want_dbias=want_dbias,
     )
     return dq, dk, dv, d_bias
+
+
+def flex_attention(
+    query: Array,  # [B, T, N, H]
+    key: Array,  # [B, S, K, H]
+    value: Array,  # [B, S, K, H]
+    flex: FlexSpec,
+    consts: tuple[Array, ...],  # the mods' arrays: score_mod's, then mask_mod's
+    blocks: tuple[Array, ...],  # () or a BlockMask's (kv_blocks, q_blocks)
+    *,
+    scale: float,
+    config: TritonConfig | None = None,
+    interpret: bool | None = None,
+) -> tuple[Array, Array]:  # [B, T, N, H] in query.dtype, lse [B, T, N] float32
+    """`jattn.flex_attention` on these kernels: validated inputs, the mods traced into every
+    tile (no other option of `flash_attention`). With a block mask the tiles are its blocks."""
+    if query.dtype not in _DTYPES:
+        raise NotImplementedError(
+            f"the Triton kernel serves float16/bfloat16/float32, not {query.dtype}; "
+            "use implementation='xla'"
+        )
+    if query.shape[-1] > 256:
+        raise NotImplementedError(
+            f"the Triton kernel serves head dims up to 256, got {query.shape[-1]}"
+        )
+    if config is not None and not isinstance(config, TritonConfig):
+        raise ValueError(f"triton needs a TritonConfig, got {type(config).__name__}")
+    off = dict(query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None)
+    st = _static(
+        query,
+        key,
+        None,
+        None,
+        config,
+        None,
+        scale=scale,
+        is_causal=False,
+        segment_ids=None,
+        logits_soft_cap=None,
+        interpret=interpret,
+        **off,
+    )
+    if flex.block_mask is not None:
+        block_q, block_k = flex.block_mask
+        for name, size in (("block_q", block_q), ("block_kv", block_k)):
+            if size < _MIN_BLOCK or size & (size - 1):
+                raise NotImplementedError(
+                    f"the Triton kernel tiles by the block mask's blocks, which must be powers "
+                    f"of two >= {_MIN_BLOCK}: got {name}={size} (create_block_mask with such "
+                    "blocks, or use implementation='xla')"
+                )
+        st = st._replace(block_q=block_q, bwd_block_q=block_q, block_k=block_k, bwd_block_k=block_k)
+    st = st._replace(flex=flex, dense_masks=flex.mask_mod is not None and flex.block_mask is None)
+    t_pad, s_pad = _padded_lengths(st)
+    # Padding rows and keys are masked (a block holding them is never full in a block mask).
+    st = st._replace(check_q_len=t_pad != st.q_len, check_kv_len=s_pad != st.kv_len)
+    aux = (None,) * 6 + ((tuple(consts), tuple(blocks)),)
+    return _attention_vjp(st)(query, key, value, None, aux)

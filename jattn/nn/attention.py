@@ -15,6 +15,7 @@ from jax import Array
 
 from jattn.attention import concrete_value, dot_product_attention
 from jattn.decode import decode_attention
+from jattn.flex import BlockMask, MaskMod, ScoreMod, flex_attention
 from jattn.nn.rotary import apply_rotary
 
 # (query [B, N, H], k_cache [B, S, K, H], v_cache, lengths [B], *, scale, logits_soft_cap)
@@ -28,6 +29,9 @@ class MultiHeadAttention(nnx.Module):
     Projections: query to `[N, H]`, key and value to `[K, H]` (K = num_kv_heads divides N), output
     from `[N, H]` back to `out_features`. The attention itself is `jattn.dot_product_attention`
     with every masking option it has (causal, lengths, segments, window, soft cap, bias, mask).
+    With `score_mod` / `mask_mod` it is `jattn.flex_attention` instead (ALiBi, relative bias,
+    document masks ... written as two scalar functions; `is_causal` composes with them; pass a
+    `block_mask` to the call to skip empty tiles; the other masking options are then refused).
 
     `rope_base` turns on rotary embeddings of queries and keys (positions `q_offset + t` for
     queries and `s` for keys unless `positions` is given).
@@ -78,6 +82,8 @@ class MultiHeadAttention(nnx.Module):
         implementation: str | Sequence[str] | None = None,
         config: Any = None,
         decode_fn: DecodeFn | None = None,
+        score_mod: ScoreMod | None = None,
+        mask_mod: MaskMod | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         kernel_init: Any = None,
@@ -105,6 +111,8 @@ class MultiHeadAttention(nnx.Module):
         self.implementation = implementation
         self.config = config
         self.decode_fn = decode_fn
+        # jattn.flex_attention's mods (see `_flex`); is_causal composes with them.
+        self.score_mod, self.mask_mod = score_mod, mask_mod
         self.dtype, self.param_dtype = dtype, param_dtype
         projection = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if kernel_init is not None:
@@ -167,7 +175,27 @@ class MultiHeadAttention(nnx.Module):
         q_offset: int | Array | None = None,
         positions: Array | None = None,  # [B, T] or [T]: rotary positions of self-attention
         decode: bool = False,
+        block_mask: BlockMask | None = None,  # with score_mod / mask_mod: jattn.create_block_mask
     ) -> Array:  # [B, T, out_features]
+        flex = self.score_mod is not None or self.mask_mod is not None or block_mask is not None
+        if flex:
+            unsupported = dict(
+                decode=decode or None,
+                bias=bias,
+                mask=mask,
+                query_seq_lengths=query_seq_lengths,
+                key_value_seq_lengths=key_value_seq_lengths,
+                segment_ids=segment_ids,
+                q_offset=q_offset,
+                local_window_size=self.local_window_size,
+                logits_soft_cap=self.logits_soft_cap,
+            )
+            named = [name for name, value in unsupported.items() if value is not None]
+            if named:
+                raise ValueError(
+                    f"a layer with score_mod/mask_mod/block_mask takes no {', '.join(named)}: "
+                    "write them into the mods (jattn.flex_attention)"
+                )
         if decode:
             if inputs_kv is not None or bias is not None or mask is not None:
                 raise ValueError("decode=True is causal self-attention: no inputs_kv, bias, mask")
@@ -190,6 +218,8 @@ class MultiHeadAttention(nnx.Module):
                 q_positions = k_positions = positions
             query = apply_rotary(query, q_positions, self.rope_base)
             key = apply_rotary(key, k_positions, self.rope_base)
+        if flex:
+            return self.out(self._flex(query, key, value, block_mask))
         encoded = dot_product_attention(
             query,
             key,
@@ -207,6 +237,30 @@ class MultiHeadAttention(nnx.Module):
             config=self.config,
         )
         return self.out(encoded)
+
+    def _flex(self, query: Array, key: Array, value: Array, block_mask) -> Array:
+        """`jattn.flex_attention` with the layer's mods; is_causal adds `kv_idx <= q_idx` to
+        the mask_mod (a block_mask must then be built from the combined mask)."""
+        mask_mod = self.mask_mod
+        if mask_mod is None and block_mask is not None:
+            mask_mod = block_mask.mask_mod
+        if self.is_causal:
+            user = mask_mod
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                causal = kv_idx <= q_idx
+                return causal if user is None else causal & user(b, h, q_idx, kv_idx)
+
+        return flex_attention(
+            query,
+            key,
+            value,
+            score_mod=self.score_mod,
+            mask_mod=mask_mod,
+            block_mask=block_mask,
+            implementation=self.implementation,
+            config=self.config,
+        )
 
     def _decode(self, inputs: Array, new_tokens: Array | None) -> Array:
         if self.cached_key is None:

@@ -1,0 +1,375 @@
+"""Generated attention variants: `flex_attention` with a score_mod and a mask_mod.
+
+FlexAttention's API (PyTorch; FlashAttention-4 has the same) in jattn's `[B, T, N, H]` layout:
+a variant outside `dot_product_attention`'s options (ALiBi, T5 relative bias, prefix-LM, document
+masks, dilated windows, sink tokens) is two scalar functions, not a dense `[B, N, T, S]` bias:
+
+    score_mod(score, b, h, q_idx, kv_idx) -> score   # scale * q.k of one pair, any jnp ops
+    mask_mod(b, h, q_idx, kv_idx) -> bool            # True = attend
+
+Both are vectorised with `jax.vmap`, so they are written for scalars and may use any jnp op,
+`jnp.where`, `lax.cond` and indexing; they may close over arrays (an ALiBi slope vector, a
+learnable bias table, document ids), whose gradients are computed too. `b` is the batch row,
+`h` the query head (GQA: kv head `h // (N // K)`), `q_idx` in [0, T), `kv_idx` in [0, S).
+
+`create_block_mask(mask_mod, B, N, T, S)` records, per (batch, head, query block), which key
+blocks the mask leaves empty (the kernel never loads them), full (no mask arithmetic) or
+partial (mask_mod evaluated per element). Build it once (under jit or not) and reuse it across
+layers and steps; it is a pytree.
+
+Implementations: 'xla' evaluates both mods densely (`[B, N, T, S]`, the reference: any dtype,
+differentiable to any order by JAX itself); 'triton' traces them into the Triton flash kernel
+(CPU: Pallas interpret mode), forward and backward; None picks 'triton' on a GPU and 'xla'
+elsewhere. Semantics are `jattn.dot_product_attention`'s: a query row that sees no key gives
+output 0, lse -inf and zero gradients, never NaN; a key holding NaN/inf reaches only the rows
+that see it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array, lax
+
+from jattn import masking
+from jattn.attention import concrete_value
+
+ScoreMod = Callable[..., Any]  # (score, b, h, q_idx, kv_idx) -> score
+MaskMod = Callable[..., Any]  # (b, h, q_idx, kv_idx) -> bool
+
+_HIGHEST = lax.Precision.HIGHEST
+_IMPLEMENTATIONS = ("xla", "triton")
+
+
+# --- block mask ----------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockMask:
+    """Which tiles of the `[T, S]` score matrix a mask_mod leaves empty, full or partial.
+
+    Per (batch b, head h) of `[B', N']` (1 where created with B or N None: it broadcasts) and per
+    query block, `kv_blocks[b, h, i]` lists the key blocks to visit: `[n_partial, n_full,
+    partial ids (padded to KB), full ids (padded to KB)]`, ids ascending. `q_blocks[b, h, j]` is
+    the same per key block (the dk/dv kernel's loop). Positions past T or S count as masked, so a
+    block that holds padding is never full.
+    """
+
+    kv_blocks: Array  # [B', N', QB, 2 + 2 * KB] int32
+    q_blocks: Array  # [B', N', KB, 2 + 2 * QB] int32
+    block_q: int = dataclasses.field(metadata=dict(static=True))
+    block_kv: int = dataclasses.field(metadata=dict(static=True))
+    q_len: int = dataclasses.field(metadata=dict(static=True))  # T
+    kv_len: int = dataclasses.field(metadata=dict(static=True))  # S
+    mask_mod: MaskMod | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B', N', T, S): the batch and head extents it serves (1: any) and the lengths."""
+        return (*self.kv_blocks.shape[:2], self.q_len, self.kv_len)
+
+    def to_dense(self) -> Array:
+        """`[B', N', QB, KB]` int8 block states: 0 empty, 1 partial, 2 full."""
+        num_kv = self.kv_blocks.shape[-1] // 2 - 1
+        states = jnp.zeros(self.kv_blocks.shape[:-1] + (num_kv,), jnp.int8)
+        for kind, value in ((0, 1), (1, 2)):
+            count = self.kv_blocks[..., kind]
+            ids = self.kv_blocks[..., 2 + kind * num_kv : 2 + (kind + 1) * num_kv]
+            entry = jnp.arange(num_kv).reshape((1,) * count.ndim + (num_kv,))
+            listed = entry < count[..., None]  # [..., KB]: entry t in use
+            hits = (ids[..., :, None] == entry[..., None, :]) & listed[..., :, None]
+            states = jnp.where(jnp.any(hits, axis=-2), jnp.int8(value), states)
+        return states
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockMask(shape={self.shape}, block_q={self.block_q}, block_kv={self.block_kv}, "
+            f"mask_mod={getattr(self.mask_mod, '__name__', self.mask_mod)})"
+        )
+
+
+def _check_length(x, name: str, allow_none: bool) -> int | None:
+    if x is None and allow_none:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
+        raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {x!r}")
+    return int(x)
+
+
+def _grid(fn: Callable, with_score: bool) -> Callable:
+    """fn over scalars -> fn over a grid: args (score?, b, h, q, kv) with b, h, q, kv vectors
+    and score `[len(b), len(h), len(q), len(kv)]`, the result's shape."""
+    for axis in (3, 2, 1, 0):  # kv innermost
+        axes = [None] * 4
+        axes[axis] = 0
+        fn = jax.vmap(fn, in_axes=((0,) if with_score else ()) + tuple(axes))
+    return fn
+
+
+def _block_lists(any_visible: Array, all_visible: Array) -> Array:
+    """[..., R, C] bool -> [..., R, 2 + 2 C] int32: per row, counts then partial and full ids."""
+    partial = any_visible & ~all_visible
+    order = jnp.arange(partial.shape[-1], dtype=jnp.int32)
+
+    def listed(which):  # ids where `which` first (ascending), then the rest
+        ids = jnp.argsort(jnp.where(which, order, order + partial.shape[-1]), axis=-1)
+        return ids.astype(jnp.int32)
+
+    counts = jnp.stack([partial.sum(-1), all_visible.sum(-1)], axis=-1).astype(jnp.int32)
+    return jnp.concatenate([counts, listed(partial), listed(all_visible)], axis=-1)
+
+
+def create_block_mask(
+    mask_mod: MaskMod,
+    B: int | None,  # noqa: N803 (FlexAttention's argument names)
+    N: int | None,  # noqa: N803
+    T: int,  # noqa: N803
+    S: int,  # noqa: N803
+    *,
+    block_q: int = 128,
+    block_kv: int = 128,
+) -> BlockMask:
+    """Evaluate `mask_mod(b, h, q_idx, kv_idx) -> bool` over `[B, N, T, S]` block by block.
+
+    B or N None: the mask does not depend on it (evaluated at 0, broadcast). Computed on the
+    device with jnp (one query block row `[block_q, S]` at a time, so memory is
+    O(B N block_q S)); works under jit, where mask_mod may close over traced arrays. The
+    result keeps `mask_mod` (static) for `flex_attention(block_mask=...)` without a mask_mod.
+    The Triton kernel tiles by these blocks: powers of two >= 16 there.
+    """
+    if not callable(mask_mod):
+        raise ValueError(f"mask_mod must be callable, got {type(mask_mod).__name__}")
+    batch = _check_length(B, "B", True)
+    heads = _check_length(N, "N", True)
+    q_len, kv_len = _check_length(T, "T", False), _check_length(S, "S", False)
+    block_q, block_kv = (
+        _check_length(block_q, "block_q", False),
+        _check_length(block_kv, "block_kv", False),
+    )
+    num_q, num_kv = -(-q_len // block_q), -(-kv_len // block_kv)
+    kv_pos = jnp.arange(num_kv * block_kv, dtype=jnp.int32)
+    kv_valid = kv_pos < kv_len
+    kv_idx = jnp.minimum(kv_pos, kv_len - 1)  # mods only ever see indices in range
+    b_idx = jnp.arange(batch or 1, dtype=jnp.int32)
+    h_idx = jnp.arange(heads or 1, dtype=jnp.int32)
+    evaluate = _grid(mask_mod, False)
+
+    def row(i):  # query block i: (any, all) visible per key block, [B', N', KB]
+        q_pos = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
+        visible = evaluate(b_idx, h_idx, jnp.minimum(q_pos, q_len - 1), kv_idx)
+        visible = jnp.asarray(visible).astype(bool)
+        visible = visible & (q_pos < q_len)[None, None, :, None] & kv_valid[None, None, None]
+        visible = visible.reshape(*visible.shape[:3], num_kv, block_kv)
+        return jnp.any(visible, axis=(2, 4)), jnp.all(visible, axis=(2, 4))
+
+    any_visible, all_visible = lax.map(row, jnp.arange(num_q, dtype=jnp.int32))
+    any_visible = jnp.moveaxis(any_visible, 0, 2)  # [B', N', QB, KB]
+    all_visible = jnp.moveaxis(all_visible, 0, 2)
+    return BlockMask(
+        kv_blocks=_block_lists(any_visible, all_visible),
+        q_blocks=_block_lists(jnp.swapaxes(any_visible, 2, 3), jnp.swapaxes(all_visible, 2, 3)),
+        block_q=block_q,
+        block_kv=block_kv,
+        q_len=q_len,
+        kv_len=kv_len,
+        mask_mod=mask_mod,
+    )
+
+
+# --- argument checks ------------------------------------------------------------------------------
+
+
+def _check_inputs(query, key, value, score_mod, mask_mod, block_mask, implementation):
+    shapes = f"query {tuple(jnp.shape(query))}, key {tuple(jnp.shape(key))}, value " + str(
+        tuple(jnp.shape(value))
+    )
+    if any(jnp.ndim(x) != 4 for x in (query, key, value)):
+        raise ValueError(
+            "flex_attention takes query [B, T, N, H] and key, value [B, S, K, H], got " + shapes
+        )
+    batch, q_len, num_heads, head_dim = query.shape
+    if key.shape != value.shape or key.shape[0] != batch or key.shape[3] != head_dim:
+        raise ValueError("key and value must be [B, S, K, H] with query's B and H, got " + shapes)
+    num_kv_heads = key.shape[2]
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"query heads N must be a multiple of kv heads K (GQA), got {shapes}")
+    dtypes = {jnp.dtype(x.dtype) for x in (query, key, value)}
+    if len(dtypes) != 1 or not jnp.issubdtype(query.dtype, jnp.floating):
+        raise ValueError(
+            "query, key and value must share one floating dtype, got "
+            f"{query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name} must be callable or None, got {type(fn).__name__}")
+    if block_mask is not None:
+        if not isinstance(block_mask, BlockMask):
+            raise ValueError(f"block_mask must be a BlockMask, got {type(block_mask).__name__}")
+        mb, mn, mt, ms = block_mask.shape
+        if (mt, ms) != (q_len, key.shape[1]) or mb not in (1, batch) or mn not in (1, num_heads):
+            raise ValueError(
+                f"block_mask of shape [B', N', T, S] = {block_mask.shape} does not fit "
+                f"{shapes}: it needs T = {q_len}, S = {key.shape[1]}, B' in (1, {batch}) and "
+                f"N' in (1, {num_heads})"
+            )
+    if implementation is not None and implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be None or one of {_IMPLEMENTATIONS}, got {implementation!r}"
+        )
+
+
+# --- the reference: 'xla' ------------------------------------------------------------------------
+
+
+def _xla(query, key, value, score_mod, mask_mod, scale) -> tuple[Array, Array]:
+    """Dense evaluation, `[B, N, T, S]` logits; differentiable by JAX (closed-over arrays too)."""
+    batch, q_len, num_heads, head_dim = query.shape
+    _, kv_len, num_kv_heads, _ = key.shape
+    groups = num_heads // num_kv_heads
+    dtype = jnp.promote_types(query.dtype, jnp.float32)
+    q = query.astype(dtype).reshape(batch, q_len, num_kv_heads, groups, head_dim)
+    k, v, bad_keys = masking.split_nonfinite_keys(key.astype(dtype), value.astype(dtype))
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=_HIGHEST)
+    scores = scale * scores.reshape(batch, num_heads, q_len, kv_len)  # head n = k * G + g
+    index = [jnp.arange(n, dtype=jnp.int32) for n in (batch, num_heads, q_len, kv_len)]
+    if score_mod is not None:
+        scores = jnp.asarray(_grid(score_mod, True)(scores, *index)).astype(dtype)
+        scores = jnp.broadcast_to(scores, (batch, num_heads, q_len, kv_len))
+    visible = jnp.ones((1, 1, 1, 1), bool)
+    if mask_mod is not None:
+        visible = jnp.asarray(_grid(mask_mod, False)(*index)).astype(bool)
+    bad = jnp.repeat(jnp.moveaxis(bad_keys, 1, 2), groups, axis=1)[:, :, None]  # [B, N, 1, S]
+    scores = masking.poison_rows(scores, jnp.any(visible & bad, axis=-1))
+    logits = jnp.where(visible, scores, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)
+    row_max = lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    probs = jnp.exp(logits - row_max)
+    row_sum = jnp.sum(probs, axis=-1)
+    probs = probs / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
+    probs = probs.reshape(batch, num_kv_heads, groups, q_len, kv_len)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, precision=_HIGHEST)
+    out = out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
+    lse = masking.safe_lse(row_max[..., 0], row_sum)  # [B, N, T]
+    return out, jnp.swapaxes(lse, 1, 2)
+
+
+# --- the kernel path: 'triton' -------------------------------------------------------------------
+
+
+def _hoist(fn: Callable | None, *examples) -> tuple[Callable | None, tuple[Array, ...]]:
+    """fn(*args) -> (fn'(*args, *consts), consts): every array fn closes over becomes an argument.
+
+    `jax.closure_convert` hoists only the closed-over values that may be differentiated (float
+    tracers); a kernel body can hold no array constant at all (document ids, a concrete table),
+    so all of the traced function's constants are hoisted here."""
+    if fn is None:
+        return None, ()
+    from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
+
+    closed = jax.make_jaxpr(fn)(*examples)
+    jaxpr, consts = closed.jaxpr, tuple(jnp.asarray(c) for c in closed.consts)
+
+    def converted(*args):
+        return jaxpr_as_fun(ClosedJaxpr(jaxpr, list(args[len(examples) :])))(
+            *args[: len(examples)]
+        )[0]
+
+    return converted, consts
+
+
+def _triton(query, key, value, score_mod, mask_mod, block_mask, scale, config):
+    from pallas_kernels import flash_triton
+
+    index = (jnp.int32(0),) * 4
+    score_fn, score_consts = _hoist(score_mod, jnp.float32(0), *index)
+    mask_fn, mask_consts = _hoist(mask_mod, *index)
+    consts = score_consts + mask_consts
+    flex = flash_triton.FlexSpec(
+        score_mod=score_fn,
+        mask_mod=mask_fn,
+        num_score_consts=len(score_consts),
+        const_shapes=tuple(c.shape for c in consts),
+        block_mask=None if block_mask is None else (block_mask.block_q, block_mask.block_kv),
+    )
+    blocks = () if block_mask is None else (block_mask.kv_blocks, block_mask.q_blocks)
+    return flash_triton.flex_attention(
+        query, key, value, flex, consts, blocks, scale=scale, config=config
+    )
+
+
+# --- the public function -------------------------------------------------------------------------
+
+
+def flex_attention(
+    query: Array,  # [B, T, N, H]
+    key: Array,  # [B, S, K, H]
+    value: Array,  # [B, S, K, H]
+    *,
+    score_mod: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    block_mask: BlockMask | None = None,
+    scale: float | None = None,
+    return_residual: bool = False,
+    implementation: str | None = None,
+    config: Any = None,
+) -> Array | tuple[Array, Array]:
+    """Attention with a user score_mod and mask_mod (FlexAttention's API, `[B, T, N, H]`).
+
+    Args:
+      query: `[B, T, N, H]`; key, value: `[B, S, K, H]` with N % K == 0 (head h reads kv head
+        h // (N // K)); one floating dtype.
+      score_mod: `(score, b, h, q_idx, kv_idx) -> score`, applied to `scale * q.k` (float32,
+        or float64 on 'xla' with float64 inputs) before masking and softmax. A scalar
+        function (vectorised with vmap); may close over arrays, which are differentiated.
+      mask_mod: `(b, h, q_idx, kv_idx) -> bool`, True = attend. None: `block_mask.mask_mod`
+        when a block mask is given, else every key is visible.
+      block_mask: from `create_block_mask` with the same mask_mod, T and S: the kernel skips
+        its empty blocks and does no mask arithmetic on its full ones (the result is defined
+        by mask_mod; a block mask that disagrees with it gives a different result). Its block
+        sizes become the Triton kernel's tiles.
+      scale: default H ** -0.5.
+      return_residual: also return the log-sum-exp `[B, T, N]` (in the query dtype).
+      implementation: None, 'xla' or 'triton' (see the module docstring).
+      config: a `jattn.TritonConfig` for 'triton' (warps and stages; with a block mask its
+        block sizes are the block mask's).
+
+    Returns:
+      `[B, T, N, H]` in the query dtype (and lse `[B, T, N]`). Rows that see no key: 0, lse
+      -inf, zero gradients.
+
+    Example (ALiBi and a document mask):
+      >>> slopes = 2.0 ** -jnp.arange(1, 5)
+      >>> alibi = lambda s, b, h, q, kv: s - slopes[h] * jnp.abs(q - kv)
+      >>> docs = jnp.array([[0, 0, 1, 1, 1, 2]])
+      >>> same_doc = lambda b, h, q, kv: docs[b, q] == docs[b, kv]
+      >>> x = jnp.ones((1, 6, 4, 8))
+      >>> flex_attention(x, x, x, score_mod=alibi, mask_mod=same_doc).shape
+      (1, 6, 4, 8)
+    """
+    _check_inputs(query, key, value, score_mod, mask_mod, block_mask, implementation)
+    if mask_mod is None and block_mask is not None:
+        mask_mod = block_mask.mask_mod
+    head_dim = query.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
+    if implementation is None:
+        implementation = "triton" if jax.default_backend() == "gpu" else "xla"
+    if implementation == "xla":
+        if config is not None:
+            raise ValueError(f"implementation 'xla' takes no config, got {config!r}")
+        out, lse = _xla(query, key, value, score_mod, mask_mod, scale)
+    else:
+        if concrete_value(scale) is None:  # traced: scale * (q . k) == (scale * q) . k
+            compute = jnp.promote_types(query.dtype, jnp.float32)
+            query = (query.astype(compute) * scale).astype(query.dtype)
+            scale = 1.0
+        out, lse = _triton(query, key, value, score_mod, mask_mod, block_mask, scale, config)
+    lse = lse.astype(out.dtype)
+    return (out, lse) if return_residual else out

@@ -1,0 +1,409 @@
+"""`jattn.flex_attention` and `create_block_mask`: built-in options written as mods equal the
+options; ALiBi, T5 relative bias, prefix-LM, document masks, dilated windows and sink tokens
+against a float64 oracle with gradients (closed-over tables included), on 'xla' and on the Triton
+kernel in Pallas interpret mode; block masks under jit, reused; argument checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattn
+from jattn import reference
+
+import oracle
+from cases import GRAD_TOLERANCE, TOLERANCE, assert_close, make_inputs
+
+# 16 x 16 tiles (the smallest Triton allows): short sequences still span several tiles, and
+# the odd lengths pad the last query and key tiles.
+BLOCK = 16
+SMALL = jattn.TritonConfig(block_q=BLOCK, block_k=BLOCK, bwd_block_q=BLOCK, bwd_block_k=BLOCK)
+# (B, T, S, N, K, H): GQA 2, T != S, odd lengths; and T > S with MQA.
+SHAPE = (2, 19, 37, 2, 1, 16)
+SHAPE_T_GT_S = (1, 35, 21, 2, 1, 16)
+IMPLEMENTATIONS = ("xla", "triton")
+
+
+def _flex(q, k, v, implementation, score_mod=None, mask_mod=None, block=False):
+    """flex_attention with the lse; 'triton' with 16 x 16 tiles, and a block mask if `block`."""
+    batch, q_len, heads, _ = q.shape
+    block_mask = None
+    if block and mask_mod is not None:
+        block_mask = jattn.create_block_mask(
+            mask_mod, batch, heads, q_len, k.shape[1], block_q=BLOCK, block_kv=BLOCK
+        )
+    return jattn.flex_attention(
+        q,
+        k,
+        v,
+        score_mod=score_mod,
+        mask_mod=mask_mod,
+        block_mask=block_mask,
+        return_residual=True,
+        implementation=implementation,
+        config=SMALL if implementation == "triton" else None,
+    )
+
+
+def _cotangents(rng, out, lse):
+    d_out = rng.standard_normal(out.shape).astype(np.float32)
+    finite = np.isfinite(np.asarray(lse))
+    return d_out, np.where(finite, rng.standard_normal(lse.shape), 0.0).astype(np.float32)
+
+
+def _assert_matches(got, want, grads, want_grads):
+    """got/want: (out, lse); grads/want_grads: dicts of float32 results and float64 oracles."""
+    (out, lse), (want_out, want_lse) = got, want
+    want_lse = np.asarray(want_lse, np.float64)
+    assert_close(out, want_out, TOLERANCE[jnp.float32], "out")
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(want_lse), "lse -inf")
+    finite = np.isfinite(want_lse)
+    assert_close(np.asarray(lse)[finite], want_lse[finite], TOLERANCE[jnp.float32], "lse")
+    for name, expected in want_grads.items():
+        got_grad = np.asarray(grads[name], np.float64)
+        assert np.isfinite(got_grad).all(), name
+        scale = max(1.0, np.abs(expected).max())
+        tolerance = tuple(t * scale for t in GRAD_TOLERANCE[jnp.float32])
+        assert_close(got_grad, np.asarray(expected, np.float64), tolerance, name)
+
+
+# --- built-in options written as mods ----------------------------------------------------------
+
+
+def _builtin_case(name, rng, shape):
+    """(score_mod, mask_mod, options of jattn.dot_product_attention that mean the same)."""
+    batch, q_len, kv_len = shape[:3]
+    match name:
+        case "causal":
+            return None, lambda b, h, i, j: j <= i, dict(is_causal=True)
+        case "sliding_window":
+            mask = lambda b, h, i, j: (j >= i - 5) & (j <= i + 2)  # noqa: E731
+            return None, mask, dict(local_window_size=(5, 2))
+        case "soft_cap":
+            score = lambda s, b, h, i, j: 2.0 * jnp.tanh(s / 2.0)  # noqa: E731
+            return score, None, dict(logits_soft_cap=2.0)
+        case "segment_ids":
+            q_ids = jnp.asarray(np.sort(rng.integers(0, 3, (batch, q_len)), axis=1), jnp.int32)
+            kv_ids = jnp.asarray(np.sort(rng.integers(0, 3, (batch, kv_len)), axis=1), jnp.int32)
+            mask = lambda b, h, i, j: q_ids[b, i] == kv_ids[b, j]  # noqa: E731
+            return None, mask, dict(segment_ids=(q_ids, kv_ids))
+        case "q_offset":
+            offset = jnp.asarray(rng.integers(-3, kv_len - q_len + 4, batch), jnp.int32)
+            mask = lambda b, h, i, j: j <= i + offset[b]  # noqa: E731
+            return None, mask, dict(is_causal=True, q_offset=offset)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    "name", ["causal", "sliding_window", "soft_cap", "segment_ids", "q_offset"]
+)
+def test_builtin_option_as_mod_equals_the_option(rng, name, implementation):
+    q, k, v = make_inputs(rng, SHAPE)
+    score_mod, mask_mod, options = _builtin_case(name, rng, SHAPE)
+    run = lambda q, k, v: _flex(q, k, v, implementation, score_mod, mask_mod, block=True)  # noqa: E731
+    (out, lse), vjp = jax.vjp(run, q, k, v)
+    d_out, d_lse = _cotangents(rng, out, lse)
+    grads = dict(zip(("dq", "dk", "dv"), vjp((d_out, d_lse)), strict=True))
+    with jax.enable_x64(True):
+        wide = [jnp.asarray(x, jnp.float64) for x in (q, k, v)]
+        option_run = lambda q, k, v: reference.dot_product_attention(  # noqa: E731
+            q, k, v, return_residual=True, **options
+        )
+        want, want_vjp = jax.vjp(option_run, *wide)
+        want_grads = want_vjp((jnp.asarray(d_out, jnp.float64), jnp.asarray(d_lse, jnp.float64)))
+        want = tuple(np.asarray(x) for x in want)
+        want_grads = {n: np.asarray(g) for n, g in zip(("dq", "dk", "dv"), want_grads, strict=True)}
+    _assert_matches((out, lse), want, grads, want_grads)
+
+
+# --- variants against a float64 oracle ----------------------------------------------------------
+
+
+def _t5_bucket(relative, xp, num_buckets=8, max_distance=16):
+    """T5's bidirectional relative-position bucket of kv - q (xp: jnp or np)."""
+    half = num_buckets // 2
+    exact = half // 2
+    bucket = (relative > 0) * half
+    distance = xp.abs(relative)
+    log_ratio = xp.log(xp.maximum(distance, 1) / exact) / np.log(max_distance / exact)
+    large = xp.minimum(exact + (log_ratio * (half - exact)).astype(xp.int32), half - 1)
+    return bucket + xp.where(distance < exact, distance, large)
+
+
+def _variant(name, rng, shape):
+    """(params, make_mods(params) -> (score_mod, mask_mod), dense(params) -> (bias, visible),
+    param_grads(dbias, params) -> {name: grad}) with numpy float64 oracles."""
+    batch, q_len, kv_len, heads = shape[:4]
+    i = np.arange(q_len)[:, None]
+    j = np.arange(kv_len)[None, :]
+    grid = (batch, heads, q_len, kv_len)
+    no_grads = lambda dbias, params: {}  # noqa: E731
+    match name:
+        case "alibi":  # learnable slopes: s - slope[h] * |i - j|
+            params = dict(slopes=rng.uniform(0.1, 1.0, heads))
+
+            def mods(p):
+                return lambda s, b, h, qi, kj: s - p["slopes"][h] * jnp.abs(qi - kj), None
+
+            def dense(p):
+                return -p["slopes"][None, :, None, None] * np.abs(i - j), None
+
+            def grads(dbias, p):
+                return dict(slopes=-(dbias * np.abs(i - j)).sum(axis=(0, 2, 3)))
+
+            return params, mods, dense, grads
+        case "t5_bias":  # learnable [buckets, N] table, indexed by the relative position
+            params = dict(table=rng.standard_normal((8, heads)))
+            buckets = _t5_bucket(j - i, np)  # [T, S]
+
+            def mods(p):
+                return lambda s, b, h, qi, kj: s + p["table"][_t5_bucket(kj - qi, jnp), h], None
+
+            def dense(p):
+                return np.moveaxis(p["table"][buckets], -1, 0)[None], None
+
+            def grads(dbias, p):
+                d_table = np.zeros(p["table"].shape)
+                for n in range(heads):
+                    np.add.at(d_table[:, n], buckets, dbias[:, n].sum(axis=0))
+                return dict(table=d_table)
+
+            return params, mods, dense, grads
+        case "prefix_lm":  # a bidirectional prefix of prefix[b] tokens, causal after
+            prefix = rng.integers(0, q_len, batch)
+            prefix_j = jnp.asarray(prefix, jnp.int32)
+
+            def mods(p):
+                return None, lambda b, h, qi, kj: (kj <= qi) | (kj < prefix_j[b])
+
+            def dense(p):
+                return None, (j <= i) | (j < prefix[:, None, None, None])
+
+            return {}, mods, dense, no_grads
+        case "document":  # causal within each packed document
+            docs = np.sort(rng.integers(0, 4, (batch, max(q_len, kv_len))), axis=1)
+            docs_j = jnp.asarray(docs, jnp.int32)
+
+            def mods(p):
+                return None, lambda b, h, qi, kj: (docs_j[b, qi] == docs_j[b, kj]) & (kj <= qi)
+
+            def dense(p):
+                same = docs[:, :q_len, None] == docs[:, None, :kv_len]
+                return None, (same & (j <= i))[:, None]
+
+            return {}, mods, dense, no_grads
+        case "dilated_window":  # every 2nd key within 8 to the left
+            width, step = 8, 2
+
+            def mods(p):
+                return (
+                    None,
+                    lambda b, h, qi, kj: (
+                        (kj <= qi) & (qi - kj < width * step) & ((qi - kj) % step == 0)
+                    ),
+                )
+
+            def dense(p):
+                return None, (j <= i) & (i - j < width * step) & ((i - j) % step == 0)
+
+            return {}, mods, dense, no_grads
+        case "sinks":  # StreamingLLM: 2 sink tokens and a causal window of 4
+
+            def mods(p):
+                return None, lambda b, h, qi, kj: (kj <= qi) & ((kj < 2) | (qi - kj < 4))
+
+            def dense(p):
+                return None, (j <= i) & ((j < 2) | (i - j < 4))
+
+            return {}, mods, dense, no_grads
+    del grid
+    raise AssertionError(name)
+
+
+VARIANTS = ("alibi", "t5_bias", "prefix_lm", "document", "dilated_window", "sinks")
+
+
+def _check_variant(rng, name, shape, implementation, block=True):
+    q, k, v = make_inputs(rng, shape)
+    params, mods, dense, param_grads = _variant(name, rng, shape)
+    jparams = {n: jnp.asarray(p, jnp.float32) for n, p in params.items()}
+
+    def run(q, k, v, p):
+        score_mod, mask_mod = mods(p)
+        return _flex(q, k, v, implementation, score_mod, mask_mod, block=block)
+
+    (out, lse), vjp = jax.vjp(run, q, k, v, jparams)
+    d_out, d_lse = _cotangents(rng, out, lse)
+    dq, dk, dv, d_params = vjp((d_out, d_lse))
+
+    rounded = {n: np.asarray(p, np.float64) for n, p in jparams.items()}
+    bias, visible = dense(rounded)
+    full = (shape[0], shape[3], shape[1], shape[2])
+    visible = np.ones(full, bool) if visible is None else np.broadcast_to(visible, full)
+    bias = None if bias is None else np.broadcast_to(bias, full)
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    want_out, want_lse, cache = oracle.attention(q64, k64, v64, bias, visible=visible)
+    want_dq, want_dk, want_dv, dbias = oracle.attention_vjp(
+        cache, d_out, d_lse, None if bias is None else full
+    )
+    want_grads = dict(dq=want_dq, dk=want_dk, dv=want_dv)
+    grads = dict(dq=dq, dk=dk, dv=dv)
+    for n, g in param_grads(dbias, rounded).items():
+        want_grads[n], grads[n] = g, d_params[n]
+    _assert_matches((out, lse), (want_out, want_lse), grads, want_grads)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_matches_float64_oracle(rng, name, implementation):
+    _check_variant(rng, name, SHAPE, implementation)
+
+
+@pytest.mark.parametrize("name", ["alibi", "document"])
+def test_triton_t_gt_s_mqa_without_block_mask(rng, name):
+    """T > S, MQA, and the mask_mod evaluated on every tile (no block mask)."""
+    _check_variant(rng, name, SHAPE_T_GT_S, "triton", block=False)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_fully_masked_rows_give_zero_and_no_nan(rng, implementation):
+    """Rows 0..4 see no key: output 0, lse -inf, zero gradients (others as the oracle)."""
+    q, k, v = make_inputs(rng, SHAPE)
+    mask_mod = lambda b, h, i, j: j <= i - 5  # noqa: E731
+    run = lambda q, k, v: _flex(q, k, v, implementation, None, mask_mod, block=True)  # noqa: E731
+    (out, lse), vjp = jax.vjp(run, q, k, v)
+    d_out, d_lse = _cotangents(rng, out, lse)
+    dq, dk, dv = vjp((d_out, d_lse))
+    assert (np.asarray(out[:, :5]) == 0).all() and np.isneginf(np.asarray(lse[:, :5])).all()
+    assert (np.asarray(dq[:, :5]) == 0).all()
+    want = reference.dot_product_attention(
+        q, k, v, is_causal=True, q_offset=-5, return_residual=True
+    )
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want[0]), atol=2e-5, rtol=2e-5)
+    for g in (dq, dk, dv):
+        assert np.isfinite(np.asarray(g)).all()
+
+
+# --- block masks ---------------------------------------------------------------------------------
+
+
+def test_block_mask_states_and_broadcast():
+    causal = lambda b, h, i, j: j <= i  # noqa: E731
+    mask = jattn.create_block_mask(causal, None, None, 40, 40, block_q=16, block_kv=16)
+    assert mask.shape == (1, 1, 40, 40)
+    # block rows 0..2 (row 2 holds padding past T = 40, so nothing is full there)
+    want = np.array([[1, 0, 0], [2, 1, 0], [1, 1, 1]])
+    np.testing.assert_array_equal(np.asarray(mask.to_dense())[0, 0], want)
+    heads = jattn.create_block_mask(
+        lambda b, h, i, j: (j <= i) | (h == 1), 2, 3, 40, 40, block_q=16, block_kv=16
+    )
+    states = np.asarray(heads.to_dense())
+    assert states.shape == (2, 3, 3, 3)
+    np.testing.assert_array_equal(states[:, 0], np.broadcast_to(want, (2, 3, 3)))
+    np.testing.assert_array_equal(states[:, 1, :2, :2], 2)  # head 1 sees every key (S pads)
+
+
+def test_empty_blocks_are_skipped_and_full_blocks_unmasked(rng):
+    """With a causal block mask and a mask_mod that hides nothing, the kernel must give
+    block-causal attention: keys of empty blocks never reached a query, full blocks had no
+    mask arithmetic (a kernel that masked every tile with the mask_mod would see every key)."""
+    shape = (1, 32, 32, 2, 1, 16)
+    q, k, v = make_inputs(rng, shape)
+    block_mask = jattn.create_block_mask(
+        lambda b, h, i, j: j <= i, None, None, 32, 32, block_q=BLOCK, block_kv=BLOCK
+    )
+    everything = lambda b, h, i, j: jnp.bool_(True)  # noqa: E731
+    out = jattn.flex_attention(
+        q, k, v, mask_mod=everything, block_mask=block_mask, implementation="triton"
+    )
+    block_causal = lambda b, h, i, j: j // BLOCK <= i // BLOCK  # noqa: E731
+    want = jattn.flex_attention(q, k, v, mask_mod=block_causal, implementation="xla")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+def test_block_mask_built_under_jit_and_reused(rng):
+    """create_block_mask under jit with traced document ids, reused by two calls (layers) in
+    one jitted step and again by a second step; equal to 'xla'."""
+    batch, q_len, _, heads, _, _ = SHAPE
+    shape = (batch, q_len, q_len, heads, 2, 16)
+    q, k, v = make_inputs(rng, shape)
+    docs = jnp.asarray(np.sort(rng.integers(0, 3, (batch, q_len)), axis=1), jnp.int32)
+
+    @jax.jit
+    def build(docs):
+        same = lambda b, h, i, j: docs[b, i] == docs[b, j]  # noqa: E731
+        return jattn.create_block_mask(same, batch, None, q_len, q_len, block_q=16, block_kv=16)
+
+    @jax.jit
+    def step(q, k, v, docs, block_mask):
+        same = lambda b, h, i, j: docs[b, i] == docs[b, j]  # noqa: E731
+        first = jattn.flex_attention(
+            q, k, v, mask_mod=same, block_mask=block_mask, implementation="triton", config=SMALL
+        )
+        return jattn.flex_attention(
+            first, k, v, mask_mod=same, block_mask=block_mask, implementation="triton"
+        )
+
+    block_mask = build(docs)
+    assert isinstance(block_mask, jattn.BlockMask)
+    got = step(q, k, v, docs, block_mask)
+    again = step(q * 0.5, k, v, docs, block_mask)
+    same = lambda b, h, i, j: docs[b, i] == docs[b, j]  # noqa: E731
+    for query, result in ((q, got), (q * 0.5, again)):
+        first = jattn.flex_attention(query, k, v, mask_mod=same, implementation="xla")
+        want = jattn.flex_attention(first, k, v, mask_mod=same, implementation="xla")
+        np.testing.assert_allclose(np.asarray(result), np.asarray(want), atol=3e-5, rtol=3e-5)
+
+
+# --- argument checks -----------------------------------------------------------------------------
+
+
+def test_argument_errors_name_the_shapes():
+    q = jnp.ones((1, 8, 4, 16))
+    kv = jnp.ones((1, 8, 2, 16))
+    with pytest.raises(ValueError, match=r"\[B, T, N, H\]"):
+        jattn.flex_attention(q[0], kv, kv)
+    with pytest.raises(ValueError, match="GQA"):
+        jattn.flex_attention(q, jnp.ones((1, 8, 3, 16)), jnp.ones((1, 8, 3, 16)))
+    with pytest.raises(ValueError, match="with query's B and H"):
+        jattn.flex_attention(q, jnp.ones((1, 8, 2, 8)), kv)
+    block_mask = jattn.create_block_mask(lambda b, h, i, j: j <= i, None, None, 8, 9)
+    with pytest.raises(ValueError, match=r"block_mask of shape .*\(1, 1, 8, 9\)"):
+        jattn.flex_attention(q, kv, kv, block_mask=block_mask)
+    with pytest.raises(ValueError, match="implementation"):
+        jattn.flex_attention(q, kv, kv, implementation="cudnn")
+    with pytest.raises(ValueError, match="B must be an int >= 1 or None"):
+        jattn.create_block_mask(lambda b, h, i, j: True, 0, None, 8, 8)
+    with pytest.raises(NotImplementedError, match="powers of two"):
+        odd = jattn.create_block_mask(lambda b, h, i, j: True, None, None, 8, 8, block_q=24)
+        jattn.flex_attention(q, kv, kv, block_mask=odd, implementation="triton")
+
+
+# --- Flax ---------------------------------------------------------------------------------------
+
+
+def test_flax_layer_with_mods_equals_the_options(rng):
+    """MultiHeadAttention(score_mod=soft cap, is_causal) equals the layer with logits_soft_cap
+    and is_causal (same weights); a document mask_mod with a block mask equals segment_ids."""
+    from flax import nnx
+
+    x = jnp.asarray(rng.standard_normal((2, 11, 32)), jnp.float32)
+    common = dict(num_kv_heads=2, is_causal=True, implementation="xla")
+    cap = lambda s, b, h, i, j: 2.0 * jnp.tanh(s / 2.0)  # noqa: E731
+    flex_layer = jattn.nn.MultiHeadAttention(4, 32, score_mod=cap, **common, rngs=nnx.Rngs(0))
+    option_layer = jattn.nn.MultiHeadAttention(
+        4, 32, logits_soft_cap=2.0, **common, rngs=nnx.Rngs(0)
+    )
+    np.testing.assert_allclose(flex_layer(x), option_layer(x), atol=2e-5, rtol=2e-5)
+
+    docs = jnp.asarray(np.sort(rng.integers(0, 3, (2, 11)), axis=1), jnp.int32)
+    same = lambda b, h, i, j: docs[b, i] == docs[b, j]  # noqa: E731
+    doc_layer = jattn.nn.MultiHeadAttention(4, 32, mask_mod=same, **common, rngs=nnx.Rngs(0))
+    causal_same = lambda b, h, i, j: same(b, h, i, j) & (j <= i)  # noqa: E731
+    block_mask = jattn.create_block_mask(causal_same, 2, None, 11, 11, block_q=16, block_kv=16)
+    plain_layer = jattn.nn.MultiHeadAttention(4, 32, **common, rngs=nnx.Rngs(0))
+    want = plain_layer(x, segment_ids=(docs, docs))
+    np.testing.assert_allclose(doc_layer(x, block_mask=block_mask), want, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="takes no bias"):
+        doc_layer(x, bias=jnp.zeros((11, 11)))
