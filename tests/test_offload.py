@@ -250,3 +250,68 @@ def test_compute_devices_for_batch():
     assert offload.compute_devices_for_batch(7, 4) == 1
     with pytest.raises(ValueError, match="batch >= 1"):
         offload.compute_devices_for_batch(0, 2)
+
+
+@pytest.mark.parametrize(
+    "shard_by, compute, attention", [("heads", 2, 2), ("sequence", 1, 4), ("heads", 1, 1)]
+)
+def test_prefill_then_decode_equals_token_by_token_and_the_forward(
+    rng, shard_by, compute, attention
+):
+    """`prefill` runs the prompt once (flash attention on the compute devices) and hands its KV
+    cache over in one transfer: the same cache, logits and tokens as feeding it token by token."""
+    config = offload.GPTConfig(max_len=16, layers=2, heads=4, kv_heads=2, head_dim=8)
+    params = offload.init_params(config, jax.random.key(int(rng.integers(1 << 30))))
+    devices = jax.devices()
+    attention_devices = devices[compute : compute + attention] if attention > 1 else devices[:1]
+
+    def decoder():
+        return offload.OffloadedDecoder(
+            params,
+            config,
+            compute_devices=devices[:compute],
+            attention_devices=attention_devices,
+            batch=4,
+            shard_by=shard_by,
+        )
+
+    prompt = rng.integers(0, config.vocab, (4, 5))  # 5 tokens: padded to 8 over 4 devices
+    fast, slow = decoder(), decoder()
+    logits = fast.prefill(prompt)
+    want = offload.forward(params, jnp.asarray(prompt), config)[:, -1]
+    assert_close(logits, np.asarray(want, np.float64), (1e-4, 1e-4))
+    assert (fast.positions == 5).all() and (np.asarray(fast.cache.lengths) == 5).all()
+    kv_bytes = 2 * config.layers * 4 * config.kv_heads * config.head_dim * 4
+    assert fast.prefill_link_bytes == kv_bytes * (8 if shard_by == "sequence" else 5)
+    assert fast.link_bytes == 0  # decode's counter is untouched
+    for t in range(5):
+        slow.step(prompt[:, t])
+    for got, expected in zip(
+        fast.cache.keys + fast.cache.values, slow.cache.keys + slow.cache.values, strict=True
+    ):
+        assert got.sharding == expected.sharding
+        assert_close(got, np.asarray(expected, np.float64), (1e-5, 1e-5))
+    fast, slow = decoder(), decoder()
+    tokens = fast.generate(prompt, steps=4, prefill=True)
+    np.testing.assert_array_equal(tokens, slow.generate(prompt, steps=4))
+    assert_close(fast.last_logits, np.asarray(slow.last_logits, np.float64), (1e-4, 1e-4))
+    want = offload.forward(params, jnp.asarray(tokens), config)[:, -1]
+    assert_close(fast.last_logits, np.asarray(want, np.float64), (1e-4, 1e-4))
+    assert fast.link_bytes_per_token_layer() == offload.link_bytes_formula(
+        config, shard_by, attention
+    )
+    with pytest.raises(ValueError, match="empty cache"):
+        fast.prefill(prompt)
+
+
+def test_prefill_checks_the_prompt(rng):
+    config = offload.GPTConfig(max_len=8, layers=1, heads=2, kv_heads=1, head_dim=8)
+    params = offload.init_params(config, jax.random.key(0))
+    devices = jax.devices()[:1]
+    decoder = offload.OffloadedDecoder(
+        params, config, compute_devices=devices, attention_devices=devices, batch=2
+    )
+    with pytest.raises(ValueError, match=r"T0 = 9 must lie in \[1, max_len = 8\]"):
+        decoder.prefill(np.zeros((2, 9), np.int32))
+    with pytest.raises(ValueError, match=r"B = 2, got int32 \(3, 4\)"):
+        decoder.prefill(np.zeros((3, 4), np.int32))

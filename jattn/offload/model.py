@@ -20,9 +20,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jattn import reference
+from jattn.attention import dot_product_attention
 
 # The unchecked steps: `step` checks the host copy of the lengths itself (no device read-back).
-from jattn.offload.sharded import KVCache, make_mesh
+from jattn.offload.sharded import KVCache, cache_spec, make_mesh
 from jattn.offload.sharded import _advance as advance
 from jattn.offload.sharded import _append_and_attend as append_and_attend
 
@@ -104,6 +105,45 @@ def forward(params: dict, tokens: jax.Array, config: GPTConfig) -> jax.Array:
     return (_norm(x) @ params["unembed"]).astype(jnp.float32)
 
 
+def _prefill(params: dict, tokens: jax.Array, config: GPTConfig, implementation, padded: int):
+    """The prompt's forward on the compute devices: last-token logits `[B, vocab]` and every
+    layer's k, v stacked `[L, B, padded, K, H]` (zeros past T0)."""
+    length = tokens.shape[1]
+    x = params["embed"][tokens] + params["pos"][None, :length]
+    keys, values = [], []
+    for layer in params["layers"]:
+        q, k, v = _qkv(layer, x, config)
+        attn = dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+        x = _after_attention(layer, x, attn)
+        keys.append(k)
+        values.append(v)
+    pad = [(0, 0), (0, 0), (0, padded - length), (0, 0), (0, 0)]
+    keys, values = (jnp.pad(jnp.stack(t), pad) for t in (keys, values))
+    return (_norm(x[:, -1]) @ params["unembed"]).astype(jnp.float32), keys, values
+
+
+@functools.partial(jax.jit, static_argnames="length", donate_argnums=0)
+def _write_prompt(cache: KVCache, keys: jax.Array, values: jax.Array, length: int) -> KVCache:
+    """On the attention devices: the prompt's k, v `[L, B, >= length, K, H]` into slots
+    [0, length) of every layer of an empty cache (in place), lengths = length."""
+    sharding = NamedSharding(cache.mesh, cache_spec(cache.shard_by, cache.axis))
+
+    def write(layers, new):
+        return tuple(
+            jax.lax.with_sharding_constraint(
+                c.at[:, :length].set(new[i, :, :length].astype(c.dtype)), sharding
+            )
+            for i, c in enumerate(layers)
+        )
+
+    return dataclasses.replace(
+        cache,
+        keys=write(cache.keys, keys),
+        values=write(cache.values, values),
+        lengths=jnp.full_like(cache.lengths, length),
+    )
+
+
 def split_devices(devices, num_attention: int | None = None) -> tuple[list, list]:
     """(compute devices, attention devices). Default: half for attention, at least one each;
     a single device serves both (co-located)."""
@@ -161,8 +201,10 @@ class OffloadedDecoder:
         batch: int,
         shard_by: str = "heads",
         implementation: str | None = None,
+        prefill_implementation: str | None = None,
     ):
         self.config, self.batch, self.implementation = config, batch, implementation
+        self.prefill_implementation = prefill_implementation
         # Activations are split by batch over the compute devices. When B does not divide them
         # (B = 4 over 3), the decoder uses the largest count that divides B (2 of 3) rather
         # than replicating: replicated activations would repeat the MLP on every device and
@@ -187,17 +229,70 @@ class OffloadedDecoder:
         self.positions = np.zeros(batch, np.int32)  # host copy of cache.lengths (no syncs)
         self.link_bytes = 0
         self.tokens_decoded = 0  # B per step
+        self.prefill_link_bytes = 0  # the prompts' KV, counted apart from the decode steps
         self._embed = jax.jit(
             lambda p, t, pos: p["embed"][t] + p["pos"][pos], out_shardings=self.activations
         )
         self._qkv = jax.jit(functools.partial(_qkv, config=config))
         self._after = jax.jit(_after_attention, out_shardings=self.activations)
         self._logits = jax.jit(lambda p, x: (_norm(x) @ p["unembed"]).astype(jnp.float32))
+        self._prefill = None  # compiled on first use
 
-    def _move(self, x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    def _move(self, x, sharding, counter: str = "link_bytes"):
         moved = jax.device_put(x, sharding, may_alias=False)  # a transfer, never a view
-        self.link_bytes += sum(s.data.nbytes for s in moved.addressable_shards)
+        nbytes = sum(
+            s.data.nbytes for leaf in jax.tree.leaves(moved) for s in leaf.addressable_shards
+        )
+        setattr(self, counter, getattr(self, counter) + nbytes)
         return moved
+
+    def prefill(self, prompt) -> jax.Array:
+        """Run the whole prompt `[B, T0]` at once on the compute devices (causal flash attention:
+        `jattn.dot_product_attention`, `prefill_implementation`) and hand its KV cache to the
+        attention devices in one transfer; returns the logits after the last prompt token
+        `[B, vocab]` (float32). The cache must be empty; `step` continues from position T0.
+
+        The transfer carries the prompt's k and v of every layer, `[L, B, T0, K, H]` each, cut
+        over the attention devices as the cache is (by kv heads, or by sequence with T0 padded
+        to a multiple of their number); `prefill_link_bytes` counts it.
+        """
+        prompt = np.asarray(prompt)
+        if prompt.ndim != 2 or prompt.shape[0] != self.batch or prompt.dtype.kind not in "iu":
+            raise ValueError(
+                f"prefill needs integer tokens [B, T0] with B = {self.batch}, got "
+                f"{prompt.dtype} {prompt.shape}"
+            )
+        length = prompt.shape[1]
+        if not 1 <= length <= self.config.max_len:
+            raise ValueError(
+                f"prefill: the prompt length T0 = {length} must lie in [1, max_len = "
+                f"{self.config.max_len}] (prompt {prompt.shape})"
+            )
+        if self.positions.any():
+            raise ValueError(
+                f"prefill writes an empty cache; this one holds {self.positions.tolist()} tokens"
+            )
+        n_attn = self.attn_mesh.shape["attn"]
+        padded = length
+        spec = P(None, None, None, "attn", None)  # [L, B, T0, K, H] by kv heads
+        if self.cache.shard_by == "sequence":
+            padded = -(-length // n_attn) * n_attn
+            spec = P(None, None, "attn", None, None)
+        tokens = jax.device_put(jnp.asarray(prompt, jnp.int32), self.activations)
+        if self._prefill is None:
+            self._prefill = jax.jit(
+                functools.partial(
+                    _prefill, config=self.config, implementation=self.prefill_implementation
+                ),
+                static_argnames="padded",
+            )
+        logits, keys, values = self._prefill(self.params, tokens, padded=padded)
+        keys, values = self._move(
+            (keys, values), NamedSharding(self.attn_mesh, spec), "prefill_link_bytes"
+        )
+        self.cache = _write_prompt(self.cache, keys, values, length=length)
+        self.positions = np.full(self.batch, length, np.int32)
+        return logits
 
     def step(self, tokens) -> jax.Array:
         """Feed one token per sequence `[B]`; returns next-token logits `[B, vocab]` (float32)."""
@@ -220,18 +315,26 @@ class OffloadedDecoder:
         self.tokens_decoded += self.batch
         return self._logits(self.params, x)
 
-    def generate(self, prompt, steps: int, progress=None) -> np.ndarray:
-        """Greedy: feed `prompt` `[B, T0]` token by token, then `steps` generated tokens.
+    def generate(self, prompt, steps: int, progress=None, prefill: bool = False) -> np.ndarray:
+        """Greedy: feed `prompt` `[B, T0]`, then `steps` generated tokens.
 
-        Returns `[B, T0 + steps]`. `progress` is called once per step (e.g. a tqdm update).
+        The prompt goes in token by token through `step`, or with `prefill=True` in one
+        `prefill` (one compute pass, one KV transfer; the cache must be empty).
+        Returns `[B, T0 + steps]`. `progress` is called once per step (e.g. a tqdm update; once
+        for the whole prefill).
         """
         prompt = np.asarray(prompt, np.int32)
         tokens = [prompt[:, i] for i in range(prompt.shape[1])]
         logits = None
-        for t in tokens:
-            logits = self.step(t)
+        if prefill:
+            logits = self.prefill(prompt)
             if progress:
                 progress()
+        else:
+            for t in tokens:
+                logits = self.step(t)
+                if progress:
+                    progress()
         for _ in range(steps):
             nxt = np.asarray(jnp.argmax(logits, -1), np.int32)
             tokens.append(nxt)
