@@ -76,19 +76,20 @@ def _segments(rng, batch, length, count=3):
     return np.sort(rng.integers(0, count, (batch, length)), 1).astype(np.int32)
 
 
-@pytest.mark.parametrize("n", [2, 4, 8])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_ring_equals_one_device(rng, n, causal):
-    # GQA 4:2, T = 64 over n devices (chunks of 4 tokens at n = 8, causal).
+@pytest.mark.parametrize(
+    "n, causal, segments",
+    [(8, True, False), (2, True, True), (4, False, True), (8, False, False)],
+    ids=["causal-8", "causal-segments-2", "full-segments-4", "full-8"],
+)
+def test_ring_equals_one_device(rng, n, causal, segments):
+    # GQA 4:2, T = 64 over n devices (chunks of 4 tokens at n = 8, causal); segment ids travel
+    # with the K/V blocks.
     q, k, v = _inputs(rng, 2, 64, 4, 2, 16, jnp.float32)
-    _check(rng, q, k, v, n=n, options=dict(is_causal=causal))
-
-
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_ring_segment_ids_travel_with_the_blocks(rng, causal):
-    q, k, v = _inputs(rng, 2, 96, 4, 1, 32, jnp.float32)
-    ids = jnp.asarray(_segments(rng, 2, 96, count=5))
-    _check(rng, q, k, v, n=4, options=dict(is_causal=causal, segment_ids=(ids, ids)))
+    options = dict(is_causal=causal)
+    if segments:
+        ids = jnp.asarray(_segments(rng, 2, 64, count=5))
+        options["segment_ids"] = (ids, ids)
+    _check(rng, q, k, v, n=n, options=options)
 
 
 def test_ring_fully_masked_rows_are_zero_not_nan(rng):
@@ -98,14 +99,13 @@ def test_ring_fully_masked_rows_are_zero_not_nan(rng):
     q_ids = kv_ids.copy()
     q_ids[0, 10:20] = 9
     options = dict(is_causal=True, segment_ids=(jnp.asarray(q_ids), jnp.asarray(kv_ids)))
-    out, lse = _check(rng, q, k, v, n=8, options=options)
+    out, lse = _check(rng, q, k, v, n=4, options=options)
     assert (np.asarray(out)[0, 10:20] == 0).all()
     assert np.isneginf(np.asarray(lse)[0, 10:20]).all()
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_ring_dtypes_and_xla_chunked(rng, dtype):
-    q, k, v = _inputs(rng, 1, 128, 4, 2, 32, dtype)
+def test_ring_bf16_with_xla_chunked(rng):
+    q, k, v = _inputs(rng, 1, 64, 4, 1, 32, jnp.bfloat16)
     _check(rng, q, k, v, n=4, options=dict(is_causal=True), implementation="xla_chunked")
 
 
@@ -129,19 +129,18 @@ def test_ring_zigzag_layout_and_order_round_trip(rng):
 
 def test_ring_with_the_triton_kernel_interpret(rng):
     q, k, v = _inputs(rng, 1, 32, 2, 1, 16, jnp.float32)
-    _check(rng, q, k, v, n=2, options=dict(is_causal=True), implementation="triton")
+    _check(rng, q, k, v, n=2, options=dict(is_causal=False), implementation="triton")
 
 
 def test_ring_explicit_mesh_forward(rng):
     q, k, v = _inputs(rng, 1, 64, 2, 2, 16, jnp.float32)
-    mesh = _mesh(4, jax.sharding.AxisType.Explicit)
+    mesh = _mesh(2, jax.sharding.AxisType.Explicit)
     out = parallel.ring_attention(q, k, v, mesh=mesh, axis="seq", is_causal=True)
     want = jattn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     assert_close(out, np.asarray(want, np.float64), TOLERANCE[jnp.float32])
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_ring_backward_saves_only_local_blocks(rng, causal):
+def test_ring_backward_saves_only_local_blocks(rng):
     """The residuals kept for the backward are O(T/n) per device: the local q, k, v, output and
     lse (a ring differentiated as plain JAX would keep all n visiting K/V blocks)."""
     n = 8
@@ -150,7 +149,7 @@ def test_ring_backward_saves_only_local_blocks(rng, causal):
     q, k, v = (jax.device_put(x, seq) for x in _inputs(rng, 1, 128, 2, 2, 16, jnp.float32))
     _, f_vjp = jax.vjp(
         lambda q, k, v: parallel.ring_attention(
-            q, k, v, mesh=mesh, axis="seq", is_causal=causal, implementation="xla"
+            q, k, v, mesh=mesh, axis="seq", is_causal=True, implementation="xla"
         ),
         q,
         k,
