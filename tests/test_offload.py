@@ -315,3 +315,56 @@ def test_prefill_checks_the_prompt(rng):
         decoder.prefill(np.zeros((2, 9), np.int32))
     with pytest.raises(ValueError, match=r"B = 2, got int32 \(3, 4\)"):
         decoder.prefill(np.zeros((3, 4), np.int32))
+
+
+def test_decode_demo_tolerance_follows_the_matmul_precision():
+    """On an H200 the float32 GPT's logits differed by 1.2e-3 (TF32 matmuls, XLA's default on
+    GPUs): within the GPU tolerance, while CPU float32 and 'highest' keep 1e-4."""
+    from jattn.offload import demo
+
+    gpu = demo.logit_tolerance("gpu", "float32", None)
+    assert 1.2e-3 < gpu < 1e-2
+    assert demo.logit_tolerance("cuda", "float32", "default") == gpu
+    assert demo.logit_tolerance("gpu", "float32", "highest") == 1e-4
+    assert demo.logit_tolerance("gpu", "float32", "high") < 2e-4  # bf16_3x: 2^-16 roundoff
+    assert demo.logit_tolerance("cpu", "float32", None) == 1e-4
+    assert demo.logit_tolerance("cpu", "float32", "bfloat16") == 1e-4  # CPUs stay float32
+    assert demo.logit_tolerance("gpu", "float32", "bfloat16") > gpu
+    assert demo.logit_tolerance("tpu", "float32", None) > gpu  # one bfloat16 pass
+    assert demo.logit_tolerance("cpu", "bfloat16", None) == 8 * 2.0**-8
+
+    row = dict(max_logit_error=1.2e-3)
+    result = dict(platform="gpu", matmul_precision=None, tolerance=gpu)
+    result.update(correctness=[dict(max_error=1e-6)], generation=[row])
+    assert demo.check_errors(result) == 1.2e-3
+    with pytest.raises(SystemExit, match="disagrees"):
+        demo.check_errors(dict(result, tolerance=demo.logit_tolerance("cpu")))
+    row["max_logit_error"] = float("nan")
+    with pytest.raises(SystemExit, match="disagrees"):
+        demo.check_errors(result)
+
+
+def test_decode_demo_capacity_uses_the_device_memory():
+    from jattn.offload import demo
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            if isinstance(self.stats, Exception):
+                raise self.stats
+            return self.stats
+
+    h200 = 141 * 10**9
+    assert demo.device_memory_bytes(Device({"bytes_limit": h200})) == (h200, "bytes_limit")
+    assumed = (80 * 10**9, "assumed 80 GB (an H100)")
+    assert demo.device_memory_bytes(Device(None)) == assumed
+    assert demo.device_memory_bytes(Device(NotImplementedError())) == assumed
+    config = offload.GPTConfig(max_len=64, layers=1, heads=2, kv_heads=1, head_dim=8)
+    rows = demo.capacity(jax.devices()[:2], config, batch=2)
+    memory, _ = demo.device_memory_bytes(jax.devices()[0])
+    for row in rows:
+        assert row["device_memory_bytes"] == memory
+        fits = row["devices"] * memory // row["llama3_70b_kv_bytes_per_token"]
+        assert row["llama3_70b_tokens_that_fit"] == fits
