@@ -268,20 +268,88 @@ def _hoist(fn: Callable | None, *examples) -> tuple[Callable | None, tuple[Array
 
     `jax.closure_convert` hoists only the closed-over values that may be differentiated (float
     tracers); a kernel body can hold no array constant at all (document ids, a concrete table),
-    so all of the traced function's constants are hoisted here."""
+    so all of the traced function's constants are hoisted here. fn' evaluates fn's jaxpr with
+    `_eval_mod`: a const may be passed as a `common.ConstRef` (a kernel input), whose element
+    reads become loads."""
     if fn is None:
         return None, ()
-    from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
-
     closed = jax.make_jaxpr(fn)(*examples)
     jaxpr, consts = closed.jaxpr, tuple(jnp.asarray(c) for c in closed.consts)
 
     def converted(*args):
-        return jaxpr_as_fun(ClosedJaxpr(jaxpr, list(args[len(examples) :])))(
-            *args[: len(examples)]
-        )[0]
+        count = len(examples)
+        return _eval_mod(jaxpr, args[count:], args[:count])[0]
 
     return converted, consts
+
+
+_CALLS = ("pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call")
+
+
+def _eval_mod(jaxpr, consts, args) -> list:
+    """Evaluate a mod's jaxpr. Consts given as `common.ConstRef` stay in memory: an element
+    read (dynamic_slice of size 1, a point gather; out-of-range indices clamped) becomes one
+    load per element, so the Triton kernel, which lowers no gather, reads tables and id arrays;
+    any other use loads the whole array. Calls (jit, custom_jvp) that receive one are inlined."""
+    from jax.extend.core import ClosedJaxpr, Literal
+
+    from pallas_kernels.common import ConstRef
+
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        outs = None
+        if any(isinstance(x, ConstRef) for x in ins):
+            outs = _read_const(eqn, ins)
+            sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            if outs is None and eqn.primitive.name in _CALLS and sub is not None:
+                sub = sub if isinstance(sub, ClosedJaxpr) else ClosedJaxpr(sub, ())
+                outs = _eval_mod(sub.jaxpr, sub.consts, ins[: len(sub.jaxpr.invars)])
+            if outs is None:
+                ins = [x.load() if isinstance(x, ConstRef) else x for x in ins]
+        if outs is None:
+            params = eqn.primitive.get_bind_params(eqn.params)  # older JAX: (subfuns, params)
+            subfuns, params = params if isinstance(params, tuple) else ((), params)
+            outs = eqn.primitive.bind(*subfuns, *ins, **params)
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _read_const(eqn, ins) -> list | None:
+    """[value] when eqn reads single elements of a ConstRef (ins[0]), else None."""
+    from pallas_kernels.common import ConstRef
+
+    const, rest = ins[0], ins[1:]
+    if not isinstance(const, ConstRef) or any(isinstance(x, ConstRef) for x in rest):
+        return None
+    shape, out_shape = const.shape, eqn.outvars[0].aval.shape
+    name = eqn.primitive.name
+    if any(size != 1 for size in eqn.params.get("slice_sizes", (0,))):
+        return None
+    if name == "dynamic_slice":
+        coords = list(rest[: len(shape)])
+    elif name == "gather":
+        numbers = eqn.params["dimension_numbers"]
+        if numbers.operand_batching_dims:
+            return None
+        indices = rest[0]
+        coords = [jnp.zeros(indices.shape[:-1], jnp.int32)] * len(shape)
+        for k, dim in enumerate(numbers.start_index_map):
+            coords[dim] = indices[..., k]
+    else:
+        return None
+    linear = jnp.zeros((), jnp.int32)
+    for dim, coord in enumerate(coords):
+        stride = int(np.prod(shape[dim + 1 :], dtype=np.int64))
+        linear = linear + jnp.clip(jnp.asarray(coord, jnp.int32), 0, shape[dim] - 1) * stride
+    return [const.take(linear).reshape(out_shape)]
 
 
 def _triton(query, key, value, score_mod, mask_mod, block_mask, scale, config):

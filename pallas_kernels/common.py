@@ -347,3 +347,18 @@ def mask_mod_tile(mask_mod, b, h, q_idx, k_idx, consts=()) -> jax.Array:
     tile = jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None))
     visible = jnp.asarray(tile(q_idx, k_idx)).astype(bool)
     return jnp.broadcast_to(visible, (q_idx.shape[0], k_idx.shape[0]))
+
+
+class ConstRef:
+    """An array a user mod closes over, held in a kernel as a flat input Ref: jattn.flex's
+    interpreter turns the mod's element reads (dynamic_slice, point gathers) into loads
+    `take(linear index)` (Triton lowers no gather), and loads it whole for anything else."""
+
+    def __init__(self, ref, shape: tuple[int, ...]):
+        self.ref, self.shape = ref, tuple(shape)
+
+    def load(self) -> jax.Array:
+        return self.ref[...].reshape(self.shape)
+
+    def take(self, linear: jax.Array) -> jax.Array:
+        return self.ref[linear]

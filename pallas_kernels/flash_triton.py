@@ -358,11 +358,11 @@ def _slice(x, name: str, rows=None, cols=None):
 
 def _flex_context(st: _Static, x):
     """(b, h, consts) for the mods of this program (grid axes 1, 2: batch, query head); None
-    without flex. The consts are loaded once per program."""
+    without flex. The consts stay in memory (`common.ConstRef`): the mods load what they read."""
     if st.flex is None:
         return None
     consts = tuple(
-        x[f"flex_const{i}"][...].reshape(shape) for i, shape in enumerate(st.flex.const_shapes)
+        common.ConstRef(x[f"flex_const{i}"], shape) for i, shape in enumerate(st.flex.const_shapes)
     )
     return pl.program_id(1), pl.program_id(2), consts
 
@@ -385,7 +385,9 @@ def _flex_scores(st: _Static, scores, q_pos, k_pos, flex, score_consts=None):
 def _flex_score_grad(st: _Static, scores, d_logits, q_pos, k_pos, flex, want_dconsts=()):
     """(d scores, d consts) from d logits: the vjp of score_mod's tile function, by JAX.
 
-    want_dconsts: indices of the score consts to differentiate (their [shape] tile sums)."""
+    want_dconsts: indices of the score consts to differentiate, loaded whole as values for
+    JAX's vjp (their tile sums come back flat). Triton lowers no scatter: on a GPU this holds
+    for consts used elementwise, not yet for indexed tables (see jattn.flex)."""
     if st.flex.score_mod is None:
         return d_logits, ()
     consts = list(flex[2][: st.flex.num_score_consts])
@@ -395,9 +397,9 @@ def _flex_score_grad(st: _Static, scores, d_logits, q_pos, k_pos, flex, want_dco
             consts[i] = c
         return _flex_scores(st, s, q_pos, k_pos, flex, tuple(consts))
 
-    _, vjp = jax.vjp(tile, scores, *(consts[i] for i in want_dconsts))
+    _, vjp = jax.vjp(tile, scores, *(consts[i].load() for i in want_dconsts))
     d_scores, *d_consts = vjp(d_logits)
-    return d_scores, tuple(d_consts)
+    return d_scores, tuple(d.reshape(-1) for d in d_consts)
 
 
 def _visit_all(st: _Static, x, ranges, visit, carry):
@@ -653,7 +655,7 @@ class _Inputs(NamedTuple):
     q_seg: Array | None  # [B, T_pad] int32
     kv_seg: Array | None  # [B, S_pad] int32
     bounds: Array  # [B, 4] int32: q_offset, q_len, kv_len, 0
-    flex_consts: tuple[Array, ...] = ()  # the mods' arrays (rank >= 1)
+    flex_consts: tuple[Array, ...] = ()  # the mods' arrays, flattened
     flex_blocks: tuple[Array, ...] = ()  # BlockMask (kv_blocks, q_blocks) [B', N', rows, cols]
 
 
@@ -709,7 +711,7 @@ def _prepare(st: _Static, query, key, value, bias, aux) -> _Inputs:
         q_seg=None if q_ids is None else common.pad_to(q_ids, 1, t_pad, -1),
         kv_seg=None if kv_ids is None else common.pad_to(kv_ids, 1, s_pad, -2),
         bounds=bounds,
-        flex_consts=tuple(c.reshape(c.shape or (1,)) for c in flex_consts),
+        flex_consts=tuple(c.reshape(-1) for c in flex_consts),
         flex_blocks=tuple(flex_blocks),
     )
 

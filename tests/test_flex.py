@@ -407,3 +407,52 @@ def test_flax_layer_with_mods_equals_the_options(rng):
     np.testing.assert_allclose(doc_layer(x, block_mask=block_mask), want, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="takes no bias"):
         doc_layer(x, bias=jnp.zeros((11, 11)))
+
+
+# --- the GPU lowering, checked on the CPU ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("learn_table", [False])
+def test_triton_kernels_lower_for_cuda(rng, monkeypatch, learn_table):
+    """The compiled (not interpreted) kernels lower to Triton for CUDA, forward and backward, with
+    a score_mod and mask_mod that index closed-over arrays (ALiBi slopes, a relative-bias table,
+    document ids) and a block mask: Pallas' Triton backend lowers no gather, so the mods' element
+    reads must have become loads (jattn.flex._eval_mod). jax.export lowers for 'cuda' without a
+    GPU; nothing runs."""
+    from pallas_kernels import common
+
+    monkeypatch.setattr(common, "interpret_mode", lambda: False)
+    batch, length, heads, dim = 1, 128, 2, 64
+    slopes = jnp.asarray(rng.uniform(0.1, 1.0, heads), jnp.float32)
+    docs = jnp.asarray(np.sort(rng.integers(0, 3, (batch, length)), axis=1), jnp.int32)
+
+    def loss(q, k, v, table):
+        def score_mod(s, b, h, i, j):
+            return s - slopes[h] * jnp.abs(i - j) + table[jnp.clip(j - i + 4, 0, 7), h]
+
+        def mask_mod(b, h, i, j):
+            return (docs[b, i] == docs[b, j]) & (j <= i)
+
+        block_mask = jattn.create_block_mask(
+            mask_mod, batch, None, length, length, block_q=64, block_kv=64
+        )
+        out = jattn.flex_attention(
+            q,
+            k,
+            v,
+            score_mod=score_mod,
+            mask_mod=mask_mod,
+            block_mask=block_mask,
+            implementation="triton",
+        )
+        return out.astype(jnp.float32).sum()
+
+    q = jnp.zeros((batch, length, heads, dim), jnp.bfloat16)
+    kv = jnp.zeros((batch, length, 1, dim), jnp.bfloat16)
+    table = jnp.zeros((8, heads), jnp.float32)
+    argnums = (0, 1, 2, 3) if learn_table else (0, 1, 2)
+    step = jax.jit(jax.value_and_grad(loss, argnums=argnums))
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    exported = jax.export.export(step, platforms=["cuda"], disabled_checks=checks)(q, kv, kv, table)
+    text = exported.mlir_module()
+    assert text.count("__gpu$xla.gpu.triton") >= 3  # forward, dq, dk/dv kernels
