@@ -7,6 +7,7 @@ tests and CI). `interpret_mode()` is the one place that decides.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import jax
@@ -362,3 +363,38 @@ class ConstRef:
 
     def take(self, linear: jax.Array) -> jax.Array:
         return self.ref[linear]
+
+
+class ReadTape:
+    """The element reads of a mod's consts, in order: where (flat index), from which const,
+    and the values read; or, given `values`, the values to return instead (a replay, whose
+    vjp gives each read's cotangent)."""
+
+    def __init__(self, values=None):
+        self.indices, self.sources, self.values = [], [], []
+        self.replay = values
+
+    def read(self, const: TapedConstRef, linear: jax.Array) -> jax.Array:
+        self.indices.append(linear)
+        self.sources.append(const.source)
+        if self.replay is not None:
+            return self.replay[len(self.indices) - 1]
+        value = const.ref[linear]
+        self.values.append(value)
+        return value
+
+
+class TapedConstRef(ConstRef):
+    """A ConstRef whose reads go through a ReadTape (a differentiated const): a whole load is
+    a read of every element."""
+
+    def __init__(self, const: ConstRef, tape: ReadTape, source: int):
+        super().__init__(const.ref, const.shape)
+        self.tape, self.source = tape, source
+
+    def take(self, linear: jax.Array) -> jax.Array:
+        return self.tape.read(self, linear)
+
+    def load(self) -> jax.Array:
+        size = math.prod(self.shape)
+        return self.take(jnp.arange(size, dtype=jnp.int32)).reshape(self.shape)

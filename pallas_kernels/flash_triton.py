@@ -382,24 +382,60 @@ def _flex_scores(st: _Static, scores, q_pos, k_pos, flex, score_consts=None):
     return common.score_mod_tile(st.flex.score_mod, scores, b, h, q_idx, k_idx, score_consts)
 
 
-def _flex_score_grad(st: _Static, scores, d_logits, q_pos, k_pos, flex, want_dconsts=()):
-    """(d scores, d consts) from d logits: the vjp of score_mod's tile function, by JAX.
+def _flex_score_grad(st: _Static, scores, d_logits, q_pos, k_pos, flex, dconst_refs=()):
+    """d scores from d logits: the vjp of score_mod's tile function, by JAX.
 
-    want_dconsts: indices of the score consts to differentiate, loaded whole as values for
-    JAX's vjp (their tile sums come back flat). Triton lowers no scatter: on a GPU this holds
-    for consts used elementwise, not yet for indexed tables (see jattn.flex)."""
+    dconst_refs: {score const index: this program's flat float32 gradient ref}. The mod's
+    reads of those consts are recorded (`common.ReadTape`: flat index and value per element),
+    the vjp is taken with respect to the values read, and each read's cotangent is added at
+    its index: with atomics on a GPU (duplicate indices within a tile add up), by a scatter-add
+    in interpret mode (whose atomic_add drops duplicates)."""
     if st.flex.score_mod is None:
-        return d_logits, ()
-    consts = list(flex[2][: st.flex.num_score_consts])
+        return d_logits
+    b, h, consts = flex
+    consts = consts[: st.flex.num_score_consts]
+    q_idx, k_idx = _flex_indices(st, q_pos, k_pos)
+    if not dconst_refs:
+        _, vjp = jax.vjp(lambda s: _flex_scores(st, s, q_pos, k_pos, flex), scores)
+        return vjp(d_logits)[0]
+    read_from = []  # const index of each recorded read, in the mod's order
 
-    def tile(s, *wanted):
-        for i, c in zip(want_dconsts, wanted, strict=True):
-            consts[i] = c
-        return _flex_scores(st, s, q_pos, k_pos, flex, tuple(consts))
+    def taped(tape):
+        return tuple(
+            common.TapedConstRef(c, tape, i) if i in dconst_refs else c
+            for i, c in enumerate(consts)
+        )
 
-    _, vjp = jax.vjp(tile, scores, *(consts[i].load() for i in want_dconsts))
-    d_scores, *d_consts = vjp(d_logits)
-    return d_scores, tuple(d.reshape(-1) for d in d_consts)
+    def record(s, q, k):
+        tape = common.ReadTape()
+        out = st.flex.score_mod(s, b, h, q, k, *taped(tape))
+        read_from[:] = tape.sources
+        return out, tape.indices, tape.values
+
+    def replay(s, q, k, values):
+        return st.flex.score_mod(s, b, h, q, k, *taped(common.ReadTape(values)))
+
+    def tile(fn, *args):
+        return jax.vmap(jax.vmap(fn, in_axes=(0, None, 0, 0)), in_axes=(0, 0, None, 0))(*args)
+
+    record_tile = jax.vmap(jax.vmap(record, in_axes=(0, None, 0)), in_axes=(0, 0, None))
+    _, indices, values = record_tile(scores, q_idx, k_idx)  # lists of [bq, bk]
+
+    def modded(s, values):
+        out = tile(replay, s, q_idx, k_idx, values)
+        return jnp.broadcast_to(out, scores.shape).astype(scores.dtype)
+
+    _, vjp = jax.vjp(modded, scores, list(values))
+    d_scores, d_values = vjp(d_logits)
+    for source, index, d_value in zip(read_from, indices, d_values, strict=True):
+        ref = dconst_refs[source]
+        d_value = d_value.astype(jnp.float32)
+        if st.interpret:
+            flat = jnp.zeros(ref.shape, jnp.float32).at[index.reshape(-1)]
+            ref[...] = ref[...] + flat.add(d_value.reshape(-1))
+        else:
+            pltriton.atomic_add(ref, (index,), d_value)
+    return d_scores
 
 
 def _visit_all(st: _Static, x, ranges, visit, carry):
@@ -498,7 +534,8 @@ def _dq_kernel(
     out_refs = list(out_refs)
     dq_ref = out_refs.pop(0) if want_dq else None
     dbias_ref = out_refs.pop(0) if want_dbias else None
-    dconst_refs = out_refs  # per program: the tile sums of d score const want_dconsts[i]
+    # per program: d score const want_dconsts[i], flat (padded to a power of two)
+    dconst_refs = dict(zip(want_dconsts, out_refs, strict=True))
     block_q, block_k = st.bwd_block_q, st.bwd_block_k
     q_first = pl.program_id(0) * block_q
     q_pos = q_first + jnp.arange(block_q, dtype=jnp.int32)
@@ -509,8 +546,7 @@ def _dq_kernel(
     q_seg = _slice(x, "q_seg")
     flex = _flex_context(st, x)
 
-    def visit(j, carry, masked):
-        dq, d_consts = carry
+    def visit(j, dq, masked):
         k_first = j * block_k
         keys = pl.ds(k_first, block_k)
         k_pos = k_first + jnp.arange(block_k, dtype=jnp.int32)
@@ -542,17 +578,13 @@ def _dq_kernel(
         if want_dbias:
             dbias_ref[:, keys] = d_logits
         if not want_dq:
-            return dq, d_consts
+            return dq
         if st.flex is None:
             d_scores = d_logits * (common.capped_logits_grad(scores, st.softcap) * st.scale)
         else:
-            d_scores, d_tile = _flex_score_grad(
-                st, scores, d_logits, q_pos, k_pos, flex, want_dconsts
-            )
+            d_scores = _flex_score_grad(st, scores, d_logits, q_pos, k_pos, flex, dconst_refs)
             d_scores = d_scores * st.scale
-            d_consts = tuple(a + b for a, b in zip(d_consts, d_tile, strict=True))
-        dq = dq + pltriton.dot(d_scores.astype(k.dtype), k, precision=_precision(k.dtype))
-        return dq, d_consts
+        return dq + pltriton.dot(d_scores.astype(k.dtype), k, precision=_precision(k.dtype))
 
     def zero_dbias(j, carry):  # tiles no query of this block sees: dbias is exactly 0
         dbias_ref[:, pl.ds(j * block_k, block_k)] = jnp.zeros((block_q, block_k), jnp.float32)
@@ -560,15 +592,14 @@ def _dq_kernel(
 
     ranges = _key_blocks(st, x, q_first, block_q, block_k)
     lo, hi = ranges[0], ranges[-1]
-    d_consts = tuple(jnp.zeros(ref.shape, jnp.float32) for ref in dconst_refs)
-    dq, d_consts = _visit_all(st, x, ranges, visit, (jnp.zeros(q.shape, jnp.float32), d_consts))
+    for ref in dconst_refs.values():
+        ref[...] = jnp.zeros(ref.shape, jnp.float32)
+    dq = _visit_all(st, x, ranges, visit, jnp.zeros(q.shape, jnp.float32))
     if want_dbias:
         lax.fori_loop(0, lo, zero_dbias, 0)
         lax.fori_loop(hi, dbias_ref.shape[1] // block_k, zero_dbias, 0)
     if want_dq:
         dq_ref[...] = dq.astype(dq_ref.dtype)
-    for ref, d_const in zip(dconst_refs, d_consts, strict=True):
-        ref[...] = d_const
 
 
 # --- backward: dk, dv ---------------------------------------------------------------------------
@@ -628,7 +659,7 @@ def _dkdv_kernel(
         if st.flex is None:
             d_scores = d_logits * (common.capped_logits_grad(scores, st.softcap) * st.scale)
         else:
-            d_scores = _flex_score_grad(st, scores, d_logits, q_pos, k_pos, flex)[0] * st.scale
+            d_scores = _flex_score_grad(st, scores, d_logits, q_pos, k_pos, flex) * st.scale
         dk = dk + pltriton.dot(
             d_scores.astype(q.dtype), q, trans_a=True, precision=_precision(q.dtype)
         )
@@ -827,7 +858,7 @@ def _backward(
     grid = (t_pad // st.bwd_block_q, batch, num_heads)
     params = common.triton_params(st.bwd_num_warps, st.bwd_num_stages)
     # flex: a [shape] tile sum of each differentiated score const per program, reduced after.
-    const_shapes = [inputs.flex_consts[i].shape for i in want_dconsts]
+    const_shapes = [(_power_of_two(inputs.flex_consts[i].size),) for i in want_dconsts]
     dq, *d_consts = pl.pallas_call(
         functools.partial(
             _dq_kernel, st=st, want_dq=True, want_dbias=False, want_dconsts=want_dconsts
@@ -929,7 +960,8 @@ def _backward(
         consts = aux[6][0]
         d_flex = [None] * len(consts)
         for i, d_const in zip(want_dconsts, d_consts, strict=True):
-            d_flex[i] = d_const.sum(axis=(0, 1, 2)).reshape(consts[i].shape).astype(consts[i].dtype)
+            d_const = d_const.sum(axis=(0, 1, 2))[: consts[i].size]
+            d_flex[i] = d_const.reshape(consts[i].shape).astype(consts[i].dtype)
         d_aux = (None,) * 6 + ((tuple(d_flex), None),)
     return d_query, kv_grad(dk), kv_grad(dv), d_bias, d_aux
 
@@ -996,6 +1028,10 @@ def _attention_vjp(st: _Static):
 
     attention.defvjp(forward_rule, backward_rule, symbolic_zeros=True)
     return attention
+
+
+def _power_of_two(size: int) -> int:
+    return 1 << max(size - 1, 0).bit_length()
 
 
 def _fit(block: int, length: int) -> int:

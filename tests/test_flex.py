@@ -412,7 +412,7 @@ def test_flax_layer_with_mods_equals_the_options(rng):
 # --- the GPU lowering, checked on the CPU ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("learn_table", [False])
+@pytest.mark.parametrize("learn_table", [False, True])
 def test_triton_kernels_lower_for_cuda(rng, monkeypatch, learn_table):
     """The compiled (not interpreted) kernels lower to Triton for CUDA, forward and backward, with
     a score_mod and mask_mod that index closed-over arrays (ALiBi slopes, a relative-bias table,
