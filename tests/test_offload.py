@@ -368,3 +368,39 @@ def test_decode_demo_capacity_uses_the_device_memory():
         assert row["device_memory_bytes"] == memory
         fits = row["devices"] * memory // row["llama3_70b_kv_bytes_per_token"]
         assert row["llama3_70b_tokens_that_fit"] == fits
+
+
+@pytest.mark.parametrize("shard_by", ["heads", "sequence"])
+def test_overlapped_decoder_equals_the_plain_decoder(rng, shard_by):
+    """Lamina's micro-batches (2 of B/2) give the plain decoder's tokens, logits and link bytes;
+    the compute devices are dispatched in the staggered order."""
+    config = offload.GPTConfig(max_len=16, layers=2, heads=4, kv_heads=2, head_dim=8)
+    params = offload.init_params(config, jax.random.key(int(rng.integers(1 << 30))))
+    devices = jax.devices()
+    kwargs = dict(
+        compute_devices=devices[:2], attention_devices=devices[2:4], batch=8, shard_by=shard_by
+    )
+    overlapped = offload.OverlappedDecoder(params, config, micro_batches=2, **kwargs)
+    plain = offload.OffloadedDecoder(params, config, **kwargs)
+    assert overlapped.parts[1].params["embed"] is overlapped.parts[0].params["embed"]  # shared
+    order = []
+    for j, part in enumerate(overlapped.parts):
+        for name in ("_qkv", "_after"):
+            fn = getattr(part, name)
+            setattr(part, name, lambda *a, fn=fn, j=j, name=name: order.append((name, j)) or fn(*a))
+    prompt = rng.integers(0, config.vocab, (8, 3))
+    tokens = overlapped.generate(prompt, steps=3, prefill=True)
+    np.testing.assert_array_equal(tokens, plain.generate(prompt, steps=3, prefill=True))
+    assert_close(overlapped.last_logits, np.asarray(plain.last_logits, np.float64), (1e-5, 1e-5))
+    want = offload.forward(params, jnp.asarray(tokens), config)[:, -1]
+    assert_close(overlapped.last_logits, np.asarray(want, np.float64), (1e-4, 1e-4))
+    assert overlapped.link_bytes == plain.link_bytes and overlapped.tokens_decoded == 8 * 3
+    assert overlapped.link_bytes_per_token_layer() == offload.link_bytes_formula(
+        config, shard_by, 2
+    )
+    # One step, two layers: micro-batch 1's projections run while 0's attention does, then 0's
+    # MLP and next projections while 1's attention does.
+    staggered = [("_qkv", 0), ("_qkv", 1), ("_after", 0), ("_qkv", 0), ("_after", 1), ("_qkv", 1)]
+    assert order[:8] == staggered + [("_after", 0), ("_after", 1)]
+    with pytest.raises(ValueError, match="divides the batch B = 8"):
+        offload.OverlappedDecoder(params, config, micro_batches=3, **kwargs)

@@ -5,11 +5,15 @@
 - `KVCache`, `append`, `advance`, `append_and_attend`: a per-layer cache pytree sharded with
   `NamedSharding` over the attention mesh, written in place (donated) one token at a time.
 - `OffloadedDecoder`, `GPTConfig`: a small GPT whose weights and MLP stay on a compute mesh while
-  attention runs on the attention mesh; counts the bytes that cross (`link_bytes_formula`).
+  attention runs on the attention mesh; counts the bytes that cross (`link_bytes_formula`);
+  `prefill` hands a prompt's KV cache over in one transfer.
+- `OverlappedDecoder`: Lamina's staggered pipelining over micro-batches (compute and attention
+  devices busy at once).
 """
 
 from jattn.offload.model import GPTConfig as GPTConfig
 from jattn.offload.model import OffloadedDecoder as OffloadedDecoder
+from jattn.offload.model import OverlappedDecoder as OverlappedDecoder
 from jattn.offload.model import compute_devices_for_batch as compute_devices_for_batch
 from jattn.offload.model import forward as forward
 from jattn.offload.model import init_params as init_params
@@ -28,6 +32,7 @@ __all__ = [
     "GPTConfig",
     "KVCache",
     "OffloadedDecoder",
+    "OverlappedDecoder",
     "advance",
     "append",
     "append_and_attend",

@@ -237,6 +237,7 @@ class OffloadedDecoder:
         self._after = jax.jit(_after_attention, out_shardings=self.activations)
         self._logits = jax.jit(lambda p, x: (_norm(x) @ p["unembed"]).astype(jnp.float32))
         self._prefill = None  # compiled on first use
+        self._step_logits = None  # set by the last stage of step_stages
 
     def _move(self, x, sharding, counter: str = "link_bytes"):
         moved = jax.device_put(x, sharding, may_alias=False)  # a transfer, never a view
@@ -296,6 +297,16 @@ class OffloadedDecoder:
 
     def step(self, tokens) -> jax.Array:
         """Feed one token per sequence `[B]`; returns next-token logits `[B, vocab]` (float32)."""
+        stages = self.step_stages(tokens)
+        for _ in stages:
+            pass
+        return self._step_logits
+
+    def step_stages(self, tokens):
+        """`step` as a generator that pauses after dispatching each layer's attention (JAX
+        dispatch is asynchronous: the attention devices are then busy while the caller
+        dispatches other work to the compute devices). Drive it to the end; the logits are
+        then in `self._step_logits`. `OverlappedDecoder` interleaves several of these."""
         if (self.positions >= self.config.max_len).any():
             raise ValueError(f"the KV cache is full ({self.config.max_len} positions)")
         tokens = jax.device_put(jnp.asarray(tokens, jnp.int32), self.activations)
@@ -309,11 +320,12 @@ class OffloadedDecoder:
                 self.cache, i, q, k, v, implementation=self.implementation
             )
             out = self._move(out, self.activations)
+            yield i
             x = self._after(layer, x, out)
         self.cache = advance(self.cache)
         self.positions = self.positions + 1  # a new array: never mutate what JAX may still read
         self.tokens_decoded += self.batch
-        return self._logits(self.params, x)
+        self._step_logits = self._logits(self.params, x)
 
     def generate(self, prompt, steps: int, progress=None, prefill: bool = False) -> np.ndarray:
         """Greedy: feed `prompt` `[B, T0]`, then `steps` generated tokens.
@@ -343,6 +355,73 @@ class OffloadedDecoder:
                 progress()
         self.last_logits = logits
         return np.stack(tokens, 1)
+
+    def link_bytes_per_token_layer(self) -> float:
+        return self.link_bytes / max(1, self.tokens_decoded * self.config.layers)
+
+
+class OverlappedDecoder:
+    """Lamina's staggered pipelining: the batch is cut into `micro_batches` micro-batches, each
+    an `OffloadedDecoder` of B/m sequences with its own KV cache (on the same attention devices,
+    sharing the weights on the same compute devices). A step interleaves their layers: once
+    micro-batch j's attention for layer i is dispatched to the attention devices, the compute
+    devices go on with micro-batch j+1's MLP of layer i-1 and projections of layer i, so both
+    sides are busy at once and the link transfers overlap compute. JAX dispatch is
+    asynchronous and each device runs its queue in order, so the order of dispatch is the
+    schedule: embed/qkv(0, layer 0), attention(0, 0); embed/qkv(1, 0), attention(1, 0);
+    after(0, 0) + qkv(0, 1), attention(0, 1); ...
+
+    Results equal `OffloadedDecoder` on the whole batch (each sequence's arithmetic is the same).
+    `step`, `prefill`, `generate`, `link_bytes_per_token_layer` as there.
+    """
+
+    def __init__(self, params: dict, config: GPTConfig, *, batch: int, micro_batches: int = 2,
+                 **kwargs):  # fmt: skip
+        if not isinstance(micro_batches, int) or micro_batches < 1 or batch % micro_batches:
+            raise ValueError(
+                f"micro_batches must be an int >= 1 that divides the batch B = {batch}, got "
+                f"{micro_batches!r}"
+            )
+        self.config, self.batch, self.micro_batches = config, batch, micro_batches
+        size = batch // micro_batches
+        first = OffloadedDecoder(params, config, batch=size, **kwargs)
+        # The placed weights go to the same sharding again: no copy, one set of weights.
+        self.parts = [first] + [
+            OffloadedDecoder(first.params, config, batch=size, **kwargs)
+            for _ in range(micro_batches - 1)
+        ]
+        self.compute_mesh, self.attn_mesh = first.compute_mesh, first.attn_mesh
+
+    def _split(self, x) -> list[np.ndarray]:
+        return np.split(np.asarray(x, np.int32), self.micro_batches)
+
+    def step(self, tokens) -> jax.Array:
+        """One token per sequence `[B]` -> next-token logits `[B, vocab]`, micro-batches
+        interleaved layer by layer (see the class docstring)."""
+        stages = [
+            part.step_stages(t) for part, t in zip(self.parts, self._split(tokens), strict=True)
+        ]
+        running = list(stages)
+        while running:  # round robin: each resume dispatches after(i-1) + qkv(i) + attention(i)
+            for stage in list(running):
+                if next(stage, None) is None:
+                    running.remove(stage)
+        return jnp.concatenate([part._step_logits for part in self.parts])
+
+    def prefill(self, prompt) -> jax.Array:
+        """`OffloadedDecoder.prefill` per micro-batch; logits `[B, vocab]`."""
+        parts = self._split(prompt)
+        return jnp.concatenate([p.prefill(x) for p, x in zip(self.parts, parts, strict=True)])
+
+    generate = OffloadedDecoder.generate
+
+    @property
+    def link_bytes(self) -> int:
+        return sum(part.link_bytes for part in self.parts)
+
+    @property
+    def tokens_decoded(self) -> int:
+        return sum(part.tokens_decoded for part in self.parts)
 
     def link_bytes_per_token_layer(self) -> float:
         return self.link_bytes / max(1, self.tokens_decoded * self.config.layers)
