@@ -55,6 +55,11 @@ def token_statistics_attention(
         raise ValueError(
             f"Unknown TSSA implementation {implementation!r}; choose from {TSSA_IMPLEMENTATIONS}"
         )
+    if config is not None and not isinstance(config, TSSAConfig):
+        raise ValueError(
+            f"config must be a TSSA config (pallas_kernels.tssa.Config), got "
+            f"{type(config).__name__}"
+        )
     w, temperature = jnp.asarray(w), jnp.asarray(temperature)
     if w.ndim != 4 or w.dtype not in _DTYPES:
         raise ValueError(f"w must be a float array [B, T, N, H], got {w.dtype} {w.shape}")

@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import interpret_mode, triton_params
+from pallas_kernels.common import check_config_fields, interpret_mode, triton_params
 
 NORM_EPS_SQ = 1e-24  # non-causal: F.normalize clamps the column norm at 1e-12, i.e. its square
 CAUSAL_SQ_EPS = 1e-12  # causal: the running sum of squares is clamped at this
@@ -66,6 +66,19 @@ class Config:
     reverse_middle_pass: bool = True  # walk the middle pass backwards for L2 reuse
     single_pass: bool = False  # causal forward in one launch with look-back (measured slower)
     store_pi: bool = False  # the middle pass writes Pi [B, T, N] (float32) for the output pass
+
+    def __post_init__(self):
+        check_config_fields(
+            self,
+            ints=("num_warps", "num_stages", "chunk_t"),
+            powers_of_two=("block_t",),
+            bools=("reverse_middle_pass", "single_pass", "store_pi"),
+            optional=("block_t", "chunk_t"),
+        )
+        if self.block_t is not None and self.chunk_t is not None and self.chunk_t % self.block_t:
+            raise ValueError(
+                f"Config.chunk_t = {self.chunk_t} must be a multiple of block_t = {self.block_t}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

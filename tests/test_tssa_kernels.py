@@ -235,6 +235,32 @@ def test_tiling_rejects_chunks_that_are_not_whole_tiles():
         kernels.tiling(1, 100, 64, kernels.Config(block_t=8, chunk_t=12))
 
 
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(block_t=0), "block_t must be >= 1"),
+        (dict(block_t=3), "block_t must be a power of two"),
+        (dict(block_t=4.0), "block_t must be an int"),
+        (dict(chunk_t=-1), "chunk_t must be >= 1"),
+        (dict(num_warps=0), "num_warps must be >= 1"),
+        (dict(num_stages=True), "num_stages must be an int"),
+        (dict(single_pass=1), "single_pass must be a bool"),
+        (dict(block_t=8, chunk_t=20), "multiple of block_t"),
+    ],
+)
+def test_config_validates_at_construction(fields, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.Config(**fields)
+
+
+def test_a_foreign_config_is_refused_by_name():
+    from pallas_kernels.flash_triton import TritonConfig
+
+    w, temperature = jnp.ones((1, 4, 2, 8)), jnp.ones(2)
+    with pytest.raises(ValueError, match="TritonConfig"):
+        jattn.token_statistics_attention(w, temperature, config=TritonConfig())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "causal, single_pass", [(False, False), (True, False), (True, True)], ids=str
