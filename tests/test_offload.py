@@ -404,3 +404,14 @@ def test_overlapped_decoder_equals_the_plain_decoder(rng, shard_by):
     assert order[:8] == staggered + [("_after", 0), ("_after", 1)]
     with pytest.raises(ValueError, match="divides the batch B = 8"):
         offload.OverlappedDecoder(params, config, micro_batches=3, **kwargs)
+
+
+def test_overlap_benchmark_runs_on_cpu_devices():
+    from jattn.offload import demo
+
+    config = offload.GPTConfig(max_len=16, layers=1, heads=4, kv_heads=2, head_dim=8)
+    result = demo.overlap_benchmark(jax.devices()[:4], config, batch=4, prompt_len=3, steps=2)
+    assert result["compute_devices"] == 2 and result["attention_devices"] == 2
+    for name in ("plain", "overlapped", "colocated"):
+        assert result[f"tokens_per_s_{name}"] > 0
+    assert result["overlap_speedup"] > 0

@@ -14,6 +14,7 @@ starts its backends); on CPU the times say nothing about GPUs, the bytes and err
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -25,9 +26,11 @@ import jattn
 from jattn.offload.model import (
     GPTConfig,
     OffloadedDecoder,
+    OverlappedDecoder,
     forward,
     init_params,
     link_bytes_formula,
+    split_devices,
 )
 from jattn.offload.sharded import KVCache, make_mesh, sharded_decode_attention
 
@@ -227,6 +230,82 @@ def generation(
             )
         )
     return rows
+
+
+def overlap_benchmark(
+    devices: list,
+    config: GPTConfig,
+    *,
+    batch: int,
+    micro_batches: int = 2,
+    prompt_len: int = 8,
+    steps: int = 16,
+    shard_by: str = "heads",
+    num_attention: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Decode tokens/s of `OffloadedDecoder` and `OverlappedDecoder` (Lamina's micro-batches) on
+    the same compute/attention split of `devices`, and of the co-located decoder on
+    `devices[0]` alone, after a prefill and a warm-up step; for the GPU session of issue 17
+    (`jax.block_until_ready` after the timed steps; medians are left to the caller's repeats).
+    A batch too large for one device shows up as the co-located run's error string."""
+    params = init_params(config, jax.random.key(seed))
+    prompt = np.random.default_rng(seed).integers(0, config.vocab, (batch, prompt_len))
+    compute, attention = split_devices(devices, num_attention)
+
+    def tokens_per_s(make) -> float | str:
+        try:
+            decoder = make()
+            logits = decoder.prefill(prompt)
+            nxt = np.asarray(jnp.argmax(logits, -1), np.int32)
+            jax.block_until_ready(decoder.step(nxt))  # compiles every step function
+            start = time.perf_counter()
+            for _ in range(steps):
+                logits = decoder.step(nxt)
+            jax.block_until_ready(logits)
+            return batch * steps / (time.perf_counter() - start)
+        except Exception as error:  # out of memory on one device: report, do not stop
+            return f"{type(error).__name__}: {str(error)[:200]}"
+
+    common = dict(batch=batch, shard_by=shard_by)
+    if prompt_len + steps + 1 > config.max_len:
+        raise ValueError(f"prompt_len + steps + 1 must fit max_len = {config.max_len}")
+    plain = tokens_per_s(
+        lambda: OffloadedDecoder(
+            params, config, compute_devices=compute, attention_devices=attention, **common
+        )
+    )
+    overlapped = tokens_per_s(
+        lambda: OverlappedDecoder(
+            params,
+            config,
+            compute_devices=compute,
+            attention_devices=attention,
+            micro_batches=micro_batches,
+            **common,
+        )
+    )
+    colocated = tokens_per_s(
+        lambda: OffloadedDecoder(
+            params, config, compute_devices=devices[:1], attention_devices=devices[:1], **common
+        )
+    )
+    ratio = (
+        overlapped / plain if isinstance(plain, float) and isinstance(overlapped, float) else None
+    )
+    return dict(
+        platform=devices[0].platform,
+        compute_devices=len(compute),
+        attention_devices=len(attention),
+        batch=batch,
+        micro_batches=micro_batches,
+        shard_by=shard_by,
+        config=dataclasses.asdict(config),
+        tokens_per_s_plain=plain,
+        tokens_per_s_overlapped=overlapped,
+        tokens_per_s_colocated=colocated,
+        overlap_speedup=ratio,
+    )
 
 
 def run_decode_demo(
