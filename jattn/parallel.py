@@ -232,10 +232,18 @@ def _ring_local(q, k, v, q_ids, kv_ids, *, axis, n, causal, options):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("mesh", "axis", "causal", "layout", "return_residual", "options"),
+    static_argnames=(
+        "mesh",
+        "axis",
+        "batch_axis",
+        "causal",
+        "layout",
+        "return_residual",
+        "options",
+    ),
 )
 def _ring_attention(
-    q, k, v, q_ids, kv_ids, *, mesh, axis, causal, layout, return_residual, options
+    q, k, v, q_ids, kv_ids, *, mesh, axis, batch_axis, causal, layout, return_residual, options
 ):
     n = mesh.shape[axis]
     options = dict(options)
@@ -253,13 +261,13 @@ def _ring_attention(
             out, lse = _from_zigzag(out, axis, n), _from_zigzag(lse, axis, n)
         return out.astype(q.dtype), lse.astype(q.dtype)
 
-    seq = P(None, axis, None, None)
-    ids = None if q_ids is None else P(None, axis)
+    seq = P(batch_axis, axis, None, None)
+    ids = None if q_ids is None else P(batch_axis, axis)
     fn = jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(seq, seq, seq, ids, ids),
-        out_specs=(seq, P(None, axis, None)),
+        out_specs=(seq, P(batch_axis, axis, None)),
         check_vma=False,
     )
     args = (q, k, v, q_ids, kv_ids)
@@ -281,6 +289,7 @@ def ring_attention(
     *,
     mesh: Mesh,
     axis: str,
+    batch_axis: str | None = None,
     is_causal: bool = False,
     segment_ids=None,
     scale: float | None = None,
@@ -294,7 +303,8 @@ def ring_attention(
     Args:
       query: `[B, T, N, H]`; key, value: `[B, S, K, H]` (N % K == 0: GQA), sharded (or to be
         sharded) along T and S over `axis`: each device holds T/n queries and S/n keys.
-      mesh, axis: the devices of the ring. Other mesh axes see the arrays replicated.
+      mesh, axis: the devices of the ring. Other mesh axes see the arrays replicated, except
+        `batch_axis` (say data parallelism), over which B is cut (B % its size == 0).
       is_causal: query i sees keys j <= i (needs S == T, divisible by 2n: zig-zag chunks).
       segment_ids: `(q_ids [B, T], kv_ids [B, S])` integers, packed sequences; kv ids travel
         with the K/V blocks. A query that sees no key gets output 0 and lse -inf.
@@ -314,6 +324,10 @@ def ring_attention(
     """
     if axis not in mesh.axis_names:
         raise ValueError(f"axis {axis!r} is not an axis of the mesh {dict(mesh.shape)}")
+    if batch_axis is not None and (batch_axis not in mesh.axis_names or batch_axis == axis):
+        raise ValueError(
+            f"batch_axis {batch_axis!r} must be another axis of the mesh {dict(mesh.shape)}"
+        )
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not isinstance(is_causal, bool | np.bool_):
@@ -332,6 +346,11 @@ def ring_attention(
     kv_len, kv_heads = key.shape[1], key.shape[2]
     if key.shape[0] != batch or key.shape[3] != dim or kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"ring_attention: B, H must agree and N % K == 0; got {shapes}")
+    if batch_axis is not None and batch % mesh.shape[batch_axis]:
+        raise ValueError(
+            f"ring_attention cuts B over the {mesh.shape[batch_axis]} devices of batch_axis "
+            f"{batch_axis!r}: B must be divisible by it; got {shapes}"
+        )
     if q_len % n or kv_len % n:
         raise ValueError(
             f"ring_attention cuts T and S over the {n} devices of axis {axis!r}: both must be "
@@ -374,6 +393,7 @@ def ring_attention(
         kv_ids,
         mesh=mesh,
         axis=axis,
+        batch_axis=batch_axis,
         causal=bool(is_causal),
         layout=layout,
         return_residual=return_residual,

@@ -1,6 +1,8 @@
 """jattn.parallel.ring_attention on 2, 4 and 8 simulated CPU devices: equal to one device's
 dot_product_attention and to the float64 oracle, forward and backward; zig-zag order; memory."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,6 +164,30 @@ def test_ring_backward_saves_only_local_blocks(rng):
     block = q.nbytes // n
     assert len(per_device) == n
     assert max(per_device.values()) <= 4.5 * block + 1024, (per_device, block)
+
+
+def test_ring_with_a_data_parallel_batch_axis(rng):
+    """A 2 x 4 mesh: B cut over 'data', the sequence over the ring 'seq'; forward and grads."""
+    mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    q, k, v = _inputs(rng, 2, 64, 4, 2, 16, jnp.float32)
+    ids = jnp.asarray(_segments(rng, 2, 64))
+    options = dict(is_causal=True, segment_ids=(ids, ids))
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v)))
+
+    ring = functools.partial(
+        parallel.ring_attention, mesh=mesh, axis="seq", batch_axis="data", **options
+    )
+    one = functools.partial(jattn.dot_product_attention, implementation="xla", **options)
+    out = ring(q, k, v)
+    assert out.sharding.spec[:2] == ("data", "seq")
+    assert_close(out, np.asarray(one(q, k, v), np.float64), TOLERANCE[jnp.float32])
+    grads = jax.grad(loss(ring), (0, 1, 2))(q, k, v)
+    for got, want in zip(grads, jax.grad(loss(one), (0, 1, 2))(q, k, v), strict=True):
+        assert_close(got, np.asarray(want, np.float64), GRAD_TOLERANCE[jnp.float32])
+    with pytest.raises(ValueError, match="B must be divisible by it"):
+        ring(q[:1], k[:1], v[:1], segment_ids=None)
 
 
 @pytest.mark.parametrize(
