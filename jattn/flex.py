@@ -23,6 +23,17 @@ differentiable to any order by JAX itself); 'triton' traces them into the Triton
 elsewhere. Semantics are `jattn.dot_product_attention`'s: a query row that sees no key gives
 output 0, lse -inf and zero gradients, never NaN; a key holding NaN/inf reaches only the rows
 that see it.
+
+How the mods reach the kernel: each is traced once to a jaxpr on scalars; every array it
+closes over becomes a kernel input that stays in memory, and `_eval_mod` evaluates the jaxpr
+inside the kernel (vmapped over the tile), turning element reads of those arrays (`x[i]`,
+`table[bucket, h]`: dynamic_slice or gather, which Triton does not lower) into loads, indices
+clamped into range. The score_mod's derivative is jax.vjp of the tile function in the dq and
+dk/dv kernels; a closed-over float array that is differentiated has its reads recorded and
+each read's cotangent added at its index (atomics on the GPU) into a per-program gradient,
+summed after. Limits: 'triton' serves float16/bfloat16/float32 (float64: 'xla'); first-order
+reverse mode only; with a block mask its blocks are the kernel's tiles (powers of two >= 16);
+mods run on float32 scores; eager calls re-trace (jit the caller).
 """
 
 from __future__ import annotations

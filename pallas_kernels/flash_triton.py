@@ -1268,4 +1268,5 @@ def flex_attention(
     # Padding rows and keys are masked (a block holding them is never full in a block mask).
     st = st._replace(check_q_len=t_pad != st.q_len, check_kv_len=s_pad != st.kv_len)
     aux = (None,) * 6 + ((tuple(consts), tuple(blocks)),)
-    return _attention_vjp(st)(query, key, value, None, aux)
+    # Not through the cache: every call hoists its mods anew, so st would never repeat.
+    return _attention_vjp.__wrapped__(st)(query, key, value, None, aux)
