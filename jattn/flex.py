@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -49,7 +50,7 @@ import numpy as np
 from jax import Array, lax
 
 from jattn import masking
-from jattn.attention import concrete_value
+from jattn.attention import _autodiff_levels, concrete_value
 
 ScoreMod = Callable[..., Any]  # (score, b, h, q_idx, kv_idx) -> score
 MaskMod = Callable[..., Any]  # (b, h, q_idx, kv_idx) -> bool
@@ -438,8 +439,19 @@ def flex_attention(
     head_dim = query.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
+    forward, reverse = _autodiff_levels(
+        SimpleNamespace(query=query, key=key, value=value, bias=None)
+    )
+    higher_order = forward or reverse > 1
     if implementation is None:
-        implementation = "triton" if jax.default_backend() == "gpu" else "xla"
+        on_gpu = jax.default_backend() == "gpu"
+        implementation = "triton" if on_gpu and not higher_order else "xla"
+    if implementation == "triton" and higher_order:
+        raise NotImplementedError(
+            "jattn.flex_attention: implementation 'triton' differentiates in reverse mode, once "
+            "(a custom_vjp around its backward kernels), so it cannot serve forward-mode "
+            "autodiff or a second derivative; use implementation='xla' (None picks it here)"
+        )
     if implementation == "xla":
         if config is not None:
             raise ValueError(f"implementation 'xla' takes no config, got {config!r}")

@@ -300,6 +300,27 @@ def test_fully_masked_rows_give_zero_and_no_nan(rng, implementation):
         assert np.isfinite(np.asarray(g)).all()
 
 
+def test_hidden_nan_keys_never_reach_a_query(rng):
+    """NaN keys in one document reach no query of the others (masked tiles multiply by zeroed
+    copies; empty blocks are never loaded), on both implementations; forward-mode autodiff on
+    the kernel is a NotImplementedError naming 'xla', which serves it."""
+    shape = (1, 32, 32, 2, 1, 16)
+    q, k, v = make_inputs(rng, shape)
+    docs = jnp.asarray(np.repeat([0, 1, 2], [10, 12, 10])[None], jnp.int32)
+    k = k.at[0, 12].set(jnp.nan)  # in document 1
+    same = lambda b, h, i, j: docs[b, i] == docs[b, j]  # noqa: E731
+    for implementation in IMPLEMENTATIONS:
+        out, lse = _flex(q, k, v, implementation, None, same, block=True)
+        in_doc = np.asarray(docs[0] == 1)
+        assert np.isnan(np.asarray(out)[0, in_doc]).all(), implementation
+        assert np.isfinite(np.asarray(out)[0, ~in_doc]).all(), implementation
+    tangent = jnp.ones_like(q)
+    with pytest.raises(NotImplementedError, match="implementation='xla'"):
+        jax.jvp(lambda q: _flex(q, k, v, "triton", None, same)[0], (q,), (tangent,))
+    _, jvp_out = jax.jvp(lambda q: jattn.flex_attention(q, k, v, mask_mod=same), (q,), (tangent,))
+    assert np.isfinite(np.asarray(jvp_out)[0, ~in_doc]).all()
+
+
 # --- block masks ---------------------------------------------------------------------------------
 
 
