@@ -23,6 +23,7 @@ from jax._src.interpreters import partial_eval as _pe
 from jaxtyping import ArrayLike
 
 from jattn import chunked, reference
+from jattn.autotune import cache as autotune_cache
 
 SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 IMPLEMENTATIONS = ("mosaic", "triton", "cudnn", "xla_chunked", "xla")
@@ -297,11 +298,15 @@ def _run(args: AttentionArgs, implementation, config) -> tuple[Array, Array]:
     except TypeError:  # an unhashable config: let the implementation say what is wrong
         return _dispatch(args, implementation, config)
     arrays = {name: getattr(args, name) for name in _ARRAY_FIELDS}
-    return _dispatch_jit(arrays, static, implementation, config)
+    # config=None is resolved from the autotune cache while tracing: a cache written since
+    # (jattn autotune, autotune.save) must give a new trace, not the first one's tiles.
+    tuning = autotune_cache.state() if config is None else None
+    return _dispatch_jit(arrays, static, implementation, config, tuning)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _dispatch_jit(arrays, static, implementation, config) -> tuple[Array, Array]:
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _dispatch_jit(arrays, static, implementation, config, tuning) -> tuple[Array, Array]:
+    del tuning  # only a key of the jit cache
     return _dispatch(AttentionArgs(**arrays, **dict(static)), implementation, config)
 
 

@@ -468,6 +468,15 @@ def _sources() -> list[tuple[str, pathlib.Path]]:
     return [("cache", cache_path())] + [("shipped", p) for p in shipped_tables()]
 
 
+def state() -> tuple:
+    """A hashable token that changes whenever a lookup could answer differently: whether
+    lookups are on, and the stamp of every source file. Whoever caches compiled functions
+    built with `config=None` keys them on it (`jattn.attention`'s per-signature jit)."""
+    if not enabled():
+        return (False,)
+    return (True, *((str(path), _stamp(path)) for _, path in _sources()))
+
+
 def lookup_bucket(bucket: Bucket) -> tuple[Any, str] | None:
     """(config, 'cache' or 'shipped') for a bucket, or None: nothing usable stored (or lookups
     are off through $JATTN_AUTOTUNE)."""
