@@ -153,8 +153,10 @@ def create_block_mask(
     B or N None: the mask does not depend on it (evaluated at 0, broadcast). Computed on the
     device with jnp (one query block row `[block_q, S]` at a time, so memory is
     O(B N block_q S)); works under jit, where mask_mod may close over traced arrays. The
-    result keeps `mask_mod` (static) for `flex_attention(block_mask=...)` without a mask_mod.
-    The Triton kernel tiles by these blocks: powers of two >= 16 there.
+    result keeps `mask_mod` (static) for `flex_attention(block_mask=...)` without a mask_mod;
+    a mask built inside a jit from a mask_mod that closes over that jit's traced arrays keeps
+    a mask_mod that cannot run outside it: pass mask_mod to flex_attention there. The Triton
+    kernel tiles by these blocks: powers of two >= 16 there.
     """
     if not callable(mask_mod):
         raise ValueError(f"mask_mod must be callable, got {type(mask_mod).__name__}")
