@@ -281,13 +281,6 @@ def _run(args: AttentionArgs, implementation, config) -> tuple[Array, Array]:
         return _dispatch(args, implementation, config)
     if not isinstance(implementation, str | None):
         implementation = tuple(implementation)
-    names = (implementation,) if isinstance(implementation, str) else implementation
-    names = auto_order() if names is None else names
-    if "mosaic" in names and "mosaic" in _REGISTRY:
-        # flash_mosaic's custom_vjp closes over the lengths, mask and segment arrays, which
-        # fails with traced ones ("No constant handler for type DynamicJaxprTracer", on the
-        # H200); eager calls stay eager until that kernel takes them as arguments.
-        return _dispatch(args, implementation, config)
     static = tuple(
         (field.name, getattr(args, field.name))
         for field in dataclasses.fields(args)

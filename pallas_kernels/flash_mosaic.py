@@ -550,41 +550,39 @@ def flash_attention(
         and fits_registers(backward_register_tiles(config, head_dim))
     )
     bounds = _bounds(batch, q_len, kv_len, q_offset, query_seq_lengths, key_value_seq_lengths)
-    options = dict(
-        scale=scale,
-        is_causal=is_causal,
-        q_offset=q_offset,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size,
-        segment_ids=segment_ids,
-        logits_soft_cap=logits_soft_cap,
-        interpret=interpret,
-    )
+    # Every array the rules need goes in as an argument (never closed over): a custom_vjp whose
+    # rules close over tracers fails as soon as a jit sits inside the differentiation
+    # (`jax.grad(jax.jit(f))`: "No constant handler for type DynamicJaxprTracer").
+    aux = (mask, bounds, segment_ids, q_offset, query_seq_lengths, key_value_seq_lengths)
 
     @jax.custom_vjp
-    def attention(query, key, value, bias):
+    def attention(query, key, value, bias, aux):
+        mask, bounds, segment_ids = aux[:3]
         return forward(st, query, key, value, bias, mask, bounds, segment_ids)
 
-    def forward_rule(query, key, value, bias):
+    def forward_rule(query, key, value, bias, aux):
         primals = [x.value for x in (query, key, value)]
         bias_value = None if bias is None else bias.value
+        aux = jax.tree.map(lambda x: x.value, aux, is_leaf=_is_primal)
+        mask, bounds, segment_ids = aux[:3]
         out, lse = forward(st, *primals, bias_value, mask, bounds, segment_ids)
         want_dbias = bias_value is not None and bias.perturbed
-        return (out, lse), (*primals, bias_value, out, lse, () if want_dbias else None)
+        return (out, lse), (*primals, bias_value, out, lse, () if want_dbias else None, aux)
 
     def backward_rule(residuals, cotangents):
-        query, key, value, bias, out, lse, want_dbias = residuals
+        query, key, value, bias, out, lse, want_dbias, aux = residuals
+        mask, bounds, segment_ids, q_offset, q_lengths, kv_lengths = aux
         d_out, d_lse = cotangents
         if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
             d_out = jnp.zeros(out.shape, out.dtype)
         if isinstance(d_lse, jax.custom_derivatives.SymbolicZero):
             d_lse = jnp.zeros(lse.shape, lse.dtype)
+        no_aux = jax.tree.map(lambda _: None, aux)  # integer and boolean inputs: no cotangent
         if native_backward and want_dbias is None:
             dq, dk, dv = flash_mosaic_bwd.backward(
                 bwd_st, query, key, value, bias, mask, bounds, segment_ids, out, lse, d_out, d_lse
             )
-            return dq, dk, dv, None
+            return dq, dk, dv, None, no_aux
         # dbias, or a backward that does not fit shared memory: the Triton kernels.
         dq, dk, dv, d_bias = flash_triton.backward(
             query,
@@ -597,9 +595,21 @@ def flash_attention(
             d_out,
             d_lse,
             want_dbias=want_dbias is not None,
-            **options,
+            scale=scale,
+            is_causal=is_causal,
+            q_offset=q_offset,
+            query_seq_lengths=q_lengths,
+            key_value_seq_lengths=kv_lengths,
+            local_window_size=local_window_size,
+            segment_ids=segment_ids,
+            logits_soft_cap=logits_soft_cap,
+            interpret=interpret,
         )
-        return dq, dk, dv, d_bias
+        return dq, dk, dv, d_bias, no_aux
 
     attention.defvjp(forward_rule, backward_rule, symbolic_zeros=True)
-    return attention(query, key, value, bias)
+    return attention(query, key, value, bias, aux)
+
+
+def _is_primal(x) -> bool:
+    return isinstance(x, jax.custom_derivatives.CustomVJPPrimal)

@@ -21,6 +21,7 @@ from pallas_kernels import flash_mosaic
 
 from cases import (
     FEATURES,
+    GRAD_TOLERANCE,
     TOLERANCE,
     assert_close,
     check_against_oracle,
@@ -50,6 +51,31 @@ def test_every_feature_matches_oracle_bfloat16(rng, feature):
 def test_combined_features_over_many_tiles(rng, feature, dtype):
     options = make_options(rng, feature, MULTI_TILE)
     check_against_oracle(rng, MULTI_TILE, options, dtype, "mosaic", SMALL)
+
+
+def test_gradient_through_a_jit_with_traced_lengths_and_segments(rng):
+    """`jax.grad(jax.jit(f))`: the kernel's custom_vjp takes its integer arrays (bounds, lengths,
+    segment ids) as arguments; closed over, they failed there with "No constant handler for
+    type DynamicJaxprTracer" (on the H200 and in interpret mode)."""
+    batch, length, heads, dim = 1, 64, 2, 64
+    q, k, v = (
+        jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.float16) for _ in range(3)
+    )
+    lengths = jnp.array([50], jnp.int32)
+    ids = jnp.asarray((np.arange(length) >= 20).astype(np.int32))[None]
+
+    def loss(attend, q, k, v, lengths, ids):
+        out = attend(q, k, v, is_causal=True, key_value_seq_lengths=lengths, segment_ids=(ids, ids))
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    mosaic = lambda *a, **o: jattn.dot_product_attention(*a, **o, implementation="mosaic")
+    grads = jax.grad(jax.jit(lambda *a: loss(mosaic, *a)), (0, 1, 2))(q, k, v, lengths, ids)
+    upcast = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = jax.grad(lambda *a: loss(reference.dot_product_attention, *a), (0, 1, 2))(
+        *upcast, lengths, ids
+    )
+    for got, expected in zip(grads, want, strict=True):
+        assert_close(got, expected, GRAD_TOLERANCE[jnp.float16])
 
 
 def test_one_and_three_stages_with_and_without_the_schedule_barrier(rng):
