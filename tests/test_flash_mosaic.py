@@ -38,7 +38,16 @@ TINY = (1, 50, 90, 2, 1, 40)
 MULTI_TILE = (1, 150, 200, 4, 2, 72)
 
 
-@pytest.mark.parametrize("feature", FEATURES)
+# In the default run, the features whose code paths differ (no mask, empty rows, dense masks,
+# bias, the combined cases); the others repeat those paths with other numbers and run with
+# `-m slow` here and at real sizes on the GPU (`-m gpu`).
+DEFAULT_RUN = ("plain", "lengths_empty", "mask", "bias_full", "causal_window_bias_softcap")
+
+
+@pytest.mark.parametrize(
+    "feature",
+    [f if f in DEFAULT_RUN else pytest.param(f, marks=pytest.mark.slow) for f in FEATURES],
+)
 def test_every_feature_matches_oracle_bfloat16(rng, feature):
     options = make_options(rng, feature, TINY)
     check_against_oracle(rng, TINY, options, jnp.bfloat16, "mosaic", SMALL)
@@ -46,7 +55,10 @@ def test_every_feature_matches_oracle_bfloat16(rng, feature):
 
 @pytest.mark.parametrize(
     ("feature", "dtype"),
-    [("causal_window_bias_softcap", jnp.bfloat16), ("segments_causal_lengths", jnp.float16)],
+    [
+        ("causal_window_bias_softcap", jnp.bfloat16),
+        pytest.param("segments_causal_lengths", jnp.float16, marks=pytest.mark.slow),
+    ],
 )
 def test_combined_features_over_many_tiles(rng, feature, dtype):
     options = make_options(rng, feature, MULTI_TILE)

@@ -31,6 +31,7 @@ def test_gpt_is_causal_and_its_loss_is_the_cross_entropy(rng):
     assert abs(float(gpt.next_token_loss(model, tokens)) - want) < 1e-4
 
 
+@pytest.mark.slow  # the cache against the full forward: tests/test_nn.py, at the module level
 def test_greedy_generation_with_the_cache_matches_the_full_forward(rng):
     model = gpt.GPT(TINY, rngs=nnx.Rngs(1))
     prompt = jnp.asarray(rng.integers(0, 256, (2, 7)), jnp.int32)

@@ -40,6 +40,7 @@ def _last_checkpoint(workdir):
     return step, manager.restore(step, args=ocp.args.StandardRestore())
 
 
+@pytest.mark.slow  # tests/test_training_scripts.py resumes interrupted runs bit for bit too
 def test_killed_run_resumes_to_the_same_bits(tmp_path):
     uninterrupted = _train_gpt(tmp_path / "full")
     killed = _train_gpt(tmp_path / "killed")
