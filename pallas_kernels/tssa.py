@@ -353,15 +353,6 @@ def _fwd_out_kernel(
 AGGREGATE, INCLUSIVE = 1, 2  # a look-back flag: the slot holds the chunk's own / prefix sums
 
 
-@dataclasses.dataclass(frozen=True)
-class _ScanStatic:
-    has_bias: bool
-    seq_len: int  # true T (padded tokens are masked)
-    block_t: int
-    num_tiles: int  # tiles per chunk
-    num_chunks: int  # chunks per batch row
-
-
 def _slot(ref, index):
     return (index, *(pl.ds(0, n) for n in ref.shape[1:]))
 
@@ -440,7 +431,7 @@ def _causal_scan_kernel(
     temp_ref,  # [N]
     head_bias_ref,  # [N]: 0 for real heads, -inf for padding
     *rest,
-    st: _ScanStatic,
+    st: _Static,  # the forward's (causal, chunks walked in ticket order, not by program id)
 ):
     """One program: one chunk of one batch row, in ticket order (see the section comment).
 
@@ -464,9 +455,6 @@ def _causal_scan_kernel(
     def rows(i):
         tokens = pl.ds(pl.multiple_of(start + i * st.block_t, st.block_t), st.block_t)
         return tokens, w_ref[b, tokens, :, :].astype(jnp.float32)  # [block_t, N, H]
-
-    def valid(i):
-        return start + i * st.block_t + lax.iota(jnp.int32, st.block_t) < st.seq_len
 
     def bias(tokens):
         return bias_ref[tokens, :] if bias_ref is not None else None
@@ -492,7 +480,7 @@ def _causal_scan_kernel(
     def moments(i, carry):
         run1, acc2, acc3 = carry
         tokens, w = rows(i)
-        f = _causal_pi(w, run1, temp, head_bias, bias(tokens), valid(i))
+        f = _causal_pi(w, run1, temp, head_bias, bias(tokens), _valid_tokens(st, start, i))
         pw2 = f["pi"][:, :, None] * f["w2"]
         return (
             run1 + jnp.sum(f["w2"], axis=0),
@@ -525,7 +513,9 @@ def _causal_scan_kernel(
     def out(i, carry):
         run1, run2, run3 = carry
         tokens, w = rows(i)
-        f = _causal_tile(w, run1, run2, run3, temp, head_bias, bias(tokens), valid(i))
+        f = _causal_tile(
+            w, run1, run2, run3, temp, head_bias, bias(tokens), _valid_tokens(st, start, i)
+        )
         y_ref[b, tokens, :, :] = (-f["pi"][:, :, None] * w * f["a"]).astype(y_ref.dtype)
         return (
             run1 + jnp.sum(f["w2"], axis=0),
@@ -536,7 +526,7 @@ def _causal_scan_kernel(
     lax.fori_loop(0, st.num_tiles, out, (c1, c2, c3))
 
 
-def _causal_scan_forward(w, temperature, head_bias, bias, *, st: _ScanStatic, config: Config):
+def _causal_scan_forward(w, temperature, head_bias, bias, *, st: _Static, config: Config):
     """y and the per-chunk sums (c1, c2, c3) before each chunk, in one launch."""
     batch, padded_len, n, h = w.shape
     slots = batch * st.num_chunks
@@ -840,8 +830,6 @@ def _make_tssa(
     )
     forward_st = _Static(**statics, reverse=False, store_pi=config.store_pi)
     middle_st = _Static(**statics, reverse=config.reverse_middle_pass, store_pi=config.store_pi)
-    backward_st = _Static(**statics, reverse=False)  # the backward never reads a stored Pi
-    backward_middle_st = _Static(**statics, reverse=config.reverse_middle_pass)
 
     def head_bias(n_pad):
         return jnp.where(jnp.arange(n_pad) < num_heads, 0.0, -jnp.inf).astype(jnp.float32)
@@ -854,15 +842,8 @@ def _make_tssa(
         nc = tile.num_chunks
         hb = head_bias(n)
         if causal and config.single_pass:
-            scan_st = _ScanStatic(
-                has_bias=has_bias,
-                seq_len=seq_len,
-                block_t=tile.block_t,
-                num_tiles=tile.chunk_t // tile.block_t,
-                num_chunks=nc,
-            )
             y, c1, c2, c3 = _causal_scan_forward(
-                w, temperature, hb, bias, st=scan_st, config=config
+                w, temperature, hb, bias, st=forward_st, config=config
             )
             return y, (c1, c2, c3, None)
         sp = _specs(forward_st, w.shape, tile.chunk_t)
@@ -932,11 +913,11 @@ def _make_tssa(
         num_tiles = tile.padded_len // tile.block_t
         hb = head_bias(n)
         per_tile_shape = [_f32(b, num_tiles, n, h), _f32(b, num_tiles, n)]
-        sp = _specs(backward_st, w.shape, tile.chunk_t)
-        b_specs, b_args = bias_args(backward_st, w.shape, bias)
+        sp = _specs(forward_st, w.shape, tile.chunk_t)
+        b_specs, b_args = bias_args(forward_st, w.shape, bias)
         gm, gm3 = _call(
             _bwd_moment_kernel,
-            backward_st,
+            forward_st,
             config,
             w.shape,
             [sp["rows"], sp["rows"], sp["state"], sp["state"], sp["state_head"]]
@@ -952,8 +933,8 @@ def _make_tssa(
             d_m = a * a * jnp.sum(gm, axis=1, keepdims=True)
             r2 = d_m * inv3[..., None]  # dS2
             r3 = -jnp.sum(d_m * s2.sum(axis=1, keepdims=True), axis=-1) * inv3 * inv3  # dS3
-        sp = _specs(backward_middle_st, w.shape, tile.chunk_t)
-        b_specs, b_args = bias_args(backward_middle_st, w.shape, bias)
+        sp = _specs(middle_st, w.shape, tile.chunk_t)
+        b_specs, b_args = bias_args(middle_st, w.shape, bias)
         out_specs = [sp["per_tile"], sp["per_tile_head"]]
         out_shape = list(per_tile_shape)
         if has_bias:
@@ -961,7 +942,7 @@ def _make_tssa(
             out_shape.append(_f32(b, tile.padded_len, n))
         outs = _call(
             _bwd_logit_kernel,
-            backward_middle_st,
+            middle_st,
             config,
             w.shape,
             [sp["rows"], sp["rows"], sp["state"], sp["state"], sp["state_head"]]
@@ -976,11 +957,11 @@ def _make_tssa(
         else:
             nu2 = c1
             r1 = jnp.where(nu2 > NORM_EPS_SQ, -jnp.sum(gn, axis=1, keepdims=True) / (nu2 * nu2), 0)
-        sp = _specs(backward_st, w.shape, tile.chunk_t)
-        b_specs, b_args = bias_args(backward_st, w.shape, bias)
+        sp = _specs(forward_st, w.shape, tile.chunk_t)
+        b_specs, b_args = bias_args(forward_st, w.shape, bias)
         dw = _call(
             _bwd_dw_kernel,
-            backward_st,
+            forward_st,
             config,
             w.shape,
             [sp["rows"], sp["rows"], sp["state"], sp["state"], sp["state_head"]]
