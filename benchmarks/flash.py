@@ -63,6 +63,7 @@ def _tokamax(implementation):
 
 
 PEERS: dict[str, Callable] = {
+    "jattn_auto": _jattn(None),  # implementation=None: the measured dispatch where one exists
     "jattn_mosaic": _jattn("mosaic"),  # Hopper only
     "jattn_triton": _jattn("triton"),
     "cudnn": _jax_nn("cudnn"),

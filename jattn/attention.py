@@ -123,7 +123,9 @@ def auto_order(platform: str | None = None) -> tuple[str, ...]:
     `benchmarks/results/flash_mosaic_h100_bf16.json`), cuDNN is ahead of the Mosaic GPU kernel in
     most cells (its forward is 0.8-0.96x of the best peer) and the Mosaic kernel is ~1.4x the
     Triton one; mosaic serves what cuDNN declines in 16-bit (soft cap, segments, q_offset, odd
-    head dims), triton what both decline (float32). Other CUDA GPUs: triton, cudnn. Then XLA.
+    head dims), triton what both decline (float32). A call's own bucket can reorder the kernels
+    where a dispatch table was measured on the GPU (`auto_order_for`: the H200's puts mosaic
+    first for causal forwards at H >= 128). Other CUDA GPUs: triton, cudnn. Then XLA.
     Off the GPU: xla_chunked (O(T) memory), then xla; the Pallas kernels run there only in
     interpret mode, so only an explicit request gets them.
     """
@@ -135,6 +137,27 @@ def auto_order(platform: str | None = None) -> tuple[str, ...]:
     else:
         order = ("triton", "cudnn", "xla_chunked", "xla")
     return tuple(name for name in order if name in _REGISTRY)
+
+
+def auto_order_for(args: AttentionArgs, *, differentiated: bool) -> tuple[str, ...]:
+    """`auto_order()`, with the kernels this GPU's shipped dispatch table measured for the
+    call's bucket moved to the front, fastest first (`jattn.autotune.dispatch`; the H200 table
+    comes from `benchmarks/results/flash_h200_bf16_*.json`). differentiated: the call is under
+    reverse-mode autodiff, so the forward+backward measurements rank it."""
+    order = auto_order()
+    if jax.default_backend() != "gpu" or not hopper_or_newer():
+        return order
+    from jattn.autotune import cache, dispatch
+
+    measured = dispatch.measured_order(
+        device=cache.device_kind(),
+        dtype=args.query.dtype,
+        head_dim=args.query.shape[-1],
+        causal=args.is_causal,
+        length=max(args.query.shape[1], args.key.shape[1]),
+        differentiated=differentiated,
+    )
+    return dispatch.merge(measured, order)
 
 
 def dot_product_attention(
@@ -289,18 +312,22 @@ def _run(args: AttentionArgs, implementation, config) -> tuple[Array, Array]:
     try:
         hash((static, implementation, config))
     except TypeError:  # an unhashable config: let the implementation say what is wrong
-        return _dispatch(args, implementation, config)
+        return _dispatch(args, implementation, config, differentiated=reverse == 1)
     arrays = {name: getattr(args, name) for name in _ARRAY_FIELDS}
     # config=None is resolved from the autotune cache while tracing: a cache written since
     # (jattn autotune, autotune.save) must give a new trace, not the first one's tiles.
     tuning = autotune_cache.state() if config is None else None
-    return _dispatch_jit(arrays, static, implementation, config, tuning)
+    differentiated = reverse == 1  # the jit hides the tracers: auto's bucket needs it now
+    return _dispatch_jit(arrays, static, implementation, config, tuning, differentiated)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _dispatch_jit(arrays, static, implementation, config, tuning) -> tuple[Array, Array]:
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _dispatch_jit(
+    arrays, static, implementation, config, tuning, differentiated
+) -> tuple[Array, Array]:
     del tuning  # only a key of the jit cache
-    return _dispatch(AttentionArgs(**arrays, **dict(static)), implementation, config)
+    args = AttentionArgs(**arrays, **dict(static))
+    return _dispatch(args, implementation, config, differentiated=differentiated)
 
 
 def _autodiff_levels(args: AttentionArgs) -> tuple[bool, int]:
@@ -352,9 +379,11 @@ def _higher_order(name: str, forward: bool) -> Implementation:
     return decline
 
 
-def _dispatch(args: AttentionArgs, implementation, config) -> tuple[Array, Array]:
+def _dispatch(
+    args: AttentionArgs, implementation, config, *, differentiated: bool = False
+) -> tuple[Array, Array]:
     if implementation is None:
-        names = auto_order()
+        names = auto_order_for(args, differentiated=differentiated)
     elif isinstance(implementation, str):
         names = (implementation,)
     else:

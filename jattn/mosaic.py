@@ -77,7 +77,15 @@ def _forward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[Mos
 
 
 def _schedule_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfig]:
-    return [dataclasses.replace(base, schedule_barrier=on) for on in (True, False)]
+    """The ping-pong barrier on or off, as an mbarrier or a named barrier; a grid of one program
+    per tile or a persistent one (measured on the H200 within run-to-run noise of each other:
+    the tuner decides per bucket)."""
+    options = itertools.product((True, False), (False, True), (False, True))
+    return [
+        dataclasses.replace(base, schedule_barrier=on, named_barrier=named, persistent=persistent)
+        for on, named, persistent in options
+        if on or not named
+    ]
 
 
 def _backward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfig]:

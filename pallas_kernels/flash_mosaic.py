@@ -47,6 +47,7 @@ from pallas_kernels.mosaic_common import (
     WGMMA,
     WGMMA_COL,
     WGMMA_ROW,
+    TURN_BARRIER,
     Static,
     hide_invisible,
     interpret_kwargs,
@@ -55,6 +56,7 @@ from pallas_kernels.mosaic_common import (
     load_vector,
     mma_accumulate,
     mma_transposed,
+    named_barrier_sync,
     padded_head_dim,
     pair_window,
     tile_logits,
@@ -80,6 +82,15 @@ class MosaicConfig:
     bwd_num_stages: depth of both backward kernels' rings.
     schedule_barrier: the forward's two consumers take turns (one runs its softmax while the
       other's matmuls hold the tensor cores), as FlashAttention-3's ping-pong schedule does.
+    persistent: the forward runs one program per SM, each looping over query tiles: the next
+      tile's K/V loads and Q load run under this tile's last steps and output store (O gets
+      its own shared-memory buffer).
+    longest_first: causal (and right-bounded window) forward: the query tiles that see the most
+      keys start first, the short ones fill the tail.
+    early_k_wait: the forward waits for the next K tile while P V runs on the tensor cores, not
+      before its Q K^T.
+    named_barrier: the ping-pong turns meet at a hardware named barrier (`bar.sync`) rather
+      than a shared-memory mbarrier (on the GPU; interpret mode keeps the mbarrier).
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
     """
 
@@ -87,6 +98,10 @@ class MosaicConfig:
     block_kv: int = 128
     num_stages: int = 2
     schedule_barrier: bool = True
+    persistent: bool = False
+    longest_first: bool = True
+    early_k_wait: bool = True
+    named_barrier: bool = False
     bwd_block_q: int = 64
     bwd_block_kv: int = 64
     bwd_num_stages: int = 2
@@ -100,7 +115,8 @@ class MosaicConfig:
             "bwd_block_kv",
             "bwd_num_stages",
         )
-        common.check_config_fields(self, ints=ints, bools=("schedule_barrier",))
+        bools = ("schedule_barrier", "persistent", "longest_first", "early_k_wait", "named_barrier")
+        common.check_config_fields(self, ints=ints, bools=bools)
         for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
             value = getattr(self, name)
             if value < 64 or value % 64:
@@ -125,6 +141,12 @@ def shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_itemsize: i
     h_pad = padded_head_dim(head_dim)
     per_stage = 2 * config.block_kv * h_pad * 2 + rows * config.block_kv * pair_itemsize
     return rows * h_pad * 2 + config.num_stages * per_stage + rows * 4 + 4 * config.block_kv
+
+
+def o_buffer_fits(config: MosaicConfig, head_dim: int, pair_itemsize: int) -> bool:
+    """Whether a persistent forward's O fits a buffer of its own beside the others."""
+    o_bytes = CONSUMERS * config.block_q * padded_head_dim(head_dim) * 2
+    return fits_shared_memory(shared_memory_estimate(config, head_dim, pair_itemsize) + o_bytes)
 
 
 def backward_shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_itemsize: int) -> int:
@@ -194,164 +216,260 @@ def default_config(head_dim: int, pair_itemsize: int = 0) -> MosaicConfig:
 # --- the kernel ---------------------------------------------------------------------------------
 
 
-def _forward_kernel(refs, scratch, *, st: Static):
+def _tile_coords(st: Static, tile, shape: tuple[int, int, int]):
+    """(head, q_tile, batch) of a program's tile. shape: (heads, q_tiles, batch).
+
+    A persistent program's tile is a flat index: query tiles vary fastest (the programs that run
+    together read the same K and V from L2), or, with longest_first and a causal reach, the query
+    tiles that see the most keys go first, so that the short ones fill the tail."""
+    heads, q_tiles, batch_size = shape
+    longest_first = st.longest_first and st.right is not None
+    if not st.persistent:
+        head, q_tile = lax.axis_index("heads"), lax.axis_index("q_tiles")
+        batch = lax.axis_index("batch")
+        return head, (q_tiles - 1 - q_tile) if longest_first else q_tile, batch
+    if longest_first:
+        q_tile, rest = q_tiles - 1 - tile // (heads * batch_size), tile % (heads * batch_size)
+        return rest % heads, q_tile, rest // heads
+    q_tile, rest = tile % q_tiles, tile // q_tiles
+    return rest % heads, q_tile, rest // heads
+
+
+def _forward_kernel(refs, scratch, *, st: Static, programs: int):
     q_ref, k_ref, v_ref, bounds_ref = refs["q"], refs["k"], refs["v"], refs["bounds"]
     out_ref, lse_ref = refs["out"], refs["lse"]
     block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
-    head, q_tile = lax.axis_index("heads"), lax.axis_index("q_tiles")
-    batch = lax.axis_index("batch")
+    batch_size, t_pad, num_heads, _ = q_ref.shape
+    rows_per_program = CONSUMERS * block_q
+    grid = (num_heads, t_pad // rows_per_program, batch_size)
     wg = lax.axis_index("wg")
-    bounds = (bounds_ref[batch, 0], bounds_ref[batch, 1], bounds_ref[batch, 2])
-    program_first = q_tile * (CONSUMERS * block_q)
-    lo, _, _, hi = key_blocks(st, bounds, program_first, CONSUMERS * block_q)
+    if st.persistent:  # tiles program, program + programs, ... of the flat grid
+        program = lax.axis_index("programs")
+        num_tiles = math.prod(grid)
+        my_tiles = lax.div(num_tiles - 1 - program, programs) + 1
+    else:
+        program, my_tiles = 0, 1
 
-    def slot_of(step):
-        return lax.rem(step - lo, stages)
+    def tile_of(i):
+        """head, batch, bounds, first query row and key-block range [lo, hi) of tile i."""
+        head, q_tile, batch = _tile_coords(st, program + i * programs, grid)
+        bounds = (bounds_ref[batch, 0], bounds_ref[batch, 1], bounds_ref[batch, 2])
+        program_first = q_tile * rows_per_program
+        lo, _, _, hi = key_blocks(st, bounds, program_first, rows_per_program)
+        return head, batch, bounds, program_first, lo, hi
 
-    program_rows = pl.ds(program_first, CONSUMERS * block_q)
+    # The K/V ring continues across a persistent program's tiles: the `count`-th key block the
+    # program visits uses slot count % stages (each barrier's phase follows its waits).
+    def slot_of(count):
+        return lax.rem(count, stages)
 
     @pl.when(wg == CONSUMERS)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(head, st.groups)
 
-        @pl.loop(lo, hi)
-        def _(step):
-            slot = slot_of(step)
-            keys = pl.ds(step * block_kv, block_kv)
+        def produce_tile(i, base):
+            head, batch, _, program_first, lo, hi = tile_of(i)
+            kv_head = lax.div(head, st.groups)
+            program_rows = pl.ds(program_first, rows_per_program)
 
-            @pl.when(step - lo >= stages)
-            def _():
-                plgpu.barrier_wait(scratch["k_consumed"].at[slot])
+            @pl.loop(lo, hi)
+            def _(step):
+                count = base + step - lo
+                slot = slot_of(count)
+                keys = pl.ds(step * block_kv, block_kv)
 
-            produced = scratch["k_produced"].at[slot]
-            plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], scratch["k"].at[slot], produced)
-            for name in ("bias", "mask"):
-                if name in refs:
-                    window = pair_window(refs[name], batch, head, program_rows, keys)
-                    plgpu.copy_gmem_to_smem(window, scratch[name].at[slot], produced)
-            if st.has_segments:
+                @pl.when(count >= stages)
+                def _():
+                    plgpu.barrier_wait(scratch["k_consumed"].at[slot])
+
+                produced = scratch["k_produced"].at[slot]
                 plgpu.copy_gmem_to_smem(
-                    refs["kv_seg"].at[batch, keys], scratch["kv_seg"].at[slot], produced
+                    k_ref.at[batch, keys, kv_head], scratch["k"].at[slot], produced
+                )
+                for name in ("bias", "mask"):
+                    if name in refs:
+                        window = pair_window(refs[name], batch, head, program_rows, keys)
+                        plgpu.copy_gmem_to_smem(window, scratch[name].at[slot], produced)
+                if st.has_segments:
+                    plgpu.copy_gmem_to_smem(
+                        refs["kv_seg"].at[batch, keys], scratch["kv_seg"].at[slot], produced
+                    )
+
+                @pl.when(count >= stages)
+                def _():
+                    plgpu.barrier_wait(scratch["v_consumed"].at[slot])
+
+                v_produced = scratch["v_produced"].at[slot]
+                plgpu.copy_gmem_to_smem(
+                    v_ref.at[batch, keys, kv_head], scratch["v"].at[slot], v_produced
                 )
 
-            @pl.when(step - lo >= stages)
-            def _():
-                plgpu.barrier_wait(scratch["v_consumed"].at[slot])
+            return base + jnp.maximum(hi - lo, 0)
 
-            v_produced = scratch["v_produced"].at[slot]
-            plgpu.copy_gmem_to_smem(
-                v_ref.at[batch, keys, kv_head], scratch["v"].at[slot], v_produced
-            )
+        total = _over_tiles(st, my_tiles, produce_tile)
 
         # Drain: observe the consumers' release of the last slots too, so that every phase of
         # every barrier is waited on by its waiter (the interpreter checks it; on the GPU it
         # only keeps the producer alive until the consumers are done).
-        @pl.loop(jnp.maximum(lo, hi - stages), hi)
-        def _(step):
-            plgpu.barrier_wait(scratch["k_consumed"].at[slot_of(step)])
-            plgpu.barrier_wait(scratch["v_consumed"].at[slot_of(step)])
+        @pl.loop(jnp.maximum(0, total - stages), total)
+        def _(count):
+            plgpu.barrier_wait(scratch["k_consumed"].at[slot_of(count)])
+            plgpu.barrier_wait(scratch["v_consumed"].at[slot_of(count)])
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
-        q_first = program_first + wg * block_q
-        rows = pl.ds(q_first, block_q)
         q_smem = scratch["q"].at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, scratch["q_produced"].at[wg])
-        q_seg = None
-        if st.has_segments:
-            q_seg_smem = scratch["q_seg"].at[wg]
-            plgpu.copy_gmem_to_smem(
-                refs["q_seg"].at[batch, rows], q_seg_smem, scratch["q_produced"].at[wg]
-            )
-        plgpu.barrier_wait(scratch["q_produced"].at[wg])
-        if st.has_segments:
-            q_seg = load_vector(st, scratch["q_seg"].at[wg], WGMMA_ROW)
-        _, inner_lo, inner_hi, _ = key_blocks(st, bounds, q_first, block_q)
+        # A persistent program loads the next tile's Q while it writes this tile's O when O
+        # has its own buffer (it fits shared memory); otherwise O takes Q's place, and the
+        # next Q load waits until the store has read O out.
+        o_smem = scratch["o"].at[wg] if st.o_buffer else q_smem
+
+        def load_q(i):
+            head, batch, _, program_first, _, _ = tile_of(i)
+            rows = pl.ds(program_first + wg * block_q, block_q)
+            produced = scratch["q_produced"].at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, produced)
+            if st.has_segments:
+                plgpu.copy_gmem_to_smem(refs["q_seg"].at[batch, rows], scratch["q_seg"].at[wg], produced)
 
         # The ping-pong schedule: a two-party barrier the consumers meet at twice a step, right
         # after issuing Q K^T and right after their softmax, so that one's softmax overlaps the
         # other's matmuls. Consumer 1 starts one meeting late (consumer 0 goes first), and
-        # consumer 0 makes it up at the end, so both meet 2 * steps + 1 times.
+        # consumer 0 makes it up at the end, so both meet 2 * steps + 1 times per tile.
         turn = scratch.get("turn")
+        if st.schedule_barrier and st.named_barrier:
+            turn = TURN_BARRIER
 
         def take_turns():
+            if st.named_barrier:
+                named_barrier_sync(TURN_BARRIER, CONSUMERS * _THREADS_PER_WARPGROUP)
+                return
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(turn)
 
-        if turn is not None:
-            pl.when(wg == 1)(take_turns)
-
-        def visit(step, carry, *, masked: bool):
-            acc, m_i, l_i = carry  # [bq, Hp] f32; [bq] f32 running max (base 2); [bq] f32 sum
-            slot = slot_of(step)
-            plgpu.barrier_wait(scratch["k_produced"].at[slot])
-            qk = mma_transposed(
-                st, q_smem, scratch["k"].at[slot], take_turns if turn is not None else None
-            )
-            bias = mask = kv_seg = None
-            if st.has_bias:
-                bias = scratch["bias"][slot, pl.ds(wg * block_q, block_q)].astype(jnp.float32)
-            if st.has_mask:
-                mask = scratch["mask"][slot, pl.ds(wg * block_q, block_q)]
+        def consume_tile(i, base):
+            head, batch, bounds, program_first, lo, hi = tile_of(i)
+            q_first = program_first + wg * block_q
+            rows = pl.ds(q_first, block_q)
+            plgpu.barrier_wait(scratch["q_produced"].at[wg])
+            q_seg = None
             if st.has_segments:
-                kv_seg = load_vector(st, scratch["kv_seg"].at[slot], WGMMA_COL)
-            plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
+                q_seg = load_vector(st, scratch["q_seg"].at[wg], WGMMA_ROW)
+            _, inner_lo, inner_hi, _ = key_blocks(st, bounds, q_first, block_q)
+            if turn is not None:
+                pl.when(wg == 1)(take_turns)
 
-            logits, _ = tile_logits(st, qk, bias)
-            if masked:
-                logits = hide_invisible(
-                    st,
-                    logits,
-                    q_first=q_first,
-                    k_first=step * block_kv,
-                    bounds=bounds,
-                    q_seg=q_seg,
-                    kv_seg=kv_seg,
-                    mask=mask,
+            def wait_k(step):
+                plgpu.barrier_wait(scratch["k_produced"].at[slot_of(base + step - lo)])
+
+            def visit(step, carry, *, masked: bool):
+                acc, m_i, l_i = carry  # [bq, Hp] f32; [bq] f32 running max (base 2); [bq] sum
+                slot = slot_of(base + step - lo)
+                if not st.early_k_wait:
+                    wait_k(step)
+                qk = mma_transposed(
+                    st, q_smem, scratch["k"].at[slot], take_turns if turn is not None else None
                 )
+                bias = mask = kv_seg = None
+                if st.has_bias:
+                    bias = scratch["bias"][slot, pl.ds(wg * block_q, block_q)].astype(jnp.float32)
+                if st.has_mask:
+                    mask = scratch["mask"][slot, pl.ds(wg * block_q, block_q)]
+                if st.has_segments:
+                    kv_seg = load_vector(st, scratch["kv_seg"].at[slot], WGMMA_COL)
+                plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
 
-            m_new = jnp.maximum(m_i, logits.max(axis=1))
-            # A row with nothing visible so far keeps m = -inf: shift by 0 there (no inf - inf).
-            m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m_i - m_shift)
-            p = jnp.exp2(logits - lax.broadcast_in_dim(m_shift, logits.shape, [0]))
-            l_i = l_i * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p = p.astype(q_ref.dtype)
-            if turn is None:
-                plgpu.barrier_wait(scratch["v_produced"].at[slot])
-            else:  # finish the softmax before handing the tensor cores over
-                acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
-                plgpu.barrier_arrive(turn)
-                plgpu.barrier_wait(scratch["v_produced"].at[slot])
-                plgpu.barrier_wait(turn)
-            acc = mma_accumulate(st, acc, p, scratch["v"].at[slot])
-            plgpu.barrier_arrive(scratch["v_consumed"].at[slot])
-            return acc, m_new, l_i
+                logits, _ = tile_logits(st, qk, bias)
+                if masked:
+                    logits = hide_invisible(
+                        st,
+                        logits,
+                        q_first=q_first,
+                        k_first=step * block_kv,
+                        bounds=bounds,
+                        q_seg=q_seg,
+                        kv_seg=kv_seg,
+                        mask=mask,
+                    )
 
-        h_pad = q_ref.shape[-1]
-        acc = layout_cast(st, jnp.zeros((block_q, h_pad), jnp.float32), WGMMA)
-        m_i = layout_cast(st, jnp.full((block_q,), -jnp.inf, jnp.float32), WGMMA_ROW)
-        l_i = layout_cast(st, jnp.zeros((block_q,), jnp.float32), WGMMA_ROW)
-        # This warpgroup's unmasked range, clipped into the program's [lo, hi): both consumers
-        # visit every step of [lo, hi) (the barriers count on it), masking what they do not see.
-        inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
-        acc, m_i, l_i = common.visit_all(st, (lo, inner_lo, inner_hi, hi), visit, (acc, m_i, l_i))
-        if turn is not None:
-            pl.when(wg == 0)(take_turns)
+                m_new = jnp.maximum(m_i, logits.max(axis=1))
+                # A row with nothing visible so far keeps m = -inf: shift by 0 there (no inf - inf).
+                m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp2(m_i - m_shift)
+                p = jnp.exp2(logits - lax.broadcast_in_dim(m_shift, logits.shape, [0]))
+                l_i = l_i * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p = p.astype(q_ref.dtype)
+                if turn is None:
+                    plgpu.barrier_wait(scratch["v_produced"].at[slot])
+                elif st.named_barrier:  # finish the softmax before handing the tensor cores over
+                    acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
+                    plgpu.barrier_wait(scratch["v_produced"].at[slot])
+                    take_turns()
+                else:
+                    acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
+                    plgpu.barrier_arrive(turn)
+                    plgpu.barrier_wait(scratch["v_produced"].at[slot])
+                    plgpu.barrier_wait(turn)
 
-        has_any = l_i > 0.0
-        inv_l = jnp.where(has_any, 1.0 / jnp.where(has_any, l_i, 1.0), 0.0)
-        out = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
-        lse = jnp.where(has_any, (m_i + jnp.log2(jnp.where(has_any, l_i, 1.0))) * _LN2, -jnp.inf)
-        q_smem[...] = out.astype(q_ref.dtype)  # Q is no longer needed: its slot holds O
-        scratch["lse"][wg] = lse
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, rows, head])
-        plgpu.copy_smem_to_gmem(scratch["lse"].at[wg], lse_ref.at[batch, head, rows])
+                def wait_next_k():  # while P V runs: the next step's K
+                    pl.when(step + 1 < hi)(lambda: wait_k(step + 1))
+
+                acc = mma_accumulate(
+                    st, acc, p, scratch["v"].at[slot], wait_next_k if st.early_k_wait else None
+                )
+                plgpu.barrier_arrive(scratch["v_consumed"].at[slot])
+                return acc, m_new, l_i
+
+            h_pad = q_ref.shape[-1]
+            acc = layout_cast(st, jnp.zeros((block_q, h_pad), jnp.float32), WGMMA)
+            m_i = layout_cast(st, jnp.full((block_q,), -jnp.inf, jnp.float32), WGMMA_ROW)
+            l_i = layout_cast(st, jnp.zeros((block_q,), jnp.float32), WGMMA_ROW)
+            if st.early_k_wait:
+                pl.when(lo < hi)(lambda: wait_k(lo))
+            # This warpgroup's unmasked range, clipped into the tile's [lo, hi): both consumers
+            # visit every step of [lo, hi) (the barriers count on it), masking what they do
+            # not see.
+            inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
+            ranges = (lo, inner_lo, inner_hi, hi)
+            acc, m_i, l_i = common.visit_all(st, ranges, visit, (acc, m_i, l_i))
+            if turn is not None:
+                pl.when(wg == 0)(take_turns)
+            if st.o_buffer:  # Q is no longer needed: bring the next tile's
+                pl.when(i + 1 < my_tiles)(lambda: load_q(i + 1))
+
+            has_any = l_i > 0.0
+            inv_l = jnp.where(has_any, 1.0 / jnp.where(has_any, l_i, 1.0), 0.0)
+            out = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+            log_l = jnp.log2(jnp.where(has_any, l_i, 1.0))
+            lse = jnp.where(has_any, (m_i + log_l) * _LN2, -jnp.inf)
+            if st.o_buffer:  # the previous tile's stores have read O and lse out
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            o_smem[...] = out.astype(q_ref.dtype)
+            scratch["lse"][wg] = lse
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, rows, head])
+            plgpu.copy_smem_to_gmem(scratch["lse"].at[wg], lse_ref.at[batch, head, rows])
+            if st.persistent and not st.o_buffer:  # O sits in Q's buffer: once stored, next Q
+
+                @pl.when(i + 1 < my_tiles)
+                def _():
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    load_q(i + 1)
+            return base + jnp.maximum(hi - lo, 0)
+
+        load_q(0)
+        _over_tiles(st, my_tiles, consume_tile)
         plgpu.wait_smem_to_gmem(0)
+
+
+def _over_tiles(st: Static, my_tiles, body):
+    """body(i, count) over a program's tiles, count: key blocks visited before tile i; returns
+    the total. One tile (no loop) unless persistent."""
+    if not st.persistent:  # count 0 as a Python int: a constant array cannot be closed over
+        return body(0, 0)  # by the wgmma regions (JAX 0.11 lowering)
+    return lax.fori_loop(0, my_tiles, body, jnp.int32(0))
 
 
 def forward(
@@ -392,6 +510,8 @@ def forward(
         "v": tiled((stages, block_kv, h_pad), query.dtype),
         "lse": plgpu.SMEM((CONSUMERS, st.block_q), jnp.float32),
     }
+    if st.o_buffer:
+        scratch["o"] = tiled((CONSUMERS, st.block_q, h_pad), query.dtype)
     produced_copies = 1
     if bias is not None:
         operands["bias"] = pairwise(bias, bias.dtype if bias.dtype != jnp.float64 else jnp.float32)
@@ -416,15 +536,24 @@ def forward(
         k_consumed=plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         v_consumed=plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
     )
-    if st.schedule_barrier:
+    if st.schedule_barrier and not st.named_barrier:
         scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS)
+
+    num_tiles = num_heads * (t_pad // rows_per_program) * batch
+    if st.persistent:
+        programs = min(num_tiles, _programs_per_device(st))
+        grid, grid_names = (programs,), ("programs",)
+    else:
+        programs = 1
+        grid, grid_names = (num_heads, t_pad // rows_per_program, batch), ("heads", "q_tiles", "batch")
 
     def body(*refs):
         names = list(operands) + ["out", "lse"]
         named = dict(zip(names, refs[: len(names)], strict=True))
 
         def with_scratch(*buffers):
-            _forward_kernel(named, dict(zip(scratch, buffers, strict=True)), st=st)
+            buffers = dict(zip(scratch, buffers, strict=True))
+            _forward_kernel(named, buffers, st=st, programs=programs)
 
         pl.run_scoped(with_scratch, *scratch.values(), collective_axes="wg")
 
@@ -435,8 +564,8 @@ def forward(
     kernel = plgpu.kernel(
         body,
         out_type=out_type,
-        grid=(num_heads, t_pad // rows_per_program, batch),
-        grid_names=("heads", "q_tiles", "batch"),
+        grid=grid,
+        grid_names=grid_names,
         num_threads=CONSUMERS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -445,6 +574,17 @@ def forward(
     out, lse = kernel(*operands.values())
     out = out[:, :q_len, :, :head_dim]
     return out, jnp.swapaxes(lse[:, :, :q_len], 1, 2)
+
+
+def _programs_per_device(st: Static) -> int:
+    """A persistent forward's programs: one per SM (132 on an H100 SXM or H200 when the device
+    does not say, as in a lowering for CUDA on CPU); two in interpret mode, so that tests cover
+    programs that loop over several tiles."""
+    if st.interpret:
+        return 2
+    if common.on_gpu():
+        return int(getattr(jax.devices()[0], "core_count", 132))
+    return 132
 
 
 # --- the public entry: forward here, backward from the Triton kernels ---------------------------
@@ -533,6 +673,11 @@ def flash_attention(
         num_stages=config.num_stages,
         schedule_barrier=config.schedule_barrier,
         interpret=interpret,
+        persistent=config.persistent,
+        longest_first=config.longest_first,
+        early_k_wait=config.early_k_wait,
+        named_barrier=config.named_barrier and not interpret,  # the interpreter runs no PTX
+        o_buffer=config.persistent and o_buffer_fits(config, head_dim, pair_itemsize),
     )
     # The backward tiles both axes by 2 * max(bwd blocks): its own padding, its own kv check.
     bwd_tile = 2 * max(config.bwd_block_q, config.bwd_block_kv)
@@ -542,6 +687,11 @@ def flash_attention(
         block_kv=config.bwd_block_kv,
         num_stages=config.bwd_num_stages,
         check_kv_len=key_value_seq_lengths is not None or kv_len % bwd_tile != 0,
+        persistent=False,
+        longest_first=False,
+        early_k_wait=False,
+        named_barrier=False,
+        o_buffer=False,
     )
     # The native backward needs its buffers in shared memory and its accumulators in registers
     # (H > 128 does not: dK and dV alone are 2 * H registers per thread, so it spills).

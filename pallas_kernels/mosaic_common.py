@@ -49,6 +49,11 @@ class Static:
     num_stages: int
     schedule_barrier: bool
     interpret: bool
+    persistent: bool = False  # the forward: one program per SM loops over the tiles
+    longest_first: bool = False  # the forward: causal query tiles that see the most keys first
+    early_k_wait: bool = False  # the forward: wait for the next K tile while P V runs
+    named_barrier: bool = False  # the forward's ping-pong turns on a hardware named barrier
+    o_buffer: bool = False  # a persistent forward writes O to its own buffer (else Q's)
 
 
 # --- interpret-mode stand-ins -----------------------------------------------------------------
@@ -73,13 +78,18 @@ def load_vector(st: Static, ref, layout) -> Array:
     return plgpu.load(ref, (), layout=layout)
 
 
-def mma_accumulate(st: Static, acc: Array, lhs: Array, rhs_ref) -> Array:
-    """acc + lhs @ rhs on the tensor cores (acc float32 [M, N], lhs [M, K] in registers)."""
+def mma_accumulate(st: Static, acc: Array, lhs: Array, rhs_ref, while_running=None) -> Array:
+    """acc + lhs @ rhs on the tensor cores (acc float32 [M, N], lhs [M, K] in registers).
+    while_running(): what to do between issuing the matmul and waiting for its result."""
     if st.interpret:
+        if while_running is not None:
+            while_running()
         return acc + jnp.dot(lhs, rhs_ref[...], preferred_element_type=jnp.float32)
 
     def accumulate(acc_ref):
         plgpu.wgmma(acc_ref, lhs, rhs_ref)
+        if while_running is not None:
+            while_running()
 
     return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
@@ -102,6 +112,30 @@ def mma_transposed(st: Static, lhs_ref, rhs_ref, while_running=None) -> Array:
 
     shape = (lhs_ref.shape[0], rhs_ref.shape[0])
     return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+
+# The hardware's named barriers 0-3 are Mosaic GPU's (0 for the whole block, 1 + w for
+# warpgroup w's own): the kernels' start after them.
+TURN_BARRIER = 4
+
+
+def named_barrier_sync(barrier_id: int, threads: int) -> None:
+    """`bar.sync barrier_id, threads`: wait until `threads` threads (a multiple of 32) arrived
+    at the named barrier, this warpgroup's included. GPU only (the interpreter has no PTX)."""
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import llvm
+
+    @plgpu.inline_mgpu()
+    def sync(_):
+        llvm.inline_asm(
+            ir.Type.parse("!llvm.void"),
+            [],
+            f"bar.sync {barrier_id}, {threads};",
+            "",
+            has_side_effects=True,
+        )
+
+    sync()
 
 
 def tile_logits(st: Static, qk: Array, bias: Array | None) -> tuple[Array, Array | None]:

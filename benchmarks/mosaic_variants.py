@@ -1,0 +1,162 @@
+"""Mosaic GPU forward variants on one GPU, in one process: correctness, then forward TFLOP/s of
+each variant beside cuDNN and tokamax in the same cell.
+
+A development probe for issue 14 (each version's numbers go to benchmarks/NOTES.md): the
+persistent grid, longest-first causal order and the early K wait of `MosaicConfig`, one at a
+time and together, on the default tiles of each head dim. FlashAttention's shapes (16k tokens,
+hidden 2048), bf16; FLOPs by the FlashAttention convention (`benchmarks.flash`).
+
+Run: python -m benchmarks.mosaic_variants --json OUT.json [--head-dims 64 128 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jattn
+from benchmarks import flash
+from jattn import reference
+from jattn.demo import environment
+from pallas_kernels import flash_mosaic
+
+VARIANTS = {
+    "base": {},
+    "early_k_wait": dict(early_k_wait=True),
+    "longest_first": dict(longest_first=True),
+    "named_barrier": dict(named_barrier=True),
+    "persistent": dict(persistent=True, longest_first=True),
+    "persistent_named": dict(persistent=True, longest_first=True, named_barrier=True),
+    "all": dict(persistent=True, longest_first=True, early_k_wait=True, named_barrier=True),
+}
+
+
+def configs(head_dim: int, extra: dict[str, dict]) -> dict[str, jattn.MosaicConfig]:
+    """The variants on `default_config(head_dim)`, dropping those that do not fit shared
+    memory; `extra`: more {name: changes} (other tilings)."""
+    base = flash_mosaic.default_config(head_dim)
+    out = {}
+    for name, changes in {**VARIANTS, **extra}.items():
+        config = dataclasses.replace(base, **changes)
+        if flash_mosaic.fits_shared_memory(
+            flash_mosaic.shared_memory_estimate(config, head_dim, 0)
+        ):
+            out[name] = config
+    return out
+
+
+def _mosaic(config):
+    def run(q, k, v, causal, **options):
+        return jattn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="mosaic", config=config, **options
+        )
+
+    return run
+
+
+def check(head_dims, extra) -> list[dict]:
+    """Every variant's forward against the float32 reference: causal bottom-right with T != S,
+    padding lengths with an empty query row, segments with a window and soft cap, GQA."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for head_dim in head_dims:
+        b, t, s, n, kv = 2, 1000, 1300, 8, 2
+        q = jnp.asarray(rng.standard_normal((b, t, n, head_dim)), jnp.bfloat16)
+        k, v = (jnp.asarray(rng.standard_normal((b, s, kv, head_dim)), jnp.bfloat16) for _ in "kv")
+        seg_q = jnp.asarray(np.sort(rng.integers(0, 3, (b, t))), jnp.int32)
+        seg_k = jnp.asarray(np.sort(rng.integers(0, 3, (b, s))), jnp.int32)
+        cases = {
+            "causal": dict(causal=True),
+            "full_lengths": dict(
+                causal=False,
+                query_seq_lengths=jnp.array([1000, 0], jnp.int32),
+                key_value_seq_lengths=jnp.array([700, 1300], jnp.int32),
+            ),
+            "segments_window_softcap": dict(
+                causal=True,
+                segment_ids=(seg_q, seg_k[:, :t]),
+                local_window_size=(200, 0),
+                logits_soft_cap=20.0,
+            ),
+        }
+        for case, options in cases.items():
+            causal = options.pop("causal")
+            keys = k[:, :t] if "segment_ids" in options else k
+            values = v[:, :t] if "segment_ids" in options else v
+            upcast = [x.astype(jnp.float32) for x in (q, keys, values)]
+            want = reference.dot_product_attention(*upcast, is_causal=causal, **options)
+            for name, config in configs(head_dim, extra).items():
+                row = dict(head_dim=head_dim, case=case, variant=name)
+                try:
+                    got = _mosaic(config)(q, keys, values, causal, **options)
+                    err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
+                    row.update(max_abs_err=err, ok=bool(err < 0.03))
+                except Exception as e:
+                    row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def time_cells(args, extra, on_row) -> list[dict]:
+    rows = []
+    peers = {"cudnn": flash.PEERS["cudnn"], "tokamax_mosaic": flash.PEERS["tokamax_mosaic"]}
+    for head_dim in args.head_dims:
+        variants = {f"jattn_{n}": _mosaic(c) for n, c in configs(head_dim, extra).items()}
+        for length in args.lengths:
+            for causal in (False, True):
+                batch, heads = flash.TOKENS // length, flash.HIDDEN // head_dim
+                keys = jax.random.split(jax.random.key(length + head_dim), 3)
+                shape = (batch, length, heads, head_dim)
+                q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
+                flops = flash.forward_flops(batch, heads, length, length, head_dim, causal)
+                for name, peer in {**variants, **peers}.items():
+                    if name == "jattn_longest_first" and not causal:
+                        continue
+                    row = dict(peer=name, head_dim=head_dim, length=length, causal=causal)
+                    try:
+                        ms = flash.measure(peer, q, k, v, causal, "fwd", args.repeats)
+                        row.update(ms=ms, tflops=flops / ms / 1e9)
+                    except Exception as e:
+                        row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    on_row(rows)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 16384])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args(argv)
+    # H=64 on the H100 tuned to 64 x 256 key tiles, 3 stages (NOTES): tried here on the H200.
+    extra = {}
+    if 64 in args.head_dims:
+        extra = {
+            "k256_s3_persistent": dict(block_kv=256, num_stages=3, persistent=True, longest_first=True),
+            "q128_k128_s3_persistent": dict(block_q=128, num_stages=3, persistent=True, longest_first=True),
+        }
+    report = dict(environment=environment(), variants={**VARIANTS, **extra})
+
+    def save(rows=None, key="timings"):
+        if rows is not None:
+            report[key] = rows
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+    if not args.skip_check:
+        save(check(args.head_dims, extra), "checks")
+    save(time_cells(args, extra, save))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Measured dispatch (`jattn.autotune.dispatch`): the shipped H200 table is what the committed
+benchmark runs give, and `implementation=None` tries a bucket's measured kernels first."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jattn
+from jattn import attention
+from jattn.autotune import cache, dispatch
+
+RESULTS = Path(__file__).parents[1] / "benchmarks" / "results"
+H200_RUNS = [RESULTS / "flash_h200_bf16_fwd.json", RESULTS / "flash_h200_bf16_fwdbwd.json"]
+
+
+def test_shipped_h200_table_is_rebuilt_from_the_committed_runs():
+    from benchmarks import dispatch_table
+
+    assert dispatch_table.main(["--check", *map(str, H200_RUNS)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "causal", "length", "differentiated", "first"),
+    [
+        (128, True, 16384, False, "mosaic"),  # 625 vs 570 TFLOP/s (geometric mean, T=8k, 16k)
+        (128, True, 16384, True, "cudnn"),  # forward+backward: 549 vs 511
+        (128, False, 16384, False, "cudnn"),
+        (256, True, 2048, False, "mosaic"),
+        (96, True, 8192, False, "mosaic"),  # H=96 is bucket 128
+        (64, False, 512, False, "cudnn"),
+    ],
+)
+def test_measured_order_of_a_bucket(head_dim, causal, length, differentiated, first):
+    order = dispatch.measured_order(
+        device="nvidia_h200",
+        dtype=jnp.bfloat16,
+        head_dim=head_dim,
+        causal=causal,
+        length=length,
+        differentiated=differentiated,
+    )
+    assert order[0] == first and set(order) == {"cudnn", "mosaic"}
+
+
+def test_unmeasured_buckets_and_devices_have_no_order():
+    common = dict(head_dim=128, causal=True, length=4096, differentiated=False)
+    assert dispatch.measured_order(device="nvidia_h200", dtype=jnp.float16, **common) is None
+    assert dispatch.measured_order(device="nvidia_h100_80gb_hbm3", dtype=jnp.bfloat16, **common) is None
+
+
+def test_merge_puts_the_measured_first_and_keeps_the_fallbacks():
+    default = ("cudnn", "mosaic", "triton", "xla_chunked", "xla")
+    assert dispatch.merge(("mosaic", "cudnn"), default) == (
+        "mosaic", "cudnn", "triton", "xla_chunked", "xla"
+    )
+    assert dispatch.merge(None, default) == default
+    assert dispatch.merge(("mosaic", "unregistered"), ("cudnn", "mosaic")) == ("mosaic", "cudnn")
+
+
+def test_build_ranks_by_geometric_mean_and_drops_failed_cells():
+    def row(peer, length, tflops, mode="fwd", head_dim=128):
+        return dict(peer=peer, head_dim=head_dim, length=length, causal=True, mode=mode,
+                    dtype="bfloat16", tflops=tflops)
+
+    rows = [
+        row("cudnn", 2048, 400.0), row("cudnn", 4096, 500.0),
+        row("jattn_mosaic", 2048, 300.0), row("jattn_mosaic", 4096, 700.0),  # gm 458 > 447
+        row("tokamax_mosaic", 2048, 900.0),  # not an implementation auto can call
+        # H=64: mosaic failed one cell, so cuDNN alone qualifies: no entry
+        row("cudnn", 2048, 400.0, head_dim=64), row("jattn_mosaic", 2048, None, head_dim=64),
+    ]
+    table = dispatch.build([dict(device="gpu (X)", rows=rows)], device="x")
+    (entry,) = table["entries"]
+    assert (entry["head_dim"], entry["lengths"], entry["mode"]) == (128, "<=4096", "forward")
+    assert entry["order"] == ["mosaic", "cudnn"] and entry["measured_lengths"] == [2048, 4096]
+
+
+def _args(length=16384, dtype=jnp.bfloat16, head_dim=128):
+    q = jax.ShapeDtypeStruct((1, length, 2, head_dim), dtype)
+    return attention.AttentionArgs(
+        query=q, key=q, value=q, bias=None, mask=None, scale=1.0, is_causal=True,
+        query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+        q_offset=None, segment_ids=None, logits_soft_cap=None,
+    )
+
+
+def test_auto_order_for_a_hopper_call_uses_the_table(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "hopper_or_newer", lambda: True)
+    monkeypatch.setattr(cache, "device_kind", lambda: "nvidia_h200")
+    registered = attention.auto_order()
+    assert attention.auto_order_for(_args(), differentiated=False)[:2] == ("mosaic", "cudnn")
+    assert attention.auto_order_for(_args(), differentiated=True)[:2] == ("cudnn", "mosaic")
+    assert set(attention.auto_order_for(_args(), differentiated=False)) == set(registered)
+    unmeasured = attention.auto_order_for(_args(dtype=jnp.float16), differentiated=False)
+    assert unmeasured == registered
+
+
+def test_a_call_under_grad_is_dispatched_as_differentiated(rng, monkeypatch):
+    seen = []
+
+    def record(args, *, differentiated):
+        seen.append(differentiated)
+        return ("xla",)
+
+    monkeypatch.setattr(attention, "auto_order_for", record)
+    q = jnp.asarray(rng.standard_normal((1, 9, 2, 8)), jnp.float32)
+    loss = lambda q: jnp.sum(jattn.dot_product_attention(q, q, q, is_causal=True))
+    loss(q)
+    jax.grad(loss)(q)
+    assert seen == [False, True]
