@@ -3,7 +3,7 @@
     python -m benchmarks.dispatch_table benchmarks/results/flash_h200_bf16_fwd.json \
         benchmarks/results/flash_h200_bf16_fwdbwd.json
 
-writes `jattn/autotune/tables/dispatch_<device kind>.json` (`jattn.autotune.dispatch` says how
+writes `jattn/autotune/dispatch_tables/<device kind>.json` (`jattn.autotune.dispatch` says how
 `implementation=None` uses it); `--check` compares instead of writing (tests/test_dispatch.py).
 """
 

@@ -7,6 +7,7 @@ platform (`jax.export`), which checks wgmma operand layouts, swizzles and shared
 a GPU. On a Hopper GPU (`-m gpu`): every feature at real sizes against the reference.
 """
 
+import dataclasses
 import re
 
 import jax
@@ -101,6 +102,29 @@ def test_one_and_three_stages_with_and_without_the_schedule_barrier(rng):
         )
         options = make_options(rng, "causal_bottom_right", TINY)
         check_against_oracle(rng, TINY, options, jnp.bfloat16, "mosaic", config)
+
+
+# The forward's schedule options: a persistent grid (interpret mode runs two programs, each
+# looping over tiles: the K/V ring and the barrier phases carry across them), causal tiles
+# longest first and the early K wait (both on by default), the named-barrier turns (GPU only:
+# the interpreter keeps the mbarrier, the lowering below checks the PTX path).
+PERSISTENT = jattn.MosaicConfig(
+    block_q=64, block_kv=64, num_stages=2, persistent=True, named_barrier=True
+)
+
+
+@pytest.mark.parametrize(
+    ("feature", "shape"),
+    [
+        ("segments_causal_lengths", MULTI_TILE),  # O in a buffer of its own
+        ("causal_bottom_right", (1, 150, 200, 2, 1, 200)),  # H 256: O takes Q's buffer
+    ],
+)
+def test_persistent_grid_matches_oracle(rng, feature, shape):
+    head_dim = shape[-1]
+    assert flash_mosaic.o_buffer_fits(PERSISTENT, head_dim, 0) == (head_dim <= 128)
+    options = make_options(rng, feature, shape)
+    check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", PERSISTENT)
 
 
 def test_bias_and_mask_without_dbias_use_the_mosaic_backward(rng, monkeypatch):
@@ -270,6 +294,24 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     others = [c for c in calls if c != "mosaic_gpu_v2"]
     assert len(others) == (2 if grad and not native_backward else 0), calls
     assert all("triton" in c for c in others), calls
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_persistent_grid_and_named_barrier_lower_for_cuda(head_dim, monkeypatch):
+    """The GPU path of the schedule options: the named barrier's inline PTX, the persistent
+    grid of one program per SM (132 without a device to ask) and, at H=256, O in Q's buffer."""
+    monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
+    config = dataclasses.replace(flash_mosaic.default_config(head_dim), persistent=True, named_barrier=True)
+    q = jax.ShapeDtypeStruct((2, 1000, 8, head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 1300, 2, head_dim), jnp.bfloat16)
+
+    def run(q, k, v):
+        return jattn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="mosaic", config=config
+        )
+
+    text = export.export(jax.jit(run), platforms=["cuda"])(q, k, k).mlir_module()
+    assert "bar.sync 4, 256;" in text  # the turns: both consumer warpgroups at barrier 4
 
 
 def test_lowering_rejects_what_does_not_fit(monkeypatch):

@@ -1,7 +1,7 @@
 """Measured dispatch: the order in which `implementation=None` tries the GPU kernels, per bucket.
 
 On Hopper, `jattn.attention.auto_order` tries cudnn, mosaic, triton. Where a shipped table
-(`tables/dispatch_<device kind>.json`) has the call's bucket, the implementations it measured
+(`dispatch_tables/<device kind>.json`) has the call's bucket, the implementations it measured
 come first, fastest first, and the others follow in the default order (an implementation that
 declines a call, cuDNN with a soft cap say, falls through to the next as before).
 
@@ -34,7 +34,7 @@ _BENCH_MODES = {"fwd": "forward", "fwd+bwd": "forward+backward"}
 
 
 def table_path(device: str) -> Path:
-    return Path(__file__).parent / "tables" / f"dispatch_{device}.json"
+    return Path(__file__).parent / "dispatch_tables" / f"{device}.json"
 
 
 @functools.cache
