@@ -142,8 +142,12 @@ def main(argv=None) -> None:
     extra = {}
     if 64 in args.head_dims:
         extra = {
-            "k256_s3_persistent": dict(block_kv=256, num_stages=3, persistent=True, longest_first=True),
-            "q128_k128_s3_persistent": dict(block_q=128, num_stages=3, persistent=True, longest_first=True),
+            "k256_s3_persistent": dict(
+                block_kv=256, num_stages=3, persistent=True, longest_first=True
+            ),
+            "q128_k128_s3_persistent": dict(
+                block_q=128, num_stages=3, persistent=True, longest_first=True
+            ),
         }
     report = dict(environment=environment(), variants={**VARIANTS, **extra})
 

@@ -44,10 +44,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import common, flash_mosaic_bwd, flash_triton
 from pallas_kernels.mosaic_common import (
     CONSUMERS,
+    TURN_BARRIER,
     WGMMA,
     WGMMA_COL,
     WGMMA_ROW,
-    TURN_BARRIER,
     Static,
     hide_invisible,
     interpret_kwargs,
@@ -331,7 +331,9 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             produced = scratch["q_produced"].at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, produced)
             if st.has_segments:
-                plgpu.copy_gmem_to_smem(refs["q_seg"].at[batch, rows], scratch["q_seg"].at[wg], produced)
+                plgpu.copy_gmem_to_smem(
+                    refs["q_seg"].at[batch, rows], scratch["q_seg"].at[wg], produced
+                )
 
         # The ping-pong schedule: a two-party barrier the consumers meet at twice a step, right
         # after issuing Q K^T and right after their softmax, so that one's softmax overlaps the
@@ -457,6 +459,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 def _():
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     load_q(i + 1)
+
             return base + jnp.maximum(hi - lo, 0)
 
         load_q(0)
@@ -545,7 +548,10 @@ def forward(
         grid, grid_names = (programs,), ("programs",)
     else:
         programs = 1
-        grid, grid_names = (num_heads, t_pad // rows_per_program, batch), ("heads", "q_tiles", "batch")
+        grid, grid_names = (
+            (num_heads, t_pad // rows_per_program, batch),
+            ("heads", "q_tiles", "batch"),
+        )
 
     def body(*refs):
         names = list(operands) + ["out", "lse"]

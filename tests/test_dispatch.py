@@ -47,13 +47,20 @@ def test_measured_order_of_a_bucket(head_dim, causal, length, differentiated, fi
 def test_unmeasured_buckets_and_devices_have_no_order():
     common = dict(head_dim=128, causal=True, length=4096, differentiated=False)
     assert dispatch.measured_order(device="nvidia_h200", dtype=jnp.float16, **common) is None
-    assert dispatch.measured_order(device="nvidia_h100_80gb_hbm3", dtype=jnp.bfloat16, **common) is None
+    assert (
+        dispatch.measured_order(device="nvidia_h100_80gb_hbm3", dtype=jnp.bfloat16, **common)
+        is None
+    )
 
 
 def test_merge_puts_the_measured_first_and_keeps_the_fallbacks():
     default = ("cudnn", "mosaic", "triton", "xla_chunked", "xla")
     assert dispatch.merge(("mosaic", "cudnn"), default) == (
-        "mosaic", "cudnn", "triton", "xla_chunked", "xla"
+        "mosaic",
+        "cudnn",
+        "triton",
+        "xla_chunked",
+        "xla",
     )
     assert dispatch.merge(None, default) == default
     assert dispatch.merge(("mosaic", "unregistered"), ("cudnn", "mosaic")) == ("mosaic", "cudnn")
@@ -61,15 +68,25 @@ def test_merge_puts_the_measured_first_and_keeps_the_fallbacks():
 
 def test_build_ranks_by_geometric_mean_and_drops_failed_cells():
     def row(peer, length, tflops, mode="fwd", head_dim=128):
-        return dict(peer=peer, head_dim=head_dim, length=length, causal=True, mode=mode,
-                    dtype="bfloat16", tflops=tflops)
+        return dict(
+            peer=peer,
+            head_dim=head_dim,
+            length=length,
+            causal=True,
+            mode=mode,
+            dtype="bfloat16",
+            tflops=tflops,
+        )
 
     rows = [
-        row("cudnn", 2048, 400.0), row("cudnn", 4096, 500.0),
-        row("jattn_mosaic", 2048, 300.0), row("jattn_mosaic", 4096, 700.0),  # gm 458 > 447
+        row("cudnn", 2048, 400.0),
+        row("cudnn", 4096, 500.0),
+        row("jattn_mosaic", 2048, 300.0),
+        row("jattn_mosaic", 4096, 700.0),  # gm 458 > 447
         row("tokamax_mosaic", 2048, 900.0),  # not an implementation auto can call
         # H=64: mosaic failed one cell, so cuDNN alone qualifies: no entry
-        row("cudnn", 2048, 400.0, head_dim=64), row("jattn_mosaic", 2048, None, head_dim=64),
+        row("cudnn", 2048, 400.0, head_dim=64),
+        row("jattn_mosaic", 2048, None, head_dim=64),
     ]
     table = dispatch.build([dict(device="gpu (X)", rows=rows)], device="x")
     (entry,) = table["entries"]
@@ -80,9 +97,19 @@ def test_build_ranks_by_geometric_mean_and_drops_failed_cells():
 def _args(length=16384, dtype=jnp.bfloat16, head_dim=128):
     q = jax.ShapeDtypeStruct((1, length, 2, head_dim), dtype)
     return attention.AttentionArgs(
-        query=q, key=q, value=q, bias=None, mask=None, scale=1.0, is_causal=True,
-        query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-        q_offset=None, segment_ids=None, logits_soft_cap=None,
+        query=q,
+        key=q,
+        value=q,
+        bias=None,
+        mask=None,
+        scale=1.0,
+        is_causal=True,
+        query_seq_lengths=None,
+        key_value_seq_lengths=None,
+        local_window_size=None,
+        q_offset=None,
+        segment_ids=None,
+        logits_soft_cap=None,
     )
 
 

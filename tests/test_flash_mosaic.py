@@ -301,7 +301,9 @@ def test_persistent_grid_and_named_barrier_lower_for_cuda(head_dim, monkeypatch)
     """The GPU path of the schedule options: the named barrier's inline PTX, the persistent
     grid of one program per SM (132 without a device to ask) and, at H=256, O in Q's buffer."""
     monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
-    config = dataclasses.replace(flash_mosaic.default_config(head_dim), persistent=True, named_barrier=True)
+    config = dataclasses.replace(
+        flash_mosaic.default_config(head_dim), persistent=True, named_barrier=True
+    )
     q = jax.ShapeDtypeStruct((2, 1000, 8, head_dim), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((2, 1300, 2, head_dim), jnp.bfloat16)
 

@@ -53,6 +53,11 @@ def test_installed_wheel_runs_the_demo_without_the_checkout(tmp_path):
     (wheel,) = tmp_path.glob("jattn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "jattn/examples/gpt.py" in names and not any(n.startswith("models/") for n in names)
+    tables = (
+        "jattn/autotune/tables/nvidia_h100_80gb_hbm3.json",
+        "jattn/autotune/dispatch_tables/nvidia_h200.json",
+    )
+    assert all(table in names for table in tables), [n for n in names if n.endswith(".json")]
 
     venv = tmp_path / "venv"
     try:  # like --system-site-packages, but also from inside a venv (CI's): see the .pth below
