@@ -16,6 +16,8 @@ Off the GPU an explicit `implementation="mosaic"` runs in Mosaic GPU's interpret
 import dataclasses
 import itertools
 
+import jax
+import jax.numpy as jnp
 from jax import Array
 
 from jattn import autotune
@@ -36,6 +38,13 @@ def _mosaic(args: AttentionArgs, config) -> tuple[Array, Array]:
         raise NotImplementedError(f"mosaic needs a MosaicConfig, got {type(config).__name__}")
     if common.on_gpu() and not hopper_or_newer():
         raise NotImplementedError("the Mosaic GPU kernel needs a Hopper GPU (sm_90) or newer")
+    if jax.dtypes.canonicalize_dtype(jnp.int64) == jnp.int64:
+        # Its index arithmetic mixes int32 grid indices with Python ints, which x64 makes int64
+        # (lax.div refuses the mix); the Triton kernel traces there. Not yet made x64-safe: the
+        # wgmma regions reject constant arrays on JAX 0.11, so the change needs a GPU to check.
+        raise NotImplementedError(
+            "the Mosaic GPU kernel does not trace with jax_enable_x64 on (the Triton kernel does)"
+        )
     tuned = None
     if config is None:  # float32 has no bucket entries: the kernel declines it itself
         tuned = autotune.lookup_call("mosaic", args.query, args.key, causal=args.is_causal)

@@ -226,3 +226,17 @@ def test_lse_gradient_is_the_float64_gradient_of_logsumexp(rng, implementation):
         want = jax.grad(want_loss, argnums=(0, 1, 2))(as64(q), as64(k), as64(bias))
     for name, g, w in zip(("dq", "dk", "dbias"), got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=3e-5, rtol=3e-5, err_msg=name)
+
+
+def test_mosaic_declines_x64_and_auto_falls_through(rng):
+    """Under x64 the Mosaic GPU kernel's index arithmetic would mix int32 and int64 (a TypeError
+    from inside the kernel): it declines with NotImplementedError, so a list or auto moves on."""
+    q, k, v = make_inputs(rng, (1, 9, 11, 2, 2, 16), jnp.bfloat16)
+    with jax.enable_x64(True):
+        with pytest.raises(NotImplementedError, match="jax_enable_x64"):
+            jattn.dot_product_attention(q, k, v, implementation="mosaic")
+        got = jattn.dot_product_attention(q, k, v, is_causal=True, implementation=("mosaic", "xla"))
+    want = reference.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2
+    )
