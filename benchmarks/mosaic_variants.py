@@ -2,9 +2,9 @@
 each variant beside cuDNN and tokamax in the same cell.
 
 A development probe for issue 14 (each version's numbers go to benchmarks/NOTES.md): the
-persistent grid, longest-first causal order and the early K wait of `MosaicConfig`, one at a
-time and together, on the default tiles of each head dim. FlashAttention's shapes (16k tokens,
-hidden 2048), bf16; FLOPs by the FlashAttention convention (`benchmarks.flash`).
+schedule options of `MosaicConfig` (persistent grid, named-barrier turns, the softmax overlap),
+one at a time and together, on the default tiles of each head dim. FlashAttention's shapes
+(16k tokens, hidden 2048), bf16; FLOPs by the FlashAttention convention (`benchmarks.flash`).
 
 Run: python -m benchmarks.mosaic_variants --json OUT.json [--head-dims 64 128 256]
 """
@@ -25,14 +25,14 @@ from jattn import reference
 from jattn.demo import environment
 from pallas_kernels import flash_mosaic
 
-VARIANTS = {
+VARIANTS = {  # on default_config: early_k_wait and longest_first on since 2026-11-30 (NOTES)
     "base": {},
-    "early_k_wait": dict(early_k_wait=True),
-    "longest_first": dict(longest_first=True),
     "named_barrier": dict(named_barrier=True),
-    "persistent": dict(persistent=True, longest_first=True),
-    "persistent_named": dict(persistent=True, longest_first=True, named_barrier=True),
-    "all": dict(persistent=True, longest_first=True, early_k_wait=True, named_barrier=True),
+    "persistent": dict(persistent=True),
+    "persistent_named": dict(persistent=True, named_barrier=True),
+    "overlap": dict(softmax_overlap=True),
+    "overlap_named": dict(softmax_overlap=True, named_barrier=True),
+    "overlap_persistent": dict(softmax_overlap=True, persistent=True, named_barrier=True),
 }
 
 
@@ -116,8 +116,6 @@ def time_cells(args, extra, on_row) -> list[dict]:
                 q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
                 flops = flash.forward_flops(batch, heads, length, length, head_dim, causal)
                 for name, peer in {**variants, **peers}.items():
-                    if name == "jattn_longest_first" and not causal:
-                        continue
                     row = dict(peer=name, head_dim=head_dim, length=length, causal=causal)
                     try:
                         ms = flash.measure(peer, q, k, v, causal, "fwd", args.repeats)
@@ -142,12 +140,8 @@ def main(argv=None) -> None:
     extra = {}
     if 64 in args.head_dims:
         extra = {
-            "k256_s3_persistent": dict(
-                block_kv=256, num_stages=3, persistent=True, longest_first=True
-            ),
-            "q128_k128_s3_persistent": dict(
-                block_q=128, num_stages=3, persistent=True, longest_first=True
-            ),
+            "k256_s3_persistent": dict(block_kv=256, num_stages=3, persistent=True),
+            "q128_k128_s3_persistent": dict(block_q=128, num_stages=3, persistent=True),
         }
     report = dict(environment=environment(), variants={**VARIANTS, **extra})
 

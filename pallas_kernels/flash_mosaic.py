@@ -91,6 +91,9 @@ class MosaicConfig:
       before its Q K^T.
     named_barrier: the ping-pong turns meet at a hardware named barrier (`bar.sync`) rather
       than a shared-memory mbarrier (on the GPU; interpret mode keeps the mbarrier).
+    softmax_overlap: FlashAttention-3's intra-warpgroup overlap in the forward: each step issues
+      Q K^T of its key tile with P V of the previous one and runs its softmax while P V is on
+      the tensor cores (a second score tile in registers: not timed on a GPU yet).
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
     """
 
@@ -102,6 +105,7 @@ class MosaicConfig:
     longest_first: bool = True
     early_k_wait: bool = True
     named_barrier: bool = False
+    softmax_overlap: bool = False
     bwd_block_q: int = 64
     bwd_block_kv: int = 64
     bwd_num_stages: int = 2
@@ -115,7 +119,14 @@ class MosaicConfig:
             "bwd_block_kv",
             "bwd_num_stages",
         )
-        bools = ("schedule_barrier", "persistent", "longest_first", "early_k_wait", "named_barrier")
+        bools = (
+            "schedule_barrier",
+            "persistent",
+            "longest_first",
+            "early_k_wait",
+            "named_barrier",
+            "softmax_overlap",
+        )
         common.check_config_fields(self, ints=ints, bools=bools)
         for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
             value = getattr(self, name)
@@ -365,6 +376,44 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             def wait_k(step):
                 plgpu.barrier_wait(scratch["k_produced"].at[slot_of(base + step - lo)])
 
+            def tile_inputs(slot):
+                """The bias, mask and key segment ids of a ring slot (read before its release)."""
+                bias = mask = kv_seg = None
+                if st.has_bias:
+                    bias = scratch["bias"][slot, pl.ds(wg * block_q, block_q)].astype(jnp.float32)
+                if st.has_mask:
+                    mask = scratch["mask"][slot, pl.ds(wg * block_q, block_q)]
+                if st.has_segments:
+                    kv_seg = load_vector(st, scratch["kv_seg"].at[slot], WGMMA_COL)
+                return bias, mask, kv_seg
+
+            def logits_of(qk, inputs, step, masked: bool):
+                """Base-2 logits of a tile, -inf where a query does not see a key."""
+                bias, mask, kv_seg = inputs
+                logits, _ = tile_logits(st, qk, bias)
+                if not masked:
+                    return logits
+                return hide_invisible(
+                    st,
+                    logits,
+                    q_first=q_first,
+                    k_first=step * block_kv,
+                    bounds=bounds,
+                    q_seg=q_seg,
+                    kv_seg=kv_seg,
+                    mask=mask,
+                )
+
+            def online_softmax(logits, m_i, l_i):
+                """(p, m, l, alpha) after one tile: p = exp2(logits - m) [bq, bk] float32, the
+                running max m and sum l [bq], alpha = exp2(m_old - m) rescales what came before."""
+                m_new = jnp.maximum(m_i, logits.max(axis=1))
+                # A row with nothing visible so far keeps m = -inf: shift by 0 there (no inf - inf).
+                m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp2(m_i - m_shift)
+                p = jnp.exp2(logits - lax.broadcast_in_dim(m_shift, logits.shape, [0]))
+                return p, m_new, l_i * alpha + p.sum(axis=1), alpha
+
             def visit(step, carry, *, masked: bool):
                 acc, m_i, l_i = carry  # [bq, Hp] f32; [bq] f32 running max (base 2); [bq] sum
                 slot = slot_of(base + step - lo)
@@ -373,34 +422,10 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 qk = mma_transposed(
                     st, q_smem, scratch["k"].at[slot], take_turns if turn is not None else None
                 )
-                bias = mask = kv_seg = None
-                if st.has_bias:
-                    bias = scratch["bias"][slot, pl.ds(wg * block_q, block_q)].astype(jnp.float32)
-                if st.has_mask:
-                    mask = scratch["mask"][slot, pl.ds(wg * block_q, block_q)]
-                if st.has_segments:
-                    kv_seg = load_vector(st, scratch["kv_seg"].at[slot], WGMMA_COL)
+                inputs = tile_inputs(slot)
                 plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
-
-                logits, _ = tile_logits(st, qk, bias)
-                if masked:
-                    logits = hide_invisible(
-                        st,
-                        logits,
-                        q_first=q_first,
-                        k_first=step * block_kv,
-                        bounds=bounds,
-                        q_seg=q_seg,
-                        kv_seg=kv_seg,
-                        mask=mask,
-                    )
-
-                m_new = jnp.maximum(m_i, logits.max(axis=1))
-                # A row with nothing visible so far keeps m = -inf: shift by 0 there (no inf - inf).
-                m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                alpha = jnp.exp2(m_i - m_shift)
-                p = jnp.exp2(logits - lax.broadcast_in_dim(m_shift, logits.shape, [0]))
-                l_i = l_i * alpha + p.sum(axis=1)
+                logits = logits_of(qk, inputs, step, masked)
+                p, m_new, l_i, alpha = online_softmax(logits, m_i, l_i)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p = p.astype(q_ref.dtype)
                 if turn is None:
@@ -424,18 +449,94 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 plgpu.barrier_arrive(scratch["v_consumed"].at[slot])
                 return acc, m_new, l_i
 
+            def overlapped(acc, m_i, l_i):
+                """The key steps of [lo, hi) with FlashAttention-3's intra-warpgroup overlap:
+                step j issues Q K_j^T and P_{j-1} V_{j-1} together and runs the softmax of S_j
+                while P V is still on the tensor cores; the first step has no P V before it,
+                the last P V comes after the loop. Needs lo < hi."""
+
+                def turns():
+                    if turn is not None:
+                        take_turns()
+
+                slot = slot_of(base)
+                wait_k(lo)
+                qk = mma_transposed(st, q_smem, scratch["k"].at[slot], turns)
+                inputs = tile_inputs(slot)
+                plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
+                p, m_i, l_i, _ = online_softmax(logits_of(qk, inputs, lo, True), m_i, l_i)
+                turns()
+
+                def step_with_overlap(step, carry, *, masked: bool):
+                    acc, m_i, l_i, p_prev = carry  # p_prev: [bq, bk] of step - 1, input dtype
+                    slot, prev = slot_of(base + step - lo), slot_of(base + step - 1 - lo)
+                    wait_k(step)
+                    plgpu.barrier_wait(scratch["v_produced"].at[prev])
+                    k_ref, v_ref = scratch["k"].at[slot], scratch["v"].at[prev]
+
+                    def softmax_of(qk, m_i, l_i):
+                        inputs = tile_inputs(slot)
+                        plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
+                        return online_softmax(logits_of(qk, inputs, step, masked), m_i, l_i)
+
+                    if st.interpret:  # no asynchronous wgmma: the same steps, one after another
+                        turns()
+                        qk = lax.dot_general(
+                            q_smem[...],
+                            k_ref[...],
+                            (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32,
+                        )
+                        acc = acc + jnp.dot(p_prev, v_ref[...], preferred_element_type=jnp.float32)
+                        p, m_i, l_i, alpha = softmax_of(qk, m_i, l_i)
+                    else:
+
+                        def issue_both(refs):
+                            acc_ref, m_ref, l_ref, p_ref, alpha_ref = refs
+
+                            def with_scores(s_ref):
+                                plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_ref, (1, 0)))
+                                plgpu.wgmma(acc_ref, p_ref[...], v_ref)
+                                turns()
+                                # S_j is ready once at most one wgmma (P V) is in flight
+                                qk = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+                                p, m_new, l_new, alpha = softmax_of(qk, m_ref[...], l_ref[...])
+                                m_ref[...], l_ref[...], alpha_ref[...] = m_new, l_new, alpha
+                                p_ref[...] = p.astype(p_ref.dtype)
+
+                            pl.run_scoped(with_scores, plgpu.ACC((block_q, block_kv), jnp.float32))
+
+                        state = (plgpu.ACC.init(acc), m_i, l_i, p_prev, l_i)  # alpha: any [bq]
+                        acc, m_i, l_i, p, alpha = pl.run_state(issue_both)(state)
+                    plgpu.barrier_arrive(scratch["v_consumed"].at[prev])
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    turns()
+                    return acc, m_i, l_i, p.astype(q_ref.dtype)
+
+                inner = common.clip_inner(lo + 1, hi, inner_lo, inner_hi)
+                carry = (acc, m_i, l_i, p.astype(q_ref.dtype))
+                carry = common.visit_all(st, (lo + 1, *inner, hi), step_with_overlap, carry)
+                acc, m_i, l_i, p = carry
+                last = slot_of(base + hi - 1 - lo)
+                plgpu.barrier_wait(scratch["v_produced"].at[last])
+                acc = mma_accumulate(st, acc, p, scratch["v"].at[last])
+                plgpu.barrier_arrive(scratch["v_consumed"].at[last])
+                return acc, m_i, l_i
+
             h_pad = q_ref.shape[-1]
             acc = layout_cast(st, jnp.zeros((block_q, h_pad), jnp.float32), WGMMA)
             m_i = layout_cast(st, jnp.full((block_q,), -jnp.inf, jnp.float32), WGMMA_ROW)
             l_i = layout_cast(st, jnp.zeros((block_q,), jnp.float32), WGMMA_ROW)
-            if st.early_k_wait:
-                pl.when(lo < hi)(lambda: wait_k(lo))
-            # This warpgroup's unmasked range, clipped into the tile's [lo, hi): both consumers
-            # visit every step of [lo, hi) (the barriers count on it), masking what they do
-            # not see.
-            inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
-            ranges = (lo, inner_lo, inner_hi, hi)
-            acc, m_i, l_i = common.visit_all(st, ranges, visit, (acc, m_i, l_i))
+            # Both consumers visit every step of [lo, hi) (the barriers count on it), masking
+            # what they do not see; unmasked: this warpgroup's inner range, clipped to [lo, hi).
+            if st.softmax_overlap:
+                carry = (acc, m_i, l_i)
+                acc, m_i, l_i = lax.cond(lo < hi, lambda: overlapped(*carry), lambda: carry)
+            else:
+                if st.early_k_wait:
+                    pl.when(lo < hi)(lambda: wait_k(lo))
+                ranges = (lo, *common.clip_inner(lo, hi, inner_lo, inner_hi), hi)
+                acc, m_i, l_i = common.visit_all(st, ranges, visit, (acc, m_i, l_i))
             if turn is not None:
                 pl.when(wg == 0)(take_turns)
             if st.o_buffer:  # Q is no longer needed: bring the next tile's
@@ -683,6 +784,7 @@ def flash_attention(
         longest_first=config.longest_first,
         early_k_wait=config.early_k_wait,
         named_barrier=config.named_barrier and not interpret,  # the interpreter runs no PTX
+        softmax_overlap=config.softmax_overlap,
         o_buffer=config.persistent and o_buffer_fits(config, head_dim, pair_itemsize),
     )
     # The backward tiles both axes by 2 * max(bwd blocks): its own padding, its own kv check.
@@ -698,6 +800,7 @@ def flash_attention(
         early_k_wait=False,
         named_barrier=False,
         o_buffer=False,
+        softmax_overlap=False,
     )
     # The native backward needs its buffers in shared memory and its accumulators in registers
     # (H > 128 does not: dK and dV alone are 2 * H registers per thread, so it spills).

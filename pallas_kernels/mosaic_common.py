@@ -54,6 +54,7 @@ class Static:
     early_k_wait: bool = False  # the forward: wait for the next K tile while P V runs
     named_barrier: bool = False  # the forward's ping-pong turns on a hardware named barrier
     o_buffer: bool = False  # a persistent forward writes O to its own buffer (else Q's)
+    softmax_overlap: bool = False  # the forward: Q K^T and the previous P V issued together
 
 
 # --- interpret-mode stand-ins -----------------------------------------------------------------

@@ -127,6 +127,15 @@ def test_persistent_grid_matches_oracle(rng, feature, shape):
     check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", PERSISTENT)
 
 
+def test_softmax_overlap_matches_oracle(rng):
+    """FlashAttention-3's intra-warpgroup overlap (Q K^T of a step issued with the previous
+    step's P V): the peeled first step, the last P V after the loop, an empty row (lo == hi),
+    with the ping-pong turns (mbarrier here) counted as in the plain loop."""
+    config = dataclasses.replace(SMALL, softmax_overlap=True)
+    options = make_options(rng, "segments_causal_lengths", MULTI_TILE)
+    check_against_oracle(rng, MULTI_TILE, options, jnp.bfloat16, "mosaic", config)
+
+
 def test_bias_and_mask_without_dbias_use_the_mosaic_backward(rng, monkeypatch):
     """With the bias not differentiated, dq/dk/dv come from the Mosaic GPU kernels, where bias
     and mask enter the dk/dv kernel transposed."""
@@ -299,10 +308,14 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
 @pytest.mark.parametrize("head_dim", [128, 256])
 def test_persistent_grid_and_named_barrier_lower_for_cuda(head_dim, monkeypatch):
     """The GPU path of the schedule options: the named barrier's inline PTX, the persistent
-    grid of one program per SM (132 without a device to ask) and, at H=256, O in Q's buffer."""
+    grid of one program per SM (132 without a device to ask) and, at H=256, O in Q's buffer;
+    the softmax overlap's two wgmma in flight (`wgmma_accumulator_load(wait_n=1)`)."""
     monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
     config = dataclasses.replace(
-        flash_mosaic.default_config(head_dim), persistent=True, named_barrier=True
+        flash_mosaic.default_config(head_dim),
+        persistent=True,
+        named_barrier=True,
+        softmax_overlap=True,
     )
     q = jax.ShapeDtypeStruct((2, 1000, 8, head_dim), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((2, 1300, 2, head_dim), jnp.bfloat16)
