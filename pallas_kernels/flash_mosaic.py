@@ -7,6 +7,13 @@ One program per (query head, 2 * block_q query rows, batch) runs three warpgroup
 - two consumers (warpgroups 0 and 1) each own block_q query rows: wgmma for S = Q K^T into
   registers, an online softmax in base 2, wgmma for P V, then O and the lse go back by TMA.
 
+Schedule options (`MosaicConfig`; measured on the H200 in benchmarks/NOTES.md): the wait for the
+next K tile runs under P V (`early_k_wait`) and causal query tiles go longest first
+(`longest_first`), both on by default; a persistent grid of one program per SM that loads the
+next tile's Q under this tile's output store (`persistent`), the turns on a hardware named
+barrier (`named_barrier`) and FlashAttention-3's intra-warpgroup overlap of the softmax with
+the next Q K^T (`softmax_overlap`) are options for the tuner.
+
 Every option of the `dot_product_attention` contract is applied per tile with the mask code the
 Triton kernel uses (`common.tile_visibility`): causal with q_offset, window, query/key lengths,
 segment ids, soft cap, additive bias, a boolean mask, GQA (head n reads kv head n // G). Key
