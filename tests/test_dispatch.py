@@ -95,22 +95,8 @@ def test_build_ranks_by_geometric_mean_and_drops_failed_cells():
 
 
 def _args(length=16384, dtype=jnp.bfloat16, head_dim=128):
-    q = jax.ShapeDtypeStruct((1, length, 2, head_dim), dtype)
-    return attention.AttentionArgs(
-        query=q,
-        key=q,
-        value=q,
-        bias=None,
-        mask=None,
-        scale=1.0,
-        is_causal=True,
-        query_seq_lengths=None,
-        key_value_seq_lengths=None,
-        local_window_size=None,
-        q_offset=None,
-        segment_ids=None,
-        logits_soft_cap=None,
-    )
+    q = jnp.zeros((1, length, 2, head_dim), dtype)
+    return attention.check_attention_args(q, q, q, is_causal=True)
 
 
 def test_auto_order_for_a_hopper_call_uses_the_table(monkeypatch):
