@@ -1,0 +1,44 @@
+"""One forward of the Mosaic GPU kernel (or a peer) at a FlashAttention shape: the target of
+`benchmarks/gpu_profile_mosaic.sh` (ncu, ptxas dumps). Development probe (issue 14).
+
+    python -m benchmarks.dev.mosaic_one_call --variant overlap --head-dim 128 --length 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import flash, mosaic_variants
+from pallas_kernels import flash_mosaic
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="base", help="a mosaic_variants name, or a peer")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--calls", type=int, default=2, help="calls after the compile")
+    args = parser.parse_args(argv)
+    if args.variant in mosaic_variants.VARIANTS:
+        changes = mosaic_variants.VARIANTS[args.variant]
+        config = dataclasses.replace(flash_mosaic.default_config(args.head_dim), **changes)
+        peer = mosaic_variants._mosaic(config)
+    else:
+        peer = flash.PEERS[args.variant]
+    batch, heads = flash.TOKENS // args.length, flash.HIDDEN // args.head_dim
+    shape = (batch, args.length, heads, args.head_dim)
+    q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(3))
+    fn = jax.jit(lambda q, k, v: peer(q, k, v, args.causal))
+    for _ in range(1 + args.calls):
+        out = fn(q, k, v)
+    jax.block_until_ready(out)
+    print(args.variant, shape, "done")
+
+
+if __name__ == "__main__":
+    main()
