@@ -211,9 +211,13 @@ def choose_config(tuned: MosaicConfig | None, head_dim: int, pair_itemsize: int)
 
 def default_config(head_dim: int, pair_itemsize: int = 0) -> MosaicConfig:
     """The first tiling that fits shared memory; the first is what the H100 tuning picked at
-    H=128 (forward 64x128 tiles, 2 stages; backward 64x64). jattn.autotune's tables override it
-    where they have an entry."""
+    H=128 (forward 64x128 tiles, 2 stages; backward 64x64). At H <= 64 the forward takes 64 x 256
+    key tiles over 3 stages first: 4-15% faster than 64 x 128 in all four cells of both H200
+    variant runs (benchmarks/NOTES.md), as the H100 tuning also found at long T.
+    jattn.autotune's tables override it where they have an entry."""
     forward = [(64, 128, 2), (64, 64, 2), (64, 64, 1)]
+    if padded_head_dim(head_dim) <= 64:
+        forward.insert(0, (64, 256, 3))
     backward = [(64, 64, 2), (64, 64, 1)]
     for (bq, bk, stages), (bwd_q, bwd_k, bwd_stages) in itertools.product(forward, backward):
         config = MosaicConfig(
