@@ -91,6 +91,33 @@ def test_gradient_through_a_jit_with_traced_lengths_and_segments(rng):
         assert_close(got, expected, GRAD_TOLERANCE[jnp.float16])
 
 
+@pytest.mark.timeout(300)
+def test_jit_of_grad_with_a_boolean_mask_finishes(rng):
+    """`jax.jit(jax.grad(f))` with a mask operand (issue 19, 1b). With the mask closed over by
+    the custom_vjp (before 87a4cbf) this never finished in interpret mode: not a barrier
+    deadlock (the same kernels finish eagerly, under the interpreter's exact-phase checks), but
+    the interpreter starving itself. Each simulated warpgroup is its own XLA:CPU program and
+    `barrier_wait` a blocking host callback; XLA ran the forward's consumer programs on its
+    intra-op pool (one thread per core), where the enclosing thread_map callback and consumer
+    1's wait at the ping-pong turn barrier held both threads, so consumer 0 never ran to arrive.
+    """
+    length, heads, dim = 24, 2, 32
+    q, k, v = (
+        jnp.asarray(rng.standard_normal((1, length, heads, dim)), jnp.float16) for _ in range(3)
+    )
+    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+
+    def loss(attend, q, k, v, mask):
+        return jnp.sum(attend(q, k, v, mask=mask).astype(jnp.float32) ** 2)
+
+    mosaic = lambda *a, **o: jattn.dot_product_attention(*a, **o, implementation="mosaic")
+    grads = jax.jit(jax.grad(lambda *a: loss(mosaic, *a), (0, 1, 2)))(q, k, v, mask)
+    upcast = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = jax.grad(lambda *a: loss(reference.dot_product_attention, *a), (0, 1, 2))(*upcast, mask)
+    for got, expected in zip(grads, want, strict=True):
+        assert_close(got, expected, GRAD_TOLERANCE[jnp.float16])
+
+
 def test_one_and_three_stages_with_and_without_the_schedule_barrier(rng):
     # TINY with one query head (one program: half the interpreter's time); the pipeline over
     # the two key tiles is the same, the MQA head mapping is test_every_feature_matches_oracle's.
