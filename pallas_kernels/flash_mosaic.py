@@ -283,6 +283,8 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
     # The K/V ring continues across a persistent program's tiles: the `count`-th key block the
     # program visits uses slot count % stages (each barrier's phase follows its waits).
     def slot_of(count):
+        if isinstance(count, int):  # static (a tile's first step, count 0): a Python int, not a
+            return count % stages  # constant array, which the wgmma regions reject on JAX 0.11
         return lax.rem(count, stages)
 
     @pl.when(wg == CONSUMERS)
