@@ -28,24 +28,26 @@ IMPLEMENTATIONS = {
 }
 
 
-# float16 takes the same code path as bfloat16 (both computed in float32, matmul operands in the
-# input dtype; nothing branches on which 16-bit type): in the default run for the combined cases
-# and the fully masked rows; the other features' float16 cases repeat their bfloat16 case's path
-# with other rounding and run with `-m slow`.
-FLOAT16_DEFAULT_RUN = (
-    "plain",
-    "lengths_empty",
-    "causal_window_bias_softcap",
-    "segments_causal_lengths",
-)
+# Low precision changes no branch, only casts ('xla' computes in float32 and rounds its results;
+# 'xla_chunked' accumulates in float32 and rounds matmul operands, probabilities and score
+# gradients to the input dtype), and float16 and bfloat16 take the same path. Every feature runs
+# in float32; in the default run, bfloat16 runs where the dtype meets the feature (the bias, cast
+# to the input dtype; fully masked rows; the combined cases, which hold causal, offsets, windows,
+# soft cap, segments and lengths) and float16 on a subset of those. The other low-precision cases
+# repeat those paths with other rounding and run with `-m slow` (46 cases, ~43 s of test time).
+LOW_PRECISION_DEFAULT_RUN = {
+    jnp.float32: FEATURES,
+    jnp.bfloat16: ("plain", "lengths_empty", "mask", "bias_full", "bias_broadcast", "bias_2d",
+                   "bias_per_query", "causal_window_bias_softcap", "segments_causal_lengths"),
+    jnp.float16: ("plain", "lengths_empty", "causal_window_bias_softcap",
+                  "segments_causal_lengths"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("feature", "dtype"),
     [
-        (f, d)
-        if d is not jnp.float16 or f in FLOAT16_DEFAULT_RUN
-        else pytest.param(f, d, marks=pytest.mark.slow)
+        (f, d) if f in LOW_PRECISION_DEFAULT_RUN[d] else pytest.param(f, d, marks=pytest.mark.slow)
         for f in FEATURES
         for d in (jnp.float32, jnp.bfloat16, jnp.float16)
     ],
