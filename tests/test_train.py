@@ -75,6 +75,11 @@ def test_killed_run_resumes_to_the_same_bits(tmp_path):
     assert full_lines[-1]["val_loss"] < full_lines[0]["loss"]  # it learned something
 
 
+# tests/test_training_scripts.py::test_train_gpt_resumes_when_only_sampling_flags_change takes
+# the same path in-process (train_gpt.main's ResumeError -> SystemExit "error: ... other
+# settings"), and test_resume_compares_only_what_defines_the_run the learning-rate
+# difference; this one adds the exit status of a real process, for ~12 s of two interpreters.
+@pytest.mark.slow
 def test_resume_refuses_other_settings(tmp_path):
     run = _train_gpt(tmp_path, "--steps", "10")
     assert run.wait() == 0
