@@ -125,7 +125,7 @@ def auto_order(platform: str | None = None) -> tuple[str, ...]:
     Triton one; mosaic serves what cuDNN declines in 16-bit (soft cap, segments, q_offset, odd
     head dims), triton what both decline (float32). A call's own bucket can reorder the kernels
     where a dispatch table was measured on the GPU (`auto_order_for`: the H200's puts mosaic
-    first for causal forwards at H >= 128). Other CUDA GPUs: triton, cudnn. Then XLA.
+    first for most causal forwards at H >= 128). Other CUDA GPUs: triton, cudnn. Then XLA.
     Off the GPU: xla_chunked (O(T) memory), then xla; the Pallas kernels run there only in
     interpret mode, so only an explicit request gets them.
     """
