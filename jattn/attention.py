@@ -24,6 +24,7 @@ from jaxtyping import ArrayLike
 
 from jattn import chunked, reference
 from jattn.autotune import cache as autotune_cache
+from jattn.autotune import dispatch as autotune_dispatch
 
 SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 IMPLEMENTATIONS = ("mosaic", "triton", "cudnn", "xla_chunked", "xla")
@@ -147,17 +148,15 @@ def auto_order_for(args: AttentionArgs, *, differentiated: bool) -> tuple[str, .
     order = auto_order()
     if jax.default_backend() != "gpu" or not hopper_or_newer():
         return order
-    from jattn.autotune import cache, dispatch
-
-    measured = dispatch.measured_order(
-        device=cache.device_kind(),
+    measured = autotune_dispatch.measured_order(
+        device=autotune_cache.device_kind(),
         dtype=args.query.dtype,
         head_dim=args.query.shape[-1],
         causal=args.is_causal,
         length=max(args.query.shape[1], args.key.shape[1]),
         differentiated=differentiated,
     )
-    return dispatch.merge(measured, order)
+    return autotune_dispatch.merge(measured, order)
 
 
 def dot_product_attention(

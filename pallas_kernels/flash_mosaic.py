@@ -302,10 +302,10 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 slot = slot_of(count)
                 keys = pl.ds(step * block_kv, block_kv)
 
-                @pl.when(count >= stages)
-                def _():
-                    plgpu.barrier_wait(scratch["k_consumed"].at[slot])
+                def await_release(consumed):  # the slot's previous tiles, once the ring is full
+                    pl.when(count >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
 
+                await_release(scratch["k_consumed"])
                 produced = scratch["k_produced"].at[slot]
                 plgpu.copy_gmem_to_smem(
                     k_ref.at[batch, keys, kv_head], scratch["k"].at[slot], produced
@@ -318,11 +318,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                     plgpu.copy_gmem_to_smem(
                         refs["kv_seg"].at[batch, keys], scratch["kv_seg"].at[slot], produced
                     )
-
-                @pl.when(count >= stages)
-                def _():
-                    plgpu.barrier_wait(scratch["v_consumed"].at[slot])
-
+                await_release(scratch["v_consumed"])
                 v_produced = scratch["v_produced"].at[slot]
                 plgpu.copy_gmem_to_smem(
                     v_ref.at[batch, keys, kv_head], scratch["v"].at[slot], v_produced
@@ -363,16 +359,14 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
         # after issuing Q K^T and right after their softmax, so that one's softmax overlaps the
         # other's matmuls. Consumer 1 starts one meeting late (consumer 0 goes first), and
         # consumer 0 makes it up at the end, so both meet 2 * steps + 1 times per tile.
-        turn = scratch.get("turn")
-        if st.schedule_barrier and st.named_barrier:
-            turn = TURN_BARRIER
+        turn = scratch.get("turn")  # the mbarrier; None with named_barrier or no schedule
 
         def take_turns():
             if st.named_barrier:
                 named_barrier_sync(TURN_BARRIER, CONSUMERS * _THREADS_PER_WARPGROUP)
-                return
-            plgpu.barrier_arrive(turn)
-            plgpu.barrier_wait(turn)
+            elif turn is not None:
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(turn)
 
         def consume_tile(i, base):
             head, batch, bounds, program_first, lo, hi = tile_of(i)
@@ -383,7 +377,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             if st.has_segments:
                 q_seg = load_vector(st, scratch["q_seg"].at[wg], WGMMA_ROW)
             _, inner_lo, inner_hi, _ = key_blocks(st, bounds, q_first, block_q)
-            if turn is not None:
+            if st.schedule_barrier:
                 pl.when(wg == 1)(take_turns)
 
             def wait_k(step):
@@ -433,7 +427,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 if not st.early_k_wait:
                     wait_k(step)
                 qk = mma_transposed(
-                    st, q_smem, scratch["k"].at[slot], take_turns if turn is not None else None
+                    st, q_smem, scratch["k"].at[slot], take_turns if st.schedule_barrier else None
                 )
                 inputs = tile_inputs(slot)
                 plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
@@ -441,7 +435,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 p, m_new, l_i, alpha = online_softmax(logits, m_i, l_i)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p = p.astype(q_ref.dtype)
-                if turn is None:
+                if not st.schedule_barrier:
                     plgpu.barrier_wait(scratch["v_produced"].at[slot])
                 elif st.named_barrier:  # finish the softmax before handing the tensor cores over
                     acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
@@ -469,7 +463,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 the last P V comes after the loop. Needs lo < hi."""
 
                 def turns():
-                    if turn is not None:
+                    if st.schedule_barrier:
                         take_turns()
 
                 slot = slot_of(base)
@@ -493,14 +487,8 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                         return online_softmax(logits_of(qk, inputs, step, masked), m_i, l_i)
 
                     if st.interpret:  # no asynchronous wgmma: the same steps, one after another
-                        turns()
-                        qk = lax.dot_general(
-                            q_smem[...],
-                            k_ref[...],
-                            (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32,
-                        )
-                        acc = acc + jnp.dot(p_prev, v_ref[...], preferred_element_type=jnp.float32)
+                        qk = mma_transposed(st, q_smem, k_ref, turns)
+                        acc = mma_accumulate(st, acc, p_prev, v_ref)
                         p, m_i, l_i, alpha = softmax_of(qk, m_i, l_i)
                     else:
 
@@ -550,7 +538,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                     pl.when(lo < hi)(lambda: wait_k(lo))
                 ranges = (lo, *common.clip_inner(lo, hi, inner_lo, inner_hi), hi)
                 acc, m_i, l_i = common.visit_all(st, ranges, visit, (acc, m_i, l_i))
-            if turn is not None:
+            if st.schedule_barrier:
                 pl.when(wg == 0)(take_turns)
             if st.o_buffer:  # Q is no longer needed: bring the next tile's
                 pl.when(i + 1 < my_tiles)(lambda: load_q(i + 1))
@@ -656,16 +644,13 @@ def forward(
     if st.schedule_barrier and not st.named_barrier:
         scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS)
 
-    num_tiles = num_heads * (t_pad // rows_per_program) * batch
+    tiles = (num_heads, t_pad // rows_per_program, batch)
     if st.persistent:
-        programs = min(num_tiles, _programs_per_device(st))
+        programs = min(math.prod(tiles), _programs_per_device(st))
         grid, grid_names = (programs,), ("programs",)
     else:
         programs = 1
-        grid, grid_names = (
-            (num_heads, t_pad // rows_per_program, batch),
-            ("heads", "q_tiles", "batch"),
-        )
+        grid, grid_names = tiles, ("heads", "q_tiles", "batch")
 
     def jattn_flash_forward(*refs):  # the kernel's name in profiles (ncu -k regex:jattn)
         names = list(operands) + ["out", "lse"]

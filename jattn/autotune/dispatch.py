@@ -23,6 +23,8 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import jax.numpy as jnp
+
 from jattn.autotune import cache
 
 FORMAT = "jattn-dispatch"
@@ -63,8 +65,6 @@ def measured_order(
     """The measured order of the call's bucket (fastest first), or None: no table entry.
 
     length: max(T, S); differentiated: whether the call is under reverse-mode autodiff."""
-    import jax.numpy as jnp
-
     key = _key(
         dtype=jnp.dtype(dtype).name,
         head_dim=cache.bucket_head_dim(head_dim),
@@ -90,7 +90,7 @@ def build(runs: Iterable[dict], *, device: str) -> dict:
     Each bucket ranks the implementations measured at every one of its lengths by the geometric
     mean of their TFLOP/s there (an implementation that failed a cell is left out of that
     bucket); buckets where fewer than two implementations qualify are left out."""
-    cells: dict[tuple, dict[str, dict[int, float]]] = {}
+    cells: dict[tuple, dict[str, dict[int, float | None]]] = {}  # None: the cell failed
     sources = []
     for run in runs:
         sources.append({k: run[k] for k in ("device", "jax", "date") if k in run})
@@ -105,9 +105,7 @@ def build(runs: Iterable[dict], *, device: str) -> dict:
                 lengths=cache.length_range(row["length"]),
                 mode=_BENCH_MODES[row["mode"]],
             )
-            tflops = row.get("tflops")
-            cell = cells.setdefault(key, {}).setdefault(name, {})
-            cell[row["length"]] = tflops if tflops else float("nan")
+            cells.setdefault(key, {}).setdefault(name, {})[row["length"]] = row.get("tflops")
     entries = []
     for key in sorted(cells, key=repr):
         per_name = cells[key]
@@ -115,7 +113,7 @@ def build(runs: Iterable[dict], *, device: str) -> dict:
         means = {
             name: math.exp(sum(math.log(times[t]) for t in lengths) / len(lengths))
             for name, times in per_name.items()
-            if all(t in times and times[t] == times[t] and times[t] > 0 for t in lengths)
+            if all(times.get(t) for t in lengths)
         }
         if len(means) < 2:
             continue
