@@ -87,9 +87,9 @@ def tssa_functions(causal: bool, length: int):
                 config=config,
             )
 
-        def f_bwd(w, dy):
+        def f_bwd(w, dy):  # a training step's share: y and dw (y is used, as in training)
             y, vjp = jax.vjp(f, w)
-            return vjp(dy)[0]
+            return y, vjp(dy)[0]
 
         return jax.jit(f), jax.jit(f_bwd)
 

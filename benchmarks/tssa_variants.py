@@ -46,20 +46,33 @@ def _inputs(batch, length, dtype, seed=0):
     return w, temperature, bias
 
 
-def _kernel(temperature, causal, bias, config):
+def _jit(f, grad: bool):
+    """jit of w -> f(w), or with `grad` of (w, dy) -> (y, dw): forward and backward (the vjp;
+    y is returned, as a training step uses it, so its pass is not dead code)."""
+    if not grad:
+        return jax.jit(f)
+
+    def f_bwd(w, dy):
+        y, vjp = jax.vjp(f, w)
+        return y, vjp(dy)[0]
+
+    return jax.jit(f_bwd)
+
+
+def _kernel(temperature, causal, bias, config, grad=False):
     def f(w):
         return kernels.token_statistics_attention(
             w, temperature, causal=causal, denom_bias=bias, config=config
         )
 
-    return jax.jit(f)
+    return _jit(f, grad)
 
 
-def _xla(temperature, causal, bias):
+def _xla(temperature, causal, bias, grad=False):
     def f(w):
         return reference.token_statistics_attention(w, temperature, causal=causal, denom_bias=bias)
 
-    return jax.jit(f)
+    return _jit(f, grad)
 
 
 def _rel(a, b) -> float:
@@ -100,23 +113,42 @@ def check(rows) -> None:
                 print(rows[-1], flush=True)
 
 
-def sweep(rows, lengths, configs) -> None:
+def check_grads(rows, configs) -> None:
+    """dw of each config against the reference's, float32, causal and not (vjp of a random dy)."""
+    w, temperature, bias = _inputs(2, 4099, jnp.float32, seed=3)
+    dy = jax.random.normal(jax.random.key(4), w.shape, w.dtype)
+    for causal in (False, True):
+        b = bias if causal else None
+        want = _xla(temperature, causal, b, grad=True)(w, dy)[1]
+        for name, config in configs:
+            got = _kernel(temperature, causal, b, config, grad=True)(w, dy)[1]
+            rows.append(
+                dict(check="grad", causal=causal, name=name, config=repr(config),
+                     rel_err=_rel(got, want), finite=bool(jnp.isfinite(got).all()))
+            )
+            print(rows[-1], flush=True)
+
+
+def sweep(rows, lengths, configs, grad=False) -> None:
+    """Forward (or with `grad` forward + backward) times; TB/s counts one read of w and one
+    write of y (with `grad` also one read of w and dy and one write of dw)."""
     for length in lengths:
         batch = BATCH_FOR.get(length, 1)
         w, temperature, bias = _inputs(batch, length, jnp.bfloat16)
-        nbytes = 2 * w.nbytes
+        args = (w, jnp.ones_like(w)) if grad else (w,)
+        nbytes = (5 if grad else 2) * w.nbytes
         for causal in (False, True):
             b = bias if causal else None
-            ref = _xla(temperature, causal, b)
+            ref = _xla(temperature, causal, b, grad)
             candidates = [("xla", None, ref)]
             for name, config in configs:
                 if not causal and config.single_pass:
-                    continue  # the non-causal forward has no one-launch variant
-                fn = _kernel(temperature, causal, b, config)
+                    continue  # causal-only options
+                fn = _kernel(temperature, causal, b, config, grad)
                 candidates.append((name, config, fn))
             for name, config, fn in candidates:
                 try:
-                    ms = _time(fn, w)
+                    ms = _time(fn, *args)
                 except Exception as err:  # noqa: BLE001  (record a config that fails to compile)
                     rows.append(dict(T=length, causal=causal, name=name, error=repr(err)[:300]))
                     print(rows[-1], flush=True)
@@ -126,6 +158,7 @@ def sweep(rows, lengths, configs) -> None:
                         T=length,
                         B=batch,
                         causal=causal,
+                        grad=grad,
                         name=name,
                         config=repr(config),
                         ms=ms,
@@ -144,6 +177,18 @@ CONFIGS = {
     "stored_pi": kernels.Config(store_pi=True),
     "stored_pi_b16_w8": kernels.Config(block_t=16, num_warps=8, store_pi=True),
     "b16_w8": kernels.Config(block_t=16, num_warps=8),
+    "b4": kernels.Config(block_t=4),
+    "b4_w2": kernels.Config(block_t=4, num_warps=2),
+    "w8": kernels.Config(num_warps=8),
+    "stored_pi_b4": kernels.Config(block_t=4, store_pi=True),
+    "bwd_b8_w4": kernels.Config(backward_block_t=8, backward_num_warps=4),  # before 2026-11-30
+    "bwd_b4_w2": kernels.Config(backward_block_t=4, backward_num_warps=2),
+    "bwd_b2_w1": kernels.Config(backward_block_t=2, backward_num_warps=1),
+    "bwd_b4_w1": kernels.Config(backward_block_t=4, backward_num_warps=1),
+    "bwd_b2_w2": kernels.Config(backward_block_t=2, backward_num_warps=2),
+    "bwd_b1_w1": kernels.Config(backward_block_t=1, backward_num_warps=1),
+    "bwd_b8_w2": kernels.Config(backward_num_warps=2),
+    "bwd_b16_w4": kernels.Config(backward_block_t=16),
     "one_launch_c128": kernels.Config(block_t=8, chunk_t=128, single_pass=True),
     "one_launch_c256": kernels.Config(block_t=8, chunk_t=256, single_pass=True),
 }
@@ -155,15 +200,19 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=[4096, 65536, 262144, 1048576])
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--grad", action="store_true", help="time forward + backward")
     args = parser.parse_args(argv)
     rows: list[dict] = []
     x = jnp.ones((1 << 28,), jnp.float32)
     copy_ms = _time(jax.jit(lambda x: x * 2.0), x)
     copy_tbps = 2 * x.nbytes / copy_ms / 1e9
     print(f"copy {copy_tbps:.2f} TB/s", flush=True)
+    chosen = [(name, CONFIGS[name]) for name in args.configs]
     if not args.no_check:
         check(rows)
-    sweep(rows, args.lengths, [(name, CONFIGS[name]) for name in args.configs])
+        if args.grad:
+            check_grads(rows, chosen)
+    sweep(rows, args.lengths, chosen, args.grad)
     record = dict(environment=environment(), copy_tbps=copy_tbps, rows=rows)
     with open(args.json, "w") as f:
         json.dump(record, f, indent=1, default=str)

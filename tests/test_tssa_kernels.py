@@ -30,6 +30,12 @@ CASES = {
     "single_pass_scan": ((2, 45, 3, 8), kernels.Config(block_t=2, chunk_t=4, single_pass=True)),
     # Pi written by the middle pass and read by the output pass
     "stored_pi": ((2, 19, 3, 8), kernels.Config(block_t=4, chunk_t=8, store_pi=True)),
+    # Pi recomputed by the causal output pass; the backward on its own tile and warps
+    "recomputed_pi": ((1, 13, 3, 8), kernels.Config(block_t=2, chunk_t=8, store_pi=False)),
+    "backward_tile": (
+        (2, 19, 3, 8),
+        kernels.Config(block_t=4, chunk_t=8, backward_block_t=2, backward_num_warps=2),
+    ),
 }
 
 
@@ -246,6 +252,10 @@ def test_tiling_rejects_chunks_that_are_not_whole_tiles():
         (dict(num_stages=True), "num_stages must be an int"),
         (dict(single_pass=1), "single_pass must be a bool"),
         (dict(block_t=8, chunk_t=20), "multiple of block_t"),
+        (dict(backward_block_t=6), "backward_block_t must be a power of two"),
+        (dict(backward_num_warps=0), "backward_num_warps must be >= 1"),
+        (dict(store_pi=1), "store_pi must be a bool"),
+        (dict(backward_block_t=16, chunk_t=8), "multiple of backward_block_t"),
     ],
 )
 def test_config_validates_at_construction(fields, message):
