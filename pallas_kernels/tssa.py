@@ -185,12 +185,12 @@ def _causal_pi(w, c1, temp, head_bias, bias, valid):
     """
     w2 = w * w
     run1 = c1[None] + lax.cumsum(w2, axis=0)
-    denom = jnp.maximum(run1, CAUSAL_SQ_EPS)
-    s = jnp.sum(w2 / denom, axis=-1)  # [block_t, N]
+    inv_denom = 1.0 / jnp.maximum(run1, CAUSAL_SQ_EPS)  # the tile's one division of w^2's kind
+    s = jnp.sum(w2 * inv_denom, axis=-1)  # [block_t, N]
     if bias is not None:
         s = s + bias
     pi = _softmax_over_heads(s * temp[None, :] + head_bias[None, :], valid)
-    return dict(w2=w2, run1=run1, denom=denom, s=s, pi=pi)
+    return dict(w2=w2, run1=run1, inv_denom=inv_denom, s=s, pi=pi)
 
 
 def _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid):
@@ -200,12 +200,11 @@ def _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid):
     bias [block_t, N] (H * denom_bias) or None. Returns a dict of [block_t, ...] tiles.
     """
     f = _causal_pi(w, c1, temp, head_bias, bias, valid)
-    w2, run1, denom, s, pi = (f[k] for k in ("w2", "run1", "denom", "s", "pi"))
-    pw2 = pi[:, :, None] * w2
+    pw2 = f["pi"][:, :, None] * f["w2"]
     run2 = c2[None] + lax.cumsum(pw2, axis=0)
-    inv3 = 1.0 / (c3[None] + lax.cumsum(pi, axis=0) + PI_EPS)  # [block_t, N]
+    inv3 = 1.0 / (c3[None] + lax.cumsum(f["pi"], axis=0) + PI_EPS)  # [block_t, N]
     a = 1.0 / (1.0 + run2 * inv3[:, :, None])
-    return dict(w2=w2, run1=run1, denom=denom, s=s, pi=pi, pw2=pw2, run2=run2, inv3=inv3, a=a)
+    return dict(f, pw2=pw2, run2=run2, inv3=inv3, a=a)
 
 
 def _noncausal_tile(w, inv_nu2, temp, head_bias, valid):
@@ -226,16 +225,17 @@ def _causal_grads(f, w, g, temp, r2, r3):
     d_pi = jnp.sum(w * (r2 * w - f["a"] * g), axis=-1) + r3  # [block_t, N]
     d_logit = f["pi"] * (d_pi - jnp.sum(f["pi"] * d_pi, axis=1, keepdims=True))
     d_s = d_logit * temp[None, :]
-    # s = sum_c w^2 / max(C1, eps): d C1 where the clamp is inactive
+    # s = sum_c w^2 / max(C1, eps): d C1 = -d s w^2 / C1^2 where the clamp is inactive
     d_run1 = jnp.where(
-        f["run1"] > CAUSAL_SQ_EPS, -d_s[:, :, None] * f["w2"] / (f["denom"] * f["denom"]), 0.0
+        f["run1"] > CAUSAL_SQ_EPS, -d_s[:, :, None] * f["w2"] * (f["inv_denom"] ** 2), 0.0
     )
     return d_logit, d_s, d_run1
 
 
-def _moment_grads(f, w, g):
-    """d C2 [block_t, N, H] and d C3 [block_t, N] of one causal tile (local: m_t uses C_t)."""
-    d_m = g * f["pi"][:, :, None] * w * f["a"] * f["a"]
+def _moment_grads(f, w, pag):
+    """d C2 [block_t, N, H] and d C3 [block_t, N] of one causal tile (local: m_t uses C_t);
+    pag = Pi a dy, the product the output's own gradient term shares."""
+    d_m = pag * w * f["a"]  # dy Pi w a^2
     d_run2 = d_m * f["inv3"][:, :, None]
     d_run3 = -jnp.sum(d_m * f["run2"], axis=-1) * f["inv3"] * f["inv3"]
     return d_run2, d_run3
@@ -620,7 +620,7 @@ def _bwd_moment_kernel(
         if st.causal:
             bias = bias_ref[_tile_slice(st, i), :] if bias_ref is not None else None
             f = _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid)
-            d_run2, d_run3 = _moment_grads(f, w, g)
+            d_run2, d_run3 = _moment_grads(f, w, f["pi"][:, :, None] * f["a"] * g)
             gm_ref[0, i] = jnp.sum(d_run2, axis=0)
             gm3_ref[0, i] = jnp.sum(d_run3, axis=0)
             carry = (
@@ -653,7 +653,8 @@ def _bwd_tile(st: _Static, refs, start, i, carry, temp, head_bias):
         c1, c2, c3 = carry
         bias = bias_ref[_tile_slice(st, i), :] if bias_ref is not None else None
         f = _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid)
-        d_run2, d_run3 = _moment_grads(f, w, g)
+        pag = f["pi"][:, :, None] * f["a"] * g  # [block_t, N, H]
+        d_run2, d_run3 = _moment_grads(f, w, pag)
         suffix2 = r2_ref[0, i][None] + _suffix_in_tile(d_run2)  # sum over i >= t of dC2
         suffix3 = r3_ref[0, i][None] + _suffix_in_tile(d_run3)
         d_logit, d_s, d_run1 = _causal_grads(f, w, g, temp, suffix2, suffix3)
@@ -663,21 +664,18 @@ def _bwd_tile(st: _Static, refs, start, i, carry, temp, head_bias):
             c3 + jnp.sum(f["pi"], axis=0),
         )
         # dy's direct term, the running-moment term and the logit term (all but d C1's suffix)
-        dw = (
-            -f["pi"][:, :, None] * f["a"] * g
-            + 2.0 * f["pi"][:, :, None] * w * suffix2
-            + 2.0 * w * d_s[:, :, None] / f["denom"]
-        )
+        dw = 2.0 * w * (f["pi"][:, :, None] * suffix2 + d_s[:, :, None] * f["inv_denom"]) - pag
         return w, f, d_logit, d_s, d_run1, dw, carry
     nu2, a, d_s2, d_s3 = carry
-    f = _noncausal_tile(w, 1.0 / nu2, temp, head_bias, valid)
+    inv_nu2 = 1.0 / nu2  # [N, H]
+    f = _noncausal_tile(w, inv_nu2, temp, head_bias, valid)
     d_pi = jnp.sum(w * (d_s2[None] * w - a[None] * g), axis=-1) + d_s3[None]
     d_logit = f["pi"] * (d_pi - jnp.sum(f["pi"] * d_pi, axis=1, keepdims=True))
     d_s = d_logit * temp[None, :]
     dw = (
         -f["pi"][:, :, None] * a[None] * g
         + 2.0 * f["pi"][:, :, None] * w * d_s2[None]
-        + 2.0 * w * d_s[:, :, None] / nu2[None]
+        + 2.0 * w * d_s[:, :, None] * inv_nu2[None]
     )
     return w, f, d_logit, d_s, None, dw, carry
 
