@@ -152,6 +152,42 @@ def _fit_shared_memory(
     )
 
 
+def _fit_stages_to_tiles(
+    config: TritonConfig, *, head_dim: int, itemsize: int, pair_itemsize: int
+) -> TritonConfig:
+    """Stages of a config whose tiles are fixed (a flex block mask's blocks are the tiles): each
+    pipeline sheds stages, down to 1, until it fits this GPU's shared memory (the budget and the
+    backward's spare tile as in `_fit_shared_memory`). ValueError when one stage does not fit.
+
+    Before: the block mask's 128 x 128 blocks at H=128 kept the backward's 2 stages and failed
+    on the H200 ("requested 295936, available: 232448")."""
+    budget = common.shared_memory_bytes()
+    if budget is None:
+        return config
+
+    def fit(resident, streamed, stages, spare, kernel):
+        def estimate(n):
+            return _shared_memory_estimate(
+                resident, streamed, n + spare, head_dim, itemsize, pair_itemsize
+            )
+
+        while stages > 1 and estimate(stages) > budget:
+            stages -= 1
+        if estimate(stages) > budget:
+            raise ValueError(
+                f"flex_attention: the block mask's {config.block_q} x {config.block_k} blocks are "
+                f"the Triton kernels' tiles, and the {kernel} needs ~{estimate(stages)} bytes of "
+                f"shared memory at head dim {head_dim} (this GPU has {budget}): build the block "
+                "mask with smaller blocks (create_block_mask(..., block_q=64, block_kv=64))"
+            )
+        return stages
+
+    stages = fit(config.block_q, config.block_k, config.num_stages, 0, "forward")
+    bwd = fit(config.bwd_block_q * 2, config.bwd_block_k, config.bwd_num_stages, 1, "dq kernel")
+    bwd = fit(config.bwd_block_k * 2, config.bwd_block_q, bwd, 1, "dk/dv kernel")
+    return dataclasses.replace(config, num_stages=stages, bwd_num_stages=bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class FlexSpec:
     """A user score_mod / mask_mod traced into the kernels (`jattn.flex_attention`).
@@ -1272,6 +1308,21 @@ def flex_attention(
                     "blocks, or use implementation='xla')"
                 )
         st = st._replace(block_q=block_q, bwd_block_q=block_q, block_k=block_k, bwd_block_k=block_k)
+        if config is None:  # the default's stages, shed to fit these tiles
+            tiles = dataclasses.replace(
+                default_config(st.head_dim, query.dtype),
+                block_q=block_q,
+                block_k=block_k,
+                bwd_block_q=block_q,
+                bwd_block_k=block_k,
+            )
+            fitted = _fit_stages_to_tiles(
+                tiles,
+                head_dim=common.padded_head_dim(st.head_dim),
+                itemsize=query.dtype.itemsize,
+                pair_itemsize=0,
+            )
+            st = st._replace(num_stages=fitted.num_stages, bwd_num_stages=fitted.bwd_num_stages)
     st = st._replace(flex=flex, dense_masks=flex.mask_mod is not None and flex.block_mask is None)
     t_pad, s_pad = _padded_lengths(st)
     # Padding rows and keys are masked (a block holding them is never full in a block mask).

@@ -3,6 +3,9 @@ options; ALiBi, T5 relative bias, prefix-LM, document masks, dilated windows and
 against a float64 oracle with gradients (closed-over tables included), on 'xla' and on the Triton
 kernel in Pallas interpret mode; block masks under jit, reused; argument checks."""
 
+import dataclasses
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -492,3 +495,37 @@ def test_triton_kernels_lower_for_cuda(rng, monkeypatch, learn_table):
     exported = jax.export.export(step, platforms=["cuda"], disabled_checks=checks)(q, kv, kv, table)
     text = exported.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") >= 3  # forward, dq, dk/dv kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["alibi", "t5_bias", "document"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_variant_real_size_on_gpu(rng, monkeypatch, name, dtype):
+    """The compiled Triton kernel at real lengths (GQA, T != S, odd lengths) on the kernel's
+    default tiles, block masks of 64 x 64, against the float64 oracle with gradients (the
+    learnable table's included)."""
+    monkeypatch.setattr(sys.modules[__name__], "BLOCK", 64)
+    monkeypatch.setattr(sys.modules[__name__], "SMALL", None)
+    _check_variant(rng, name, (2, 1000, 1031, 8, 2, 64), "triton", dtype=dtype)
+
+
+def test_block_mask_tiles_shed_stages_to_fit_shared_memory(monkeypatch):
+    """Before: a block mask's 128 x 128 blocks at H=128 (bf16) kept the backward's 2 stages and
+    failed on the H200 ("requested 295936, available: 232448"). Now each pipeline sheds stages
+    to fit; blocks that do not fit in one stage get a ValueError naming them."""
+    from pallas_kernels import flash_triton
+
+    monkeypatch.setattr(flash_triton.common, "shared_memory_bytes", lambda: 232448)
+    tiles = dict(block_q=128, block_k=128, bwd_block_q=128, bwd_block_k=128)
+    config = dataclasses.replace(flash_triton.default_config(128, jnp.bfloat16), **tiles)
+    fitted = flash_triton._fit_stages_to_tiles(config, head_dim=128, itemsize=2, pair_itemsize=0)
+    # forward: 32 kB resident + 64 kB a stage (3 stages: 224 kB fit); backward: 64 kB resident
+    # + 64 kB a stage with its spare tile (2 stages: 256 kB do not, 1: 192 kB)
+    assert (fitted.num_stages, fitted.bwd_num_stages) == (config.num_stages, 1) == (3, 1)
+    q = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+    causal = lambda b, h, i, j: j <= i  # noqa: E731
+    mask = jattn.create_block_mask(causal, None, None, 512, 512, block_q=256, block_kv=256)
+    with pytest.raises(ValueError, match=r"256 x 256 blocks .* dq kernel .* block_q=64"):
+        jax.eval_shape(
+            lambda q: jattn.flex_attention(q, q, q, block_mask=mask, implementation="triton"), q
+        )

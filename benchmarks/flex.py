@@ -1,0 +1,197 @@
+"""Generated attention variants on one GPU: `jattn.flex_attention` against the native kernel and
+against peers given the equivalent dense bias or mask (issue 16).
+
+    python -m benchmarks.flex --json benchmarks/results/flex_h200.json --plot flex_h200.png
+
+Shapes: B=1, N=16 heads of H=128, bf16, T = S from 2k to 16k. Three variants, each forward and
+forward+backward (d q, k, v), median ms (`benchmarks.flash.time_ms`):
+- causal: written as a mask_mod with its block mask, against jattn's native `is_causal` (the
+  cost of generality) and cuDNN's causal;
+- ALiBi (non-causal, slopes 2^(-8 (h+1) / N)): a score_mod computed in the kernel, against the
+  plain kernel without a bias, and cuDNN, XLA and tokamax given the dense `[1, N, T, S]` bias;
+- document masking (4 equal documents, non-causal): a mask_mod with its block mask, against
+  jattn's `segment_ids`, and cuDNN and XLA given the dense `[1, 1, T, S]` mask.
+Also the time of `create_block_mask` for the document mask at each T (jitted). A peer that fails
+or declines a cell records the error instead of a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import traceback
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+import jattn
+from benchmarks.flash import time_ms
+from jattn.demo import environment
+
+HEADS, HEAD_DIM, DOCUMENTS = 16, 128, 4
+LENGTHS = (2048, 4096, 8192, 16384)
+
+
+def _slopes(heads: int):
+    """ALiBi's head slopes (Press et al., 2022): 2^(-8 (h + 1) / N)."""
+    return 2.0 ** (-8.0 * jnp.arange(1, heads + 1, dtype=jnp.float32) / heads)
+
+
+def _documents(length: int):
+    """[1, T] document ids: DOCUMENTS equal documents."""
+    return (jnp.arange(length, dtype=jnp.int32) * DOCUMENTS // length)[None]
+
+
+def variants(length: int) -> dict[str, dict[str, Callable]]:
+    """{variant: {peer: run(q, k, v) -> out}} at T = S = length."""
+    slopes, docs = _slopes(HEADS), _documents(length)
+    pos = jnp.arange(length, dtype=jnp.float32)
+    alibi_bias = (-slopes[:, None, None] * jnp.abs(pos[:, None] - pos[None, :]))[None]
+    alibi_bias = alibi_bias.astype(jnp.bfloat16)  # [1, N, T, S]
+    doc_mask = (docs[0][:, None] == docs[0][None, :])[None, None]  # [1, 1, T, S]
+
+    def causal_mod(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def alibi_mod(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * jnp.abs(q_idx - kv_idx).astype(jnp.float32)
+
+    def doc_mod(b, h, q_idx, kv_idx):
+        return docs[b, q_idx] == docs[b, kv_idx]
+
+    causal_blocks = jattn.create_block_mask(causal_mod, None, None, length, length)
+    doc_blocks = jattn.create_block_mask(doc_mod, 1, None, length, length)
+
+    def flex(**mods):
+        return lambda q, k, v: jattn.flex_attention(q, k, v, **mods)
+
+    def jax_nn(implementation, **options):
+        return lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, implementation=implementation, **options
+        )
+
+    def tokamax_bias(q, k, v):
+        import tokamax
+
+        return tokamax.dot_product_attention(q, k, v, bias=alibi_bias)
+
+    return {
+        "causal": {
+            "jattn flex (mask_mod + block mask)": flex(
+                mask_mod=causal_mod, block_mask=causal_blocks
+            ),
+            "jattn native is_causal": lambda q, k, v: jattn.dot_product_attention(
+                q, k, v, is_causal=True
+            ),
+            "cudnn is_causal": jax_nn("cudnn", is_causal=True),
+        },
+        "alibi": {
+            "jattn flex (score_mod)": flex(score_mod=alibi_mod),
+            "jattn plain (no bias)": lambda q, k, v: jattn.dot_product_attention(q, k, v),
+            "cudnn dense bias": jax_nn("cudnn", bias=alibi_bias),
+            "xla dense bias": jax_nn("xla", bias=alibi_bias),
+            "tokamax dense bias": tokamax_bias,
+        },
+        "document": {
+            "jattn flex (mask_mod + block mask)": flex(mask_mod=doc_mod, block_mask=doc_blocks),
+            "jattn segment_ids": lambda q, k, v: jattn.dot_product_attention(
+                q, k, v, segment_ids=(docs, docs)
+            ),
+            "cudnn dense mask": jax_nn("cudnn", mask=doc_mask),
+            "xla dense mask": jax_nn("xla", mask=doc_mask),
+        },
+    }
+
+
+def measure(run: Callable, q, k, v, mode: str, repeats: int) -> float:
+    if mode == "fwd":
+        return time_ms(jax.jit(run), (q, k, v), repeats)
+    d_out = jax.random.normal(jax.random.key(9), q.shape, q.dtype)
+
+    def loss(q, k, v):
+        return jnp.sum(run(q, k, v).astype(jnp.float32) * d_out.astype(jnp.float32))
+
+    return time_ms(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (q, k, v), repeats)
+
+
+def block_mask_ms(length: int, repeats: int) -> float:
+    """Median ms of a jitted `create_block_mask` for the document mask at T = S = length."""
+    docs = _documents(length)
+
+    def build(docs):
+        def doc_mod(b, h, q_idx, kv_idx):
+            return docs[b, q_idx] == docs[b, kv_idx]
+
+        return jattn.create_block_mask(doc_mod, 1, None, length, length)
+
+    return time_ms(jax.jit(build), (docs,), repeats)
+
+
+def run_cells(lengths, modes, repeats, on_row=None) -> list[dict]:
+    rows = []
+
+    def add(row):
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    for length in lengths:
+        keys = jax.random.split(jax.random.key(length), 3)
+        shape = (1, length, HEADS, HEAD_DIM)
+        q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
+        for variant, peers in variants(length).items():
+            for peer, run in peers.items():
+                for mode in modes:
+                    row = dict(variant=variant, peer=peer, T=length, mode=mode)
+                    try:
+                        row["ms"] = measure(run, q, k, v, mode, repeats)
+                    except Exception as err:  # noqa: BLE001  (record a peer that declines)
+                        row["error"] = f"{type(err).__name__}: {err}"[:400]
+                        traceback.print_exc(limit=1)
+                    add(row)
+        try:
+            add(dict(variant="create_block_mask", T=length, ms=block_mask_ms(length, repeats)))
+        except Exception as err:  # noqa: BLE001
+            add(dict(variant="create_block_mask", T=length, error=repr(err)[:400]))
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [(v, m) for v in ("causal", "alibi", "document") for m in ("fwd", "fwd+bwd")]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), squeeze=False)
+    for (variant, mode), ax in zip(cells, axes.T.ravel(), strict=True):
+        mine = [r for r in rows if r["variant"] == variant and r.get("mode") == mode]
+        for peer in dict.fromkeys(r["peer"] for r in mine):
+            points = sorted((r["T"], r["ms"]) for r in mine if r["peer"] == peer and "ms" in r)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=peer)
+        ax.set(title=f"{variant}, {mode}", xlabel="T = S", ylabel="ms", xscale="log", yscale="log")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"flex_attention, B=1, N={HEADS}, H={HEAD_DIM}, bf16")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--plot", default=None, help="PNG path (default: beside the JSON)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    rows = run_cells(args.lengths, args.modes, args.repeats, on_row=lambda r: print(r, flush=True))
+    record = dict(environment=environment(), heads=HEADS, head_dim=HEAD_DIM, batch=1, rows=rows)
+    with open(args.json, "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    plot(rows, args.plot or args.json.rsplit(".", 1)[0] + ".png")
+
+
+if __name__ == "__main__":
+    main()
