@@ -185,7 +185,8 @@ def _causal_pi(w, c1, temp, head_bias, bias, valid):
     """
     w2 = w * w
     run1 = c1[None] + lax.cumsum(w2, axis=0)
-    inv_denom = 1.0 / jnp.maximum(run1, CAUSAL_SQ_EPS)  # the tile's one division of w^2's kind
+    inv_denom = 1.0 / jnp.maximum(run1, CAUSAL_SQ_EPS)  # one division an element; the backward
+    # multiplies by it where it divided by C1 and C1^2
     s = jnp.sum(w2 * inv_denom, axis=-1)  # [block_t, N]
     if bias is not None:
         s = s + bias
