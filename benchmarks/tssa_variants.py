@@ -123,8 +123,14 @@ def check_grads(rows, configs) -> None:
         for name, config in configs:
             got = _kernel(temperature, causal, b, config, grad=True)(w, dy)[1]
             rows.append(
-                dict(check="grad", causal=causal, name=name, config=repr(config),
-                     rel_err=_rel(got, want), finite=bool(jnp.isfinite(got).all()))
+                dict(
+                    check="grad",
+                    causal=causal,
+                    name=name,
+                    config=repr(config),
+                    rel_err=_rel(got, want),
+                    finite=bool(jnp.isfinite(got).all()),
+                )
             )
             print(rows[-1], flush=True)
 

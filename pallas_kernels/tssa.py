@@ -108,9 +108,7 @@ def _pow2_floor(n: int) -> int:
     return 1 << max(0, n.bit_length() - 1)
 
 
-def tiling(
-    batch: int, seq_len: int, row: int, config: Config, causal: bool = False
-) -> _Tiling:
+def tiling(batch: int, seq_len: int, row: int, config: Config, causal: bool = False) -> _Tiling:
     """Tile and chunk lengths for `seq_len` tokens of `row` (padded N * H) elements."""
     block_t = config.block_t or max(1, _pow2_floor(TILE_ELEMENTS // row))
     block_t = min(block_t, MAX_BLOCK_T, _pow2_ceil(seq_len))

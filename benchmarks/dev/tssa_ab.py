@@ -18,6 +18,13 @@ from jattn import reference
 from jattn.demo import environment
 
 
+def _op(module, temperature, causal, bias):
+    """w -> TSSA of `module` (a kernel module, or jattn.reference) with these options."""
+    return lambda w: module.token_statistics_attention(
+        w, temperature, causal=causal, denom_bias=bias
+    )
+
+
 def _fwd_bwd(fn):
     def f_bwd(w, dy):
         y, vjp = jax.vjp(fn, w)
@@ -38,13 +45,18 @@ def main(argv=None) -> None:
     dy = jax.random.normal(jax.random.key(4), w.shape, w.dtype)
     for causal in (False, True):
         b = bias if causal else None
-        ref = _fwd_bwd(lambda x: reference.token_statistics_attention(
-            x, temperature, causal=causal, denom_bias=b))(w, dy)
+        ref = _fwd_bwd(_op(reference, temperature, causal, b))(w, dy)
         for name, mod in modules.items():
-            got = _fwd_bwd(lambda x, m=mod: m.token_statistics_attention(
-                x, temperature, causal=causal, denom_bias=b))(w, dy)
-            rows.append(dict(check=True, module=name, causal=causal,
-                             y_err=_rel(got[0], ref[0]), dw_err=_rel(got[1], ref[1])))
+            got = _fwd_bwd(_op(mod, temperature, causal, b))(w, dy)
+            rows.append(
+                dict(
+                    check=True,
+                    module=name,
+                    causal=causal,
+                    y_err=_rel(got[0], ref[0]),
+                    dw_err=_rel(got[1], ref[1]),
+                )
+            )
             print(rows[-1], flush=True)
     for length in args.lengths:
         batch = BATCH_FOR.get(length, 1)
@@ -53,10 +65,10 @@ def main(argv=None) -> None:
         for causal in (False, True):
             b = bias if causal else None
             for name, mod in modules.items():
-                fn = _fwd_bwd(lambda x, m=mod: m.token_statistics_attention(
-                    x, temperature, causal=causal, denom_bias=b))
-                rows.append(dict(T=length, B=batch, causal=causal, module=name,
-                                 ms=_time(fn, w, dy)))
+                fn = _fwd_bwd(_op(mod, temperature, causal, b))
+                rows.append(
+                    dict(T=length, B=batch, causal=causal, module=name, ms=_time(fn, w, dy))
+                )
                 print(rows[-1], flush=True)
     with open(args.json, "w") as f:
         json.dump(dict(environment=environment(), rows=rows), f, indent=1, default=str)

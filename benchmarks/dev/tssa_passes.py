@@ -16,7 +16,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from benchmarks.tssa_variants import HEADS, HEAD_DIM, _inputs, _time
+from benchmarks.tssa_variants import HEAD_DIM, HEADS, _inputs, _time
 from jattn.demo import environment
 from pallas_kernels import tssa as k
 
@@ -46,8 +46,14 @@ def _stages(w, temperature, causal: bool, config: k.Config):
 
     sq = jax.jit(
         k._call(
-            k._fwd_sq_kernel, fwd, config, w.shape, [sp["rows"]], sp["per_chunk"],
-            k._f32(b, nc, n, h), "tssa_fwd_sq",
+            k._fwd_sq_kernel,
+            fwd,
+            config,
+            w.shape,
+            [sp["rows"]],
+            sp["per_chunk"],
+            k._f32(b, nc, n, h),
+            "tssa_fwd_sq",
         )
     )
 
@@ -59,10 +65,14 @@ def _stages(w, temperature, causal: bool, config: k.Config):
 
     pi = jax.jit(
         k._call(
-            k._fwd_pi_kernel, mid, config, w.shape,
+            k._fwd_pi_kernel,
+            mid,
+            config,
+            w.shape,
             [spm["rows"], spm["state"], spm["head"], spm["head"]],
             [spm["per_chunk"], spm["per_chunk_head"], *pi_spec],
-            [k._f32(b, nc, n, h), k._f32(b, nc, n), *pi_shape], "tssa_fwd_pi",
+            [k._f32(b, nc, n, h), k._f32(b, nc, n), *pi_shape],
+            "tssa_fwd_pi",
         )
     )
 
@@ -74,10 +84,15 @@ def _stages(w, temperature, causal: bool, config: k.Config):
 
     out = jax.jit(
         k._call(
-            k._fwd_out_kernel, fwd, config, w.shape,
+            k._fwd_out_kernel,
+            fwd,
+            config,
+            w.shape,
             [sp["rows"], sp["state"], sp["state"], sp["state_head"], sp["head"], sp["head"]]
             + ([sp["token_head"]] if store_pi else []),
-            sp["rows"], jax.ShapeDtypeStruct(w.shape, w.dtype), "tssa_fwd_out",
+            sp["rows"],
+            jax.ShapeDtypeStruct(w.shape, w.dtype),
+            "tssa_fwd_out",
         )
     )
     s1 = sq(w)
@@ -117,8 +132,13 @@ def main(argv=None) -> None:
             moved = dict(sq=gb, pi=gb, out=2 * gb, scan1=0, scan2=0)
             for name, (fn, fargs) in stages.items():
                 record(
-                    name=name, causal=causal, store_pi=store_pi, block_t=tile.block_t,
-                    chunk_t=tile.chunk_t, ms=_time(fn, *fargs), gb_moved=moved[name],
+                    name=name,
+                    causal=causal,
+                    store_pi=store_pi,
+                    block_t=tile.block_t,
+                    chunk_t=tile.chunk_t,
+                    ms=_time(fn, *fargs),
+                    gb_moved=moved[name],
                 )
             full = jax.jit(
                 lambda x, c=causal, cf=config: k.token_statistics_attention(
@@ -145,8 +165,12 @@ def main(argv=None) -> None:
                             record(name=name, config=repr(config), error=repr(err)[:200])
                             continue
                         record(
-                            name=f"sweep_{name}", causal=causal, block_t=block_t,
-                            num_warps=num_warps, chunk_t=chunk_t, ms=ms,
+                            name=f"sweep_{name}",
+                            causal=causal,
+                            block_t=block_t,
+                            num_warps=num_warps,
+                            chunk_t=chunk_t,
+                            ms=ms,
                             gb_moved=gb if name == "sq" else 2 * gb,
                         )
     for row in rows:
@@ -154,8 +178,16 @@ def main(argv=None) -> None:
             row["tbps"] = row["gb_moved"] / row["ms"]
     with open(args.json, "w") as f:
         json.dump(
-            dict(environment=environment(), shape=list(w.shape), heads=HEADS,
-                 head_dim=HEAD_DIM, rows=rows), f, indent=1, default=str,
+            dict(
+                environment=environment(),
+                shape=list(w.shape),
+                heads=HEADS,
+                head_dim=HEAD_DIM,
+                rows=rows,
+            ),
+            f,
+            indent=1,
+            default=str,
         )
 
 
