@@ -156,7 +156,8 @@ def create_block_mask(
     result keeps `mask_mod` (static) for `flex_attention(block_mask=...)` without a mask_mod;
     a mask built inside a jit from a mask_mod that closes over that jit's traced arrays keeps
     a mask_mod that cannot run outside it: pass mask_mod to flex_attention there. The Triton
-    kernel tiles by these blocks: powers of two >= 16 there.
+    kernel tiles by these blocks: powers of two >= 16 there, whose pipelines fit the GPU's
+    shared memory with one stage at least (on the H200 at H = 128: up to 128 x 128).
     """
     if not callable(mask_mod):
         raise ValueError(f"mask_mod must be callable, got {type(mask_mod).__name__}")
@@ -425,6 +426,12 @@ def flex_attention(
     Returns:
       `[B, T, N, H]` in the query dtype (and lse `[B, T, N]`). Rows that see no key: 0, lse
       -inf, zero gradients.
+
+    Raises:
+      ValueError: bad shapes, mods or block mask (named in the message); on 'triton', block
+        mask blocks whose kernel pipelines do not fit the GPU's shared memory in one stage.
+      NotImplementedError: 'triton' under forward-mode or second-order autodiff, float64, or
+        head dims above 256 (use 'xla').
 
     Example (ALiBi and a document mask):
       >>> slopes = 2.0 ** -jnp.arange(1, 5)
