@@ -185,6 +185,7 @@ CONFIGS = {
     "b16_w8": kernels.Config(block_t=16, num_warps=8),
     "b4": kernels.Config(block_t=4),
     "b4_w2": kernels.Config(block_t=4, num_warps=2),
+    "b2_w1": kernels.Config(block_t=2, num_warps=1),  # whole token rows in one warp
     "w8": kernels.Config(num_warps=8),
     "stored_pi_b4": kernels.Config(block_t=4, store_pi=True),
     "bwd_b8_w4": kernels.Config(backward_block_t=8, backward_num_warps=4),  # before 2026-11-30
