@@ -1283,6 +1283,23 @@ def flex_attention(
         )
     if config is not None and not isinstance(config, TritonConfig):
         raise ValueError(f"triton needs a TritonConfig, got {type(config).__name__}")
+    if flex.block_mask is not None:
+        block_q, block_k = flex.block_mask
+        for name, size in (("block_q", block_q), ("block_kv", block_k)):
+            if size < _MIN_BLOCK or size & (size - 1):
+                raise NotImplementedError(
+                    f"the Triton kernel tiles by the block mask's blocks, which must be powers "
+                    f"of two >= {_MIN_BLOCK}: got {name}={size} (create_block_mask with such "
+                    "blocks, or use implementation='xla')"
+                )
+        tiles = dict(block_q=block_q, block_k=block_k, bwd_block_q=block_q, bwd_block_k=block_k)
+        if config is None:  # the default's stages, shed to fit these tiles
+            config = _fit_stages_to_tiles(
+                dataclasses.replace(default_config(query.shape[-1], query.dtype), **tiles),
+                head_dim=common.padded_head_dim(query.shape[-1]),
+                itemsize=query.dtype.itemsize,
+                pair_itemsize=0,
+            )
     off = dict(query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None)
     st = _static(
         query,
@@ -1298,31 +1315,8 @@ def flex_attention(
         interpret=interpret,
         **off,
     )
-    if flex.block_mask is not None:
-        block_q, block_k = flex.block_mask
-        for name, size in (("block_q", block_q), ("block_kv", block_k)):
-            if size < _MIN_BLOCK or size & (size - 1):
-                raise NotImplementedError(
-                    f"the Triton kernel tiles by the block mask's blocks, which must be powers "
-                    f"of two >= {_MIN_BLOCK}: got {name}={size} (create_block_mask with such "
-                    "blocks, or use implementation='xla')"
-                )
-        st = st._replace(block_q=block_q, bwd_block_q=block_q, block_k=block_k, bwd_block_k=block_k)
-        if config is None:  # the default's stages, shed to fit these tiles
-            tiles = dataclasses.replace(
-                default_config(st.head_dim, query.dtype),
-                block_q=block_q,
-                block_k=block_k,
-                bwd_block_q=block_q,
-                bwd_block_k=block_k,
-            )
-            fitted = _fit_stages_to_tiles(
-                tiles,
-                head_dim=common.padded_head_dim(st.head_dim),
-                itemsize=query.dtype.itemsize,
-                pair_itemsize=0,
-            )
-            st = st._replace(num_stages=fitted.num_stages, bwd_num_stages=fitted.bwd_num_stages)
+    if flex.block_mask is not None:  # exactly the mask's blocks (not fitted to T and S)
+        st = st._replace(**tiles)
     st = st._replace(flex=flex, dense_masks=flex.mask_mod is not None and flex.block_mask is None)
     t_pad, s_pad = _padded_lengths(st)
     # Padding rows and keys are masked (a block holding them is never full in a block mask).

@@ -829,13 +829,21 @@ def _after_scan(x):
     return jnp.concatenate([inclusive[:, 1:], jnp.zeros_like(inclusive[:, :1])], axis=1)
 
 
-@functools.cache
-def _make_tssa(
-    *, causal: bool, has_bias: bool, seq_len: int, num_heads: int, tile: _Tiling, config: Config
-):
-    """The custom_vjp TSSA on padded inputs (w [B, Tp, Np, Hp], temperature [Np], bias [Tp, Np]).
+@dataclasses.dataclass(frozen=True)
+class _Passes:
+    """The static parameters of every launch of one TSSA call (`_passes`)."""
 
-    `bias` is H * denom_bias^T (a dummy when has_bias is False); padded heads >= num_heads."""
+    store_pi: bool
+    forward: _Static  # the first and last forward passes
+    middle: _Static  # the forward's middle pass (maybe reversed)
+    backward: _Static  # the backward's moment and dw passes: its own tile, the same chunks
+    backward_middle: _Static  # the backward's logit pass
+    bwd_config: Config  # the backward's warps
+
+
+def _passes(*, causal: bool, has_bias: bool, seq_len: int, tile: _Tiling, config: Config):
+    """Resolve `config`'s defaults (Pi stored for causal; the causal backward on half the
+    forward's warps) into the `_Static` of each pass."""
     statics = dict(
         causal=causal,
         has_bias=has_bias,
@@ -845,18 +853,34 @@ def _make_tssa(
         num_chunks=tile.num_chunks,
     )
     store_pi = causal if config.store_pi is None else config.store_pi
-    forward_st = _Static(**statics, reverse=False, store_pi=store_pi)
-    middle_st = _Static(**statics, reverse=config.reverse_middle_pass, store_pi=store_pi)
-    # the backward: its own tile within the same chunks, and its own warps
+    forward = _Static(**statics, reverse=False, store_pi=store_pi)
+    middle = _Static(**statics, reverse=config.reverse_middle_pass, store_pi=store_pi)
     backward_tiles = dict(
         block_t=tile.backward_block_t, num_tiles=tile.chunk_t // tile.backward_block_t
     )
-    backward_st = dataclasses.replace(forward_st, **backward_tiles)
-    backward_middle_st = dataclasses.replace(middle_st, **backward_tiles)
     backward_warps = config.num_warps // 2 if causal else config.num_warps
-    backward_config = dataclasses.replace(
-        config, num_warps=config.backward_num_warps or max(1, backward_warps)
+    return _Passes(
+        store_pi=store_pi,
+        forward=forward,
+        middle=middle,
+        backward=dataclasses.replace(forward, **backward_tiles),
+        backward_middle=dataclasses.replace(middle, **backward_tiles),
+        bwd_config=dataclasses.replace(
+            config, num_warps=config.backward_num_warps or max(1, backward_warps)
+        ),
     )
+
+
+@functools.cache
+def _make_tssa(
+    *, causal: bool, has_bias: bool, seq_len: int, num_heads: int, tile: _Tiling, config: Config
+):
+    """The custom_vjp TSSA on padded inputs (w [B, Tp, Np, Hp], temperature [Np], bias [Tp, Np]).
+
+    `bias` is H * denom_bias^T (a dummy when has_bias is False); padded heads >= num_heads."""
+    p = _passes(causal=causal, has_bias=has_bias, seq_len=seq_len, tile=tile, config=config)
+    store_pi, forward_st, middle_st = p.store_pi, p.forward, p.middle
+    backward_st, backward_middle_st, backward_config = p.backward, p.backward_middle, p.bwd_config
 
     def head_bias(n_pad):
         return jnp.where(jnp.arange(n_pad) < num_heads, 0.0, -jnp.inf).astype(jnp.float32)

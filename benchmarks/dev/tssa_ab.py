@@ -13,7 +13,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from benchmarks.tssa_variants import BATCH_FOR, _inputs, _rel, _time
+from benchmarks.tssa_variants import BATCH_FOR, _inputs, _jit, _rel, _time
 from jattn import reference
 from jattn.demo import environment
 
@@ -23,14 +23,6 @@ def _op(module, temperature, causal, bias):
     return lambda w: module.token_statistics_attention(
         w, temperature, causal=causal, denom_bias=bias
     )
-
-
-def _fwd_bwd(fn):
-    def f_bwd(w, dy):
-        y, vjp = jax.vjp(fn, w)
-        return y, vjp(dy)[0]
-
-    return jax.jit(f_bwd)
 
 
 def main(argv=None) -> None:
@@ -45,9 +37,9 @@ def main(argv=None) -> None:
     dy = jax.random.normal(jax.random.key(4), w.shape, w.dtype)
     for causal in (False, True):
         b = bias if causal else None
-        ref = _fwd_bwd(_op(reference, temperature, causal, b))(w, dy)
+        ref = _jit(_op(reference, temperature, causal, b), grad=True)(w, dy)
         for name, mod in modules.items():
-            got = _fwd_bwd(_op(mod, temperature, causal, b))(w, dy)
+            got = _jit(_op(mod, temperature, causal, b), grad=True)(w, dy)
             rows.append(
                 dict(
                     check=True,
@@ -65,7 +57,7 @@ def main(argv=None) -> None:
         for causal in (False, True):
             b = bias if causal else None
             for name, mod in modules.items():
-                fn = _fwd_bwd(_op(mod, temperature, causal, b))
+                fn = _jit(_op(mod, temperature, causal, b), grad=True)
                 rows.append(
                     dict(T=length, B=batch, causal=causal, module=name, ms=_time(fn, w, dy))
                 )

@@ -25,18 +25,8 @@ def _stages(w, temperature, causal: bool, config: k.Config):
     """{name: (jitted fn, args)} for each launch of the forward, args computed by the previous."""
     b, t, n, h = w.shape
     tile = k.tiling(b, t, n * h, config, causal)
-    store_pi = causal if config.store_pi is None else config.store_pi
-    statics = dict(
-        causal=causal,
-        has_bias=False,
-        seq_len=t,
-        block_t=tile.block_t,
-        num_tiles=tile.chunk_t // tile.block_t,
-        num_chunks=tile.num_chunks,
-        store_pi=store_pi,
-    )
-    fwd = k._Static(**statics, reverse=False)
-    mid = k._Static(**statics, reverse=config.reverse_middle_pass)
+    passes = k._passes(causal=causal, has_bias=False, seq_len=t, tile=tile, config=config)
+    store_pi, fwd, mid = passes.store_pi, passes.forward, passes.middle
     nc = tile.num_chunks
     hb = jnp.zeros((n,), jnp.float32)
     sp = k._specs(fwd, w.shape, tile.chunk_t)
