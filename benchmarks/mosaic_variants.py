@@ -133,6 +133,7 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 16384])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--variants", nargs="+", help="names to run (default: all)")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
@@ -143,6 +144,13 @@ def main(argv=None) -> None:
             "k256_s3_persistent": dict(block_kv=256, num_stages=3, persistent=True),
             "q128_k128_s3_persistent": dict(block_q=128, num_stages=3, persistent=True),
         }
+    if args.variants:
+        unknown = set(args.variants) - set(VARIANTS) - set(extra)
+        if unknown:
+            parser.error(f"unknown variants {sorted(unknown)}; known: {[*VARIANTS, *extra]}")
+        for table in (VARIANTS, extra):
+            for name in set(table) - set(args.variants):
+                del table[name]
     report = dict(environment=environment(), variants={**VARIANTS, **extra})
 
     def save(rows=None, key="timings"):
