@@ -143,6 +143,9 @@ def main(argv=None) -> None:
         extra = {
             "k256_s3_persistent": dict(block_kv=256, num_stages=3, persistent=True),
             "q128_k128_s3_persistent": dict(block_q=128, num_stages=3, persistent=True),
+            # two 64 x 256 score tiles do not fit a consumer's registers beside O
+            "overlap_k128": dict(softmax_overlap=True, block_kv=128, num_stages=2),
+            "overlap_k128_s3": dict(softmax_overlap=True, block_kv=128, num_stages=3),
         }
     if args.variants:
         unknown = set(args.variants) - set(VARIANTS) - set(extra)

@@ -290,21 +290,28 @@ def unmasked_query_blocks(
     return clip_inner(lo, hi, inner_lo, inner_hi)
 
 
-def visit_all(st, ranges, visit, carry):
+def visit_all(st, ranges, visit, carry, unmasked=None):
     """Run visit(j, carry, masked) over [lo, hi): masked tiles at the edges, unmasked inside.
 
     `st` says which masks exist (right, left, check_q_len, check_kv_len, dense_masks).
     Splitting the loop keeps the mask arithmetic off the tiles that every query sees in full
-    (the bulk of causal and windowed attention)."""
+    (the bulk of causal and windowed attention). `unmasked(first, end, carry)`, if given, runs
+    the unmasked range [first, end) in place of the loop of visit(j, carry, masked=False)."""
     lo, inner_lo, inner_hi, hi = ranges
     structural = st.right is not None or st.left is not None or st.check_q_len or st.check_kv_len
+
+    def loop(first, end, carry, masked):
+        if not masked and unmasked is not None:
+            return unmasked(first, end, carry)
+        return jax.lax.fori_loop(first, end, functools.partial(visit, masked=masked), carry)
+
     if st.dense_masks:
-        return jax.lax.fori_loop(lo, hi, functools.partial(visit, masked=True), carry)
+        return loop(lo, hi, carry, True)
     if not structural:
-        return jax.lax.fori_loop(lo, hi, functools.partial(visit, masked=False), carry)
-    carry = jax.lax.fori_loop(lo, inner_lo, functools.partial(visit, masked=True), carry)
-    carry = jax.lax.fori_loop(inner_lo, inner_hi, functools.partial(visit, masked=False), carry)
-    return jax.lax.fori_loop(inner_hi, hi, functools.partial(visit, masked=True), carry)
+        return loop(lo, hi, carry, False)
+    carry = loop(lo, inner_lo, carry, True)
+    carry = loop(inner_lo, inner_hi, carry, False)
+    return loop(inner_hi, hi, carry, True)
 
 
 # Shared memory per thread block by compute capability (CUDA's opt-in maximum, in bytes).

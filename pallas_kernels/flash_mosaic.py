@@ -100,7 +100,8 @@ class MosaicConfig:
       than a shared-memory mbarrier (on the GPU; interpret mode keeps the mbarrier).
     softmax_overlap: FlashAttention-3's intra-warpgroup overlap in the forward: each step issues
       Q K^T of its key tile with P V of the previous one and runs its softmax while P V is on
-      the tensor cores (a second score tile in registers: not timed on a GPU yet).
+      the tensor cores (a second score tile in registers). Only on the key tiles that need no
+      mask: masked edge tiles, and every tile under a dense mask or segment ids, run plain.
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
     """
 
@@ -456,25 +457,31 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 plgpu.barrier_arrive(scratch["v_consumed"].at[slot])
                 return acc, m_new, l_i
 
-            def overlapped(acc, m_i, l_i):
-                """The key steps of [lo, hi) with FlashAttention-3's intra-warpgroup overlap:
-                step j issues Q K_j^T and P_{j-1} V_{j-1} together and runs the softmax of S_j
-                while P V is still on the tensor cores; the first step has no P V before it,
-                the last P V comes after the loop. Needs lo < hi."""
+            def overlapped(first, end, carry):
+                """The unmasked steps [first, end) (first < end) with FlashAttention-3's
+                intra-warpgroup overlap: step j issues Q K_j^T and P_{j-1} V_{j-1} together and
+                runs the softmax of S_j while P V is still on the tensor cores; the first step
+                has no P V before it, the last P V comes after the loop. K of `first` is waited
+                on entry with early_k_wait, as `visit` leaves it; K of `end` on exit likewise.
+                Masked steps stay out: their mask arithmetic beside a second score tile and a
+                P V in flight is what the register budget cannot hold."""
+                acc, m_i, l_i = carry
 
                 def turns():
                     if st.schedule_barrier:
                         take_turns()
 
-                slot = slot_of(base)
-                wait_k(lo)
+                slot = slot_of(base + first - lo)
+                if not st.early_k_wait:
+                    wait_k(first)
                 qk = mma_transposed(st, q_smem, scratch["k"].at[slot], turns)
                 inputs = tile_inputs(slot)
                 plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
-                p, m_i, l_i, _ = online_softmax(logits_of(qk, inputs, lo, True), m_i, l_i)
+                p, m_i, l_i, alpha = online_softmax(logits_of(qk, inputs, first, False), m_i, l_i)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 turns()
 
-                def step_with_overlap(step, carry, *, masked: bool):
+                def step_with_overlap(step, carry):
                     acc, m_i, l_i, p_prev = carry  # p_prev: [bq, bk] of step - 1, input dtype
                     slot, prev = slot_of(base + step - lo), slot_of(base + step - 1 - lo)
                     wait_k(step)
@@ -484,7 +491,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                     def softmax_of(qk, m_i, l_i):
                         inputs = tile_inputs(slot)
                         plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
-                        return online_softmax(logits_of(qk, inputs, step, masked), m_i, l_i)
+                        return online_softmax(logits_of(qk, inputs, step, False), m_i, l_i)
 
                     if st.interpret:  # no asynchronous wgmma: the same steps, one after another
                         qk = mma_transposed(st, q_smem, k_ref, turns)
@@ -514,15 +521,22 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                     turns()
                     return acc, m_i, l_i, p.astype(q_ref.dtype)
 
-                inner = common.clip_inner(lo + 1, hi, inner_lo, inner_hi)
                 carry = (acc, m_i, l_i, p.astype(q_ref.dtype))
-                carry = common.visit_all(st, (lo + 1, *inner, hi), step_with_overlap, carry)
-                acc, m_i, l_i, p = carry
-                last = slot_of(base + hi - 1 - lo)
+                acc, m_i, l_i, p = lax.fori_loop(first + 1, end, step_with_overlap, carry)
+                last = slot_of(base + end - 1 - lo)
                 plgpu.barrier_wait(scratch["v_produced"].at[last])
-                acc = mma_accumulate(st, acc, p, scratch["v"].at[last])
+
+                def wait_end_k():  # as `visit` does for the step after it
+                    pl.when(end < hi)(lambda: wait_k(end))
+
+                acc = mma_accumulate(
+                    st, acc, p, scratch["v"].at[last], wait_end_k if st.early_k_wait else None
+                )
                 plgpu.barrier_arrive(scratch["v_consumed"].at[last])
                 return acc, m_i, l_i
+
+            def overlapped_range(first, end, carry):
+                return lax.cond(first < end, lambda: overlapped(first, end, carry), lambda: carry)
 
             h_pad = q_ref.shape[-1]
             acc = layout_cast(st, jnp.zeros((block_q, h_pad), jnp.float32), WGMMA)
@@ -530,14 +544,11 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             l_i = layout_cast(st, jnp.zeros((block_q,), jnp.float32), WGMMA_ROW)
             # Both consumers visit every step of [lo, hi) (the barriers count on it), masking
             # what they do not see; unmasked: this warpgroup's inner range, clipped to [lo, hi).
-            if st.softmax_overlap:
-                carry = (acc, m_i, l_i)
-                acc, m_i, l_i = lax.cond(lo < hi, lambda: overlapped(*carry), lambda: carry)
-            else:
-                if st.early_k_wait:
-                    pl.when(lo < hi)(lambda: wait_k(lo))
-                ranges = (lo, *common.clip_inner(lo, hi, inner_lo, inner_hi), hi)
-                acc, m_i, l_i = common.visit_all(st, ranges, visit, (acc, m_i, l_i))
+            if st.early_k_wait:
+                pl.when(lo < hi)(lambda: wait_k(lo))
+            ranges = (lo, *common.clip_inner(lo, hi, inner_lo, inner_hi), hi)
+            unmasked = overlapped_range if st.softmax_overlap else None
+            acc, m_i, l_i = common.visit_all(st, ranges, visit, (acc, m_i, l_i), unmasked)
             if st.schedule_barrier:
                 pl.when(wg == 0)(take_turns)
             if st.o_buffer:  # Q is no longer needed: bring the next tile's

@@ -157,13 +157,24 @@ def test_persistent_grid_matches_oracle(rng, feature, shape):
     check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", PERSISTENT)
 
 
-def test_softmax_overlap_matches_oracle(rng):
+@pytest.mark.parametrize(
+    "case, shape, options",
+    [  # 64 x 64 tiles: each consumer's unmasked key range is what overlaps
+        ("all_unmasked", (1, 150, 256, 2, 1, 72), {}),  # the peeled first step, last P V after
+        ("unmasked_then_diagonal", (1, 150, 400, 2, 1, 72), dict(is_causal=True, q_offset=250)),
+        ("masked_unmasked_masked", (1, 300, 400, 2, 1, 64), dict(local_window_size=(100, 100))),
+        ("empty_rows", (2, 150, 200, 2, 1, 72), "lengths_empty"),  # lo == hi
+        ("dense_mask_falls_back", (1, 150, 200, 2, 1, 72), "segments_causal_lengths"),
+    ],
+)
+def test_softmax_overlap_matches_oracle(rng, case, shape, options):
     """FlashAttention-3's intra-warpgroup overlap (Q K^T of a step issued with the previous
-    step's P V): the peeled first step, the last P V after the loop, an empty row (lo == hi),
+    step's P V) on the unmasked key range, plain steps on the masked edges around it (the
+    rescale where it starts after masked steps, the next K waited where it ends before them),
     with the ping-pong turns (mbarrier here) counted as in the plain loop."""
     config = dataclasses.replace(SMALL, softmax_overlap=True)
-    shape = (1, 150, 200, 2, 1, 72)  # MULTI_TILE's tiles with one KV head (its GQA 2 kept)
-    options = make_options(rng, "segments_causal_lengths", shape)
+    if isinstance(options, str):
+        options = make_options(rng, options, shape)
     check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", config)
 
 
