@@ -37,9 +37,9 @@ VARIANTS = {  # on default_config: early_k_wait and longest_first on since 2026-
 
 
 def configs(head_dim: int, extra: dict[str, dict]) -> dict[str, jattn.MosaicConfig]:
-    """The variants on `default_config(head_dim)`, dropping those that do not fit shared
-    memory; `extra`: more {name: changes} (other tilings)."""
-    base = flash_mosaic.default_config(head_dim)
+    """The variants on `default_config(head_dim)` without the overlap, dropping those that do
+    not fit shared memory; `extra`: more {name: changes} (other tilings)."""
+    base = dataclasses.replace(flash_mosaic.default_config(head_dim), softmax_overlap=False)
     out = {}
     for name, changes in {**VARIANTS, **extra}.items():
         config = dataclasses.replace(base, **changes)

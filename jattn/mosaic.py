@@ -87,13 +87,24 @@ def _forward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[Mos
 
 def _schedule_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfig]:
     """The ping-pong barrier on or off, as an mbarrier or a named barrier; a grid of one program
-    per tile or a persistent one (measured on the H200 within run-to-run noise of each other:
-    the tuner decides per bucket)."""
-    options = itertools.product((True, False), (False, True), (False, True))
-    return [
-        dataclasses.replace(base, schedule_barrier=on, named_barrier=named, persistent=persistent)
-        for on, named, persistent in options
+    per tile or a persistent one; the softmax overlap where its registers fit (measured on the
+    H200 within run-to-run noise of each other in some buckets: the tuner decides per bucket)."""
+    options = itertools.product((True, False), (False, True), (False, True), (False, True))
+    configs = [
+        dataclasses.replace(
+            base,
+            schedule_barrier=on,
+            named_barrier=named,
+            persistent=persistent,
+            softmax_overlap=overlap,
+        )
+        for on, named, persistent, overlap in options
         if on or not named
+    ]
+    return [
+        c
+        for c in configs
+        if flash_mosaic.fits_registers(flash_mosaic.register_tiles(c, bucket.head_dim))
     ]
 
 
@@ -115,7 +126,7 @@ def _backward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[Mo
 autotune.register_tunable(
     "mosaic",
     MosaicConfig,
-    default=lambda bucket: flash_mosaic.default_config(bucket.head_dim),
+    default=lambda bucket: flash_mosaic.default_config(bucket.head_dim, causal=bucket.causal),
     searches=[
         autotune.Search(name="forward", mode="forward", candidates=_forward_candidates),
         autotune.Search(name="schedule", mode="forward", candidates=_schedule_candidates),

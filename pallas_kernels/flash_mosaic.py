@@ -186,9 +186,13 @@ def fits_registers(registers_per_thread: int) -> bool:
 
 
 def register_tiles(config: MosaicConfig, head_dim: int) -> int:
-    """Registers per forward consumer thread that S [block_q, block_kv] and O [block_q, H] take."""
+    """Registers per forward consumer thread that S [block_q, block_kv] and O [block_q, H] take;
+    with softmax_overlap also the previous step's P (16-bit, an operand of the P V in flight).
+    On the H200 the overlap at H = 64 with 64 x 256 key tiles (224 by this count) spilled and
+    ptxas serialized its wgmma; at H = 128 (160) and H = 256 (176) it did not."""
     h_pad = padded_head_dim(head_dim)
-    return config.block_q * (config.block_kv + h_pad) // _THREADS_PER_WARPGROUP
+    p_prev = config.block_kv // 2 if config.softmax_overlap else 0
+    return config.block_q * (config.block_kv + p_prev + h_pad) // _THREADS_PER_WARPGROUP
 
 
 def backward_register_tiles(config: MosaicConfig, head_dim: int) -> int:
@@ -199,7 +203,9 @@ def backward_register_tiles(config: MosaicConfig, head_dim: int) -> int:
     return max(bq * (h_pad + 2 * bk), bk * (2 * h_pad + 2 * bq)) // _THREADS_PER_WARPGROUP
 
 
-def choose_config(tuned: MosaicConfig | None, head_dim: int, pair_itemsize: int) -> MosaicConfig:
+def choose_config(
+    tuned: MosaicConfig | None, head_dim: int, pair_itemsize: int, causal: bool = False
+) -> MosaicConfig:
     """`tuned` if its forward fits shared memory with pair_itemsize bytes of bias/mask per
     element (the tables are measured without: a float32 bias adds 4 bytes per logit and stage),
     else `default_config`."""
@@ -207,17 +213,22 @@ def choose_config(tuned: MosaicConfig | None, head_dim: int, pair_itemsize: int)
         shared_memory_estimate(tuned, head_dim, pair_itemsize)
     ):
         return tuned
-    return default_config(head_dim, pair_itemsize)
+    return default_config(head_dim, pair_itemsize, causal=causal)
 
 
-def default_config(head_dim: int, pair_itemsize: int = 0) -> MosaicConfig:
+def default_config(head_dim: int, pair_itemsize: int = 0, *, causal: bool = False) -> MosaicConfig:
     """The first tiling that fits shared memory; the first is what the H100 tuning picked at
     H=128 (forward 64x128 tiles, 2 stages; backward 64x64). At H <= 64 the forward takes 64 x 256
     key tiles over 3 stages first: 4-15% faster than 64 x 128 in all four cells of both H200
     variant runs (benchmarks/NOTES.md), as the H100 tuning also found at long T.
+    The softmax overlap is on at H > 128, and at H = 128 without causal: in two H200 runs it
+    gained 4-11% at H = 256 (non-causal; 1-5% causal) and 2-7% at H = 128 non-causal, lost up to
+    5% at H = 128 causal, and at H = 64 its two score tiles do not fit registers beside 64 x 256
+    key tiles (64 x 128 tiles with it ran slower than 64 x 256 without).
     jattn.autotune's tables override it where they have an entry."""
+    h_pad = padded_head_dim(head_dim)
     forward = [(64, 128, 2), (64, 64, 2), (64, 64, 1)]
-    if padded_head_dim(head_dim) <= 64:
+    if h_pad <= 64:
         forward.insert(0, (64, 256, 3))
     backward = [(64, 64, 2), (64, 64, 1)]
     for (bq, bk, stages), (bwd_q, bwd_k, bwd_stages) in itertools.product(forward, backward):
@@ -232,7 +243,12 @@ def default_config(head_dim: int, pair_itemsize: int = 0) -> MosaicConfig:
         if fits_shared_memory(
             shared_memory_estimate(config, head_dim, pair_itemsize)
         ) and fits_shared_memory(backward_shared_memory_estimate(config, head_dim, pair_itemsize)):
-            return config
+            break
+    overlap = dataclasses.replace(config, softmax_overlap=True)
+    if (h_pad > 128 or (h_pad == 128 and not causal)) and fits_registers(
+        register_tiles(overlap, head_dim)
+    ):
+        return overlap
     return config
 
 
@@ -763,7 +779,7 @@ def flash_attention(
         )
     pair_itemsize = (0 if bias is None else min(bias.dtype.itemsize, 4)) + (mask is not None)
     if config is None:
-        config = choose_config(tuned, head_dim, pair_itemsize)
+        config = choose_config(tuned, head_dim, pair_itemsize, is_causal)
     interpret = common.interpret_mode() if interpret is None else interpret
     if not interpret and not fits_shared_memory(
         shared_memory_estimate(config, head_dim, pair_itemsize)

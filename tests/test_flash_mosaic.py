@@ -378,7 +378,7 @@ def test_lowering_rejects_what_does_not_fit(monkeypatch):
     monkeypatch.setattr(
         flash_mosaic,
         "default_config",
-        lambda *a: jattn.MosaicConfig(block_q=128, block_kv=256, num_stages=4),
+        lambda *a, **k: jattn.MosaicConfig(block_q=128, block_kv=256, num_stages=4),
     )
     with pytest.raises(ValueError, match="exceeds available shared memory"):
         _lower((1, 256, 256, 2, 2, 256), {})

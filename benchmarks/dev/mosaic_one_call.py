@@ -26,7 +26,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.variant in mosaic_variants.VARIANTS:
         changes = mosaic_variants.VARIANTS[args.variant]
-        config = dataclasses.replace(flash_mosaic.default_config(args.head_dim), **changes)
+        base = flash_mosaic.default_config(args.head_dim, causal=args.causal)
+        config = dataclasses.replace(base, softmax_overlap=False, **changes)
         peer = mosaic_variants._mosaic(config)
     else:
         peer = flash.PEERS[args.variant]
