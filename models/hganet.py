@@ -31,7 +31,7 @@ import jraph
 from flax import nnx
 
 from jattn.nn import HardGraphAttention
-from models.graph_training import DenseAttentionNet, dropout, project, run
+from models.graph_training import GCN, DenseAttentionNet, dropout, project, run
 from models.planetoid import Planetoid
 
 # --dropout and --weight-decay default per architecture (None: resolved in `build`). The GANet
@@ -89,6 +89,34 @@ class HardGAT(nnx.Module):
         ).nodes
 
 
+class GraphAttentionModule(nnx.Module):
+    """One GANet graph attention module (GAM) under a reading of the paper that is NOT confirmed
+    (no official code; the reference notes quote Fig. 2 only as "GAMs" with dense skips):
+    `after="gcn"`: the hGAO output, through ELU, is re-smoothed by a GCN layer
+    (`D^-1/2 (A + I) D^-1/2 H W`); `after="linear"`: a linear output projection mixes the heads
+    (as a transformer's), no activation in between. `out_features` is the module's output width.
+    The network applies ELU to what this returns, as to the bare operator (`--gam operator`)."""
+
+    def __init__(self, operator: HardGraphAttention, after: str, out_features: int, *, rngs):
+        self.operator = operator
+        self.num_heads = operator.num_heads  # DenseAttentionNet passes the edge layout
+        self.after = after
+        width = operator.num_heads * operator.out_features
+        if after == "gcn":
+            self.post = GCN(width, out_features, rngs=rngs)
+        elif after == "linear":
+            init = nnx.initializers.xavier_uniform()
+            self.post = nnx.Linear(width, out_features, kernel_init=init, rngs=rngs)
+        else:
+            raise ValueError(f"after must be 'gcn' or 'linear', got {after!r}")
+
+    def __call__(self, graph: jraph.GraphsTuple, layout=None) -> jraph.GraphsTuple:
+        out = self.operator(graph, layout=layout).nodes
+        if self.after == "gcn":
+            return self.post(graph._replace(nodes=jax.nn.elu(out)))
+        return graph._replace(nodes=self.post(out))
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--architecture", choices=("ganet", "gat"), default="ganet",
@@ -116,6 +144,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "neighbours on the input before dropout, as DGL's and GammaGL's HardGAT do",
     )  # fmt: skip
     p.add_argument(
+        "--gam", choices=("operator", "gcn", "linear"), default="operator",
+        help="(ganet) what a graph attention module holds, a reading of the paper (not "
+        "confirmed): the hGAO operator alone; the operator then a GCN layer (re-smoothed over "
+        "the graph); or the operator then a linear layer",
+    )  # fmt: skip
+    p.add_argument(
+        "--gam-features", type=int, default=None,
+        help="(ganet, --gam gcn|linear) module output width (default: heads x head features)",
+    )  # fmt: skip
+    p.add_argument(
         "--input-dropout", type=float, default=None, help="dropout on the input features "
         "(ganet; default: --dropout)",
     )  # fmt: skip
@@ -126,6 +164,10 @@ def build(args: argparse.Namespace, data: Planetoid, rngs: nnx.Rngs) -> nnx.Modu
     for name, value in ARCHITECTURE_DEFAULTS[args.architecture].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.architecture == "gat" and args.gam != "operator":
+        raise ValueError(f"--gam {args.gam} needs --architecture ganet (it builds GANet's modules)")
+    if args.gam == "operator" and args.gam_features is not None:
+        raise ValueError("--gam-features needs --gam gcn or --gam linear")
     if args.architecture == "gat":
         return HardGAT(
             data.num_features, data.num_classes, hidden=args.head_features, heads=args.heads,
@@ -140,7 +182,10 @@ def build(args: argparse.Namespace, data: Planetoid, rngs: nnx.Rngs) -> nnx.Modu
             scale=args.scale, attention_dropout=args.attention_dropout,
             implementation=args.implementation, rngs=rngs,
         )  # fmt: skip
-        return layer, args.heads * args.head_features
+        if args.gam == "operator":
+            return layer, args.heads * args.head_features
+        out = args.gam_features or args.heads * args.head_features
+        return GraphAttentionModule(layer, args.gam, out, rngs=rngs), out
 
     return DenseAttentionNet(
         data.num_features, data.num_classes, make_attention, hidden=args.hidden,
