@@ -20,10 +20,10 @@ segment ids, soft cap, additive bias, a boolean mask, GQA (head n reads kv head 
 tiles that causal/window/length masks hide from all 2 * block_q rows are never loaded; tiles
 every row sees in full skip the mask arithmetic. Fully masked rows give 0 and lse -inf.
 
-The backward (`flash_mosaic_bwd`) is a dq kernel and a dk/dv kernel on the same plan. When the
-bias is differentiated (dbias), or the backward's buffers do not fit shared memory or its
-accumulators registers (H > 128), the Triton kernels' backward runs instead, fed with this
-forward's output and lse.
+The backward (`flash_mosaic_bwd`) is a dq kernel and a dk/dv kernel on the same plan (above
+H = 128 the dk/dv kernel's consumers split dK and dV by columns). When the bias is differentiated
+(dbias), or the backward's buffers do not fit shared memory or its accumulators registers, the
+Triton kernels' backward runs instead, fed with this forward's output and lse.
 
 Interpret mode: Mosaic GPU's interpreter (JAX >= 0.10) runs this kernel on CPU for tests: the
 TMA copies, barriers and the producer/consumer schedule as on the GPU. It lacks layout casts,
@@ -169,12 +169,16 @@ def o_buffer_fits(config: MosaicConfig, head_dim: int, pair_itemsize: int) -> bo
 
 
 def backward_shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_itemsize: int) -> int:
-    """Bytes of the larger of the two backward kernels' buffers."""
-    h_pad = padded_head_dim(head_dim)
+    """Bytes of the larger of the two backward kernels' buffers (above H = 128 the dk/dv kernel's
+    two consumers share one block of keys: `flash_mosaic_bwd.head_parts`)."""
+    parts = flash_mosaic_bwd.head_parts(head_dim)
+    h_pad = flash_mosaic_bwd.backward_head_dim(head_dim, parts)
     bq, bk, stages = config.bwd_block_q, config.bwd_block_kv, config.bwd_num_stages
+    key_buffers = 1 if parts > 1 else CONSUMERS
     pair = CONSUMERS * bq * bk * pair_itemsize
     dq = CONSUMERS * bq * (2 * h_pad * 2 + 3 * 4) + stages * (2 * bk * h_pad * 2 + pair + 4 * bk)
-    dkdv = CONSUMERS * bk * (2 * h_pad * 2 + 4) + stages * (2 * bq * h_pad * 2 + pair + 12 * bq)
+    pair_t = key_buffers * bk * bq * pair_itemsize
+    dkdv = key_buffers * bk * (2 * h_pad * 2 + 4) + stages * (2 * bq * h_pad * 2 + pair_t + 12 * bq)
     return max(dq, dkdv)
 
 
@@ -197,10 +201,14 @@ def register_tiles(config: MosaicConfig, head_dim: int) -> int:
 
 def backward_register_tiles(config: MosaicConfig, head_dim: int) -> int:
     """The larger of the two backward kernels' register tiles per consumer thread: dq holds dQ
-    [bq, H] and S, dP [bq, bk]; dk/dv holds dK, dV [bk, H] and S^T, dP^T [bk, bq]."""
-    h_pad = padded_head_dim(head_dim)
+    [bq, H] and S, dP [bq, bk]; dk/dv holds its part of dK, dV [bk, H / parts] and S^T, dP^T
+    [bk, bq] (`flash_mosaic_bwd.head_parts`: 2 above H = 128)."""
+    parts = flash_mosaic_bwd.head_parts(head_dim)
+    h_pad = flash_mosaic_bwd.backward_head_dim(head_dim, parts)
     bq, bk = config.bwd_block_q, config.bwd_block_kv
-    return max(bq * (h_pad + 2 * bk), bk * (2 * h_pad + 2 * bq)) // _THREADS_PER_WARPGROUP
+    dq = bq * (h_pad + 2 * bk)
+    dkdv = bk * (2 * h_pad // parts + 2 * bq)
+    return max(dq, dkdv) // _THREADS_PER_WARPGROUP
 
 
 def choose_config(
@@ -826,9 +834,11 @@ def flash_attention(
         named_barrier=False,
         o_buffer=False,
         softmax_overlap=False,
+        head_parts=flash_mosaic_bwd.head_parts(head_dim),
     )
     # The native backward needs its buffers in shared memory and its accumulators in registers
-    # (H > 128 does not: dK and dV alone are 2 * H registers per thread, so it spills).
+    # (above H = 128 its dk/dv kernel splits dK and dV by columns over the two consumers; with
+    # bias or mask tiles at H = 256 the buffers may not fit: the Triton backward runs then).
     native_backward = interpret or (
         fits_shared_memory(backward_shared_memory_estimate(config, head_dim, pair_itemsize))
         and fits_registers(backward_register_tiles(config, head_dim))

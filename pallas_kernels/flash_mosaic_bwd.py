@@ -47,6 +47,17 @@ from pallas_kernels.mosaic_common import (
 )
 
 
+def head_parts(head_dim: int) -> int:
+    """Column parts of dK and dV in the dk/dv kernel: 2 above H = 128 (dK and dV of 64 keys at
+    H = 256 would take a consumer 256 registers per thread; a half, 128), else 1."""
+    return 2 if padded_head_dim(head_dim) > 128 else 1
+
+
+def backward_head_dim(head_dim: int, parts: int) -> int:
+    """The head dim the backward computes with: `parts` parts, each a multiple of 64."""
+    return parts * padded_head_dim(-(-head_dim // parts))
+
+
 def _scalars(bounds_ref, batch):
     return bounds_ref[batch, 0], bounds_ref[batch, 1], bounds_ref[batch, 2]
 
@@ -200,22 +211,32 @@ def _query_blocks(st: Static, bounds, k_first, keys: int):
 
 def _dkdv_kernel(refs, scratch, *, st: Static):
     # Roles swapped: st.block_kv key rows per consumer, st.block_q queries per pipeline step.
-    block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
+    # Q, K, V and dO sit in shared memory as st.head_parts column blocks of H / parts each.
+    # One part: each consumer owns its own block_kv keys, all of dK and dV for them. Two parts
+    # (H > 128, where dK and dV of 64 keys would not fit a consumer's registers): both consumers
+    # take the same block_kv keys, compute the same S^T and dP^T, and each accumulates its own
+    # half of dK's and dV's columns.
+    block_q, block_kv, stages, parts = st.block_q, st.block_kv, st.num_stages, st.head_parts
+    split = parts > 1
     head, kv_tile = lax.axis_index("heads"), lax.axis_index("tiles")
     batch, wg = lax.axis_index("batch"), lax.axis_index("wg")
     bounds = _scalars(refs["bounds"], batch)
-    program_first = kv_tile * (CONSUMERS * block_kv)
-    program_keys = pl.ds(program_first, CONSUMERS * block_kv)
-    lo, _, _, hi = _query_blocks(st, bounds, program_first, CONSUMERS * block_kv)
+    keys_per_program = block_kv if split else CONSUMERS * block_kv
+    program_first = kv_tile * keys_per_program
+    program_keys = pl.ds(program_first, keys_per_program)
+    lo, _, _, hi = _query_blocks(st, bounds, program_first, keys_per_program)
 
     @pl.when(wg == CONSUMERS)
     def _producer():
         def copies(step, slot, barrier):
             rows = pl.ds(step * block_q, block_q)
             for name in ("q", "d_out"):
-                plgpu.copy_gmem_to_smem(
-                    refs[name].at[batch, rows, head], scratch[name].at[slot], barrier
-                )
+                for part in range(parts):  # operands [B, T, N * parts, H / parts]
+                    plgpu.copy_gmem_to_smem(
+                        refs[name].at[batch, rows, head * parts + part],
+                        scratch[name].at[slot, part],
+                        barrier,
+                    )
             for name in ("lse", "delta"):
                 plgpu.copy_gmem_to_smem(
                     refs[name].at[batch, head, rows], scratch[name].at[slot], barrier
@@ -233,36 +254,50 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
     @pl.when(wg < CONSUMERS)
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
-        k_first = program_first + wg * block_kv
+        # keys: this consumer's key buffer; own: the column part of dK, dV it accumulates
+        keys_at, own = (0, wg) if split else (wg, 0)
+        k_first = program_first + keys_at * block_kv
         keys = pl.ds(k_first, block_kv)
         kv_head = lax.div(head, st.groups)
-        ready = scratch["rows_produced"].at[wg]
+        ready = scratch["rows_produced"].at[keys_at]
+        # one part: each consumer loads its own keys; two: consumer w loads part w of both's
         for name in ("k", "v"):
             plgpu.copy_gmem_to_smem(
-                refs[name].at[batch, keys, kv_head], scratch[name].at[wg], ready
+                refs[name].at[batch, keys, kv_head * parts + own],
+                scratch[name].at[keys_at, own],
+                ready,
             )
-        if st.has_segments:
-            plgpu.copy_gmem_to_smem(refs["kv_seg"].at[batch, keys], scratch["kv_seg"].at[wg], ready)
+
+        def load_key_segments():
+            source = refs["kv_seg"].at[batch, keys]
+            plgpu.copy_gmem_to_smem(source, scratch["kv_seg"].at[keys_at], ready)
+
+        if st.has_segments and split:
+            pl.when(wg == 0)(load_key_segments)
+        elif st.has_segments:
+            load_key_segments()
         plgpu.barrier_wait(ready)
 
         shape = (block_kv, block_q)  # transposed tiles: keys down, queries across
         kv_seg = None
         if st.has_segments:
-            kv_seg = load_vector(st, scratch["kv_seg"].at[wg], WGMMA_ROW)
-        k_smem, v_smem = scratch["k"].at[wg], scratch["v"].at[wg]
+            kv_seg = load_vector(st, scratch["kv_seg"].at[keys_at], WGMMA_ROW)
+        k_parts = [scratch["k"].at[keys_at, part] for part in range(parts)]
+        v_parts = [scratch["v"].at[keys_at, part] for part in range(parts)]
 
         def visit(step, carry, *, masked: bool):
             dk, dv = carry
             slot = lax.rem(step - lo, stages)
             plgpu.barrier_wait(scratch["produced"].at[slot])
-            q_smem, d_out_smem = scratch["q"].at[slot], scratch["d_out"].at[slot]
+            q_parts = [scratch["q"].at[slot, part] for part in range(parts)]
+            d_out_parts = [scratch["d_out"].at[slot, part] for part in range(parts)]
             lse = load_vector(st, scratch["lse"].at[slot], WGMMA_COL)
             lse = lax.broadcast_in_dim(jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E), shape, [1])
             delta = load_vector(st, scratch["delta"].at[slot], WGMMA_COL)
             delta = lax.broadcast_in_dim(delta, shape, [1])
-            qk_t = mma_transposed(st, k_smem, q_smem)
+            qk_t = mma_transposed(st, k_parts, q_parts)
             bias = mask = q_seg = None
-            own_keys = pl.ds(wg * block_kv, block_kv)
+            own_keys = pl.ds(keys_at * block_kv, block_kv)
             if st.has_bias:
                 bias = scratch["bias"][slot, own_keys].astype(jnp.float32)
             if st.has_mask:
@@ -283,24 +318,31 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                     transposed=True,
                 )
             p_t = jnp.exp2(logits_t - lse)
-            dv = mma_accumulate(st, dv, p_t.astype(v_smem.dtype), d_out_smem)
-            dp_t = mma_transposed(st, v_smem, d_out_smem)
+            dtype = k_parts[0].dtype
+            dv = mma_accumulate(st, dv, p_t.astype(dtype), scratch["d_out"].at[slot, own])
+            dp_t = mma_transposed(st, v_parts, d_out_parts)
             ds_t = p_t * (dp_t - delta)
             if scores_t is not None:
                 ds_t = ds_t * common.capped_logits_grad(scores_t, st.softcap)
-            dk = mma_accumulate(st, dk, ds_t.astype(k_smem.dtype), q_smem)
+            dk = mma_accumulate(st, dk, ds_t.astype(dtype), scratch["q"].at[slot, own])
             plgpu.barrier_arrive(scratch["consumed"].at[slot])
             return dk, dv
 
         _, inner_lo, inner_hi, _ = _query_blocks(st, bounds, k_first, block_kv)
         inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
-        zeros = layout_cast(st, jnp.zeros((block_kv, k_smem.shape[-1]), jnp.float32), WGMMA)
+        part_width = k_parts[0].shape[-1]
+        zeros = layout_cast(st, jnp.zeros((block_kv, part_width), jnp.float32), WGMMA)
         dk, dv = common.visit_all(st, (lo, inner_lo, inner_hi, hi), visit, (zeros, zeros))
-        k_smem[...] = (dk * st.scale).astype(k_smem.dtype)  # K and V are no longer needed
-        v_smem[...] = dv.astype(v_smem.dtype)
+        if split:  # the other consumer may still read K and V: meet before writing over them
+            plgpu.barrier_arrive(scratch["keys_done"])
+            plgpu.barrier_wait(scratch["keys_done"])
+        k_out, v_out = scratch["k"].at[keys_at, own], scratch["v"].at[keys_at, own]
+        k_out[...] = (dk * st.scale).astype(k_out.dtype)  # K and V are no longer needed
+        v_out[...] = dv.astype(v_out.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_smem, refs["dk"].at[batch, keys, head])
-        plgpu.copy_smem_to_gmem(v_smem, refs["dv"].at[batch, keys, head])
+        out_head = head * parts + own  # outputs [B, S, N * parts, H / parts]
+        plgpu.copy_smem_to_gmem(k_out, refs["dk"].at[batch, keys, out_head])
+        plgpu.copy_smem_to_gmem(v_out, refs["dv"].at[batch, keys, out_head])
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -349,7 +391,7 @@ def backward(
     tile = CONSUMERS * max(block_q, block_kv)  # both kernels tile both axes
     t_pad = -(-q_len // tile) * tile
     s_pad = -(-kv_len // tile) * tile
-    h_pad = padded_head_dim(head_dim)
+    h_pad = backward_head_dim(head_dim, st.head_parts)
     dtype = query.dtype
 
     def rows(x, size):
@@ -410,19 +452,32 @@ def backward(
         (num_heads, t_pad // rows_per_program, batch),
     )
 
-    # dk, dv: per query head, bias and mask transposed to [B', N', S, T].
-    keys_per_program = CONSUMERS * block_kv
+    # dk, dv: per query head, bias and mask transposed to [B', N', S, T]; the head dim in
+    # st.head_parts column blocks ([B, T, N, H] -> [B, T, N * parts, H / parts]: a reshape).
+    parts = st.head_parts
+    part_width = h_pad // parts
+    key_buffers = 1 if parts > 1 else CONSUMERS
+    keys_per_program = block_kv if parts > 1 else CONSUMERS * block_kv
+
+    def in_parts(x):
+        return x.reshape(*x.shape[:2], x.shape[2] * parts, part_width)
+
+    operands = operands | {name: in_parts(operands[name]) for name in ("q", "k", "v", "d_out")}
     pairs_t = {name: jnp.swapaxes(x, 2, 3) for name, x in pairs.items()}
-    scratch = {name: tiled((CONSUMERS, block_kv, h_pad), dtype) for name in ("k", "v")}
-    scratch |= {name: tiled((stages, block_q, h_pad), dtype) for name in ("q", "d_out")}
+    scratch = {
+        name: tiled((key_buffers, parts, block_kv, part_width), dtype) for name in ("k", "v")
+    }
+    scratch |= {name: tiled((stages, parts, block_q, part_width), dtype) for name in ("q", "d_out")}
     scratch |= {name: plgpu.SMEM((stages, block_q), jnp.float32) for name in ("lse", "delta")}
     for name, x in pairs_t.items():
         scratch[name] = tiled((stages, keys_per_program, block_q), x.dtype)
     if segment_ids is not None:
         scratch["q_seg"] = plgpu.SMEM((stages, block_q), jnp.int32)
-        scratch["kv_seg"] = plgpu.SMEM((CONSUMERS, block_kv), jnp.int32)
-    scratch |= barriers(4 + len(pairs) + has_seg, 2 + has_seg)
-    per_head = jax.ShapeDtypeStruct((batch, s_pad, num_heads, h_pad), dtype)
+        scratch["kv_seg"] = plgpu.SMEM((key_buffers, block_kv), jnp.int32)
+    scratch |= barriers(2 * parts + 2 + len(pairs) + has_seg, 2 * parts + has_seg)
+    if parts > 1:  # (rows_produced: barrier 0 only, K and V parts of both consumers)
+        scratch["keys_done"] = plgpu.Barrier(num_arrivals=CONSUMERS)
+    per_head = jax.ShapeDtypeStruct((batch, s_pad, num_heads * parts, part_width), dtype)
     dk, dv = _launch(
         _dkdv_kernel,
         st,
@@ -432,6 +487,7 @@ def backward(
         [per_head, per_head],
         (num_heads, s_pad // keys_per_program, batch),
     )
+    dk, dv = (g.reshape(batch, s_pad, num_heads, h_pad) for g in (dk, dv))
 
     def kv_grad(g):  # [B, S_pad, N, Hp] per query head -> [B, S, K, H], summed in float32
         g = g[:, :kv_len, :, :head_dim].astype(jnp.float32)

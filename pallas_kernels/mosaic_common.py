@@ -55,6 +55,7 @@ class Static:
     named_barrier: bool = False  # the forward's ping-pong turns on a hardware named barrier
     o_buffer: bool = False  # a persistent forward writes O to its own buffer (else Q's)
     softmax_overlap: bool = False  # the forward: Q K^T and the previous P V issued together
+    head_parts: int = 1  # the dk/dv kernel: consumers share keys, each owns H / parts of dK, dV
 
 
 # --- interpret-mode stand-ins -----------------------------------------------------------------
@@ -96,22 +97,29 @@ def mma_accumulate(st: Static, acc: Array, lhs: Array, rhs_ref, while_running=No
 
 
 def mma_transposed(st: Static, lhs_ref, rhs_ref, while_running=None) -> Array:
-    """lhs @ rhs^T into a fresh float32 accumulator (both [rows, K] in shared memory).
+    """lhs @ rhs^T into a fresh float32 accumulator (both [rows, K] in shared memory; or
+    sequences of such refs, parts of K: the sum of the parts' products).
     while_running(): what to do between issuing the matmul and waiting for its result."""
+    lhs_refs = tuple(lhs_ref) if isinstance(lhs_ref, (tuple, list)) else (lhs_ref,)
+    rhs_refs = tuple(rhs_ref) if isinstance(rhs_ref, (tuple, list)) else (rhs_ref,)
     if st.interpret:  # the interpreter's wgmma takes no transposed operand
         if while_running is not None:
             while_running()
-        return lax.dot_general(
-            lhs_ref[...], rhs_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        return sum(
+            lax.dot_general(
+                a[...], b[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            )
+            for a, b in zip(lhs_refs, rhs_refs, strict=True)
         )
 
     def product(acc_ref):
-        plgpu.wgmma(acc_ref, lhs_ref, plgpu.transpose_ref(rhs_ref, (1, 0)))
+        for a, b in zip(lhs_refs, rhs_refs, strict=True):
+            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)))
         if while_running is not None:
             while_running()
         return acc_ref[...]
 
-    shape = (lhs_ref.shape[0], rhs_ref.shape[0])
+    shape = (lhs_refs[0].shape[0], rhs_refs[0].shape[0])
     return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
 

@@ -178,6 +178,20 @@ def test_softmax_overlap_matches_oracle(rng, case, shape, options):
     check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", config)
 
 
+@pytest.mark.parametrize("feature", ["segments_causal_lengths", "window_causal", "mask"])
+def test_backward_above_h128_splits_dk_dv_by_columns(rng, feature):
+    """Above H = 128 the dk/dv kernel's two consumers share one block of keys and each keeps
+    half of dK's and dV's columns (H = 160 computes as two parts of 128): key segment ids
+    loaded once for both, masks on the shared keys, GQA's per-head sums."""
+    from pallas_kernels import flash_mosaic_bwd
+
+    assert flash_mosaic_bwd.head_parts(160) == 2 and flash_mosaic_bwd.head_parts(128) == 1
+    assert flash_mosaic_bwd.backward_head_dim(160, 2) == 256
+    shape = (1, 150, 200, 4, 2, 160)
+    options = make_options(rng, feature, shape)
+    check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", SMALL)
+
+
 def test_bias_and_mask_without_dbias_use_the_mosaic_backward(rng, monkeypatch):
     """With the bias not differentiated, dq/dk/dv come from the Mosaic GPU kernels, where bias
     and mask enter the dk/dv kernel transposed."""
@@ -255,13 +269,13 @@ def test_config_validation(kwargs):
 
 def test_default_config_fits_shared_memory():
     """The forward always fits; the backward fits without bias/mask tiles at every head dim
-    (with them, at H = 256, the Triton backward takes over)."""
+    (with a float32 bias at H > 128, the Triton backward takes over)."""
     for head_dim in (16, 64, 72, 128, 200, 256):
         for pair_itemsize in (0, 1, 2, 4, 5):
             config = flash_mosaic.default_config(head_dim, pair_itemsize)
             need = flash_mosaic.shared_memory_estimate(config, head_dim, pair_itemsize)
             assert flash_mosaic.fits_shared_memory(need), (head_dim, pair_itemsize, config)
-            if pair_itemsize == 0 or head_dim <= 128:
+            if pair_itemsize <= 2 or head_dim <= 128:
                 need = flash_mosaic.backward_shared_memory_estimate(config, head_dim, pair_itemsize)
                 assert flash_mosaic.fits_shared_memory(need), (head_dim, pair_itemsize, config)
 
@@ -280,6 +294,7 @@ LOWERINGS = {
     ),
     "segments_h96": ((1, 200, 300, 2, 2, 96), dict(segment_ids=True)),
     "bias_mask_h128": ((1, 256, 256, 2, 2, 128), dict(bias=True, mask=True)),
+    "bias_mask_h256": ((1, 256, 256, 2, 2, 256), dict(bias=True, mask=True)),
 }
 
 
@@ -338,9 +353,10 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     text = _lower(shape, dict(options), grad=grad).mlir_module()
     calls = re.findall(r"stablehlo\.custom_call @(\S+?)\(", text)
     mosaic = [c for c in calls if c == "mosaic_gpu_v2"]
-    # the forward; with gradients also dq and dk/dv: on Mosaic GPU up to H = 128, on Triton
-    # above (the native dk/dv kernel's accumulators would spill registers there)
-    native_backward = shape[-1] <= 128
+    # the forward; with gradients also dq and dk/dv: on Mosaic GPU (above H = 128 dk/dv split
+    # by columns over the consumers), on Triton where a float32 bias and a mask tile at H = 256
+    # leave the backward's buffers over the shared memory
+    native_backward = case != "bias_mask_h256"
     assert len(mosaic) == (3 if grad and native_backward else 1), calls
     others = [c for c in calls if c != "mosaic_gpu_v2"]
     assert len(others) == (2 if grad and not native_backward else 0), calls
@@ -398,8 +414,8 @@ def test_gpu_every_feature_matches_oracle(rng, feature, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_head_dim_256_with_the_triton_backward(rng):
-    """H > 128: the Mosaic forward's out and lse feed the Triton backward."""
+def test_gpu_head_dim_256_backward(rng):
+    """H > 128: the dk/dv kernel with dK and dV split by columns over its consumers."""
     shape = (2, 700, 900, 4, 2, 256)
     options = make_options(rng, "causal_bottom_right", shape)
     check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic")
@@ -429,8 +445,7 @@ def test_autotune_search_space_fits_shared_memory_and_registers():
         base = tunable.default(bucket)
         for search in tunable.searches:
             candidates = search.candidates(bucket, base)
-            # H = 256: no backward tile keeps dK, dV in registers (its backward runs on Triton)
-            assert candidates or (head_dim == 256 and search.name == "backward"), head_dim
+            assert candidates, (head_dim, search.name)
             memory, registers = limits[search.name]
             for config in candidates:
                 assert flash_mosaic.fits_shared_memory(memory(config, head_dim, 0)), config
