@@ -21,9 +21,10 @@ tiles that causal/window/length masks hide from all 2 * block_q rows are never l
 every row sees in full skip the mask arithmetic. Fully masked rows give 0 and lse -inf.
 
 The backward (`flash_mosaic_bwd`) is a dq kernel and a dk/dv kernel on the same plan (above
-H = 128 the dk/dv kernel's consumers split dK and dV by columns). When the bias is differentiated
-(dbias), or the backward's buffers do not fit shared memory or its accumulators registers, the
-Triton kernels' backward runs instead, fed with this forward's output and lse.
+H = 128, with `bwd_head_split`, the dk/dv kernel's consumers split dK and dV by columns). When
+the bias is differentiated (dbias), or the backward's buffers do not fit shared memory or its
+accumulators registers, the Triton kernels' backward runs instead, fed with this forward's
+output and lse.
 
 Interpret mode: Mosaic GPU's interpreter (JAX >= 0.10) runs this kernel on CPU for tests: the
 TMA copies, barriers and the producer/consumer schedule as on the GPU. It lacks layout casts,
@@ -102,6 +103,10 @@ class MosaicConfig:
       Q K^T of its key tile with P V of the previous one and runs its softmax while P V is on
       the tensor cores (a second score tile in registers). Only on the key tiles that need no
       mask: masked edge tiles, and every tile under a dense mask or segment ids, run plain.
+    bwd_head_split: above H = 128 the backward's dk/dv kernel splits dK and dV by columns over
+      its two consumers (both on one block of keys), so that its accumulators fit registers and
+      the backward runs on Mosaic GPU; off, the Triton backward serves H > 128. Off until it is
+      timed on a GPU (it passes in interpret mode and lowers for CUDA).
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
     """
 
@@ -117,6 +122,7 @@ class MosaicConfig:
     bwd_block_q: int = 64
     bwd_block_kv: int = 64
     bwd_num_stages: int = 2
+    bwd_head_split: bool = False
 
     def __post_init__(self):
         ints = (
@@ -134,6 +140,7 @@ class MosaicConfig:
             "early_k_wait",
             "named_barrier",
             "softmax_overlap",
+            "bwd_head_split",
         )
         common.check_config_fields(self, ints=ints, bools=bools)
         for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
@@ -169,9 +176,9 @@ def o_buffer_fits(config: MosaicConfig, head_dim: int, pair_itemsize: int) -> bo
 
 
 def backward_shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_itemsize: int) -> int:
-    """Bytes of the larger of the two backward kernels' buffers (above H = 128 the dk/dv kernel's
-    two consumers share one block of keys: `flash_mosaic_bwd.head_parts`)."""
-    parts = flash_mosaic_bwd.head_parts(head_dim)
+    """Bytes of the larger of the two backward kernels' buffers (with bwd_head_split above
+    H = 128 the dk/dv kernel's two consumers share one block of keys)."""
+    parts = backward_head_parts(config, head_dim)
     h_pad = flash_mosaic_bwd.backward_head_dim(head_dim, parts)
     bq, bk, stages = config.bwd_block_q, config.bwd_block_kv, config.bwd_num_stages
     key_buffers = 1 if parts > 1 else CONSUMERS
@@ -199,11 +206,16 @@ def register_tiles(config: MosaicConfig, head_dim: int) -> int:
     return config.block_q * (config.block_kv + p_prev + h_pad) // _THREADS_PER_WARPGROUP
 
 
+def backward_head_parts(config: MosaicConfig, head_dim: int) -> int:
+    """Column parts of dK and dV in the dk/dv kernel (1: each consumer holds all of them)."""
+    return flash_mosaic_bwd.head_parts(head_dim) if config.bwd_head_split else 1
+
+
 def backward_register_tiles(config: MosaicConfig, head_dim: int) -> int:
     """The larger of the two backward kernels' register tiles per consumer thread: dq holds dQ
     [bq, H] and S, dP [bq, bk]; dk/dv holds its part of dK, dV [bk, H / parts] and S^T, dP^T
-    [bk, bq] (`flash_mosaic_bwd.head_parts`: 2 above H = 128)."""
-    parts = flash_mosaic_bwd.head_parts(head_dim)
+    [bk, bq] (`backward_head_parts`: 2 with bwd_head_split above H = 128)."""
+    parts = backward_head_parts(config, head_dim)
     h_pad = flash_mosaic_bwd.backward_head_dim(head_dim, parts)
     bq, bk = config.bwd_block_q, config.bwd_block_kv
     dq = bq * (h_pad + 2 * bk)
@@ -834,11 +846,11 @@ def flash_attention(
         named_barrier=False,
         o_buffer=False,
         softmax_overlap=False,
-        head_parts=flash_mosaic_bwd.head_parts(head_dim),
+        head_parts=backward_head_parts(config, head_dim),
     )
     # The native backward needs its buffers in shared memory and its accumulators in registers
-    # (above H = 128 its dk/dv kernel splits dK and dV by columns over the two consumers; with
-    # bias or mask tiles at H = 256 the buffers may not fit: the Triton backward runs then).
+    # (above H = 128 only with bwd_head_split: its dk/dv kernel splits dK and dV by columns over
+    # the two consumers; a float32 bias tile at H = 256 still overflows shared memory then).
     native_backward = interpret or (
         fits_shared_memory(backward_shared_memory_estimate(config, head_dim, pair_itemsize))
         and fits_registers(backward_register_tiles(config, head_dim))

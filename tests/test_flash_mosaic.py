@@ -189,7 +189,8 @@ def test_backward_above_h128_splits_dk_dv_by_columns(rng, feature):
     assert flash_mosaic_bwd.backward_head_dim(160, 2) == 256
     shape = (1, 150, 200, 4, 2, 160)
     options = make_options(rng, feature, shape)
-    check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", SMALL)
+    config = dataclasses.replace(SMALL, bwd_head_split=True)
+    check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", config)
 
 
 def test_bias_and_mask_without_dbias_use_the_mosaic_backward(rng, monkeypatch):
@@ -282,6 +283,7 @@ def test_default_config_fits_shared_memory():
 
 # --- the GPU code path, lowered for CUDA on this machine ----------------------------------------
 
+SPLIT_H256 = dataclasses.replace(flash_mosaic.default_config(256), bwd_head_split=True)
 LOWERINGS = {
     "plain_h64": ((1, 256, 256, 2, 2, 64), {}),
     "causal_lengths_gqa_h128": (
@@ -294,6 +296,10 @@ LOWERINGS = {
     ),
     "segments_h96": ((1, 200, 300, 2, 2, 96), dict(segment_ids=True)),
     "bias_mask_h128": ((1, 256, 256, 2, 2, 128), dict(bias=True, mask=True)),
+    "window_softcap_h256_split": (
+        (1, 256, 256, 2, 1, 256),
+        dict(local_window_size=(64, 0), logits_soft_cap=20.0, config=SPLIT_H256),
+    ),
     "bias_mask_h256": ((1, 256, 256, 2, 2, 256), dict(bias=True, mask=True)),
 }
 
@@ -353,10 +359,10 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     text = _lower(shape, dict(options), grad=grad).mlir_module()
     calls = re.findall(r"stablehlo\.custom_call @(\S+?)\(", text)
     mosaic = [c for c in calls if c == "mosaic_gpu_v2"]
-    # the forward; with gradients also dq and dk/dv: on Mosaic GPU (above H = 128 dk/dv split
-    # by columns over the consumers), on Triton where a float32 bias and a mask tile at H = 256
-    # leave the backward's buffers over the shared memory
-    native_backward = case != "bias_mask_h256"
+    # the forward; with gradients also dq and dk/dv: on Mosaic GPU up to H = 128, and above it
+    # with bwd_head_split (dK, dV split by columns over the consumers) unless a float32 bias and
+    # a mask tile leave its buffers over the shared memory; on Triton otherwise
+    native_backward = shape[-1] <= 128 or case == "window_softcap_h256_split"
     assert len(mosaic) == (3 if grad and native_backward else 1), calls
     others = [c for c in calls if c != "mosaic_gpu_v2"]
     assert len(others) == (2 if grad and not native_backward else 0), calls
@@ -414,11 +420,14 @@ def test_gpu_every_feature_matches_oracle(rng, feature, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_head_dim_256_backward(rng):
-    """H > 128: the dk/dv kernel with dK and dV split by columns over its consumers."""
+@pytest.mark.parametrize("head_split", [False, True], ids=["triton_backward", "split"])
+def test_gpu_head_dim_256_backward(rng, head_split):
+    """H > 128: the Mosaic forward's out and lse feed the Triton backward, or with
+    bwd_head_split the dk/dv kernel with dK and dV split by columns over its consumers."""
     shape = (2, 700, 900, 4, 2, 256)
     options = make_options(rng, "causal_bottom_right", shape)
-    check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic")
+    config = dataclasses.replace(flash_mosaic.default_config(256), bwd_head_split=head_split)
+    check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", config)
 
 
 @pytest.mark.gpu
