@@ -1,5 +1,5 @@
-"""Mosaic GPU forward variants on one GPU, in one process: correctness, then forward TFLOP/s of
-each variant beside cuDNN and tokamax in the same cell.
+"""Mosaic GPU forward variants on one GPU, in one process: correctness, then forward (or
+forward+backward) TFLOP/s of each variant beside cuDNN and tokamax in the same cell.
 
 A development probe for issue 14 (each version's numbers go to benchmarks/NOTES.md): the
 schedule options of `MosaicConfig` (persistent grid, named-barrier turns, the softmax overlap),
@@ -7,6 +7,7 @@ one at a time and together, on the default tiles of each head dim. FlashAttentio
 (16k tokens, hidden 2048), bf16; FLOPs by the FlashAttention convention (`benchmarks.flash`).
 
 Run: python -m benchmarks.mosaic_variants --json OUT.json [--head-dims 64 128 256]
+     [--variants base overlap] [--mode fwd+bwd]
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ VARIANTS = {  # on default_config: early_k_wait and longest_first on since 2026-
     "overlap": dict(softmax_overlap=True),
     "overlap_named": dict(softmax_overlap=True, named_barrier=True),
     "overlap_persistent": dict(softmax_overlap=True, persistent=True, named_barrier=True),
+    # the backward (time with --mode fwd+bwd): dK, dV split by columns above H = 128
+    "bwd_split": dict(bwd_head_split=True),
+    "overlap_bwd_split": dict(softmax_overlap=True, bwd_head_split=True),
 }
 
 
@@ -115,10 +119,13 @@ def time_cells(args, extra, on_row) -> list[dict]:
                 shape = (batch, length, heads, head_dim)
                 q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
                 flops = flash.forward_flops(batch, heads, length, length, head_dim, causal)
+                flops *= 1.0 if args.mode == "fwd" else 3.5  # backward 2.5x forward
                 for name, peer in {**variants, **peers}.items():
-                    row = dict(peer=name, head_dim=head_dim, length=length, causal=causal)
+                    row = dict(
+                        peer=name, head_dim=head_dim, length=length, causal=causal, mode=args.mode
+                    )
                     try:
-                        ms = flash.measure(peer, q, k, v, causal, "fwd", args.repeats)
+                        ms = flash.measure(peer, q, k, v, causal, args.mode, args.repeats)
                         row.update(ms=ms, tflops=flops / ms / 1e9)
                     except Exception as e:
                         row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
@@ -133,6 +140,7 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 16384])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--mode", default="fwd", choices=["fwd", "fwd+bwd"])
     parser.add_argument("--variants", nargs="+", help="names to run (default: all)")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--json", required=True)
@@ -147,6 +155,8 @@ def main(argv=None) -> None:
             "overlap_k128": dict(softmax_overlap=True, block_kv=128, num_stages=2),
             "overlap_k128_s3": dict(softmax_overlap=True, block_kv=128, num_stages=3),
         }
+    if not args.variants and args.mode == "fwd":  # the backward's options change no forward
+        args.variants = [name for name in {**VARIANTS, **extra} if "bwd" not in name]
     if args.variants:
         unknown = set(args.variants) - set(VARIANTS) - set(extra)
         if unknown:
