@@ -2,6 +2,7 @@
 `benchmarks/gpu_profile_mosaic.sh` (ncu, ptxas dumps). Development probe (issue 14).
 
     python -m benchmarks.dev.mosaic_one_call --variant overlap --head-dim 128 --length 16384
+    python -m benchmarks.dev.mosaic_one_call --variant bwd_split --head-dim 256 --grad
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--calls", type=int, default=2, help="calls after the compile")
+    parser.add_argument("--grad", action="store_true", help="forward+backward (dq, dk, dv)")
     args = parser.parse_args(argv)
     if args.variant in mosaic_variants.VARIANTS:
         changes = mosaic_variants.VARIANTS[args.variant]
@@ -35,6 +37,12 @@ def main(argv=None) -> None:
     shape = (batch, args.length, heads, args.head_dim)
     q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(3))
     fn = jax.jit(lambda q, k, v: peer(q, k, v, args.causal))
+    if args.grad:
+
+        def loss(q, k, v):
+            return peer(q, k, v, args.causal).astype(jnp.float32).sum()
+
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     for _ in range(1 + args.calls):
         out = fn(q, k, v)
     jax.block_until_ready(out)
