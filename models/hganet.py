@@ -91,30 +91,48 @@ class HardGAT(nnx.Module):
 
 class GraphAttentionModule(nnx.Module):
     """One GANet graph attention module (GAM) under a reading of the paper that is NOT confirmed
-    (no official code; the reference notes quote Fig. 2 only as "GAMs" with dense skips):
-    `after="gcn"`: the hGAO output, through ELU, is re-smoothed by a GCN layer
-    (`D^-1/2 (A + I) D^-1/2 H W`); `after="linear"`: a linear output projection mixes the heads
-    (as a transformer's), no activation in between. `out_features` is the module's output width.
-    The network applies ELU to what this returns, as to the bare operator (`--gam operator`)."""
+    (no official code; the reference notes quote Fig. 2 only as "GAMs" with dense skips).
 
-    def __init__(self, operator: HardGraphAttention, after: str, out_features: int, *, rngs):
+    `reading="gcn"`: the hGAO output, through ELU, is re-smoothed by a GCN layer
+    (`D^-1/2 (A + I) D^-1/2 H W`) to `out_features`; `"linear"`: a linear output projection to
+    `out_features` mixes the heads (as a transformer's), no activation in between; `"gcn-first"`:
+    a GCN layer from the module's input (`in_features`, the dense concatenation) to the
+    operator's input width, then ELU, then the operator (a bottleneck, as DenseNet-BC's 1x1
+    convolution before its 3x3). The network applies ELU to what this returns, as to the bare
+    operator (`--gam operator`)."""
+
+    def __init__(
+        self,
+        operator: HardGraphAttention,
+        reading: str,
+        *,
+        in_features: int | None = None,
+        out_features: int | None = None,
+        rngs: nnx.Rngs,
+    ):
         self.operator = operator
         self.num_heads = operator.num_heads  # DenseAttentionNet passes the edge layout
-        self.after = after
+        self.reading = reading
         width = operator.num_heads * operator.out_features
-        if after == "gcn":
-            self.post = GCN(width, out_features, rngs=rngs)
-        elif after == "linear":
+        if reading == "gcn":
+            self.extra = GCN(width, out_features, rngs=rngs)
+        elif reading == "linear":
             init = nnx.initializers.xavier_uniform()
-            self.post = nnx.Linear(width, out_features, kernel_init=init, rngs=rngs)
+            self.extra = nnx.Linear(width, out_features, kernel_init=init, rngs=rngs)
+        elif reading == "gcn-first":
+            self.extra = GCN(in_features, operator.in_features, rngs=rngs)
         else:
-            raise ValueError(f"after must be 'gcn' or 'linear', got {after!r}")
+            raise ValueError(f"reading must be 'gcn', 'linear' or 'gcn-first', got {reading!r}")
 
     def __call__(self, graph: jraph.GraphsTuple, layout=None) -> jraph.GraphsTuple:
+        if self.reading == "gcn-first":
+            graph = graph._replace(nodes=jax.nn.elu(self.extra(graph).nodes))
         out = self.operator(graph, layout=layout).nodes
-        if self.after == "gcn":
-            return self.post(graph._replace(nodes=jax.nn.elu(out)))
-        return graph._replace(nodes=self.post(out))
+        if self.reading == "gcn":
+            return self.extra(graph._replace(nodes=jax.nn.elu(out)))
+        if self.reading == "linear":
+            return graph._replace(nodes=self.extra(out))
+        return graph._replace(nodes=out)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -144,14 +162,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "neighbours on the input before dropout, as DGL's and GammaGL's HardGAT do",
     )  # fmt: skip
     p.add_argument(
-        "--gam", choices=("operator", "gcn", "linear"), default="operator",
+        "--gam", choices=("operator", "gcn", "linear", "gcn-first"), default="operator",
         help="(ganet) what a graph attention module holds, a reading of the paper (not "
         "confirmed): the hGAO operator alone; the operator then a GCN layer (re-smoothed over "
-        "the graph); or the operator then a linear layer",
+        "the graph); the operator then a linear layer; or a GCN layer then the operator",
     )  # fmt: skip
     p.add_argument(
         "--gam-features", type=int, default=None,
-        help="(ganet, --gam gcn|linear) module output width (default: heads x head features)",
+        help="(ganet, --gam gcn|linear) module output width; (--gam gcn-first) the GCN "
+        "layer's width (default: heads x head features)",
     )  # fmt: skip
     p.add_argument(
         "--input-dropout", type=float, default=None, help="dropout on the input features "
@@ -167,7 +186,7 @@ def build(args: argparse.Namespace, data: Planetoid, rngs: nnx.Rngs) -> nnx.Modu
     if args.architecture == "gat" and args.gam != "operator":
         raise ValueError(f"--gam {args.gam} needs --architecture ganet (it builds GANet's modules)")
     if args.gam == "operator" and args.gam_features is not None:
-        raise ValueError("--gam-features needs --gam gcn or --gam linear")
+        raise ValueError("--gam-features needs --gam gcn, linear or gcn-first")
     if args.architecture == "gat":
         return HardGAT(
             data.num_features, data.num_classes, hidden=args.head_features, heads=args.heads,
@@ -177,15 +196,19 @@ def build(args: argparse.Namespace, data: Planetoid, rngs: nnx.Rngs) -> nnx.Modu
         )  # fmt: skip
 
     def make_attention(width: int, rngs: nnx.Rngs):
+        bottleneck = args.gam_features or args.heads * args.head_features
         layer = HardGraphAttention(
-            width, args.head_features, args.heads, k=args.k, score=args.score,
-            scale=args.scale, attention_dropout=args.attention_dropout,
+            bottleneck if args.gam == "gcn-first" else width, args.head_features, args.heads,
+            k=args.k, score=args.score, scale=args.scale, attention_dropout=args.attention_dropout,
             implementation=args.implementation, rngs=rngs,
         )  # fmt: skip
         if args.gam == "operator":
             return layer, args.heads * args.head_features
-        out = args.gam_features or args.heads * args.head_features
-        return GraphAttentionModule(layer, args.gam, out, rngs=rngs), out
+        if args.gam == "gcn-first":
+            module = GraphAttentionModule(layer, args.gam, in_features=width, rngs=rngs)
+            return module, args.heads * args.head_features
+        module = GraphAttentionModule(layer, args.gam, out_features=bottleneck, rngs=rngs)
+        return module, bottleneck
 
     return DenseAttentionNet(
         data.num_features, data.num_classes, make_attention, hidden=args.hidden,

@@ -78,10 +78,11 @@ def test_hard_and_channel_layers(rng):
         hard(graph._replace(nodes=graph.nodes[:, :3]))
 
 
-@pytest.mark.parametrize("after", ["gcn", "linear"])
-def test_hganet_gam_readings(rng, after):
-    """`--gam gcn|linear`: the hGAO output through a GCN layer (ELU between) or a linear layer,
-    checked against the layers written out densely; a GANet with them trains a step."""
+@pytest.mark.parametrize("reading", ["gcn", "linear", "gcn-first"])
+def test_hganet_gam_readings(rng, reading):
+    """`--gam gcn|linear|gcn-first`: the hGAO output through a GCN layer (ELU between) or a
+    linear layer, or a GCN layer (and ELU) before it, checked against the layers written out
+    densely; a GANet with them trains a step."""
     import optax
 
     from models.graph_training import DenseAttentionNet
@@ -89,26 +90,44 @@ def test_hganet_gam_readings(rng, after):
 
     n, features, classes = 7, 6, 3
     graph = jg.add_self_loops(ring(rng, n=n, features=features))
-    operator = HardGraphAttention(features, 4, num_heads=2, k=2, rngs=nnx.Rngs(1))
-    module = GraphAttentionModule(operator, after, 5, rngs=nnx.Rngs(2))
-    z = np.asarray(operator(graph).nodes, np.float64)
-    linear = module.post.linear if after == "gcn" else module.post
-    kernel, bias = (np.asarray(p[...], np.float64) for p in (linear.kernel, linear.bias))
-    if after == "gcn":  # D^-1/2 (A + I) D^-1/2 elu(z) W + b, A + I from the looped ring
-        adj = np.zeros((n, n))
-        adj[np.asarray(graph.receivers), np.asarray(graph.senders)] = 1.0
-        d = 1 / np.sqrt(adj.sum(1))
-        want = (d[:, None] * adj * d[None]) @ np.where(z > 0, z, np.expm1(z)) @ kernel + bias
+    adj = np.zeros((n, n))
+    adj[np.asarray(graph.receivers), np.asarray(graph.senders)] = 1.0
+    d = 1 / np.sqrt(adj.sum(1))
+    smooth = d[:, None] * adj * d[None]  # D^-1/2 (A + I) D^-1/2 of the looped ring
+
+    def dense(layer, x):  # x W + b in float64
+        kernel, bias = (np.asarray(p[...], np.float64) for p in (layer.kernel, layer.bias))
+        return x @ kernel + bias
+
+    def elu(x):
+        return np.where(x > 0, x, np.expm1(x))
+
+    first = reading == "gcn-first"
+    operator = HardGraphAttention(3 if first else features, 4, num_heads=2, k=2, rngs=nnx.Rngs(1))
+    module = GraphAttentionModule(
+        operator, reading, in_features=features, out_features=5, rngs=nnx.Rngs(2)
+    )
+    x = np.asarray(graph.nodes, np.float64)
+    if first:
+        hidden = elu(dense(module.extra.linear, smooth @ x))
+        want = operator(graph._replace(nodes=jnp.asarray(hidden, jnp.float32))).nodes
+        bare = None  # the operator cannot take the raw input (its width is the GCN's)
     else:
-        want = z @ kernel + bias
+        bare = np.asarray(operator(graph).nodes, np.float64)
+        if reading == "gcn":
+            want = dense(module.extra.linear, smooth @ elu(bare))
+        else:
+            want = dense(module.extra, bare)
     out = module(graph).nodes
-    assert out.shape == (n, 5)
+    assert out.shape == ((n, 8) if first else (n, 5))
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
-    assert not np.allclose(out[:, :5], z[:, :5], atol=1e-2)  # not the bare operator
+    if bare is not None:
+        assert not np.allclose(out, bare[:, :5], atol=1e-2)  # not the bare operator
 
     def make(width, rngs):
-        layer = HardGraphAttention(width, 4, num_heads=2, k=2, rngs=rngs)
-        return GraphAttentionModule(layer, after, 5, rngs=rngs), 5
+        layer = HardGraphAttention(3 if first else width, 4, num_heads=2, k=2, rngs=rngs)
+        gam = GraphAttentionModule(layer, reading, in_features=width, out_features=5, rngs=rngs)
+        return gam, 8 if first else 5
 
     net = DenseAttentionNet(features, classes, make, hidden=8, num_modules=2, dropout=0.5,
                             rngs=nnx.Rngs(params=0, dropout=1))  # fmt: skip
@@ -119,13 +138,13 @@ def test_hganet_gam_readings(rng, after):
         logits = model(graph, graph.nodes)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    before = jax.tree.map(np.asarray, nnx.state(net.blocks[0].post, nnx.Param))
+    before = jax.tree.map(np.asarray, nnx.state(net.blocks[0].extra, nnx.Param))
     loss, grads = nnx.value_and_grad(loss_fn)(net)
     optimizer.update(net, grads)
     logits = net(graph, graph.nodes)
     assert np.isfinite(float(loss)) and logits.shape == (n, classes)
     assert np.all(np.isfinite(logits))
-    after_step = jax.tree.map(np.asarray, nnx.state(net.blocks[0].post, nnx.Param))
+    after_step = jax.tree.map(np.asarray, nnx.state(net.blocks[0].extra, nnx.Param))
     assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, before, after_step)))
 
 
@@ -175,6 +194,7 @@ def test_safe_unpickler_refuses_other_classes():
         ("gat", []),
         ("hganet", ["--modules", "1", "--k", "4"]),
         ("hganet", ["--modules", "1", "--k", "4", "--gam", "gcn", "--gam-features", "16"]),
+        ("hganet", ["--modules", "1", "--k", "4", "--gam", "gcn-first"]),
         ("hganet", ["--architecture", "gat", "--heads", "2"]),
         ("hganet", ["--architecture", "gat", "--heads", "2", "--score", "additive", "--match-dgl"]),
         ("cganet", ["--modules", "1", "--normalize"]),
