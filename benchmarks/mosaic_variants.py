@@ -36,6 +36,7 @@ VARIANTS = {  # on default_config: early_k_wait and longest_first on since 2026-
     "overlap_persistent": dict(softmax_overlap=True, persistent=True, named_barrier=True),
     # the backward (time with --mode fwd+bwd): dK, dV split by columns above H = 128
     "bwd_split": dict(bwd_head_split=True),
+    "bwd_split_dkdv2": dict(bwd_head_split=True, bwd_dkdv_stages=2),
     "overlap_bwd_split": dict(softmax_overlap=True, bwd_head_split=True),
 }
 

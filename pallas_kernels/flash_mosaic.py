@@ -88,6 +88,8 @@ class MosaicConfig:
     bwd_block_q: dq's query rows per consumer, and dk/dv's queries per pipeline step.
     bwd_block_kv: dk/dv's key rows per consumer, and dq's keys per pipeline step.
     bwd_num_stages: depth of both backward kernels' rings.
+    bwd_dkdv_stages: depth of the dk/dv kernel's ring where it differs (None: bwd_num_stages);
+      at H = 256 with bwd_head_split the dq kernel fits 1 stage, the dk/dv kernel 2.
     schedule_barrier: the forward's two consumers take turns (one runs its softmax while the
       other's matmuls hold the tensor cores), as FlashAttention-3's ping-pong schedule does.
     persistent: the forward runs one program per SM, each looping over query tiles: the next
@@ -122,6 +124,7 @@ class MosaicConfig:
     bwd_block_q: int = 64
     bwd_block_kv: int = 64
     bwd_num_stages: int = 2
+    bwd_dkdv_stages: int | None = None
     bwd_head_split: bool = False
 
     def __post_init__(self):
@@ -132,6 +135,7 @@ class MosaicConfig:
             "bwd_block_q",
             "bwd_block_kv",
             "bwd_num_stages",
+            "bwd_dkdv_stages",
         )
         bools = (
             "schedule_barrier",
@@ -142,7 +146,7 @@ class MosaicConfig:
             "softmax_overlap",
             "bwd_head_split",
         )
-        common.check_config_fields(self, ints=ints, bools=bools)
+        common.check_config_fields(self, ints=ints, bools=bools, optional=("bwd_dkdv_stages",))
         for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
             value = getattr(self, name)
             if value < 64 or value % 64:
@@ -181,11 +185,14 @@ def backward_shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_it
     parts = backward_head_parts(config, head_dim)
     h_pad = flash_mosaic_bwd.backward_head_dim(head_dim, parts)
     bq, bk, stages = config.bwd_block_q, config.bwd_block_kv, config.bwd_num_stages
+    dkdv_stages = config.bwd_dkdv_stages or stages
     key_buffers = 1 if parts > 1 else CONSUMERS
     pair = CONSUMERS * bq * bk * pair_itemsize
     dq = CONSUMERS * bq * (2 * h_pad * 2 + 3 * 4) + stages * (2 * bk * h_pad * 2 + pair + 4 * bk)
     pair_t = key_buffers * bk * bq * pair_itemsize
-    dkdv = key_buffers * bk * (2 * h_pad * 2 + 4) + stages * (2 * bq * h_pad * 2 + pair_t + 12 * bq)
+    dkdv = key_buffers * bk * (2 * h_pad * 2 + 4) + dkdv_stages * (
+        2 * bq * h_pad * 2 + pair_t + 12 * bq
+    )
     return max(dq, dkdv)
 
 
@@ -839,6 +846,7 @@ def flash_attention(
         block_q=config.bwd_block_q,
         block_kv=config.bwd_block_kv,
         num_stages=config.bwd_num_stages,
+        dkdv_stages=config.bwd_dkdv_stages or config.bwd_num_stages,
         check_kv_len=key_value_seq_lengths is not None or kv_len % bwd_tile != 0,
         persistent=False,
         longest_first=False,

@@ -19,6 +19,8 @@ computed here: when the bias is differentiated the caller uses the Triton backwa
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
@@ -454,6 +456,8 @@ def backward(
 
     # dk, dv: per query head, bias and mask transposed to [B', N', S, T]; the head dim in
     # st.head_parts column blocks ([B, T, N, H] -> [B, T, N * parts, H / parts]: a reshape).
+    stages = st.dkdv_stages or stages
+    dkdv_st = dataclasses.replace(st, num_stages=stages)
     parts = st.head_parts
     part_width = h_pad // parts
     key_buffers = 1 if parts > 1 else CONSUMERS
@@ -480,7 +484,7 @@ def backward(
     per_head = jax.ShapeDtypeStruct((batch, s_pad, num_heads * parts, part_width), dtype)
     dk, dv = _launch(
         _dkdv_kernel,
-        st,
+        dkdv_st,
         operands | pairs_t,
         scratch,
         ["dk", "dv"],

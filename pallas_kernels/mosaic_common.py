@@ -56,6 +56,7 @@ class Static:
     o_buffer: bool = False  # a persistent forward writes O to its own buffer (else Q's)
     softmax_overlap: bool = False  # the forward: Q K^T and the previous P V issued together
     head_parts: int = 1  # the dk/dv kernel: consumers share keys, each owns H / parts of dK, dV
+    dkdv_stages: int = 0  # the dk/dv kernel's ring depth (0: num_stages)
 
 
 # --- interpret-mode stand-ins -----------------------------------------------------------------

@@ -190,6 +190,8 @@ def test_backward_above_h128_splits_dk_dv_by_columns(rng, feature):
     shape = (1, 150, 200, 4, 2, 160)
     options = make_options(rng, feature, shape)
     config = dataclasses.replace(SMALL, bwd_head_split=True)
+    if feature == "mask":  # and a ring of its own depth: dk/dv 3 stages, dq 1
+        config = dataclasses.replace(config, bwd_num_stages=1, bwd_dkdv_stages=3)
     check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", config)
 
 
@@ -261,6 +263,8 @@ def test_declines_what_it_does_not_serve(rng):
         dict(block_kv=96),
         dict(block_kv=0),
         dict(num_stages=0),
+        dict(bwd_dkdv_stages=0),
+        dict(bwd_head_split=1),
     ],
 )
 def test_config_validation(kwargs):
