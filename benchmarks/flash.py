@@ -6,7 +6,9 @@ FlashAttention's shapes: 16k tokens (B = 16384 / T) and hidden 2048 (N = 2048 / 
 to 16k, causal and not. FLOPs by the FlashAttention convention: forward 4·B·N·T·S·H (halved
 when causal), backward 2.5× forward, so forward+backward is 3.5× forward. Each time is the
 median of repeated timings after a warm-up call, each timing averaging enough back-to-back calls
-to last ~20 ms. Peers that fail or decline a cell record the error instead of a time.
+to last ~20 ms; the peers of a cell are timed in rounds (one timing of each per round), so that
+clock drift during a cell moves them alike. Peers that fail or decline a cell record the error
+instead of a time.
 """
 
 from __future__ import annotations
@@ -105,22 +107,59 @@ def time_ms(fn: Callable, args, repeats: int) -> float:
     return statistics.median(times)
 
 
+def time_ms_together(fns: dict[str, Callable], args, repeats: int) -> dict[str, float | str]:
+    """Median ms per call of each fn on the same args, timed in rounds: each round takes one
+    timing of every fn (enough calls to last ~20 ms, as `time_ms`), so that a drift of the
+    GPU's clocks or temperature during a cell moves every peer alike. A fn that fails (to
+    compile or run) gets its error message instead."""
+    inner, results = {}, {}
+    for name, fn in fns.items():
+        try:
+            jax.block_until_ready(fn(*args))
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            inner[name] = max(1, min(100, int(0.02 / max(time.perf_counter() - start, 1e-6))))
+        except Exception as e:  # a peer that cannot run this cell: record why
+            results[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    times = {name: [] for name in inner}
+    for _ in range(repeats):
+        for name, calls in inner.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                out = fns[name](*args)
+            jax.block_until_ready(out)
+            times[name].append((time.perf_counter() - start) * 1e3 / calls)
+    results |= {name: statistics.median(samples) for name, samples in times.items()}
+    return {name: results[name] for name in fns}
+
+
 def forward_flops(batch, heads, q_len, kv_len, head_dim, causal) -> float:
     flops = 4.0 * batch * heads * q_len * kv_len * head_dim
     return flops / 2 if causal else flops
 
 
-def measure(peer: Callable, q, k, v, causal: bool, mode: str, repeats: int) -> float:
+def timed_fn(peer: Callable, q, causal: bool, mode: str) -> Callable:
+    """The jitted function of (q, k, v) that a cell times: the forward, or the gradients of
+    q, k, v under a fixed random output cotangent."""
     if mode == "fwd":
-        fn = jax.jit(lambda q, k, v: peer(q, k, v, causal))
-        return time_ms(fn, (q, k, v), repeats)
+        return jax.jit(lambda q, k, v: peer(q, k, v, causal))
     d_out = jax.random.normal(jax.random.key(9), q.shape, q.dtype)
 
     def loss(q, k, v):
         return jnp.sum(peer(q, k, v, causal).astype(jnp.float32) * d_out.astype(jnp.float32))
 
-    fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    return time_ms(fn, (q, k, v), repeats)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def measure(peer: Callable, q, k, v, causal: bool, mode: str, repeats: int) -> float:
+    return time_ms(timed_fn(peer, q, causal, mode), (q, k, v), repeats)
+
+
+def measure_together(peers: dict[str, Callable], q, k, v, causal, mode, repeats) -> dict:
+    """`time_ms_together` of the peers on one cell: name -> ms, or the error of a peer that
+    cannot run it."""
+    fns = {name: timed_fn(peer, q, causal, mode) for name, peer in peers.items()}
+    return time_ms_together(fns, (q, k, v), repeats)
 
 
 def run_cells(args, on_row: Callable | None = None) -> list[dict]:
@@ -146,9 +185,16 @@ def run_cells(args, on_row: Callable | None = None) -> list[dict]:
         q, k, v = (jax.random.normal(key, shape, dtype) for key in keys)
         flops = forward_flops(batch, heads, length, length, head_dim, causal)
         flops *= 1.0 if mode == "fwd" else 3.5
-        for name in args.peers:
-            if name == "xla" and length > args.xla_max_length:
-                continue
+        names = [n for n in args.peers if n != "xla" or length <= args.xla_max_length]
+        if args.verbose:  # each peer alone, so that a failure's traceback is printed
+            for name in names:
+                try:
+                    measure(PEERS[name], q, k, v, causal, mode, 1)
+                except Exception:
+                    traceback.print_exc()
+        peers = {name: PEERS[name] for name in names}
+        results = measure_together(peers, q, k, v, causal, mode, args.repeats)
+        for name, result in results.items():
             row = dict(
                 peer=name,
                 head_dim=head_dim,
@@ -159,17 +205,14 @@ def run_cells(args, on_row: Callable | None = None) -> list[dict]:
                 mode=mode,
                 dtype=args.dtype,
             )
-            try:
-                ms = measure(PEERS[name], q, k, v, causal, mode, args.repeats)
-                row.update(ms=ms, tflops=flops / ms / 1e9)
-            except Exception as e:  # a peer that cannot run a cell: record why
-                row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                if args.verbose:
-                    traceback.print_exc()
+            if isinstance(result, str):  # a peer that cannot run a cell: why
+                row.update(error=result)
+            else:
+                row.update(ms=result, tflops=flops / result / 1e9)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            if on_row is not None:
-                on_row(rows)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 

@@ -121,18 +121,19 @@ def time_cells(args, extra, on_row) -> list[dict]:
                 q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
                 flops = flash.forward_flops(batch, heads, length, length, head_dim, causal)
                 flops *= 1.0 if args.mode == "fwd" else 3.5  # backward 2.5x forward
-                for name, peer in {**variants, **peers}.items():
+                everyone = {**variants, **peers}  # timed in rounds: `flash.time_ms_together`
+                results = flash.measure_together(everyone, q, k, v, causal, args.mode, args.repeats)
+                for name, result in results.items():
                     row = dict(
                         peer=name, head_dim=head_dim, length=length, causal=causal, mode=args.mode
                     )
-                    try:
-                        ms = flash.measure(peer, q, k, v, causal, args.mode, args.repeats)
-                        row.update(ms=ms, tflops=flops / ms / 1e9)
-                    except Exception as e:
-                        row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                    if isinstance(result, str):
+                        row.update(error=result)
+                    else:
+                        row.update(ms=result, tflops=flops / result / 1e9)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                    on_row(rows)
+                on_row(rows)
     return rows
 
 

@@ -1,0 +1,40 @@
+"""The benchmark harness on CPU: peers of a cell timed in rounds, failures recorded."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import flash
+
+
+def test_peers_of_a_cell_are_timed_together_and_failures_recorded():
+    def declines(q, k, v, causal):
+        raise NotImplementedError("not this cell")
+
+    peers = {
+        "xla": flash.PEERS["xla"],
+        "declines": declines,
+        "jattn_auto": flash.PEERS["jattn_auto"],
+    }
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 32, 2, 16), jnp.float32) for i in range(3))
+    for mode in ("fwd", "fwd+bwd"):
+        results = flash.measure_together(peers, q, k, v, True, mode, repeats=3)
+        assert list(results) == list(peers)  # the peers' order, every peer present
+        assert results["declines"] == "NotImplementedError: not this cell"
+        for name in ("xla", "jattn_auto"):
+            assert isinstance(results[name], float) and 0 < results[name] < 1e4, results
+
+
+def test_time_ms_together_runs_each_function_every_round():
+    calls = {"a": 0, "b": 0}
+
+    def counted(name):
+        def fn(x):
+            calls[name] += 1
+            return x + 1
+
+        return fn
+
+    results = flash.time_ms_together({n: counted(n) for n in calls}, (np.zeros(3),), repeats=4)
+    assert set(results) == {"a", "b"} and all(isinstance(t, float) for t in results.values())
+    assert calls["a"] >= 2 + 4 and calls["b"] >= 2 + 4  # warm-up, calibration, 4 rounds
