@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import traceback
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -80,8 +81,9 @@ def _split(options: dict) -> tuple[dict, dict]:
     return {k: v for k, v in options.items() if k not in arrays}, arrays
 
 
-def measure(peer, q, k, v, feature: dict, mode: str, repeats: int) -> float:
-    """Median ms of the peer on this feature (`benchmarks.flash.time_ms`), arrays as arguments."""
+def timed_fn(peer, q, feature: dict, mode: str) -> Callable:
+    """The jitted function of (q, k, v, jattn arrays, peer arrays) a row times: the forward, or
+    the gradients of q, k, v. Arrays travel as arguments, not as constants."""
     causal = feature["causal"]
     static_j, arrays_j = _split(feature["jattn"])
     static_p, arrays_p = _split(feature["peer"])
@@ -89,16 +91,19 @@ def measure(peer, q, k, v, feature: dict, mode: str, repeats: int) -> float:
     def forward(q, k, v, arrays_j, arrays_p):
         return peer(q, k, v, causal, {**static_j, **arrays_j}, {**static_p, **arrays_p})
 
-    extra = (arrays_j, arrays_p)
     if mode == "fwd":
-        return flash.time_ms(jax.jit(forward), (q, k, v, *extra), repeats)
+        return jax.jit(forward)
     d_out = jax.random.normal(jax.random.key(9), q.shape, q.dtype).astype(jnp.float32)
 
     def loss(q, k, v, arrays_j, arrays_p):
         return jnp.sum(forward(q, k, v, arrays_j, arrays_p).astype(jnp.float32) * d_out)
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    return flash.time_ms(grad, (q, k, v, *extra), repeats)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def arrays_of(feature: dict) -> tuple[dict, dict]:
+    """The array options (jattn's, the peers') that a row's functions take as arguments."""
+    return _split(feature["jattn"])[1], _split(feature["peer"])[1]
 
 
 def _jattn(implementation):
@@ -161,19 +166,26 @@ def run_rows(args, save) -> list[dict]:
             args.batch, HEADS, q_len, args.length, HEAD_DIM, feature["causal"]
         )
         for mode in args.modes:
-            for peer_name in args.peers:
-                row = dict(feature=name, peer=peer_name, mode=mode, q_len=q_len, kv_heads=kv_heads)
-                try:
-                    ms = measure(PEERS[peer_name], q, k, v, feature, mode, args.repeats)
-                    scale = 1.0 if mode == "fwd" else 3.5
-                    row.update(ms=ms, tflops=scale * flops / ms / 1e9)
-                except Exception as e:  # a peer that declines or fails: record why
-                    row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                    if args.verbose:
+            fns = {peer: timed_fn(PEERS[peer], q, feature, mode) for peer in args.peers}
+            call_args = (q, k, v, *arrays_of(feature))
+            if args.verbose:  # each peer alone, so that a failure's traceback is printed
+                for fn in fns.values():
+                    try:
+                        jax.block_until_ready(fn(*call_args))
+                    except Exception:
                         traceback.print_exc()
+            # timed in rounds, so that clock drift moves every peer of the row alike
+            results = flash.time_ms_together(fns, call_args, args.repeats)
+            for peer_name, result in results.items():
+                row = dict(feature=name, peer=peer_name, mode=mode, q_len=q_len, kv_heads=kv_heads)
+                if isinstance(result, str):  # a peer that declines or fails: why
+                    row.update(error=result)
+                else:
+                    scale = 1.0 if mode == "fwd" else 3.5
+                    row.update(ms=result, tflops=scale * flops / result / 1e9)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                save(rows)
+            save(rows)
     return rows
 
 
