@@ -4,7 +4,7 @@ against peers given the equivalent dense bias or mask (issue 16).
     python -m benchmarks.flex --json benchmarks/results/flex_h200.json --plot flex_h200.png
 
 Shapes: B=1, N=16 heads of H=128, bf16, T = S from 2k to 16k. Three variants, each forward and
-forward+backward (d q, k, v), median ms (`benchmarks.flash.time_ms`):
+forward+backward (d q, k, v), median ms (`benchmarks.flash.time_ms_together`):
 - causal: written as a mask_mod with its block mask, against jattn's native `is_causal` (the
   cost of generality) and cuDNN's causal;
 - ALiBi (non-causal, slopes 2^(-8 (h+1) / N)): a score_mod computed in the kernel, against the
@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import traceback
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 import jattn
-from benchmarks.flash import time_ms
+from benchmarks.flash import time_ms, time_ms_together
 from jattn.demo import environment
 
 HEADS, HEAD_DIM, DOCUMENTS = 16, 128, 4
@@ -104,15 +103,16 @@ def variants(length: int) -> dict[str, dict[str, Callable]]:
     }
 
 
-def measure(run: Callable, q, k, v, mode: str, repeats: int) -> float:
+def timed_fn(run: Callable, q, mode: str) -> Callable:
+    """The jitted function of (q, k, v) a cell times: the forward, or the gradients of q, k, v."""
     if mode == "fwd":
-        return time_ms(jax.jit(run), (q, k, v), repeats)
+        return jax.jit(run)
     d_out = jax.random.normal(jax.random.key(9), q.shape, q.dtype)
 
     def loss(q, k, v):
         return jnp.sum(run(q, k, v).astype(jnp.float32) * d_out.astype(jnp.float32))
 
-    return time_ms(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (q, k, v), repeats)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
 def block_mask_ms(length: int, repeats: int) -> float:
@@ -141,14 +141,14 @@ def run_cells(lengths, modes, repeats, on_row=None) -> list[dict]:
         shape = (1, length, HEADS, HEAD_DIM)
         q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
         for variant, peers in variants(length).items():
-            for peer, run in peers.items():
-                for mode in modes:
+            for mode in modes:  # a variant's peers timed in rounds: clock drift moves them alike
+                fns = {peer: timed_fn(run, q, mode) for peer, run in peers.items()}
+                for peer, result in time_ms_together(fns, (q, k, v), repeats).items():
                     row = dict(variant=variant, peer=peer, T=length, mode=mode)
-                    try:
-                        row["ms"] = measure(run, q, k, v, mode, repeats)
-                    except Exception as err:  # noqa: BLE001  (record a peer that declines)
-                        row["error"] = f"{type(err).__name__}: {err}"[:400]
-                        traceback.print_exc(limit=1)
+                    if isinstance(result, str):  # a peer that declines: why
+                        row["error"] = result
+                    else:
+                        row["ms"] = result
                     add(row)
         try:
             add(dict(variant="create_block_mask", T=length, ms=block_mask_ms(length, repeats)))
