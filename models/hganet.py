@@ -19,6 +19,9 @@ hGANet 83.5 / 72.7 (dropout 0.9 and weight decay 1e-3, chosen on Citeseer's vali
 and checked on Cora's; the paper's hyper-parameters are not known to us; dropout 0.8 / 2e-3,
 the earlier choice on Cora, gave 82.28 / 68.53, and 0.6 / 5e-4 gave 80.89 / 67.51).
 `--architecture gat --score additive` gives 83.57 ± 0.51 / 72.20 ± 0.75.
+`--gam gcn|linear|gcn-first` are unconfirmed readings of what a module holds besides the
+operator; none beat the bare operator on Citeseer's validation accuracy (benchmarks/NOTES.md,
+"readings of the graph attention module").
 
 The last stdout line is JSON: test_accuracy, val_accuracy, epochs, seconds, ...
 """
