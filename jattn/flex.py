@@ -19,10 +19,12 @@ layers and steps; it is a pytree.
 
 Implementations: 'xla' evaluates both mods densely (`[B, N, T, S]`, the reference: any dtype,
 differentiable to any order by JAX itself); 'triton' traces them into the Triton flash kernel
-(CPU: Pallas interpret mode), forward and backward; None picks 'triton' on a GPU and 'xla'
-elsewhere. Semantics are `jattn.dot_product_attention`'s: a query row that sees no key gives
-output 0, lse -inf and zero gradients, never NaN; a key holding NaN/inf reaches only the rows
-that see it.
+(CPU: Pallas interpret mode), forward and backward; 'mosaic' traces them into the Mosaic GPU
+forward (Hopper; float16/bfloat16, mods that close over no arrays, block masks of 128 query
+rows; gradients from the Triton backward; not yet timed on a GPU, so None does not pick it);
+None picks 'triton' on a GPU and 'xla' elsewhere. Semantics are `jattn.dot_product_attention`'s:
+a query row that sees no key gives output 0, lse -inf and zero gradients, never NaN; a key
+holding NaN/inf reaches only the rows that see it.
 
 How the mods reach the kernel: each is traced once to a jaxpr on scalars; every array it
 closes over becomes a kernel input that stays in memory, and `_eval_mod` evaluates the jaxpr
@@ -56,7 +58,7 @@ ScoreMod = Callable[..., Any]  # (score, b, h, q_idx, kv_idx) -> score
 MaskMod = Callable[..., Any]  # (b, h, q_idx, kv_idx) -> bool
 
 _HIGHEST = lax.Precision.HIGHEST
-_IMPLEMENTATIONS = ("xla", "triton")
+_IMPLEMENTATIONS = ("xla", "triton", "mosaic")
 
 
 # --- block mask ----------------------------------------------------------------------------------
@@ -367,7 +369,8 @@ def _read_const(eqn, ins) -> list | None:
     return [const.take(linear).reshape(out_shape)]
 
 
-def _triton(query, key, value, score_mod, mask_mod, block_mask, scale, config):
+def _flex_spec(score_mod, mask_mod, block_mask):
+    """(FlexSpec, consts): the mods with every array they close over hoisted out."""
     from pallas_kernels import flash_triton
 
     index = (jnp.int32(0),) * 4
@@ -381,10 +384,25 @@ def _triton(query, key, value, score_mod, mask_mod, block_mask, scale, config):
         const_shapes=tuple(c.shape for c in consts),
         block_mask=None if block_mask is None else (block_mask.block_q, block_mask.block_kv),
     )
+    return flex, consts
+
+
+def _triton(query, key, value, score_mod, mask_mod, block_mask, scale, config):
+    from pallas_kernels import flash_triton
+
+    flex, consts = _flex_spec(score_mod, mask_mod, block_mask)
     blocks = () if block_mask is None else (block_mask.kv_blocks, block_mask.q_blocks)
     return flash_triton.flex_attention(
         query, key, value, flex, consts, blocks, scale=scale, config=config
     )
+
+
+def _mosaic(query, key, value, score_mod, mask_mod, block_mask, scale, config):
+    from pallas_kernels import flash_mosaic
+
+    flex, _ = _flex_spec(score_mod, mask_mod, block_mask)
+    blocks = () if block_mask is None else (block_mask.kv_blocks, block_mask.q_blocks)
+    return flash_mosaic.flex_attention(query, key, value, flex, blocks, scale=scale, config=config)
 
 
 # --- the public function -------------------------------------------------------------------------
@@ -419,9 +437,9 @@ def flex_attention(
         sizes become the Triton kernel's tiles.
       scale: default H ** -0.5.
       return_residual: also return the log-sum-exp `[B, T, N]` (in the query dtype).
-      implementation: None, 'xla' or 'triton' (see the module docstring).
+      implementation: None, 'xla', 'triton' or 'mosaic' (see the module docstring).
       config: a `jattn.TritonConfig` for 'triton' (warps and stages; with a block mask its
-        block sizes are the block mask's).
+        block sizes are the block mask's), a `jattn.MosaicConfig` for 'mosaic'.
 
     Returns:
       `[B, T, N, H]` in the query dtype (and lse `[B, T, N]`). Rows that see no key: 0, lse
@@ -430,8 +448,9 @@ def flex_attention(
     Raises:
       ValueError: bad shapes, mods or block mask (named in the message); on 'triton', block
         mask blocks whose kernel pipelines do not fit the GPU's shared memory in one stage.
-      NotImplementedError: 'triton' under forward-mode or second-order autodiff, float64, or
-        head dims above 256 (use 'xla').
+      NotImplementedError: 'triton' or 'mosaic' under forward-mode or second-order autodiff,
+        float64, or head dims above 256 (use 'xla'); 'mosaic' with mods that close over arrays,
+        float32 or block-mask blocks other than 128 query rows (use 'triton').
 
     Example (ALiBi and a document mask):
       >>> slopes = 2.0 ** -jnp.arange(1, 5)
@@ -455,9 +474,10 @@ def flex_attention(
     if implementation is None:
         on_gpu = jax.default_backend() == "gpu"
         implementation = "triton" if on_gpu and not higher_order else "xla"
-    if implementation == "triton" and higher_order:
+    if implementation in ("triton", "mosaic") and higher_order:
         raise NotImplementedError(
-            "jattn.flex_attention: implementation 'triton' differentiates in reverse mode, once "
+            f"jattn.flex_attention: implementation {implementation!r} differentiates in reverse "
+            "mode, once "
             "(a custom_vjp around its backward kernels), so it cannot serve forward-mode "
             "autodiff or a second derivative; use implementation='xla' (None picks it here)"
         )
@@ -470,6 +490,7 @@ def flex_attention(
             compute = jnp.promote_types(query.dtype, jnp.float32)
             query = (query.astype(compute) * scale).astype(query.dtype)
             scale = 1.0
-        out, lse = _triton(query, key, value, score_mod, mask_mod, block_mask, scale, config)
+        kernel = _mosaic if implementation == "mosaic" else _triton
+        out, lse = kernel(query, key, value, score_mod, mask_mod, block_mask, scale, config)
     lse = lse.astype(out.dtype)
     return (out, lse) if return_residual else out

@@ -290,15 +290,19 @@ def unmasked_query_blocks(
     return clip_inner(lo, hi, inner_lo, inner_hi)
 
 
-def visit_all(st, ranges, visit, carry, unmasked=None):
+def visit_all(st, ranges, visit, carry, unmasked=None, structural=None):
     """Run visit(j, carry, masked) over [lo, hi): masked tiles at the edges, unmasked inside.
 
     `st` says which masks exist (right, left, check_q_len, check_kv_len, dense_masks).
     Splitting the loop keeps the mask arithmetic off the tiles that every query sees in full
     (the bulk of causal and windowed attention). `unmasked(first, end, carry)`, if given, runs
-    the unmasked range [first, end) in place of the loop of visit(j, carry, masked=False)."""
+    the unmasked range [first, end) in place of the loop of visit(j, carry, masked=False).
+    `structural`: True keeps the three ranges whatever `st` says (a flex block mask's lists)."""
     lo, inner_lo, inner_hi, hi = ranges
-    structural = st.right is not None or st.left is not None or st.check_q_len or st.check_kv_len
+    if structural is None:
+        structural = (
+            st.right is not None or st.left is not None or st.check_q_len or st.check_kv_len
+        )
 
     def loop(first, end, carry, masked):
         if not masked and unmasked is not None:

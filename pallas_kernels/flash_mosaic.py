@@ -52,11 +52,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import common, flash_mosaic_bwd, flash_triton
 from pallas_kernels.mosaic_common import (
     CONSUMERS,
+    LOG2E,
     TURN_BARRIER,
     WGMMA,
     WGMMA_COL,
     WGMMA_ROW,
     Static,
+    flex_index_tiles,
+    flex_scores,
+    flex_visible,
     hide_invisible,
     interpret_kwargs,
     key_blocks,
@@ -317,12 +321,34 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
         program, my_tiles = 0, 1
 
     def tile_of(i):
-        """head, batch, bounds, first query row and key-block range [lo, hi) of tile i."""
+        """head, batch, bounds, first query row and key-block range [lo, hi) of tile i (with a
+        flex block mask: the visits [0, n) of its list, `block_of` maps them to key blocks)."""
         head, q_tile, batch = _tile_coords(st, program + i * programs, grid)
         bounds = (bounds_ref[batch, 0], bounds_ref[batch, 1], bounds_ref[batch, 2])
         program_first = q_tile * rows_per_program
+        if st.flex_blocks:
+            return head, batch, bounds, program_first, 0, scratch["blocks"][0]
         lo, _, _, hi = key_blocks(st, bounds, program_first, rows_per_program)
         return head, batch, bounds, program_first, lo, hi
+
+    def block_of(step):
+        """The key block of visit `step`: itself, or the block mask list's step-th entry."""
+        return scratch["blocks"][2 + step] if st.flex_blocks else step
+
+    def await_block_list():  # a flex block mask: this program's list, in shared memory
+        if not st.flex_blocks:
+            return
+
+        @pl.when(wg == CONSUMERS)
+        def _():
+            head, q_tile, batch = _tile_coords(st, program, grid)
+            blocks = refs["blocks"]  # [B', N', QB, L]: B', N' may broadcast
+            row = blocks.at[
+                batch if blocks.shape[0] > 1 else 0, head if blocks.shape[1] > 1 else 0, q_tile
+            ]
+            plgpu.copy_gmem_to_smem(row, scratch["blocks"], scratch["blocks_ready"])
+
+        plgpu.barrier_wait(scratch["blocks_ready"])
 
     # The K/V ring continues across a persistent program's tiles: the `count`-th key block the
     # program visits uses slot count % stages (each barrier's phase follows its waits).
@@ -330,6 +356,8 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
         if isinstance(count, int):  # static (a tile's first step, count 0): a Python int, not a
             return count % stages  # constant array, which the wgmma regions reject on JAX 0.11
         return lax.rem(count, stages)
+
+    await_block_list()
 
     @pl.when(wg == CONSUMERS)
     def _producer():
@@ -344,7 +372,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             def _(step):
                 count = base + step - lo
                 slot = slot_of(count)
-                keys = pl.ds(step * block_kv, block_kv)
+                keys = pl.ds(block_of(step) * block_kv, block_kv)
 
                 def await_release(consumed):  # the slot's previous tiles, once the ring is full
                     pl.when(count >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
@@ -420,7 +448,10 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             q_seg = None
             if st.has_segments:
                 q_seg = load_vector(st, scratch["q_seg"].at[wg], WGMMA_ROW)
-            _, inner_lo, inner_hi, _ = key_blocks(st, bounds, q_first, block_q)
+            if st.flex_blocks:  # the list's partial blocks first, then its full ones
+                inner_lo, inner_hi = scratch["blocks"][1], hi
+            else:
+                _, inner_lo, inner_hi, _ = key_blocks(st, bounds, q_first, block_q)
             if st.schedule_barrier:
                 pl.when(wg == 1)(take_turns)
 
@@ -441,18 +472,30 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             def logits_of(qk, inputs, step, masked: bool):
                 """Base-2 logits of a tile, -inf where a query does not see a key."""
                 bias, mask, kv_seg = inputs
-                logits, _ = tile_logits(st, qk, bias)
+                k_first = block_of(step) * block_kv
+                flex = st.flex
+                if flex is not None:  # the user's mods on scale * q.k, indices as full tiles
+                    q_idx, k_idx = flex_index_tiles(st, qk.shape, q_first, k_first, bounds)
+                if flex is not None and flex.score_mod is not None:
+                    scores = flex_scores(st, qk * st.scale, batch, head, q_idx, k_idx)
+                    logits = scores * LOG2E
+                else:
+                    logits, _ = tile_logits(st, qk, bias)
                 if not masked:
                     return logits
+                user_visible = None
+                if flex is not None and flex.mask_mod is not None:
+                    user_visible = flex_visible(st, batch, head, q_idx, k_idx)
                 return hide_invisible(
                     st,
                     logits,
                     q_first=q_first,
-                    k_first=step * block_kv,
+                    k_first=k_first,
                     bounds=bounds,
                     q_seg=q_seg,
                     kv_seg=kv_seg,
                     mask=mask,
+                    user_visible=user_visible,
                 )
 
             def online_softmax(logits, m_i, l_i):
@@ -591,7 +634,9 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 pl.when(lo < hi)(lambda: wait_k(lo))
             ranges = (lo, *common.clip_inner(lo, hi, inner_lo, inner_hi), hi)
             unmasked = overlapped_range if st.softmax_overlap else None
-            acc, m_i, l_i = common.visit_all(st, ranges, visit, (acc, m_i, l_i), unmasked)
+            acc, m_i, l_i = common.visit_all(
+                st, ranges, visit, (acc, m_i, l_i), unmasked, structural=st.flex_blocks or None
+            )
             if st.schedule_barrier:
                 pl.when(wg == 0)(take_turns)
             if st.o_buffer:  # Q is no longer needed: bring the next tile's
@@ -640,8 +685,10 @@ def forward(
     mask: Array | None,  # [B', N', T', S'] bool
     bounds: Array,  # [B, 4] int32: q_offset, q_len, kv_len, 0
     segment_ids: tuple[Array, Array] | None,  # [B, T], [B, S] int32
+    blocks: Array | None = None,  # [B', N', QB, L] int32: a flex block mask's visit lists
 ) -> tuple[Array, Array]:  # out [B, T, N, H], lse [B, T, N] float32 (natural log)
-    """Pad, run the kernel, unpad."""
+    """Pad, run the kernel, unpad. `blocks` (st.flex_blocks): per program, [n, n_partial,
+    key block ids (partial ones first), ...], L a multiple of 32 (a TMA moves 128-byte rows)."""
     batch, q_len, num_heads, head_dim = query.shape
     kv_len = key.shape[1]
     rows_per_program = CONSUMERS * st.block_q
@@ -697,6 +744,10 @@ def forward(
     )
     if st.schedule_barrier and not st.named_barrier:
         scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS)
+    if st.flex_blocks:
+        operands["blocks"] = blocks
+        scratch["blocks"] = plgpu.SMEM(blocks.shape[-1:], jnp.int32)
+        scratch["blocks_ready"] = plgpu.Barrier()
 
     tiles = (num_heads, t_pad // rows_per_program, batch)
     if st.persistent:
@@ -927,3 +978,132 @@ def flash_attention(
 
 def _is_primal(x) -> bool:
     return isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
+
+
+# --- jattn.flex_attention: the user's mods in the forward, the Triton kernels' backward ---------
+
+
+def flex_attention(
+    query: Array,  # [B, T, N, H] float16/bfloat16
+    key: Array,  # [B, S, K, H]
+    value: Array,  # [B, S, K, H]
+    flex,  # flash_triton.FlexSpec whose mods close over no arrays
+    blocks: tuple[Array, ...],  # () or a BlockMask's (kv_blocks, q_blocks)
+    *,
+    scale: float,
+    config: MosaicConfig | None = None,
+    interpret: bool | None = None,
+) -> tuple[Array, Array]:  # out [B, T, N, H], lse [B, T, N] float32
+    """`jattn.flex_attention` on this kernel: the score_mod and mask_mod traced into the
+    forward's tiles (index tiles built 2-D, as Mosaic GPU lowers them), a block mask's lists
+    read from shared memory (its empty blocks never loaded, its full ones without mask
+    arithmetic); gradients from the Triton kernels' flex backward (`flash_triton.flex_backward`).
+
+    Raises NotImplementedError for mods that close over arrays (the Triton path reads those),
+    float32/float64, H > 256, and block-mask blocks other than 128 query rows by a multiple of
+    64 keys (a program's 2 x 64 rows and its key tile)."""
+    if query.dtype not in _DTYPES:
+        raise NotImplementedError(
+            f"the Mosaic GPU kernel serves float16/bfloat16, not {query.dtype} (use 'triton')"
+        )
+    batch, q_len, num_heads, head_dim = query.shape
+    kv_len = key.shape[1]
+    if head_dim > 256:
+        raise NotImplementedError(
+            f"the Mosaic GPU kernel serves head dims up to 256, got {head_dim}"
+        )
+    if flex.const_shapes:
+        raise NotImplementedError(
+            "the Mosaic GPU kernel's flex path serves mods that close over no arrays; "
+            f"these close over {len(flex.const_shapes)} (use implementation='triton')"
+        )
+    if config is None:
+        config = default_config(head_dim, causal=False)
+    if flex.block_mask is not None:
+        block_q, block_kv = flex.block_mask
+        if block_q != CONSUMERS * 64 or block_kv % 64:
+            raise NotImplementedError(
+                f"the Mosaic GPU kernel visits a block mask by programs of {CONSUMERS * 64} "
+                f"query rows and key tiles of a multiple of 64: got blocks {flex.block_mask} "
+                "(create_block_mask(block_q=128, block_kv=128), or use 'triton')"
+            )
+        config = dataclasses.replace(config, block_q=64, block_kv=block_kv)
+    while config.num_stages > 1 and not fits_shared_memory(  # fixed tiles: shed stages
+        shared_memory_estimate(config, head_dim, 0)
+    ):
+        config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+    interpret = common.interpret_mode() if interpret is None else interpret
+    if not fits_shared_memory(shared_memory_estimate(config, head_dim, 0)) and not interpret:
+        raise NotImplementedError(f"{config} does not fit shared memory at head dim {head_dim}")
+    s_pad = -(-kv_len // config.block_kv) * config.block_kv
+    has_blocks = flex.block_mask is not None
+    st = Static(
+        scale=float(scale),
+        softcap=None,
+        right=None,
+        left=None,
+        check_q_len=False,  # padding rows are computed and dropped
+        check_kv_len=s_pad != kv_len,
+        dense_masks=flex.mask_mod is not None and not has_blocks,
+        has_bias=False,
+        has_mask=False,
+        has_segments=False,
+        groups=num_heads // key.shape[2],
+        block_q=config.block_q,
+        block_kv=config.block_kv,
+        num_stages=config.num_stages,
+        schedule_barrier=config.schedule_barrier,
+        interpret=interpret,
+        early_k_wait=config.early_k_wait,
+        named_barrier=config.named_barrier and not interpret,
+        softmax_overlap=config.softmax_overlap,
+        flex=flex,
+        flex_blocks=has_blocks,
+    )
+    bounds = _bounds(batch, q_len, kv_len, None, None, None)
+    visits = _visit_lists(blocks[0]) if has_blocks else None
+
+    @jax.custom_vjp
+    def attention(query, key, value, bounds, visits, blocks):
+        return forward(st, query, key, value, None, None, bounds, None, visits)
+
+    def forward_rule(query, key, value, bounds, visits, blocks):
+        out, lse = forward(st, query, key, value, None, None, bounds, None, visits)
+        return (out, lse), (query, key, value, out, lse, bounds, visits, blocks)
+
+    def backward_rule(residuals, cotangents):
+        query, key, value, out, lse, bounds, visits, blocks = residuals
+        d_out, d_lse = cotangents
+        dq, dk, dv = flash_triton.flex_backward(
+            query,
+            key,
+            value,
+            flex,
+            blocks,
+            out,
+            lse,
+            d_out,
+            d_lse,
+            scale=scale,
+            interpret=interpret,
+        )
+        no_cotangent = jax.tree.map(lambda _: None, (bounds, visits, blocks))
+        return dq, dk, dv, *no_cotangent
+
+    attention.defvjp(forward_rule, backward_rule)
+    return attention(query, key, value, bounds, visits, tuple(blocks))
+
+
+def _visit_lists(kv_blocks: Array) -> Array:
+    """A BlockMask's [B', N', QB, 2 + 2 KB] lists ([n_partial, n_full, partial ids, full ids])
+    -> [B', N', QB, L]: [n_partial + n_full, n_partial, partial ids then full ids, 0...], L the
+    next multiple of 32 of 2 + KB (a TMA copy moves multiples of 128 bytes)."""
+    n_partial, n_full = kv_blocks[..., 0:1], kv_blocks[..., 1:2]
+    num_blocks = (kv_blocks.shape[-1] - 2) // 2
+    partial, full = kv_blocks[..., 2 : 2 + num_blocks], kv_blocks[..., 2 + num_blocks :]
+    j = lax.broadcasted_iota(jnp.int32, partial.shape, partial.ndim - 1)
+    from_full = jnp.take_along_axis(full, jnp.clip(j - n_partial, 0, num_blocks - 1), axis=-1)
+    ids = jnp.where(j < n_partial, partial, from_full)
+    lists = jnp.concatenate([n_partial + n_full, n_partial, ids], axis=-1).astype(jnp.int32)
+    width = -(-lists.shape[-1] // 32) * 32
+    return common.pad_last(lists, width)

@@ -1283,6 +1283,43 @@ def flex_attention(
         )
     if config is not None and not isinstance(config, TritonConfig):
         raise ValueError(f"triton needs a TritonConfig, got {type(config).__name__}")
+    st = _flex_static(query, key, flex, scale=scale, config=config, interpret=interpret)
+    aux = (None,) * 6 + ((tuple(consts), tuple(blocks)),)
+    # Not through the cache: every call hoists its mods anew, so st would never repeat.
+    return _attention_vjp.__wrapped__(st)(query, key, value, None, aux)
+
+
+def flex_backward(
+    query: Array,  # [B, T, N, H]
+    key: Array,  # [B, S, K, H]
+    value: Array,  # [B, S, K, H]
+    flex: FlexSpec,
+    blocks: tuple[Array, ...],  # () or a BlockMask's (kv_blocks, q_blocks)
+    out: Array,  # [B, T, N, H]: the forward's output
+    lse: Array,  # [B, T, N] float32, natural log
+    d_out: Array,  # [B, T, N, H]
+    d_lse: Array,  # [B, T, N]
+    *,
+    scale: float,
+    interpret: bool | None = None,
+) -> tuple[Array, Array, Array]:  # dq, dk, dv
+    """This kernel's flex backward for a forward computed elsewhere (the Mosaic GPU kernel's
+    flex forward, whose mods close over no arrays): the dq and dk/dv kernels with the mods
+    traced in, fed with that forward's output and lse."""
+    st = _flex_static(query, key, flex, scale=scale, config=None, interpret=interpret)
+    t_pad, _ = _padded_lengths(st)
+    out_padded = common.pad_last(common.pad_to(out, 1, t_pad), common.padded_head_dim(st.head_dim))
+    lse_padded = common.pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad)  # [B, N, T_pad]; padded rows: 0
+    aux = (None,) * 6 + (((), tuple(blocks)),)
+    dq, dk, dv, _, _ = _backward(
+        st, query, key, value, None, aux, out_padded, lse_padded, d_out, d_lse, want_dbias=False
+    )
+    return dq, dk, dv
+
+
+def _flex_static(query, key, flex: FlexSpec, *, scale, config, interpret) -> _Static:
+    """The static of a flex call: no option but the mods; with a block mask its blocks are the
+    tiles (the default's stages shed to fit them)."""
     if flex.block_mask is not None:
         block_q, block_k = flex.block_mask
         for name, size in (("block_q", block_q), ("block_kv", block_k)):
@@ -1320,7 +1357,4 @@ def flex_attention(
     st = st._replace(flex=flex, dense_masks=flex.mask_mod is not None and flex.block_mask is None)
     t_pad, s_pad = _padded_lengths(st)
     # Padding rows and keys are masked (a block holding them is never full in a block mask).
-    st = st._replace(check_q_len=t_pad != st.q_len, check_kv_len=s_pad != st.kv_len)
-    aux = (None,) * 6 + ((tuple(consts), tuple(blocks)),)
-    # Not through the cache: every call hoists its mods anew, so st would never repeat.
-    return _attention_vjp.__wrapped__(st)(query, key, value, None, aux)
+    return st._replace(check_q_len=t_pad != st.q_len, check_kv_len=s_pad != st.kv_len)

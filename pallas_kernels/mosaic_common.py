@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import Array, lax
 from jax.experimental import pallas as pl
@@ -57,6 +58,8 @@ class Static:
     softmax_overlap: bool = False  # the forward: Q K^T and the previous P V issued together
     head_parts: int = 1  # the dk/dv kernel: consumers share keys, each owns H / parts of dK, dV
     dkdv_stages: int = 0  # the dk/dv kernel's ring depth (0: num_stages)
+    flex: object = None  # jattn.flex_attention: the user's mods (flash_triton.FlexSpec)
+    flex_blocks: bool = False  # the forward visits the key blocks a BlockMask lists
 
 
 # --- interpret-mode stand-ins -----------------------------------------------------------------
@@ -162,8 +165,39 @@ def tile_logits(st: Static, qk: Array, bias: Array | None) -> tuple[Array, Array
     return logits * LOG2E, scores
 
 
+def flex_index_tiles(st: Static, shape, q_first, k_first, bounds) -> tuple[Array, Array]:
+    """q_idx, kv_idx [bq, bk] int32 of a tile for the user's mods: full 2-D tiles (a mod
+    vmapped over 1-D index vectors does not lower on Mosaic GPU), clamped into [0, T) and
+    [0, S) (positions past them are masked anyway)."""
+    q_idx = jnp.clip(q_first + tile_iota(st, shape, 0), 0, bounds[1] - 1)
+    k_idx = jnp.clip(k_first + tile_iota(st, shape, 1), 0, bounds[2] - 1)
+    return q_idx, k_idx
+
+
+def flex_scores(st: Static, scores: Array, b, h, q_idx, k_idx) -> Array:
+    """The user's score_mod(score, b, h, q_idx, kv_idx) over a tile of scale * q.k."""
+    one = lambda s, q, k: st.flex.score_mod(s, b, h, q, k)  # noqa: E731
+    return jax.vmap(jax.vmap(one))(scores, q_idx, k_idx).astype(jnp.float32)
+
+
+def flex_visible(st: Static, b, h, q_idx, k_idx) -> Array:
+    """The user's mask_mod(b, h, q_idx, kv_idx) over a tile: [bq, bk] bool."""
+    one = lambda q, k: st.flex.mask_mod(b, h, q, k)  # noqa: E731
+    return jax.vmap(jax.vmap(one))(q_idx, k_idx).astype(bool)
+
+
 def hide_invisible(
-    st: Static, logits, *, q_first, k_first, bounds, q_seg, kv_seg, mask, transposed=False
+    st: Static,
+    logits,
+    *,
+    q_first,
+    k_first,
+    bounds,
+    q_seg,
+    kv_seg,
+    mask,
+    transposed=False,
+    user_visible=None,
 ):
     """-inf where a query does not see a key. logits: queries down, keys across (or keys down
     with transposed=True, in the dk/dv kernel); q_seg, kv_seg: 1-D vectors in the layout of
@@ -190,6 +224,8 @@ def hide_invisible(
     )
     if mask is not None:
         visible = mask != 0 if visible is None else visible & (mask != 0)
+    if user_visible is not None:  # a flex mask_mod's tile
+        visible = user_visible if visible is None else visible & user_visible
     return logits if visible is None else jnp.where(visible, logits, -jnp.inf)
 
 

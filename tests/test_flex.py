@@ -529,3 +529,124 @@ def test_block_mask_tiles_shed_stages_to_fit_shared_memory(monkeypatch):
         jax.eval_shape(
             lambda q: jattn.flex_attention(q, q, q, block_mask=mask, implementation="triton"), q
         )
+
+
+# --- the Mosaic GPU kernel's flex forward (Hopper; interpret mode here) -------------------------
+
+MOSAIC_SHAPE = (1, 150, 330, 2, 1, 64)  # two 128-row programs, 3 key tiles of 128, GQA 2
+
+
+def _mosaic_case(name, shape):
+    """(score_mod, mask_mod, use a block mask, dense float64 (bias, visible)): mods that close
+    over no arrays, the kind the Mosaic path serves."""
+    _, q_len, kv_len, heads = shape[:4]
+    i, j = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+    slopes = np.exp2(-8.0 * (np.arange(heads) + 1) / heads)
+
+    def alibi(s, b, h, qi, kj):
+        return s - jnp.exp2(-8.0 * (h + 1) / heads) * jnp.abs(qi - kj).astype(jnp.float32)
+
+    alibi_bias = -slopes[None, :, None, None] * np.abs(i - j)
+    bottom_right = lambda b, h, qi, kj: kj <= qi + (kv_len - q_len)  # noqa: E731
+    window = lambda b, h, qi, kj: jnp.abs(qi + (kv_len - q_len) - kj) <= 40  # noqa: E731
+    match name:
+        case "alibi_score_mod":  # every tile unmasked but the padded keys
+            return alibi, None, False, (alibi_bias, None)
+        case "causal_block_mask_with_alibi":  # rows 0-127 visit key blocks 1, 2 (partial), 0 (full)
+            return alibi, bottom_right, True, (alibi_bias, j <= i + (kv_len - q_len))
+        case "window_mask_mod":  # no block mask: the mask_mod on every tile
+            return None, window, False, (None, np.abs(i + (kv_len - q_len) - j) <= 40)
+        case "rows_that_see_nothing":  # rows 0..54 see no key: 0, lse -inf, zero gradients
+            return None, lambda b, h, qi, kj: kj <= qi - 55, True, (None, j <= i - 55)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "alibi_score_mod",
+        "causal_block_mask_with_alibi",
+        "window_mask_mod",
+        "rows_that_see_nothing",
+    ],
+)
+def test_mosaic_flex_matches_float64_oracle(rng, name):
+    """implementation='mosaic': the mods traced into the Mosaic GPU forward (index tiles built
+    2-D), a block mask's lists read in the kernel; gradients from the Triton flex backward."""
+    shape = MOSAIC_SHAPE
+    q, k, v = make_inputs(rng, shape, jnp.bfloat16)
+    score_mod, mask_mod, use_blocks, (bias, visible) = _mosaic_case(name, shape)
+    batch, q_len, kv_len, heads = shape[:4]
+    block_mask = None
+    if use_blocks:
+        block_mask = jattn.create_block_mask(mask_mod, None, None, q_len, kv_len)
+
+    def run(q, k, v):
+        return jattn.flex_attention(
+            q,
+            k,
+            v,
+            score_mod=score_mod,
+            mask_mod=mask_mod,
+            block_mask=block_mask,
+            return_residual=True,
+            implementation="mosaic",
+        )
+
+    (out, lse), vjp = jax.vjp(run, q, k, v)
+    d_out, d_lse = _cotangents(rng, out, lse)
+    dq, dk, dv = vjp((d_out, d_lse))
+    full = (batch, heads, q_len, kv_len)
+    visible = np.ones(full, bool) if visible is None else np.broadcast_to(visible, full)
+    bias = None if bias is None else np.broadcast_to(bias, full)
+    q64, k64, v64 = (_wide(x) for x in (q, k, v))
+    want_out, want_lse, cache = oracle.attention(q64, k64, v64, bias, visible=visible)
+    want_dq, want_dk, want_dv, _ = oracle.attention_vjp(cache, _wide(d_out), _wide(d_lse), None)
+    grads, want_grads = dict(dq=dq, dk=dk, dv=dv), dict(dq=want_dq, dk=want_dk, dv=want_dv)
+    _assert_matches((out, lse), (want_out, want_lse), grads, want_grads, jnp.bfloat16)
+    if name == "rows_that_see_nothing":
+        assert (np.asarray(out[:, :55]) == 0).all() and (np.asarray(dq[:, :55]) == 0).all()
+
+
+def test_mosaic_flex_declines_what_it_does_not_serve(rng):
+    """Mods that close over arrays, float32 and other block sizes: NotImplementedError naming
+    the alternative."""
+    q, k, v = make_inputs(rng, MOSAIC_SHAPE, jnp.bfloat16)
+    slopes = jnp.asarray([0.5, 0.25])
+    alibi = lambda s, b, h, qi, kj: s - slopes[h] * jnp.abs(qi - kj)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="close over no arrays.*'triton'"):
+        jattn.flex_attention(q, k, v, score_mod=alibi, implementation="mosaic")
+    with pytest.raises(NotImplementedError, match="float16/bfloat16"):
+        jattn.flex_attention(*(x.astype(jnp.float32) for x in (q, k, v)), implementation="mosaic")
+    causal = lambda b, h, qi, kj: kj <= qi  # noqa: E731
+    small = jattn.create_block_mask(causal, None, None, 150, 330, block_q=64, block_kv=64)
+    with pytest.raises(NotImplementedError, match="programs of 128 query rows"):
+        jattn.flex_attention(q, k, v, block_mask=small, implementation="mosaic")
+
+
+def test_mosaic_flex_lowers_for_cuda(rng, monkeypatch):
+    """The GPU path of the Mosaic flex forward (block list in shared memory, mods over WGMMA
+    tiles) lowers to Mosaic GPU for CUDA on this machine; its backward is the Triton kernels'."""
+    from jax import export
+
+    from pallas_kernels import flash_mosaic
+
+    monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
+    shape = (1, 256, 384, 2, 1, 128)
+    score_mod, mask_mod, _, _ = _mosaic_case("causal_block_mask_with_alibi", shape)
+    block_mask = jattn.create_block_mask(mask_mod, None, None, 256, 384)
+    spec = jax.ShapeDtypeStruct
+
+    def loss(q, k, v):
+        out = jattn.flex_attention(
+            q, k, v, score_mod=score_mod, block_mask=block_mask, implementation="mosaic"
+        )
+        return out.astype(jnp.float32).sum()
+
+    args = [spec((1, 256, 2, 128), jnp.bfloat16), spec((1, 384, 1, 128), jnp.bfloat16)]
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    text = export.export(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"], disabled_checks=[triton]
+    )(args[0], args[1], args[1]).mlir_module()
+    assert text.count("mosaic_gpu_v2") == 1, "one Mosaic GPU forward"
+    assert "triton" in text  # the backward
