@@ -11,8 +11,10 @@ forward+backward (d q, k, v), median ms (`benchmarks.flash.time_ms_together`):
   plain kernel without a bias, and cuDNN, XLA and tokamax given the dense `[1, N, T, S]` bias;
 - document masking (4 equal documents, non-causal): a mask_mod with its block mask, against
   jattn's `segment_ids`, and cuDNN and XLA given the dense `[1, 1, T, S]` mask.
-Also the time of `create_block_mask` for the document mask at each T (jitted). A peer that fails
-or declines a cell records the error instead of a time.
+Causal and ALiBi also on the Mosaic GPU forward (`implementation='mosaic'`: mods that close over
+no arrays, so that ALiBi's slopes come from h there). Also the time of `create_block_mask` for
+the document mask at each T (jitted). A peer that fails or declines a cell records the error
+instead of a time.
 """
 
 from __future__ import annotations
@@ -56,14 +58,18 @@ def variants(length: int) -> dict[str, dict[str, Callable]]:
     def alibi_mod(score, b, h, q_idx, kv_idx):
         return score - slopes[h] * jnp.abs(q_idx - kv_idx).astype(jnp.float32)
 
+    def alibi_mod_arithmetic(score, b, h, q_idx, kv_idx):  # no closed-over array: for 'mosaic'
+        slope = jnp.exp2(-8.0 * (h + 1).astype(jnp.float32) / HEADS)
+        return score - slope * jnp.abs(q_idx - kv_idx).astype(jnp.float32)
+
     def doc_mod(b, h, q_idx, kv_idx):
         return docs[b, q_idx] == docs[b, kv_idx]
 
     causal_blocks = jattn.create_block_mask(causal_mod, None, None, length, length)
     doc_blocks = jattn.create_block_mask(doc_mod, 1, None, length, length)
 
-    def flex(**mods):
-        return lambda q, k, v: jattn.flex_attention(q, k, v, **mods)
+    def flex(implementation=None, **mods):
+        return lambda q, k, v: jattn.flex_attention(q, k, v, implementation=implementation, **mods)
 
     def jax_nn(implementation, **options):
         return lambda q, k, v: jax.nn.dot_product_attention(
@@ -80,6 +86,9 @@ def variants(length: int) -> dict[str, dict[str, Callable]]:
             "jattn flex (mask_mod + block mask)": flex(
                 mask_mod=causal_mod, block_mask=causal_blocks
             ),
+            "jattn flex mosaic (mask_mod + block mask)": flex(
+                "mosaic", mask_mod=causal_mod, block_mask=causal_blocks
+            ),
             "jattn native is_causal": lambda q, k, v: jattn.dot_product_attention(
                 q, k, v, is_causal=True
             ),
@@ -87,6 +96,9 @@ def variants(length: int) -> dict[str, dict[str, Callable]]:
         },
         "alibi": {
             "jattn flex (score_mod)": flex(score_mod=alibi_mod),
+            "jattn flex mosaic (score_mod, slopes from h)": flex(
+                "mosaic", score_mod=alibi_mod_arithmetic
+            ),
             "jattn plain (no bias)": lambda q, k, v: jattn.dot_product_attention(q, k, v),
             "cudnn dense bias": jax_nn("cudnn", bias=alibi_bias),
             "xla dense bias": jax_nn("xla", bias=alibi_bias),
