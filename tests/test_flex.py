@@ -573,7 +573,18 @@ def _mosaic_case(name, shape):
 def test_mosaic_flex_matches_float64_oracle(rng, name):
     """implementation='mosaic': the mods traced into the Mosaic GPU forward (index tiles built
     2-D), a block mask's lists read in the kernel; gradients from the Triton flex backward."""
-    shape = MOSAIC_SHAPE
+    _check_mosaic_case(rng, name, MOSAIC_SHAPE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["alibi_score_mod", "causal_block_mask_with_alibi"])
+def test_mosaic_flex_real_size_on_gpu(rng, name):
+    """The compiled Mosaic flex forward (Hopper) at real lengths: GQA 4, T != S, odd lengths,
+    H = 128 (the softmax overlap on), against the float64 oracle with gradients."""
+    _check_mosaic_case(rng, name, (2, 1000, 1031, 8, 2, 128))
+
+
+def _check_mosaic_case(rng, name, shape):
     q, k, v = make_inputs(rng, shape, jnp.bfloat16)
     score_mod, mask_mod, use_blocks, (bias, visible) = _mosaic_case(name, shape)
     batch, q_len, kv_len, heads = shape[:4]
