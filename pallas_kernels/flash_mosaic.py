@@ -1012,6 +1012,8 @@ def flex_attention(
         raise NotImplementedError(
             f"the Mosaic GPU kernel serves head dims up to 256, got {head_dim}"
         )
+    if config is not None and not isinstance(config, MosaicConfig):
+        raise ValueError(f"mosaic needs a MosaicConfig, got {type(config).__name__}")
     if flex.const_shapes:
         raise NotImplementedError(
             "the Mosaic GPU kernel's flex path serves mods that close over no arrays; "

@@ -633,6 +633,8 @@ def test_mosaic_flex_declines_what_it_does_not_serve(rng):
     small = jattn.create_block_mask(causal, None, None, 150, 330, block_q=64, block_kv=64)
     with pytest.raises(NotImplementedError, match="programs of 128 query rows"):
         jattn.flex_attention(q, k, v, block_mask=small, implementation="mosaic")
+    with pytest.raises(ValueError, match="mosaic needs a MosaicConfig, got TritonConfig"):
+        jattn.flex_attention(q, k, v, implementation="mosaic", config=SMALL)
 
 
 def test_mosaic_flex_lowers_for_cuda(rng, monkeypatch):
