@@ -398,7 +398,14 @@ def _triton(query, key, value, score_mod, mask_mod, block_mask, scale, config):
 
 
 def _mosaic(query, key, value, score_mod, mask_mod, block_mask, scale, config):
+    from jattn.attention import hopper_or_newer
     from pallas_kernels import flash_mosaic
+
+    if jax.default_backend() == "gpu" and not hopper_or_newer():
+        raise NotImplementedError(
+            "jattn.flex_attention: implementation 'mosaic' needs a Hopper GPU (sm_90) or newer; "
+            "use 'triton'"
+        )
 
     flex, _ = _flex_spec(score_mod, mask_mod, block_mask)
     blocks = () if block_mask is None else (block_mask.kv_blocks, block_mask.q_blocks)
