@@ -786,6 +786,22 @@ def forward(
     return out, jnp.swapaxes(lse[:, :, :q_len], 1, 2)
 
 
+def _schedule(config: MosaicConfig, interpret: bool) -> dict:
+    """The Static fields a config sets: the forward's tiles, ring and schedule options."""
+    return dict(
+        block_q=config.block_q,
+        block_kv=config.block_kv,
+        num_stages=config.num_stages,
+        schedule_barrier=config.schedule_barrier,
+        interpret=interpret,
+        persistent=config.persistent,
+        longest_first=config.longest_first,
+        early_k_wait=config.early_k_wait,
+        named_barrier=config.named_barrier and not interpret,  # the interpreter runs no PTX
+        softmax_overlap=config.softmax_overlap,
+    )
+
+
 def _programs_per_device(st: Static) -> int:
     """A persistent forward's programs: one per SM (132 on an H100 SXM or H200 when the device
     does not say, as in a lowering for CUDA on CPU); two in interpret mode, so that tests cover
@@ -878,16 +894,7 @@ def flash_attention(
         has_mask=mask is not None,
         has_segments=segment_ids is not None,
         groups=num_heads // key.shape[2],
-        block_q=config.block_q,
-        block_kv=config.block_kv,
-        num_stages=config.num_stages,
-        schedule_barrier=config.schedule_barrier,
-        interpret=interpret,
-        persistent=config.persistent,
-        longest_first=config.longest_first,
-        early_k_wait=config.early_k_wait,
-        named_barrier=config.named_barrier and not interpret,  # the interpreter runs no PTX
-        softmax_overlap=config.softmax_overlap,
+        **_schedule(config, interpret),
         o_buffer=config.persistent and o_buffer_fits(config, head_dim, pair_itemsize),
     )
     # The backward tiles both axes by 2 * max(bwd blocks): its own padding, its own kv check.
@@ -1051,14 +1058,7 @@ def flex_attention(
         has_mask=False,
         has_segments=False,
         groups=num_heads // key.shape[2],
-        block_q=config.block_q,
-        block_kv=config.block_kv,
-        num_stages=config.num_stages,
-        schedule_barrier=config.schedule_barrier,
-        interpret=interpret,
-        early_k_wait=config.early_k_wait,
-        named_barrier=config.named_barrier and not interpret,
-        softmax_overlap=config.softmax_overlap,
+        **_schedule(dataclasses.replace(config, persistent=False), interpret),
         flex=flex,
         flex_blocks=has_blocks,
     )
