@@ -14,9 +14,8 @@ instead of a time.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
-import time
 import traceback
 from collections.abc import Callable
 
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import jattn
+from jattn.autotune import tuner
 from jattn.demo import environment
 
 TOKENS, HIDDEN = 16384, 2048
@@ -91,46 +91,18 @@ PEERS: dict[str, Callable] = {
 
 
 def time_ms(fn: Callable, args, repeats: int) -> float:
-    """Median ms per call: warm-up, then `repeats` timings of enough calls to last ~20 ms."""
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    once = time.perf_counter() - start
-    inner = max(1, min(100, int(0.02 / max(once, 1e-6))))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) * 1e3 / inner)
-    return statistics.median(times)
+    """Median ms per call: warm-up, then `repeats` timings of enough calls to last ~20 ms
+    (`jattn.autotune.tuner.time_ms`, the autotuner's timer)."""
+    return tuner.time_ms(functools.partial(fn, *args), repeats)
 
 
 def time_ms_together(fns: dict[str, Callable], args, repeats: int) -> dict[str, float | str]:
     """Median ms per call of each fn on the same args, timed in rounds: each round takes one
     timing of every fn (enough calls to last ~20 ms, as `time_ms`), so that a drift of the
     GPU's clocks or temperature during a cell moves every peer alike. A fn that fails (to
-    compile or run) gets its error message instead."""
-    inner, results = {}, {}
-    for name, fn in fns.items():
-        try:
-            jax.block_until_ready(fn(*args))
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            inner[name] = max(1, min(100, int(0.02 / max(time.perf_counter() - start, 1e-6))))
-        except Exception as e:  # a peer that cannot run this cell: record why
-            results[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    times = {name: [] for name in inner}
-    for _ in range(repeats):
-        for name, calls in inner.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                out = fns[name](*args)
-            jax.block_until_ready(out)
-            times[name].append((time.perf_counter() - start) * 1e3 / calls)
-    results |= {name: statistics.median(samples) for name, samples in times.items()}
-    return {name: results[name] for name in fns}
+    compile or run) gets its error message instead (`tuner.time_ms_rounds`)."""
+    calls = {name: functools.partial(fn, *args) for name, fn in fns.items()}
+    return tuner.time_ms_rounds(calls, repeats)
 
 
 def forward_flops(batch, heads, q_len, kv_len, head_dim, causal) -> float:

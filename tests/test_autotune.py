@@ -551,3 +551,42 @@ def test_cli_into_an_unwritable_folder_prints_a_message(tmp_path, capsys, place)
             folder.chmod(0o700)
     err = capsys.readouterr().err
     assert "jattn autotune: cannot write" in err and "Traceback" not in err
+
+
+def test_finalists_are_timed_again_together(cache_file, monkeypatch, tmp_path):
+    """With the default timer, the fastest candidates of a search are timed again in rounds
+    and the winner comes from those times (clock drift between candidates timed apart)."""
+    import time
+
+    @dataclasses.dataclass(frozen=True)
+    class Toy:
+        a: int = 1
+
+    searches = [
+        autotune.Search(name="a", mode="forward", candidates=lambda bucket, c: [Toy(2), Toy(3)])
+    ]
+    monkeypatch.setattr(cache, "_TUNABLES", dict(cache._TUNABLES))
+    calls = []
+
+    def run(bucket, config, mode, problem):
+        def fn():  # Toy(2) fastest: 1 ms, others 2 ms
+            calls.append(config.a)
+            time.sleep(0.001 if config.a == 2 else 0.002)
+            return config.a
+
+        return fn
+
+    autotune.register_tunable("toy", Toy, default=lambda bucket: Toy(), searches=searches, run=run)
+    options = dict(head_dims=[64], causal=[False], lengths=[100], tokens=400, hidden=128)
+    log_file = tmp_path / "candidates.jsonl"
+    [result] = autotune.tune(
+        "toy", **options, allow_cpu=True, progress=False, log_file=log_file, repeats=2, confirm=2
+    )
+    assert result.config == Toy(2) and 0.5 < result.ms["a"] < 1.9, result
+    rows = [json.loads(line) for line in log_file.read_text().splitlines()]
+    confirmed = [row for row in rows if row.get("confirm")]
+    assert len(rows) == 3 + 2 and len(confirmed) == 2  # every candidate, then the 2 fastest
+    assert 2 in {row["config"]["a"] for row in confirmed}
+    start = [row["ms"] for row in confirmed if row["config"]["a"] == 1]
+    if start:  # the starting config among the finalists: its time from the same rounds
+        assert result.default_ms["a"] == start[0]

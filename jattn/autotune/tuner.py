@@ -46,19 +46,37 @@ class Result:
 def time_ms(fn: Callable[[], Any], repeats: int = 5) -> float:
     """Median ms per call of fn(): a warm-up (which compiles), then `repeats` timings of a batch
     of calls long enough (~20 ms) that launch overhead and timer resolution do not dominate."""
-    jax.block_until_ready(fn())
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    once = time.perf_counter() - start
-    inner = max(1, min(100, int(0.02 / max(once, 1e-6))))
-    times = []
+    return time_ms_rounds({0: fn}, repeats, record_errors=False)[0]
+
+
+def time_ms_rounds(
+    fns: dict[Any, Callable[[], Any]], repeats: int = 5, *, record_errors: bool = True
+) -> dict[Any, float | str]:
+    """`time_ms` of several functions timed in rounds: each round takes one timing of every
+    fn, so that a drift of the GPU's clocks or temperature moves them alike (on the H200 the
+    same cell moved 5-8% between runs). A fn that fails to compile or run gets its error
+    message ("Type: first line") instead of a time, or with record_errors=False raises."""
+    inner, results = {}, {}
+    for name, fn in fns.items():
+        try:
+            jax.block_until_ready(fn())
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            inner[name] = max(1, min(100, int(0.02 / max(time.perf_counter() - start, 1e-6))))
+        except Exception as e:
+            if not record_errors:
+                raise
+            results[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    times = {name: [] for name in inner}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) * 1e3 / inner)
-    return statistics.median(times)
+        for name, calls in inner.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                out = fns[name]()
+            jax.block_until_ready(out)
+            times[name].append((time.perf_counter() - start) * 1e3 / calls)
+    results |= {name: statistics.median(samples) for name, samples in times.items()}
+    return {name: results[name] for name in fns}
 
 
 def default_run(
@@ -177,6 +195,7 @@ def tune(
     allow_cpu: bool = False,
     timer: Callable[[Callable[[], Any]], float] | None = None,
     log_file: str | os.PathLike | None = None,
+    confirm: int = 3,
 ) -> list[Result]:
     """Tune a kernel on this GPU: per bucket, time every candidate config and keep the fastest.
 
@@ -202,6 +221,10 @@ def tune(
       allow_cpu: tune off the GPU too (interpret-mode times mean nothing: for tests).
       timer: fn -> ms, replacing the median timer (for tests).
       log_file: append one JSON line per candidate (bucket, search, config, ms or error) here.
+      confirm: the fastest `confirm` candidates of each search are timed again together, in
+        rounds (`time_ms_rounds`), and the winner is taken from those times, so that clock
+        drift between candidates timed minutes apart does not pick it (0 or 1: off; off with a
+        custom `timer`).
 
     Returns:
       One `Result` per bucket.
@@ -228,6 +251,7 @@ def tune(
         searches=searches,
     )
     run = tunable.run or default_run
+    default_timer = timer is None
     timer = timer or (lambda fn: time_ms(fn, repeats))
     path = cache.cache_path() if cache_file is None else cache_file
     chosen = [s for s in tunable.searches if searches is None or s.name in searches]
@@ -264,6 +288,11 @@ def tune(
                         if config == best:
                             default_ms[search.name] = t
                     bar.update()
+                if default_timer and confirm > 1 and len(timed) > 1:
+                    timed = _confirm(p, search, run, timed[:], confirm, repeats, log_file)
+                    for t, config in timed:  # the start's time from the same rounds, if there
+                        if config == best:
+                            default_ms[search.name] = t
                 if timed:
                     t, best = min(timed, key=lambda pair: pair[0])
                     ms[search.name] = t
@@ -275,6 +304,25 @@ def tune(
                 entry = cache.Entry(p.bucket, _fields(best), ms, measured)
                 cache.merge(path, [entry])
     return results
+
+
+def _confirm(p: Plan, search, run, timed, count: int, repeats: int, log_file) -> list:
+    """The fastest `count` of timed [(ms, config)], timed again together in rounds: [(ms,
+    config)] of those that ran (all of timed if none did)."""
+    finalists = sorted(timed, key=lambda pair: pair[0])[:count]
+    fns = {
+        i: run(p.bucket, config, search.mode, p.problem) for i, (_, config) in enumerate(finalists)
+    }
+    again = time_ms_rounds(fns, repeats)
+    confirmed = []
+    for i, (_, config) in enumerate(finalists):
+        row = dict(bucket=str(p.bucket), search=search.name, config=_fields(config), confirm=True)
+        if isinstance(again[i], str):
+            _log(log_file, dict(row, error=again[i]))
+        else:
+            _log(log_file, dict(row, ms=again[i]))
+            confirmed.append((again[i], config))
+    return confirmed or timed
 
 
 def _log(log_file: str | os.PathLike | None, row: dict[str, Any]) -> None:
