@@ -370,7 +370,8 @@ def _read_const(eqn, ins) -> list | None:
 
 
 def _flex_spec(score_mod, mask_mod, block_mask):
-    """(FlexSpec, consts): the mods with every array they close over hoisted out."""
+    """(FlexSpec, consts, blocks): the mods with every array they close over hoisted out, and
+    the block mask's (kv_blocks, q_blocks), or () without one."""
     from pallas_kernels import flash_triton
 
     index = (jnp.int32(0),) * 4
@@ -384,14 +385,14 @@ def _flex_spec(score_mod, mask_mod, block_mask):
         const_shapes=tuple(c.shape for c in consts),
         block_mask=None if block_mask is None else (block_mask.block_q, block_mask.block_kv),
     )
-    return flex, consts
+    blocks = () if block_mask is None else (block_mask.kv_blocks, block_mask.q_blocks)
+    return flex, consts, blocks
 
 
 def _triton(query, key, value, score_mod, mask_mod, block_mask, scale, config):
     from pallas_kernels import flash_triton
 
-    flex, consts = _flex_spec(score_mod, mask_mod, block_mask)
-    blocks = () if block_mask is None else (block_mask.kv_blocks, block_mask.q_blocks)
+    flex, consts, blocks = _flex_spec(score_mod, mask_mod, block_mask)
     return flash_triton.flex_attention(
         query, key, value, flex, consts, blocks, scale=scale, config=config
     )
@@ -407,8 +408,7 @@ def _mosaic(query, key, value, score_mod, mask_mod, block_mask, scale, config):
             "use 'triton'"
         )
 
-    flex, _ = _flex_spec(score_mod, mask_mod, block_mask)
-    blocks = () if block_mask is None else (block_mask.kv_blocks, block_mask.q_blocks)
+    flex, _, blocks = _flex_spec(score_mod, mask_mod, block_mask)
     return flash_mosaic.flex_attention(query, key, value, flex, blocks, scale=scale, config=config)
 
 

@@ -342,10 +342,8 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
         @pl.when(wg == CONSUMERS)
         def _():
             head, q_tile, batch = _tile_coords(st, program, grid)
-            blocks = refs["blocks"]  # [B', N', QB, L]: B', N' may broadcast
-            row = blocks.at[
-                batch if blocks.shape[0] > 1 else 0, head if blocks.shape[1] > 1 else 0, q_tile
-            ]
+            lists = refs["blocks"]  # [B', N', QB, L]: B', N' may broadcast
+            row = pair_window(lists, batch, head, q_tile, pl.ds(0, lists.shape[-1]))
             plgpu.copy_gmem_to_smem(row, scratch["blocks"], scratch["blocks_ready"])
 
         plgpu.barrier_wait(scratch["blocks_ready"])
@@ -860,17 +858,9 @@ def flash_attention(
     kernel serves float32), H > 256, a config whose forward does not fit shared memory.
     Gradients come from `flash_mosaic_bwd`, or from the Triton backward for dbias.
     """
-    if query.dtype not in _DTYPES:
-        raise NotImplementedError(
-            f"the Mosaic GPU kernel serves float16/bfloat16, not {query.dtype} "
-            "(float32 runs on the Triton kernel)"
-        )
+    _check_served(query)
     batch, q_len, num_heads, head_dim = query.shape
     kv_len = key.shape[1]
-    if head_dim > 256:
-        raise NotImplementedError(
-            f"the Mosaic GPU kernel serves head dims up to 256, got {head_dim}"
-        )
     pair_itemsize = (0 if bias is None else min(bias.dtype.itemsize, 4)) + (mask is not None)
     if config is None:
         config = choose_config(tuned, head_dim, pair_itemsize, is_causal)
@@ -983,6 +973,20 @@ def flash_attention(
     return attention(query, key, value, bias, aux)
 
 
+def _check_served(query: Array) -> None:
+    """NotImplementedError for inputs this kernel does not serve: float32/float64 (the Triton
+    kernel serves float32) and H > 256."""
+    if query.dtype not in _DTYPES:
+        raise NotImplementedError(
+            f"the Mosaic GPU kernel serves float16/bfloat16, not {query.dtype} "
+            "(float32 runs on the Triton kernel)"
+        )
+    if query.shape[-1] > 256:
+        raise NotImplementedError(
+            f"the Mosaic GPU kernel serves head dims up to 256, got {query.shape[-1]}"
+        )
+
+
 def _is_primal(x) -> bool:
     return isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
 
@@ -1009,16 +1013,9 @@ def flex_attention(
     Raises NotImplementedError for mods that close over arrays (the Triton path reads those),
     float32/float64, H > 256, and block-mask blocks other than 128 query rows by a multiple of
     64 keys (a program's 2 x 64 rows and its key tile)."""
-    if query.dtype not in _DTYPES:
-        raise NotImplementedError(
-            f"the Mosaic GPU kernel serves float16/bfloat16, not {query.dtype} (use 'triton')"
-        )
+    _check_served(query)
     batch, q_len, num_heads, head_dim = query.shape
     kv_len = key.shape[1]
-    if head_dim > 256:
-        raise NotImplementedError(
-            f"the Mosaic GPU kernel serves head dims up to 256, got {head_dim}"
-        )
     if config is not None and not isinstance(config, MosaicConfig):
         raise ValueError(f"mosaic needs a MosaicConfig, got {type(config).__name__}")
     if flex.const_shapes:

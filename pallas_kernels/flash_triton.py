@@ -1237,9 +1237,7 @@ def backward(
         logits_soft_cap=logits_soft_cap,
         interpret=interpret,
     )
-    t_pad, _ = _padded_lengths(st)
-    out_padded = common.pad_last(common.pad_to(out, 1, t_pad), common.padded_head_dim(st.head_dim))
-    lse_padded = common.pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad)  # [B, N, T_pad]; padded rows: 0
+    out_padded, lse_padded = _padded_residuals(st, out, lse)
     q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
     aux = (mask, q_offset, query_seq_lengths, key_value_seq_lengths, q_ids, kv_ids)
     dq, dk, dv, d_bias, _ = _backward(
@@ -1289,6 +1287,14 @@ def flex_attention(
     return _attention_vjp.__wrapped__(st)(query, key, value, None, aux)
 
 
+def _padded_residuals(st: _Static, out: Array, lse: Array) -> tuple[Array, Array]:
+    """A forward's out [B, T, N, H] and lse [B, T, N], computed elsewhere, padded as this
+    kernel's backward reads them: [B, T_pad, N, H_pad] and [B, N, T_pad] (padded rows: 0)."""
+    t_pad, _ = _padded_lengths(st)
+    out_padded = common.pad_last(common.pad_to(out, 1, t_pad), common.padded_head_dim(st.head_dim))
+    return out_padded, common.pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad)
+
+
 def flex_backward(
     query: Array,  # [B, T, N, H]
     key: Array,  # [B, S, K, H]
@@ -1307,9 +1313,7 @@ def flex_backward(
     flex forward, whose mods close over no arrays): the dq and dk/dv kernels with the mods
     traced in, fed with that forward's output and lse."""
     st = _flex_static(query, key, flex, scale=scale, config=None, interpret=interpret)
-    t_pad, _ = _padded_lengths(st)
-    out_padded = common.pad_last(common.pad_to(out, 1, t_pad), common.padded_head_dim(st.head_dim))
-    lse_padded = common.pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad)  # [B, N, T_pad]; padded rows: 0
+    out_padded, lse_padded = _padded_residuals(st, out, lse)
     aux = (None,) * 6 + (((), tuple(blocks)),)
     dq, dk, dv, _, _ = _backward(
         st, query, key, value, None, aux, out_padded, lse_padded, d_out, d_lse, want_dbias=False
