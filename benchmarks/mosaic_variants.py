@@ -34,8 +34,10 @@ VARIANTS = {  # on default_config: early_k_wait and longest_first on since 2026-
     "overlap": dict(softmax_overlap=True),
     "overlap_named": dict(softmax_overlap=True, named_barrier=True),
     "overlap_persistent": dict(softmax_overlap=True, persistent=True, named_barrier=True),
-    # the backward (time with --mode fwd+bwd): dK, dV split by columns above H = 128
-    "bwd_split": dict(bwd_head_split=True),
+    # the backward (time with --mode fwd+bwd): dK, dV split by columns above H = 128, the default
+    # there since 2026-11-30 (a 2-stage dk/dv ring); bwd_triton: unsplit, the Triton backward
+    "bwd_triton": dict(bwd_head_split=False, bwd_dkdv_stages=None),
+    "bwd_split": dict(bwd_head_split=True, bwd_dkdv_stages=None),
     "bwd_split_dkdv2": dict(bwd_head_split=True, bwd_dkdv_stages=2),
     "overlap_bwd_split": dict(softmax_overlap=True, bwd_head_split=True),
 }

@@ -256,13 +256,21 @@ def default_config(head_dim: int, pair_itemsize: int = 0, *, causal: bool = Fals
     gained 4-11% at H = 256 (non-causal; 1-5% causal) and 2-7% at H = 128 non-causal, lost up to
     5% at H = 128 causal, and at H = 64 its two score tiles do not fit registers beside 64 x 256
     key tiles (64 x 128 tiles with it ran slower than 64 x 256 without).
+    Above H = 128 the backward splits dK and dV by columns over the dk/dv kernel's consumers
+    (`bwd_head_split`) with a 2-stage dk/dv ring beside dq's 1 (`bwd_dkdv_stages`): at H = 256 on
+    the H200, forward+backward 316-375 TFLOP/s non-causal and 220-320 causal (T = 1k-16k), where
+    the Triton backward it replaces gave 142-204 and cuDNN 240-434 (results/
+    mosaic_variants_h200_bwd_split.json).
     jattn.autotune's tables override it where they have an entry."""
     h_pad = padded_head_dim(head_dim)
     forward = [(64, 128, 2), (64, 64, 2), (64, 64, 1)]
     if h_pad <= 64:
         forward.insert(0, (64, 256, 3))
-    backward = [(64, 64, 2), (64, 64, 1)]
-    for (bq, bk, stages), (bwd_q, bwd_k, bwd_stages) in itertools.product(forward, backward):
+    backward = [(64, 64, 2, None), (64, 64, 1, None)]
+    head_split = h_pad > 128
+    if head_split:
+        backward.insert(0, (64, 64, 1, 2))
+    for (bq, bk, stages), (bwd_q, bwd_k, bwd_stages, dkdv) in itertools.product(forward, backward):
         config = MosaicConfig(
             block_q=bq,
             block_kv=bk,
@@ -270,6 +278,8 @@ def default_config(head_dim: int, pair_itemsize: int = 0, *, causal: bool = Fals
             bwd_block_q=bwd_q,
             bwd_block_kv=bwd_k,
             bwd_num_stages=bwd_stages,
+            bwd_dkdv_stages=dkdv,
+            bwd_head_split=head_split,
         )
         if fits_shared_memory(
             shared_memory_estimate(config, head_dim, pair_itemsize)

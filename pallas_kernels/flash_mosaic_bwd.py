@@ -220,6 +220,14 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
     # half of dK's and dV's columns.
     block_q, block_kv, stages, parts = st.block_q, st.block_kv, st.num_stages, st.head_parts
     split = parts > 1
+
+    def part_of(name: str, index, part):
+        """Column part `part` of buffer `index` (a ring slot, or a consumer's keys) of Q, K, V
+        or dO: their scratch is [buffers * parts, rows, H / parts], indexed by one number, so
+        that an index is never half traced, half a Python int (JAX 0.11's Mosaic GPU lowering
+        of a wgmma's run_state fails on a literal index beside a traced one)."""
+        return scratch[name].at[index * parts + part]
+
     head, kv_tile = lax.axis_index("heads"), lax.axis_index("tiles")
     batch, wg = lax.axis_index("batch"), lax.axis_index("wg")
     bounds = _scalars(refs["bounds"], batch)
@@ -236,7 +244,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 for part in range(parts):  # operands [B, T, N * parts, H / parts]
                     plgpu.copy_gmem_to_smem(
                         refs[name].at[batch, rows, head * parts + part],
-                        scratch[name].at[slot, part],
+                        part_of(name, slot, part),
                         barrier,
                     )
             for name in ("lse", "delta"):
@@ -266,7 +274,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         for name in ("k", "v"):
             plgpu.copy_gmem_to_smem(
                 refs[name].at[batch, keys, kv_head * parts + own],
-                scratch[name].at[keys_at, own],
+                part_of(name, keys_at, own),
                 ready,
             )
 
@@ -284,15 +292,15 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         kv_seg = None
         if st.has_segments:
             kv_seg = load_vector(st, scratch["kv_seg"].at[keys_at], WGMMA_ROW)
-        k_parts = [scratch["k"].at[keys_at, part] for part in range(parts)]
-        v_parts = [scratch["v"].at[keys_at, part] for part in range(parts)]
+        k_parts = [part_of("k", keys_at, part) for part in range(parts)]
+        v_parts = [part_of("v", keys_at, part) for part in range(parts)]
 
         def visit(step, carry, *, masked: bool):
             dk, dv = carry
             slot = lax.rem(step - lo, stages)
             plgpu.barrier_wait(scratch["produced"].at[slot])
-            q_parts = [scratch["q"].at[slot, part] for part in range(parts)]
-            d_out_parts = [scratch["d_out"].at[slot, part] for part in range(parts)]
+            q_parts = [part_of("q", slot, part) for part in range(parts)]
+            d_out_parts = [part_of("d_out", slot, part) for part in range(parts)]
             lse = load_vector(st, scratch["lse"].at[slot], WGMMA_COL)
             lse = lax.broadcast_in_dim(jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E), shape, [1])
             delta = load_vector(st, scratch["delta"].at[slot], WGMMA_COL)
@@ -321,12 +329,12 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 )
             p_t = jnp.exp2(logits_t - lse)
             dtype = k_parts[0].dtype
-            dv = mma_accumulate(st, dv, p_t.astype(dtype), scratch["d_out"].at[slot, own])
+            dv = mma_accumulate(st, dv, p_t.astype(dtype), part_of("d_out", slot, own))
             dp_t = mma_transposed(st, v_parts, d_out_parts)
             ds_t = p_t * (dp_t - delta)
             if scores_t is not None:
                 ds_t = ds_t * common.capped_logits_grad(scores_t, st.softcap)
-            dk = mma_accumulate(st, dk, ds_t.astype(dtype), scratch["q"].at[slot, own])
+            dk = mma_accumulate(st, dk, ds_t.astype(dtype), part_of("q", slot, own))
             plgpu.barrier_arrive(scratch["consumed"].at[slot])
             return dk, dv
 
@@ -338,7 +346,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         if split:  # the other consumer may still read K and V: meet before writing over them
             plgpu.barrier_arrive(scratch["keys_done"])
             plgpu.barrier_wait(scratch["keys_done"])
-        k_out, v_out = scratch["k"].at[keys_at, own], scratch["v"].at[keys_at, own]
+        k_out, v_out = part_of("k", keys_at, own), part_of("v", keys_at, own)
         k_out[...] = (dk * st.scale).astype(k_out.dtype)  # K and V are no longer needed
         v_out[...] = dv.astype(v_out.dtype)
         plgpu.commit_smem()
@@ -468,10 +476,13 @@ def backward(
 
     operands = operands | {name: in_parts(operands[name]) for name in ("q", "k", "v", "d_out")}
     pairs_t = {name: jnp.swapaxes(x, 2, 3) for name, x in pairs.items()}
+    # Q, K, V, dO: [buffers * parts, rows, H / parts] (`part_of` in the kernel)
     scratch = {
-        name: tiled((key_buffers, parts, block_kv, part_width), dtype) for name in ("k", "v")
+        name: tiled((key_buffers * parts, block_kv, part_width), dtype) for name in ("k", "v")
     }
-    scratch |= {name: tiled((stages, parts, block_q, part_width), dtype) for name in ("q", "d_out")}
+    scratch |= {
+        name: tiled((stages * parts, block_q, part_width), dtype) for name in ("q", "d_out")
+    }
     scratch |= {name: plgpu.SMEM((stages, block_q), jnp.float32) for name in ("lse", "delta")}
     for name, x in pairs_t.items():
         scratch[name] = tiled((stages, keys_per_program, block_q), x.dtype)

@@ -287,7 +287,9 @@ def test_default_config_fits_shared_memory():
 
 # --- the GPU code path, lowered for CUDA on this machine ----------------------------------------
 
-SPLIT_H256 = dataclasses.replace(flash_mosaic.default_config(256), bwd_head_split=True)
+UNSPLIT_H256 = dataclasses.replace(  # dK, dV unsplit: over the registers, the Triton backward
+    flash_mosaic.default_config(256), bwd_head_split=False, bwd_dkdv_stages=None
+)
 LOWERINGS = {
     "plain_h64": ((1, 256, 256, 2, 2, 64), {}),
     "causal_lengths_gqa_h128": (
@@ -300,9 +302,9 @@ LOWERINGS = {
     ),
     "segments_h96": ((1, 200, 300, 2, 2, 96), dict(segment_ids=True)),
     "bias_mask_h128": ((1, 256, 256, 2, 2, 128), dict(bias=True, mask=True)),
-    "window_softcap_h256_split": (
+    "window_softcap_h256_unsplit": (
         (1, 256, 256, 2, 1, 256),
-        dict(local_window_size=(64, 0), logits_soft_cap=20.0, config=SPLIT_H256),
+        dict(local_window_size=(64, 0), logits_soft_cap=20.0, config=UNSPLIT_H256),
     ),
     "bias_mask_h256": ((1, 256, 256, 2, 2, 256), dict(bias=True, mask=True)),
 }
@@ -364,9 +366,9 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     calls = re.findall(r"stablehlo\.custom_call @(\S+?)\(", text)
     mosaic = [c for c in calls if c == "mosaic_gpu_v2"]
     # the forward; with gradients also dq and dk/dv: on Mosaic GPU up to H = 128, and above it
-    # with bwd_head_split (dK, dV split by columns over the consumers) unless a float32 bias and
-    # a mask tile leave its buffers over the shared memory; on Triton otherwise
-    native_backward = shape[-1] <= 128 or case == "window_softcap_h256_split"
+    # with bwd_head_split (the default there: dK, dV split by columns over the consumers) unless
+    # a float32 bias and a mask tile leave its buffers over the shared memory; on Triton otherwise
+    native_backward = shape[-1] <= 128 or case == "window_softcap_h256"
     assert len(mosaic) == (3 if grad and native_backward else 1), calls
     others = [c for c in calls if c != "mosaic_gpu_v2"]
     assert len(others) == (2 if grad and not native_backward else 0), calls
