@@ -357,6 +357,42 @@ def _lower(shape, options, dtype=jnp.bfloat16, grad=False):
     )
 
 
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs in its equations' params (kernel bodies)."""
+    from jax._src import core
+
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in core.jaxprs_in_params(eqn.params):
+            yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("feature", ["causal", "segments", "mask", "window"])
+def test_kernels_give_run_state_no_literal_operand(rng, feature, head_dim, monkeypatch):
+    """JAX 0.11's Mosaic GPU lowering of a run_state (a wgmma into register accumulators) fails
+    on a literal operand ("Shaped arrays must be represented by ir.Values, got: TypedInt(0)"):
+    a ref index half traced, half a Python int makes one (the dk/dv kernel's column part beside
+    its ring slot broke every backward up to H = 128 on the H200). JAX 0.10 lowers it, so the
+    traced kernels are checked: no run_state in the forward, dq or dk/dv kernel takes one."""
+    from jax._src import core
+
+    monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
+    shape = (1, 256, 256, 2, 1, head_dim)
+    q, k, v = make_inputs(rng, shape, jnp.bfloat16)
+    options = make_options(rng, feature, shape)
+
+    def loss(q, k, v):
+        out = jattn.dot_product_attention(q, k, v, implementation="mosaic", **options)
+        return jnp.sum(out.astype(jnp.float32))
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
+    run_states = [e for e in _eqns(jaxpr) if e.primitive.name == "run_state"]
+    assert run_states  # the wgmmas were traced
+    literal = [e.invars for e in run_states if any(isinstance(x, core.Literal) for x in e.invars)]
+    assert not literal, literal
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("case", LOWERINGS)
 def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
