@@ -154,6 +154,8 @@ PEERS = {
 def run_rows(args, save) -> list[dict]:
     rows = []
     for name, feature in features(args.batch, args.length).items():
+        if getattr(args, "features", None) and name not in args.features:
+            continue
         q_len = feature.get("q_len", args.length)
         kv_heads = feature.get("kv_heads", HEADS)
         keys = jax.random.split(jax.random.key(q_len + kv_heads), 3)
@@ -198,7 +200,14 @@ def main(argv=None) -> None:
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--batch", type=int, default=BATCH, help="smaller for a CPU smoke run")
     parser.add_argument("--length", type=int, default=LENGTH)
+    parser.add_argument(
+        "--features", nargs="+", help="run only these rows (default: all; see features())"
+    )
     args = parser.parse_args(argv)
+    known = list(features(1, 16))
+    unknown = sorted(set(args.features or ()) - set(known))
+    if unknown:
+        parser.error(f"unknown features {unknown}; known: {known}")
     shape = dict(batch=args.batch, length=args.length, heads=HEADS, head_dim=HEAD_DIM)
     report = dict(environment(), benchmark="flash_features", shape=shape, dtype="bfloat16")
 
