@@ -40,6 +40,9 @@ VARIANTS = {  # on default_config: early_k_wait and longest_first on since 2026-
     "bwd_split": dict(bwd_head_split=True, bwd_dkdv_stages=None),
     "bwd_split_dkdv2": dict(bwd_head_split=True, bwd_dkdv_stages=2),
     "overlap_bwd_split": dict(softmax_overlap=True, bwd_head_split=True),
+    # one backward kernel, dQ by TMA reduce-add (its dS and dQ tiles leave dk/dv 1 ring stage
+    # at H = 256: the dk/dv ring at the backward's depth)
+    "bwd_fused": dict(bwd_fused_dq=True, bwd_dkdv_stages=None),
 }
 
 

@@ -111,8 +111,14 @@ class MosaicConfig:
       mask: masked edge tiles, and every tile under a dense mask or segment ids, run plain.
     bwd_head_split: above H = 128 the backward's dk/dv kernel splits dK and dV by columns over
       its two consumers (both on one block of keys), so that its accumulators fit registers and
-      the backward runs on Mosaic GPU; off, the Triton backward serves H > 128. Off until it is
-      timed on a GPU (it passes in interpret mode and lowers for CUDA).
+      the backward runs on Mosaic GPU; off, the Triton backward serves H > 128. On by default
+      above H = 128 since it was timed on the H200 (`default_config`).
+    bwd_fused_dq: one backward kernel instead of two (FlashAttention-2/3's dQ by atomics): the
+      dk/dv kernel also computes each step's dQ contribution dS Q-block @ K (dS through shared
+      memory, a transposed wgmma operand, in 64-column chunks) and adds it into a float32 dQ in
+      global memory with TMA reduce-add stores; the dq kernel, which computed S and dP a second
+      time, does not run: 5 matmuls per tile pair instead of 7. dQ's float32 sums then depend on
+      the order of the adds (not bit-reproducible run to run). Off until timed on a GPU.
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
     """
 
@@ -130,6 +136,7 @@ class MosaicConfig:
     bwd_num_stages: int = 2
     bwd_dkdv_stages: int | None = None
     bwd_head_split: bool = False
+    bwd_fused_dq: bool = False
 
     def __post_init__(self):
         ints = (
@@ -149,6 +156,7 @@ class MosaicConfig:
             "named_barrier",
             "softmax_overlap",
             "bwd_head_split",
+            "bwd_fused_dq",
         )
         common.check_config_fields(self, ints=ints, bools=bools, optional=("bwd_dkdv_stages",))
         for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
@@ -185,7 +193,8 @@ def o_buffer_fits(config: MosaicConfig, head_dim: int, pair_itemsize: int) -> bo
 
 def backward_shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_itemsize: int) -> int:
     """Bytes of the larger of the two backward kernels' buffers (with bwd_head_split above
-    H = 128 the dk/dv kernel's two consumers share one block of keys)."""
+    H = 128 the dk/dv kernel's two consumers share one block of keys; with bwd_fused_dq only
+    the dk/dv kernel runs, with dS^T and a float32 dQ tile per consumer besides)."""
     parts = backward_head_parts(config, head_dim)
     h_pad = flash_mosaic_bwd.backward_head_dim(head_dim, parts)
     bq, bk, stages = config.bwd_block_q, config.bwd_block_kv, config.bwd_num_stages
@@ -197,6 +206,8 @@ def backward_shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_it
     dkdv = key_buffers * bk * (2 * h_pad * 2 + 4) + dkdv_stages * (
         2 * bq * h_pad * 2 + pair_t + 12 * bq
     )
+    if config.bwd_fused_dq:
+        return dkdv + CONSUMERS * (bk * bq * 2 + bq * (h_pad // parts) * 4)
     return max(dq, dkdv)
 
 
@@ -225,12 +236,16 @@ def backward_head_parts(config: MosaicConfig, head_dim: int) -> int:
 def backward_register_tiles(config: MosaicConfig, head_dim: int) -> int:
     """The larger of the two backward kernels' register tiles per consumer thread: dq holds dQ
     [bq, H] and S, dP [bq, bk]; dk/dv holds its part of dK, dV [bk, H / parts] and S^T, dP^T
-    [bk, bq] (`backward_head_parts`: 2 with bwd_head_split above H = 128)."""
+    [bk, bq] (`backward_head_parts`: 2 with bwd_head_split above H = 128), and with
+    bwd_fused_dq, once S^T and dP^T are spent, a dQ tile [bq, H / parts]."""
     parts = backward_head_parts(config, head_dim)
     h_pad = flash_mosaic_bwd.backward_head_dim(head_dim, parts)
     bq, bk = config.bwd_block_q, config.bwd_block_kv
     dq = bq * (h_pad + 2 * bk)
     dkdv = bk * (2 * h_pad // parts + 2 * bq)
+    if config.bwd_fused_dq:
+        fused_dq = bk * 2 * h_pad // parts + bq * h_pad // parts
+        return max(dkdv, fused_dq) // _THREADS_PER_WARPGROUP
     return max(dq, dkdv) // _THREADS_PER_WARPGROUP
 
 
@@ -913,6 +928,7 @@ def flash_attention(
         o_buffer=False,
         softmax_overlap=False,
         head_parts=backward_head_parts(config, head_dim),
+        fused_dq=config.bwd_fused_dq,
     )
     # The native backward needs its buffers in shared memory and its accumulators in registers
     # (above H = 128 only with bwd_head_split: its dk/dv kernel splits dK and dV by columns over

@@ -12,6 +12,15 @@ delta = rowsum(dO * O) - d_lse is computed before (XLA fuses it). dk and dv are 
 query head and summed over the G heads of a group afterwards, so every output has one writer:
 no atomics, the same bits every run.
 
+With `Static.fused_dq` (`MosaicConfig.bwd_fused_dq`) only the dk/dv kernel runs, as in
+FlashAttention-2/3's backward: each consumer also writes dS^T to shared memory and computes
+dQ's part dS @ K for the step's queries (a wgmma with the transposed dS as its first operand),
+which a TMA reduce-add store adds into a float32 dQ in global memory (a `jax.new_ref`, zeroed
+first). That drops the dq kernel's second Q K^T and dO V^T: 5 matmuls per tile pair, not 7; the
+float32 sums of dQ then depend on the order of the adds. The interpreter has no TMA reductions:
+there each consumer adds into a zeroed output of its own (programs run one after another), and
+the consumers' parts are summed after.
+
 Everything the forward applies per tile applies here too (`flash_mosaic` has the details); a
 bias or mask enters the dk/dv kernel transposed ([S, T], one copy made in XLA). dbias is not
 computed here: when the bias is differentiated the caller uses the Triton backward.
@@ -41,6 +50,7 @@ from pallas_kernels.mosaic_common import (
     layout_cast,
     load_vector,
     mma_accumulate,
+    mma_lhs_transposed,
     mma_transposed,
     padded_head_dim,
     pair_window,
@@ -294,6 +304,25 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             kv_seg = load_vector(st, scratch["kv_seg"].at[keys_at], WGMMA_ROW)
         k_parts = [part_of("k", keys_at, part) for part in range(parts)]
         v_parts = [part_of("v", keys_at, part) for part in range(parts)]
+        out_head = head * parts + own  # outputs [B, S or T, N * parts, H / parts]
+
+        def add_dq(step, ds_t):
+            """fused_dq: dQ[step's queries, own columns] += dS @ K (this consumer's keys, its
+            column part when split); the scale is applied after the kernel."""
+            ds_smem, dq_smem = scratch["ds"].at[wg], scratch["dq"].at[wg]
+            ds_smem[...] = ds_t  # [bk, bq]
+            plgpu.commit_smem()
+            dq = mma_lhs_transposed(st, ds_smem, part_of("k", keys_at, own))  # [bq, H / parts]
+            rows = pl.ds(step * block_q, block_q)
+            if st.interpret:  # no TMA reductions there: a zeroed output per consumer
+                target = refs["dq_acc"].at[wg, batch, rows, out_head]
+                target[...] = target[...] + dq
+                return
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's dQ was read out
+            dq_smem[...] = dq
+            plgpu.commit_smem()
+            target = refs["dq_acc"].at[batch, rows, out_head]
+            plgpu.copy_smem_to_gmem(dq_smem, target, reduction_op="add")
 
         def visit(step, carry, *, masked: bool):
             dk, dv = carry
@@ -334,7 +363,10 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             ds_t = p_t * (dp_t - delta)
             if scores_t is not None:
                 ds_t = ds_t * common.capped_logits_grad(scores_t, st.softcap)
-            dk = mma_accumulate(st, dk, ds_t.astype(dtype), part_of("q", slot, own))
+            ds_t = ds_t.astype(dtype)
+            dk = mma_accumulate(st, dk, ds_t, part_of("q", slot, own))
+            if st.fused_dq:
+                add_dq(step, ds_t)
             plgpu.barrier_arrive(scratch["consumed"].at[slot])
             return dk, dv
 
@@ -350,7 +382,6 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         k_out[...] = (dk * st.scale).astype(k_out.dtype)  # K and V are no longer needed
         v_out[...] = dv.astype(v_out.dtype)
         plgpu.commit_smem()
-        out_head = head * parts + own  # outputs [B, S, N * parts, H / parts]
         plgpu.copy_smem_to_gmem(k_out, refs["dk"].at[batch, keys, out_head])
         plgpu.copy_smem_to_gmem(v_out, refs["dv"].at[batch, keys, out_head])
         plgpu.wait_smem_to_gmem(0)
@@ -359,7 +390,14 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
 # --- launch -----------------------------------------------------------------------------------
 
 
-def _launch(kernel, st: Static, operands: dict, scratch: dict, out_names, out_type, grid):
+def _launch(
+    kernel, st: Static, operands: dict, scratch: dict, out_names, out_type, grid, *, refs=False
+):
+    """Run `kernel` over grid (heads, tiles, batch) with a producer and CONSUMERS warpgroups.
+    refs: some operands are `jax.new_ref`s (aliased in and out, written in place): launched by
+    pl.kernel on a plgpu.Mesh, as plgpu.kernel's vmap wrapper does not take them; in interpret
+    mode (no Ref operands there) the outputs then start zeroed."""
+
     def body(*refs):
         names = list(operands) + list(out_names)
         named = dict(zip(names, refs[: len(names)], strict=True))
@@ -369,16 +407,54 @@ def _launch(kernel, st: Static, operands: dict, scratch: dict, out_names, out_ty
 
         pl.run_scoped(with_scratch, *scratch.values(), collective_axes="wg")
 
-    return plgpu.kernel(
-        body,
-        out_type=out_type,
+    mesh = dict(
         grid=grid,
         grid_names=("heads", "tiles", "batch"),
         num_threads=CONSUMERS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        **interpret_kwargs(st),
+    )
+    params = plgpu.CompilerParams(approx_math=True)
+    if refs:
+        return pl.kernel(
+            body,
+            out_type=tuple(out_type),
+            mesh=plgpu.Mesh(**mesh),
+            compiler_params=params,
+            name=kernel.__name__.strip("_"),
+            **interpret_kwargs(st, zeroed=True),
+        )(*operands.values())
+    return plgpu.kernel(
+        body, out_type=out_type, **mesh, compiler_params=params, **interpret_kwargs(st)
     )(*operands.values())
+
+
+def _dq(st: Static, operands: dict, pairs: dict, barriers, shape, dtype) -> Array:
+    """dQ [B, T_pad, N, Hp] by the dq kernel: the forward's schedule with dO, lse and delta
+    riding along with Q."""
+    batch, t_pad, num_heads, h_pad = shape
+    block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
+    rows_per_program = CONSUMERS * block_q
+    scratch = {name: tiled((CONSUMERS, block_q, h_pad), dtype) for name in ("q", "d_out")} | {
+        name: plgpu.SMEM((CONSUMERS, block_q), jnp.float32) for name in ("lse", "delta")
+    }
+    scratch |= {name: tiled((stages, block_kv, h_pad), dtype) for name in ("k", "v")}
+    for name, x in pairs.items():
+        scratch[name] = tiled((stages, rows_per_program, block_kv), x.dtype)
+    has_seg = int(st.has_segments)
+    if has_seg:
+        scratch["q_seg"] = plgpu.SMEM((CONSUMERS, block_q), jnp.int32)
+        scratch["kv_seg"] = plgpu.SMEM((stages, block_kv), jnp.int32)
+    scratch |= barriers(2 + len(pairs) + has_seg, 4 + has_seg)
+    (dq,) = _launch(
+        _dq_kernel,
+        st,
+        operands | pairs,
+        scratch,
+        ["dq"],
+        [jax.ShapeDtypeStruct(shape, dtype)],
+        (num_heads, t_pad // rows_per_program, batch),
+    )
+    return dq
 
 
 def backward(
@@ -439,28 +515,9 @@ def backward(
             consumed=plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         )
 
-    # dq: the forward's schedule with dO, lse and delta riding along with Q.
-    rows_per_program = CONSUMERS * block_q
-    scratch = {name: tiled((CONSUMERS, block_q, h_pad), dtype) for name in ("q", "d_out")} | {
-        name: plgpu.SMEM((CONSUMERS, block_q), jnp.float32) for name in ("lse", "delta")
-    }
-    scratch |= {name: tiled((stages, block_kv, h_pad), dtype) for name in ("k", "v")}
-    for name, x in pairs.items():
-        scratch[name] = tiled((stages, rows_per_program, block_kv), x.dtype)
-    if segment_ids is not None:
-        scratch["q_seg"] = plgpu.SMEM((CONSUMERS, block_q), jnp.int32)
-        scratch["kv_seg"] = plgpu.SMEM((stages, block_kv), jnp.int32)
     has_seg = int(segment_ids is not None)
-    scratch |= barriers(2 + len(pairs) + has_seg, 4 + has_seg)
-    (dq,) = _launch(
-        _dq_kernel,
-        st,
-        operands | pairs,
-        scratch,
-        ["dq"],
-        [jax.ShapeDtypeStruct((batch, t_pad, num_heads, h_pad), dtype)],
-        (num_heads, t_pad // rows_per_program, batch),
-    )
+    if not st.fused_dq:
+        dq = _dq(st, operands, pairs, barriers, (batch, t_pad, num_heads, h_pad), dtype)
 
     # dk, dv: per query head, bias and mask transposed to [B', N', S, T]; the head dim in
     # st.head_parts column blocks ([B, T, N, H] -> [B, T, N * parts, H / parts]: a reshape).
@@ -493,16 +550,30 @@ def backward(
     if parts > 1:  # (rows_produced: barrier 0 only, K and V parts of both consumers)
         scratch["keys_done"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     per_head = jax.ShapeDtypeStruct((batch, s_pad, num_heads * parts, part_width), dtype)
-    dk, dv = _launch(
+    outs = {"dk": per_head, "dv": per_head}
+    operands = operands | pairs_t
+    if st.fused_dq:  # dS^T [bk, bq] and dQ [bq, H / parts] float32 per consumer
+        scratch["ds"] = tiled((CONSUMERS, block_kv, block_q), dtype)
+        scratch["dq"] = tiled((CONSUMERS, block_q, part_width), jnp.float32)
+        dq_shape = (batch, t_pad, num_heads * parts, part_width)
+        if st.interpret:
+            outs["dq_acc"] = jax.ShapeDtypeStruct((CONSUMERS, *dq_shape), jnp.float32)
+        else:
+            operands["dq_acc"] = jax.new_ref(jnp.zeros(dq_shape, jnp.float32))
+    results = _launch(
         _dkdv_kernel,
         dkdv_st,
-        operands | pairs_t,
+        operands,
         scratch,
-        ["dk", "dv"],
-        [per_head, per_head],
+        list(outs),
+        list(outs.values()),
         (num_heads, s_pad // keys_per_program, batch),
+        refs=st.fused_dq,
     )
-    dk, dv = (g.reshape(batch, s_pad, num_heads, h_pad) for g in (dk, dv))
+    dk, dv = (g.reshape(batch, s_pad, num_heads, h_pad) for g in results[:2])
+    if st.fused_dq:
+        dq = results[2].sum(axis=0) if st.interpret else operands["dq_acc"][...]
+        dq = (dq.reshape(batch, t_pad, num_heads, h_pad) * st.scale).astype(dtype)
 
     def kv_grad(g):  # [B, S_pad, N, Hp] per query head -> [B, S, K, H], summed in float32
         g = g[:, :kv_len, :, :head_dim].astype(jnp.float32)

@@ -60,6 +60,7 @@ class Static:
     dkdv_stages: int = 0  # the dk/dv kernel's ring depth (0: num_stages)
     flex: object = None  # jattn.flex_attention: the user's mods (flash_triton.FlexSpec)
     flex_blocks: bool = False  # the forward visits the key blocks a BlockMask lists
+    fused_dq: bool = False  # the backward: dQ added up by the dk/dv kernel (no dq kernel)
 
 
 # --- interpret-mode stand-ins -----------------------------------------------------------------
@@ -124,6 +125,25 @@ def mma_transposed(st: Static, lhs_ref, rhs_ref, while_running=None) -> Array:
         return acc_ref[...]
 
     shape = (lhs_refs[0].shape[0], rhs_refs[0].shape[0])
+    return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+
+def mma_lhs_transposed(st: Static, lhs_t_ref, rhs_ref) -> Array:
+    """lhs_t^T @ rhs into a fresh float32 accumulator: lhs_t [K, M] and rhs [K, N] both in
+    shared memory (the first operand read transposed, as wgmma reads 16-bit operands)."""
+    if st.interpret:
+        return lax.dot_general(
+            lhs_t_ref[...],
+            rhs_ref[...],
+            (((0,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, plgpu.transpose_ref(lhs_t_ref, (1, 0)), rhs_ref)
+        return acc_ref[...]
+
+    shape = (lhs_t_ref.shape[1], rhs_ref.shape[1])
     return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
 
@@ -271,9 +291,12 @@ def tiled(shape, dtype):
     )
 
 
-def interpret_kwargs(st: Static) -> dict:
+def interpret_kwargs(st: Static, zeroed: bool = False) -> dict:
+    """The interpret-mode argument of a kernel launch (none on a GPU); zeroed: its outputs
+    start as zeros (else NaN, which shows an output element no program wrote)."""
     if not st.interpret:
         return {}
     from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params
 
-    return {"interpret": interpret_params.InterpretGPUParams()}
+    memory = "zero" if zeroed else "nan"
+    return {"interpret": interpret_params.InterpretGPUParams(uninitialized_memory=memory)}

@@ -195,6 +195,29 @@ def test_backward_above_h128_splits_dk_dv_by_columns(rng, feature):
     check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", config)
 
 
+@pytest.mark.parametrize(
+    "feature, shape, split",
+    [
+        ("causal_bottom_right", MULTI_TILE, False),  # GQA, H 72 -> 128, partial tiles
+        ("segments_causal_lengths", (1, 150, 200, 2, 2, 40), False),
+        ("mask", (1, 150, 200, 4, 2, 160), True),  # H > 128: dQ by column parts
+    ],
+)
+def test_fused_dq_backward(rng, feature, shape, split, monkeypatch):
+    """bwd_fused_dq: the dk/dv kernel adds each step's dS @ K into a float32 dQ and the dq
+    kernel never runs; gradients against the float64 oracle, rows that see nothing included."""
+    from pallas_kernels import flash_mosaic_bwd
+
+    def no_dq_kernel(*args, **kwargs):
+        raise AssertionError("the dq kernel ran")
+
+    monkeypatch.setattr(flash_mosaic_bwd, "_dq", no_dq_kernel)
+    config = dataclasses.replace(SMALL, bwd_fused_dq=True, bwd_head_split=split)
+    check_against_oracle(
+        rng, shape, make_options(rng, feature, shape), jnp.bfloat16, "mosaic", config
+    )
+
+
 def test_bias_and_mask_without_dbias_use_the_mosaic_backward(rng, monkeypatch):
     """With the bias not differentiated, dq/dk/dv come from the Mosaic GPU kernels, where bias
     and mask enter the dk/dv kernel transposed."""
@@ -287,6 +310,10 @@ def test_default_config_fits_shared_memory():
 
 # --- the GPU code path, lowered for CUDA on this machine ----------------------------------------
 
+FUSED_H128 = dataclasses.replace(flash_mosaic.default_config(128), bwd_fused_dq=True)
+FUSED_H256 = dataclasses.replace(  # dk/dv's ring at 1 stage: dS and dQ tiles beside it
+    flash_mosaic.default_config(256), bwd_fused_dq=True, bwd_dkdv_stages=None
+)
 UNSPLIT_H256 = dataclasses.replace(  # dK, dV unsplit: over the registers, the Triton backward
     flash_mosaic.default_config(256), bwd_head_split=False, bwd_dkdv_stages=None
 )
@@ -307,6 +334,14 @@ LOWERINGS = {
         dict(local_window_size=(64, 0), logits_soft_cap=20.0, config=UNSPLIT_H256),
     ),
     "bias_mask_h256": ((1, 256, 256, 2, 2, 256), dict(bias=True, mask=True)),
+    "causal_segments_h128_fused_dq": (  # one backward kernel: dQ by TMA reduce-add
+        (2, 256, 384, 4, 1, 128),
+        dict(is_causal=True, segment_ids=True, config=FUSED_H128),
+    ),
+    "window_h256_fused_dq": (
+        (1, 256, 256, 2, 1, 256),
+        dict(local_window_size=(64, 0), config=FUSED_H256),
+    ),
 }
 
 
@@ -367,9 +402,10 @@ def _eqns(jaxpr):
             yield from _eqns(sub)
 
 
+@pytest.mark.parametrize("fused_dq", [False, True], ids=["two_kernels", "fused_dq"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("feature", ["causal", "segments", "mask", "window"])
-def test_kernels_give_run_state_no_literal_operand(rng, feature, head_dim, monkeypatch):
+def test_kernels_give_run_state_no_literal_operand(rng, feature, head_dim, fused_dq, monkeypatch):
     """JAX 0.11's Mosaic GPU lowering of a run_state (a wgmma into register accumulators) fails
     on a literal operand ("Shaped arrays must be represented by ir.Values, got: TypedInt(0)"):
     a ref index half traced, half a Python int makes one (the dk/dv kernel's column part beside
@@ -382,8 +418,13 @@ def test_kernels_give_run_state_no_literal_operand(rng, feature, head_dim, monke
     q, k, v = make_inputs(rng, shape, jnp.bfloat16)
     options = make_options(rng, feature, shape)
 
+    config = flash_mosaic.default_config(head_dim, int(feature == "mask"))  # the mask's byte
+    config = dataclasses.replace(config, bwd_fused_dq=fused_dq, bwd_dkdv_stages=None)
+
     def loss(q, k, v):
-        out = jattn.dot_product_attention(q, k, v, implementation="mosaic", **options)
+        out = jattn.dot_product_attention(
+            q, k, v, implementation="mosaic", config=config, **options
+        )
         return jnp.sum(out.astype(jnp.float32))
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
@@ -404,8 +445,9 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     # the forward; with gradients also dq and dk/dv: on Mosaic GPU up to H = 128, and above it
     # with bwd_head_split (the default there: dK, dV split by columns over the consumers) unless
     # a float32 bias and a mask tile leave its buffers over the shared memory; on Triton otherwise
-    native_backward = shape[-1] <= 128 or case == "window_softcap_h256"
-    assert len(mosaic) == (3 if grad and native_backward else 1), calls
+    native_backward = shape[-1] <= 128 or case in ("window_softcap_h256", "window_h256_fused_dq")
+    backward_kernels = 1 if "fused_dq" in case else 2  # dk/dv alone, or dq and dk/dv
+    assert len(mosaic) == 1 + (backward_kernels if grad and native_backward else 0), calls
     others = [c for c in calls if c != "mosaic_gpu_v2"]
     assert len(others) == (2 if grad and not native_backward else 0), calls
     assert all("triton" in c for c in others), calls
@@ -469,6 +511,22 @@ def test_gpu_head_dim_256_backward(rng, head_split):
     shape = (2, 700, 900, 4, 2, 256)
     options = make_options(rng, "causal_bottom_right", shape)
     config = dataclasses.replace(flash_mosaic.default_config(256), bwd_head_split=head_split)
+    check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "feature, head_dim",
+    [("causal_bottom_right", 64), ("segments_causal_lengths", 128), ("window", 256)],
+)
+def test_gpu_fused_dq_backward(rng, feature, head_dim):
+    """bwd_fused_dq on the GPU: dQ added up by TMA reduce-add stores from the dk/dv kernel
+    (a jax.new_ref zeroed first), at sizes where many key programs add into each query row."""
+    shape = (2, 700, 900, 4, 2, head_dim)
+    config = dataclasses.replace(
+        flash_mosaic.default_config(head_dim), bwd_fused_dq=True, bwd_dkdv_stages=None
+    )
+    options = make_options(rng, feature, shape)
     check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", config)
 
 
