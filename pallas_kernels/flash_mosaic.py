@@ -114,9 +114,9 @@ class MosaicConfig:
       the backward runs on Mosaic GPU; off, the Triton backward serves H > 128. On by default
       above H = 128 since it was timed on the H200 (`default_config`).
     bwd_fused_dq: one backward kernel instead of two (FlashAttention-2/3's dQ by atomics): the
-      dk/dv kernel also computes each step's dQ contribution dS Q-block @ K (dS through shared
-      memory, a transposed wgmma operand, in 64-column chunks) and adds it into a float32 dQ in
-      global memory with TMA reduce-add stores; the dq kernel, which computed S and dP a second
+      dk/dv kernel also computes each step's dQ contribution dS @ K (dS^T through shared
+      memory, read transposed by the wgmma) and adds it into a float32 dQ in global memory
+      with TMA reduce-add stores; the dq kernel, which computed S and dP a second
       time, does not run: 5 matmuls per tile pair instead of 7. dQ's float32 sums then depend on
       the order of the adds (not bit-reproducible run to run). Off until timed on a GPU.
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
