@@ -115,10 +115,11 @@ class MosaicConfig:
       above H = 128 since it was timed on the H200 (`default_config`).
     bwd_fused_dq: one backward kernel instead of two (FlashAttention-2/3's dQ by atomics): the
       dk/dv kernel also computes each step's dQ contribution dS @ K (dS^T through shared
-      memory, read transposed by the wgmma) and adds it into a float32 dQ in global memory
-      with TMA reduce-add stores; the dq kernel, which computed S and dP a second
-      time, does not run: 5 matmuls per tile pair instead of 7. dQ's float32 sums then depend on
-      the order of the adds (not bit-reproducible run to run). Off until timed on a GPU.
+      memory, read transposed by the wgmma; 64 columns of dQ per wgmma) and adds it into a
+      float32 dQ in global memory with TMA reduce-add stores; the dq kernel, which computed S
+      and dP a second time, does not run: 5 matmuls per tile pair instead of 7. dQ's float32
+      sums then depend on the order of the adds (not bit-reproducible run to run). Off until
+      timed on a GPU.
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
     """
 
@@ -237,14 +238,14 @@ def backward_register_tiles(config: MosaicConfig, head_dim: int) -> int:
     """The larger of the two backward kernels' register tiles per consumer thread: dq holds dQ
     [bq, H] and S, dP [bq, bk]; dk/dv holds its part of dK, dV [bk, H / parts] and S^T, dP^T
     [bk, bq] (`backward_head_parts`: 2 with bwd_head_split above H = 128), and with
-    bwd_fused_dq, once S^T and dP^T are spent, a dQ tile [bq, H / parts]."""
+    bwd_fused_dq, once S^T and dP^T are spent, a dQ chunk [bq, 64]."""
     parts = backward_head_parts(config, head_dim)
     h_pad = flash_mosaic_bwd.backward_head_dim(head_dim, parts)
     bq, bk = config.bwd_block_q, config.bwd_block_kv
     dq = bq * (h_pad + 2 * bk)
     dkdv = bk * (2 * h_pad // parts + 2 * bq)
     if config.bwd_fused_dq:
-        fused_dq = bk * 2 * h_pad // parts + bq * h_pad // parts
+        fused_dq = bk * 2 * h_pad // parts + bq * flash_mosaic_bwd.DQ_CHUNK
         return max(dkdv, fused_dq) // _THREADS_PER_WARPGROUP
     return max(dq, dkdv) // _THREADS_PER_WARPGROUP
 

@@ -70,6 +70,9 @@ def backward_head_dim(head_dim: int, parts: int) -> int:
     return parts * padded_head_dim(-(-head_dim // parts))
 
 
+DQ_CHUNK = 64  # fused_dq: columns of dQ per wgmma (32 float32 registers per thread)
+
+
 def _scalars(bounds_ref, batch):
     return bounds_ref[batch, 0], bounds_ref[batch, 1], bounds_ref[batch, 2]
 
@@ -308,21 +311,27 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
 
         def add_dq(step, ds_t):
             """fused_dq: dQ[step's queries, own columns] += dS @ K (this consumer's keys, its
-            column part when split); the scale is applied after the kernel."""
+            column part when split), in chunks of DQ_CHUNK columns, so that only [bq, 64] of
+            dQ sits in registers beside dK and dV; the scale is applied after the kernel."""
             ds_smem, dq_smem = scratch["ds"].at[wg], scratch["dq"].at[wg]
             ds_smem[...] = ds_t  # [bk, bq]
             plgpu.commit_smem()
-            dq = mma_lhs_transposed(st, ds_smem, part_of("k", keys_at, own))  # [bq, H / parts]
+            k_own = part_of("k", keys_at, own)  # [bk, H / parts]
             rows = pl.ds(step * block_q, block_q)
-            if st.interpret:  # no TMA reductions there: a zeroed output per consumer
-                target = refs["dq_acc"].at[wg, batch, rows, out_head]
-                target[...] = target[...] + dq
-                return
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's dQ was read out
-            dq_smem[...] = dq
-            plgpu.commit_smem()
-            target = refs["dq_acc"].at[batch, rows, out_head]
-            plgpu.copy_smem_to_gmem(dq_smem, target, reduction_op="add")
+            if not st.interpret:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last dQ was read out
+            for first in range(0, k_own.shape[-1], DQ_CHUNK):
+                cols = pl.ds(first, DQ_CHUNK)
+                dq = mma_lhs_transposed(st, ds_smem, k_own.at[:, cols])  # [bq, DQ_CHUNK]
+                if st.interpret:  # no TMA reductions there: a zeroed output per consumer
+                    target = refs["dq_acc"].at[wg, batch, rows, out_head, cols]
+                    target[...] = target[...] + dq
+                else:
+                    dq_smem.at[:, cols][...] = dq
+            if not st.interpret:
+                plgpu.commit_smem()
+                target = refs["dq_acc"].at[batch, rows, out_head]
+                plgpu.copy_smem_to_gmem(dq_smem, target, reduction_op="add")
 
         def visit(step, carry, *, masked: bool):
             dk, dv = carry
