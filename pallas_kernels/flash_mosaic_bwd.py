@@ -400,10 +400,10 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
 
 
 def _launch(
-    kernel, st: Static, operands: dict, scratch: dict, out_names, out_type, grid, *, refs=False
+    kernel, st: Static, operands: dict, scratch: dict, out_names, out_type, grid, *, mutable=False
 ):
     """Run `kernel` over grid (heads, tiles, batch) with a producer and CONSUMERS warpgroups.
-    refs: some operands are `jax.new_ref`s (aliased in and out, written in place): launched by
+    mutable: some operands are `jax.new_ref`s (aliased in and out, written in place): launched by
     pl.kernel on a plgpu.Mesh, as plgpu.kernel's vmap wrapper does not take them; in interpret
     mode (no Ref operands there) the outputs then start zeroed."""
 
@@ -423,7 +423,7 @@ def _launch(
         thread_name="wg",
     )
     params = plgpu.CompilerParams(approx_math=True)
-    if refs:
+    if mutable:
         return pl.kernel(
             body,
             out_type=tuple(out_type),
@@ -577,7 +577,7 @@ def backward(
         list(outs),
         list(outs.values()),
         (num_heads, s_pad // keys_per_program, batch),
-        refs=st.fused_dq,
+        mutable=st.fused_dq,
     )
     dk, dv = (g.reshape(batch, s_pad, num_heads, h_pad) for g in results[:2])
     if st.fused_dq:
