@@ -223,7 +223,11 @@ def dot_product_attention(
       `[B, T, N, H]` in the query dtype (and lse `[B, T, N]` with `return_residual`).
       A row that sees no key returns 0, lse -inf and zero gradients (jax.nn: the mean of V);
       so does S = 0. Empty T, B, N or H give empty results. A key that holds NaN/inf reaches
-      only the rows that see it (their output and lse are NaN), never a row it is hidden from.
+      only the rows that see it (their output and lse are NaN), never a row it is hidden from;
+      the exception (issue 19, open): on 'mosaic', and on cuDNN's kernel (not checked), a NaN
+      in a key hidden by causal, a window, segment ids or a mask reaches the other rows of its
+      tile through 0 * NaN in P V. Keys past `key_value_seq_lengths` (an uninitialised cache)
+      are zeroed before those kernels and never reach a row.
 
     Autodiff: reverse mode (jax.grad, jax.vjp) runs each implementation's own backward (a
     custom_vjp). Forward mode (jax.jvp, jax.jacfwd, jax.hessian) and second derivatives (grad of

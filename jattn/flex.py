@@ -24,7 +24,8 @@ forward (Hopper; float16/bfloat16, mods that close over no arrays, block masks o
 rows; gradients from the Triton backward; not yet timed on a GPU, so None does not pick it);
 None picks 'triton' on a GPU and 'xla' elsewhere. Semantics are `jattn.dot_product_attention`'s:
 a query row that sees no key gives output 0, lse -inf and zero gradients, never NaN; a key
-holding NaN/inf reaches only the rows that see it.
+holding NaN/inf reaches only the rows that see it (not yet on 'mosaic': there a hidden key's NaN
+reaches the other rows of its tile, as `jattn.dot_product_attention` notes).
 
 How the mods reach the kernel: each is traced once to a jaxpr on scalars; every array it
 closes over becomes a kernel input that stays in memory, and `_eval_mod` evaluates the jaxpr
