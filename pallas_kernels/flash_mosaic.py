@@ -913,30 +913,8 @@ def flash_attention(
         **_schedule(config, interpret),
         o_buffer=config.persistent and o_buffer_fits(config, head_dim, pair_itemsize),
     )
-    # The backward tiles both axes by 2 * max(bwd blocks): its own padding, its own kv check.
-    bwd_tile = 2 * max(config.bwd_block_q, config.bwd_block_kv)
-    bwd_st = dataclasses.replace(
-        st,
-        block_q=config.bwd_block_q,
-        block_kv=config.bwd_block_kv,
-        num_stages=config.bwd_num_stages,
-        dkdv_stages=config.bwd_dkdv_stages or config.bwd_num_stages,
-        check_kv_len=key_value_seq_lengths is not None or kv_len % bwd_tile != 0,
-        persistent=False,
-        longest_first=False,
-        early_k_wait=False,
-        named_barrier=False,
-        o_buffer=False,
-        softmax_overlap=False,
-        head_parts=backward_head_parts(config, head_dim),
-        fused_dq=config.bwd_fused_dq,
-    )
-    # The native backward needs its buffers in shared memory and its accumulators in registers
-    # (above H = 128 only with bwd_head_split: its dk/dv kernel splits dK and dV by columns over
-    # the two consumers; a float32 bias tile at H = 256 still overflows shared memory then).
-    native_backward = interpret or (
-        fits_shared_memory(backward_shared_memory_estimate(config, head_dim, pair_itemsize))
-        and fits_registers(backward_register_tiles(config, head_dim))
+    bwd_st, native_backward = _backward_static(
+        st, config, head_dim, pair_itemsize, kv_len, key_value_seq_lengths is not None
     )
     bounds = _bounds(batch, q_len, kv_len, q_offset, query_seq_lengths, key_value_seq_lengths)
     # Every array the rules need goes in as an argument (never closed over): a custom_vjp whose
@@ -1000,6 +978,39 @@ def flash_attention(
     return attention(query, key, value, bias, aux)
 
 
+def _backward_static(
+    st: Static, config: MosaicConfig, head_dim: int, pair_itemsize: int, kv_len: int, lengths: bool
+) -> tuple[Static, bool]:
+    """(the backward kernels' Static, whether they serve this call). The backward tiles both
+    axes by 2 * max(bwd blocks): its own padding, its own kv check (also with key lengths). It
+    needs its buffers in shared memory and its accumulators in registers (above H = 128 only
+    with bwd_head_split: its dk/dv kernel splits dK and dV by columns over the two consumers;
+    a float32 bias tile at H = 256 still overflows shared memory then)."""
+    bwd_tile = 2 * max(config.bwd_block_q, config.bwd_block_kv)
+    bwd_st = dataclasses.replace(
+        st,
+        block_q=config.bwd_block_q,
+        block_kv=config.bwd_block_kv,
+        num_stages=config.bwd_num_stages,
+        dkdv_stages=config.bwd_dkdv_stages or config.bwd_num_stages,
+        check_kv_len=lengths or kv_len % bwd_tile != 0,
+        persistent=False,
+        longest_first=False,
+        early_k_wait=False,
+        named_barrier=False,
+        o_buffer=False,
+        softmax_overlap=False,
+        head_parts=backward_head_parts(config, head_dim),
+        fused_dq=config.bwd_fused_dq,
+        flex_blocks=False,
+    )
+    native = st.interpret or (
+        fits_shared_memory(backward_shared_memory_estimate(config, head_dim, pair_itemsize))
+        and fits_registers(backward_register_tiles(config, head_dim))
+    )
+    return bwd_st, native
+
+
 def _check_served(query: Array) -> None:
     """NotImplementedError for inputs this kernel does not serve: float32/float64 (the Triton
     kernel serves float32) and H > 256."""
@@ -1035,7 +1046,9 @@ def flex_attention(
     """`jattn.flex_attention` on this kernel: the score_mod and mask_mod traced into the
     forward's tiles (index tiles built 2-D, as Mosaic GPU lowers them), a block mask's lists
     read from shared memory (its empty blocks never loaded, its full ones without mask
-    arithmetic); gradients from the Triton kernels' flex backward (`flash_triton.flex_backward`).
+    arithmetic). Gradients from this kernel's backward with the mods traced into its tiles
+    (score_mod's derivative by jax.jvp of the tile function), or under a block mask from the
+    Triton kernels' flex backward (`flash_triton.flex_backward`).
 
     Raises NotImplementedError for mods that close over arrays (the Triton path reads those),
     float32/float64, H > 256, and block-mask blocks other than 128 query rows by a multiple of
@@ -1088,6 +1101,10 @@ def flex_attention(
     )
     bounds = _bounds(batch, q_len, kv_len, None, None, None)
     visits = _visit_lists(blocks[0]) if has_blocks else None
+    # The backward: this kernel's, with the mods traced into its dq and dk/dv tiles, where it
+    # fits; the Triton kernels' flex backward under a block mask (their visit lists).
+    bwd_st, native_backward = _backward_static(st, config, head_dim, 0, kv_len, False)
+    native_backward = native_backward and not has_blocks
 
     @jax.custom_vjp
     def attention(query, key, value, bounds, visits, blocks):
@@ -1100,6 +1117,12 @@ def flex_attention(
     def backward_rule(residuals, cotangents):
         query, key, value, out, lse, bounds, visits, blocks = residuals
         d_out, d_lse = cotangents
+        no_cotangent = jax.tree.map(lambda _: None, (bounds, visits, blocks))
+        if native_backward:
+            dq, dk, dv = flash_mosaic_bwd.backward(
+                bwd_st, query, key, value, None, None, bounds, None, out, lse, d_out, d_lse
+            )
+            return dq, dk, dv, *no_cotangent
         dq, dk, dv = flash_triton.flex_backward(
             query,
             key,
@@ -1113,7 +1136,6 @@ def flex_attention(
             scale=scale,
             interpret=interpret,
         )
-        no_cotangent = jax.tree.map(lambda _: None, (bounds, visits, blocks))
         return dq, dk, dv, *no_cotangent
 
     attention.defvjp(forward_rule, backward_rule)

@@ -44,6 +44,9 @@ from pallas_kernels.mosaic_common import (
     WGMMA_COL,
     WGMMA_ROW,
     Static,
+    flex_index_tiles,
+    flex_logits,
+    flex_visible,
     hide_invisible,
     interpret_kwargs,
     key_blocks,
@@ -165,7 +168,15 @@ def _dq_kernel(refs, scratch, *, st: Static):
                 mask = scratch["mask"][slot, own_rows]
             if st.has_segments:
                 kv_seg = load_vector(st, scratch["kv_seg"].at[slot], WGMMA_COL)
-            logits, scores = tile_logits(st, qk, bias)
+            slope = user_visible = None
+            if st.flex is not None:  # the user's mods (jattn.flex_attention)
+                q_idx, k_idx = flex_index_tiles(st, shape, q_first, step * block_kv, bounds)
+                logits, slope = flex_logits(st, qk, batch, head, q_idx, k_idx)
+                scores = None
+                if masked and st.flex.mask_mod is not None:
+                    user_visible = flex_visible(st, batch, head, q_idx, k_idx)
+            else:
+                logits, scores = tile_logits(st, qk, bias)
             if masked:
                 logits = hide_invisible(
                     st,
@@ -176,12 +187,15 @@ def _dq_kernel(refs, scratch, *, st: Static):
                     q_seg=q_seg,
                     kv_seg=kv_seg,
                     mask=mask,
+                    user_visible=user_visible,
                 )
             p = jnp.exp2(logits - lax.broadcast_in_dim(lse, shape, [0]))
             dp = mma_transposed(st, d_out_smem, v_smem)
             ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
             if scores is not None:
                 ds = ds * common.capped_logits_grad(scores, st.softcap)
+            if slope is not None:  # d score_mod / d score
+                ds = ds * slope
             dq = mma_accumulate(st, dq, ds.astype(k_smem.dtype), k_smem)
             plgpu.barrier_arrive(scratch["consumed"].at[slot])
             return dq
@@ -352,7 +366,16 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 mask = scratch["mask"][slot, own_keys]
             if st.has_segments:
                 q_seg = load_vector(st, scratch["q_seg"].at[slot], WGMMA_COL)
-            logits_t, scores_t = tile_logits(st, qk_t, bias)
+            slope_t = user_visible = None
+            if st.flex is not None:  # the user's mods on transposed index tiles
+                q_first = step * block_q
+                q_idx, k_idx = flex_index_tiles(st, shape, q_first, k_first, bounds, True)
+                logits_t, slope_t = flex_logits(st, qk_t, batch, head, q_idx, k_idx)
+                scores_t = None
+                if masked and st.flex.mask_mod is not None:
+                    user_visible = flex_visible(st, batch, head, q_idx, k_idx)
+            else:
+                logits_t, scores_t = tile_logits(st, qk_t, bias)
             if masked:
                 logits_t = hide_invisible(
                     st,
@@ -364,6 +387,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                     kv_seg=kv_seg,
                     mask=mask,
                     transposed=True,
+                    user_visible=user_visible,
                 )
             p_t = jnp.exp2(logits_t - lse)
             dtype = k_parts[0].dtype
@@ -372,6 +396,8 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             ds_t = p_t * (dp_t - delta)
             if scores_t is not None:
                 ds_t = ds_t * common.capped_logits_grad(scores_t, st.softcap)
+            if slope_t is not None:  # d score_mod / d score
+                ds_t = ds_t * slope_t
             ds_t = ds_t.astype(dtype)
             dk = mma_accumulate(st, dk, ds_t, part_of("q", slot, own))
             if st.fused_dq:

@@ -185,12 +185,16 @@ def tile_logits(st: Static, qk: Array, bias: Array | None) -> tuple[Array, Array
     return logits * LOG2E, scores
 
 
-def flex_index_tiles(st: Static, shape, q_first, k_first, bounds) -> tuple[Array, Array]:
-    """q_idx, kv_idx [bq, bk] int32 of a tile for the user's mods: full 2-D tiles (a mod
-    vmapped over 1-D index vectors does not lower on Mosaic GPU), clamped into [0, T) and
-    [0, S) (positions past them are masked anyway)."""
-    q_idx = jnp.clip(q_first + tile_iota(st, shape, 0), 0, bounds[1] - 1)
-    k_idx = jnp.clip(k_first + tile_iota(st, shape, 1), 0, bounds[2] - 1)
+def flex_index_tiles(
+    st: Static, shape, q_first, k_first, bounds, transposed: bool = False
+) -> tuple[Array, Array]:
+    """q_idx, kv_idx [bq, bk] int32 of a tile for the user's mods (keys down, [bk, bq], with
+    transposed=True, in the dk/dv kernel): full 2-D tiles (a mod vmapped over 1-D index
+    vectors does not lower on Mosaic GPU), clamped into [0, T) and [0, S) (positions past them
+    are masked anyway)."""
+    q_axis, k_axis = (1, 0) if transposed else (0, 1)
+    q_idx = jnp.clip(q_first + tile_iota(st, shape, q_axis), 0, bounds[1] - 1)
+    k_idx = jnp.clip(k_first + tile_iota(st, shape, k_axis), 0, bounds[2] - 1)
     return q_idx, k_idx
 
 
@@ -198,6 +202,18 @@ def flex_scores(st: Static, scores: Array, b, h, q_idx, k_idx) -> Array:
     """The user's score_mod(score, b, h, q_idx, kv_idx) over a tile of scale * q.k."""
     one = lambda s, q, k: st.flex.score_mod(s, b, h, q, k)  # noqa: E731
     return jax.vmap(jax.vmap(one))(scores, q_idx, k_idx).astype(jnp.float32)
+
+
+def flex_logits(st: Static, qk: Array, b, h, q_idx, k_idx) -> tuple[Array, Array | None]:
+    """The backward's (base-2 logits, d logit / d score) of a tile under the user's score_mod,
+    score = scale * q.k; the derivative from JAX (jax.jvp of the elementwise tile function with
+    unit tangents), None without a score_mod (the derivative is 1)."""
+    scores = qk * st.scale
+    if st.flex.score_mod is None:
+        return scores * LOG2E, None
+    unit = layout_cast(st, jnp.ones(scores.shape, jnp.float32), WGMMA)
+    logits, slope = jax.jvp(lambda s: flex_scores(st, s, b, h, q_idx, k_idx), (scores,), (unit,))
+    return logits * LOG2E, slope
 
 
 def flex_visible(st: Static, b, h, q_idx, k_idx) -> Array:

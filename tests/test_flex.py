@@ -570,9 +570,19 @@ def _mosaic_case(name, shape):
         "rows_that_see_nothing",
     ],
 )
-def test_mosaic_flex_matches_float64_oracle(rng, name):
+def test_mosaic_flex_matches_float64_oracle(rng, name, monkeypatch):
     """implementation='mosaic': the mods traced into the Mosaic GPU forward (index tiles built
-    2-D), a block mask's lists read in the kernel; gradients from the Triton flex backward."""
+    2-D), a block mask's lists read in the kernel; gradients from the Mosaic backward with the
+    mods in its tiles (score_mod's derivative by jax.jvp), or under a block mask from the Triton
+    flex backward."""
+    from pallas_kernels import flash_triton
+
+    if not _mosaic_case(name, MOSAIC_SHAPE)[2]:  # no block mask: the Triton backward must not run
+
+        def no_triton(*args, **kwargs):
+            raise AssertionError("the Triton flex backward ran")
+
+        monkeypatch.setattr(flash_triton, "flex_backward", no_triton)
     _check_mosaic_case(rng, name, MOSAIC_SHAPE)
 
 
@@ -639,7 +649,8 @@ def test_mosaic_flex_declines_what_it_does_not_serve(rng):
 
 def test_mosaic_flex_lowers_for_cuda(rng, monkeypatch):
     """The GPU path of the Mosaic flex forward (block list in shared memory, mods over WGMMA
-    tiles) lowers to Mosaic GPU for CUDA on this machine; its backward is the Triton kernels'."""
+    tiles) lowers to Mosaic GPU for CUDA on this machine, and so does its backward without a
+    block mask (the Triton kernels' with one)."""
     from jax import export
 
     from pallas_kernels import flash_mosaic
@@ -662,4 +673,17 @@ def test_mosaic_flex_lowers_for_cuda(rng, monkeypatch):
         jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"], disabled_checks=[triton]
     )(args[0], args[1], args[1]).mlir_module()
     assert text.count("mosaic_gpu_v2") == 1, "one Mosaic GPU forward"
-    assert "triton" in text  # the backward
+    assert "triton" in text  # the backward under a block mask
+
+    def dense_loss(q, k, v):  # no block mask: the Mosaic backward, mods traced into its tiles
+        window = _mosaic_case("window_mask_mod", shape)[1]
+        out = jattn.flex_attention(
+            q, k, v, score_mod=score_mod, mask_mod=window, implementation="mosaic"
+        )
+        return out.astype(jnp.float32).sum()
+
+    text = export.export(jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2))), platforms=["cuda"])(
+        args[0], args[1], args[1]
+    ).mlir_module()
+    assert text.count("mosaic_gpu_v2") == 3, "forward, dq and dk/dv on Mosaic GPU"
+    assert "triton" not in text
