@@ -20,12 +20,13 @@ layers and steps; it is a pytree.
 Implementations: 'xla' evaluates both mods densely (`[B, N, T, S]`, the reference: any dtype,
 differentiable to any order by JAX itself); 'triton' traces them into the Triton flash kernel
 (CPU: Pallas interpret mode), forward and backward; 'mosaic' traces them into the Mosaic GPU
-forward (Hopper; float16/bfloat16, mods that close over no arrays, block masks of 128 query
-rows; gradients from the Triton backward; not yet timed on a GPU, so None does not pick it);
-None picks 'triton' on a GPU and 'xla' elsewhere. Semantics are `jattn.dot_product_attention`'s:
-a query row that sees no key gives output 0, lse -inf and zero gradients, never NaN; a key
-holding NaN/inf reaches only the rows that see it (not yet on 'mosaic': there a hidden key's NaN
-reaches the other rows of its tile, as `jattn.dot_product_attention` notes).
+kernels (Hopper; float16/bfloat16, mods that close over no arrays, block masks of 128 query
+rows; the backward is the Triton kernel's under a block mask; not yet timed on a GPU, so None
+does not pick it); None picks 'triton' on a GPU and 'xla' elsewhere. Semantics are
+`jattn.dot_product_attention`'s: a query row that sees no key gives output 0, lse -inf and
+zero gradients, never NaN; a key holding NaN/inf reaches only the rows that see it (not yet on
+'mosaic': there a hidden key's NaN reaches the other rows of its tile, as
+`jattn.dot_product_attention` notes).
 
 How the mods reach the kernel: each is traced once to a jaxpr on scalars; every array it
 closes over becomes a kernel input that stays in memory, and `_eval_mod` evaluates the jaxpr
