@@ -1105,6 +1105,10 @@ def flex_attention(
     # fits; the Triton kernels' flex backward under a block mask (their visit lists).
     bwd_st, native_backward = _backward_static(st, config, head_dim, 0, kv_len, False)
     native_backward = native_backward and not has_blocks
+    # Padded query rows are masked there: a score_mod may give their zero queries a logit that
+    # overflows exp2, and inf * (dO = 0) would reach dK and dV.
+    bwd_tile = CONSUMERS * max(config.bwd_block_q, config.bwd_block_kv)
+    bwd_st = dataclasses.replace(bwd_st, check_q_len=q_len % bwd_tile != 0)
 
     @jax.custom_vjp
     def attention(query, key, value, bounds, visits, blocks):

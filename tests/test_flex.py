@@ -629,6 +629,25 @@ def _check_mosaic_case(rng, name, shape):
         assert (np.asarray(out[:, :55]) == 0).all() and (np.asarray(dq[:, :55]) == 0).all()
 
 
+def test_mosaic_flex_backward_with_a_large_score_mod_and_padded_queries(rng):
+    """A score_mod that lifts every logit by 120 (exp2 of it overflows float32 unless the row's
+    lse takes it out): the 150 query rows pad to 256 in the backward, and the padded rows (zero
+    queries, zero dO, lse 0) must be masked there, or inf * 0 reaches dK and dV."""
+    q, k, v = make_inputs(rng, MOSAIC_SHAPE, jnp.bfloat16)
+    lift = lambda s, b, h, qi, kj: s + 120.0  # noqa: E731
+
+    def grads(implementation):
+        def loss(q, k, v):
+            out = jattn.flex_attention(q, k, v, score_mod=lift, implementation=implementation)
+            return jnp.sum(out.astype(jnp.float32) * jnp.cos(jnp.arange(64.0))[None, None, None])
+
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    for got, want in zip(grads("mosaic"), grads("xla"), strict=True):
+        assert bool(jnp.isfinite(got).all())
+        assert_close(got, np.asarray(want, np.float64), GRAD_TOLERANCE[jnp.bfloat16])
+
+
 def test_mosaic_flex_declines_what_it_does_not_serve(rng):
     """Mods that close over arrays, float32 and other block sizes: NotImplementedError naming
     the alternative."""
