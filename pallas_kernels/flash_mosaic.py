@@ -118,8 +118,9 @@ class MosaicConfig:
       memory, read transposed by the wgmma; 64 columns of dQ per wgmma) and adds it into a
       float32 dQ in global memory with TMA reduce-add stores; the dq kernel, which computed S
       and dP a second time, does not run: 5 matmuls per tile pair instead of 7. dQ's float32
-      sums then depend on the order of the adds (not bit-reproducible run to run). Off until
-      timed on a GPU.
+      sums then depend on the order of the adds (not bit-reproducible run to run). Not under
+      jax.vmap (its launch, pl.kernel for the Ref, batches only a batch of 1). Off until timed
+      on a GPU.
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
     """
 
