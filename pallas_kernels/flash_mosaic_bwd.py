@@ -44,9 +44,7 @@ from pallas_kernels.mosaic_common import (
     WGMMA_COL,
     WGMMA_ROW,
     Static,
-    flex_index_tiles,
-    flex_logits,
-    flex_visible,
+    backward_tile_logits,
     hide_invisible,
     interpret_kwargs,
     key_blocks,
@@ -57,7 +55,6 @@ from pallas_kernels.mosaic_common import (
     mma_transposed,
     padded_head_dim,
     pair_window,
-    tile_logits,
     tiled,
 )
 
@@ -168,15 +165,10 @@ def _dq_kernel(refs, scratch, *, st: Static):
                 mask = scratch["mask"][slot, own_rows]
             if st.has_segments:
                 kv_seg = load_vector(st, scratch["kv_seg"].at[slot], WGMMA_COL)
-            slope = user_visible = None
-            if st.flex is not None:  # the user's mods (jattn.flex_attention)
-                q_idx, k_idx = flex_index_tiles(st, shape, q_first, step * block_kv, bounds)
-                logits, slope = flex_logits(st, qk, batch, head, q_idx, k_idx)
-                scores = None
-                if masked and st.flex.mask_mod is not None:
-                    user_visible = flex_visible(st, batch, head, q_idx, k_idx)
-            else:
-                logits, scores = tile_logits(st, qk, bias)
+            logits, scores, slope, user_visible = backward_tile_logits(
+                st, qk, bias, b=batch, h=head, q_first=q_first, k_first=step * block_kv,
+                bounds=bounds, masked=masked,
+            )  # fmt: skip
             if masked:
                 logits = hide_invisible(
                     st,
@@ -366,16 +358,10 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 mask = scratch["mask"][slot, own_keys]
             if st.has_segments:
                 q_seg = load_vector(st, scratch["q_seg"].at[slot], WGMMA_COL)
-            slope_t = user_visible = None
-            if st.flex is not None:  # the user's mods on transposed index tiles
-                q_first = step * block_q
-                q_idx, k_idx = flex_index_tiles(st, shape, q_first, k_first, bounds, True)
-                logits_t, slope_t = flex_logits(st, qk_t, batch, head, q_idx, k_idx)
-                scores_t = None
-                if masked and st.flex.mask_mod is not None:
-                    user_visible = flex_visible(st, batch, head, q_idx, k_idx)
-            else:
-                logits_t, scores_t = tile_logits(st, qk_t, bias)
+            logits_t, scores_t, slope_t, user_visible = backward_tile_logits(
+                st, qk_t, bias, b=batch, h=head, q_first=step * block_q, k_first=k_first,
+                bounds=bounds, masked=masked, transposed=True,
+            )  # fmt: skip
             if masked:
                 logits_t = hide_invisible(
                     st,

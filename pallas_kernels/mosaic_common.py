@@ -216,6 +216,22 @@ def flex_logits(st: Static, qk: Array, b, h, q_idx, k_idx) -> tuple[Array, Array
     return logits * LOG2E, slope
 
 
+def backward_tile_logits(
+    st: Static, qk: Array, bias, *, b, h, q_first, k_first, bounds, masked: bool, transposed=False
+):
+    """The backward's tile (keys down with transposed=True, in the dk/dv kernel): (base-2
+    logits, scale * q.k where the soft cap's gradient needs it, d score_mod / d score, the
+    mask_mod's visibility where the tile is masked), each None where it does not apply."""
+    if st.flex is None:
+        return *tile_logits(st, qk, bias), None, None
+    q_idx, k_idx = flex_index_tiles(st, qk.shape, q_first, k_first, bounds, transposed)
+    logits, slope = flex_logits(st, qk, b, h, q_idx, k_idx)
+    user_visible = None
+    if masked and st.flex.mask_mod is not None:
+        user_visible = flex_visible(st, b, h, q_idx, k_idx)
+    return logits, None, slope, user_visible
+
+
 def flex_visible(st: Static, b, h, q_idx, k_idx) -> Array:
     """The user's mask_mod(b, h, q_idx, kv_idx) over a tile: [bq, bk] bool."""
     one = lambda q, k: st.flex.mask_mod(b, h, q, k)  # noqa: E731
