@@ -111,8 +111,9 @@ def _schedule_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[Mo
 def _backward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[MosaicConfig]:
     """The backward's tiles and ring depth; above H = 128 with dK, dV split by columns too (what
     keeps them in registers there: without it the Triton backward runs, not a candidate), and
-    then a 2-stage dk/dv ring beside a shallower dq one; each also with dQ fused into the dk/dv
-    kernel (`bwd_fused_dq`) where its dS and dQ tiles fit."""
+    then a 2-stage dk/dv ring beside a shallower dq one. Not `bwd_fused_dq`: a tuned config
+    serves `config=None` calls, which jax.vmap may wrap, and the fused backward does not run
+    under vmap (its dQ Ref launch batches only a batch of 1); it stays an explicit opt-in."""
     splits = (False, True) if flash_mosaic.padded_head_dim(bucket.head_dim) > 128 else (False,)
     configs = [
         dataclasses.replace(
@@ -122,12 +123,10 @@ def _backward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[Mo
             bwd_num_stages=s,
             bwd_head_split=split,
             bwd_dkdv_stages=dkdv if dkdv != s else None,
-            bwd_fused_dq=fused,
         )
         for bq, bk, s in itertools.product(*_BACKWARD_SPACE.values())
         for split in splits
         for dkdv in ((s, 2) if split else (s,))
-        for fused in (False, True)
     ]
     configs = list(dict.fromkeys(configs))  # dkdv == s twice: once
     return [

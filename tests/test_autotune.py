@@ -24,6 +24,8 @@ from pallas_kernels import flash_triton
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "benchmarks" / "results" / "triton_configs_h100_bf16_T4096.json"
 H100 = "nvidia_h100_80gb_hbm3"
+H200 = "nvidia_h200"
+H200_LOG = ROOT / "benchmarks" / "results" / "autotune_mosaic_h200_h64.jsonl"
 # Deliberately unusual: nothing the heuristic would pick for H=16 float32 (64/32 blocks).
 ODD = flash_triton.TritonConfig(
     block_q=16, block_k=16, num_warps=2, num_stages=1, bwd_block_q=16, bwd_block_k=16
@@ -253,11 +255,11 @@ def test_tuned_configs_are_shrunk_to_shared_memory_like_defaults(cache_file, mon
 
 
 def test_shipped_h100_table_holds_the_sweep_winners(cache_file):
-    tables = autotune.shipped_tables()
-    assert [p.name for p in tables] == [f"{H100}.json"]
+    tables = {p.name: p for p in autotune.shipped_tables()}
+    assert sorted(tables) == [f"{H100}.json", f"{H200}.json"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        entries = autotune.load(tables[0])
+        entries = autotune.load(tables[f"{H100}.json"])
         configs = {
             b: flash_triton.TritonConfig(**e.config)
             for b, e in entries.items()
@@ -312,7 +314,7 @@ def test_shipped_h100_table_holds_the_sweep_winners(cache_file):
         "package-data"
     ]["jattn.autotune"]
     package = ROOT / "jattn" / "autotune"
-    shipped = set(tables) | {package / "dispatch_tables" / "nvidia_h200.json"}
+    shipped = set(tables.values()) | {package / "dispatch_tables" / "nvidia_h200.json"}
     assert {p for g in package_data for p in package.glob(g)} == shipped
 
 
@@ -590,3 +592,55 @@ def test_finalists_are_timed_again_together(cache_file, monkeypatch, tmp_path):
     start = [row["ms"] for row in confirmed if row["config"]["a"] == 1]
     if start:  # the starting config among the finalists: its time from the same rounds
         assert result.default_ms["a"] == start[0]
+
+
+@pytest.mark.parametrize("implementation", sorted(autotune.tunables()))
+def test_every_candidate_config_round_trips_through_the_cache(cache_file, implementation):
+    """Whatever the tuner can pick must be readable back: a config field the reader refused
+    (bwd_dkdv_stages = None, JSON null) dropped every finished bucket of an H200 tuning run, as
+    each merge rewrote the file without the entries it could not read."""
+    plans = autotune.plan(
+        implementation, head_dims=[64, 256], lengths=[1024, 16384], device="somegpu"
+    )
+    configs = {
+        (p.bucket, config)
+        for p in plans
+        for candidates in p.candidates.values()
+        for config in candidates
+    }
+    assert any(None in dataclasses.asdict(c).values() for _, c in configs) or (
+        implementation != "mosaic"
+    )  # the kind of field that broke is among them
+    for bucket, config in configs:
+        cache.merge(cache_file, [autotune.Entry(bucket, dataclasses.asdict(config))])
+        assert cache.lookup_bucket(bucket) == (config, "cache"), config
+    assert len(cache.load(cache_file)) == len({bucket for bucket, _ in configs})
+
+
+def test_shipped_h200_table_holds_the_tuning_log_winners():
+    """The H200 table is the H = 64 tuning run's log, rebuilt per bucket (its cache lost the
+    buckets, see the round-trip test): each entry is the fastest candidate of the bucket's last
+    search, bwd_fused_dq left out, and every entry builds a config that lookups return."""
+    from benchmarks.dev import table_from_log
+
+    rows = [json.loads(line) for line in H200_LOG.read_text().splitlines() if line.strip()]
+    rebuilt = table_from_log.entries(rows, H200, {"bwd_fused_dq": True}, {})
+    table = next(p for p in autotune.shipped_tables() if p.name == f"{H200}.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shipped = autotune.load(table)
+    assert {e.bucket: e.config for e in rebuilt} == {b: e.config for b, e in shipped.items()}
+    assert len(shipped) == 5  # H = 64; causal T > 4096 was cut before its backward search
+    for bucket, entry in shipped.items():
+        config = cache.get_tunable("mosaic").config_type(**entry.config)
+        assert not config.bwd_fused_dq
+        assert entry.ms["backward"] == pytest.approx(
+            abs=1e-4,
+            expected=min(
+                r["ms"]
+                for r in rows
+                if r["search"] == "backward"
+                and str(bucket).endswith(r["bucket"].split(" ", 2)[2])
+                and not r["config"]["bwd_fused_dq"]
+            ),
+        )

@@ -298,10 +298,13 @@ def _parse(text: str, source: str, stamp: tuple) -> dict[Bucket, Entry]:
             if not isinstance(raw["config"], dict):
                 raise ValueError("'config' is not an object")
             for name, value in raw["config"].items():
-                if not isinstance(value, str | bool | int | float) or (
+                # None (JSON null) is an optional field left unset, e.g. bwd_dkdv_stages.
+                if not isinstance(value, str | bool | int | float | None) or (
                     isinstance(value, float) and not math.isfinite(value)
                 ):
-                    raise ValueError(f"config field {name!r} = {value!r} is not a finite scalar")
+                    raise ValueError(
+                        f"config field {name!r} = {value!r} is not a finite scalar or null"
+                    )
             entries[bucket] = Entry(
                 bucket, dict(raw["config"]), dict(raw.get("ms", {})), dict(raw.get("measured", {}))
             )
