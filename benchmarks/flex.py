@@ -198,10 +198,15 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
-    rows = run_cells(args.lengths, args.modes, args.repeats, on_row=lambda r: print(r, flush=True))
-    record = dict(environment=environment(), heads=HEADS, head_dim=HEAD_DIM, batch=1, rows=rows)
-    with open(args.json, "w") as f:
-        json.dump(record, f, indent=1, default=str)
+    record = dict(environment=environment(), heads=HEADS, head_dim=HEAD_DIM, batch=1, rows=[])
+
+    def save(row):  # after every row: a run cut by a time limit keeps what it measured
+        print(row, flush=True)
+        record["rows"].append(row)
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1, default=str)
+
+    rows = run_cells(args.lengths, args.modes, args.repeats, on_row=save)
     plot(rows, args.plot or args.json.rsplit(".", 1)[0] + ".png")
 
 
