@@ -21,8 +21,10 @@ Implementations: 'xla' evaluates both mods densely (`[B, N, T, S]`, the referenc
 differentiable to any order by JAX itself); 'triton' traces them into the Triton flash kernel
 (CPU: Pallas interpret mode), forward and backward; 'mosaic' traces them into the Mosaic GPU
 kernels (Hopper; float16/bfloat16, mods that close over no arrays, block masks of 128 query
-rows; the backward is the Triton kernel's under a block mask; not yet timed on a GPU, so None
-does not pick it); None picks 'triton' on a GPU and 'xla' elsewhere. Semantics are
+rows; the backward visits the block mask's lists too where its key blocks are a multiple of its
+dk/dv programs' keys, else it is the Triton kernel's); None picks 'triton' on a GPU and 'xla'
+elsewhere (the Mosaic path is faster on the H200, benchmarks/NOTES.md, but a mod it cannot lower
+fails at compile time, so it is asked for by name). Semantics are
 `jattn.dot_product_attention`'s: a query row that sees no key gives output 0, lse -inf and
 zero gradients, never NaN; a key holding NaN/inf reaches only the rows that see it (not yet on
 'mosaic': there a hidden key's NaN reaches the other rows of its tile, as

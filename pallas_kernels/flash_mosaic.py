@@ -1048,8 +1048,11 @@ def flex_attention(
     forward's tiles (index tiles built 2-D, as Mosaic GPU lowers them), a block mask's lists
     read from shared memory (its empty blocks never loaded, its full ones without mask
     arithmetic). Gradients from this kernel's backward with the mods traced into its tiles
-    (score_mod's derivative by jax.jvp of the tile function), or under a block mask from the
-    Triton kernels' flex backward (`flash_triton.flex_backward`).
+    (score_mod's derivative by jax.jvp of the tile function) and a block mask's lists: the dq
+    kernel's per query block (BlockMask.kv_blocks), the dk/dv kernel's per key block
+    (.q_blocks); from the Triton kernels' flex backward (`flash_triton.flex_backward`) where
+    the blocks do not fit its programs (`flash_mosaic_bwd.block_mask_fits`) or its buffers do
+    not fit the GPU.
 
     Raises NotImplementedError for mods that close over arrays (the Triton path reads those),
     float32/float64, H > 256, and block-mask blocks other than 128 query rows by a multiple of
@@ -1102,31 +1105,44 @@ def flex_attention(
     )
     bounds = _bounds(batch, q_len, kv_len, None, None, None)
     visits = _visit_lists(blocks[0]) if has_blocks else None
-    # The backward: this kernel's, with the mods traced into its dq and dk/dv tiles, where it
-    # fits; the Triton kernels' flex backward under a block mask (their visit lists).
+    # The backward: this kernel's, with the mods traced into its dq and dk/dv tiles and a block
+    # mask's lists read as in the forward (a dq program's 128 rows are one block's), where it
+    # fits; else the Triton kernels' flex backward.
+    if has_blocks:
+        config = dataclasses.replace(config, bwd_block_q=64)
     bwd_st, native_backward = _backward_static(st, config, head_dim, 0, kv_len, False)
-    native_backward = native_backward and not has_blocks
+    bwd_tile = CONSUMERS * max(config.bwd_block_q, config.bwd_block_kv)
+    q_tile = kv_tile = bwd_tile  # the backward's padding (flash_mosaic_bwd.backward)
+    if has_blocks:
+        bwd_st = dataclasses.replace(bwd_st, flex_blocks=True)
+        native_backward = native_backward and flash_mosaic_bwd.block_mask_fits(
+            bwd_st, flex.block_mask
+        )
+        q_tile, kv_tile = (math.lcm(bwd_tile, b) for b in flex.block_mask)
     # Padded query rows are masked there: a score_mod may give their zero queries a logit that
     # overflows exp2, and inf * (dO = 0) would reach dK and dV.
-    bwd_tile = CONSUMERS * max(config.bwd_block_q, config.bwd_block_kv)
-    bwd_st = dataclasses.replace(bwd_st, check_q_len=q_len % bwd_tile != 0)
+    bwd_st = dataclasses.replace(
+        bwd_st, check_q_len=q_len % q_tile != 0, check_kv_len=kv_len % kv_tile != 0
+    )
+    q_visits = _visit_lists(blocks[1]) if has_blocks else None
 
     @jax.custom_vjp
-    def attention(query, key, value, bounds, visits, blocks):
+    def attention(query, key, value, bounds, visits, q_visits, blocks):
         return forward(st, query, key, value, None, None, bounds, None, visits)
 
-    def forward_rule(query, key, value, bounds, visits, blocks):
+    def forward_rule(query, key, value, bounds, visits, q_visits, blocks):
         out, lse = forward(st, query, key, value, None, None, bounds, None, visits)
-        return (out, lse), (query, key, value, out, lse, bounds, visits, blocks)
+        return (out, lse), (query, key, value, out, lse, bounds, visits, q_visits, blocks)
 
     def backward_rule(residuals, cotangents):
-        query, key, value, out, lse, bounds, visits, blocks = residuals
+        query, key, value, out, lse, bounds, visits, q_visits, blocks = residuals
         d_out, d_lse = cotangents
-        no_cotangent = jax.tree.map(lambda _: None, (bounds, visits, blocks))
+        no_cotangent = jax.tree.map(lambda _: None, (bounds, visits, q_visits, blocks))
         if native_backward:
             dq, dk, dv = flash_mosaic_bwd.backward(
-                bwd_st, query, key, value, None, None, bounds, None, out, lse, d_out, d_lse
-            )
+                bwd_st, query, key, value, None, None, bounds, None, out, lse, d_out, d_lse,
+                visits=(visits, q_visits) if has_blocks else None,
+            )  # fmt: skip
             return dq, dk, dv, *no_cotangent
         dq, dk, dv = flash_triton.flex_backward(
             query,
@@ -1144,7 +1160,7 @@ def flex_attention(
         return dq, dk, dv, *no_cotangent
 
     attention.defvjp(forward_rule, backward_rule)
-    return attention(query, key, value, bounds, visits, tuple(blocks))
+    return attention(query, key, value, bounds, visits, q_visits, tuple(blocks))
 
 
 def _visit_lists(kv_blocks: Array) -> Array:

@@ -29,6 +29,7 @@ computed here: when the bias is differentiated the caller uses the Triton backwa
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +98,34 @@ def _produce(scratch, lo, hi, stages: int, copies) -> None:
         plgpu.barrier_wait(scratch["consumed"].at[lax.rem(step - lo, stages)])
 
 
+def _await_visit_list(st: Static, refs, scratch, batch, head, program):
+    """A flex block mask (st.flex_blocks): copy this program's visit list ([n, n_partial, block
+    ids, partial ones first], one row of a [B', N', blocks, L] operand; st.flex_programs programs
+    share a row) to shared memory; every warpgroup waits for it. Returns (steps, partial steps):
+    st.flex_steps kernel steps per listed block."""
+
+    @pl.when(lax.axis_index("wg") == CONSUMERS)
+    def _():
+        lists = refs["visits"]
+        row = lax.div(program, st.flex_programs)
+        source = pair_window(lists, batch, head, row, pl.ds(0, lists.shape[-1]))
+        plgpu.copy_gmem_to_smem(source, scratch["visits"], scratch["visits_ready"])
+
+    plgpu.barrier_wait(scratch["visits_ready"])
+    return scratch["visits"][0] * st.flex_steps, scratch["visits"][1] * st.flex_steps
+
+
+def _block_of(st: Static, scratch, step):
+    """The kernel block of step `step`: itself, or under a flex block mask the listed block's
+    sub-block (step // flex_steps-th entry, step % flex_steps-th part of it)."""
+    if not st.flex_blocks:
+        return step
+    if st.flex_steps == 1:
+        return scratch["visits"][2 + step]
+    listed = scratch["visits"][2 + lax.div(step, st.flex_steps)]
+    return listed * st.flex_steps + lax.rem(step, st.flex_steps)
+
+
 # --- dq ----------------------------------------------------------------------------------------
 
 
@@ -107,14 +136,17 @@ def _dq_kernel(refs, scratch, *, st: Static):
     bounds = _scalars(refs["bounds"], batch)
     program_first = q_tile * (CONSUMERS * block_q)
     program_rows = pl.ds(program_first, CONSUMERS * block_q)
-    lo, _, _, hi = key_blocks(st, bounds, program_first, CONSUMERS * block_q)
+    if st.flex_blocks:  # the listed key blocks: partial ones [0, n_partial), full ones after
+        lo, (hi, n_partial) = 0, _await_visit_list(st, refs, scratch, batch, head, q_tile)
+    else:
+        lo, _, _, hi = key_blocks(st, bounds, program_first, CONSUMERS * block_q)
 
     @pl.when(wg == CONSUMERS)
     def _producer():
         kv_head = lax.div(head, st.groups)
 
         def copies(step, slot, barrier):
-            keys = pl.ds(step * block_kv, block_kv)
+            keys = pl.ds(_block_of(st, scratch, step) * block_kv, block_kv)
             for name in ("k", "v"):
                 plgpu.copy_gmem_to_smem(
                     refs[name].at[batch, keys, kv_head], scratch[name].at[slot], barrier
@@ -156,6 +188,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
             slot = lax.rem(step - lo, stages)
             plgpu.barrier_wait(scratch["produced"].at[slot])
             k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
+            k_first = _block_of(st, scratch, step) * block_kv
             qk = mma_transposed(st, q_smem, k_smem)
             bias = mask = kv_seg = None
             own_rows = pl.ds(wg * block_q, block_q)
@@ -166,7 +199,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
             if st.has_segments:
                 kv_seg = load_vector(st, scratch["kv_seg"].at[slot], WGMMA_COL)
             logits, scores, slope, user_visible = backward_tile_logits(
-                st, qk, bias, b=batch, h=head, q_first=q_first, k_first=step * block_kv,
+                st, qk, bias, b=batch, h=head, q_first=q_first, k_first=k_first,
                 bounds=bounds, masked=masked,
             )  # fmt: skip
             if masked:
@@ -174,7 +207,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
                     st,
                     logits,
                     q_first=q_first,
-                    k_first=step * block_kv,
+                    k_first=k_first,
                     bounds=bounds,
                     q_seg=q_seg,
                     kv_seg=kv_seg,
@@ -192,10 +225,14 @@ def _dq_kernel(refs, scratch, *, st: Static):
             plgpu.barrier_arrive(scratch["consumed"].at[slot])
             return dq
 
-        _, inner_lo, inner_hi, _ = key_blocks(st, bounds, q_first, block_q)
-        inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
+        if st.flex_blocks:
+            inner_lo, inner_hi = n_partial, hi
+        else:
+            _, inner_lo, inner_hi, _ = key_blocks(st, bounds, q_first, block_q)
+            inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
         dq = layout_cast(st, jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), WGMMA)
-        dq = common.visit_all(st, (lo, inner_lo, inner_hi, hi), visit, dq)
+        ranges = (lo, inner_lo, inner_hi, hi)
+        dq = common.visit_all(st, ranges, visit, dq, structural=st.flex_blocks or None)
         q_smem[...] = (dq * st.scale).astype(q_smem.dtype)  # Q is no longer needed
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, refs["dq"].at[batch, rows, head])
@@ -253,12 +290,15 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
     keys_per_program = block_kv if split else CONSUMERS * block_kv
     program_first = kv_tile * keys_per_program
     program_keys = pl.ds(program_first, keys_per_program)
-    lo, _, _, hi = _query_blocks(st, bounds, program_first, keys_per_program)
+    if st.flex_blocks:  # the listed query blocks: partial ones [0, n_partial), full ones after
+        lo, (hi, n_partial) = 0, _await_visit_list(st, refs, scratch, batch, head, kv_tile)
+    else:
+        lo, _, _, hi = _query_blocks(st, bounds, program_first, keys_per_program)
 
     @pl.when(wg == CONSUMERS)
     def _producer():
         def copies(step, slot, barrier):
-            rows = pl.ds(step * block_q, block_q)
+            rows = pl.ds(_block_of(st, scratch, step) * block_q, block_q)
             for name in ("q", "d_out"):
                 for part in range(parts):  # operands [B, T, N * parts, H / parts]
                     plgpu.copy_gmem_to_smem(
@@ -323,7 +363,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             ds_smem[...] = ds_t  # [bk, bq]
             plgpu.commit_smem()
             k_own = part_of("k", keys_at, own)  # [bk, H / parts]
-            rows = pl.ds(step * block_q, block_q)
+            rows = pl.ds(_block_of(st, scratch, step) * block_q, block_q)
             if not st.interpret:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last dQ was read out
             for first in range(0, k_own.shape[-1], DQ_CHUNK):
@@ -349,6 +389,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             lse = lax.broadcast_in_dim(jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E), shape, [1])
             delta = load_vector(st, scratch["delta"].at[slot], WGMMA_COL)
             delta = lax.broadcast_in_dim(delta, shape, [1])
+            q_first = _block_of(st, scratch, step) * block_q
             qk_t = mma_transposed(st, k_parts, q_parts)
             bias = mask = q_seg = None
             own_keys = pl.ds(keys_at * block_kv, block_kv)
@@ -359,14 +400,14 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             if st.has_segments:
                 q_seg = load_vector(st, scratch["q_seg"].at[slot], WGMMA_COL)
             logits_t, scores_t, slope_t, user_visible = backward_tile_logits(
-                st, qk_t, bias, b=batch, h=head, q_first=step * block_q, k_first=k_first,
+                st, qk_t, bias, b=batch, h=head, q_first=q_first, k_first=k_first,
                 bounds=bounds, masked=masked, transposed=True,
             )  # fmt: skip
             if masked:
                 logits_t = hide_invisible(
                     st,
                     logits_t,
-                    q_first=step * block_q,
+                    q_first=q_first,
                     k_first=k_first,
                     bounds=bounds,
                     q_seg=q_seg,
@@ -391,11 +432,17 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             plgpu.barrier_arrive(scratch["consumed"].at[slot])
             return dk, dv
 
-        _, inner_lo, inner_hi, _ = _query_blocks(st, bounds, k_first, block_kv)
-        inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
+        if st.flex_blocks:
+            inner_lo, inner_hi = n_partial, hi
+        else:
+            _, inner_lo, inner_hi, _ = _query_blocks(st, bounds, k_first, block_kv)
+            inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
         part_width = k_parts[0].shape[-1]
         zeros = layout_cast(st, jnp.zeros((block_kv, part_width), jnp.float32), WGMMA)
-        dk, dv = common.visit_all(st, (lo, inner_lo, inner_hi, hi), visit, (zeros, zeros))
+        ranges = (lo, inner_lo, inner_hi, hi)
+        dk, dv = common.visit_all(
+            st, ranges, visit, (zeros, zeros), structural=st.flex_blocks or None
+        )
         if split:  # the other consumer may still read K and V: meet before writing over them
             plgpu.barrier_arrive(scratch["keys_done"])
             plgpu.barrier_wait(scratch["keys_done"])
@@ -449,6 +496,23 @@ def _launch(
     )(*operands.values())
 
 
+def block_mask_fits(st: Static, block_mask: tuple[int, int]) -> bool:
+    """Whether the backward kernels of `st` (block sizes, head parts) can visit a block mask of
+    (bq, bk) blocks: a dq program's rows and a dk/dv program's keys each inside one block, and
+    whole kernel tiles per block."""
+    mask_q, mask_kv = block_mask
+    keys_per_program = st.block_kv if st.head_parts > 1 else CONSUMERS * st.block_kv
+    return mask_q % (CONSUMERS * st.block_q) == 0 and mask_kv % keys_per_program == 0
+
+
+def _visit_scratch(operands: dict) -> dict:
+    """Shared memory for a program's flex visit list (when the operands carry lists)."""
+    if "visits" not in operands:
+        return {}
+    width = operands["visits"].shape[-1]
+    return dict(visits=plgpu.SMEM((width,), jnp.int32), visits_ready=plgpu.Barrier())
+
+
 def _dq(st: Static, operands: dict, pairs: dict, barriers, shape, dtype) -> Array:
     """dQ [B, T_pad, N, Hp] by the dq kernel: the forward's schedule with dO, lse and delta
     riding along with Q."""
@@ -465,7 +529,7 @@ def _dq(st: Static, operands: dict, pairs: dict, barriers, shape, dtype) -> Arra
     if has_seg:
         scratch["q_seg"] = plgpu.SMEM((CONSUMERS, block_q), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((stages, block_kv), jnp.int32)
-    scratch |= barriers(2 + len(pairs) + has_seg, 4 + has_seg)
+    scratch |= barriers(2 + len(pairs) + has_seg, 4 + has_seg) | _visit_scratch(operands)
     (dq,) = _launch(
         _dq_kernel,
         st,
@@ -491,13 +555,21 @@ def backward(
     lse: Array,  # [B, T, N] float32
     d_out: Array,  # [B, T, N, H]
     d_lse: Array,  # [B, T, N] float32
+    visits: tuple[Array, Array] | None = None,  # st.flex_blocks: ([B', N', QB, L], [.., KB, L'])
 ) -> tuple[Array, Array, Array]:  # dq, dk, dv
+    """dq, dk, dv. Under a flex block mask (st.flex_blocks, st.flex.block_mask = (bq, bk)) the
+    dq kernel visits each query block's listed key blocks and the dk/dv kernel each key block's
+    listed query blocks (`flash_mosaic._visit_lists` of BlockMask.kv_blocks and .q_blocks);
+    `block_mask_fits` says which configs can."""
     batch, q_len, num_heads, head_dim = query.shape
     kv_len, num_kv_heads = key.shape[1], key.shape[2]
     block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
     tile = CONSUMERS * max(block_q, block_kv)  # both kernels tile both axes
-    t_pad = -(-q_len // tile) * tile
-    s_pad = -(-kv_len // tile) * tile
+    q_tile = kv_tile = tile
+    if st.flex_blocks:  # whole block-mask blocks, so that every listed block is in range
+        q_tile, kv_tile = (math.lcm(tile, b) for b in st.flex.block_mask)
+    t_pad = -(-q_len // q_tile) * q_tile
+    s_pad = -(-kv_len // kv_tile) * kv_tile
     h_pad = backward_head_dim(head_dim, st.head_parts)
     dtype = query.dtype
 
@@ -537,17 +609,27 @@ def backward(
         )
 
     has_seg = int(segment_ids is not None)
+    parts = st.head_parts
+    keys_per_program = block_kv if parts > 1 else CONSUMERS * block_kv
+    dq_st = dkdv_st = st
+    if st.flex_blocks:
+        mask_q, mask_kv = st.flex.block_mask
+        dq_st = dataclasses.replace(
+            st, flex_steps=mask_kv // block_kv, flex_programs=mask_q // (CONSUMERS * block_q)
+        )
+        dkdv_st = dataclasses.replace(
+            st, flex_steps=mask_q // block_q, flex_programs=mask_kv // keys_per_program
+        )
     if not st.fused_dq:
-        dq = _dq(st, operands, pairs, barriers, (batch, t_pad, num_heads, h_pad), dtype)
+        dq_operands = operands | ({"visits": visits[0]} if st.flex_blocks else {})
+        dq = _dq(dq_st, dq_operands, pairs, barriers, (batch, t_pad, num_heads, h_pad), dtype)
 
     # dk, dv: per query head, bias and mask transposed to [B', N', S, T]; the head dim in
     # st.head_parts column blocks ([B, T, N, H] -> [B, T, N * parts, H / parts]: a reshape).
     stages = st.dkdv_stages or stages
-    dkdv_st = dataclasses.replace(st, num_stages=stages)
-    parts = st.head_parts
+    dkdv_st = dataclasses.replace(dkdv_st, num_stages=stages)
     part_width = h_pad // parts
     key_buffers = 1 if parts > 1 else CONSUMERS
-    keys_per_program = block_kv if parts > 1 else CONSUMERS * block_kv
 
     def in_parts(x):
         return x.reshape(*x.shape[:2], x.shape[2] * parts, part_width)
@@ -570,6 +652,9 @@ def backward(
     scratch |= barriers(2 * parts + 2 + len(pairs) + has_seg, 2 * parts + has_seg)
     if parts > 1:  # (rows_produced: barrier 0 only, K and V parts of both consumers)
         scratch["keys_done"] = plgpu.Barrier(num_arrivals=CONSUMERS)
+    if st.flex_blocks:
+        operands = operands | {"visits": visits[1]}
+        scratch |= _visit_scratch(operands)
     per_head = jax.ShapeDtypeStruct((batch, s_pad, num_heads * parts, part_width), dtype)
     outs = {"dk": per_head, "dv": per_head}
     operands = operands | pairs_t

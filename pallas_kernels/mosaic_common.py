@@ -59,7 +59,9 @@ class Static:
     head_parts: int = 1  # the dk/dv kernel: consumers share keys, each owns H / parts of dK, dV
     dkdv_stages: int = 0  # the dk/dv kernel's ring depth (0: num_stages)
     flex: object = None  # jattn.flex_attention: the user's mods (flash_triton.FlexSpec)
-    flex_blocks: bool = False  # the forward visits the key blocks a BlockMask lists
+    flex_blocks: bool = False  # the kernel visits the blocks a BlockMask lists
+    flex_steps: int = 1  # the backward's kernel steps per listed block (block mask / kernel tile)
+    flex_programs: int = 1  # the backward's programs per block-mask row of lists
     fused_dq: bool = False  # the backward: dQ added up by the dk/dv kernel (no dq kernel)
 
 

@@ -228,3 +228,24 @@ def check_against_oracle(rng, shape, options, dtype, implementation, config=None
             assert np.isfinite(np.asarray(got, np.float32)).all(), name
             scale = max(1.0, np.abs(expected).max())  # low precision: relative to the largest
             assert_close(got, expected, tuple(t * scale for t in GRAD_TOLERANCE[dtype]), name)
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs in its equations' params (kernel bodies)."""
+    from jax._src import core
+
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in core.jaxprs_in_params(eqn.params):
+            yield from _eqns(sub)
+
+
+def run_state_literals(jaxpr) -> list:
+    """The operands of every run_state (a Mosaic GPU wgmma into register accumulators) in a
+    traced jaxpr that take a literal: JAX 0.11's lowering fails on them ("Shaped arrays must be
+    represented by ir.Values, got: TypedInt(0)"), JAX 0.10's does not. Asserts some were traced."""
+    from jax._src import core
+
+    run_states = [e for e in _eqns(jaxpr) if e.primitive.name == "run_state"]
+    assert run_states, "no wgmma was traced"
+    return [e.invars for e in run_states if any(isinstance(x, core.Literal) for x in e.invars)]

@@ -28,6 +28,7 @@ from cases import (
     check_against_oracle,
     make_inputs,
     make_options,
+    run_state_literals,
 )
 
 SMALL = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2)
@@ -392,16 +393,6 @@ def _lower(shape, options, dtype=jnp.bfloat16, grad=False):
     )
 
 
-def _eqns(jaxpr):
-    """Every equation of a jaxpr and of the jaxprs in its equations' params (kernel bodies)."""
-    from jax._src import core
-
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for sub in core.jaxprs_in_params(eqn.params):
-            yield from _eqns(sub)
-
-
 @pytest.mark.parametrize("fused_dq", [False, True], ids=["two_kernels", "fused_dq"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("feature", ["causal", "segments", "mask", "window"])
@@ -411,8 +402,6 @@ def test_kernels_give_run_state_no_literal_operand(rng, feature, head_dim, fused
     a ref index half traced, half a Python int makes one (the dk/dv kernel's column part beside
     its ring slot broke every backward up to H = 128 on the H200). JAX 0.10 lowers it, so the
     traced kernels are checked: no run_state in the forward, dq or dk/dv kernel takes one."""
-    from jax._src import core
-
     monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
     shape = (1, 256, 256, 2, 1, head_dim)
     q, k, v = make_inputs(rng, shape, jnp.bfloat16)
@@ -428,10 +417,7 @@ def test_kernels_give_run_state_no_literal_operand(rng, feature, head_dim, fused
         return jnp.sum(out.astype(jnp.float32))
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
-    run_states = [e for e in _eqns(jaxpr) if e.primitive.name == "run_state"]
-    assert run_states  # the wgmmas were traced
-    literal = [e.invars for e in run_states if any(isinstance(x, core.Literal) for x in e.invars)]
-    assert not literal, literal
+    assert run_state_literals(jaxpr) == []
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])

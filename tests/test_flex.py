@@ -15,7 +15,7 @@ import jattn
 from jattn import reference
 
 import oracle
-from cases import GRAD_TOLERANCE, TOLERANCE, assert_close, make_inputs
+from cases import GRAD_TOLERANCE, TOLERANCE, assert_close, make_inputs, run_state_literals
 
 # 16 x 16 tiles (the smallest Triton allows): short sequences still span several tiles, and
 # the odd lengths pad the last query and key tiles.
@@ -558,6 +558,9 @@ def _mosaic_case(name, shape):
             return None, window, False, (None, np.abs(i + (kv_len - q_len) - j) <= 40)
         case "rows_that_see_nothing":  # rows 0..54 see no key: 0, lse -inf, zero gradients
             return None, lambda b, h, qi, kj: kj <= qi - 55, True, (None, j <= i - 55)
+        case "documents_block_mask":  # documents of 100 tokens: empty, full and partial blocks
+            same_doc = lambda b, h, qi, kj: qi // 100 == kj // 100  # noqa: E731
+            return alibi, same_doc, True, (alibi_bias, i // 100 == j // 100)
     raise AssertionError(name)
 
 
@@ -568,22 +571,80 @@ def _mosaic_case(name, shape):
         "causal_block_mask_with_alibi",
         "window_mask_mod",
         "rows_that_see_nothing",
+        "documents_block_mask",
     ],
 )
 def test_mosaic_flex_matches_float64_oracle(rng, name, monkeypatch):
     """implementation='mosaic': the mods traced into the Mosaic GPU forward (index tiles built
     2-D), a block mask's lists read in the kernel; gradients from the Mosaic backward with the
-    mods in its tiles (score_mod's derivative by jax.jvp), or under a block mask from the Triton
-    flex backward."""
+    mods in its tiles (score_mod's derivative by jax.jvp) and the block mask's lists, the dq
+    kernel's per query block and the dk/dv kernel's per key block (the Triton flex backward
+    must not run)."""
+    _forbid_triton_backward(monkeypatch)
+    _check_mosaic_case(rng, name, MOSAIC_SHAPE)
+
+
+def _forbid_triton_backward(monkeypatch):
     from pallas_kernels import flash_triton
 
-    if not _mosaic_case(name, MOSAIC_SHAPE)[2]:  # no block mask: the Triton backward must not run
+    def no_triton(*args, **kwargs):
+        raise AssertionError("the Triton flex backward ran")
 
-        def no_triton(*args, **kwargs):
-            raise AssertionError("the Triton flex backward ran")
+    monkeypatch.setattr(flash_triton, "flex_backward", no_triton)
 
-        monkeypatch.setattr(flash_triton, "flex_backward", no_triton)
-    _check_mosaic_case(rng, name, MOSAIC_SHAPE)
+
+@pytest.mark.parametrize(
+    "head_dim, block_kv, fused_dq",
+    [
+        (160, 256, False),  # dK, dV split by columns: 2 dk/dv programs per list row; dq 4 steps
+        (64, 128, True),  # dQ added up by the dk/dv kernel at the listed query blocks
+        (64, 64, False),  # a dk/dv program's 128 keys span two blocks: the Triton backward
+    ],
+)
+def test_mosaic_flex_backward_visits_block_mask_lists(
+    rng, head_dim, block_kv, fused_dq, monkeypatch
+):
+    """The Mosaic backward under a block mask whose blocks are not its tiles: the dq kernel
+    steps through each listed key block in 64-key tiles, the dk/dv kernel each listed query
+    block in 64-row tiles; blocks its programs do not fit go to the Triton flex backward.
+    Against the float64 oracle with gradients."""
+    from pallas_kernels import flash_triton
+
+    triton_backward, ran = flash_triton.flex_backward, []
+
+    def counted(*args, **kwargs):
+        ran.append(True)
+        return triton_backward(*args, **kwargs)
+
+    monkeypatch.setattr(flash_triton, "flex_backward", counted)
+    shape = (1, 150, 330, 2, 1, head_dim)
+    q, k, v = make_inputs(rng, shape, jnp.bfloat16)
+    _, q_len, kv_len, heads = shape[:4]
+    i, j = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+    offset = kv_len - q_len
+    mask_mod = lambda b, h, qi, kj: (kj <= qi + offset) & (kj // 128 != 1)  # noqa: E731
+    visible = (j <= i + offset) & (j // 128 != 1)  # key block 1 of 128: empty
+    block_mask = jattn.create_block_mask(mask_mod, None, None, q_len, kv_len, block_kv=block_kv)
+    config = jattn.MosaicConfig(bwd_fused_dq=fused_dq, bwd_head_split=head_dim > 128)
+
+    def run(q, k, v):
+        return jattn.flex_attention(
+            q, k, v, block_mask=block_mask, return_residual=True, implementation="mosaic",
+            config=config,
+        )  # fmt: skip
+
+    (out, lse), vjp = jax.vjp(run, q, k, v)
+    d_out, d_lse = _cotangents(rng, out, lse)
+    dq, dk, dv = vjp((d_out, d_lse))
+    full = (1, heads, q_len, kv_len)
+    q64, k64, v64 = (_wide(x) for x in (q, k, v))
+    want_out, want_lse, cache = oracle.attention(
+        q64, k64, v64, None, visible=np.broadcast_to(visible, full)
+    )
+    want = oracle.attention_vjp(cache, _wide(d_out), _wide(d_lse), None)[:3]
+    grads, want_grads = dict(dq=dq, dk=dk, dv=dv), dict(zip(("dq", "dk", "dv"), want, strict=True))
+    _assert_matches((out, lse), (want_out, want_lse), grads, want_grads, jnp.bfloat16)
+    assert ran == ([True] if block_kv == 64 else [])
 
 
 @pytest.mark.gpu
@@ -668,8 +729,8 @@ def test_mosaic_flex_declines_what_it_does_not_serve(rng):
 
 def test_mosaic_flex_lowers_for_cuda(rng, monkeypatch):
     """The GPU path of the Mosaic flex forward (block list in shared memory, mods over WGMMA
-    tiles) lowers to Mosaic GPU for CUDA on this machine, and so does its backward without a
-    block mask (the Triton kernels' with one)."""
+    tiles) lowers to Mosaic GPU for CUDA on this machine, and so does its backward, with a
+    block mask's lists and without."""
     from jax import export
 
     from pallas_kernels import flash_mosaic
@@ -691,8 +752,8 @@ def test_mosaic_flex_lowers_for_cuda(rng, monkeypatch):
     text = export.export(
         jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"], disabled_checks=[triton]
     )(args[0], args[1], args[1]).mlir_module()
-    assert text.count("mosaic_gpu_v2") == 1, "one Mosaic GPU forward"
-    assert "triton" in text  # the backward under a block mask
+    assert text.count("mosaic_gpu_v2") == 3, "forward, dq and dk/dv, visiting the lists"
+    assert "triton" not in text
 
     def dense_loss(q, k, v):  # no block mask: the Mosaic backward, mods traced into its tiles
         window = _mosaic_case("window_mask_mod", shape)[1]
@@ -706,3 +767,33 @@ def test_mosaic_flex_lowers_for_cuda(rng, monkeypatch):
     ).mlir_module()
     assert text.count("mosaic_gpu_v2") == 3, "forward, dq and dk/dv on Mosaic GPU"
     assert "triton" not in text
+
+
+@pytest.mark.parametrize("head_dim, fused_dq", [(128, False), (128, True), (256, False)])
+def test_mosaic_flex_kernels_give_run_state_no_literal_operand(
+    rng, head_dim, fused_dq, monkeypatch
+):
+    """The flex forward and backward under a block mask (lists read in every kernel), traced for
+    the GPU: no wgmma's run_state takes a literal, which JAX 0.11's lowering rejects (see
+    tests/test_flash_mosaic.py) and this machine's JAX 0.10 does not."""
+    from pallas_kernels import flash_mosaic
+
+    monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
+    shape = (1, 256, 384, 2, 1, head_dim)
+    score_mod, mask_mod, _, _ = _mosaic_case("causal_block_mask_with_alibi", shape)
+    block_mask = jattn.create_block_mask(mask_mod, None, None, 256, 384)
+    config = dataclasses.replace(
+        flash_mosaic.default_config(head_dim), bwd_fused_dq=fused_dq, bwd_dkdv_stages=None
+    )
+
+    def loss(q, k, v):
+        out = jattn.flex_attention(
+            q, k, v, score_mod=score_mod, block_mask=block_mask, implementation="mosaic",
+            config=config,
+        )  # fmt: skip
+        return out.astype(jnp.float32).sum()
+
+    q = jnp.zeros((1, 256, 2, head_dim), jnp.bfloat16)
+    k = jnp.zeros((1, 384, 1, head_dim), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, k).jaxpr
+    assert run_state_literals(jaxpr) == []
