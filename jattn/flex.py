@@ -22,9 +22,10 @@ differentiable to any order by JAX itself); 'triton' traces them into the Triton
 (CPU: Pallas interpret mode), forward and backward; 'mosaic' traces them into the Mosaic GPU
 kernels (Hopper; float16/bfloat16, mods that close over no arrays, block masks of 128 query
 rows; the backward visits the block mask's lists too where its key blocks are a multiple of its
-dk/dv programs' keys, else it is the Triton kernel's); None picks 'triton' on a GPU and 'xla'
-elsewhere (the Mosaic path is faster on the H200, benchmarks/NOTES.md, but a mod it cannot lower
-fails at compile time, so it is asked for by name). Semantics are
+dk/dv programs' keys, else it is the Triton kernel's; mods are checked against Mosaic GPU's
+lowering rules first, `mosaic_common.flex_unlowered`). None picks 'mosaic' on Hopper without a
+block mask where it serves the call, else 'triton', on a GPU, and 'xla' elsewhere
+(`_auto_order`). Semantics are
 `jattn.dot_product_attention`'s: a query row that sees no key gives output 0, lse -inf and
 zero gradients, never NaN; a key holding NaN/inf reaches only the rows that see it (not yet on
 'mosaic': there a hidden key's NaN reaches the other rows of its tile, as
@@ -416,6 +417,29 @@ def _mosaic(query, key, value, score_mod, mask_mod, block_mask, scale, config):
     return flash_mosaic.flex_attention(query, key, value, flex, blocks, scale=scale, config=config)
 
 
+def _auto_order(config, block_mask, higher_order: bool) -> tuple[str, ...]:
+    """What implementation=None tries, in order. Off the GPU, or under forward-mode or
+    second-order autodiff: 'xla'. On Hopper without a block mask: 'mosaic', which was faster
+    than 'triton' on the H200 (ALiBi as a score_mod at T = 4k, 16 heads x 128: 0.33 / 1.29 ms
+    forward / forward+backward against 0.43 / 1.62, benchmarks/NOTES.md, stop 26), then
+    'triton' where mosaic declines (mods that close over arrays or use what Mosaic GPU does not
+    lower, float32, H > 256). With a block mask 'triton' until the Mosaic backward's block-mask
+    lists are checked on a GPU. A config picks its kernel."""
+    from jattn.attention import hopper_or_newer
+    from pallas_kernels.flash_mosaic import MosaicConfig
+    from pallas_kernels.flash_triton import TritonConfig
+
+    if jax.default_backend() != "gpu" or higher_order:
+        return ("xla",)
+    if isinstance(config, TritonConfig):
+        return ("triton",)
+    if isinstance(config, MosaicConfig):
+        return ("mosaic",)
+    if hopper_or_newer() and block_mask is None:
+        return ("mosaic", "triton")
+    return ("triton",)
+
+
 # --- the public function -------------------------------------------------------------------------
 
 
@@ -460,8 +484,9 @@ def flex_attention(
       ValueError: bad shapes, mods or block mask (named in the message); on 'triton', block
         mask blocks whose kernel pipelines do not fit the GPU's shared memory in one stage.
       NotImplementedError: 'triton' or 'mosaic' under forward-mode or second-order autodiff,
-        float64, or head dims above 256 (use 'xla'); 'mosaic' with mods that close over arrays,
-        float32 or block-mask blocks other than 128 query rows (use 'triton').
+        float64, or head dims above 256 (use 'xla'); 'mosaic' with mods that close over arrays
+        or use what Mosaic GPU does not lower (log1p, jax.nn's custom_jvp functions such as
+        relu), float32 or block-mask blocks other than 128 query rows (use 'triton').
 
     Example (ALiBi and a document mask):
       >>> slopes = 2.0 ** -jnp.arange(1, 5)
@@ -482,9 +507,10 @@ def flex_attention(
         SimpleNamespace(query=query, key=key, value=value, bias=None)
     )
     higher_order = forward or reverse > 1
+    order = (implementation,)
     if implementation is None:
-        on_gpu = jax.default_backend() == "gpu"
-        implementation = "triton" if on_gpu and not higher_order else "xla"
+        order = _auto_order(config, block_mask, higher_order)
+        implementation = order[0]
     if implementation in ("triton", "mosaic") and higher_order:
         raise NotImplementedError(
             f"jattn.flex_attention: implementation {implementation!r} differentiates in reverse "
@@ -501,7 +527,13 @@ def flex_attention(
             compute = jnp.promote_types(query.dtype, jnp.float32)
             query = (query.astype(compute) * scale).astype(query.dtype)
             scale = 1.0
-        kernel = _mosaic if implementation == "mosaic" else _triton
-        out, lse = kernel(query, key, value, score_mod, mask_mod, block_mask, scale, config)
+        for i, name in enumerate(order):  # None: the next when one declines (at trace time)
+            kernel = _mosaic if name == "mosaic" else _triton
+            try:
+                out, lse = kernel(query, key, value, score_mod, mask_mod, block_mask, scale, config)
+                break
+            except NotImplementedError:
+                if i == len(order) - 1:
+                    raise
     lse = lse.astype(out.dtype)
     return (out, lse) if return_residual else out

@@ -49,7 +49,7 @@ from jax import Array, lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import common, flash_mosaic_bwd, flash_triton
+from pallas_kernels import common, flash_mosaic_bwd, flash_triton, mosaic_common
 from pallas_kernels.mosaic_common import (
     CONSUMERS,
     LOG2E,
@@ -1054,9 +1054,10 @@ def flex_attention(
     the blocks do not fit its programs (`flash_mosaic_bwd.block_mask_fits`) or its buffers do
     not fit the GPU.
 
-    Raises NotImplementedError for mods that close over arrays (the Triton path reads those),
-    float32/float64, H > 256, and block-mask blocks other than 128 query rows by a multiple of
-    64 keys (a program's 2 x 64 rows and its key tile)."""
+    Raises NotImplementedError for mods that close over arrays (the Triton path reads those) or
+    use a primitive Mosaic GPU does not lower (`mosaic_common.flex_unlowered`: log1p, jax.nn's
+    custom_jvp functions), float32/float64, H > 256, and block-mask blocks other than 128 query
+    rows by a multiple of 64 keys (a program's 2 x 64 rows and its key tile)."""
     _check_served(query)
     batch, q_len, num_heads, head_dim = query.shape
     kv_len = key.shape[1]
@@ -1066,6 +1067,12 @@ def flex_attention(
         raise NotImplementedError(
             "the Mosaic GPU kernel's flex path serves mods that close over no arrays; "
             f"these close over {len(flex.const_shapes)} (use implementation='triton')"
+        )
+    unlowered = mosaic_common.flex_unlowered(flex)
+    if unlowered:
+        raise NotImplementedError(
+            f"the mods use {sorted(unlowered)}, which Mosaic GPU does not lower "
+            "(use implementation='triton')"
         )
     if config is None:
         config = default_config(head_dim, causal=False)

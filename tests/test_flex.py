@@ -719,6 +719,12 @@ def test_mosaic_flex_declines_what_it_does_not_serve(rng):
         jattn.flex_attention(q, k, v, score_mod=alibi, implementation="mosaic")
     with pytest.raises(NotImplementedError, match="float16/bfloat16"):
         jattn.flex_attention(*(x.astype(jnp.float32) for x in (q, k, v)), implementation="mosaic")
+    # what Mosaic GPU's lowering has no rule for, named before a compile fails on it
+    t5_like = lambda s, b, h, qi, kj: s + jnp.log1p(jnp.abs(qi - kj).astype(jnp.float32))  # noqa: E731
+    relu = lambda s, b, h, qi, kj: s - jax.nn.relu((qi - kj).astype(jnp.float32))  # noqa: E731
+    for mod, names in ((t5_like, "log1p"), (relu, "custom_jvp_call")):
+        with pytest.raises(NotImplementedError, match=rf"\['{names}'\].*does not lower.*'triton'"):
+            jattn.flex_attention(q, k, v, score_mod=mod, implementation="mosaic")
     causal = lambda b, h, qi, kj: kj <= qi  # noqa: E731
     small = jattn.create_block_mask(causal, None, None, 150, 330, block_q=64, block_kv=64)
     with pytest.raises(NotImplementedError, match="programs of 128 query rows"):
@@ -797,3 +803,49 @@ def test_mosaic_flex_kernels_give_run_state_no_literal_operand(
     k = jnp.zeros((1, 384, 1, head_dim), jnp.bfloat16)
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, k).jaxpr
     assert run_state_literals(jaxpr) == []
+
+
+def test_none_picks_mosaic_on_hopper_where_it_serves(rng, monkeypatch):
+    """implementation=None on a Hopper GPU (faked here; shapes only): the Mosaic kernel for
+    mods it serves without a block mask, the Triton kernel when it declines (a closed-over
+    array), with a block mask or a TritonConfig, or before Hopper; XLA off the GPU and under
+    forward-mode autodiff."""
+    from jattn import attention, flex
+    from pallas_kernels import common as kernel_common
+
+    q, k, v = make_inputs(rng, MOSAIC_SHAPE, jnp.bfloat16)
+    ran = []
+    for name in ("_mosaic", "_triton", "_xla"):
+        real = getattr(flex, name)
+
+        def spy(*args, name=name, real=real, **kwargs):
+            ran.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(flex, name, spy)
+
+    def picked(jvp=False, **kwargs):
+        ran.clear()
+        f = lambda q, k, v: jattn.flex_attention(q, k, v, **kwargs)  # noqa: E731
+        if jvp:
+            jax.eval_shape(lambda *x: jax.jvp(f, x, x), q, k, v)
+        else:
+            jax.eval_shape(f, q, k, v)
+        return ran[:]
+
+    slopes = jnp.asarray([0.5, 0.25])
+    closed = lambda s, b, h, qi, kj: s - slopes[h] * jnp.abs(qi - kj)  # noqa: E731
+    alibi = lambda s, b, h, qi, kj: s - jnp.exp2(-1.0 - h) * jnp.abs(qi - kj)  # noqa: E731
+    causal = lambda b, h, qi, kj: kj <= qi  # noqa: E731
+    blocks = jattn.create_block_mask(causal, None, None, 150, 330)
+    assert picked(score_mod=alibi) == ["_xla"]  # CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "hopper_or_newer", lambda: True)
+    monkeypatch.setattr(kernel_common, "interpret_mode", lambda: True)
+    assert picked(score_mod=alibi) == ["_mosaic"]
+    assert picked(score_mod=closed) == ["_mosaic", "_triton"]  # declined at trace time
+    assert picked(score_mod=alibi, block_mask=blocks) == ["_triton"]
+    assert picked(score_mod=alibi, config=SMALL) == ["_triton"]
+    assert picked(jvp=True, score_mod=alibi) == ["_xla"]
+    monkeypatch.setattr(attention, "hopper_or_newer", lambda: False)
+    assert picked(score_mod=alibi) == ["_triton"]
