@@ -648,10 +648,13 @@ def test_mosaic_flex_backward_visits_block_mask_lists(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["alibi_score_mod", "causal_block_mask_with_alibi"])
+@pytest.mark.parametrize(
+    "name", ["alibi_score_mod", "causal_block_mask_with_alibi", "documents_block_mask"]
+)
 def test_mosaic_flex_real_size_on_gpu(rng, name):
-    """The compiled Mosaic flex forward (Hopper) at real lengths: GQA 4, T != S, odd lengths,
-    H = 128 (the softmax overlap on), against the float64 oracle with gradients."""
+    """The compiled Mosaic flex forward and backward (Hopper) at real lengths: GQA 4, T != S,
+    odd lengths, H = 128 (the softmax overlap on), block-mask lists in every kernel, against
+    the float64 oracle with gradients."""
     _check_mosaic_case(rng, name, (2, 1000, 1031, 8, 2, 128))
 
 
