@@ -11,10 +11,11 @@ forward+backward (d q, k, v), median ms (`benchmarks.flash.time_ms_together`):
   plain kernel without a bias, and cuDNN, XLA and tokamax given the dense `[1, N, T, S]` bias;
 - document masking (4 equal documents, non-causal): a mask_mod with its block mask, against
   jattn's `segment_ids`, and cuDNN and XLA given the dense `[1, 1, T, S]` mask.
-Causal and ALiBi also on the Mosaic GPU forward (`implementation='mosaic'`: mods that close over
-no arrays, so that ALiBi's slopes come from h there). Also the time of `create_block_mask` for
-the document mask at each T (jitted). A peer that fails or declines a cell records the error
-instead of a time.
+Each flex variant on the Triton kernel and on the Mosaic GPU one (`implementation='mosaic'`:
+mods that close over no arrays, so that ALiBi's slopes and the document ids come from h and the
+indices there). Dense biases and masks are arguments of the timed jit, not constants of it.
+Also the time of `create_block_mask` for the document mask at each T (jitted). A peer that
+fails or declines a cell records the error instead of a time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +46,20 @@ def _documents(length: int):
     return (jnp.arange(length, dtype=jnp.int32) * DOCUMENTS // length)[None]
 
 
-def variants(length: int) -> dict[str, dict[str, Callable]]:
-    """{variant: {peer: run(q, k, v) -> out}} at T = S = length."""
+class Peer(NamedTuple):
+    """run(q, k, v, *arrays) -> out; arrays (a dense bias or mask, quadratic in T) are passed
+    as arguments of the timed jit, not closed over: a closed-over array is a constant of the
+    compiled program (2 GB at T = 8k, minutes of lowering)."""
+
+    run: Callable
+    arrays: tuple = ()
+
+
+def variants(length: int) -> dict[str, dict[str, Peer]]:
+    """{variant: {peer: Peer}} at T = S = length."""
     slopes, docs = _slopes(HEADS), _documents(length)
     pos = jnp.arange(length, dtype=jnp.float32)
-    alibi_bias = (-slopes[:, None, None] * jnp.abs(pos[:, None] - pos[None, :]))[None]
+    alibi_bias = (-slopes[:, None, None] * jnp.abs(pos[None, :, None] - pos[None, None, :]))[None]
     alibi_bias = alibi_bias.astype(jnp.bfloat16)  # [1, N, T, S]
     doc_mask = (docs[0][:, None] == docs[0][None, :])[None, None]  # [1, 1, T, S]
 
@@ -65,66 +76,83 @@ def variants(length: int) -> dict[str, dict[str, Callable]]:
     def doc_mod(b, h, q_idx, kv_idx):
         return docs[b, q_idx] == docs[b, kv_idx]
 
+    def doc_mod_arithmetic(b, h, q_idx, kv_idx):  # the same documents from the indices
+        return q_idx * DOCUMENTS // length == kv_idx * DOCUMENTS // length
+
     causal_blocks = jattn.create_block_mask(causal_mod, None, None, length, length)
     doc_blocks = jattn.create_block_mask(doc_mod, 1, None, length, length)
 
-    def flex(implementation=None, **mods):
-        return lambda q, k, v: jattn.flex_attention(q, k, v, implementation=implementation, **mods)
-
-    def jax_nn(implementation, **options):
-        return lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, implementation=implementation, **options
+    def flex(implementation, **mods):
+        return Peer(
+            lambda q, k, v: jattn.flex_attention(q, k, v, implementation=implementation, **mods)
         )
 
-    def tokamax_bias(q, k, v):
+    def jax_nn(implementation, name=None, array=None, **options):
+        def run(q, k, v, *arrays):
+            dense = {name: arrays[0]} if name else {}
+            return jax.nn.dot_product_attention(
+                q, k, v, implementation=implementation, **dense, **options
+            )
+
+        return Peer(run, () if array is None else (array,))
+
+    def tokamax_bias(q, k, v, bias):
         import tokamax
 
-        return tokamax.dot_product_attention(q, k, v, bias=alibi_bias)
+        return tokamax.dot_product_attention(q, k, v, bias=bias)
+
+    def native(**options):
+        return Peer(lambda q, k, v: jattn.dot_product_attention(q, k, v, **options))
 
     return {
         "causal": {
-            "jattn flex (mask_mod + block mask)": flex(
-                mask_mod=causal_mod, block_mask=causal_blocks
+            "jattn flex triton (mask_mod + block mask)": flex(
+                "triton", mask_mod=causal_mod, block_mask=causal_blocks
             ),
             "jattn flex mosaic (mask_mod + block mask)": flex(
                 "mosaic", mask_mod=causal_mod, block_mask=causal_blocks
             ),
-            "jattn native is_causal": lambda q, k, v: jattn.dot_product_attention(
-                q, k, v, is_causal=True
-            ),
+            "jattn native is_causal": native(is_causal=True),
             "cudnn is_causal": jax_nn("cudnn", is_causal=True),
         },
         "alibi": {
-            "jattn flex (score_mod)": flex(score_mod=alibi_mod),
+            "jattn flex triton (score_mod)": flex("triton", score_mod=alibi_mod),
             "jattn flex mosaic (score_mod, slopes from h)": flex(
                 "mosaic", score_mod=alibi_mod_arithmetic
             ),
-            "jattn plain (no bias)": lambda q, k, v: jattn.dot_product_attention(q, k, v),
-            "cudnn dense bias": jax_nn("cudnn", bias=alibi_bias),
-            "xla dense bias": jax_nn("xla", bias=alibi_bias),
-            "tokamax dense bias": tokamax_bias,
+            "jattn plain (no bias)": native(),
+            "cudnn dense bias": jax_nn("cudnn", "bias", alibi_bias),
+            "xla dense bias": jax_nn("xla", "bias", alibi_bias),
+            "tokamax dense bias": Peer(tokamax_bias, (alibi_bias,)),
         },
         "document": {
-            "jattn flex (mask_mod + block mask)": flex(mask_mod=doc_mod, block_mask=doc_blocks),
-            "jattn segment_ids": lambda q, k, v: jattn.dot_product_attention(
-                q, k, v, segment_ids=(docs, docs)
+            "jattn flex triton (mask_mod + block mask)": flex(
+                "triton", mask_mod=doc_mod, block_mask=doc_blocks
             ),
-            "cudnn dense mask": jax_nn("cudnn", mask=doc_mask),
-            "xla dense mask": jax_nn("xla", mask=doc_mask),
+            "jattn flex mosaic (mask_mod from indices + block mask)": flex(
+                "mosaic", mask_mod=doc_mod_arithmetic, block_mask=doc_blocks
+            ),
+            "jattn segment_ids": native(segment_ids=(docs, docs)),
+            "cudnn dense mask": jax_nn("cudnn", "mask", doc_mask),
+            "xla dense mask": jax_nn("xla", "mask", doc_mask),
         },
     }
 
 
-def timed_fn(run: Callable, q, mode: str) -> Callable:
-    """The jitted function of (q, k, v) a cell times: the forward, or the gradients of q, k, v."""
+def timed_fn(peer: Peer, q, mode: str) -> Callable:
+    """The function of (q, k, v) a cell times: a jit of the forward, or of the gradients of
+    q, k, v, called with the peer's dense arrays as arguments."""
     if mode == "fwd":
-        return jax.jit(run)
-    d_out = jax.random.normal(jax.random.key(9), q.shape, q.dtype)
+        jitted = jax.jit(peer.run)
+    else:
+        d_out = jax.random.normal(jax.random.key(9), q.shape, q.dtype)
 
-    def loss(q, k, v):
-        return jnp.sum(run(q, k, v).astype(jnp.float32) * d_out.astype(jnp.float32))
+        def loss(q, k, v, *arrays):
+            out = peer.run(q, k, v, *arrays)
+            return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32))
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        jitted = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return lambda q, k, v: jitted(q, k, v, *peer.arrays)
 
 
 def block_mask_ms(length: int, repeats: int) -> float:

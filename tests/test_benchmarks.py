@@ -38,3 +38,25 @@ def test_time_ms_together_runs_each_function_every_round():
     results = flash.time_ms_together({n: counted(n) for n in calls}, (np.zeros(3),), repeats=4)
     assert set(results) == {"a", "b"} and all(isinstance(t, float) for t in results.values())
     assert calls["a"] >= 2 + 4 and calls["b"] >= 2 + 4  # warm-up, calibration, 4 rounds
+
+
+def test_flex_benchmark_passes_dense_arrays_as_arguments():
+    """benchmarks/flex.py: a dense bias or mask ([1, N, T, S], 2 GB at T = 8k) closed over by a
+    timed function became a constant of its compiled program (minutes of lowering on the
+    H200): every peer's traced program holds no constant as large as a [T, S] plane, and the
+    dense peers get theirs as arguments."""
+    from benchmarks import flex
+
+    length = 256
+    q = jax.ShapeDtypeStruct((1, length, flex.HEADS, flex.HEAD_DIM), jnp.bfloat16)
+    dense = 0
+    for variant, peers in flex.variants(length).items():
+        for name, peer in peers.items():
+            if "cudnn" in name or "tokamax" in name:
+                continue  # not traceable on this machine (no cuDNN, no tokamax)
+            arrays = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in peer.arrays]
+            closed = jax.make_jaxpr(peer.run)(q, q, q, *arrays)
+            biggest = max((np.size(c) for c in closed.consts), default=0)
+            assert biggest < length * length, (variant, name, biggest)
+            dense += bool(peer.arrays)
+    assert dense == 2  # XLA's dense ALiBi bias and document mask
