@@ -620,6 +620,12 @@ def backward(
         dkdv_st = dataclasses.replace(
             st, flex_steps=mask_q // block_q, flex_programs=mask_kv // keys_per_program
         )
+        # Kernel tiles larger than the blocks pad T and S past the blocks' count: the programs
+        # there read empty lists (n = 0), not rows past the end.
+        visits = (
+            common.pad_to(visits[0], 2, t_pad // mask_q),
+            common.pad_to(visits[1], 2, s_pad // mask_kv),
+        )
     if not st.fused_dq:
         dq_operands = operands | ({"visits": visits[0]} if st.flex_blocks else {})
         dq = _dq(dq_st, dq_operands, pairs, barriers, (batch, t_pad, num_heads, h_pad), dtype)

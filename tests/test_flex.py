@@ -594,15 +594,16 @@ def _forbid_triton_backward(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "head_dim, block_kv, fused_dq",
+    "head_dim, block_kv, fused_dq, bwd_block_kv",
     [
-        (160, 256, False),  # dK, dV split by columns: 2 dk/dv programs per list row; dq 4 steps
-        (64, 128, True),  # dQ added up by the dk/dv kernel at the listed query blocks
-        (64, 64, False),  # a dk/dv program's 128 keys span two blocks: the Triton backward
+        (160, 256, False, 64),  # dK, dV split by columns: 4 dk/dv programs a list row, 4 dq steps
+        (160, 128, False, 128),  # dq tiles of 128 keys: one step per listed block
+        (64, 128, True, 64),  # dQ added up by the dk/dv kernel at the listed query blocks
+        (64, 64, False, 64),  # a dk/dv program's 128 keys span two blocks: the Triton backward
     ],
 )
 def test_mosaic_flex_backward_visits_block_mask_lists(
-    rng, head_dim, block_kv, fused_dq, monkeypatch
+    rng, head_dim, block_kv, fused_dq, bwd_block_kv, monkeypatch
 ):
     """The Mosaic backward under a block mask whose blocks are not its tiles: the dq kernel
     steps through each listed key block in 64-key tiles, the dk/dv kernel each listed query
@@ -617,7 +618,7 @@ def test_mosaic_flex_backward_visits_block_mask_lists(
         return triton_backward(*args, **kwargs)
 
     monkeypatch.setattr(flash_triton, "flex_backward", counted)
-    shape = (1, 150, 330, 2, 1, head_dim)
+    shape = (1, 100, 330, 2, 1, head_dim)  # 128-key blocks: 0 and 2 listed, 1 empty
     q, k, v = make_inputs(rng, shape, jnp.bfloat16)
     _, q_len, kv_len, heads = shape[:4]
     i, j = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
@@ -625,7 +626,9 @@ def test_mosaic_flex_backward_visits_block_mask_lists(
     mask_mod = lambda b, h, qi, kj: (kj <= qi + offset) & (kj // 128 != 1)  # noqa: E731
     visible = (j <= i + offset) & (j // 128 != 1)  # key block 1 of 128: empty
     block_mask = jattn.create_block_mask(mask_mod, None, None, q_len, kv_len, block_kv=block_kv)
-    config = jattn.MosaicConfig(bwd_fused_dq=fused_dq, bwd_head_split=head_dim > 128)
+    config = jattn.MosaicConfig(
+        bwd_fused_dq=fused_dq, bwd_head_split=head_dim > 128, bwd_block_kv=bwd_block_kv
+    )
 
     def run(q, k, v):
         return jattn.flex_attention(
