@@ -1118,14 +1118,12 @@ def flex_attention(
     if has_blocks:
         config = dataclasses.replace(config, bwd_block_q=64)
     bwd_st, native_backward = _backward_static(st, config, head_dim, 0, kv_len, False)
-    bwd_tile = CONSUMERS * max(config.bwd_block_q, config.bwd_block_kv)
-    q_tile = kv_tile = bwd_tile  # the backward's padding (flash_mosaic_bwd.backward)
     if has_blocks:
         bwd_st = dataclasses.replace(bwd_st, flex_blocks=True)
         native_backward = native_backward and flash_mosaic_bwd.block_mask_fits(
             bwd_st, flex.block_mask
         )
-        q_tile, kv_tile = (math.lcm(bwd_tile, b) for b in flex.block_mask)
+    q_tile, kv_tile = flash_mosaic_bwd.padding_tiles(bwd_st)
     # Padded query rows are masked there: a score_mod may give their zero queries a logit that
     # overflows exp2, and inf * (dO = 0) would reach dK and dV.
     bwd_st = dataclasses.replace(

@@ -71,6 +71,23 @@ def backward_head_dim(head_dim: int, parts: int) -> int:
     return parts * padded_head_dim(-(-head_dim // parts))
 
 
+def keys_per_program(st: Static) -> int:
+    """Keys of one dk/dv program: a block of block_kv per consumer, or one block both consumers
+    share when dK and dV are split by columns (st.head_parts > 1)."""
+    return st.block_kv if st.head_parts > 1 else CONSUMERS * st.block_kv
+
+
+def padding_tiles(st: Static) -> tuple[int, int]:
+    """(T, S) multiples the backward pads to: both kernels tile both axes by 2 * the larger
+    block, and under a flex block mask by whole block-mask blocks too (every listed block in
+    range)."""
+    tile = CONSUMERS * max(st.block_q, st.block_kv)
+    if not st.flex_blocks:
+        return tile, tile
+    mask_q, mask_kv = st.flex.block_mask
+    return math.lcm(tile, mask_q), math.lcm(tile, mask_kv)
+
+
 DQ_CHUNK = 64  # fused_dq: columns of dQ per wgmma (32 float32 registers per thread)
 
 
@@ -287,13 +304,12 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
     head, kv_tile = lax.axis_index("heads"), lax.axis_index("tiles")
     batch, wg = lax.axis_index("batch"), lax.axis_index("wg")
     bounds = _scalars(refs["bounds"], batch)
-    keys_per_program = block_kv if split else CONSUMERS * block_kv
-    program_first = kv_tile * keys_per_program
-    program_keys = pl.ds(program_first, keys_per_program)
+    program_first = kv_tile * keys_per_program(st)
+    program_keys = pl.ds(program_first, keys_per_program(st))
     if st.flex_blocks:  # the listed query blocks: partial ones [0, n_partial), full ones after
         lo, (hi, n_partial) = 0, _await_visit_list(st, refs, scratch, batch, head, kv_tile)
     else:
-        lo, _, _, hi = _query_blocks(st, bounds, program_first, keys_per_program)
+        lo, _, _, hi = _query_blocks(st, bounds, program_first, keys_per_program(st))
 
     @pl.when(wg == CONSUMERS)
     def _producer():
@@ -355,15 +371,16 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         v_parts = [part_of("v", keys_at, part) for part in range(parts)]
         out_head = head * parts + own  # outputs [B, S or T, N * parts, H / parts]
 
-        def add_dq(step, ds_t):
-            """fused_dq: dQ[step's queries, own columns] += dS @ K (this consumer's keys, its
-            column part when split), in chunks of DQ_CHUNK columns, so that only [bq, 64] of
-            dQ sits in registers beside dK and dV; the scale is applied after the kernel."""
+        def add_dq(q_first, ds_t):
+            """fused_dq: dQ[block_q rows from q_first, own columns] += dS @ K (this consumer's
+            keys, its column part when split), in chunks of DQ_CHUNK columns, so that only
+            [bq, 64] of dQ sits in registers beside dK and dV; the scale is applied after the
+            kernel."""
             ds_smem, dq_smem = scratch["ds"].at[wg], scratch["dq"].at[wg]
             ds_smem[...] = ds_t  # [bk, bq]
             plgpu.commit_smem()
             k_own = part_of("k", keys_at, own)  # [bk, H / parts]
-            rows = pl.ds(_block_of(st, scratch, step) * block_q, block_q)
+            rows = pl.ds(q_first, block_q)
             if not st.interpret:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last dQ was read out
             for first in range(0, k_own.shape[-1], DQ_CHUNK):
@@ -428,7 +445,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             ds_t = ds_t.astype(dtype)
             dk = mma_accumulate(st, dk, ds_t, part_of("q", slot, own))
             if st.fused_dq:
-                add_dq(step, ds_t)
+                add_dq(q_first, ds_t)
             plgpu.barrier_arrive(scratch["consumed"].at[slot])
             return dk, dv
 
@@ -501,8 +518,7 @@ def block_mask_fits(st: Static, block_mask: tuple[int, int]) -> bool:
     (bq, bk) blocks: a dq program's rows and a dk/dv program's keys each inside one block, and
     whole kernel tiles per block."""
     mask_q, mask_kv = block_mask
-    keys_per_program = st.block_kv if st.head_parts > 1 else CONSUMERS * st.block_kv
-    return mask_q % (CONSUMERS * st.block_q) == 0 and mask_kv % keys_per_program == 0
+    return mask_q % (CONSUMERS * st.block_q) == 0 and mask_kv % keys_per_program(st) == 0
 
 
 def _visit_scratch(operands: dict) -> dict:
@@ -564,10 +580,7 @@ def backward(
     batch, q_len, num_heads, head_dim = query.shape
     kv_len, num_kv_heads = key.shape[1], key.shape[2]
     block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
-    tile = CONSUMERS * max(block_q, block_kv)  # both kernels tile both axes
-    q_tile = kv_tile = tile
-    if st.flex_blocks:  # whole block-mask blocks, so that every listed block is in range
-        q_tile, kv_tile = (math.lcm(tile, b) for b in st.flex.block_mask)
+    q_tile, kv_tile = padding_tiles(st)
     t_pad = -(-q_len // q_tile) * q_tile
     s_pad = -(-kv_len // kv_tile) * kv_tile
     h_pad = backward_head_dim(head_dim, st.head_parts)
@@ -610,7 +623,7 @@ def backward(
 
     has_seg = int(segment_ids is not None)
     parts = st.head_parts
-    keys_per_program = block_kv if parts > 1 else CONSUMERS * block_kv
+    program_keys = keys_per_program(st)
     dq_st = dkdv_st = st
     if st.flex_blocks:
         mask_q, mask_kv = st.flex.block_mask
@@ -618,7 +631,7 @@ def backward(
             st, flex_steps=mask_kv // block_kv, flex_programs=mask_q // (CONSUMERS * block_q)
         )
         dkdv_st = dataclasses.replace(
-            st, flex_steps=mask_q // block_q, flex_programs=mask_kv // keys_per_program
+            st, flex_steps=mask_q // block_q, flex_programs=mask_kv // program_keys
         )
         # Kernel tiles larger than the blocks pad T and S past the blocks' count: the programs
         # there read empty lists (n = 0), not rows past the end.
@@ -651,7 +664,7 @@ def backward(
     }
     scratch |= {name: plgpu.SMEM((stages, block_q), jnp.float32) for name in ("lse", "delta")}
     for name, x in pairs_t.items():
-        scratch[name] = tiled((stages, keys_per_program, block_q), x.dtype)
+        scratch[name] = tiled((stages, program_keys, block_q), x.dtype)
     if segment_ids is not None:
         scratch["q_seg"] = plgpu.SMEM((stages, block_q), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((key_buffers, block_kv), jnp.int32)
@@ -679,7 +692,7 @@ def backward(
         scratch,
         list(outs),
         list(outs.values()),
-        (num_heads, s_pad // keys_per_program, batch),
+        (num_heads, s_pad // program_keys, batch),
         mutable=st.fused_dq,
     )
     dk, dv = (g.reshape(batch, s_pad, num_heads, h_pad) for g in results[:2])

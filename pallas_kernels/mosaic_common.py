@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -235,36 +236,33 @@ def backward_tile_logits(
 
 
 def flex_unlowered(flex) -> set[str] | None:
-    """Primitives of the user's mods, as the kernels trace them (vmapped over a [64, 64] tile;
-    score_mod with its jax.jvp), that Mosaic GPU's lowering has no rule for (warpgroup code
-    over lane arrays): empty when the mods should lower, None when this JAX's rule table cannot
-    be read (a private table: treat as unknown). `log1p` and `custom_jvp_call` (jax.nn.relu,
-    softplus) are two (seen in the CUDA lowering); `exp`, `log`, `tanh`, integer `//` and `%`,
-    comparisons and `where` lower."""
+    """Primitives of the user's mods, traced as the kernels trace them (`flex_logits`,
+    `flex_visible` over a [64, 64] tile), that Mosaic GPU's lowering has no rule for (warpgroup
+    code over lane arrays): empty when the mods should lower, None when this JAX's rule table
+    cannot be read (a private table: treat as unknown). `log1p` and `custom_jvp_call`
+    (jax.nn.relu, softplus) are two (seen in the CUDA lowering); `exp`, `log`, `tanh`, integer
+    `//` and `%`, comparisons and `where` lower."""
     try:
         from jax._src import core
         from jax._src.pallas.mosaic_gpu import lowering
 
-        semantics = (lowering.mgpu.LoweringSemantics.Lane, lowering.gpu_core.PrimitiveSemantics)
-        rules = lowering.mosaic_lowering_rules[(semantics[0], semantics[1].Warpgroup)]
+        lane, warpgroup = lowering.mgpu.LoweringSemantics.Lane, lowering.gpu_core.PrimitiveSemantics
+        rules = lowering.mosaic_lowering_rules[(lane, warpgroup.Warpgroup)]
     except (ImportError, AttributeError, KeyError):
         return None
+    # What the tile helpers read of a Static; interpret: no layout casts outside a kernel.
+    probe = types.SimpleNamespace(flex=flex, scale=1.0, interpret=True)
 
-    def tile(scores, q_idx, k_idx, b, h):
-        results = []
-        if flex.score_mod is not None:
-            one = lambda s, q, k: flex.score_mod(s, b, h, q, k)  # noqa: E731
-            mod = lambda s: jax.vmap(jax.vmap(one))(s, q_idx, k_idx)  # noqa: E731
-            results += jax.jvp(mod, (scores,), (jnp.ones_like(scores),))
+    def tile(qk, q_idx, k_idx, b, h):
+        results = list(flex_logits(probe, qk, b, h, q_idx, k_idx))
         if flex.mask_mod is not None:
-            one = lambda q, k: flex.mask_mod(b, h, q, k)  # noqa: E731
-            results.append(jax.vmap(jax.vmap(one))(q_idx, k_idx))
-        return results
+            results.append(flex_visible(probe, b, h, q_idx, k_idx))
+        return [r for r in results if r is not None]
 
     index = jax.ShapeDtypeStruct((64, 64), jnp.int32)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    scores = jax.ShapeDtypeStruct((64, 64), jnp.float32)
-    jaxpr = jax.make_jaxpr(tile)(scores, index, index, scalar, scalar).jaxpr
+    qk = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+    jaxpr = jax.make_jaxpr(tile)(qk, index, index, scalar, scalar).jaxpr
 
     def missing(jaxpr):
         for eqn in jaxpr.eqns:

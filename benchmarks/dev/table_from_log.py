@@ -16,7 +16,7 @@ import collections
 import json
 
 from jattn import autotune
-from jattn.autotune import cache
+from jattn.autotune import cache, tuner
 
 
 def _bucket(text: str, device: str) -> cache.Bucket:
@@ -33,13 +33,13 @@ def _bucket(text: str, device: str) -> cache.Bucket:
 
 
 def entries(rows, device: str, exclude: dict, measured: dict) -> list[cache.Entry]:
-    tunable_rows = collections.defaultdict(lambda: collections.defaultdict(list))
+    bucket_rows = collections.defaultdict(lambda: collections.defaultdict(list))
     for row in rows:
         if row.get("ms") is None or any(row["config"].get(k) == v for k, v in exclude.items()):
             continue
-        tunable_rows[row["bucket"]][row["search"]].append(row)
+        bucket_rows[row["bucket"]][row["search"]].append(row)
     out = []
-    for text, searches in tunable_rows.items():
+    for text, searches in bucket_rows.items():
         bucket = _bucket(text, device)
         names = [s.name for s in cache.get_tunable(bucket.implementation).searches]
         plan = autotune.plan(
@@ -47,7 +47,7 @@ def entries(rows, device: str, exclude: dict, measured: dict) -> list[cache.Entr
             head_dims=[bucket.head_dim],
             dtypes=[bucket.dtype],
             causal=[bucket.causal],
-            lengths=[{"<=1024": 1024, "<=4096": 4096, ">4096": 16384}[bucket.lengths]],
+            lengths=[n for n in tuner.DEFAULT_LENGTHS if cache.length_range(n) == bucket.lengths],
             device=device,
         )[0]
         last = names[-1]
