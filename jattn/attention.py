@@ -144,10 +144,17 @@ def auto_order_for(args: AttentionArgs, *, differentiated: bool) -> tuple[str, .
     """`auto_order()`, with the kernels this GPU's shipped dispatch table measured for the
     call's bucket moved to the front, fastest first (`jattn.autotune.dispatch`; the H200 table
     comes from `benchmarks/results/flash_h200_bf16_*.json`). differentiated: the call is under
-    reverse-mode autodiff, so the forward+backward measurements rank it."""
+    reverse-mode autodiff, so the forward+backward measurements rank it.
+
+    A call with a dense bias or mask puts mosaic first instead: the tables measured plain
+    attention, and cuDNN reads a dense bias far slower (H200, bf16, 16 heads x 128, T = 4k, ms
+    forward / forward+backward: mosaic 1.33 / 5.18, cuDNN 2.03 / 9.19, tokamax 1.33 / 5.41;
+    `benchmarks/results/flash_features_h200.json`)."""
     order = auto_order()
     if jax.default_backend() != "gpu" or not hopper_or_newer():
         return order
+    if args.bias is not None or args.mask is not None:
+        return autotune_dispatch.merge(("mosaic",), order)
     measured = autotune_dispatch.measured_order(
         device=autotune_cache.device_kind(),
         dtype=args.query.dtype,

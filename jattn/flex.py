@@ -23,9 +23,8 @@ differentiable to any order by JAX itself); 'triton' traces them into the Triton
 kernels (Hopper; float16/bfloat16, mods that close over no arrays, block masks of 128 query
 rows; the backward visits the block mask's lists too where its key blocks are a multiple of its
 dk/dv programs' keys, else it is the Triton kernel's; mods are checked against Mosaic GPU's
-lowering rules first, `mosaic_common.flex_unlowered`). None picks 'mosaic' on Hopper without a
-block mask where it serves the call, else 'triton', on a GPU, and 'xla' elsewhere
-(`_auto_order`). Semantics are
+lowering rules first, `mosaic_common.flex_unlowered`). None picks 'mosaic' on Hopper where it serves
+the call, else 'triton', on a GPU, and 'xla' elsewhere (`_auto_order`). Semantics are
 `jattn.dot_product_attention`'s: a query row that sees no key gives output 0, lse -inf and
 zero gradients, never NaN; a key holding NaN/inf reaches only the rows that see it (not yet on
 'mosaic': there a hidden key's NaN reaches the other rows of its tile, as
@@ -417,14 +416,15 @@ def _mosaic(query, key, value, score_mod, mask_mod, block_mask, scale, config):
     return flash_mosaic.flex_attention(query, key, value, flex, blocks, scale=scale, config=config)
 
 
-def _auto_order(config, block_mask, higher_order: bool) -> tuple[str, ...]:
+def _auto_order(config, higher_order: bool) -> tuple[str, ...]:
     """What implementation=None tries, in order. Off the GPU, or under forward-mode or
-    second-order autodiff: 'xla'. On Hopper without a block mask: 'mosaic', which was faster
-    than 'triton' on the H200 (ALiBi as a score_mod at T = 4k, 16 heads x 128: 0.33 / 1.29 ms
-    forward / forward+backward against 0.43 / 1.62, benchmarks/NOTES.md, stop 26), then
-    'triton' where mosaic declines (mods that close over arrays or use what Mosaic GPU does not
-    lower, float32, H > 256). With a block mask 'triton' until the Mosaic backward's block-mask
-    lists are checked on a GPU. A config picks its kernel."""
+    second-order autodiff: 'xla'. On Hopper: 'mosaic', then 'triton' where mosaic declines (mods
+    that close over arrays or use what Mosaic GPU does not lower, float32, H > 256, block-mask
+    blocks other than 128 query rows). On the H200 (16 heads x 128, T = 4k, ms forward /
+    forward+backward, `benchmarks/results/flex_h200_mosaic.json`) mosaic took 0.33 / 1.30 for
+    ALiBi as a score_mod against triton's 0.44 / 1.62, and with a block mask 0.18 / 0.71 for
+    causal as a mask_mod against 0.26 / 2.71, 0.08 / 0.32 for a document mask against 0.13 /
+    1.13. Other GPUs: 'triton'. A config picks its kernel."""
     from jattn.attention import hopper_or_newer
     from pallas_kernels.flash_mosaic import MosaicConfig
     from pallas_kernels.flash_triton import TritonConfig
@@ -435,7 +435,7 @@ def _auto_order(config, block_mask, higher_order: bool) -> tuple[str, ...]:
         return ("triton",)
     if isinstance(config, MosaicConfig):
         return ("mosaic",)
-    if hopper_or_newer() and block_mask is None:
+    if hopper_or_newer():
         return ("mosaic", "triton")
     return ("triton",)
 
@@ -509,7 +509,7 @@ def flex_attention(
     higher_order = forward or reverse > 1
     order = (implementation,)
     if implementation is None:
-        order = _auto_order(config, block_mask, higher_order)
+        order = _auto_order(config, higher_order)
         implementation = order[0]
     if implementation in ("triton", "mosaic") and higher_order:
         raise NotImplementedError(

@@ -617,20 +617,28 @@ def test_every_candidate_config_round_trips_through_the_cache(cache_file, implem
     assert len(cache.load(cache_file)) == len({bucket for bucket, _ in configs})
 
 
-def test_shipped_h200_table_holds_the_tuning_log_winners():
-    """The H200 table is the H = 64 tuning run's log, rebuilt per bucket (its cache lost the
-    buckets, see the round-trip test): each entry is the fastest candidate of the bucket's last
-    search, bwd_fused_dq left out, and every entry builds a config that lookups return."""
-    from benchmarks.dev import table_from_log
+def _log_rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    rows = [json.loads(line) for line in H200_LOG.read_text().splitlines() if line.strip()]
-    rebuilt = table_from_log.entries(rows, H200, {"bwd_fused_dq": True}, {})
+
+def _shipped_h200() -> dict:
     table = next(p for p in autotune.shipped_tables() if p.name == f"{H200}.json")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        shipped = autotune.load(table)
+        return autotune.load(table)
+
+
+def test_shipped_h200_table_holds_the_tuning_log_winners():
+    """The H200 table's H = 64 entries are that tuning run's log, rebuilt per bucket (its cache
+    lost the buckets, see the round-trip test): each entry is the fastest candidate of the
+    bucket's last search, bwd_fused_dq left out, and every entry builds a config."""
+    from benchmarks.dev import table_from_log
+
+    rows = _log_rows(H200_LOG)
+    rebuilt = table_from_log.entries(rows, H200, {"bwd_fused_dq": True}, {})
+    shipped = {b: e for b, e in _shipped_h200().items() if b.head_dim == 64}
     assert {e.bucket: e.config for e in rebuilt} == {b: e.config for b, e in shipped.items()}
-    assert len(shipped) == 5  # H = 64; causal T > 4096 was cut before its backward search
+    assert len(shipped) == 5  # causal T > 4096 was cut before its backward search
     for bucket, entry in shipped.items():
         config = cache.get_tunable("mosaic").config_type(**entry.config)
         assert not config.bwd_fused_dq
@@ -644,3 +652,25 @@ def test_shipped_h200_table_holds_the_tuning_log_winners():
                 and not r["config"]["bwd_fused_dq"]
             ),
         )
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_shipped_h200_table_holds_the_tuners_confirmed_winners(head_dim):
+    """At H = 128 and 256 the table is the tuner's own cache of a complete run (stop 27): per
+    bucket, the backward search's fastest candidate in the log's confirmation rounds."""
+    rows = _log_rows(H200_LOG.with_name(f"autotune_mosaic_h200_h{head_dim}.jsonl"))
+    shipped = {b: e for b, e in _shipped_h200().items() if b.head_dim == head_dim}
+    assert len(shipped) == 6  # causal and full, three length ranges
+    for bucket, entry in shipped.items():
+        confirmed = [
+            r
+            for r in rows
+            if r["search"] == "backward"
+            and r.get("confirm")
+            and r.get("ms") is not None
+            and str(bucket).endswith(r["bucket"].split(" ", 2)[2])
+        ]
+        best = min(confirmed, key=lambda r: r["ms"])
+        assert entry.config == best["config"]
+        assert entry.ms["backward"] == pytest.approx(best["ms"], abs=1e-4)
+        assert not cache.get_tunable("mosaic").config_type(**entry.config).bwd_fused_dq

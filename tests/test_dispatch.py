@@ -112,6 +112,23 @@ def test_auto_order_for_a_hopper_call_uses_the_table(monkeypatch):
     assert unmeasured == registered
 
 
+def test_auto_order_for_a_hopper_call_with_a_dense_bias_or_mask_tries_mosaic_first(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "hopper_or_newer", lambda: True)
+    monkeypatch.setattr(cache, "device_kind", lambda: "nvidia_h200")
+    q = jnp.zeros((1, 4096, 2, 128), jnp.bfloat16)
+    bias = jnp.zeros((1, 2, 4096, 4096), jnp.bfloat16)
+    mask = jnp.ones((1, 1, 4096, 4096), bool)
+    for arrays in (dict(bias=bias), dict(mask=mask)):
+        args = attention.check_attention_args(q, q, q, **arrays)
+        for differentiated in (False, True):
+            order = attention.auto_order_for(args, differentiated=differentiated)
+            assert order[:2] == ("mosaic", "cudnn")
+            assert set(order) == set(attention.auto_order())
+    plain = attention.check_attention_args(q, q, q)  # the table's bucket: cuDNN first
+    assert attention.auto_order_for(plain, differentiated=True)[0] == "cudnn"
+
+
 def test_a_call_under_grad_is_dispatched_as_differentiated(rng, monkeypatch):
     seen = []
 

@@ -855,3 +855,19 @@ def test_none_picks_mosaic_on_hopper_where_it_serves(rng, monkeypatch):
     assert picked(jvp=True, score_mod=alibi) == ["_xla"]
     monkeypatch.setattr(attention, "hopper_or_newer", lambda: False)
     assert picked(score_mod=alibi) == ["_triton"]
+
+
+def test_auto_order_takes_mosaic_first_on_hopper_block_mask_or_not(monkeypatch):
+    from jattn import attention, flex
+    from pallas_kernels.flash_mosaic import MosaicConfig
+    from pallas_kernels.flash_triton import TritonConfig
+
+    assert flex._auto_order(None, higher_order=False) == ("xla",)  # off the GPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "hopper_or_newer", lambda: True)
+    assert flex._auto_order(None, higher_order=False) == ("mosaic", "triton")
+    assert flex._auto_order(None, higher_order=True) == ("xla",)
+    assert flex._auto_order(TritonConfig(), higher_order=False) == ("triton",)
+    assert flex._auto_order(MosaicConfig(), higher_order=False) == ("mosaic",)
+    monkeypatch.setattr(attention, "hopper_or_newer", lambda: False)
+    assert flex._auto_order(None, higher_order=False) == ("triton",)
