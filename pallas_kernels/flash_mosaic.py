@@ -58,7 +58,7 @@ from pallas_kernels.mosaic_common import (
     WGMMA_COL,
     WGMMA_ROW,
     Static,
-    flex_index_tiles,
+    flex_indices,
     flex_scores,
     flex_visible,
     hide_invisible,
@@ -499,8 +499,8 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 bias, mask, kv_seg = inputs
                 k_first = block_of(step) * block_kv
                 flex = st.flex
-                if flex is not None:  # the user's mods on scale * q.k, indices as full tiles
-                    q_idx, k_idx = flex_index_tiles(st, qk.shape, q_first, k_first, bounds)
+                if flex is not None:  # the user's mods on scale * q.k, over index vectors
+                    q_idx, k_idx = flex_indices(st, qk.shape, q_first, k_first, bounds)
                 if flex is not None and flex.score_mod is not None:
                     scores = flex_scores(st, qk * st.scale, batch, head, q_idx, k_idx)
                     logits = scores * LOG2E
@@ -1045,7 +1045,7 @@ def flex_attention(
     interpret: bool | None = None,
 ) -> tuple[Array, Array]:  # out [B, T, N, H], lse [B, T, N] float32
     """`jattn.flex_attention` on this kernel: the score_mod and mask_mod traced into the
-    forward's tiles (index tiles built 2-D, as Mosaic GPU lowers them), a block mask's lists
+    forward's tiles (over index vectors, `mosaic_common.over_tile`), a block mask's lists
     read from shared memory (its empty blocks never loaded, its full ones without mask
     arithmetic). Gradients from this kernel's backward with the mods traced into its tiles
     (score_mod's derivative by jax.jvp of the tile function) and a block mask's lists: the dq

@@ -188,26 +188,98 @@ def tile_logits(st: Static, qk: Array, bias: Array | None) -> tuple[Array, Array
     return logits * LOG2E, scores
 
 
-def flex_index_tiles(
+def flex_indices(
     st: Static, shape, q_first, k_first, bounds, transposed: bool = False
 ) -> tuple[Array, Array]:
-    """q_idx, kv_idx [bq, bk] int32 of a tile for the user's mods (keys down, [bk, bq], with
-    transposed=True, in the dk/dv kernel): full 2-D tiles (a mod vmapped over 1-D index
-    vectors does not lower on Mosaic GPU), clamped into [0, T) and [0, S) (positions past them
-    are masked anyway)."""
+    """q_idx [bq], kv_idx [bk] int32 of a tile for the user's mods: vectors in the layouts they
+    broadcast from (the tile's rows: WGMMA_ROW, its columns: WGMMA_COL; keys down in the dk/dv
+    kernel with transposed=True), clamped into [0, T) and [0, S) (positions past them are
+    masked anyway)."""
     q_axis, k_axis = (1, 0) if transposed else (0, 1)
-    q_idx = jnp.clip(q_first + tile_iota(st, shape, q_axis), 0, bounds[1] - 1)
-    k_idx = jnp.clip(k_first + tile_iota(st, shape, k_axis), 0, bounds[2] - 1)
+    q_idx = jnp.clip(q_first + vector_iota(st, shape[q_axis], q_axis), 0, bounds[1] - 1)
+    k_idx = jnp.clip(k_first + vector_iota(st, shape[k_axis], k_axis), 0, bounds[2] - 1)
     return q_idx, k_idx
 
 
-def flex_scores(st: Static, scores: Array, b, h, q_idx, k_idx) -> Array:
+def vector_iota(st: Static, n: int, axis: int) -> Array:
+    """0, 1, ..., n - 1 along a tile's axis 0 (WGMMA_ROW) or 1 (WGMMA_COL)."""
+    return layout_cast(st, lax.iota(jnp.int32, n), WGMMA_ROW if axis == 0 else WGMMA_COL)
+
+
+def over_tile(fn, q_idx: Array, k_idx: Array, *tiles: Array, transposed: bool = False) -> Array:
+    """fn(*elements of tiles, q, k), a function of scalars, over a tile whose rows are the
+    queries q_idx and columns the keys k_idx (keys down with transposed=True).
+
+    fn's jaxpr runs on the smallest operands its values need: what depends on q only runs on
+    the q_idx vector, on k only on k_idx, on neither on scalars, and a value is broadcast into
+    the tile (`lax.broadcast_in_dim` from its vector's layout, which Mosaic GPU lowers) where an
+    operation first mixes it with the other index or a tile. A full [bq, bk] index tile per
+    index would cost per element what a vector costs per row or column (iota, offset, clamp).
+    jax.vmap over rows then columns would broadcast too, but through [bq, 1] and [1, bk]
+    intermediates, which have no Mosaic GPU layout."""
+    from jax.extend.core import Literal, jaxprs_in_params
+
+    shape = (k_idx.shape[0], q_idx.shape[0]) if transposed else (q_idx.shape[0], k_idx.shape[0])
+    q_axis, k_axis = (1, 0) if transposed else (0, 1)
+    scalars = [jax.ShapeDtypeStruct((), x.dtype) for x in (*tiles, q_idx, k_idx)]
+    closed = jax.make_jaxpr(fn)(*scalars)
+    kinds = ["tile"] * len(tiles) + ["q", "k"]
+
+    def widen(x, kind, to):
+        """x of kind ('q', 'k', 'tile' or None: a scalar) as kind `to`."""
+        if kind == to:
+            return x
+        if to == "tile":
+            dims = {None: (), "q": (q_axis,), "k": (k_axis,)}[kind]
+            return lax.broadcast_in_dim(x, shape, dims)
+        return lax.broadcast_in_dim(x, (q_idx if to == "q" else k_idx).shape, ())
+
+    def run(jaxpr, consts, args, arg_kinds):
+        env = {}
+        for var, value in zip(jaxpr.constvars, consts, strict=True):
+            env[var] = (value, None)
+        for var, value, kind in zip(jaxpr.invars, args, arg_kinds, strict=True):
+            env[var] = (value, kind)
+
+        def read(v):
+            return (v.val, None) if isinstance(v, Literal) else env[v]
+
+        for eqn in jaxpr.eqns:
+            values, in_kinds = zip(*map(read, eqn.invars), strict=True) if eqn.invars else ((), ())
+            present = {k for k in in_kinds if k is not None}
+            kind = "tile" if "tile" in present or len(present) > 1 else next(iter(present), None)
+            sub = eqn.params.get("jaxpr")
+            if eqn.primitive.name in ("pjit", "jit") and sub is not None:  # jnp's jitted helpers
+                outs = run(sub.jaxpr, sub.consts, values, in_kinds)
+                for var, out in zip(eqn.outvars, outs, strict=True):
+                    env[var] = out
+                continue
+            if any(jaxprs_in_params(eqn.params)):  # custom_jvp_call ...: all as tiles
+                kind = "tile" if present else None
+            values = [
+                widen(x, k, kind) if kind else x for x, k in zip(values, in_kinds, strict=True)
+            ]
+            params = eqn.primitive.get_bind_params(eqn.params)  # older JAX: (subfuns, params)
+            subfuns, params = params if isinstance(params, tuple) else ((), params)
+            outs = eqn.primitive.bind(*subfuns, *values, **params)
+            outs = outs if eqn.primitive.multiple_results else [outs]
+            for var, out in zip(eqn.outvars, outs, strict=True):
+                env[var] = (out, kind)
+        return [read(v) for v in jaxpr.outvars]
+
+    ((out, kind),) = run(closed.jaxpr, closed.consts, [*tiles, q_idx, k_idx], kinds)
+    return widen(out, kind, "tile")
+
+
+def flex_scores(st: Static, scores: Array, b, h, q_idx, k_idx, transposed=False) -> Array:
     """The user's score_mod(score, b, h, q_idx, kv_idx) over a tile of scale * q.k."""
     one = lambda s, q, k: st.flex.score_mod(s, b, h, q, k)  # noqa: E731
-    return jax.vmap(jax.vmap(one))(scores, q_idx, k_idx).astype(jnp.float32)
+    return over_tile(one, q_idx, k_idx, scores, transposed=transposed).astype(jnp.float32)
 
 
-def flex_logits(st: Static, qk: Array, b, h, q_idx, k_idx) -> tuple[Array, Array | None]:
+def flex_logits(
+    st: Static, qk: Array, b, h, q_idx, k_idx, transposed=False
+) -> tuple[Array, Array | None]:
     """The backward's (base-2 logits, d logit / d score) of a tile under the user's score_mod,
     score = scale * q.k; the derivative from JAX (jax.jvp of the elementwise tile function with
     unit tangents), None without a score_mod (the derivative is 1)."""
@@ -215,7 +287,9 @@ def flex_logits(st: Static, qk: Array, b, h, q_idx, k_idx) -> tuple[Array, Array
     if st.flex.score_mod is None:
         return scores * LOG2E, None
     unit = layout_cast(st, jnp.ones(scores.shape, jnp.float32), WGMMA)
-    logits, slope = jax.jvp(lambda s: flex_scores(st, s, b, h, q_idx, k_idx), (scores,), (unit,))
+    logits, slope = jax.jvp(
+        lambda s: flex_scores(st, s, b, h, q_idx, k_idx, transposed), (scores,), (unit,)
+    )
     return logits * LOG2E, slope
 
 
@@ -227,21 +301,21 @@ def backward_tile_logits(
     mask_mod's visibility where the tile is masked), each None where it does not apply."""
     if st.flex is None:
         return *tile_logits(st, qk, bias), None, None
-    q_idx, k_idx = flex_index_tiles(st, qk.shape, q_first, k_first, bounds, transposed)
-    logits, slope = flex_logits(st, qk, b, h, q_idx, k_idx)
+    q_idx, k_idx = flex_indices(st, qk.shape, q_first, k_first, bounds, transposed)
+    logits, slope = flex_logits(st, qk, b, h, q_idx, k_idx, transposed)
     user_visible = None
     if masked and st.flex.mask_mod is not None:
-        user_visible = flex_visible(st, b, h, q_idx, k_idx)
+        user_visible = flex_visible(st, b, h, q_idx, k_idx, transposed)
     return logits, None, slope, user_visible
 
 
 def flex_unlowered(flex) -> set[str] | None:
     """Primitives of the user's mods, traced as the kernels trace them (`flex_logits`,
-    `flex_visible` over a [64, 64] tile), that Mosaic GPU's lowering has no rule for (warpgroup
-    code over lane arrays): empty when the mods should lower, None when this JAX's rule table
-    cannot be read (a private table: treat as unknown). `log1p` and `custom_jvp_call`
-    (jax.nn.relu, softplus) are two (seen in the CUDA lowering); `exp`, `log`, `tanh`, integer
-    `//` and `%`, comparisons and `where` lower."""
+    `flex_visible` over a [64, 64] tile from index vectors), that Mosaic GPU's lowering has no
+    rule for (warpgroup code over lane arrays): empty when the mods should lower, None when this
+    JAX's rule table cannot be read (a private table: treat as unknown). `log1p` and
+    `custom_jvp_call` (jax.nn.relu, softplus) are two (seen in the CUDA lowering); `exp`, `log`,
+    `tanh`, integer `//` and `%`, comparisons and `where` lower."""
     try:
         from jax._src import core
         from jax._src.pallas.mosaic_gpu import lowering
@@ -259,7 +333,7 @@ def flex_unlowered(flex) -> set[str] | None:
             results.append(flex_visible(probe, b, h, q_idx, k_idx))
         return [r for r in results if r is not None]
 
-    index = jax.ShapeDtypeStruct((64, 64), jnp.int32)
+    index = jax.ShapeDtypeStruct((64,), jnp.int32)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     qk = jax.ShapeDtypeStruct((64, 64), jnp.float32)
     jaxpr = jax.make_jaxpr(tile)(qk, index, index, scalar, scalar).jaxpr
@@ -274,10 +348,11 @@ def flex_unlowered(flex) -> set[str] | None:
     return set(missing(jaxpr))
 
 
-def flex_visible(st: Static, b, h, q_idx, k_idx) -> Array:
-    """The user's mask_mod(b, h, q_idx, kv_idx) over a tile: [bq, bk] bool."""
+def flex_visible(st: Static, b, h, q_idx, k_idx, transposed=False) -> Array:
+    """The user's mask_mod(b, h, q_idx, kv_idx) over a tile: [bq, bk] bool ([bk, bq] with
+    transposed=True)."""
     one = lambda q, k: st.flex.mask_mod(b, h, q, k)  # noqa: E731
-    return jax.vmap(jax.vmap(one))(q_idx, k_idx).astype(bool)
+    return over_tile(one, q_idx, k_idx, transposed=transposed).astype(bool)
 
 
 def hide_invisible(

@@ -575,11 +575,11 @@ def _mosaic_case(name, shape):
     ],
 )
 def test_mosaic_flex_matches_float64_oracle(rng, name, monkeypatch):
-    """implementation='mosaic': the mods traced into the Mosaic GPU forward (index tiles built
-    2-D), a block mask's lists read in the kernel; gradients from the Mosaic backward with the
-    mods in its tiles (score_mod's derivative by jax.jvp) and the block mask's lists, the dq
-    kernel's per query block and the dk/dv kernel's per key block (the Triton flex backward
-    must not run)."""
+    """implementation='mosaic': the mods traced into the Mosaic GPU forward (over index
+    vectors, broadcast into the tile where they meet), a block mask's lists read in the
+    kernel; gradients from the Mosaic backward with the mods in its tiles (score_mod's
+    derivative by jax.jvp) and the block mask's lists, the dq kernel's per query block and the
+    dk/dv kernel's per key block (the Triton flex backward must not run)."""
     _forbid_triton_backward(monkeypatch)
     _check_mosaic_case(rng, name, MOSAIC_SHAPE)
 
@@ -850,24 +850,48 @@ def test_none_picks_mosaic_on_hopper_where_it_serves(rng, monkeypatch):
     monkeypatch.setattr(kernel_common, "interpret_mode", lambda: True)
     assert picked(score_mod=alibi) == ["_mosaic"]
     assert picked(score_mod=closed) == ["_mosaic", "_triton"]  # declined at trace time
-    assert picked(score_mod=alibi, block_mask=blocks) == ["_triton"]
+    assert picked(score_mod=alibi, block_mask=blocks) == ["_mosaic"]
+    small = jattn.create_block_mask(causal, None, None, 150, 330, block_q=64, block_kv=64)
+    assert picked(score_mod=alibi, block_mask=small) == ["_mosaic", "_triton"]  # 64-row blocks
     assert picked(score_mod=alibi, config=SMALL) == ["_triton"]
     assert picked(jvp=True, score_mod=alibi) == ["_xla"]
     monkeypatch.setattr(attention, "hopper_or_newer", lambda: False)
     assert picked(score_mod=alibi) == ["_triton"]
 
 
-def test_auto_order_takes_mosaic_first_on_hopper_block_mask_or_not(monkeypatch):
-    from jattn import attention, flex
-    from pallas_kernels.flash_mosaic import MosaicConfig
-    from pallas_kernels.flash_triton import TritonConfig
+@pytest.mark.parametrize("transposed", [False, True])
+def test_mosaic_mods_run_on_index_vectors_until_they_meet(rng, transposed):
+    """`mosaic_common.over_tile`: a mod over a tile equals the mod applied per element; what
+    depends on one index is computed on its vector (the jaxpr has no full-tile iota or clamp,
+    and no [bq, 1] / [1, bk] shape, which Mosaic GPU cannot lay out), and a jnp helper's jit,
+    a mask_mod of one index or of none still gives a whole tile."""
+    from pallas_kernels import mosaic_common
 
-    assert flex._auto_order(None, higher_order=False) == ("xla",)  # off the GPU
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(attention, "hopper_or_newer", lambda: True)
-    assert flex._auto_order(None, higher_order=False) == ("mosaic", "triton")
-    assert flex._auto_order(None, higher_order=True) == ("xla",)
-    assert flex._auto_order(TritonConfig(), higher_order=False) == ("triton",)
-    assert flex._auto_order(MosaicConfig(), higher_order=False) == ("mosaic",)
-    monkeypatch.setattr(attention, "hopper_or_newer", lambda: False)
-    assert flex._auto_order(None, higher_order=False) == ("triton",)
+    q_idx = jnp.arange(64, dtype=jnp.int32) + 37
+    k_idx = jnp.arange(128, dtype=jnp.int32)
+    i, j = np.asarray(q_idx)[:, None], np.asarray(k_idx)[None, :]
+    scores = jnp.asarray(rng.standard_normal((64, 128)), jnp.float32)
+    tile = scores.T if transposed else scores
+
+    def alibi(s, q, k):
+        return s - jnp.exp2(-1.5) * jnp.abs(jnp.clip(q, 0, 80) - k).astype(jnp.float32)
+
+    mods = {
+        "alibi": (alibi, (tile,), scores - 2**-1.5 * np.abs(np.clip(i, 0, 80) - j)),
+        "window": (lambda q, k: jnp.abs(q - k) <= 40, (), np.abs(i - j) <= 40),
+        "keys only": (lambda q, k: k % 3 == 0, (), np.broadcast_to(j % 3 == 0, (64, 128))),
+        "constant": (lambda q, k: True, (), np.ones((64, 128), bool)),
+        "where": (lambda q, k: jnp.where(q > 50, k <= q, False), (), (i > 50) & (j <= i)),
+    }
+    for name, (fn, tiles, want) in mods.items():
+        run = lambda *t, fn=fn: mosaic_common.over_tile(  # noqa: E731
+            fn, q_idx, k_idx, *t, transposed=transposed
+        )
+        got = np.asarray(run(*tiles))
+        assert got.shape == (want.T if transposed else want).shape, name
+        np.testing.assert_allclose(got, want.T if transposed else want, atol=1e-5, err_msg=name)
+        for eqn in jax.make_jaxpr(run)(*tiles).eqns:
+            shapes = [getattr(v.aval, "shape", ()) for v in (*eqn.invars, *eqn.outvars)]
+            assert not any(1 in shape for shape in shapes), (name, eqn)
+            if eqn.primitive.name in ("iota", "clamp", "max", "min"):
+                assert all(len(shape) < 2 for shape in shapes), (name, eqn)
