@@ -11,11 +11,12 @@ forward+backward (d q, k, v), median ms (`benchmarks.flash.time_ms_together`):
   plain kernel without a bias, and cuDNN, XLA and tokamax given the dense `[1, N, T, S]` bias;
 - document masking (4 equal documents, non-causal): a mask_mod with its block mask, against
   jattn's `segment_ids`, and cuDNN and XLA given the dense `[1, 1, T, S]` mask.
-Each flex variant on the Triton kernel and on the Mosaic GPU one (`implementation='mosaic'`:
-mods that close over no arrays, so that ALiBi's slopes and the document ids come from h and the
-indices there). Dense biases and masks are arguments of the timed jit, not constants of it.
-Also the time of `create_block_mask` for the document mask at each T (jitted). A peer that
-fails or declines a cell records the error instead of a time.
+Each flex variant on the Triton kernel and on the Mosaic GPU one (`implementation='mosaic'`).
+Mosaic reads closed-over arrays only per query row and per key (the document ids, not ALiBi's
+slopes[h]): its ALiBi computes the slopes from h, and its document mask runs both ways, reading
+the ids and computing them from the indices. Dense biases and masks are arguments of the timed
+jit, not constants of it. Also the time of `create_block_mask` for the document mask at each T
+(jitted). A peer that fails or declines a cell records the error instead of a time.
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ def variants(length: int) -> dict[str, dict[str, Peer]]:
         "document": {
             "jattn flex triton (mask_mod + block mask)": flex(
                 "triton", mask_mod=doc_mod, block_mask=doc_blocks
+            ),
+            "jattn flex mosaic (mask_mod + block mask)": flex(
+                "mosaic", mask_mod=doc_mod, block_mask=doc_blocks
             ),
             "jattn flex mosaic (mask_mod from indices + block mask)": flex(
                 "mosaic", mask_mod=doc_mod_arithmetic, block_mask=doc_blocks

@@ -20,11 +20,13 @@ layers and steps; it is a pytree.
 Implementations: 'xla' evaluates both mods densely (`[B, N, T, S]`, the reference: any dtype,
 differentiable to any order by JAX itself); 'triton' traces them into the Triton flash kernel
 (CPU: Pallas interpret mode), forward and backward; 'mosaic' traces them into the Mosaic GPU
-kernels (Hopper; float16/bfloat16, mods that close over no arrays, block masks of 128 query
-rows; the backward visits the block mask's lists too where its key blocks are a multiple of its
-dk/dv programs' keys, else it is the Triton kernel's; mods are checked against Mosaic GPU's
-lowering rules first, `mosaic_common.flex_unlowered`). None picks 'mosaic' on Hopper where it serves
-the call, else 'triton', on a GPU, and 'xla' elsewhere (`_auto_order`). Semantics are
+kernels (Hopper; float16/bfloat16, block masks of 128 query rows; closed-over arrays only read
+as one integer or bool value per query row and one per key, such as document ids, which are
+computed outside the kernels, `_mosaic_vectors`; the backward visits the block mask's lists too
+where its key blocks are a multiple of its dk/dv programs' keys, else it is the Triton
+kernel's; mods are checked against Mosaic GPU's lowering rules first,
+`mosaic_common.flex_unlowered`). None picks 'mosaic' on Hopper where it serves the call, else
+'triton', on a GPU, and 'xla' elsewhere (`_auto_order`). Semantics are
 `jattn.dot_product_attention`'s: a query row that sees no key gives output 0, lse -inf and
 zero gradients, never NaN; a key holding NaN/inf reaches only the rows that see it (not yet on
 'mosaic': there a hidden key's NaN reaches the other rows of its tile, as
@@ -412,19 +414,192 @@ def _mosaic(query, key, value, score_mod, mask_mod, block_mask, scale, config):
             "use 'triton'"
         )
 
-    flex, _, blocks = _flex_spec(score_mod, mask_mod, block_mask)
-    return flash_mosaic.flex_attention(query, key, value, flex, blocks, scale=scale, config=config)
+    flex, consts, blocks = _flex_spec(score_mod, mask_mod, block_mask)
+    vectors = None
+    if consts:
+        flex, vectors = _mosaic_vectors(flex, consts, query.shape[0], query.shape[1], key.shape[1])
+    return flash_mosaic.flex_attention(
+        query, key, value, flex, blocks, vectors=vectors, scale=scale, config=config
+    )
+
+
+# --- the Mosaic path's closed-over arrays: read outside the kernel, per query row and key ------
+
+
+def _mosaic_vectors(flex, consts, batch: int, q_len: int, kv_len: int):
+    """(FlexSpec with `vectors`, ([B, T], [B, S] int32)): the mods' reads of closed-over arrays
+    (`flex.const_shapes`), moved out of the Mosaic GPU kernel, which cannot gather.
+
+    A value of a mod that reads the arrays and depends on b and q_idx only (`docs[b, q_idx]`),
+    or on b and kv_idx only (`docs[b, kv_idx]`), or on b alone (`prefix[b]`), is computed here
+    for every row (key) of every batch, as jnp evaluates it in the 'xla' path; the kernel loads
+    these vectors as it loads segment ids, and the mods take the row's and the key's value in
+    place of the reads. Served: one such value per query row and one per key, over both mods,
+    of integer or bool dtype. NotImplementedError (the Triton kernel reads the arrays itself)
+    for a read whose index depends on h or on both q_idx and kv_idx (ALiBi's slopes[h], a
+    relative-position table), a float value (a learnable bias, whose gradient the Triton path
+    gives), or more than one value per row or key."""
+    index = (jnp.int32(0),) * 4
+    n_score = flex.num_score_consts
+    mods = []  # the mods' jaxprs, with their arguments' roles and their arrays
+    if flex.score_mod is not None:
+        closed = jax.make_jaxpr(flex.score_mod)(jnp.float32(0), *index, *consts[:n_score])
+        mods.append(_Traced(closed, ("tile", "b", "h", "q", "k"), consts[:n_score]))
+    if flex.mask_mod is not None:
+        closed = jax.make_jaxpr(flex.mask_mod)(*index, *consts[n_score:])
+        mods.append(_Traced(closed, ("b", "h", "q", "k"), consts[n_score:]))
+    channels = {"q": None, "k": None}  # a query row's value, a key's: (mod, var) or None
+    for mod in mods:
+        for var, kind in _array_reads(mod.closed.jaxpr, mod.roles):
+            free = [c for c in ("q", "k") if c in kind and channels[c] in (None, (mod, var))]
+            if not free:
+                raise NotImplementedError(
+                    "the Mosaic GPU kernel takes one value per query row and one per key from "
+                    "closed-over arrays; these mods need more (use implementation='triton')"
+                )
+            channels[free[0]] = (mod, var)
+    lengths = {"q": q_len, "k": kv_len}
+    vectors = tuple(
+        jnp.zeros((batch, lengths[c]), jnp.int32)
+        if channels[c] is None
+        else _per_row(*channels[c], c, batch, lengths[c])
+        for c in ("q", "k")
+    )
+    wanted = {held[1]: c for c, held in channels.items() if held is not None}
+    kernel_mods = [_kernel_mod(mod, wanted) for mod in mods]
+    flex = dataclasses.replace(
+        flex,
+        score_mod=kernel_mods.pop(0) if flex.score_mod is not None else None,
+        mask_mod=kernel_mods.pop(0) if flex.mask_mod is not None else None,
+        num_score_consts=0,
+        const_shapes=(),
+        vectors=True,
+    )
+    return flex, vectors
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Traced:
+    closed: Any  # ClosedJaxpr of mod(*arguments, *arrays)
+    roles: tuple[str, ...]  # the arguments': "tile" (score), "b", "h", "q", "k"
+    arrays: tuple[Array, ...]
+
+
+def _per_row(mod: _Traced, var, channel: str, batch: int, length: int) -> Array:
+    """[B, length] int32: var of mod at b and q_idx (channel "q") or kv_idx ("k") = i, with
+    the other arguments 0 (var does not depend on them)."""
+
+    def one(b, i):
+        args = dict(tile=jnp.float32(0), b=b, h=jnp.int32(0), q=jnp.int32(0), k=jnp.int32(0))
+        args[channel] = i
+        values = [args[r] for r in mod.roles] + list(mod.arrays)
+        return _run(mod.closed.jaxpr, dict(zip(mod.closed.jaxpr.invars, values, strict=True)))[var]
+
+    every = jax.vmap(jax.vmap(one, (None, 0)), (0, None))
+    return every(jnp.arange(batch, dtype=jnp.int32), jnp.arange(length, dtype=jnp.int32)).astype(
+        jnp.int32
+    )
+
+
+def _kernel_mod(mod: _Traced, wanted: dict) -> Callable:
+    """mod for the kernel: its arguments, then the row's and the key's value, which stand for
+    the values `wanted` names (var -> channel); the equations that read the arrays are left
+    out."""
+    from jax.extend.core import Literal
+
+    jaxpr = mod.closed.jaxpr
+    arguments = jaxpr.invars[: len(mod.roles)]
+
+    def kernel_mod(*args):
+        env = dict(zip(arguments, args[: len(mod.roles)], strict=True))
+        for var, channel in wanted.items():
+            value = args[len(mod.roles) + ("q", "k").index(channel)]
+            dtype = var.aval.dtype
+            env[var] = value != 0 if dtype == jnp.bool_ else value.astype(dtype)
+        env = _run(jaxpr, env)
+        (out,) = [v.val if isinstance(v, Literal) else env[v] for v in jaxpr.outvars]
+        return out
+
+    return kernel_mod
+
+
+def _array_reads(jaxpr, roles) -> list:
+    """[(var, kinds)]: the values through which a mod's jaxpr (arguments with `roles`, then its
+    closed-over arrays) uses those arrays in the kernel, each a scalar computed from the arrays
+    and b with q_idx ("q") or kv_idx ("k") or neither ("qk": either serves). NotImplementedError
+    where an array is used otherwise."""
+    from jax.extend.core import Literal
+
+    roles = (*roles, *["const"] * (len(jaxpr.invars) - len(roles)))
+    deps = {v: {r} for v, r in zip(jaxpr.invars, roles, strict=True)}
+    deps |= {v: {"const"} for v in jaxpr.constvars}
+    of = lambda v: set() if isinstance(v, Literal) else deps[v]  # noqa: E731
+
+    def kinds(v) -> str | None:
+        """Where a value that uses the arrays can be computed outside the kernel."""
+        d = of(v)
+        if "const" not in d:
+            return None
+        if d <= {"b", "const"}:
+            return "qk"
+        return "q" if d <= {"b", "q", "const"} else "k" if d <= {"b", "k", "const"} else None
+
+    reads = {}
+    for eqn in jaxpr.eqns:
+        out = set().union(*map(of, eqn.invars))
+        for v in eqn.outvars:
+            deps[v] = out
+        if all(kinds(v) for v in eqn.outvars):
+            continue  # computed outside the kernel, if the kernel needs it
+        for v in eqn.invars:  # computed in the kernel from values read outside it
+            if kinds(v) is not None:
+                reads[v] = kinds(v)
+    for v in jaxpr.outvars:  # a mod's result computed outside the kernel whole
+        if kinds(v) is not None:
+            reads[v] = kinds(v)
+    if any(v.aval.shape != () for v in reads):  # an array itself, indexed in the kernel
+        raise NotImplementedError(
+            "the Mosaic GPU kernel reads closed-over arrays only at indices given by b and "
+            "q_idx, or b and kv_idx (not h, not both); use implementation='triton'"
+        )
+    for v in reads:
+        if not (jnp.issubdtype(v.aval.dtype, jnp.integer) or v.aval.dtype == jnp.bool_):
+            raise NotImplementedError(
+                f"the Mosaic GPU kernel takes integer or bool values of closed-over arrays, not "
+                f"{v.aval.dtype} (use implementation='triton')"
+            )
+    return list(reads.items())
+
+
+def _run(jaxpr, env: dict) -> dict:
+    """Evaluate the equations of jaxpr whose inputs env holds and whose outputs it does not
+    (the kernel's mods hold the per-row values in place of the array reads that give them)."""
+    from jax.extend.core import Literal
+
+    env = dict(env)
+    for eqn in jaxpr.eqns:
+        if all(v in env for v in eqn.outvars):
+            continue
+        if any(not isinstance(v, Literal) and v not in env for v in eqn.invars):
+            continue
+        ins = [v.val if isinstance(v, Literal) else env[v] for v in eqn.invars]
+        params = eqn.primitive.get_bind_params(eqn.params)  # older JAX: (subfuns, params)
+        subfuns, params = params if isinstance(params, tuple) else ((), params)
+        outs = eqn.primitive.bind(*subfuns, *ins, **params)
+        outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return env
 
 
 def _auto_order(config, higher_order: bool) -> tuple[str, ...]:
     """What implementation=None tries, in order. Off the GPU, or under forward-mode or
     second-order autodiff: 'xla'. On Hopper: 'mosaic', then 'triton' where mosaic declines (mods
-    that close over arrays or use what Mosaic GPU does not lower, float32, H > 256, block-mask
-    blocks other than 128 query rows). On the H200 (16 heads x 128, T = 4k, ms forward /
-    forward+backward, `benchmarks/results/flex_h200_mosaic.json`) mosaic took 0.33 / 1.30 for
-    ALiBi as a score_mod against triton's 0.44 / 1.62, and with a block mask 0.18 / 0.71 for
-    causal as a mask_mod against 0.26 / 2.71, 0.08 / 0.32 for a document mask against 0.13 /
-    1.13. Other GPUs: 'triton'. A config picks its kernel."""
+    that read arrays other than per query row and per key, or use what Mosaic GPU does not
+    lower, float32, H > 256, block-mask blocks other than 128 query rows). On the H200 (16
+    heads x 128, T = 4k, ms forward / forward+backward, results/flex_h200_mosaic.json) mosaic
+    took 0.33 / 1.30 for ALiBi as a score_mod against triton's 0.44 / 1.62, and with a block
+    mask 0.18 / 0.71 for causal as a mask_mod against 0.26 / 2.71, 0.08 / 0.32 for a document
+    mask against 0.13 / 1.13. Other GPUs: 'triton'. A config picks its kernel."""
     from jattn.attention import hopper_or_newer
     from pallas_kernels.flash_mosaic import MosaicConfig
     from pallas_kernels.flash_triton import TritonConfig
@@ -484,9 +659,11 @@ def flex_attention(
       ValueError: bad shapes, mods or block mask (named in the message); on 'triton', block
         mask blocks whose kernel pipelines do not fit the GPU's shared memory in one stage.
       NotImplementedError: 'triton' or 'mosaic' under forward-mode or second-order autodiff,
-        float64, or head dims above 256 (use 'xla'); 'mosaic' with mods that close over arrays
-        or use what Mosaic GPU does not lower (log1p, jax.nn's custom_jvp functions such as
-        relu), float32 or block-mask blocks other than 128 query rows (use 'triton').
+        float64, or head dims above 256 (use 'xla'); 'mosaic' with mods that read closed-over
+        arrays other than as one integer or bool value per query row and one per key (slopes[h],
+        a relative-position table, a float bias), or use what Mosaic GPU does not lower (log1p,
+        jax.nn's custom_jvp functions such as relu), float32 or block-mask blocks other than 128
+        query rows (use 'triton').
 
     Example (ALiBi and a document mask):
       >>> slopes = 2.0 ** -jnp.arange(1, 5)

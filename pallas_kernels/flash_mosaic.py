@@ -60,6 +60,7 @@ from pallas_kernels.mosaic_common import (
     Static,
     flex_indices,
     flex_scores,
+    flex_vectors,
     flex_visible,
     hide_invisible,
     interpret_kwargs,
@@ -501,8 +502,11 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 flex = st.flex
                 if flex is not None:  # the user's mods on scale * q.k, over index vectors
                     q_idx, k_idx = flex_indices(st, qk.shape, q_first, k_first, bounds)
+                vectors = flex_vectors(st, q_seg, kv_seg)
                 if flex is not None and flex.score_mod is not None:
-                    scores = flex_scores(st, qk * st.scale, batch, head, q_idx, k_idx)
+                    scores = flex_scores(
+                        st, qk * st.scale, batch, head, q_idx, k_idx, vectors=vectors
+                    )
                     logits = scores * LOG2E
                 else:
                     logits, _ = tile_logits(st, qk, bias)
@@ -510,7 +514,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                     return logits
                 user_visible = None
                 if flex is not None and flex.mask_mod is not None:
-                    user_visible = flex_visible(st, batch, head, q_idx, k_idx)
+                    user_visible = flex_visible(st, batch, head, q_idx, k_idx, vectors=vectors)
                 return hide_invisible(
                     st,
                     logits,
@@ -1037,9 +1041,10 @@ def flex_attention(
     query: Array,  # [B, T, N, H] float16/bfloat16
     key: Array,  # [B, S, K, H]
     value: Array,  # [B, S, K, H]
-    flex,  # flash_triton.FlexSpec whose mods close over no arrays
+    flex,  # flash_triton.FlexSpec whose mods close over no arrays (`vectors` instead)
     blocks: tuple[Array, ...],  # () or a BlockMask's (kv_blocks, q_blocks)
     *,
+    vectors: tuple[Array, Array] | None = None,  # flex.vectors: [B, T], [B, S] int32
     scale: float,
     config: MosaicConfig | None = None,
     interpret: bool | None = None,
@@ -1054,10 +1059,15 @@ def flex_attention(
     the blocks do not fit its programs (`flash_mosaic_bwd.block_mask_fits`) or its buffers do
     not fit the GPU.
 
-    Raises NotImplementedError for mods that close over arrays (the Triton path reads those) or
-    use a primitive Mosaic GPU does not lower (`mosaic_common.flex_unlowered`: log1p, jax.nn's
-    custom_jvp functions), float32/float64, H > 256, and block-mask blocks other than 128 query
-    rows by a multiple of 64 keys (a program's 2 x 64 rows and its key tile)."""
+    `vectors`: the per-query-row and per-key values the mods take where `flex.vectors`
+    (what they read of closed-over arrays, `jattn.flex._mosaic_vectors`), streamed as the
+    segment ids are.
+
+    Raises NotImplementedError for mods that close over arrays (jattn.flex turns the reads it
+    can into `vectors`; the Triton path reads the rest) or use a primitive Mosaic GPU does not
+    lower (`mosaic_common.flex_unlowered`: log1p, jax.nn's custom_jvp functions), float32 /
+    float64, H > 256, and block-mask blocks other than 128 query rows by a multiple of 64 keys
+    (a program's 2 x 64 rows and its key tile)."""
     _check_served(query)
     batch, q_len, num_heads, head_dim = query.shape
     kv_len = key.shape[1]
@@ -1104,7 +1114,7 @@ def flex_attention(
         dense_masks=flex.mask_mod is not None and not has_blocks,
         has_bias=False,
         has_mask=False,
-        has_segments=False,
+        has_segments=flex.vectors,
         groups=num_heads // key.shape[2],
         **_schedule(dataclasses.replace(config, persistent=False), interpret),
         flex=flex,
@@ -1130,22 +1140,27 @@ def flex_attention(
         bwd_st, check_q_len=q_len % q_tile != 0, check_kv_len=kv_len % kv_tile != 0
     )
     q_visits = _visit_lists(blocks[1]) if has_blocks else None
+    if flex.vectors and not native_backward:  # the Triton backward takes the arrays themselves
+        raise NotImplementedError(
+            "the Mosaic GPU backward does not serve this block mask or head dim, and its Triton "
+            "fallback reads closed-over arrays itself (use implementation='triton')"
+        )
 
     @jax.custom_vjp
-    def attention(query, key, value, bounds, visits, q_visits, blocks):
-        return forward(st, query, key, value, None, None, bounds, None, visits)
+    def attention(query, key, value, bounds, visits, q_visits, blocks, vectors):
+        return forward(st, query, key, value, None, None, bounds, vectors, visits)
 
-    def forward_rule(query, key, value, bounds, visits, q_visits, blocks):
-        out, lse = forward(st, query, key, value, None, None, bounds, None, visits)
-        return (out, lse), (query, key, value, out, lse, bounds, visits, q_visits, blocks)
+    def forward_rule(query, key, value, bounds, visits, q_visits, blocks, vectors):
+        out, lse = forward(st, query, key, value, None, None, bounds, vectors, visits)
+        return (out, lse), (query, key, value, out, lse, bounds, visits, q_visits, blocks, vectors)
 
     def backward_rule(residuals, cotangents):
-        query, key, value, out, lse, bounds, visits, q_visits, blocks = residuals
+        query, key, value, out, lse, bounds, visits, q_visits, blocks, vectors = residuals
         d_out, d_lse = cotangents
-        no_cotangent = jax.tree.map(lambda _: None, (bounds, visits, q_visits, blocks))
+        no_cotangent = jax.tree.map(lambda _: None, (bounds, visits, q_visits, blocks, vectors))
         if native_backward:
             dq, dk, dv = flash_mosaic_bwd.backward(
-                bwd_st, query, key, value, None, None, bounds, None, out, lse, d_out, d_lse,
+                bwd_st, query, key, value, None, None, bounds, vectors, out, lse, d_out, d_lse,
                 visits=(visits, q_visits) if has_blocks else None,
             )  # fmt: skip
             return dq, dk, dv, *no_cotangent
@@ -1165,7 +1180,9 @@ def flex_attention(
         return dq, dk, dv, *no_cotangent
 
     attention.defvjp(forward_rule, backward_rule)
-    return attention(query, key, value, bounds, visits, q_visits, tuple(blocks))
+    if flex.vectors != (vectors is not None):
+        raise ValueError(f"flex.vectors is {flex.vectors} but vectors given: {vectors is not None}")
+    return attention(query, key, value, bounds, visits, q_visits, tuple(blocks), vectors)
 
 
 def _visit_lists(kv_blocks: Array) -> Array:

@@ -46,6 +46,7 @@ from pallas_kernels.mosaic_common import (
     WGMMA_ROW,
     Static,
     backward_tile_logits,
+    flex_vectors,
     hide_invisible,
     interpret_kwargs,
     key_blocks,
@@ -217,7 +218,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
                 kv_seg = load_vector(st, scratch["kv_seg"].at[slot], WGMMA_COL)
             logits, scores, slope, user_visible = backward_tile_logits(
                 st, qk, bias, b=batch, h=head, q_first=q_first, k_first=k_first,
-                bounds=bounds, masked=masked,
+                bounds=bounds, masked=masked, vectors=flex_vectors(st, q_seg, kv_seg),
             )  # fmt: skip
             if masked:
                 logits = hide_invisible(
@@ -419,6 +420,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             logits_t, scores_t, slope_t, user_visible = backward_tile_logits(
                 st, qk_t, bias, b=batch, h=head, q_first=q_first, k_first=k_first,
                 bounds=bounds, masked=masked, transposed=True,
+                vectors=flex_vectors(st, q_seg, kv_seg),
             )  # fmt: skip
             if masked:
                 logits_t = hide_invisible(

@@ -201,7 +201,9 @@ class FlexSpec:
     program and reduced after. `block_mask`: (block_q, block_kv) when the key blocks come from
     a BlockMask's lists (empty blocks never visited, full ones without mask arithmetic; the
     kernels then tile by these blocks), None when every tile is visited (masked when there is a
-    mask_mod).
+    mask_mod). `vectors` (the Mosaic GPU kernel only, `jattn.flex._mosaic_vectors`): the mods
+    close over no arrays but take two int32 values after kv_idx, one per query row and one per
+    key column, which that kernel loads as its segment ids' vectors.
     """
 
     score_mod: Callable | None
@@ -209,6 +211,7 @@ class FlexSpec:
     num_score_consts: int
     const_shapes: tuple[tuple[int, ...], ...]
     block_mask: tuple[int, int] | None
+    vectors: bool = False
 
 
 class _Static(NamedTuple):

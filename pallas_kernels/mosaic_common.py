@@ -206,9 +206,13 @@ def vector_iota(st: Static, n: int, axis: int) -> Array:
     return layout_cast(st, lax.iota(jnp.int32, n), WGMMA_ROW if axis == 0 else WGMMA_COL)
 
 
-def over_tile(fn, q_idx: Array, k_idx: Array, *tiles: Array, transposed: bool = False) -> Array:
-    """fn(*elements of tiles, q, k), a function of scalars, over a tile whose rows are the
-    queries q_idx and columns the keys k_idx (keys down with transposed=True).
+def over_tile(
+    fn, q_idx: Array, k_idx: Array, *tiles: Array, vectors=(), transposed: bool = False
+) -> Array:
+    """fn(*elements of tiles, q, k, *vectors' elements), a function of scalars, over a tile
+    whose rows are the queries q_idx and columns the keys k_idx (keys down with
+    transposed=True); vectors: () or (a value per query, a value per key), laid out as q_idx
+    and k_idx.
 
     fn's jaxpr runs on the smallest operands its values need: what depends on q only runs on
     the q_idx vector, on k only on k_idx, on neither on scalars, and a value is broadcast into
@@ -221,9 +225,9 @@ def over_tile(fn, q_idx: Array, k_idx: Array, *tiles: Array, transposed: bool = 
 
     shape = (k_idx.shape[0], q_idx.shape[0]) if transposed else (q_idx.shape[0], k_idx.shape[0])
     q_axis, k_axis = (1, 0) if transposed else (0, 1)
-    scalars = [jax.ShapeDtypeStruct((), x.dtype) for x in (*tiles, q_idx, k_idx)]
-    closed = jax.make_jaxpr(fn)(*scalars)
-    kinds = ["tile"] * len(tiles) + ["q", "k"]
+    args = (*tiles, q_idx, k_idx, *vectors)
+    closed = jax.make_jaxpr(fn)(*[jax.ShapeDtypeStruct((), x.dtype) for x in args])
+    kinds = ["tile"] * len(tiles) + ["q", "k"] + ["q", "k"][: len(vectors)]
 
     def widen(x, kind, to):
         """x of kind ('q', 'k', 'tile' or None: a scalar) as kind `to`."""
@@ -267,18 +271,22 @@ def over_tile(fn, q_idx: Array, k_idx: Array, *tiles: Array, transposed: bool = 
                 env[var] = (out, kind)
         return [read(v) for v in jaxpr.outvars]
 
-    ((out, kind),) = run(closed.jaxpr, closed.consts, [*tiles, q_idx, k_idx], kinds)
+    ((out, kind),) = run(closed.jaxpr, closed.consts, args, kinds)
     return widen(out, kind, "tile")
 
 
-def flex_scores(st: Static, scores: Array, b, h, q_idx, k_idx, transposed=False) -> Array:
-    """The user's score_mod(score, b, h, q_idx, kv_idx) over a tile of scale * q.k."""
-    one = lambda s, q, k: st.flex.score_mod(s, b, h, q, k)  # noqa: E731
-    return over_tile(one, q_idx, k_idx, scores, transposed=transposed).astype(jnp.float32)
+def flex_scores(
+    st: Static, scores: Array, b, h, q_idx, k_idx, transposed=False, vectors=()
+) -> Array:
+    """The user's score_mod(score, b, h, q_idx, kv_idx) over a tile of scale * q.k (with the
+    query-row and key-column values of `FlexSpec.vectors` after kv_idx)."""
+    one = lambda s, q, k, *v: st.flex.score_mod(s, b, h, q, k, *v)  # noqa: E731
+    tile = over_tile(one, q_idx, k_idx, scores, vectors=vectors, transposed=transposed)
+    return tile.astype(jnp.float32)
 
 
 def flex_logits(
-    st: Static, qk: Array, b, h, q_idx, k_idx, transposed=False
+    st: Static, qk: Array, b, h, q_idx, k_idx, transposed=False, vectors=()
 ) -> tuple[Array, Array | None]:
     """The backward's (base-2 logits, d logit / d score) of a tile under the user's score_mod,
     score = scale * q.k; the derivative from JAX (jax.jvp of the elementwise tile function with
@@ -288,13 +296,24 @@ def flex_logits(
         return scores * LOG2E, None
     unit = layout_cast(st, jnp.ones(scores.shape, jnp.float32), WGMMA)
     logits, slope = jax.jvp(
-        lambda s: flex_scores(st, s, b, h, q_idx, k_idx, transposed), (scores,), (unit,)
+        lambda s: flex_scores(st, s, b, h, q_idx, k_idx, transposed, vectors), (scores,), (unit,)
     )
     return logits * LOG2E, slope
 
 
 def backward_tile_logits(
-    st: Static, qk: Array, bias, *, b, h, q_first, k_first, bounds, masked: bool, transposed=False
+    st: Static,
+    qk: Array,
+    bias,
+    *,
+    b,
+    h,
+    q_first,
+    k_first,
+    bounds,
+    masked: bool,
+    transposed=False,
+    vectors=(),
 ):
     """The backward's tile (keys down with transposed=True, in the dk/dv kernel): (base-2
     logits, scale * q.k where the soft cap's gradient needs it, d score_mod / d score, the
@@ -302,10 +321,10 @@ def backward_tile_logits(
     if st.flex is None:
         return *tile_logits(st, qk, bias), None, None
     q_idx, k_idx = flex_indices(st, qk.shape, q_first, k_first, bounds, transposed)
-    logits, slope = flex_logits(st, qk, b, h, q_idx, k_idx, transposed)
+    logits, slope = flex_logits(st, qk, b, h, q_idx, k_idx, transposed, vectors)
     user_visible = None
     if masked and st.flex.mask_mod is not None:
-        user_visible = flex_visible(st, b, h, q_idx, k_idx, transposed)
+        user_visible = flex_visible(st, b, h, q_idx, k_idx, transposed, vectors)
     return logits, None, slope, user_visible
 
 
@@ -328,9 +347,10 @@ def flex_unlowered(flex) -> set[str] | None:
     probe = types.SimpleNamespace(flex=flex, scale=1.0, interpret=True)
 
     def tile(qk, q_idx, k_idx, b, h):
-        results = list(flex_logits(probe, qk, b, h, q_idx, k_idx))
+        vectors = (q_idx, k_idx) if flex.vectors else ()  # int32 vectors, as the channels
+        results = list(flex_logits(probe, qk, b, h, q_idx, k_idx, vectors=vectors))
         if flex.mask_mod is not None:
-            results.append(flex_visible(probe, b, h, q_idx, k_idx))
+            results.append(flex_visible(probe, b, h, q_idx, k_idx, vectors=vectors))
         return [r for r in results if r is not None]
 
     index = jax.ShapeDtypeStruct((64,), jnp.int32)
@@ -348,11 +368,17 @@ def flex_unlowered(flex) -> set[str] | None:
     return set(missing(jaxpr))
 
 
-def flex_visible(st: Static, b, h, q_idx, k_idx, transposed=False) -> Array:
+def flex_visible(st: Static, b, h, q_idx, k_idx, transposed=False, vectors=()) -> Array:
     """The user's mask_mod(b, h, q_idx, kv_idx) over a tile: [bq, bk] bool ([bk, bq] with
     transposed=True)."""
-    one = lambda q, k: st.flex.mask_mod(b, h, q, k)  # noqa: E731
-    return over_tile(one, q_idx, k_idx, transposed=transposed).astype(bool)
+    one = lambda q, k, *v: st.flex.mask_mod(b, h, q, k, *v)  # noqa: E731
+    return over_tile(one, q_idx, k_idx, vectors=vectors, transposed=transposed).astype(bool)
+
+
+def flex_vectors(st: Static, q_seg, kv_seg) -> tuple:
+    """What a flex tile's mods take after kv_idx: the segment channels' vectors where
+    `FlexSpec.vectors` put the mods' per-row and per-column values there, else nothing."""
+    return (q_seg, kv_seg) if st.flex is not None and st.flex.vectors else ()
 
 
 def hide_invisible(
@@ -372,6 +398,8 @@ def hide_invisible(
     with transposed=True, in the dk/dv kernel); q_seg, kv_seg: 1-D vectors in the layout of
     their axis. The position grids are built here, per masked tile, not held across the loop
     (two int32 tiles would cost a consumer 128 registers)."""
+    if st.flex is not None:  # the segment channels carry the mods' vectors (`flex_vectors`)
+        q_seg = kv_seg = None
     shape = logits.shape
     q_axis, k_axis = (1, 0) if transposed else (0, 1)
     if q_seg is not None:

@@ -571,7 +571,8 @@ def _mosaic_case(name, shape):
         "causal_block_mask_with_alibi",
         "window_mask_mod",
         "rows_that_see_nothing",
-        "documents_block_mask",
+        # the documents with a block mask, ALiBi on top: also the closed-over ids test below
+        pytest.param("documents_block_mask", marks=pytest.mark.slow),
     ],
 )
 def test_mosaic_flex_matches_float64_oracle(rng, name, monkeypatch):
@@ -596,7 +597,8 @@ def _forbid_triton_backward(monkeypatch):
 @pytest.mark.parametrize(
     "head_dim, block_kv, fused_dq, bwd_block_kv",
     [
-        (160, 256, False, 64),  # dK, dV split by columns: 4 dk/dv programs a list row, 4 dq steps
+        # dK, dV split by columns: 4 dk/dv programs a list row, 4 dq steps (41 s interpreted)
+        pytest.param(160, 256, False, 64, marks=pytest.mark.slow),
         (160, 128, False, 128),  # dq tiles of 128 keys: one step per listed block
         (64, 128, True, 64),  # dQ added up by the dk/dv kernel at the listed query blocks
         (64, 64, False, 64),  # a dk/dv program's 128 keys span two blocks: the Triton backward
@@ -716,13 +718,9 @@ def test_mosaic_flex_backward_with_a_large_score_mod_and_padded_queries(rng):
 
 
 def test_mosaic_flex_declines_what_it_does_not_serve(rng):
-    """Mods that close over arrays, float32 and other block sizes: NotImplementedError naming
-    the alternative."""
+    """float32, primitives Mosaic GPU does not lower and other block sizes: NotImplementedError
+    naming the alternative (closed-over arrays: the test below)."""
     q, k, v = make_inputs(rng, MOSAIC_SHAPE, jnp.bfloat16)
-    slopes = jnp.asarray([0.5, 0.25])
-    alibi = lambda s, b, h, qi, kj: s - slopes[h] * jnp.abs(qi - kj)  # noqa: E731
-    with pytest.raises(NotImplementedError, match="close over no arrays.*'triton'"):
-        jattn.flex_attention(q, k, v, score_mod=alibi, implementation="mosaic")
     with pytest.raises(NotImplementedError, match="float16/bfloat16"):
         jattn.flex_attention(*(x.astype(jnp.float32) for x in (q, k, v)), implementation="mosaic")
     # what Mosaic GPU's lowering has no rule for, named before a compile fails on it
@@ -742,7 +740,7 @@ def test_mosaic_flex_declines_what_it_does_not_serve(rng):
 def test_mosaic_flex_lowers_for_cuda(rng, monkeypatch):
     """The GPU path of the Mosaic flex forward (block list in shared memory, mods over WGMMA
     tiles) lowers to Mosaic GPU for CUDA on this machine, and so does its backward, with a
-    block mask's lists and without."""
+    block mask's lists and without, and with closed-over document ids read per row and key."""
     from jax import export
 
     from pallas_kernels import flash_mosaic
@@ -778,6 +776,22 @@ def test_mosaic_flex_lowers_for_cuda(rng, monkeypatch):
         args[0], args[1], args[1]
     ).mlir_module()
     assert text.count("mosaic_gpu_v2") == 3, "forward, dq and dk/dv on Mosaic GPU"
+    assert "triton" not in text
+
+    ids = jnp.arange(384, dtype=jnp.int32) // 100  # read per query row and per key
+    same_doc = lambda b, h, qi, kj: ids[qi] == ids[kj]  # noqa: E731
+    doc_blocks = jattn.create_block_mask(same_doc, None, None, 256, 384)
+
+    def documents_loss(q, k, v):
+        out = jattn.flex_attention(
+            q, k, v, mask_mod=same_doc, block_mask=doc_blocks, implementation="mosaic"
+        )
+        return out.astype(jnp.float32).sum()
+
+    text = export.export(jax.jit(jax.grad(documents_loss, argnums=(0, 1, 2))), platforms=["cuda"])(
+        args[0], args[1], args[1]
+    ).mlir_module()
+    assert text.count("mosaic_gpu_v2") == 3, "closed-over ids: forward, dq and dk/dv"
     assert "triton" not in text
 
 
@@ -895,3 +909,85 @@ def test_mosaic_mods_run_on_index_vectors_until_they_meet(rng, transposed):
             assert not any(1 in shape for shape in shapes), (name, eqn)
             if eqn.primitive.name in ("iota", "clamp", "max", "min"):
                 assert all(len(shape) < 2 for shape in shapes), (name, eqn)
+
+
+@pytest.mark.parametrize("case", ["documents_from_ids", "prefix_lm_per_batch"])
+def test_mosaic_flex_reads_closed_over_arrays_per_row_and_key(rng, case, monkeypatch):
+    """Mods that read closed-over arrays at b and q_idx, b and kv_idx, or b alone (document
+    ids, a prefix length per sequence) run on the Mosaic kernels: the reads are computed per
+    query row and per key outside them (`jattn.flex._mosaic_vectors`) and streamed as segment
+    ids are, forward and backward (the Triton backward must not run). Against the float64
+    oracle with gradients; ALiBi from h on top of the documents, GQA, T != S, 2 sequences."""
+    _forbid_triton_backward(monkeypatch)
+    _check_closed_over_reads(rng, case, (2, 100, 160, 2, 1, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["documents_from_ids", "prefix_lm_per_batch"])
+def test_mosaic_flex_reads_closed_over_arrays_real_size_on_gpu(rng, case, monkeypatch):
+    """The same compiled on Hopper at real lengths: 1000 query rows, 1300 keys, GQA 2, H 128."""
+    _forbid_triton_backward(monkeypatch)
+    _check_closed_over_reads(rng, case, (2, 1000, 1300, 4, 2, 128))
+
+
+def _check_closed_over_reads(rng, case, shape):
+    batch, q_len, kv_len, heads = shape[:4]
+    q, k, v = make_inputs(rng, shape, jnp.bfloat16)
+    i, j = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+    score_mod, bias, block_mask = None, None, None
+    if case == "documents_from_ids":
+        q_docs = np.sort(rng.integers(0, 3, (batch, q_len)), axis=1)
+        kv_docs = np.sort(rng.integers(0, 3, (batch, kv_len)), axis=1)
+        q_ids, kv_ids = jnp.asarray(q_docs, jnp.int32), jnp.asarray(kv_docs, jnp.int32)
+        mask_mod = lambda b, h, qi, kj: q_ids[b, qi] == kv_ids[b, kj]  # noqa: E731
+        visible = q_docs[:, None, :, None] == kv_docs[:, None, None, :]
+        score_mod = lambda s, b, h, qi, kj: s - jnp.exp2(-1.0 - h) * jnp.abs(qi - kj)  # noqa: E731
+        slopes = 2.0 ** -(1.0 + np.arange(heads))
+        bias = -slopes[None, :, None, None] * np.abs(i - j)
+        block_mask = jattn.create_block_mask(mask_mod, batch, None, q_len, kv_len)
+    else:
+        prefix = jnp.asarray([30, 0], jnp.int32)  # sequence 1: causal only
+        mask_mod = lambda b, h, qi, kj: (kj < prefix[b]) | (kj <= qi)  # noqa: E731
+        visible = (j[None] < np.asarray(prefix)[:, None, None]) | (j <= i)[None]
+        visible = visible[:, None]
+
+    def run(q, k, v):
+        return jattn.flex_attention(
+            q, k, v, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
+            return_residual=True, implementation="mosaic",
+        )  # fmt: skip
+
+    (out, lse), vjp = jax.vjp(run, q, k, v)
+    d_out, d_lse = _cotangents(rng, out, lse)
+    dq, dk, dv = vjp((d_out, d_lse))
+    full = (batch, heads, q_len, kv_len)
+    bias = None if bias is None else np.broadcast_to(bias, full)
+    q64, k64, v64 = (_wide(x) for x in (q, k, v))
+    want_out, want_lse, cache = oracle.attention(
+        q64, k64, v64, bias, visible=np.broadcast_to(visible, full)
+    )
+    want = oracle.attention_vjp(cache, _wide(d_out), _wide(d_lse), None)[:3]
+    grads, want_grads = dict(dq=dq, dk=dk, dv=dv), dict(zip(("dq", "dk", "dv"), want, strict=True))
+    _assert_matches((out, lse), (want_out, want_lse), grads, want_grads, jnp.bfloat16)
+
+
+def test_mosaic_flex_declines_array_reads_it_cannot_stream(rng):
+    """What the Mosaic kernels cannot take as one value per query row and one per key: a read
+    indexed by h, or by both q_idx and kv_idx, a float value, two values per row. None falls
+    through to the Triton kernel there."""
+    q, k, v = make_inputs(rng, MOSAIC_SHAPE, jnp.bfloat16)
+    slopes = jnp.asarray([0.5, 0.25])
+    table = jnp.arange(400, dtype=jnp.int32)
+    ids = jnp.arange(400, dtype=jnp.int32) // 100
+    weight = jnp.linspace(0.0, 1.0, 400)
+    mods = {
+        "not h": dict(score_mod=lambda s, b, h, qi, kj: s - slopes[h] * jnp.abs(qi - kj)),
+        "not both": dict(mask_mod=lambda b, h, qi, kj: table[jnp.abs(qi - kj)] < 50),
+        "integer or bool": dict(score_mod=lambda s, b, h, qi, kj: s + weight[kj]),
+        "one value per query row": dict(
+            mask_mod=lambda b, h, qi, kj: (ids[qi] == ids[kj]) & (table[qi] >= kj)
+        ),
+    }
+    for message, kwargs in mods.items():
+        with pytest.raises(NotImplementedError, match=f"{message}.*'triton'"):
+            jattn.flex_attention(q, k, v, implementation="mosaic", **kwargs)
