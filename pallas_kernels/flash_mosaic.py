@@ -1050,7 +1050,7 @@ def flex_attention(
     interpret: bool | None = None,
 ) -> tuple[Array, Array]:  # out [B, T, N, H], lse [B, T, N] float32
     """`jattn.flex_attention` on this kernel: the score_mod and mask_mod traced into the
-    forward's tiles (over index vectors, `mosaic_common.over_tile`), a block mask's lists
+    forward's tiles (over index vectors, `mod_tiles.over_tile`), a block mask's lists
     read from shared memory (its empty blocks never loaded, its full ones without mask
     arithmetic). Gradients from this kernel's backward with the mods traced into its tiles
     (score_mod's derivative by jax.jvp of the tile function) and a block mask's lists: the dq
@@ -1118,6 +1118,7 @@ def flex_attention(
         groups=num_heads // key.shape[2],
         **_schedule(dataclasses.replace(config, persistent=False), interpret),
         flex=flex,
+        flex_index_bound=max(q_len, kv_len),
         flex_blocks=has_blocks,
     )
     bounds = _bounds(batch, q_len, kv_len, None, None, None)

@@ -20,6 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import common
+from pallas_kernels.mod_tiles import over_tile
 
 LOG2E = math.log2(math.e)
 CONSUMERS = 2  # compute warpgroups per program
@@ -60,6 +61,7 @@ class Static:
     head_parts: int = 1  # the dk/dv kernel: consumers share keys, each owns H / parts of dK, dV
     dkdv_stages: int = 0  # the dk/dv kernel's ring depth (0: num_stages)
     flex: object = None  # jattn.flex_attention: the user's mods (flash_triton.FlexSpec)
+    flex_index_bound: int | None = None  # the mods' q_idx and kv_idx are below it
     flex_blocks: bool = False  # the kernel visits the blocks a BlockMask lists
     flex_steps: int = 1  # the backward's kernel steps per listed block (block mask / kernel tile)
     flex_programs: int = 1  # the backward's programs per block-mask row of lists
@@ -206,82 +208,16 @@ def vector_iota(st: Static, n: int, axis: int) -> Array:
     return layout_cast(st, lax.iota(jnp.int32, n), WGMMA_ROW if axis == 0 else WGMMA_COL)
 
 
-def over_tile(
-    fn, q_idx: Array, k_idx: Array, *tiles: Array, vectors=(), transposed: bool = False
-) -> Array:
-    """fn(*elements of tiles, q, k, *vectors' elements), a function of scalars, over a tile
-    whose rows are the queries q_idx and columns the keys k_idx (keys down with
-    transposed=True); vectors: () or (a value per query, a value per key), laid out as q_idx
-    and k_idx.
-
-    fn's jaxpr runs on the smallest operands its values need: what depends on q only runs on
-    the q_idx vector, on k only on k_idx, on neither on scalars, and a value is broadcast into
-    the tile (`lax.broadcast_in_dim` from its vector's layout, which Mosaic GPU lowers) where an
-    operation first mixes it with the other index or a tile. A full [bq, bk] index tile per
-    index would cost per element what a vector costs per row or column (iota, offset, clamp).
-    jax.vmap over rows then columns would broadcast too, but through [bq, 1] and [1, bk]
-    intermediates, which have no Mosaic GPU layout."""
-    from jax.extend.core import Literal, jaxprs_in_params
-
-    shape = (k_idx.shape[0], q_idx.shape[0]) if transposed else (q_idx.shape[0], k_idx.shape[0])
-    q_axis, k_axis = (1, 0) if transposed else (0, 1)
-    args = (*tiles, q_idx, k_idx, *vectors)
-    closed = jax.make_jaxpr(fn)(*[jax.ShapeDtypeStruct((), x.dtype) for x in args])
-    kinds = ["tile"] * len(tiles) + ["q", "k"] + ["q", "k"][: len(vectors)]
-
-    def widen(x, kind, to):
-        """x of kind ('q', 'k', 'tile' or None: a scalar) as kind `to`."""
-        if kind == to:
-            return x
-        if to == "tile":
-            dims = {None: (), "q": (q_axis,), "k": (k_axis,)}[kind]
-            return lax.broadcast_in_dim(x, shape, dims)
-        return lax.broadcast_in_dim(x, (q_idx if to == "q" else k_idx).shape, ())
-
-    def run(jaxpr, consts, args, arg_kinds):
-        env = {}
-        for var, value in zip(jaxpr.constvars, consts, strict=True):
-            env[var] = (value, None)
-        for var, value, kind in zip(jaxpr.invars, args, arg_kinds, strict=True):
-            env[var] = (value, kind)
-
-        def read(v):
-            return (v.val, None) if isinstance(v, Literal) else env[v]
-
-        for eqn in jaxpr.eqns:
-            values, in_kinds = zip(*map(read, eqn.invars), strict=True) if eqn.invars else ((), ())
-            present = {k for k in in_kinds if k is not None}
-            kind = "tile" if "tile" in present or len(present) > 1 else next(iter(present), None)
-            sub = eqn.params.get("jaxpr")
-            if eqn.primitive.name in ("pjit", "jit") and sub is not None:  # jnp's jitted helpers
-                outs = run(sub.jaxpr, sub.consts, values, in_kinds)
-                for var, out in zip(eqn.outvars, outs, strict=True):
-                    env[var] = out
-                continue
-            if any(jaxprs_in_params(eqn.params)):  # custom_jvp_call ...: all as tiles
-                kind = "tile" if present else None
-            values = [
-                widen(x, k, kind) if kind else x for x, k in zip(values, in_kinds, strict=True)
-            ]
-            params = eqn.primitive.get_bind_params(eqn.params)  # older JAX: (subfuns, params)
-            subfuns, params = params if isinstance(params, tuple) else ((), params)
-            outs = eqn.primitive.bind(*subfuns, *values, **params)
-            outs = outs if eqn.primitive.multiple_results else [outs]
-            for var, out in zip(eqn.outvars, outs, strict=True):
-                env[var] = (out, kind)
-        return [read(v) for v in jaxpr.outvars]
-
-    ((out, kind),) = run(closed.jaxpr, closed.consts, args, kinds)
-    return widen(out, kind, "tile")
-
-
 def flex_scores(
     st: Static, scores: Array, b, h, q_idx, k_idx, transposed=False, vectors=()
 ) -> Array:
     """The user's score_mod(score, b, h, q_idx, kv_idx) over a tile of scale * q.k (with the
     query-row and key-column values of `FlexSpec.vectors` after kv_idx)."""
     one = lambda s, q, k, *v: st.flex.score_mod(s, b, h, q, k, *v)  # noqa: E731
-    tile = over_tile(one, q_idx, k_idx, scores, vectors=vectors, transposed=transposed)
+    tile = over_tile(
+        one, q_idx, k_idx, scores, vectors=vectors, transposed=transposed,
+        index_bound=st.flex_index_bound,
+    )  # fmt: skip
     return tile.astype(jnp.float32)
 
 
@@ -344,7 +280,7 @@ def flex_unlowered(flex) -> set[str] | None:
     except (ImportError, AttributeError, KeyError):
         return None
     # What the tile helpers read of a Static; interpret: no layout casts outside a kernel.
-    probe = types.SimpleNamespace(flex=flex, scale=1.0, interpret=True)
+    probe = types.SimpleNamespace(flex=flex, scale=1.0, interpret=True, flex_index_bound=64)
 
     def tile(qk, q_idx, k_idx, b, h):
         vectors = (q_idx, k_idx) if flex.vectors else ()  # int32 vectors, as the channels
@@ -372,7 +308,11 @@ def flex_visible(st: Static, b, h, q_idx, k_idx, transposed=False, vectors=()) -
     """The user's mask_mod(b, h, q_idx, kv_idx) over a tile: [bq, bk] bool ([bk, bq] with
     transposed=True)."""
     one = lambda q, k, *v: st.flex.mask_mod(b, h, q, k, *v)  # noqa: E731
-    return over_tile(one, q_idx, k_idx, vectors=vectors, transposed=transposed).astype(bool)
+    tile = over_tile(
+        one, q_idx, k_idx, vectors=vectors, transposed=transposed,
+        index_bound=st.flex_index_bound,
+    )  # fmt: skip
+    return tile.astype(bool)
 
 
 def flex_vectors(st: Static, q_seg, kv_seg) -> tuple:

@@ -875,11 +875,13 @@ def test_none_picks_mosaic_on_hopper_where_it_serves(rng, monkeypatch):
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_mosaic_mods_run_on_index_vectors_until_they_meet(rng, transposed):
-    """`mosaic_common.over_tile`: a mod over a tile equals the mod applied per element; what
+    """`mod_tiles.over_tile`: a mod over a tile equals the mod applied per element; what
     depends on one index is computed on its vector (the jaxpr has no full-tile iota or clamp,
     and no [bq, 1] / [1, bk] shape, which Mosaic GPU cannot lay out), and a jnp helper's jit,
-    a mask_mod of one index or of none still gives a whole tile."""
-    from pallas_kernels import mosaic_common
+    a mask_mod of one index or of none still gives a whole tile. Index arithmetic that ends in
+    a float (ALiBi's |q - kv|) has no int -> float conversion of a whole tile where the indices'
+    bound makes float32 exact, and keeps it where a literal breaks that bound."""
+    from pallas_kernels import mod_tiles
 
     q_idx = jnp.arange(64, dtype=jnp.int32) + 37
     k_idx = jnp.arange(128, dtype=jnp.int32)
@@ -890,25 +892,42 @@ def test_mosaic_mods_run_on_index_vectors_until_they_meet(rng, transposed):
     def alibi(s, q, k):
         return s - jnp.exp2(-1.5) * jnp.abs(jnp.clip(q, 0, 80) - k).astype(jnp.float32)
 
-    mods = {
-        "alibi": (alibi, (tile,), scores - 2**-1.5 * np.abs(np.clip(i, 0, 80) - j)),
-        "window": (lambda q, k: jnp.abs(q - k) <= 40, (), np.abs(i - j) <= 40),
-        "keys only": (lambda q, k: k % 3 == 0, (), np.broadcast_to(j % 3 == 0, (64, 128))),
-        "constant": (lambda q, k: True, (), np.ones((64, 128), bool)),
-        "where": (lambda q, k: jnp.where(q > 50, k <= q, False), (), (i > 50) & (j <= i)),
+    def both_uses(s, q, k):  # q - k compared as an int and converted to a float
+        return jnp.where(q - k <= 40, s + (q - k).astype(jnp.float32), s)
+
+    def far(s, q, k):  # 2**25 + q - k: float32 rounds it, as it rounds the int's conversion
+        return s + (jnp.abs(k - q) + 2**25).astype(jnp.float32)
+
+    mods = {  # name: (mod, tiles, want, int -> float conversions of a whole tile)
+        "alibi": (alibi, (tile,), scores - 2**-1.5 * np.abs(np.clip(i, 0, 80) - j), 0),
+        "both uses": (both_uses, (tile,), np.where(i - j <= 40, scores + (i - j), scores), 0),
+        "far": (far, (tile,), scores + (np.abs(j - i) + 2**25).astype(np.float32), 1),
+        "window": (lambda q, k: jnp.abs(q - k) <= 40, (), np.abs(i - j) <= 40, 0),
+        "keys only": (lambda q, k: k % 3 == 0, (), np.broadcast_to(j % 3 == 0, (64, 128)), 0),
+        "constant": (lambda q, k: True, (), np.ones((64, 128), bool), 0),
+        "where": (lambda q, k: jnp.where(q > 50, k <= q, False), (), (i > 50) & (j <= i), 0),
     }
-    for name, (fn, tiles, want) in mods.items():
-        run = lambda *t, fn=fn: mosaic_common.over_tile(  # noqa: E731
-            fn, q_idx, k_idx, *t, transposed=transposed
-        )
-        got = np.asarray(run(*tiles))
-        assert got.shape == (want.T if transposed else want).shape, name
-        np.testing.assert_allclose(got, want.T if transposed else want, atol=1e-5, err_msg=name)
-        for eqn in jax.make_jaxpr(run)(*tiles).eqns:
-            shapes = [getattr(v.aval, "shape", ()) for v in (*eqn.invars, *eqn.outvars)]
-            assert not any(1 in shape for shape in shapes), (name, eqn)
-            if eqn.primitive.name in ("iota", "clamp", "max", "min"):
-                assert all(len(shape) < 2 for shape in shapes), (name, eqn)
+    for name, (fn, tiles, want, conversions) in mods.items():
+        want = want.T if transposed else want
+        for bound in (200, None):
+            run = lambda *t, fn=fn, bound=bound: mod_tiles.over_tile(  # noqa: E731
+                fn, q_idx, k_idx, *t, transposed=transposed, index_bound=bound
+            )
+            got = np.asarray(run(*tiles))
+            assert got.shape == want.shape, name
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5, err_msg=name)
+            converted = 0
+            for eqn in jax.make_jaxpr(run)(*tiles).eqns:
+                shapes = [getattr(v.aval, "shape", ()) for v in (*eqn.invars, *eqn.outvars)]
+                assert not any(1 in shape for shape in shapes), (name, eqn)
+                if eqn.primitive.name in ("iota", "clamp"):
+                    assert all(len(shape) < 2 for shape in shapes), (name, eqn)
+                if eqn.primitive.name == "convert_element_type" and len(shapes[0]) == 2:
+                    converted += jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.integer) and (
+                        jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating)
+                    )
+            unbounded = name in ("alibi", "both uses")  # an index bound is what makes it exact
+            assert converted == conversions + (bound is None and unbounded), (name, bound)
 
 
 @pytest.mark.parametrize("case", ["documents_from_ids", "prefix_lm_per_batch"])

@@ -1,0 +1,152 @@
+"""A user's scalar mod (jattn.flex_attention's score_mod, mask_mod) evaluated over a Mosaic GPU
+tile, from index vectors: `over_tile`.
+
+The mod is a function of scalars (score, b, h, q_idx, kv_idx). The Mosaic kernels give it a
+[bq, bk] tile of scores and the tile's query and key indices as vectors in the layouts they
+broadcast from (WGMMA_ROW, WGMMA_COL). Its jaxpr is run on the smallest operands each value
+needs (`_Val.kind`): what depends on q_idx only runs on the q vector, on kv_idx only on the k
+vector, on neither on scalars, and a value is broadcast into the tile where an operation first
+mixes it with the other index or a tile. Two things this saves per element, against full index
+tiles: the iota, offset and clamp of each index, and (`_Lazy`) the int -> float conversion of
+index arithmetic such as ALiBi's |q_idx - kv_idx|, which runs on the GPU's conversion unit (a
+fraction of the FMA rate, beside the softmax's exp2 on the same kind of unit): an exact integer
+chain (add, sub, neg, abs, max, min of indices and small literals, every value below 2**24) that
+ends in a conversion to float is computed in float32 from converted vectors instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array, lax
+
+# Integer operations that float32 computes exactly while every value stays below 2**24.
+_EXACT = {"add", "sub", "neg", "abs", "max", "min"}
+_FLOAT_EXACT = 2**24
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lazy:
+    """An int32 tile not yet computed: prim(*operands), each operand a `_Val`."""
+
+    prim: Any
+    params: dict
+    operands: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class _Val:
+    value: Any  # an array, a scalar or a _Lazy tile
+    kind: str | None  # "q", "k" (vectors along the tile's axes), "tile", None (a scalar)
+    bound: int | None = None  # an integer value's largest magnitude, where known
+
+
+def over_tile(
+    fn,
+    q_idx: Array,
+    k_idx: Array,
+    *tiles: Array,
+    vectors=(),
+    transposed: bool = False,
+    index_bound: int | None = None,
+) -> Array:
+    """fn(*elements of tiles, q, k, *vectors' elements), a function of scalars, over a tile
+    whose rows are the queries q_idx and columns the keys k_idx (keys down with
+    transposed=True); vectors: () or (a value per query, a value per key), laid out as q_idx
+    and k_idx. index_bound: q_idx and k_idx are below it (None: unknown, no float rewrite).
+
+    jax.vmap over rows then columns would broadcast too, but through [bq, 1] and [1, bk]
+    intermediates, which have no Mosaic GPU layout."""
+    from jax.extend.core import Literal, jaxprs_in_params
+
+    shape = (k_idx.shape[0], q_idx.shape[0]) if transposed else (q_idx.shape[0], k_idx.shape[0])
+    dims = {None: (), "q": (1,) if transposed else (0,), "k": (0,) if transposed else (1,)}
+    lengths = {"q": q_idx.shape, "k": k_idx.shape}
+
+    def widen(val: _Val, to: str | None, dtype=None):
+        """val's value as kind `to` (a _Lazy computed: in int32, or from float32 leaves when
+        dtype is a float type)."""
+        x = val.value
+        if isinstance(x, _Lazy):
+            return _compute(x, dtype)
+        if dtype is not None:
+            x = lax.convert_element_type(x, dtype)
+        if val.kind == to or to is None:
+            return x
+        if to == "tile":
+            return lax.broadcast_in_dim(x, shape, dims[val.kind])
+        return lax.broadcast_in_dim(x, lengths[to], ())
+
+    def _compute(lazy: _Lazy, dtype):
+        operands = [widen(v, "tile", dtype) for v in lazy.operands]
+        return lazy.prim.bind(*operands, **lazy.params)
+
+    def exact_bound(eqn, vals) -> int | None:
+        """The result's largest magnitude if eqn is an exact integer operation on operands of
+        known bounds, else None."""
+        dtype = eqn.outvars[0].aval.dtype
+        if any(v.bound is None for v in vals) or not jnp.issubdtype(dtype, jnp.integer):
+            return None
+        bounds = [v.bound for v in vals]
+        if eqn.primitive.name == "convert_element_type":  # between integer types
+            return bounds[0] if bounds[0] <= jnp.iinfo(dtype).max else None
+        if eqn.primitive.name not in _EXACT:
+            return None
+        return sum(bounds) if eqn.primitive.name in ("add", "sub") else max(bounds)
+
+    def run(jaxpr, consts, args: list[_Val]) -> list[_Val]:
+        env = {}
+        for var, value in zip(jaxpr.constvars, consts, strict=True):
+            env[var] = _Val(value, None)
+        env.update(zip(jaxpr.invars, args, strict=True))
+
+        def read(v) -> _Val:
+            if not isinstance(v, Literal):
+                return env[v]
+            integer = jnp.issubdtype(np.asarray(v.val).dtype, jnp.integer)
+            return _Val(v.val, None, abs(int(v.val)) if integer else None)
+
+        for eqn in jaxpr.eqns:
+            vals = [read(v) for v in eqn.invars]
+            present = {v.kind for v in vals if v.kind is not None}
+            kind = "tile" if "tile" in present or len(present) > 1 else next(iter(present), None)
+            sub = eqn.params.get("jaxpr")
+            if eqn.primitive.name in ("pjit", "jit") and sub is not None:  # jnp's jitted helpers
+                env.update(zip(eqn.outvars, run(sub.jaxpr, sub.consts, vals), strict=True))
+                continue
+            bound = exact_bound(eqn, vals)
+            if kind == "tile" and bound is not None and bound < _FLOAT_EXACT:
+                (out,) = eqn.outvars
+                env[out] = _Val(_Lazy(eqn.primitive, eqn.params, tuple(vals)), "tile", bound)
+                continue
+            lazy_in = any(isinstance(v.value, _Lazy) for v in vals)
+            to_float = eqn.primitive.name == "convert_element_type" and jnp.issubdtype(
+                eqn.params["new_dtype"], jnp.floating
+            )
+            if lazy_in and to_float:  # the chain in float32, from converted leaves
+                value = widen(vals[0], "tile", jnp.float32).astype(eqn.params["new_dtype"])
+                env[eqn.outvars[0]] = _Val(value, "tile")
+                continue
+            if any(jaxprs_in_params(eqn.params)):  # custom_jvp_call ...: all as tiles
+                kind = "tile" if present else None
+            values = [widen(v, kind) if kind else v.value for v in vals]
+            params = eqn.primitive.get_bind_params(eqn.params)  # older JAX: (subfuns, params)
+            subfuns, params = params if isinstance(params, tuple) else ((), params)
+            outs = eqn.primitive.bind(*subfuns, *values, **params)
+            outs = outs if eqn.primitive.multiple_results else [outs]
+            for var, out in zip(eqn.outvars, outs, strict=True):
+                env[var] = _Val(out, kind, bound)
+        return [read(v) for v in jaxpr.outvars]
+
+    args = (*tiles, q_idx, k_idx, *vectors)
+    closed = jax.make_jaxpr(fn)(*[jax.ShapeDtypeStruct((), x.dtype) for x in args])
+    kinds = ["tile"] * len(tiles) + ["q", "k"] + ["q", "k"][: len(vectors)]
+    index = [index_bound, index_bound] + [None] * len(vectors)
+    bounds = [None] * len(tiles) + index
+    vals = [_Val(x, k, b) for x, k, b in zip(args, kinds, bounds, strict=True)]
+    (out,) = run(closed.jaxpr, closed.consts, vals)
+    return widen(out, "tile")
