@@ -226,14 +226,21 @@ def flex_logits(
 ) -> tuple[Array, Array | None]:
     """The backward's (base-2 logits, d logit / d score) of a tile under the user's score_mod,
     score = scale * q.k; the derivative from JAX (jax.jvp of the elementwise tile function with
-    unit tangents), None without a score_mod (the derivative is 1)."""
+    unit tangents), None where it is 1: without a score_mod, and where the score_mod only adds
+    to the score (ALiBi, a relative bias: its jvp hands the score's tangent back unchanged, seen
+    in a trace of it), so the backward skips a multiply per element."""
     scores = qk * st.scale
     if st.flex.score_mod is None:
         return scores * LOG2E, None
+
+    def tile(s):
+        return flex_scores(st, s, b, h, q_idx, k_idx, transposed, vectors)
+
+    tangent = jax.make_jaxpr(lambda s, t: jax.jvp(tile, (s,), (t,))[1])(scores, scores).jaxpr
+    if tangent.outvars[0] is tangent.invars[1]:  # d score_mod / d score == 1
+        return tile(scores) * LOG2E, None
     unit = layout_cast(st, jnp.ones(scores.shape, jnp.float32), WGMMA)
-    logits, slope = jax.jvp(
-        lambda s: flex_scores(st, s, b, h, q_idx, k_idx, transposed, vectors), (scores,), (unit,)
-    )
+    logits, slope = jax.jvp(tile, (scores,), (unit,))
     return logits * LOG2E, slope
 
 

@@ -1010,3 +1010,32 @@ def test_mosaic_flex_declines_array_reads_it_cannot_stream(rng):
     for message, kwargs in mods.items():
         with pytest.raises(NotImplementedError, match=f"{message}.*'triton'"):
             jattn.flex_attention(q, k, v, implementation="mosaic", **kwargs)
+
+
+def test_mosaic_backward_skips_the_slope_of_a_score_mod_that_only_adds(rng):
+    """`mosaic_common.flex_logits`: d score_mod / d score is None (1, no multiply per element)
+    for a score_mod that adds to the score (ALiBi), and a tile for one that scales it, equal to
+    JAX's derivative."""
+    import types
+
+    from pallas_kernels import mosaic_common
+    from pallas_kernels.flash_triton import FlexSpec
+
+    qk = jnp.asarray(rng.standard_normal((64, 128)), jnp.float32)
+    q_idx, k_idx = jnp.arange(64, dtype=jnp.int32), jnp.arange(128, dtype=jnp.int32)
+    mods = {
+        "alibi": lambda s, b, h, qi, kj: s - jnp.exp2(-1.0 - h) * jnp.abs(qi - kj),
+        "soft cap": lambda s, b, h, qi, kj: 30.0 * jnp.tanh(s / 30.0),
+    }
+    for name, mod in mods.items():
+        flex = FlexSpec(mod, None, 0, (), None)
+        st = types.SimpleNamespace(flex=flex, scale=0.5, interpret=True, flex_index_bound=128)
+        logits, slope = mosaic_common.flex_logits(st, qk, 0, 1, q_idx, k_idx)
+        want = jax.vmap(jax.vmap(lambda s, q, k, mod=mod: mod(s, 0, 1, q, k)))(
+            0.5 * qk, *jnp.meshgrid(q_idx, k_idx, indexing="ij")
+        )
+        np.testing.assert_allclose(logits, want * np.log2(np.e), rtol=1e-5, atol=1e-5)
+        if name == "alibi":
+            assert slope is None
+        else:
+            np.testing.assert_allclose(slope, 1.0 - np.tanh(0.5 * qk / 30.0) ** 2, rtol=1e-5)
