@@ -594,6 +594,23 @@ def _forbid_triton_backward(monkeypatch):
     monkeypatch.setattr(flash_triton, "flex_backward", no_triton)
 
 
+def _matches_oracle(rng, run, q, k, v, bias, visible):
+    """run(q, k, v) -> (out, lse) and its vjp against the float64 oracle with `bias` and
+    `visible` (broadcast to [B, N, T, S]); returns (out, dq)."""
+    (out, lse), vjp = jax.vjp(run, q, k, v)
+    d_out, d_lse = _cotangents(rng, out, lse)
+    dq, dk, dv = vjp((d_out, d_lse))
+    full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    bias = None if bias is None else np.broadcast_to(bias, full)
+    visible = np.ones(full, bool) if visible is None else np.broadcast_to(visible, full)
+    q64, k64, v64 = (_wide(x) for x in (q, k, v))
+    want_out, want_lse, cache = oracle.attention(q64, k64, v64, bias, visible=visible)
+    want = oracle.attention_vjp(cache, _wide(d_out), _wide(d_lse), None)[:3]
+    grads, want_grads = dict(dq=dq, dk=dk, dv=dv), dict(zip(("dq", "dk", "dv"), want, strict=True))
+    _assert_matches((out, lse), (want_out, want_lse), grads, want_grads, jnp.bfloat16)
+    return out, dq
+
+
 @pytest.mark.parametrize(
     "head_dim, block_kv, fused_dq, bwd_block_kv",
     [
@@ -622,7 +639,7 @@ def test_mosaic_flex_backward_visits_block_mask_lists(
     monkeypatch.setattr(flash_triton, "flex_backward", counted)
     shape = (1, 100, 330, 2, 1, head_dim)  # 128-key blocks: 0 and 2 listed, 1 empty
     q, k, v = make_inputs(rng, shape, jnp.bfloat16)
-    _, q_len, kv_len, heads = shape[:4]
+    q_len, kv_len = shape[1:3]
     i, j = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
     offset = kv_len - q_len
     mask_mod = lambda b, h, qi, kj: (kj <= qi + offset) & (kj // 128 != 1)  # noqa: E731
@@ -638,17 +655,7 @@ def test_mosaic_flex_backward_visits_block_mask_lists(
             config=config,
         )  # fmt: skip
 
-    (out, lse), vjp = jax.vjp(run, q, k, v)
-    d_out, d_lse = _cotangents(rng, out, lse)
-    dq, dk, dv = vjp((d_out, d_lse))
-    full = (1, heads, q_len, kv_len)
-    q64, k64, v64 = (_wide(x) for x in (q, k, v))
-    want_out, want_lse, cache = oracle.attention(
-        q64, k64, v64, None, visible=np.broadcast_to(visible, full)
-    )
-    want = oracle.attention_vjp(cache, _wide(d_out), _wide(d_lse), None)[:3]
-    grads, want_grads = dict(dq=dq, dk=dk, dv=dv), dict(zip(("dq", "dk", "dv"), want, strict=True))
-    _assert_matches((out, lse), (want_out, want_lse), grads, want_grads, jnp.bfloat16)
+    _matches_oracle(rng, run, q, k, v, None, visible)
     assert ran == ([True] if block_kv == 64 else [])
 
 
@@ -666,7 +673,7 @@ def test_mosaic_flex_real_size_on_gpu(rng, name):
 def _check_mosaic_case(rng, name, shape):
     q, k, v = make_inputs(rng, shape, jnp.bfloat16)
     score_mod, mask_mod, use_blocks, (bias, visible) = _mosaic_case(name, shape)
-    batch, q_len, kv_len, heads = shape[:4]
+    q_len, kv_len = shape[1:3]
     block_mask = None
     if use_blocks:
         block_mask = jattn.create_block_mask(mask_mod, None, None, q_len, kv_len)
@@ -683,17 +690,7 @@ def _check_mosaic_case(rng, name, shape):
             implementation="mosaic",
         )
 
-    (out, lse), vjp = jax.vjp(run, q, k, v)
-    d_out, d_lse = _cotangents(rng, out, lse)
-    dq, dk, dv = vjp((d_out, d_lse))
-    full = (batch, heads, q_len, kv_len)
-    visible = np.ones(full, bool) if visible is None else np.broadcast_to(visible, full)
-    bias = None if bias is None else np.broadcast_to(bias, full)
-    q64, k64, v64 = (_wide(x) for x in (q, k, v))
-    want_out, want_lse, cache = oracle.attention(q64, k64, v64, bias, visible=visible)
-    want_dq, want_dk, want_dv, _ = oracle.attention_vjp(cache, _wide(d_out), _wide(d_lse), None)
-    grads, want_grads = dict(dq=dq, dk=dk, dv=dv), dict(dq=want_dq, dk=want_dk, dv=want_dv)
-    _assert_matches((out, lse), (want_out, want_lse), grads, want_grads, jnp.bfloat16)
+    out, dq = _matches_oracle(rng, run, q, k, v, bias, visible)
     if name == "rows_that_see_nothing":
         assert (np.asarray(out[:, :55]) == 0).all() and (np.asarray(dq[:, :55]) == 0).all()
 
@@ -750,49 +747,31 @@ def test_mosaic_flex_lowers_for_cuda(rng, monkeypatch):
     score_mod, mask_mod, _, _ = _mosaic_case("causal_block_mask_with_alibi", shape)
     block_mask = jattn.create_block_mask(mask_mod, None, None, 256, 384)
     spec = jax.ShapeDtypeStruct
-
-    def loss(q, k, v):
-        out = jattn.flex_attention(
-            q, k, v, score_mod=score_mod, block_mask=block_mask, implementation="mosaic"
-        )
-        return out.astype(jnp.float32).sum()
-
-    args = [spec((1, 256, 2, 128), jnp.bfloat16), spec((1, 384, 1, 128), jnp.bfloat16)]
-    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    text = export.export(
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"], disabled_checks=[triton]
-    )(args[0], args[1], args[1]).mlir_module()
-    assert text.count("mosaic_gpu_v2") == 3, "forward, dq and dk/dv, visiting the lists"
-    assert "triton" not in text
-
-    def dense_loss(q, k, v):  # no block mask: the Mosaic backward, mods traced into its tiles
-        window = _mosaic_case("window_mask_mod", shape)[1]
-        out = jattn.flex_attention(
-            q, k, v, score_mod=score_mod, mask_mod=window, implementation="mosaic"
-        )
-        return out.astype(jnp.float32).sum()
-
-    text = export.export(jax.jit(jax.grad(dense_loss, argnums=(0, 1, 2))), platforms=["cuda"])(
-        args[0], args[1], args[1]
-    ).mlir_module()
-    assert text.count("mosaic_gpu_v2") == 3, "forward, dq and dk/dv on Mosaic GPU"
-    assert "triton" not in text
-
+    window = _mosaic_case("window_mask_mod", shape)[1]
     ids = jnp.arange(384, dtype=jnp.int32) // 100  # read per query row and per key
     same_doc = lambda b, h, qi, kj: ids[qi] == ids[kj]  # noqa: E731
-    doc_blocks = jattn.create_block_mask(same_doc, None, None, 256, 384)
+    calls = {
+        "the block mask's lists": dict(score_mod=score_mod, block_mask=block_mask),
+        "no block mask, mods in every tile": dict(score_mod=score_mod, mask_mod=window),
+        "closed-over ids": dict(
+            mask_mod=same_doc,
+            block_mask=jattn.create_block_mask(same_doc, None, None, 256, 384),
+        ),
+    }
+    args = [spec((1, 256, 2, 128), jnp.bfloat16), spec((1, 384, 1, 128), jnp.bfloat16)]
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")  # named if it ran
+    for name, mods in calls.items():
 
-    def documents_loss(q, k, v):
-        out = jattn.flex_attention(
-            q, k, v, mask_mod=same_doc, block_mask=doc_blocks, implementation="mosaic"
-        )
-        return out.astype(jnp.float32).sum()
+        def loss(q, k, v, mods=mods):
+            out = jattn.flex_attention(q, k, v, implementation="mosaic", **mods)
+            return out.astype(jnp.float32).sum()
 
-    text = export.export(jax.jit(jax.grad(documents_loss, argnums=(0, 1, 2))), platforms=["cuda"])(
-        args[0], args[1], args[1]
-    ).mlir_module()
-    assert text.count("mosaic_gpu_v2") == 3, "closed-over ids: forward, dq and dk/dv"
-    assert "triton" not in text
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        text = export.export(grads, platforms=["cuda"], disabled_checks=[triton])(
+            args[0], args[1], args[1]
+        ).mlir_module()
+        assert text.count("mosaic_gpu_v2") == 3, f"{name}: forward, dq and dk/dv"
+        assert "triton" not in text, name
 
 
 @pytest.mark.parametrize("head_dim, fused_dq", [(128, False), (128, True), (256, False)])
@@ -976,18 +955,7 @@ def _check_closed_over_reads(rng, case, shape):
             return_residual=True, implementation="mosaic",
         )  # fmt: skip
 
-    (out, lse), vjp = jax.vjp(run, q, k, v)
-    d_out, d_lse = _cotangents(rng, out, lse)
-    dq, dk, dv = vjp((d_out, d_lse))
-    full = (batch, heads, q_len, kv_len)
-    bias = None if bias is None else np.broadcast_to(bias, full)
-    q64, k64, v64 = (_wide(x) for x in (q, k, v))
-    want_out, want_lse, cache = oracle.attention(
-        q64, k64, v64, bias, visible=np.broadcast_to(visible, full)
-    )
-    want = oracle.attention_vjp(cache, _wide(d_out), _wide(d_lse), None)[:3]
-    grads, want_grads = dict(dq=dq, dk=dk, dv=dv), dict(zip(("dq", "dk", "dv"), want, strict=True))
-    _assert_matches((out, lse), (want_out, want_lse), grads, want_grads, jnp.bfloat16)
+    _matches_oracle(rng, run, q, k, v, bias, visible)
 
 
 def test_mosaic_flex_declines_array_reads_it_cannot_stream(rng):
