@@ -1073,6 +1073,8 @@ def flex_attention(
     kv_len = key.shape[1]
     if config is not None and not isinstance(config, MosaicConfig):
         raise ValueError(f"mosaic needs a MosaicConfig, got {type(config).__name__}")
+    if flex.vectors != (vectors is not None):
+        raise ValueError(f"flex.vectors is {flex.vectors} but vectors given: {vectors is not None}")
     if flex.const_shapes:
         raise NotImplementedError(
             "the Mosaic GPU kernel's flex path serves mods that close over no arrays; "
@@ -1181,8 +1183,6 @@ def flex_attention(
         return dq, dk, dv, *no_cotangent
 
     attention.defvjp(forward_rule, backward_rule)
-    if flex.vectors != (vectors is not None):
-        raise ValueError(f"flex.vectors is {flex.vectors} but vectors given: {vectors is not None}")
     return attention(query, key, value, bounds, visits, q_visits, tuple(blocks), vectors)
 
 
