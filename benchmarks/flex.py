@@ -250,6 +250,10 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--block-mask-lengths", type=int, nargs="*", default=[],
+        help="more lengths to time create_block_mask at, without the attention cells",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     record = dict(environment=environment(), heads=HEADS, head_dim=HEAD_DIM, batch=1, rows=[])
 
@@ -259,6 +263,8 @@ def main(argv=None) -> None:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1, default=str)
 
+    for length in args.block_mask_lengths:  # cheap: first, before a time limit can cut them
+        save(dict(variant="create_block_mask", T=length, ms=block_mask_ms(length, args.repeats)))
     rows = run_cells(args.lengths, args.modes, args.repeats, on_row=save)
     plot(rows, args.plot or args.json.rsplit(".", 1)[0] + ".png")
 

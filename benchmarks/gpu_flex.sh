@@ -12,5 +12,5 @@ timeout "${TEST_SECONDS:-200}" python3 -m pytest -m gpu -o addopts="-ra" -p no:c
 tail -3 "$out/flex_tests.txt"; grep -E "^(FAILED|ERROR)" "$out/flex_tests.txt" | head
 # shellcheck disable=SC2086  # word splitting of the list is wanted
 timeout "${BENCH_SECONDS:-330}" python3 -m benchmarks.flex --json "$out/flex.json" \
-    --lengths ${LENGTHS:-4096 8192} > "$out/flex_bench.txt" 2>&1
+    --lengths ${LENGTHS:-4096 8192} --block-mask-lengths 16384 > "$out/flex_bench.txt" 2>&1
 grep "^{'variant'" "$out/flex_bench.txt" | cut -c1-150
