@@ -63,7 +63,9 @@ from pallas_kernels.mosaic_common import (
     flex_vectors,
     flex_visible,
     hide_invisible,
+    idiv,
     interpret_kwargs,
+    irem,
     key_blocks,
     layout_cast,
     load_vector,
@@ -344,7 +346,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
     if st.persistent:  # tiles program, program + programs, ... of the flat grid
         program = lax.axis_index("programs")
         num_tiles = math.prod(grid)
-        my_tiles = lax.div(num_tiles - 1 - program, programs) + 1
+        my_tiles = idiv(num_tiles - 1 - program, programs) + 1
     else:
         program, my_tiles = 0, 1
 
@@ -381,7 +383,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
     def slot_of(count):
         if isinstance(count, int):  # static (a tile's first step, count 0): a Python int, not a
             return count % stages  # constant array, which the wgmma regions reject on JAX 0.11
-        return lax.rem(count, stages)
+        return irem(count, stages)
 
     await_block_list()
 
@@ -391,7 +393,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
 
         def produce_tile(i, base):
             head, batch, _, program_first, lo, hi = tile_of(i)
-            kv_head = lax.div(head, st.groups)
+            kv_head = idiv(head, st.groups)
             program_rows = pl.ds(program_first, rows_per_program)
 
             @pl.loop(lo, hi)

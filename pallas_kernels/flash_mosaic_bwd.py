@@ -48,7 +48,9 @@ from pallas_kernels.mosaic_common import (
     backward_tile_logits,
     flex_vectors,
     hide_invisible,
+    idiv,
     interpret_kwargs,
+    irem,
     key_blocks,
     layout_cast,
     load_vector,
@@ -103,7 +105,7 @@ def _produce(scratch, lo, hi, stages: int, copies) -> None:
 
     @pl.loop(lo, hi)
     def _(step):
-        slot = lax.rem(step - lo, stages)
+        slot = irem(step - lo, stages)
 
         @pl.when(step - lo >= stages)
         def _():
@@ -113,7 +115,7 @@ def _produce(scratch, lo, hi, stages: int, copies) -> None:
 
     @pl.loop(jnp.maximum(lo, hi - stages), hi)
     def _(step):
-        plgpu.barrier_wait(scratch["consumed"].at[lax.rem(step - lo, stages)])
+        plgpu.barrier_wait(scratch["consumed"].at[irem(step - lo, stages)])
 
 
 def _await_visit_list(st: Static, refs, scratch, batch, head, program):
@@ -125,7 +127,7 @@ def _await_visit_list(st: Static, refs, scratch, batch, head, program):
     @pl.when(lax.axis_index("wg") == CONSUMERS)
     def _():
         lists = refs["visits"]
-        row = lax.div(program, st.flex_programs)
+        row = idiv(program, st.flex_programs)
         source = pair_window(lists, batch, head, row, pl.ds(0, lists.shape[-1]))
         plgpu.copy_gmem_to_smem(source, scratch["visits"], scratch["visits_ready"])
 
@@ -140,8 +142,8 @@ def _block_of(st: Static, scratch, step):
         return step
     if st.flex_steps == 1:
         return scratch["visits"][2 + step]
-    listed = scratch["visits"][2 + lax.div(step, st.flex_steps)]
-    return listed * st.flex_steps + lax.rem(step, st.flex_steps)
+    listed = scratch["visits"][2 + idiv(step, st.flex_steps)]
+    return listed * st.flex_steps + irem(step, st.flex_steps)
 
 
 # --- dq ----------------------------------------------------------------------------------------
@@ -161,7 +163,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
 
     @pl.when(wg == CONSUMERS)
     def _producer():
-        kv_head = lax.div(head, st.groups)
+        kv_head = idiv(head, st.groups)
 
         def copies(step, slot, barrier):
             keys = pl.ds(_block_of(st, scratch, step) * block_kv, block_kv)
@@ -203,7 +205,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
         q_smem, d_out_smem = scratch["q"].at[wg], scratch["d_out"].at[wg]
 
         def visit(step, dq, *, masked: bool):
-            slot = lax.rem(step - lo, stages)
+            slot = irem(step - lo, stages)
             plgpu.barrier_wait(scratch["produced"].at[slot])
             k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
             k_first = _block_of(st, scratch, step) * block_kv
@@ -344,7 +346,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         keys_at, own = (0, wg) if split else (wg, 0)
         k_first = program_first + keys_at * block_kv
         keys = pl.ds(k_first, block_kv)
-        kv_head = lax.div(head, st.groups)
+        kv_head = idiv(head, st.groups)
         ready = scratch["rows_produced"].at[keys_at]
         # one part: each consumer loads its own keys; two: consumer w loads part w of both's
         for name in ("k", "v"):
@@ -399,7 +401,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
 
         def visit(step, carry, *, masked: bool):
             dk, dv = carry
-            slot = lax.rem(step - lo, stages)
+            slot = irem(step - lo, stages)
             plgpu.barrier_wait(scratch["produced"].at[slot])
             q_parts = [part_of("q", slot, part) for part in range(parts)]
             d_out_parts = [part_of("d_out", slot, part) for part in range(parts)]

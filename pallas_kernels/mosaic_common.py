@@ -15,6 +15,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array, lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -73,6 +74,17 @@ class Static:
 WGMMA = plgpu.Layout.WGMMA
 WGMMA_ROW = plgpu.Layout.WGMMA.reduce(1)  # [block_q] vectors: one value per row
 WGMMA_COL = plgpu.Layout.WGMMA.reduce(0)  # [block_kv] vectors: one value per column
+
+
+def idiv(x: Array, n: int) -> Array:
+    """x // n of an int32 index x >= 0 by a static n, int32 with jax_enable_x64 on too (lax
+    takes a Python int as int64 there); n a literal, not a constant array."""
+    return lax.div(x, np.int32(n))
+
+
+def irem(x: Array, n: int) -> Array:
+    """x % n of an int32 index x >= 0 by a static n (as `idiv`)."""
+    return lax.rem(x, np.int32(n))
 
 
 def layout_cast(st: Static, x: Array, layout) -> Array:

@@ -242,3 +242,37 @@ def test_mosaic_declines_x64_and_auto_falls_through(rng):
     np.testing.assert_allclose(
         np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2
     )
+
+
+@pytest.mark.parametrize("feature", ["causal_window_bias_softcap", "segments_causal_lengths"])
+def test_mosaic_kernels_trace_int32_under_x64(rng, feature, monkeypatch):
+    """Groundwork for serving x64 on Mosaic: traced for the GPU with jax_enable_x64 on (set
+    globally, as a script sets it), the forward, dq and dk/dv kernels hold no 64-bit integer:
+    their index arithmetic divides by int32 literals (`mosaic_common.idiv` / `irem`), where lax
+    refused an int32 index by a Python int before. `implementation='mosaic'` still declines
+    x64: in interpret mode the segments case hangs under x64 (benchmarks/NOTES.md, stop 27),
+    and nothing has run on a GPU."""
+    from jattn.attention import check_attention_args, option_kwargs
+    from pallas_kernels import common, flash_mosaic
+
+    from cases import kernel_int64_values
+
+    monkeypatch.setattr(common, "interpret_mode", lambda: False)
+    shape = (1, 150, 200, 2, 1, 64)
+    config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        options = make_options(rng, feature, shape)
+        q, k, v = make_inputs(rng, shape, jnp.bfloat16)
+
+        def loss(q, k, v):
+            args = check_attention_args(q, k, v, **options)
+            out, _ = flash_mosaic.flash_attention(
+                q, k, v, args.bias, args.mask, config=config, **option_kwargs(args)
+            )
+            return jnp.sum(out.astype(jnp.float32))
+
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    assert kernel_int64_values(jaxpr) == []
