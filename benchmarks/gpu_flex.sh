@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device command for flex_attention (issue 16): its -m gpu tests (the Mosaic path's forward
-# and backward, block-mask lists included, against the float64 oracle), then the flex benchmark
+# and backward, block-mask lists included, against the float64 oracle; and the Mosaic kernels
+# compiled under x64, issue 19), then the flex benchmark
 # beside the native kernels, cuDNN, XLA and tokamax (JSON saved row by row). Every step's output
 # is kept under $OUT. From the repository root, with .whl carried (about 7 minutes):
 #   bash benchmarks/gpu_flex.sh
@@ -8,7 +9,7 @@
 set -uo pipefail
 source benchmarks/gpu_env.sh
 timeout "${TEST_SECONDS:-200}" python3 -m pytest -m gpu -o addopts="-ra" -p no:cacheprovider \
-    -n 4 -q tests/test_flex.py > "$out/flex_tests.txt" 2>&1
+    -n 4 -q tests/test_flex.py tests/test_x64_autodiff.py > "$out/flex_tests.txt" 2>&1
 tail -3 "$out/flex_tests.txt"; grep -E "^(FAILED|ERROR)" "$out/flex_tests.txt" | head
 # shellcheck disable=SC2086  # word splitting of the list is wanted
 timeout "${BENCH_SECONDS:-330}" python3 -m benchmarks.flex --json "$out/flex.json" \
