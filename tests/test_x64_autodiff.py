@@ -244,6 +244,31 @@ def test_mosaic_declines_x64_and_auto_falls_through(rng):
     )
 
 
+def _mosaic_under_x64(rng, feature, shape, config=None):
+    """(q, k, v, mosaic(q, k, v) -> out, options) made with jax_enable_x64 on globally (as a
+    script sets it; the caller turns it off): the Mosaic kernels called past the x64 decline
+    of `implementation='mosaic'`."""
+    from jattn.attention import check_attention_args, option_kwargs
+    from pallas_kernels import flash_mosaic
+
+    jax.config.update("jax_enable_x64", True)
+    options = make_options(rng, feature, shape)
+    q, k, v = make_inputs(rng, shape, jnp.bfloat16)
+
+    def mosaic(q, k, v):
+        args = check_attention_args(q, k, v, **options)
+        out, _ = flash_mosaic.flash_attention(
+            q, k, v, args.bias, args.mask, config=config, **option_kwargs(args)
+        )
+        return out
+
+    return q, k, v, mosaic, options
+
+
+def _sum_of_squares(run):
+    return lambda q, k, v: jnp.sum(run(q, k, v).astype(jnp.float32) ** 2)
+
+
 @pytest.mark.parametrize("feature", ["causal_window_bias_softcap", "segments_causal_lengths"])
 def test_mosaic_kernels_trace_int32_under_x64(rng, feature, monkeypatch):
     """Groundwork for serving x64 on Mosaic: traced for the GPU with jax_enable_x64 on (set
@@ -252,27 +277,16 @@ def test_mosaic_kernels_trace_int32_under_x64(rng, feature, monkeypatch):
     refused an int32 index by a Python int before. `implementation='mosaic'` still declines
     x64: in interpret mode the segments case hangs under x64 (benchmarks/NOTES.md, stop 27),
     and nothing has run on a GPU."""
-    from jattn.attention import check_attention_args, option_kwargs
-    from pallas_kernels import common, flash_mosaic
+    from pallas_kernels import common
 
     from cases import kernel_int64_values
 
     monkeypatch.setattr(common, "interpret_mode", lambda: False)
-    shape = (1, 150, 200, 2, 1, 64)
     config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2)
-    jax.config.update("jax_enable_x64", True)
     try:
-        options = make_options(rng, feature, shape)
-        q, k, v = make_inputs(rng, shape, jnp.bfloat16)
-
-        def loss(q, k, v):
-            args = check_attention_args(q, k, v, **options)
-            out, _ = flash_mosaic.flash_attention(
-                q, k, v, args.bias, args.mask, config=config, **option_kwargs(args)
-            )
-            return jnp.sum(out.astype(jnp.float32))
-
-        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
+        q, k, v, mosaic, _ = _mosaic_under_x64(rng, feature, (1, 150, 200, 2, 1, 64), config)
+        grads = jax.grad(_sum_of_squares(mosaic), argnums=(0, 1, 2))
+        jaxpr = jax.make_jaxpr(grads)(q, k, v).jaxpr
     finally:
         jax.config.update("jax_enable_x64", False)
     assert kernel_int64_values(jaxpr) == []
@@ -284,29 +298,16 @@ def test_mosaic_kernels_compiled_under_x64_match_xla(rng, feature):
     """On the GPU (compiled, no interpreter), with the decline bypassed: the Mosaic kernels under
     global jax_enable_x64 against the XLA path, output and gradients. What lifting the decline
     on the GPU (`jattn/mosaic.py`) waits for."""
-    from jattn.attention import check_attention_args, option_kwargs
-    from pallas_kernels import flash_mosaic
-
-    shape = (2, 300, 333, 4, 2, 128)
-    jax.config.update("jax_enable_x64", True)
     try:
-        options = make_options(rng, feature, shape)
-        q, k, v = make_inputs(rng, shape, jnp.bfloat16)
-
-        def mosaic(q, k, v):
-            args = check_attention_args(q, k, v, **options)
-            out, _ = flash_mosaic.flash_attention(
-                q, k, v, args.bias, args.mask, **option_kwargs(args)
-            )
-            return out
+        q, k, v, mosaic, options = _mosaic_under_x64(rng, feature, (2, 300, 333, 4, 2, 128))
 
         def xla(q, k, v):
             return jattn.dot_product_attention(q, k, v, implementation="xla", **options)
 
-        results = []
-        for run in (mosaic, xla):
-            loss = lambda q, k, v, run=run: jnp.sum(run(q, k, v).astype(jnp.float32) ** 2)  # noqa: E731
-            results.append((run(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
+        results = [
+            (run(q, k, v), jax.grad(_sum_of_squares(run), argnums=(0, 1, 2))(q, k, v))
+            for run in (mosaic, xla)
+        ]
     finally:
         jax.config.update("jax_enable_x64", False)
     (out, grads), (want, want_grads) = results
