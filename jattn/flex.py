@@ -337,10 +337,7 @@ def _eval_mod(jaxpr, consts, args) -> list:
             if outs is None:
                 ins = [x.load() if isinstance(x, ConstRef) else x for x in ins]
         if outs is None:
-            params = eqn.primitive.get_bind_params(eqn.params)  # older JAX: (subfuns, params)
-            subfuns, params = params if isinstance(params, tuple) else ((), params)
-            outs = eqn.primitive.bind(*subfuns, *ins, **params)
-            outs = outs if eqn.primitive.multiple_results else [outs]
+            outs = _bind(eqn, ins)
         env.update(zip(eqn.outvars, outs, strict=True))
     return [read(v) for v in jaxpr.outvars]
 
@@ -583,12 +580,16 @@ def _run(jaxpr, env: dict) -> dict:
         if any(not isinstance(v, Literal) and v not in env for v in eqn.invars):
             continue
         ins = [v.val if isinstance(v, Literal) else env[v] for v in eqn.invars]
-        params = eqn.primitive.get_bind_params(eqn.params)  # older JAX: (subfuns, params)
-        subfuns, params = params if isinstance(params, tuple) else ((), params)
-        outs = eqn.primitive.bind(*subfuns, *ins, **params)
-        outs = outs if eqn.primitive.multiple_results else [outs]
-        env.update(zip(eqn.outvars, outs, strict=True))
+        env.update(zip(eqn.outvars, _bind(eqn, ins), strict=True))
     return env
+
+
+def _bind(eqn, ins) -> list:
+    """eqn's primitive applied to ins: its outputs, as a list."""
+    params = eqn.primitive.get_bind_params(eqn.params)  # older JAX: (subfuns, params)
+    subfuns, params = params if isinstance(params, tuple) else ((), params)
+    outs = eqn.primitive.bind(*subfuns, *ins, **params)
+    return outs if eqn.primitive.multiple_results else [outs]
 
 
 def _auto_order(config, higher_order: bool) -> tuple[str, ...]:
