@@ -415,9 +415,23 @@ def _mosaic(query, key, value, score_mod, mask_mod, block_mask, scale, config):
     vectors = None
     if consts:
         flex, vectors = _mosaic_vectors(flex, consts, query.shape[0], query.shape[1], key.shape[1])
+        if block_mask is not None and flex.score_mod is None and _layout_search_fails():
+            raise NotImplementedError(
+                "jattn.flex_attention: a mask_mod that reads closed-over arrays, under a block "
+                "mask and without a score_mod, fails Mosaic GPU's layout inference on this JAX "
+                f"({jax.__version__}); use implementation='triton'"
+            )
     return flash_mosaic.flex_attention(
         query, key, value, flex, blocks, vectors=vectors, scale=scale, config=config
     )
+
+
+def _layout_search_fails() -> bool:
+    """Whether Mosaic GPU's layout inference fails the kernels of a closed-over-array mask_mod
+    under a block mask with no score_mod: it runs out of search steps on JAX 0.11.2 (seen on
+    the H200; the same kernels export under JAX 0.10.2, and a score_mod beside the mask_mod
+    compiles on both). The cause is not found yet (issue 16's notes)."""
+    return jax.__version_info__ >= (0, 11)
 
 
 # --- the Mosaic path's closed-over arrays: read outside the kernel, per query row and key ------

@@ -58,6 +58,7 @@ from pallas_kernels.mosaic_common import (
     WGMMA_COL,
     WGMMA_ROW,
     Static,
+    bias_dtype,
     flex_indices,
     flex_scores,
     flex_vectors,
@@ -74,6 +75,7 @@ from pallas_kernels.mosaic_common import (
     named_barrier_sync,
     padded_head_dim,
     pair_window,
+    segments_read,
     tile_logits,
     tiled,
 )
@@ -486,14 +488,15 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             def wait_k(step):
                 plgpu.barrier_wait(scratch["k_produced"].at[slot_of(base + step - lo)])
 
-            def tile_inputs(slot):
-                """The bias, mask and key segment ids of a ring slot (read before its release)."""
+            def tile_inputs(slot, masked: bool):
+                """The bias, mask and key segment ids of a ring slot (read before its release);
+                the ids only where the tile reads them (`segments_read`)."""
                 bias = mask = kv_seg = None
                 if st.has_bias:
                     bias = scratch["bias"][slot, pl.ds(wg * block_q, block_q)].astype(jnp.float32)
                 if st.has_mask:
                     mask = scratch["mask"][slot, pl.ds(wg * block_q, block_q)]
-                if st.has_segments:
+                if segments_read(st, masked):
                     kv_seg = load_vector(st, scratch["kv_seg"].at[slot], WGMMA_COL)
                 return bias, mask, kv_seg
 
@@ -503,7 +506,9 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 k_first = block_of(step) * block_kv
                 flex = st.flex
                 if flex is not None:  # the user's mods on scale * q.k, over index vectors
-                    q_idx, k_idx = flex_indices(st, qk.shape, q_first, k_first, bounds)
+                    q_idx, k_idx = flex_indices(
+                        st, qk.shape, q_first, k_first, bounds, masked=masked
+                    )
                 vectors = flex_vectors(st, q_seg, kv_seg)
                 if flex is not None and flex.score_mod is not None:
                     scores = flex_scores(
@@ -547,7 +552,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 qk = mma_transposed(
                     st, q_smem, scratch["k"].at[slot], take_turns if st.schedule_barrier else None
                 )
-                inputs = tile_inputs(slot)
+                inputs = tile_inputs(slot, masked)
                 plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
                 logits = logits_of(qk, inputs, step, masked)
                 p, m_new, l_i, alpha = online_softmax(logits, m_i, l_i)
@@ -592,7 +597,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 if not st.early_k_wait:
                     wait_k(first)
                 qk = mma_transposed(st, q_smem, scratch["k"].at[slot], turns)
-                inputs = tile_inputs(slot)
+                inputs = tile_inputs(slot, False)
                 plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
                 p, m_i, l_i, alpha = online_softmax(logits_of(qk, inputs, first, False), m_i, l_i)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -606,7 +611,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                     k_ref, v_ref = scratch["k"].at[slot], scratch["v"].at[prev]
 
                     def softmax_of(qk, m_i, l_i):
-                        inputs = tile_inputs(slot)
+                        inputs = tile_inputs(slot, False)
                         plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
                         return online_softmax(logits_of(qk, inputs, step, False), m_i, l_i)
 
@@ -751,7 +756,7 @@ def forward(
         scratch["o"] = tiled((CONSUMERS, st.block_q, h_pad), query.dtype)
     produced_copies = 1
     if bias is not None:
-        operands["bias"] = pairwise(bias, bias.dtype if bias.dtype != jnp.float64 else jnp.float32)
+        operands["bias"] = pairwise(bias, bias_dtype(bias.dtype))
         scratch["bias"] = tiled((stages, rows_per_program, block_kv), operands["bias"].dtype)
         produced_copies += 1
     if mask is not None:

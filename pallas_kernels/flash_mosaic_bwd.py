@@ -46,6 +46,7 @@ from pallas_kernels.mosaic_common import (
     WGMMA_ROW,
     Static,
     backward_tile_logits,
+    bias_dtype,
     flex_vectors,
     hide_invisible,
     idiv,
@@ -59,6 +60,7 @@ from pallas_kernels.mosaic_common import (
     mma_transposed,
     padded_head_dim,
     pair_window,
+    segments_read,
     tiled,
 )
 
@@ -216,7 +218,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
                 bias = scratch["bias"][slot, own_rows].astype(jnp.float32)
             if st.has_mask:
                 mask = scratch["mask"][slot, own_rows]
-            if st.has_segments:
+            if segments_read(st, masked):
                 kv_seg = load_vector(st, scratch["kv_seg"].at[slot], WGMMA_COL)
             logits, scores, slope, user_visible = backward_tile_logits(
                 st, qk, bias, b=batch, h=head, q_first=q_first, k_first=k_first,
@@ -417,7 +419,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 bias = scratch["bias"][slot, own_keys].astype(jnp.float32)
             if st.has_mask:
                 mask = scratch["mask"][slot, own_keys]
-            if st.has_segments:
+            if segments_read(st, masked):
                 q_seg = load_vector(st, scratch["q_seg"].at[slot], WGMMA_COL)
             logits_t, scores_t, slope_t, user_visible = backward_tile_logits(
                 st, qk_t, bias, b=batch, h=head, q_first=q_first, k_first=k_first,
@@ -611,6 +613,7 @@ def backward(
     pairs = {}
     if bias is not None:
         pairs["bias"] = jnp.broadcast_to(bias, bias.shape[:2] + (q_len, kv_len))
+        pairs["bias"] = pairs["bias"].astype(bias_dtype(bias.dtype))
     if mask is not None:
         pairs["mask"] = jnp.broadcast_to(mask, mask.shape[:2] + (q_len, kv_len)).astype(jnp.int8)
     pairs = {name: common.pad_to(common.pad_to(x, 2, t_pad), 3, s_pad) for name, x in pairs.items()}

@@ -98,11 +98,16 @@ def over_tile(
             return None
         return sum(bounds) if eqn.primitive.name in ("add", "sub") else max(bounds)
 
-    def run(jaxpr, consts, args: list[_Val]) -> list[_Val]:
+    def run(jaxpr, consts, args: list[_Val], wanted=None) -> list[_Val]:
+        """jaxpr's outputs (those `wanted` flags, all when None) from args; equations whose
+        results nothing reads are skipped (a gather's index wrapping, left unread once
+        `jattn.flex` hands the read value in: no unused vector may reach a Mosaic kernel)."""
         env = {}
         for var, value in zip(jaxpr.constvars, consts, strict=True):
             env[var] = _Val(value, None)
         env.update(zip(jaxpr.invars, args, strict=True))
+        wanted = [True] * len(jaxpr.outvars) if wanted is None else wanted
+        live = _live(jaxpr, wanted)
 
         def read(v) -> _Val:
             if not isinstance(v, Literal):
@@ -110,13 +115,17 @@ def over_tile(
             integer = jnp.issubdtype(np.asarray(v.val).dtype, jnp.integer)
             return _Val(v.val, None, abs(int(v.val)) if integer else None)
 
-        for eqn in jaxpr.eqns:
+        for eqn, outs_read in zip(jaxpr.eqns, live, strict=True):
+            if not any(outs_read):
+                continue
             vals = [read(v) for v in eqn.invars]
             present = {v.kind for v in vals if v.kind is not None}
             kind = "tile" if "tile" in present or len(present) > 1 else next(iter(present), None)
             sub = eqn.params.get("jaxpr")
             if eqn.primitive.name in ("pjit", "jit") and sub is not None:  # jnp's jitted helpers
-                env.update(zip(eqn.outvars, run(sub.jaxpr, sub.consts, vals), strict=True))
+                outs = run(sub.jaxpr, sub.consts, vals, outs_read)
+                read_outs = zip(eqn.outvars, outs, outs_read, strict=True)
+                env.update((v, o) for v, o, r in read_outs if r)
                 continue
             bound = exact_bound(eqn, vals)
             if kind == "tile" and bound is not None and bound < _FLOAT_EXACT:
@@ -140,7 +149,7 @@ def over_tile(
             outs = outs if eqn.primitive.multiple_results else [outs]
             for var, out in zip(eqn.outvars, outs, strict=True):
                 env[var] = _Val(out, kind, bound)
-        return [read(v) for v in jaxpr.outvars]
+        return [read(v) if w else None for v, w in zip(jaxpr.outvars, wanted, strict=True)]
 
     args = (*tiles, q_idx, k_idx, *vectors)
     closed = jax.make_jaxpr(fn)(*[jax.ShapeDtypeStruct((), x.dtype) for x in args])
@@ -150,3 +159,33 @@ def over_tile(
     vals = [_Val(x, k, b) for x, k, b in zip(args, kinds, bounds, strict=True)]
     (out,) = run(closed.jaxpr, closed.consts, vals)
     return widen(out, "tile")
+
+
+def reads_arguments(fn, args, positions) -> bool:
+    """Whether fn(*args) (args: shape-dtype structs) reads any of the arguments at positions
+    for its result: unread ones (only a dead computation takes them) do not count."""
+    closed = jax.make_jaxpr(fn)(*args)
+    jaxpr = closed.jaxpr
+    live = _live(jaxpr, [True] * len(jaxpr.outvars))
+    read = {id(v) for v in jaxpr.outvars}
+    for eqn, outs in zip(jaxpr.eqns, live, strict=True):
+        if any(outs):
+            read.update(id(v) for v in eqn.invars)
+    return any(id(jaxpr.invars[i]) in read for i in positions)
+
+
+def _live(jaxpr, wanted: list[bool]) -> list[list[bool]]:
+    """Per equation, which of its outputs the wanted outputs of jaxpr read (a backward pass)."""
+    from jax.extend.core import Literal
+
+    outs = zip(jaxpr.outvars, wanted, strict=True)
+    read = {v for v, w in outs if w and not isinstance(v, Literal)}
+    live = []
+    for eqn in reversed(jaxpr.eqns):
+        outs = [v in read for v in eqn.outvars]
+        if eqn.effects:  # kept whatever reads it
+            outs = [True] * len(outs)
+        if any(outs):
+            read.update(v for v in eqn.invars if not isinstance(v, Literal))
+        live.append(outs)
+    return live[::-1]

@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import common
-from pallas_kernels.mod_tiles import over_tile
+from pallas_kernels.mod_tiles import over_tile, reads_arguments
 
 LOG2E = math.log2(math.e)
 CONSUMERS = 2  # compute warpgroups per program
@@ -202,14 +202,46 @@ def tile_logits(st: Static, qk: Array, bias: Array | None) -> tuple[Array, Array
     return logits * LOG2E, scores
 
 
+def segments_read(st: Static, masked: bool) -> bool:
+    """Whether a tile reads the segment channels' vectors: masked tiles (segment ids, a flex
+    mask_mod's per-row values) and, under a score_mod, every tile. Unmasked tiles do not load
+    them to leave unused (see `flex_indices`)."""
+    if not st.has_segments:
+        return False
+    return masked or (st.flex is not None and st.flex.score_mod is not None)
+
+
+def flex_reads_indices(flex, masked: bool) -> bool:
+    """Whether the mods a tile runs read q_idx or kv_idx: the score_mod in every tile, the
+    mask_mod in masked ones."""
+    if flex is None:
+        return False
+    mods = [(flex.score_mod, 1)] + ([(flex.mask_mod, 0)] if masked else [])
+    return any(mod is not None and _reads_indices(mod, lead, flex.vectors) for mod, lead in mods)
+
+
+def _reads_indices(mod, lead: int, vectors: bool) -> bool:
+    """Whether mod(*lead scores, b, h, q_idx, kv_idx, *(q and kv vectors)) reads q_idx or
+    kv_idx."""
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    args = [jax.ShapeDtypeStruct((), jnp.float32)] * lead + [scalar] * (4 + 2 * vectors)
+    return reads_arguments(mod, args, (lead + 2, lead + 3))
+
+
 def flex_indices(
-    st: Static, shape, q_first, k_first, bounds, transposed: bool = False
-) -> tuple[Array, Array]:
+    st: Static, shape, q_first, k_first, bounds, *, masked: bool, transposed: bool = False
+) -> tuple:
     """q_idx [bq], kv_idx [bk] int32 of a tile for the user's mods: vectors in the layouts they
     broadcast from (the tile's rows: WGMMA_ROW, its columns: WGMMA_COL; keys down in the dk/dv
     kernel with transposed=True), clamped into [0, T) and [0, S) (positions past them are
-    masked anyway)."""
+    masked anyway). Where no mod the tile runs reads them (`flex_reads_indices`), shapes alone:
+    unused index vectors left in a kernel leave Mosaic GPU's layout search (JAX 0.11) without
+    a solution (seen on the H200: a block mask's full tiles under a mask_mod alone, a mask_mod
+    that reads only closed-over ids)."""
     q_axis, k_axis = (1, 0) if transposed else (0, 1)
+    if not flex_reads_indices(st.flex, masked):
+        vector = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32)  # noqa: E731
+        return vector(shape[q_axis]), vector(shape[k_axis])
     q_idx = jnp.clip(q_first + vector_iota(st, shape[q_axis], q_axis), 0, bounds[1] - 1)
     k_idx = jnp.clip(k_first + vector_iota(st, shape[k_axis], k_axis), 0, bounds[2] - 1)
     return q_idx, k_idx
@@ -275,7 +307,9 @@ def backward_tile_logits(
     mask_mod's visibility where the tile is masked), each None where it does not apply."""
     if st.flex is None:
         return *tile_logits(st, qk, bias), None, None
-    q_idx, k_idx = flex_indices(st, qk.shape, q_first, k_first, bounds, transposed)
+    q_idx, k_idx = flex_indices(
+        st, qk.shape, q_first, k_first, bounds, masked=masked, transposed=transposed
+    )
     logits, slope = flex_logits(st, qk, b, h, q_idx, k_idx, transposed, vectors)
     user_visible = None
     if masked and st.flex.mask_mod is not None:
@@ -412,6 +446,13 @@ def key_blocks(st: Static, bounds, q_first, rows: int):
         **reach,
     )
     return lo, inner_lo, inner_hi, hi
+
+
+def bias_dtype(dtype):
+    """The dtype a bias streams through shared memory in: its own, float32 for float64 (under
+    jax_enable_x64; the kernels add it in float32, and 8 bytes a logit overflow the buffers
+    that `pair_itemsize` sized at 4)."""
+    return jnp.float32 if dtype == jnp.float64 else dtype
 
 
 def tiled(shape, dtype):

@@ -251,15 +251,16 @@ def run_state_literals(jaxpr) -> list:
     return [e.invars for e in run_states if any(isinstance(x, core.Literal) for x in e.invars)]
 
 
-def kernel_int64_values(jaxpr) -> list:
-    """The equations inside the Pallas kernels of a traced jaxpr that make an int64 or uint64
-    value: under jax_enable_x64 the kernels' index arithmetic must stay 32-bit (Mosaic GPU and
-    Triton index in int32). Asserts a kernel was traced."""
+def kernel_64bit_values(jaxpr) -> list:
+    """The equations inside the Pallas kernels of a traced jaxpr that make a 64-bit value
+    (int64, uint64, float64): under jax_enable_x64 the kernels' index arithmetic must stay
+    32-bit (Mosaic GPU and Triton index in int32), and a float64 operand (a bias) is streamed
+    as float32. Asserts a kernel was traced."""
     from jax._src import core
 
     kernels = [e for e in _eqns(jaxpr) if e.primitive.name in ("pallas_call", "mpmd_map")]
     assert kernels, "no kernel was traced"
-    wide = (np.dtype(np.int64), np.dtype(np.uint64))
+    wide = (np.dtype(np.int64), np.dtype(np.uint64), np.dtype(np.float64))
     return [
         e
         for kernel in kernels

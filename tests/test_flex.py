@@ -661,12 +661,19 @@ def test_mosaic_flex_backward_visits_block_mask_lists(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "name", ["alibi_score_mod", "causal_block_mask_with_alibi", "documents_block_mask"]
+    "name",
+    [
+        "alibi_score_mod",
+        "causal_block_mask_with_alibi",
+        "documents_block_mask",
+        "rows_that_see_nothing",
+    ],
 )
 def test_mosaic_flex_real_size_on_gpu(rng, name):
     """The compiled Mosaic flex forward and backward (Hopper) at real lengths: GQA 4, T != S,
     odd lengths, H = 128 (the softmax overlap on), block-mask lists in every kernel, against
-    the float64 oracle with gradients."""
+    the float64 oracle with gradients. rows_that_see_nothing is a mask_mod alone under a block
+    mask: its full tiles read no index (JAX 0.11's layout search failed on the unused ones)."""
     _check_mosaic_case(rng, name, (2, 1000, 1031, 8, 2, 128))
 
 
@@ -772,6 +779,48 @@ def test_mosaic_flex_lowers_for_cuda(rng, monkeypatch):
         ).mlir_module()
         assert text.count("mosaic_gpu_v2") == 3, f"{name}: forward, dq and dk/dv"
         assert "triton" not in text, name
+
+
+def test_mosaic_flex_kernels_leave_no_unused_index_vector(monkeypatch):
+    """The Mosaic flex kernels traced for the GPU (forward, dq, dk/dv) compute a tile's q_idx
+    and kv_idx vectors, and load its segment channels, only where a mod reads them; a mod's
+    unread values (a gather's index wrapping) are not computed: unused 1-D values left in a
+    kernel made JAX 0.11's Mosaic GPU layout search fail on the H200 (a block mask's full tiles
+    under a mask_mod alone)."""
+    from jax.extend.core import jaxprs_in_params
+
+    from pallas_kernels import flash_mosaic
+
+    monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
+    ids = jnp.arange(256, dtype=jnp.int32) // 100
+    mods = {
+        "causal": lambda b, h, qi, kj: qi >= kj,
+        "closed-over ids": lambda b, h, qi, kj: ids[qi] == ids[kj],
+    }
+
+    def unused_vectors(jaxpr, found, in_kernel=False):
+        read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+        for eqn in jaxpr.eqns:
+            unused = eqn.outvars and not any(id(v) in read for v in eqn.outvars)
+            if in_kernel and unused and not eqn.effects and len(eqn.outvars[0].aval.shape) == 1:
+                found.append(eqn)
+            kernel = in_kernel or eqn.primitive.name in ("pallas_call", "mpmd_map")
+            for sub in jaxprs_in_params(eqn.params):
+                unused_vectors(getattr(sub, "jaxpr", sub), found, kernel)
+        return found
+
+    spec = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    for name, mask_mod in mods.items():
+        block_mask = jattn.create_block_mask(mask_mod, None, None, 256, 256)
+
+        def loss(q, k, v, mask_mod=mask_mod, block_mask=block_mask):
+            out = jattn.flex_attention(
+                q, k, v, mask_mod=mask_mod, block_mask=block_mask, implementation="mosaic"
+            )
+            return out.astype(jnp.float32).sum()
+
+        closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(spec, spec, spec)
+        assert not unused_vectors(closed.jaxpr, []), name
 
 
 @pytest.mark.parametrize("head_dim, fused_dq", [(128, False), (128, True), (256, False)])
@@ -909,23 +958,63 @@ def test_mosaic_mods_run_on_index_vectors_until_they_meet(rng, transposed):
             assert converted == conversions + (bound is None and unbounded), (name, bound)
 
 
-@pytest.mark.parametrize("case", ["documents_from_ids", "prefix_lm_per_batch"])
+@pytest.mark.parametrize(
+    "case", ["documents_from_ids", "documents_from_ids_alone", "prefix_lm_per_batch"]
+)
 def test_mosaic_flex_reads_closed_over_arrays_per_row_and_key(rng, case, monkeypatch):
     """Mods that read closed-over arrays at b and q_idx, b and kv_idx, or b alone (document
     ids, a prefix length per sequence) run on the Mosaic kernels: the reads are computed per
     query row and per key outside them (`jattn.flex._mosaic_vectors`) and streamed as segment
     ids are, forward and backward (the Triton backward must not run). Against the float64
-    oracle with gradients; ALiBi from h on top of the documents, GQA, T != S, 2 sequences."""
+    oracle with gradients; the documents alone and with ALiBi from h, GQA, T != S, 2
+    sequences. (The interpreter runs no layout search: jattn.flex's JAX 0.11 decline lifted.)"""
+    import jattn.flex as flex_module
+
+    monkeypatch.setattr(flex_module, "_layout_search_fails", lambda: False)
     _forbid_triton_backward(monkeypatch)
     _check_closed_over_reads(rng, case, (2, 100, 160, 2, 1, 64))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["documents_from_ids", "prefix_lm_per_batch"])
+@pytest.mark.parametrize(
+    "case", ["documents_from_ids", "documents_from_ids_alone", "prefix_lm_per_batch"]
+)
 def test_mosaic_flex_reads_closed_over_arrays_real_size_on_gpu(rng, case, monkeypatch):
-    """The same compiled on Hopper at real lengths: 1000 query rows, 1300 keys, GQA 2, H 128."""
+    """The same compiled on Hopper at real lengths: 1000 query rows, 1300 keys, GQA 2, H 128.
+    The mask_mod alone under a block mask runs with jattn.flex's JAX 0.11 decline lifted: its
+    kernels failed the layout search before unread values were taken out of them; when this
+    passes on the H200, `_layout_search_fails` goes."""
+    import jattn.flex as flex_module
+
+    monkeypatch.setattr(flex_module, "_layout_search_fails", lambda: False)
     _forbid_triton_backward(monkeypatch)
     _check_closed_over_reads(rng, case, (2, 1000, 1300, 4, 2, 128))
+
+
+def test_closed_over_mask_mod_under_block_mask_declines_mosaic_where_layouts_fail(rng, monkeypatch):
+    """Where Mosaic GPU's layout search fails it (JAX 0.11: a closed-over-ids mask_mod under a
+    block mask, no score_mod), 'mosaic' declines with a NotImplementedError
+    naming 'triton', and None's order goes on to Triton, which matches the float64 oracle."""
+    import jattn.flex as flex_module
+
+    monkeypatch.setattr(flex_module, "_layout_search_fails", lambda: True)
+    monkeypatch.setattr(flex_module, "_auto_order", lambda config, higher: ("mosaic", "triton"))
+    shape = (1, 100, 160, 2, 1, 64)
+    q, k, v = make_inputs(rng, shape, jnp.bfloat16)
+    docs = np.sort(rng.integers(0, 3, 160))
+    ids = jnp.asarray(docs, jnp.int32)
+    mask_mod = lambda b, h, qi, kj: ids[qi] == ids[kj]  # noqa: E731
+    block_mask = jattn.create_block_mask(mask_mod, None, None, 100, 160)
+    with pytest.raises(NotImplementedError, match="implementation='triton'"):
+        jattn.flex_attention(q, k, v, mask_mod=mask_mod, block_mask=block_mask,
+                             implementation="mosaic")  # fmt: skip
+
+    def run(q, k, v):
+        return jattn.flex_attention(q, k, v, mask_mod=mask_mod, block_mask=block_mask,
+                                    return_residual=True)  # fmt: skip
+
+    visible = (docs[:100, None] == docs[None, :])[None, None]
+    _matches_oracle(rng, run, q, k, v, None, visible)
 
 
 def _check_closed_over_reads(rng, case, shape):
@@ -933,7 +1022,7 @@ def _check_closed_over_reads(rng, case, shape):
     q, k, v = make_inputs(rng, shape, jnp.bfloat16)
     i, j = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
     score_mod, bias, block_mask = None, None, None
-    if case == "documents_from_ids":
+    if case.startswith("documents_from_ids"):
         q_docs = np.sort(rng.integers(0, 3, (batch, q_len)), axis=1)
         kv_docs = np.sort(rng.integers(0, 3, (batch, kv_len)), axis=1)
         q_ids, kv_ids = jnp.asarray(q_docs, jnp.int32), jnp.asarray(kv_docs, jnp.int32)
@@ -943,6 +1032,8 @@ def _check_closed_over_reads(rng, case, shape):
         slopes = 2.0 ** -(1.0 + np.arange(heads))
         bias = -slopes[None, :, None, None] * np.abs(i - j)
         block_mask = jattn.create_block_mask(mask_mod, batch, None, q_len, kv_len)
+        if case.endswith("_alone"):  # the mask_mod alone: the case JAX 0.11 has declined
+            score_mod = bias = None
     else:
         prefix = jnp.asarray([30, 0], jnp.int32)  # sequence 1: causal only
         mask_mod = lambda b, h, qi, kj: (kj < prefix[b]) | (kj <= qi)  # noqa: E731
