@@ -678,7 +678,8 @@ def flex_attention(
         arrays other than as one integer or bool value per query row and one per key (slopes[h],
         a relative-position table, a float bias), or use what Mosaic GPU does not lower (log1p,
         jax.nn's custom_jvp functions such as relu), float32 or block-mask blocks other than 128
-        query rows (use 'triton').
+        query rows, or (JAX >= 0.11) a mask_mod that reads closed-over arrays under a block
+        mask with no score_mod (`_layout_search_fails`; use 'triton').
 
     Example (ALiBi and a document mask):
       >>> slopes = 2.0 ** -jnp.arange(1, 5)
