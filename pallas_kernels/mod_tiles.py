@@ -57,7 +57,8 @@ def over_tile(
     """fn(*elements of tiles, q, k, *vectors' elements), a function of scalars, over a tile
     whose rows are the queries q_idx and columns the keys k_idx (keys down with
     transposed=True); vectors: () or (a value per query, a value per key), laid out as q_idx
-    and k_idx. index_bound: q_idx and k_idx are below it (None: unknown, no float rewrite).
+    and k_idx (None where fn does not read it). index_bound: q_idx and k_idx are below it
+    (None: unknown, no float rewrite).
 
     jax.vmap over rows then columns would broadcast too, but through [bq, 1] and [1, bk]
     intermediates, which have no Mosaic GPU layout."""
@@ -152,7 +153,10 @@ def over_tile(
         return [read(v) if w else None for v, w in zip(jaxpr.outvars, wanted, strict=True)]
 
     args = (*tiles, q_idx, k_idx, *vectors)
-    closed = jax.make_jaxpr(fn)(*[jax.ShapeDtypeStruct((), x.dtype) for x in args])
+    int32 = jax.ShapeDtypeStruct((), jnp.int32)  # a vector not loaded (None): never read
+    closed = jax.make_jaxpr(fn)(
+        *[int32 if x is None else jax.ShapeDtypeStruct((), x.dtype) for x in args]
+    )
     kinds = ["tile"] * len(tiles) + ["q", "k"] + ["q", "k"][: len(vectors)]
     index = [index_bound, index_bound] + [None] * len(vectors)
     bounds = [None] * len(tiles) + index

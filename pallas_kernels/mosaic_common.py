@@ -203,29 +203,35 @@ def tile_logits(st: Static, qk: Array, bias: Array | None) -> tuple[Array, Array
 
 
 def segments_read(st: Static, masked: bool) -> bool:
-    """Whether a tile reads the segment channels' vectors: masked tiles (segment ids, a flex
-    mask_mod's per-row values) and, under a score_mod, every tile. Unmasked tiles do not load
-    them to leave unused (see `flex_indices`)."""
+    """Whether a tile reads the segment channels' vectors: masked tiles of segment ids; under
+    flex, tiles whose mods read the per-row and per-key values put there (`FlexSpec.vectors`).
+    Tiles that do not must not load them (see `flex_indices`)."""
     if not st.has_segments:
         return False
-    return masked or (st.flex is not None and st.flex.score_mod is not None)
+    if st.flex is None:
+        return masked
+    return st.flex.vectors and _mods_read(st.flex, masked, (4, 5))
 
 
 def flex_reads_indices(flex, masked: bool) -> bool:
-    """Whether the mods a tile runs read q_idx or kv_idx: the score_mod in every tile, the
-    mask_mod in masked ones."""
-    if flex is None:
-        return False
+    """Whether the mods a tile runs read q_idx or kv_idx."""
+    return flex is not None and _mods_read(flex, masked, (2, 3))
+
+
+def _mods_read(flex, masked: bool, arguments) -> bool:
+    """Whether the mods a tile runs (the score_mod in every tile, the mask_mod in masked ones)
+    read their arguments at positions `arguments` after the score: mod(*(score), b, h, q_idx,
+    kv_idx, *(the q and kv vectors of `FlexSpec.vectors`))."""
     mods = [(flex.score_mod, 1)] + ([(flex.mask_mod, 0)] if masked else [])
-    return any(mod is not None and _reads_indices(mod, lead, flex.vectors) for mod, lead in mods)
-
-
-def _reads_indices(mod, lead: int, vectors: bool) -> bool:
-    """Whether mod(*lead scores, b, h, q_idx, kv_idx, *(q and kv vectors)) reads q_idx or
-    kv_idx."""
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    args = [jax.ShapeDtypeStruct((), jnp.float32)] * lead + [scalar] * (4 + 2 * vectors)
-    return reads_arguments(mod, args, (lead + 2, lead + 3))
+    for mod, lead in mods:
+        if mod is None:
+            continue
+        args = [jax.ShapeDtypeStruct((), jnp.float32)] * lead + [scalar] * (4 + 2 * flex.vectors)
+        positions = [lead + i for i in arguments if lead + i < len(args)]
+        if reads_arguments(mod, args, positions):
+            return True
+    return False
 
 
 def flex_indices(

@@ -793,9 +793,12 @@ def test_mosaic_flex_kernels_leave_no_unused_index_vector(monkeypatch):
 
     monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
     ids = jnp.arange(256, dtype=jnp.int32) // 100
-    mods = {
-        "causal": lambda b, h, qi, kj: qi >= kj,
-        "closed-over ids": lambda b, h, qi, kj: ids[qi] == ids[kj],
+    alibi = lambda s, b, h, qi, kj: s - 0.1 * jnp.abs(qi - kj).astype(jnp.float32)  # noqa: E731
+    same_doc = lambda b, h, qi, kj: ids[qi] == ids[kj]  # noqa: E731
+    calls = {  # (score_mod, mask_mod)
+        "causal": (None, lambda b, h, qi, kj: qi >= kj),
+        "closed-over ids": (None, same_doc),
+        "closed-over ids, ALiBi (reads no id)": (alibi, same_doc),
     }
 
     def unused_vectors(jaxpr, found, in_kernel=False):
@@ -810,13 +813,15 @@ def test_mosaic_flex_kernels_leave_no_unused_index_vector(monkeypatch):
         return found
 
     spec = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
-    for name, mask_mod in mods.items():
-        block_mask = jattn.create_block_mask(mask_mod, None, None, 256, 256)
+    for name, (score_mod, mask_mod) in calls.items():
+        mods = dict(
+            score_mod=score_mod,
+            mask_mod=mask_mod,
+            block_mask=jattn.create_block_mask(mask_mod, None, None, 256, 256),
+        )
 
-        def loss(q, k, v, mask_mod=mask_mod, block_mask=block_mask):
-            out = jattn.flex_attention(
-                q, k, v, mask_mod=mask_mod, block_mask=block_mask, implementation="mosaic"
-            )
+        def loss(q, k, v, mods=mods):
+            out = jattn.flex_attention(q, k, v, implementation="mosaic", **mods)
             return out.astype(jnp.float32).sum()
 
         closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(spec, spec, spec)
