@@ -105,7 +105,8 @@ class MosaicConfig:
       tile's K/V loads and Q load run under this tile's last steps and output store (O gets
       its own shared-memory buffer).
     longest_first: causal (and right-bounded window) forward: the query tiles that see the most
-      keys start first, the short ones fill the tail.
+      keys start first, the short ones fill the tail; under a flex block mask, the query blocks
+      with the longest visit lists (`_visit_lists`).
     early_k_wait: the forward waits for the next K tile while P V runs on the tensor cores, not
       before its Q K^T.
     named_barrier: the ping-pong turns meet at a hardware named barrier (`bar.sync`) rather
@@ -358,14 +359,15 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
         head, q_tile, batch = _tile_coords(st, program + i * programs, grid)
         bounds = (bounds_ref[batch, 0], bounds_ref[batch, 1], bounds_ref[batch, 2])
         program_first = q_tile * rows_per_program
-        if st.flex_blocks:
+        if st.flex_blocks:  # the list names its query block (lists longest first)
+            program_first = scratch["blocks"][2] * rows_per_program
             return head, batch, bounds, program_first, 0, scratch["blocks"][0]
         lo, _, _, hi = key_blocks(st, bounds, program_first, rows_per_program)
         return head, batch, bounds, program_first, lo, hi
 
     def block_of(step):
         """The key block of visit `step`: itself, or the block mask list's step-th entry."""
-        return scratch["blocks"][2 + step] if st.flex_blocks else step
+        return scratch["blocks"][3 + step] if st.flex_blocks else step
 
     def await_block_list():  # a flex block mask: this program's list, in shared memory
         if not st.flex_blocks:
@@ -723,8 +725,9 @@ def forward(
     segment_ids: tuple[Array, Array] | None,  # [B, T], [B, S] int32
     blocks: Array | None = None,  # [B', N', QB, L] int32: a flex block mask's visit lists
 ) -> tuple[Array, Array]:  # out [B, T, N, H], lse [B, T, N] float32 (natural log)
-    """Pad, run the kernel, unpad. `blocks` (st.flex_blocks): per program, [n, n_partial,
-    key block ids (partial ones first), ...], L a multiple of 32 (a TMA moves 128-byte rows)."""
+    """Pad, run the kernel, unpad. `blocks` (st.flex_blocks): per program, [n, n_partial, its
+    query block, key block ids (partial ones first), ...], L a multiple of 32 (a TMA moves
+    128-byte rows): `_visit_lists(..., forward=True)`."""
     batch, q_len, num_heads, head_dim = query.shape
     kv_len = key.shape[1]
     rows_per_program = CONSUMERS * st.block_q
@@ -1131,7 +1134,10 @@ def flex_attention(
         flex_blocks=has_blocks,
     )
     bounds = _bounds(batch, q_len, kv_len, None, None, None)
-    visits = _visit_lists(blocks[0]) if has_blocks else None
+    visits = fwd_visits = None
+    if has_blocks:
+        visits = _visit_lists(blocks[0])
+        fwd_visits = _visit_lists(blocks[0], forward=True, longest_first=st.longest_first)
     # The backward: this kernel's, with the mods traced into its dq and dk/dv tiles and a block
     # mask's lists read as in the forward (a dq program's 128 rows are one block's), where it
     # fits; else the Triton kernels' flex backward.
@@ -1156,18 +1162,21 @@ def flex_attention(
             "fallback reads closed-over arrays itself (use implementation='triton')"
         )
 
-    @jax.custom_vjp
-    def attention(query, key, value, bounds, visits, q_visits, blocks, vectors):
-        return forward(st, query, key, value, None, None, bounds, vectors, visits)
+    lists = (fwd_visits, visits, q_visits)
 
-    def forward_rule(query, key, value, bounds, visits, q_visits, blocks, vectors):
-        out, lse = forward(st, query, key, value, None, None, bounds, vectors, visits)
-        return (out, lse), (query, key, value, out, lse, bounds, visits, q_visits, blocks, vectors)
+    @jax.custom_vjp
+    def attention(query, key, value, bounds, lists, blocks, vectors):
+        return forward(st, query, key, value, None, None, bounds, vectors, lists[0])
+
+    def forward_rule(query, key, value, bounds, lists, blocks, vectors):
+        out, lse = forward(st, query, key, value, None, None, bounds, vectors, lists[0])
+        return (out, lse), (query, key, value, out, lse, bounds, lists, blocks, vectors)
 
     def backward_rule(residuals, cotangents):
-        query, key, value, out, lse, bounds, visits, q_visits, blocks, vectors = residuals
+        query, key, value, out, lse, bounds, lists, blocks, vectors = residuals
+        _, visits, q_visits = lists
         d_out, d_lse = cotangents
-        no_cotangent = jax.tree.map(lambda _: None, (bounds, visits, q_visits, blocks, vectors))
+        no_cotangent = jax.tree.map(lambda _: None, (bounds, lists, blocks, vectors))
         if native_backward:
             dq, dk, dv = flash_mosaic_bwd.backward(
                 bwd_st, query, key, value, None, None, bounds, vectors, out, lse, d_out, d_lse,
@@ -1190,19 +1199,31 @@ def flex_attention(
         return dq, dk, dv, *no_cotangent
 
     attention.defvjp(forward_rule, backward_rule)
-    return attention(query, key, value, bounds, visits, q_visits, tuple(blocks), vectors)
+    return attention(query, key, value, bounds, lists, tuple(blocks), vectors)
 
 
-def _visit_lists(kv_blocks: Array) -> Array:
+def _visit_lists(kv_blocks: Array, *, forward: bool = False, longest_first: bool = False):
     """A BlockMask's [B', N', QB, 2 + 2 KB] lists ([n_partial, n_full, partial ids, full ids])
     -> [B', N', QB, L]: [n_partial + n_full, n_partial, partial ids then full ids, 0...], L the
-    next multiple of 32 of 2 + KB (a TMA copy moves multiples of 128 bytes)."""
+    next multiple of 32 of the row (a TMA copy moves multiples of 128 bytes).
+
+    forward: the forward kernel's rows, [n, n_partial, the query block, ids...], which the
+    kernel reads in place of its grid position, so that the rows may be reordered:
+    longest_first sorts them by n, descending (the query blocks that visit the most key blocks
+    start first and the short ones fill the tail, as `MosaicConfig.longest_first` orders a
+    causal forward)."""
     n_partial, n_full = kv_blocks[..., 0:1], kv_blocks[..., 1:2]
     num_blocks = (kv_blocks.shape[-1] - 2) // 2
     partial, full = kv_blocks[..., 2 : 2 + num_blocks], kv_blocks[..., 2 + num_blocks :]
     j = lax.broadcasted_iota(jnp.int32, partial.shape, partial.ndim - 1)
     from_full = jnp.take_along_axis(full, jnp.clip(j - n_partial, 0, num_blocks - 1), axis=-1)
     ids = jnp.where(j < n_partial, partial, from_full)
-    lists = jnp.concatenate([n_partial + n_full, n_partial, ids], axis=-1).astype(jnp.int32)
+    head = [n_partial + n_full, n_partial]
+    if forward:
+        head.append(lax.broadcasted_iota(jnp.int32, n_partial.shape, n_partial.ndim - 2))
+    lists = jnp.concatenate([*head, ids], axis=-1).astype(jnp.int32)  # [B', N', QB, row]
+    if longest_first:
+        order = jnp.argsort(-lists[..., 0], axis=-1, stable=True)  # [B', N', QB]
+        lists = jnp.take_along_axis(lists, order[..., None], axis=-2)
     width = -(-lists.shape[-1] // 32) * 32
     return common.pad_last(lists, width)

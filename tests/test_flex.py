@@ -781,6 +781,35 @@ def test_mosaic_flex_lowers_for_cuda(rng, monkeypatch):
         assert "triton" not in text, name
 
 
+def test_mosaic_forward_visits_block_mask_lists_longest_first():
+    """The forward's lists (`flash_mosaic._visit_lists(forward=True)`): each row names its
+    query block, partial key blocks before full ones; with longest_first the rows are ordered by
+    visit count, descending, ties in query order (a causal mask: the last query block first),
+    as MosaicConfig.longest_first orders the native causal forward."""
+    from pallas_kernels.flash_mosaic import _visit_lists
+
+    causal = lambda b, h, qi, kj: qi >= kj  # noqa: E731
+    block_mask = jattn.create_block_mask(causal, None, None, 384, 384)  # 3 blocks of 128
+    for longest_first, order in [(False, [0, 1, 2]), (True, [2, 1, 0])]:
+        lists = np.asarray(
+            _visit_lists(block_mask.kv_blocks, forward=True, longest_first=longest_first)
+        )[0, 0]
+        assert lists.shape == (3, 32)
+        np.testing.assert_array_equal(lists[:, 2], order)  # the rows' query blocks
+        for row in lists:  # query block q: q + 1 visits, the diagonal one partial (listed first)
+            q = row[2]
+            assert (row[0], row[1]) == (q + 1, 1)
+            assert row[3] == q and sorted(row[3 : 3 + q + 1]) == list(range(q + 1))
+    docs = np.repeat([0, 0, 1], 128)  # query blocks 0, 1: 2 visits; block 2: 1; ties keep order
+    same = lambda b, h, qi, kj: jnp.asarray(docs)[qi] == jnp.asarray(docs)[kj]  # noqa: E731
+    lists = _visit_lists(
+        jattn.create_block_mask(same, None, None, 384, 384).kv_blocks,
+        forward=True,
+        longest_first=True,
+    )
+    np.testing.assert_array_equal(np.asarray(lists)[0, 0, :, 2], [0, 1, 2])
+
+
 def test_mosaic_flex_kernels_leave_no_unused_index_vector(monkeypatch):
     """The Mosaic flex kernels traced for the GPU (forward, dq, dk/dv) compute a tile's q_idx
     and kv_idx vectors, and load its segment channels, only where a mod reads them; a mod's
