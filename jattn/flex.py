@@ -428,9 +428,12 @@ def _mosaic(query, key, value, score_mod, mask_mod, block_mask, scale, config):
 
 def _layout_search_fails() -> bool:
     """Whether Mosaic GPU's layout inference fails the kernels of a closed-over-array mask_mod
-    under a block mask with no score_mod: it runs out of search steps on JAX 0.11.2 (seen on
-    the H200; the same kernels export under JAX 0.10.2, and a score_mod beside the mask_mod
-    compiles on both). The cause is not found yet (issue 16's notes)."""
+    under a block mask with no score_mod: it ran out of search steps on JAX 0.11.2 (the H200,
+    stop 28; JAX 0.10.2 runs no such search on these kernels). The likely cause, values the
+    kernels computed and never read, is removed since (`mod_tiles.over_tile`,
+    `mosaic_common.segments_read`), not yet compiled on a GPU: this goes when the -m gpu test
+    `test_mosaic_flex_reads_closed_over_arrays_real_size_on_gpu[documents_from_ids_alone]`
+    passes there."""
     return jax.__version_info__ >= (0, 11)
 
 
