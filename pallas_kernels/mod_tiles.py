@@ -108,7 +108,7 @@ def over_tile(
             env[var] = _Val(value, None)
         env.update(zip(jaxpr.invars, args, strict=True))
         wanted = [True] * len(jaxpr.outvars) if wanted is None else wanted
-        live = _live(jaxpr, wanted)
+        live, _ = _liveness(jaxpr, wanted)
 
         def read(v) -> _Val:
             if not isinstance(v, Literal):
@@ -168,18 +168,14 @@ def over_tile(
 def reads_arguments(fn, args, positions) -> bool:
     """Whether fn(*args) (args: shape-dtype structs) reads any of the arguments at positions
     for its result: unread ones (only a dead computation takes them) do not count."""
-    closed = jax.make_jaxpr(fn)(*args)
-    jaxpr = closed.jaxpr
-    live = _live(jaxpr, [True] * len(jaxpr.outvars))
-    read = {id(v) for v in jaxpr.outvars}
-    for eqn, outs in zip(jaxpr.eqns, live, strict=True):
-        if any(outs):
-            read.update(id(v) for v in eqn.invars)
-    return any(id(jaxpr.invars[i]) in read for i in positions)
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    _, read = _liveness(jaxpr, [True] * len(jaxpr.outvars))
+    return any(jaxpr.invars[i] in read for i in positions)
 
 
-def _live(jaxpr, wanted: list[bool]) -> list[list[bool]]:
-    """Per equation, which of its outputs the wanted outputs of jaxpr read (a backward pass)."""
+def _liveness(jaxpr, wanted: list[bool]) -> tuple[list[list[bool]], set]:
+    """(per equation, which of its outputs the wanted outputs of jaxpr read; the variables
+    they read, inputs included), by a backward pass."""
     from jax.extend.core import Literal
 
     outs = zip(jaxpr.outvars, wanted, strict=True)
@@ -192,4 +188,4 @@ def _live(jaxpr, wanted: list[bool]) -> list[list[bool]]:
         if any(outs):
             read.update(v for v in eqn.invars if not isinstance(v, Literal))
         live.append(outs)
-    return live[::-1]
+    return live[::-1], read
