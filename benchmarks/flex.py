@@ -115,6 +115,17 @@ def variants(length: int) -> dict[str, dict[str, Peer]]:
 
         return Peer(run)
 
+    # flex on Mosaic takes `default_config` (non-causal); the plain kernel beside it takes the
+    # autotune table's entry for its bucket: the same entry given to flex, side by side
+    tuned = jattn.autotune.lookup(
+        "mosaic", head_dim=HEAD_DIM, dtype=jnp.bfloat16, causal=False, length=length
+    )
+    alibi_tuned = {}
+    if tuned is not None:
+        alibi_tuned["jattn flex mosaic (score_mod, slopes from h, tuned config)"] = flex(
+            "mosaic", score_mod=alibi_mod_arithmetic, config=tuned
+        )
+
     def native(**options):
         return Peer(lambda q, k, v: jattn.dot_product_attention(q, k, v, **options))
 
@@ -134,6 +145,7 @@ def variants(length: int) -> dict[str, dict[str, Peer]]:
             "jattn flex mosaic (score_mod, slopes from h)": flex(
                 "mosaic", score_mod=alibi_mod_arithmetic
             ),
+            **alibi_tuned,
             "jattn plain (no bias)": native(),
             "cudnn dense bias": jax_nn("cudnn", "bias", alibi_bias),
             "xla dense bias": jax_nn("xla", "bias", alibi_bias),
