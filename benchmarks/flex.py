@@ -25,13 +25,11 @@ import argparse
 import json
 from collections.abc import Callable
 from typing import NamedTuple
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
 
 import jattn
-import jattn.flex as flex_module
 from benchmarks.flash import time_ms, time_ms_together
 from jattn.demo import environment
 
@@ -104,28 +102,6 @@ def variants(length: int) -> dict[str, dict[str, Peer]]:
 
         return tokamax.dot_product_attention(q, k, v, bias=bias)
 
-    def flex_decline_lifted(**mods):
-        """'mosaic' past jattn.flex's JAX 0.11 decline of a closed-over-ids mask_mod alone
-        under a block mask (`_layout_search_fails`): times the stop-28 fix once it compiles,
-        records the compile error while it does not."""
-
-        def run(q, k, v):
-            with mock.patch.object(flex_module, "_layout_search_fails", lambda: False):
-                return jattn.flex_attention(q, k, v, implementation="mosaic", **mods)
-
-        return Peer(run)
-
-    # flex on Mosaic takes `default_config` (non-causal); the plain kernel beside it takes the
-    # autotune table's entry for its bucket: the same entry given to flex, side by side
-    tuned = jattn.autotune.lookup(
-        "mosaic", head_dim=HEAD_DIM, dtype=jnp.bfloat16, causal=False, length=length
-    )
-    alibi_tuned = {}
-    if tuned is not None:
-        alibi_tuned["jattn flex mosaic (score_mod, slopes from h, tuned config)"] = flex(
-            "mosaic", score_mod=alibi_mod_arithmetic, config=tuned
-        )
-
     def native(**options):
         return Peer(lambda q, k, v: jattn.dot_product_attention(q, k, v, **options))
 
@@ -145,7 +121,6 @@ def variants(length: int) -> dict[str, dict[str, Peer]]:
             "jattn flex mosaic (score_mod, slopes from h)": flex(
                 "mosaic", score_mod=alibi_mod_arithmetic
             ),
-            **alibi_tuned,
             "jattn plain (no bias)": native(),
             "cudnn dense bias": jax_nn("cudnn", "bias", alibi_bias),
             "xla dense bias": jax_nn("xla", "bias", alibi_bias),
@@ -155,8 +130,8 @@ def variants(length: int) -> dict[str, dict[str, Peer]]:
             "jattn flex triton (mask_mod + block mask)": flex(
                 "triton", mask_mod=doc_mod, block_mask=doc_blocks
             ),
-            "jattn flex mosaic (mask_mod + block mask)": flex_decline_lifted(
-                mask_mod=doc_mod, block_mask=doc_blocks
+            "jattn flex mosaic (mask_mod + block mask)": flex(
+                "mosaic", mask_mod=doc_mod, block_mask=doc_blocks
             ),
             "jattn flex mosaic (mask_mod from indices + block mask)": flex(
                 "mosaic", mask_mod=doc_mod_arithmetic, block_mask=doc_blocks

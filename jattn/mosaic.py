@@ -4,7 +4,8 @@ What `implementation=None` tries on sm_90+ when cuDNN declines (cuDNN was faster
 measured on an H100). It serves the whole contract in float16 and
 bfloat16 with head dims up to 256 (padded to a multiple of 64 inside). It declines, with
 NotImplementedError, so that auto-dispatch moves on: float32 and float64 (the Triton kernel
-serves float32), GPUs older than Hopper, and a config that does not fit shared memory. The
+serves float32), GPUs older than Hopper, and a config that does not fit shared memory. It runs
+under jax_enable_x64 (its kernels' index arithmetic stays int32). The
 backward has its own dq and dk/dv kernels on Mosaic GPU up to H = 128; dbias, and the backward
 at larger H (whose accumulators would spill registers), come from the Triton backward.
 
@@ -16,8 +17,6 @@ Off the GPU an explicit `implementation="mosaic"` runs in Mosaic GPU's interpret
 import dataclasses
 import itertools
 
-import jax
-import jax.numpy as jnp
 from jax import Array
 
 from jattn import autotune
@@ -38,13 +37,6 @@ def _mosaic(args: AttentionArgs, config) -> tuple[Array, Array]:
         raise NotImplementedError(f"mosaic needs a MosaicConfig, got {type(config).__name__}")
     if common.on_gpu() and not hopper_or_newer():
         raise NotImplementedError("the Mosaic GPU kernel needs a Hopper GPU (sm_90) or newer")
-    if jax.dtypes.canonicalize_dtype(jnp.int64) == jnp.int64:
-        # Its index arithmetic mixes int32 grid indices with Python ints, which x64 makes int64
-        # (lax.div refuses the mix); the Triton kernel traces there. Not yet made x64-safe: the
-        # wgmma regions reject constant arrays on JAX 0.11, so the change needs a GPU to check.
-        raise NotImplementedError(
-            "the Mosaic GPU kernel does not trace with jax_enable_x64 on (the Triton kernel does)"
-        )
     tuned = None
     if config is None:  # float32 has no bucket entries: the kernel declines it itself
         tuned = autotune.lookup_call("mosaic", args.query, args.key, causal=args.is_causal)

@@ -741,6 +741,47 @@ def test_mosaic_flex_declines_what_it_does_not_serve(rng):
         jattn.flex_attention(q, k, v, implementation="mosaic", config=SMALL)
 
 
+def test_mosaic_flex_takes_the_autotune_tables_non_causal_entry(rng, monkeypatch):
+    """config=None on 'mosaic' takes the autotune table's non-causal entry for the call (the
+    H200's entries time ALiBi 7-12% faster than default_config, stop 29), here a stand-in
+    with the >4k entry's schedule; a config given is used as given. The forward with the
+    table's config against the float64 oracle."""
+    from jattn import autotune
+    from pallas_kernels import flash_mosaic
+
+    tuned = dataclasses.replace(
+        flash_mosaic.default_config(64, causal=False),
+        schedule_barrier=True, named_barrier=True, softmax_overlap=False,
+    )  # fmt: skip
+    asked, given = [], []
+    monkeypatch.setattr(
+        autotune, "lookup_call", lambda *args, **kw: asked.append((args[0], kw)) or tuned
+    )
+    kernel = flash_mosaic.flex_attention
+
+    def recording(*args, config=None, **kwargs):
+        given.append(config)
+        return kernel(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(flash_mosaic, "flex_attention", recording)
+    shape = (1, 70, 90, 2, 1, 64)
+    q, k, v = make_inputs(rng, shape, jnp.bfloat16)
+    slopes = np.asarray([0.5, 0.25])  # 2 ** -(h + 1): from h, no closed-over array
+
+    def alibi(s, b, h, qi, kj):
+        return s - jnp.exp2(-(h + 1).astype(jnp.float32)) * jnp.abs(qi - kj).astype(jnp.float32)
+
+    out = jattn.flex_attention(q, k, v, score_mod=alibi, implementation="mosaic")
+    assert asked == [("mosaic", dict(causal=False))] and given == [tuned]
+    i, j = np.arange(70)[:, None], np.arange(90)[None, :]
+    bias = -slopes[None, :, None, None] * np.abs(i - j)
+    want = oracle.attention(*(_wide(x) for x in (q, k, v)), np.broadcast_to(bias, (1, 2, 70, 90)))
+    assert_close(out, want[0], TOLERANCE[jnp.bfloat16])
+    mine = flash_mosaic.default_config(64, causal=False)
+    jattn.flex_attention(q, k, v, score_mod=alibi, implementation="mosaic", config=mine)
+    assert len(asked) == 1 and given[-1] == mine
+
+
 def test_mosaic_flex_lowers_for_cuda(rng, monkeypatch):
     """The GPU path of the Mosaic flex forward (block list in shared memory, mods over WGMMA
     tiles) lowers to Mosaic GPU for CUDA on this machine, and so does its backward, with a
@@ -996,7 +1037,7 @@ def test_mosaic_mods_run_on_index_vectors_until_they_meet(rng, transposed):
     "case",
     [
         "documents_from_ids",
-        "documents_from_ids_alone",  # unmasked tiles load no ids (JAX 0.11's decline lifted)
+        "documents_from_ids_alone",  # unmasked tiles load no ids (JAX 0.11's layout search)
         "prefix_lm_per_batch",
     ],
 )
@@ -1006,10 +1047,7 @@ def test_mosaic_flex_reads_closed_over_arrays_per_row_and_key(rng, case, monkeyp
     query row and per key outside them (`jattn.flex._mosaic_vectors`) and streamed as segment
     ids are, forward and backward (the Triton backward must not run). Against the float64
     oracle with gradients; the documents alone and with ALiBi from h, GQA, T != S, 2
-    sequences. (The interpreter runs no layout search: jattn.flex's JAX 0.11 decline lifted.)"""
-    import jattn.flex as flex_module
-
-    monkeypatch.setattr(flex_module, "_layout_search_fails", lambda: False)
+    sequences."""
     _forbid_triton_backward(monkeypatch)
     _check_closed_over_reads(rng, case, (2, 100, 160, 2, 1, 64))
 
@@ -1020,40 +1058,10 @@ def test_mosaic_flex_reads_closed_over_arrays_per_row_and_key(rng, case, monkeyp
 )
 def test_mosaic_flex_reads_closed_over_arrays_real_size_on_gpu(rng, case, monkeypatch):
     """The same compiled on Hopper at real lengths: 1000 query rows, 1300 keys, GQA 2, H 128.
-    The mask_mod alone under a block mask runs with jattn.flex's JAX 0.11 decline lifted: its
-    kernels failed the layout search before unread values were taken out of them; when this
-    passes on the H200, `_layout_search_fails` goes."""
-    import jattn.flex as flex_module
-
-    monkeypatch.setattr(flex_module, "_layout_search_fails", lambda: False)
+    The mask_mod alone under a block mask failed JAX 0.11's layout search while its kernels
+    computed values nothing read (stop 28); it compiles and matches since (stop 29)."""
     _forbid_triton_backward(monkeypatch)
     _check_closed_over_reads(rng, case, (2, 1000, 1300, 4, 2, 128))
-
-
-def test_closed_over_mask_mod_under_block_mask_declines_mosaic_where_layouts_fail(rng, monkeypatch):
-    """Where Mosaic GPU's layout search fails it (JAX 0.11: a closed-over-ids mask_mod under a
-    block mask, no score_mod), 'mosaic' declines with a NotImplementedError
-    naming 'triton', and None's order goes on to Triton, which matches the float64 oracle."""
-    import jattn.flex as flex_module
-
-    monkeypatch.setattr(flex_module, "_layout_search_fails", lambda: True)
-    monkeypatch.setattr(flex_module, "_auto_order", lambda config, higher: ("mosaic", "triton"))
-    shape = (1, 100, 160, 2, 1, 64)
-    q, k, v = make_inputs(rng, shape, jnp.bfloat16)
-    docs = np.sort(rng.integers(0, 3, 160))
-    ids = jnp.asarray(docs, jnp.int32)
-    mask_mod = lambda b, h, qi, kj: ids[qi] == ids[kj]  # noqa: E731
-    block_mask = jattn.create_block_mask(mask_mod, None, None, 100, 160)
-    with pytest.raises(NotImplementedError, match="implementation='triton'"):
-        jattn.flex_attention(q, k, v, mask_mod=mask_mod, block_mask=block_mask,
-                             implementation="mosaic")  # fmt: skip
-
-    def run(q, k, v):
-        return jattn.flex_attention(q, k, v, mask_mod=mask_mod, block_mask=block_mask,
-                                    return_residual=True)  # fmt: skip
-
-    visible = (docs[:100, None] == docs[None, :])[None, None]
-    _matches_oracle(rng, run, q, k, v, None, visible)
 
 
 def _check_closed_over_reads(rng, case, shape):
