@@ -48,8 +48,16 @@ from pallas_kernels.common import check_config_fields, interpret_mode, triton_pa
 NORM_EPS_SQ = 1e-24  # non-causal: F.normalize clamps the column norm at 1e-12, i.e. its square
 CAUSAL_SQ_EPS = 1e-12  # causal: the running sum of squares is clamped at this
 PI_EPS = 1e-8  # added to the token sum of Pi before dividing
-TILE_ELEMENTS = 4096  # elements of one [block_t, N, H] tile: 32 float32 registers a thread at
-# 4 warps per live tensor, which keeps the causal backward (about 12 live tiles) out of spills
+TILE_ELEMENTS = 4096  # elements of one [block_t, N, H] tile of the backward: 32 float32
+# registers a thread at 4 warps per live tensor, which keeps the causal backward (about 12 live
+# tiles) out of spills
+BACKWARD_WARPS = 4
+# The forward's tile: half as many elements on half the warps (32 a thread still). H200, bf16,
+# N = 8, H = 64, forward alone, against 4096 on 4 warps: 11% (non-causal) and 27-37% (causal)
+# faster at 64k and 262k tokens (stop 29, `benchmarks/tssa_variants.py` b4_w2); whole token rows
+# inside one warp (2 tokens, 1 warp) were slower.
+FORWARD_TILE_ELEMENTS = 2048
+FORWARD_WARPS = 2
 TARGET_PROGRAMS = 1024  # chunks in flight across B * T: several waves over 132 SMs
 MAX_BLOCK_T = 256  # tokens per tile at most (tiny rows)
 MAX_CHUNK_T = 1024  # tokens per program at most (longer chunks only shrink the parallelism)
@@ -61,17 +69,18 @@ class Config:
 
     block_t: int | None = None  # tokens per tile (power of two): a tile is [block_t, N, H]
     chunk_t: int | None = None  # tokens per program (multiple of block_t): one state per chunk
-    num_warps: int = 4
+    num_warps: int | None = None  # None: FORWARD_WARPS for the forward passes
     num_stages: int = 2
     reverse_middle_pass: bool = True  # walk the middle pass backwards for L2 reuse
     single_pass: bool = False  # causal forward in one launch with look-back (measured slower)
     # the middle pass writes Pi [B, T, N] (float32) for the output pass; None: causal only
     # (H200, bf16: causal forward 23-34% faster from 64k tokens; non-causal within noise)
     store_pi: bool | None = None
-    # the backward's own tile and warps (same chunks). None: the forward's for non-causal; half
-    # the tile on half the warps for causal (its tiles hold ~12 live tensors: H200, bf16, N=8,
-    # H=64, 4 tokens on 2 warps against 8 on 4: forward + backward 16-20% faster from 4k to 262k
-    # tokens; non-causal 2-14% slower that way)
+    # the backward's own tile and warps (same chunks). None: TILE_ELEMENTS on BACKWARD_WARPS
+    # (or the block_t and num_warps given) for non-causal; half the tile on half the warps for
+    # causal (its tiles hold ~12 live tensors: H200, bf16, N=8, H=64, 4 tokens on 2 warps
+    # against 8 on 4: forward + backward 16-20% faster from 4k to 262k tokens; non-causal 2-14%
+    # slower that way)
     backward_block_t: int | None = None
     backward_num_warps: int | None = None
 
@@ -81,7 +90,14 @@ class Config:
             ints=("num_warps", "num_stages", "chunk_t", "backward_num_warps"),
             powers_of_two=("block_t", "backward_block_t"),
             bools=("reverse_middle_pass", "single_pass", "store_pi"),
-            optional=("block_t", "chunk_t", "store_pi", "backward_block_t", "backward_num_warps"),
+            optional=(
+                "block_t",
+                "chunk_t",
+                "num_warps",
+                "store_pi",
+                "backward_block_t",
+                "backward_num_warps",
+            ),
         )
         for name in ("block_t", "backward_block_t"):
             block = getattr(self, name)
@@ -110,7 +126,7 @@ def _pow2_floor(n: int) -> int:
 
 def tiling(batch: int, seq_len: int, row: int, config: Config, causal: bool = False) -> _Tiling:
     """Tile and chunk lengths for `seq_len` tokens of `row` (padded N * H) elements."""
-    block_t = config.block_t or max(1, _pow2_floor(TILE_ELEMENTS // row))
+    block_t = config.block_t or max(1, _pow2_floor(FORWARD_TILE_ELEMENTS // row))
     block_t = min(block_t, MAX_BLOCK_T, _pow2_ceil(seq_len))
     chunk_t = config.chunk_t
     if chunk_t is None:
@@ -118,7 +134,10 @@ def tiling(batch: int, seq_len: int, row: int, config: Config, causal: bool = Fa
         chunk_t = min(max(chunk_t, block_t), MAX_CHUNK_T, max(_pow2_ceil(seq_len), block_t))
     if chunk_t % block_t:
         raise ValueError(f"chunk_t = {chunk_t} must be a multiple of block_t = {block_t}")
-    backward_block_t = config.backward_block_t or (max(1, block_t // 2) if causal else block_t)
+    backward_block_t = config.backward_block_t
+    if backward_block_t is None:
+        base = config.block_t or max(1, _pow2_floor(TILE_ELEMENTS // row))
+        backward_block_t = min(max(1, base // 2) if causal else base, MAX_BLOCK_T)
     backward_block_t = min(backward_block_t, chunk_t)
     if chunk_t % backward_block_t:
         raise ValueError(
@@ -838,12 +857,13 @@ class _Passes:
     middle: _Static  # the forward's middle pass (maybe reversed)
     backward: _Static  # the backward's moment and dw passes: its own tile, the same chunks
     backward_middle: _Static  # the backward's logit pass
+    fwd_config: Config  # the forward's warps
     bwd_config: Config  # the backward's warps
 
 
 def _passes(*, causal: bool, has_bias: bool, seq_len: int, tile: _Tiling, config: Config):
-    """Resolve `config`'s defaults (Pi stored for causal; the causal backward on half the
-    forward's warps) into the `_Static` of each pass."""
+    """Resolve `config`'s defaults (Pi stored for causal; the forward on FORWARD_WARPS, the
+    backward on BACKWARD_WARPS, half that for causal) into the `_Static` of each pass."""
     statics = dict(
         causal=causal,
         has_bias=has_bias,
@@ -858,13 +878,14 @@ def _passes(*, causal: bool, has_bias: bool, seq_len: int, tile: _Tiling, config
     backward_tiles = dict(
         block_t=tile.backward_block_t, num_tiles=tile.chunk_t // tile.backward_block_t
     )
-    backward_warps = config.num_warps // 2 if causal else config.num_warps
+    backward_warps = (config.num_warps or BACKWARD_WARPS) // (2 if causal else 1)
     return _Passes(
         store_pi=store_pi,
         forward=forward,
         middle=middle,
         backward=dataclasses.replace(forward, **backward_tiles),
         backward_middle=dataclasses.replace(middle, **backward_tiles),
+        fwd_config=dataclasses.replace(config, num_warps=config.num_warps or FORWARD_WARPS),
         bwd_config=dataclasses.replace(
             config, num_warps=config.backward_num_warps or max(1, backward_warps)
         ),
@@ -881,6 +902,7 @@ def _make_tssa(
     p = _passes(causal=causal, has_bias=has_bias, seq_len=seq_len, tile=tile, config=config)
     store_pi, forward_st, middle_st = p.store_pi, p.forward, p.middle
     backward_st, backward_middle_st, backward_config = p.backward, p.backward_middle, p.bwd_config
+    config = p.fwd_config
 
     def head_bias(n_pad):
         return jnp.where(jnp.arange(n_pad) < num_heads, 0.0, -jnp.inf).astype(jnp.float32)

@@ -236,6 +236,27 @@ def test_dispatch(rng):
     assert _rel_err(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+def test_default_tiles_and_warps(causal):
+    """The defaults as measured on the H200 (N = 8, H = 64: rows of 512): the forward on tiles
+    of 4 tokens and 2 warps (stop 29), the backward on 8 tokens and 4 warps, 4 and 2 for
+    causal; a block_t and num_warps given set both, as before."""
+    tile = kernels.tiling(1, 65536, 512, kernels.Config(), causal)
+    passes = kernels._passes(
+        causal=causal, has_bias=False, seq_len=65536, tile=tile, config=kernels.Config()
+    )
+    backward = (4, 2) if causal else (8, 4)
+    assert (tile.block_t, passes.fwd_config.num_warps) == (4, 2)
+    assert (tile.backward_block_t, passes.bwd_config.num_warps) == backward
+    given = kernels.Config(block_t=16, num_warps=8)
+    tile = kernels.tiling(1, 65536, 512, given, causal)
+    passes = kernels._passes(causal=causal, has_bias=False, seq_len=65536, tile=tile, config=given)
+    assert (tile.block_t, passes.fwd_config.num_warps) == (16, 8)
+    assert (tile.backward_block_t, passes.bwd_config.num_warps) == ((8, 4) if causal else (16, 8))
+    short = kernels.tiling(1, 3, 512, kernels.Config(), causal)  # tiles clipped to the length
+    assert short.chunk_t % short.backward_block_t == 0 and short.backward_block_t <= 4
+
+
 def test_tiling_rejects_chunks_that_are_not_whole_tiles():
     with pytest.raises(ValueError, match="multiple of block_t"):
         kernels.tiling(1, 100, 64, kernels.Config(block_t=8, chunk_t=12))
