@@ -181,6 +181,7 @@ def sweep(rows, lengths, configs, grad=False) -> None:
 CONFIGS = {
     "default": kernels.Config(),
     "b8_w4": kernels.Config(block_t=8, num_warps=4),  # the default before stop 29 (backward too)
+    "exact_reciprocal": kernels.Config(approx_reciprocal=False),  # range-checked 1 / x (< stop 29)
     "stored_pi": kernels.Config(store_pi=True),
     "stored_pi_b16_w8": kernels.Config(block_t=16, num_warps=8, store_pi=True),
     "b16_w8": kernels.Config(block_t=16, num_warps=8),

@@ -76,6 +76,8 @@ class Config:
     # the middle pass writes Pi [B, T, N] (float32) for the output pass; None: causal only
     # (H200, bf16: causal forward 23-34% faster from 64k tokens; non-causal within noise)
     store_pi: bool | None = None
+    # reciprocals by PTX rcp.approx (one instruction), not range-checked divisions (`_reciprocal`)
+    approx_reciprocal: bool = True
     # the backward's own tile and warps (same chunks). None: TILE_ELEMENTS on BACKWARD_WARPS
     # (or the block_t and num_warps given) for non-causal; half the tile on half the warps for
     # causal (its tiles hold ~12 live tensors: H200, bf16, N=8, H=64, 4 tokens on 2 warps
@@ -89,7 +91,7 @@ class Config:
             self,
             ints=("num_warps", "num_stages", "chunk_t", "backward_num_warps"),
             powers_of_two=("block_t", "backward_block_t"),
-            bools=("reverse_middle_pass", "single_pass", "store_pi"),
+            bools=("reverse_middle_pass", "single_pass", "store_pi", "approx_reciprocal"),
             optional=(
                 "block_t",
                 "chunk_t",
@@ -162,6 +164,7 @@ class _Static:
     num_chunks: int
     reverse: bool  # this call walks the chunks backwards
     store_pi: bool = False  # Pi goes from the middle pass to the output pass through memory
+    approx: bool = False  # reciprocals by the GPU's approximate instruction (`_reciprocal`)
 
 
 def _chunk_index(st: _Static):
@@ -187,50 +190,69 @@ def _load_rows(ref, st: _Static, i):
     return ref[0, _tile_slice(st, i), :, :].astype(jnp.float32)  # [block_t, N, H]
 
 
-def _softmax_over_heads(logits, valid):
+def _reciprocal(x, approx: bool):
+    """1 / x, float32. approx (on the GPU, not interpreted): PTX `rcp.approx.ftz.f32`, one
+    MUFU instruction (relative error about 2^-23; subnormals flushed: every x here is a clamped
+    or offset sum, at least 1e-12), where `1 / x` compiles to a range-checked division of about
+    seven (SASS of the causal backward, stop 29: four such divisions an element of w)."""
+    if not approx or interpret_mode():
+        return 1.0 / x
+    (out,) = pltriton.elementwise_inline_asm(
+        "rcp.approx.ftz.f32 $0, $1;",
+        args=[x],
+        constraints="=r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    )
+    return out
+
+
+def _softmax_over_heads(logits, valid, approx: bool = False):
     """Pi [block_t, N]: softmax over heads; padded heads have logit -inf, padded tokens get 0."""
     logits = logits - jnp.max(logits, axis=1, keepdims=True)
     e = jnp.exp(logits)
-    pi = e / jnp.sum(e, axis=1, keepdims=True)
+    pi = e * _reciprocal(jnp.sum(e, axis=1, keepdims=True), approx)
     return jnp.where(valid[:, None], pi, 0.0)
 
 
-def _causal_pi(w, c1, temp, head_bias, bias, valid):
+def _causal_pi(w, c1, temp, head_bias, bias, valid, approx: bool = False):
     """Pi of one causal tile given the running sum of w^2 before it (c1 [N, H]).
 
     w [block_t, N, H]; bias [block_t, N] (H * denom_bias) or None. Returns a dict of tiles.
     """
     w2 = w * w
     run1 = c1[None] + lax.cumsum(w2, axis=0)
-    inv_denom = 1.0 / jnp.maximum(run1, CAUSAL_SQ_EPS)  # one division an element; the backward
+    inv_denom = _reciprocal(
+        jnp.maximum(run1, CAUSAL_SQ_EPS), approx
+    )  # one an element; the backward
     # multiplies by it where it divided by C1 and C1^2
     s = jnp.sum(w2 * inv_denom, axis=-1)  # [block_t, N]
     if bias is not None:
         s = s + bias
-    pi = _softmax_over_heads(s * temp[None, :] + head_bias[None, :], valid)
+    pi = _softmax_over_heads(s * temp[None, :] + head_bias[None, :], valid, approx)
     return dict(w2=w2, run1=run1, inv_denom=inv_denom, s=s, pi=pi)
 
 
-def _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid):
+def _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid, approx: bool = False):
     """Forward quantities of one causal tile given the running sums before it.
 
     w [block_t, N, H]; c1, c2 [N, H] (sums of w^2 and Pi w^2 before the tile); c3 [N] (of Pi);
     bias [block_t, N] (H * denom_bias) or None. Returns a dict of [block_t, ...] tiles.
     """
-    f = _causal_pi(w, c1, temp, head_bias, bias, valid)
+    f = _causal_pi(w, c1, temp, head_bias, bias, valid, approx)
     pw2 = f["pi"][:, :, None] * f["w2"]
     run2 = c2[None] + lax.cumsum(pw2, axis=0)
-    inv3 = 1.0 / (c3[None] + lax.cumsum(f["pi"], axis=0) + PI_EPS)  # [block_t, N]
-    a = 1.0 / (1.0 + run2 * inv3[:, :, None])
+    inv3 = _reciprocal(c3[None] + lax.cumsum(f["pi"], axis=0) + PI_EPS, approx)  # [block_t, N]
+    a = _reciprocal(1.0 + run2 * inv3[:, :, None], approx)
     return dict(f, pw2=pw2, run2=run2, inv3=inv3, a=a)
 
 
-def _noncausal_tile(w, inv_nu2, temp, head_bias, valid):
+def _noncausal_tile(w, inv_nu2, temp, head_bias, valid, approx: bool = False):
     """Pi of one non-causal tile; inv_nu2 [N, H] = 1 / nu2 (a multiply per element, not a
     division: the reciprocal is taken once per tile or program)."""
     w2 = w * w
     s = jnp.sum(w2 * inv_nu2[None], axis=-1)  # [block_t, N]
-    pi = _softmax_over_heads(s * temp[None, :] + head_bias[None, :], valid)
+    pi = _softmax_over_heads(s * temp[None, :] + head_bias[None, :], valid, approx)
     return dict(w2=w2, s=s, pi=pi)
 
 
@@ -296,11 +318,11 @@ def _fwd_pi_kernel(
         w, valid = _load_rows(w_ref, st, i), _valid_tokens(st, start, i)
         if st.causal:
             bias = bias_ref[_tile_slice(st, i), :] if bias_ref is not None else None
-            f = _causal_pi(w, acc1, temp, head_bias, bias, valid)
+            f = _causal_pi(w, acc1, temp, head_bias, bias, valid, st.approx)
             acc1 = acc1 + jnp.sum(f["w2"], axis=0)
             pw2 = f["pi"][:, :, None] * f["w2"]
         else:
-            f = _noncausal_tile(w, inv_nu2, temp, head_bias, valid)
+            f = _noncausal_tile(w, inv_nu2, temp, head_bias, valid, st.approx)
             pw2 = f["pi"][:, :, None] * f["w2"]
         if pi_ref is not None:
             pi_ref[0, _tile_slice(st, i), :] = f["pi"]
@@ -335,13 +357,13 @@ def _fwd_out_kernel(
             pi = pi_ref[0, _tile_slice(st, i), :]  # [block_t, N]
             pw2 = pi[:, :, None] * (w * w)
             run2 = c2[None] + lax.cumsum(pw2, axis=0)
-            inv3 = 1.0 / (c3[None] + lax.cumsum(pi, axis=0) + PI_EPS)
-            y = -pi[:, :, None] * w / (1.0 + run2 * inv3[:, :, None])
+            inv3 = _reciprocal(c3[None] + lax.cumsum(pi, axis=0) + PI_EPS, st.approx)
+            y = -pi[:, :, None] * w * _reciprocal(1.0 + run2 * inv3[:, :, None], st.approx)
             carry = (carry[0], c2 + jnp.sum(pw2, axis=0), c3 + jnp.sum(pi, axis=0))
         elif st.causal:
             c1, c2, c3 = carry
             bias = bias_ref[_tile_slice(st, i), :] if bias_ref is not None else None
-            f = _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid)
+            f = _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid, st.approx)
             y = -f["pi"][:, :, None] * w * f["a"]
             carry = (
                 c1 + jnp.sum(f["w2"], axis=0),
@@ -353,7 +375,7 @@ def _fwd_out_kernel(
             if pi_ref is not None:  # Pi from memory: a streaming multiply
                 pi = pi_ref[0, _tile_slice(st, i), :]
             else:
-                pi = _noncausal_tile(w, inv_nu2, temp, head_bias, valid)["pi"]
+                pi = _noncausal_tile(w, inv_nu2, temp, head_bias, valid, st.approx)["pi"]
             y = -pi[:, :, None] * w * a[None]
         y_ref[0, _tile_slice(st, i), :, :] = y.astype(y_ref.dtype)
         return carry
@@ -517,7 +539,9 @@ def _causal_scan_kernel(
     def moments(i, carry):
         run1, acc2, acc3 = carry
         tokens, w = rows(i)
-        f = _causal_pi(w, run1, temp, head_bias, bias(tokens), _valid_tokens(st, start, i))
+        f = _causal_pi(
+            w, run1, temp, head_bias, bias(tokens), _valid_tokens(st, start, i), st.approx
+        )
         pw2 = f["pi"][:, :, None] * f["w2"]
         return (
             run1 + jnp.sum(f["w2"], axis=0),
@@ -550,9 +574,8 @@ def _causal_scan_kernel(
     def out(i, carry):
         run1, run2, run3 = carry
         tokens, w = rows(i)
-        f = _causal_tile(
-            w, run1, run2, run3, temp, head_bias, bias(tokens), _valid_tokens(st, start, i)
-        )
+        valid = _valid_tokens(st, start, i)
+        f = _causal_tile(w, run1, run2, run3, temp, head_bias, bias(tokens), valid, st.approx)
         y_ref[b, tokens, :, :] = (-f["pi"][:, :, None] * w * f["a"]).astype(y_ref.dtype)
         return (
             run1 + jnp.sum(f["w2"], axis=0),
@@ -637,7 +660,7 @@ def _bwd_moment_kernel(
         g = _load_rows(g_ref, st, i)
         if st.causal:
             bias = bias_ref[_tile_slice(st, i), :] if bias_ref is not None else None
-            f = _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid)
+            f = _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid, st.approx)
             d_run2, d_run3 = _moment_grads(f, w, f["pi"][:, :, None] * f["a"] * g)
             gm_ref[0, i] = jnp.sum(d_run2, axis=0)
             gm3_ref[0, i] = jnp.sum(d_run3, axis=0)
@@ -647,7 +670,7 @@ def _bwd_moment_kernel(
                 c3 + jnp.sum(f["pi"], axis=0),
             )
         else:
-            f = _noncausal_tile(w, 1.0 / c1, temp, head_bias, valid)
+            f = _noncausal_tile(w, 1.0 / c1, temp, head_bias, valid, st.approx)
             gm_ref[0, i] = jnp.sum(g * f["pi"][:, :, None] * w, axis=0)
             gm3_ref[0, i] = jnp.zeros(gm3_ref.shape[2:], jnp.float32)
         return carry
@@ -670,7 +693,7 @@ def _bwd_tile(st: _Static, refs, start, i, carry, temp, head_bias):
     if st.causal:
         c1, c2, c3 = carry
         bias = bias_ref[_tile_slice(st, i), :] if bias_ref is not None else None
-        f = _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid)
+        f = _causal_tile(w, c1, c2, c3, temp, head_bias, bias, valid, st.approx)
         pag = f["pi"][:, :, None] * f["a"] * g  # [block_t, N, H]
         d_run2, d_run3 = _moment_grads(f, w, pag)
         suffix2 = r2_ref[0, i][None] + _suffix_in_tile(d_run2)  # sum over i >= t of dC2
@@ -686,7 +709,7 @@ def _bwd_tile(st: _Static, refs, start, i, carry, temp, head_bias):
         return w, f, d_logit, d_s, d_run1, dw, carry
     nu2, a, d_s2, d_s3 = carry
     inv_nu2 = 1.0 / nu2  # [N, H]
-    f = _noncausal_tile(w, inv_nu2, temp, head_bias, valid)
+    f = _noncausal_tile(w, inv_nu2, temp, head_bias, valid, st.approx)
     d_pi = jnp.sum(w * (d_s2[None] * w - a[None] * g), axis=-1) + d_s3[None]
     d_logit = f["pi"] * (d_pi - jnp.sum(f["pi"] * d_pi, axis=1, keepdims=True))
     d_s = d_logit * temp[None, :]
@@ -871,6 +894,7 @@ def _passes(*, causal: bool, has_bias: bool, seq_len: int, tile: _Tiling, config
         block_t=tile.block_t,
         num_tiles=tile.chunk_t // tile.block_t,
         num_chunks=tile.num_chunks,
+        approx=config.approx_reciprocal,
     )
     store_pi = causal if config.store_pi is None else config.store_pi
     forward = _Static(**statics, reverse=False, store_pi=store_pi)

@@ -257,6 +257,29 @@ def test_default_tiles_and_warps(causal):
     assert short.chunk_t % short.backward_block_t == 0 and short.backward_block_t <= 4
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+def test_reciprocals_lower_to_the_approximate_instruction_for_cuda(causal, monkeypatch):
+    """Lowered for CUDA on this machine (forward and backward), the kernels' reciprocals are
+    PTX rcp.approx by default (`approx_reciprocal`) and divisions without it; interpreted they
+    are divisions either way (the other tests here)."""
+    from jax import export
+
+    monkeypatch.setattr(kernels, "interpret_mode", lambda: False)
+    spec = jax.ShapeDtypeStruct
+    args = (spec((1, 256, 8, 64), jnp.bfloat16), spec((8,), jnp.float32))
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    for approx in (True, False):
+        config = kernels.Config(approx_reciprocal=approx)
+
+        def loss(w, t, config=config):
+            y = kernels.token_statistics_attention(w, t, causal=causal, config=config)
+            return y.astype(jnp.float32).sum()
+
+        grad = jax.jit(jax.grad(loss))
+        text = export.export(grad, platforms=["cuda"], disabled_checks=[triton])(*args)
+        assert ("rcp.approx.ftz.f32" in text.mlir_module()) == approx
+
+
 def test_tiling_rejects_chunks_that_are_not_whole_tiles():
     with pytest.raises(ValueError, match="multiple of block_t"):
         kernels.tiling(1, 100, 64, kernels.Config(block_t=8, chunk_t=12))
