@@ -222,10 +222,8 @@ def _causal_pi(w, c1, temp, head_bias, bias, valid, approx: bool = False):
     """
     w2 = w * w
     run1 = c1[None] + lax.cumsum(w2, axis=0)
-    inv_denom = _reciprocal(
-        jnp.maximum(run1, CAUSAL_SQ_EPS), approx
-    )  # one an element; the backward
-    # multiplies by it where it divided by C1 and C1^2
+    # one reciprocal an element; the backward multiplies by it where it divided by C1 and C1^2
+    inv_denom = _reciprocal(jnp.maximum(run1, CAUSAL_SQ_EPS), approx)
     s = jnp.sum(w2 * inv_denom, axis=-1)  # [block_t, N]
     if bias is not None:
         s = s + bias
