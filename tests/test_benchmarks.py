@@ -60,3 +60,32 @@ def test_flex_benchmark_passes_dense_arrays_as_arguments():
             assert biggest < length * length, (variant, name, biggest)
             dense += bool(peer.arrays)
     assert dense == 2  # XLA's dense ALiBi bias and document mask
+
+
+def test_multi_gpu_benchmark_runs_every_part_on_simulated_devices(tmp_path):
+    """benchmarks/multi_gpu.py (issue 17's GPU session) at smoke sizes on the CPU devices: one
+    psum, sharded decode by heads and by sequence, the causal ring forward and backward and
+    Lamina's overlap each give a time and a ratio to one device, and no part records an error."""
+    import json
+
+    from benchmarks import multi_gpu
+
+    out = tmp_path / "multi_gpu.json"
+    multi_gpu.main(["--json", str(out), "--small", "--decode-lengths", "64", "--ring-lengths",
+                    "64", "--batches", "4", "--repeats", "2"])  # fmt: skip
+    record = json.loads(out.read_text())
+    rows, n = record["rows"], len(jax.devices())
+    assert record["devices"] == n and "device" in record["environment"]
+    assert not [row for row in rows if "error" in row]
+    by_part = {part: [r for r in rows if r["part"] == part] for part in multi_gpu.PARTS}
+    assert [r["what"] for r in by_part["collective"]] == ["psum scalar", "psum decode_out"]
+    assert {(r["devices"], r["shard_by"]) for r in by_part["decode"]} == {
+        (1, None), (n, "heads"), (n, "sequence")
+    }  # fmt: skip
+    assert {(r["devices"], r["mode"]) for r in by_part["ring"]} == {
+        (d, m) for d in (1, n) for m in ("fwd", "fwd+bwd")
+    }
+    for row in by_part["collective"] + by_part["decode"] + by_part["ring"]:
+        assert row["ms"] > 0 and (row["part"] == "collective" or row["speedup"] > 0)
+    (overlap,) = by_part["overlap"]
+    assert overlap["tokens_per_s_overlapped"] > 0 and overlap["overlap_speedup"] > 0
