@@ -47,8 +47,8 @@ from jattn.offload.sharded import cache_spec, check_shardable
 DECODE = dict(batch=8, heads=32, kv_heads=8, head_dim=128)
 RING = dict(batch=1, heads=16, kv_heads=16, head_dim=128)
 SMALL_DECODE = dict(batch=4, heads=16, kv_heads=8, head_dim=16)  # K: heads over 8 devices
-PARTS = ("collective", "decode", "ring", "overlap")
 SMALL_RING = dict(batch=1, heads=2, kv_heads=2, head_dim=16)
+PARTS = ("collective", "decode", "ring", "overlap")
 
 
 def _jit(fn: Callable, mode: str) -> Callable:
