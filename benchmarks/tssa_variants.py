@@ -200,6 +200,10 @@ CONFIGS = {
     "bwd_b16_w4": kernels.Config(backward_block_t=16),
     "one_launch_c128": kernels.Config(block_t=8, chunk_t=128, single_pass=True),
     "one_launch_c256": kernels.Config(block_t=8, chunk_t=256, single_pass=True),
+    # the look-back forward on stop 29's forward tile (4 tokens, 2 warps) and reciprocals
+    "one_launch_b4_c64": kernels.Config(chunk_t=64, single_pass=True),
+    "one_launch_b4_c128": kernels.Config(chunk_t=128, single_pass=True),
+    "one_launch_b4_c256": kernels.Config(chunk_t=256, single_pass=True),
 }
 
 
