@@ -627,7 +627,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                             acc_ref, m_ref, l_ref, p_ref, alpha_ref = refs
 
                             def with_scores(s_ref):
-                                plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_ref, (1, 0)))
+                                plgpu.wgmma(s_ref, q_smem, k_ref.transpose((1, 0)))
                                 plgpu.wgmma(acc_ref, p_ref[...], v_ref)
                                 turns()
                                 # S_j is ready once at most one wgmma (P V) is in flight

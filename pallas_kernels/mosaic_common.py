@@ -136,7 +136,7 @@ def mma_transposed(st: Static, lhs_ref, rhs_ref, while_running=None) -> Array:
 
     def product(acc_ref):
         for a, b in zip(lhs_refs, rhs_refs, strict=True):
-            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)))
+            plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
         if while_running is not None:
             while_running()
         return acc_ref[...]
@@ -157,7 +157,7 @@ def mma_lhs_transposed(st: Static, lhs_t_ref, rhs_ref) -> Array:
         )
 
     def product(acc_ref):
-        plgpu.wgmma(acc_ref, plgpu.transpose_ref(lhs_t_ref, (1, 0)), rhs_ref)
+        plgpu.wgmma(acc_ref, lhs_t_ref.transpose((1, 0)), rhs_ref)
         return acc_ref[...]
 
     shape = (lhs_t_ref.shape[1], rhs_ref.shape[1])
