@@ -571,7 +571,9 @@ def _mosaic_case(name, shape):
         "causal_block_mask_with_alibi",
         "window_mask_mod",
         "rows_that_see_nothing",
-        # the documents with a block mask, ALiBi on top: also the closed-over ids test below
+        # the documents with a block mask, ALiBi on top (-m slow, as the closed-over ids with
+        # ALiBi below): the default run has the ids alone under a block mask, and the causal
+        # block mask with ALiBi
         pytest.param("documents_block_mask", marks=pytest.mark.slow),
     ],
 )
