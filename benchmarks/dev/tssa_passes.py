@@ -27,6 +27,7 @@ def _stages(w, temperature, causal: bool, config: k.Config):
     tile = k.tiling(b, t, n * h, config, causal)
     passes = k._passes(causal=causal, has_bias=False, seq_len=t, tile=tile, config=config)
     store_pi, fwd, mid = passes.store_pi, passes.forward, passes.middle
+    config = passes.fwd_config  # its warps resolved (num_warps None: FORWARD_WARPS)
     nc = tile.num_chunks
     hb = jnp.zeros((n,), jnp.float32)
     sp = k._specs(fwd, w.shape, tile.chunk_t)
