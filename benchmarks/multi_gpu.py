@@ -11,17 +11,23 @@ its times say nothing about GPUs). The one-device and sharded runs of a cell are
 its error in the row; rows are written as they finish.
 
 - collective: a psum of a bf16 scalar and of a [B, N, H] bf16 array over all devices inside
-  `jax.shard_map` (the floor of one sharded decode step: its merge is one such reduction).
+  `jax.shard_map`, one dispatch each, and CHAIN psums in one program (the latency of the
+  collective itself, without the host's dispatch: the floor of one sharded decode step).
 - decode: `jattn.decode_attention` on one device against `offload.sharded_decode_attention`
   by heads and by sequence over all devices, bf16, B = 8, N = 32, K = 8, H = 128, lengths
-  spread from S/3 to S; the cache placed on the mesh once (as `KVCache` keeps it). Bandwidth:
-  KV bytes of the valid tokens read per second.
+  spread from S/3 to S; the cache, q and the lengths placed on the mesh once (as a `KVCache`
+  step has them). Timed per call (one dispatch each) and in a step (CHAIN attentions in one
+  program, each query the last output: a decode step's layers). Bandwidth: KV bytes of the
+  valid tokens read per second.
 - ring: `jattn.dot_product_attention` on one device against `jattn.parallel.ring_attention`
-  over all devices, causal, bf16, B = 1, N = K = 16, H = 128; forward and forward + backward;
+  over all devices, causal, bf16, B = 1, N = K = 16, H = 128; the natural (contiguous) layout
+  and the caller's zig-zag order (`layout='zigzag'`); forward and forward + backward;
   TFLOP/s by the FlashAttention convention (causal: half of 4 B N T^2 H forward, 2.5x that
   for forward + backward).
 - overlap: `jattn.offload.demo.overlap_benchmark` (tokens/s of the offloaded decoder with and
-  without Lamina's micro-batches, and co-located on one device) for each `--batches`.
+  without Lamina's micro-batches at a batch that fills the attention device, and co-located on
+  one device at the batch that fits there beside the weights), OVERLAP_MODEL at a context of
+  max_len - 10 (`start_at`).
 """
 
 from __future__ import annotations
@@ -49,6 +55,12 @@ RING = dict(batch=1, heads=16, kv_heads=16, head_dim=128)
 SMALL_DECODE = dict(batch=4, heads=16, kv_heads=8, head_dim=16)  # K: heads over 8 devices
 SMALL_RING = dict(batch=1, heads=2, kv_heads=2, head_dim=16)
 PARTS = ("collective", "decode", "ring", "overlap")
+# Lamina's overlap pays where a micro-batch's weight reads (compute side) take about half the
+# whole batch's KV reads (attention side), and offloading pays where the weights take a large
+# share of one device: d = 16384 (N = 128, K = 16, H = 128), 9 layers (49.5 GB of bf16 weights),
+# 4096-slot caches (302 MB per sequence): ~340 sequences fill an H200's 112 GB, ~180 co-located.
+OVERLAP_MODEL = dict(layers=9, heads=128, kv_heads=16, head_dim=128, max_len=4096, dtype="bfloat16")
+CHAIN = 8  # collectives or decode attentions chained in one program (a step's layers)
 
 
 def _jit(fn: Callable, mode: str) -> Callable:
@@ -97,6 +109,20 @@ def collective(devices, *, batch: int, heads: int, head_dim: int, repeats: int) 
     rows = []
     for name, ms in _rounds(calls, repeats).items():
         rows.append(dict(part="collective", what=f"psum {name}", bytes=sizes[name], **_ms(ms)))
+    # In one program: CHAIN psums, each waiting for the last (no host dispatch between them).
+    x = jax.device_put(jnp.ones((len(devices),), jnp.bfloat16), NamedSharding(mesh, P("attn")))
+    chained = jax.jit(
+        jax.shard_map(
+            lambda x: jax.lax.fori_loop(0, CHAIN, lambda _, y: jax.lax.psum(y, "attn") * 0.5, x),
+            mesh=mesh,
+            in_specs=P("attn"),
+            out_specs=P("attn"),
+            check_vma=False,  # the carry: varying in, replicated out
+        )
+    )
+    ms = _rounds({"chain": functools.partial(chained, x)}, repeats)["chain"]
+    ms = ms / CHAIN if isinstance(ms, float) else ms
+    rows.append(dict(part="collective", what=f"psum scalar, {CHAIN} in one program", **_ms(ms)))
     return rows
 
 
@@ -113,30 +139,55 @@ def decode(devices, lengths: list[int], shape: dict, *, repeats: int) -> list[di
         kv_len = rng.integers(s // 3, s + 1, b).astype(np.int32)
         kv_bytes = 2 * int(kv_len.sum()) * k * h * 2  # K and V of the valid tokens, bf16
         lens = jnp.asarray(kv_len)
-        one = jax.jit(lambda q, kc, vc, lens: jattn.decode_attention(q, kc, vc, lens))
-        calls = {(1, None): functools.partial(one, q, cache[0], cache[1], lens)}
+        calls = {}
+        for timing, make in (("call", jax.jit), ("in a step", _chained)):
+            calls[(1, None, timing)] = functools.partial(
+                make(jattn.decode_attention), q, cache[0], cache[1], lens
+            )
         for shard_by in ("heads", "sequence"):
             try:
                 check_shardable(cache.shape[1:], mesh, "attn", shard_by)
             except ValueError as error:
                 rows.append(dict(part="decode", S=s, shard_by=shard_by, error=str(error)[:200]))
                 continue
-            placed = NamedSharding(mesh, cache_spec(shard_by, "attn"))
-            kc, vc = (jax.device_put(c, placed) for c in cache)
-
-            def sharded(q, kc, vc, lens, shard_by=shard_by):
-                return offload.sharded_decode_attention(
-                    q, kc, vc, lens, mesh=mesh, shard_by=shard_by
+            # Everything where a KVCache step has it: the cache cut over the mesh, q (and so the
+            # output) cut by heads or replicated, the lengths replicated.
+            kc, vc = (
+                jax.device_put(c, NamedSharding(mesh, cache_spec(shard_by, "attn"))) for c in cache
+            )
+            q_spec = P(None, "attn", None) if shard_by == "heads" else P()
+            placed_q = jax.device_put(q, NamedSharding(mesh, q_spec))
+            placed_lens = jax.device_put(lens, NamedSharding(mesh, P()))
+            sharded = functools.partial(
+                offload.sharded_decode_attention, mesh=mesh, shard_by=shard_by
+            )
+            for timing, make in (("call", jax.jit), ("in a step", _chained)):
+                calls[(len(devices), shard_by, timing)] = functools.partial(
+                    make(sharded), placed_q, kc, vc, placed_lens
                 )
-
-            calls[(len(devices), shard_by)] = functools.partial(jax.jit(sharded), q, kc, vc, lens)
         times = _rounds(calls, repeats)
-        for (count, shard_by), ms in times.items():
-            row = dict(part="decode", S=s, devices=count, shard_by=shard_by, **_ms(ms))
+        for (count, shard_by, timing), ms in times.items():
+            ms = ms / CHAIN if isinstance(ms, float) and timing != "call" else ms
+            row = dict(
+                part="decode", S=s, devices=count, shard_by=shard_by, timing=timing, **_ms(ms)
+            )
+            one = times[(1, None, timing)]
             if isinstance(ms, float):
-                row.update(tbps=kv_bytes / ms / 1e9, speedup=_ratio(times[(1, None)], ms))
+                one = one / CHAIN if isinstance(one, float) and timing != "call" else one
+                row.update(tbps=kv_bytes / ms / 1e9, speedup=_ratio(one, ms))
             rows.append(row)
     return rows
+
+
+def _chained(attend: Callable) -> Callable:
+    """CHAIN decode attentions in one jitted program, each query the last one's output (a
+    decode step's layers, without a host dispatch per layer); time / CHAIN is one layer's."""
+
+    def run(q, k_cache, v_cache, lengths):
+        step = lambda _, q: attend(q, k_cache, v_cache, lengths).astype(q.dtype)  # noqa: E731
+        return jax.lax.fori_loop(0, CHAIN, step, q)
+
+    return jax.jit(run)
 
 
 def ring(devices, lengths: list[int], shape: dict, *, repeats: int) -> list[dict]:
@@ -150,42 +201,53 @@ def ring(devices, lengths: list[int], shape: dict, *, repeats: int) -> list[dict
         kv = jax.random.normal(jax.random.fold_in(key, 1), (2, b, t, k, h), jnp.bfloat16)
         flops = 4 * b * n * t * t * h / 2  # causal: half the matrix
         seq = NamedSharding(mesh, P(None, "seq"))
-        placed = [jax.device_put(x, seq) for x in (q, kv[0], kv[1])]
+        count = len(devices)
+        placed = {
+            "contiguous": [jax.device_put(x, seq) for x in (q, kv[0], kv[1])],
+            # The caller keeps its tokens in ring order (permuted once, when loading data).
+            "zigzag": [
+                jax.device_put(parallel.ring_order(x, count), seq) for x in (q, kv[0], kv[1])
+            ],
+        }
 
         def one(q, k, v):
             return jattn.dot_product_attention(q, k, v, is_causal=True)
 
-        def over_ring(q, k, v):
-            return parallel.ring_attention(q, k, v, mesh=mesh, axis="seq", is_causal=True)
+        def over_ring(q, k, v, layout):
+            return parallel.ring_attention(
+                q, k, v, mesh=mesh, axis="seq", is_causal=True, layout=layout
+            )
 
         for mode in ("fwd", "fwd+bwd"):
-            calls = {
-                1: functools.partial(_jit(one, mode), q, kv[0], kv[1]),
-                len(devices): functools.partial(_jit(over_ring, mode), *placed),
-            }
+            calls = {(1, None): functools.partial(_jit(one, mode), q, kv[0], kv[1])}
+            for layout, arrays in placed.items():
+                fn = functools.partial(over_ring, layout=layout)
+                calls[(count, layout)] = functools.partial(_jit(fn, mode), *arrays)
             times = _rounds(calls, repeats)
             work = flops * (1.0 if mode == "fwd" else 2.5)
-            for count, ms in times.items():
-                row = dict(part="ring", T=t, mode=mode, devices=count, **_ms(ms))
+            for (devices_used, layout), ms in times.items():
+                row = dict(
+                    part="ring", T=t, mode=mode, devices=devices_used, layout=layout, **_ms(ms)
+                )
                 if isinstance(ms, float):
-                    row.update(tflops=work / ms / 1e9, speedup=_ratio(times[1], ms))
+                    row.update(tflops=work / ms / 1e9, speedup=_ratio(times[(1, None)], ms))
                 rows.append(row)
     return rows
 
 
-def overlap(devices, batches: list[int], config, *, steps: int) -> list[dict]:
-    """Lamina's micro-batched decoder against the plain offloaded one and one device."""
-    rows = []
-    for batch in batches:
-        row = dict(
-            part="overlap",
-            **offload_demo.overlap_benchmark(devices, config, batch=batch, steps=steps),
-        )
-        errors = [v for k, v in row.items() if k.startswith("tokens_per_s") and isinstance(v, str)]
-        if errors:  # a decoder that could not run (the co-located one out of memory: expected)
-            row["error"] = "; ".join(errors)
-        rows.append(row)
-    return rows
+def overlap(devices, config, *, batch: int | None, context: int, steps: int) -> list[dict]:
+    """Lamina's micro-batched decoder against the plain offloaded one and one device, at a
+    batch that fills the attention devices (batch=None) and a long context."""
+    row = dict(
+        part="overlap",
+        **offload_demo.overlap_benchmark(
+            devices, config, batch=batch, context=context, steps=steps
+        ),
+    )
+    errors = [v for k, v in row.items() if k.startswith("tokens_per_s") and isinstance(v, str)]
+    if errors:
+        row["error"] = "; ".join(errors)
+    return [row]
 
 
 def main(argv=None) -> None:
@@ -194,7 +256,9 @@ def main(argv=None) -> None:
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--decode-lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--ring-lengths", type=int, nargs="+", default=[16384, 65536])
-    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    parser.add_argument(
+        "--batch", type=int, default=None, help="overlap's batch (default: fill the memory)"
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--small", action="store_true", help="CPU smoke sizes")
     args = parser.parse_args(argv)
@@ -202,10 +266,12 @@ def main(argv=None) -> None:
     if len(devices) < 2:
         raise SystemExit(f"needs 2 or more devices, found {len(devices)}")
     decode_shape, ring_shape = (SMALL_DECODE, SMALL_RING) if args.small else (DECODE, RING)
-    model = dict(layers=8, heads=32, kv_heads=8, head_dim=128, max_len=4096, dtype="bfloat16")
+    config, batch = offload.GPTConfig(**OVERLAP_MODEL), args.batch
     if args.small:
-        model = dict(layers=1, heads=8, kv_heads=4, head_dim=8, max_len=32)
-    config = offload.GPTConfig(**model)
+        config = offload.GPTConfig(layers=1, heads=8, kv_heads=4, head_dim=8, max_len=32)
+        batch = batch or 4
+    steps = 4 if args.small else 8
+    context = config.max_len - steps - 2
     record = dict(environment=environment(), devices=len(devices), rows=[])
 
     def save(rows):
@@ -220,7 +286,7 @@ def main(argv=None) -> None:
         "collective": lambda: collective(devices, **out_shape, repeats=args.repeats),
         "decode": lambda: decode(devices, args.decode_lengths, decode_shape, repeats=args.repeats),
         "ring": lambda: ring(devices, args.ring_lengths, ring_shape, repeats=args.repeats),
-        "overlap": lambda: overlap(devices, args.batches, config, steps=4 if args.small else 32),
+        "overlap": lambda: overlap(devices, config, batch=batch, context=context, steps=steps),
     }
     for name in args.parts:
         save(parts[name]())

@@ -76,6 +76,50 @@ def register_implementation(name: str, fn: Implementation, config_type: type | N
     _CONFIG_TYPES[name] = config_type
 
 
+# A backward at given residuals: (args, config, out, lse, d_out, d_lse) -> (dq, dk, dv), with
+# out/lse those of the forward over args' keys or of any attention whose keys include them (a
+# ring's merged output: the block gradients are then its share); NotImplementedError as above.
+Backward = Callable[..., tuple[Array, Array, Array]]
+_BACKWARDS: dict[str, Backward] = {}
+
+
+def register_backward(name: str, fn: Backward) -> None:
+    """Give implementation `name` a backward that takes the residuals (out, lse) as inputs
+    (`attention_backward`); kernels with their own backward kernels call this."""
+    _BACKWARDS[name] = fn
+
+
+def attention_backward(
+    args: AttentionArgs, implementation, config, out, lse, d_out, d_lse
+) -> tuple[Array, Array, Array] | None:
+    """(dq, dk, dv) of attention over `args` at residuals computed elsewhere, by the first
+    implementation in `implementation`'s order (as `_dispatch` walks it) that has a
+    `register_backward` and serves the call; None when none does (the caller then
+    differentiates the forward instead). No bias or mask (they have no residual backward).
+
+    out `[B, T, N, H]`, lse `[B, T, N]` float32 (+inf on rows that see no key anywhere: their
+    probabilities are then 0), d_out like out, d_lse like lse. For the true out and lse of
+    `args` this equals the vjp of `dot_product_attention(..., return_residual=True)`; for the
+    merged out and lse of a larger attention whose keys include `args.key` (ring attention),
+    it is this block's share of that attention's gradients: P = exp(logits - lse) is then the
+    block's slice of the whole row's softmax (FlashAttention-2's backward, Dao 2023, Alg. 2).
+    """
+    if args.bias is not None or args.mask is not None:
+        return None
+    if implementation is None:
+        names = auto_order_for(args, differentiated=True)
+    else:
+        names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
+    names = _check_config(names, config, auto=implementation is None)
+    for name in names:
+        if name in _BACKWARDS:
+            try:
+                return _BACKWARDS[name](args, config, out, lse, d_out, d_lse)
+            except NotImplementedError:
+                continue
+    return None
+
+
 def _check_config(names: tuple[str, ...], config, auto: bool) -> tuple[str, ...]:
     """The implementations to try with `config`: a config belongs to one kernel, so another
     kernel's config is a ValueError naming both types (auto tries only its owner)."""
@@ -768,6 +812,17 @@ def _xla_chunked(args: AttentionArgs, config) -> tuple[Array, Array]:
     )
 
 
+def _xla_chunked_backward(args: AttentionArgs, config, out, lse, d_out, d_lse):
+    if config is None:
+        config = chunked.default_config()
+    if not isinstance(config, chunked.ChunkedConfig):
+        raise NotImplementedError(f"xla_chunked needs a ChunkedConfig, got {type(config).__name__}")
+    return chunked.chunked_attention_backward(
+        args.query, args.key, args.value, out, lse, d_out, d_lse, config=config,
+        **option_kwargs(args),
+    )  # fmt: skip
+
+
 def _xla_chunked_autodiff(args: AttentionArgs, config) -> tuple[Array, Array]:
     """xla_chunked without its custom_vjp: JAX differentiates its scans (forward mode too)."""
     if config is None:
@@ -786,3 +841,4 @@ def _xla_chunked_autodiff(args: AttentionArgs, config) -> tuple[Array, Array]:
 
 register_implementation("xla", _xla)
 register_implementation("xla_chunked", _xla_chunked, config_type=chunked.ChunkedConfig)
+register_backward("xla_chunked", _xla_chunked_backward)

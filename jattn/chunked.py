@@ -101,6 +101,48 @@ def chunked_attention(
     themselves: forward mode (jax.jvp, jacfwd, hessian) and any order, in O(T) memory under
     jvp (reverse mode stores per-tile residuals: O(T * S)).
     """
+    static, aux = _static_and_aux(
+        query, key, mask, scale, is_causal, q_offset, query_seq_lengths, key_value_seq_lengths,
+        local_window_size, segment_ids, logits_soft_cap, config,
+    )  # fmt: skip
+    if autodiff:
+        return _forward(static, query, key, value, bias, aux)
+    return _attention_vjp(static)(query, key, value, bias, aux)
+
+
+def chunked_attention_backward(
+    query: Array,  # [B, T, N, H]
+    key: Array,  # [B, S, K, H]
+    value: Array,  # [B, S, K, H]
+    out: Array,  # [B, T, N, H]
+    lse: Array,  # [B, T, N] float32
+    d_out: Array,  # [B, T, N, H]
+    d_lse: Array,  # [B, T, N]
+    *,
+    scale: float,
+    is_causal: bool,
+    q_offset: Array | None,
+    query_seq_lengths: Array | None,
+    key_value_seq_lengths: Array | None,
+    local_window_size: tuple[int, int] | None,
+    segment_ids: tuple[Array, Array] | None,
+    logits_soft_cap: float | None,
+    config: ChunkedConfig,
+) -> tuple[Array, Array, Array]:  # dq, dk, dv
+    """`chunked_attention`'s backward (no bias, no mask) at residuals (out, lse) computed
+    elsewhere (`jattn.attention.attention_backward`)."""
+    static, aux = _static_and_aux(
+        query, key, None, scale, is_causal, q_offset, query_seq_lengths, key_value_seq_lengths,
+        local_window_size, segment_ids, logits_soft_cap, config,
+    )  # fmt: skip
+    dq, dk, dv = _backward(static, query, key, value, None, aux, out, lse, d_out, d_lse)[:3]
+    return dq, dk, dv
+
+
+def _static_and_aux(
+    query, key, mask, scale, is_causal, q_offset, query_seq_lengths, key_value_seq_lengths,
+    local_window_size, segment_ids, logits_soft_cap, config,
+) -> tuple[_Static, _Aux]:  # fmt: skip
     q_len, kv_len = query.shape[1], key.shape[1]
     static = _Static(
         scale=float(scale),
@@ -114,9 +156,7 @@ def chunked_attention(
     )
     q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
     aux = _Aux(mask, q_offset, query_seq_lengths, key_value_seq_lengths, q_ids, kv_ids)
-    if autodiff:
-        return _forward(static, query, key, value, bias, aux)
-    return _attention_vjp(static)(query, key, value, bias, aux)
+    return static, aux
 
 
 @functools.cache

@@ -24,6 +24,7 @@ from jattn.attention import (
     AttentionArgs,
     hopper_or_newer,
     option_kwargs,
+    register_backward,
     register_implementation,
 )
 from pallas_kernels import common, flash_mosaic
@@ -52,7 +53,22 @@ def _mosaic(args: AttentionArgs, config) -> tuple[Array, Array]:
     )
 
 
+def _mosaic_backward(args: AttentionArgs, config, out, lse, d_out, d_lse):
+    if config is not None and not isinstance(config, MosaicConfig):
+        raise NotImplementedError(f"mosaic needs a MosaicConfig, got {type(config).__name__}")
+    if common.on_gpu() and not hopper_or_newer():
+        raise NotImplementedError("the Mosaic GPU kernel needs a Hopper GPU (sm_90) or newer")
+    tuned = None
+    if config is None:
+        tuned = autotune.lookup_call("mosaic", args.query, args.key, causal=args.is_causal)
+    return flash_mosaic.flash_attention_backward(
+        args.query, args.key, args.value, out, lse, d_out, d_lse, config=config, tuned=tuned,
+        **option_kwargs(args),
+    )  # fmt: skip
+
+
 register_implementation("mosaic", _mosaic, config_type=MosaicConfig)
+register_backward("mosaic", _mosaic_backward)
 
 
 # --- autotuning: the forward's tiles and ring depth, then its schedule (both timed on the

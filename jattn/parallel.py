@@ -146,6 +146,73 @@ def _block(step, q, k, v, q_ids, kv_ids, *, axis, n, causal, options):
     return lax.switch(case, (diagonal, from_below, from_above), q, k, v, q_ids, kv_ids)
 
 
+def _attend_gradients(q, k, v, q_ids, kv_ids, out, lse, d_out, d_lse, *, causal, options):
+    """(dq, dk, dv) float32 of the local attention's share of the ring's gradients, from a
+    backward kernel fed the merged out and lse (`attention.attention_backward`): no forward is
+    recomputed. None when no implementation in the order has such a backward."""
+    segment_ids = None if q_ids is None else (q_ids, kv_ids)
+    args = attention.check_attention_args(
+        q, k, v, scale=options["scale"], is_causal=causal, segment_ids=segment_ids
+    )
+    grads = attention.attention_backward(
+        args,
+        options["implementation"],
+        options["config"],
+        out.astype(q.dtype),
+        lse,
+        d_out.astype(q.dtype),
+        d_lse,
+    )
+    return None if grads is None else tuple(g.astype(jnp.float32) for g in grads)
+
+
+def _block_gradients(step, q, k, v, q_ids, kv_ids, out, lse, d_out, d_lse, *, axis, n, causal,
+                     options):  # fmt: skip
+    """`_block`'s gradients at the merged (out, lse): the same three cases of a causal ring,
+    each attending only what it sees, zeros for the rest. lse: +inf on rows that see nothing
+    anywhere (their probabilities are 0 in every block)."""
+    grads = functools.partial(_attend_gradients, options=options)
+    if not causal:
+        return grads(q, k, v, q_ids, kv_ids, out, lse, d_out, d_lse, causal=False)
+    c = q.shape[1] // 2
+    half = lambda ids, part: None if ids is None else ids[:, part]  # noqa: E731
+    first, second = slice(None, c), slice(c, None)
+
+    def diagonal(q, k, v, q_ids, kv_ids):
+        return grads(q, k, v, q_ids, kv_ids, out, lse, d_out, d_lse, causal=True)
+
+    def from_below(q, k, v, q_ids, kv_ids):  # all queries, the visitor's first chunk
+        dq, dk, dv = grads(
+            q, k[:, first], v[:, first], q_ids, half(kv_ids, first), out, lse, d_out, d_lse,
+            causal=False,
+        )  # fmt: skip
+        hidden = jnp.zeros(dk.shape, dk.dtype)
+        return dq, jnp.concatenate([dk, hidden], 1), jnp.concatenate([dv, hidden], 1)
+
+    def from_above(q, k, v, q_ids, kv_ids):  # the second query chunk, the whole visitor
+        dq, dk, dv = grads(
+            q[:, second], k, v, half(q_ids, second), kv_ids, out[:, second], lse[:, second],
+            d_out[:, second], d_lse[:, second], causal=False,
+        )  # fmt: skip
+        return jnp.concatenate([jnp.zeros(dq.shape, dq.dtype), dq], 1), dk, dv
+
+    me = lax.axis_index(axis)
+    source = (me - step) % n
+    case = jnp.where(step == 0, 0, jnp.where(source < me, 1, 2))
+    return lax.switch(case, (diagonal, from_below, from_above), q, k, v, q_ids, kv_ids)
+
+
+def _has_residual_backward(q, k, v, q_ids, kv_ids, *, causal, options) -> bool:
+    """Whether `_attend_gradients` serves these blocks (traced on shapes only)."""
+    shape = lambda x: None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+    lse = jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)
+    found = jax.eval_shape(
+        functools.partial(_attend_gradients, causal=causal, options=options),
+        *map(shape, (q, k, v, q_ids, kv_ids, q)), lse, shape(q), lse,
+    )  # fmt: skip
+    return found is not None
+
+
 def _merge(out, lse, block_out, block_lse):
     """Exact log-sum-exp merge of two partials; -inf rows contribute nothing (never NaN). The
     shift m cancels, so it carries no gradient."""
@@ -181,24 +248,37 @@ def _ring_forward(q, k, v, q_ids, kv_ids, *, axis, n, causal, options):
 
 
 def _ring_backward(q, k, v, q_ids, kv_ids, out, lse, d_out, d_lse, *, axis, n, causal, options):
-    """Second trip round the ring: each block pair's gradients from its own vjp (recomputing the
-    partial), with cotangents w·d_out and w·(<d_out, out_s> - <d_out, out> + d_lse), w the block's
-    merge weight exp(lse_s - lse). dK/dV travel with their block and arrive home after n hops."""
-    block = functools.partial(_block, axis=axis, n=n, causal=causal, options=options)
+    """Second trip round the ring: dK/dV travel with their block and arrive home after n hops.
+
+    Each block pair's gradients come from a backward kernel fed the merged out and lse
+    (`_block_gradients`: P = exp(logits - lse) is the pair's share of the whole row's softmax,
+    so nothing is recomputed), where the implementation has one. Otherwise from the pair's own
+    vjp, recomputing its partial (out_s, lse_s), with cotangents w·d_out and
+    w·(<d_out, out_s> - <d_out, out> + d_lse), w the pair's merge weight exp(lse_s - lse)."""
+    statics = dict(axis=axis, n=n, causal=causal, options=options)
+    block = functools.partial(_block, **statics)
     d_out = d_out.astype(jnp.float32)
     d_lse = d_lse.astype(jnp.float32)
     delta = jnp.sum(d_out * out, -1)  # [B, T, N]
+    residual = _has_residual_backward(q, k, v, q_ids, kv_ids, causal=causal, options=options)
+    seen_lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # rows that see nothing: P = 0
 
-    def step(s, carry):
-        visitor, dq, dk, dv = carry
-        k_s, v_s, kv_ids_s = visitor
-        following = _rotate(visitor, axis, n)
+    def pair_gradients(s, k_s, v_s, kv_ids_s):
+        if residual:
+            return _block_gradients(
+                s, q, k_s, v_s, q_ids, kv_ids_s, out, seen_lse, d_out, d_lse, **statics
+            )
         (out_s, lse_s), pull = jax.vjp(
             lambda q, k, v: block(s, q, k, v, q_ids, kv_ids_s), q, k_s, v_s
         )
         w = jnp.where(jnp.isfinite(lse_s), jnp.exp(lse_s - jnp.where(jnp.isfinite(lse), lse, 0)), 0)
         d_lse_s = w * (jnp.sum(d_out * out_s, -1) - delta + d_lse)
-        dq_s, dk_s, dv_s = pull((w[..., None] * d_out, d_lse_s))
+        return pull((w[..., None] * d_out, d_lse_s))
+
+    def step(s, carry):
+        visitor, dq, dk, dv = carry
+        following = _rotate(visitor, axis, n)
+        dq_s, dk_s, dv_s = pair_gradients(s, *visitor)
         dk, dv = _rotate((dk + dk_s, dv + dv_s), axis, n)
         return following, dq + dq_s, dk, dv
 

@@ -14,7 +14,12 @@ import itertools
 from jax import Array
 
 from jattn import autotune
-from jattn.attention import AttentionArgs, option_kwargs, register_implementation
+from jattn.attention import (
+    AttentionArgs,
+    option_kwargs,
+    register_backward,
+    register_implementation,
+)
 from pallas_kernels import common, flash_triton
 from pallas_kernels.flash_triton import TritonConfig
 
@@ -39,7 +44,19 @@ def _triton(args: AttentionArgs, config) -> tuple[Array, Array]:
     )
 
 
+def _triton_backward(args: AttentionArgs, config, out, lse, d_out, d_lse):
+    if config is not None and not isinstance(config, TritonConfig):
+        raise NotImplementedError(f"triton needs a TritonConfig, got {type(config).__name__}")
+    flash_triton.check_served(args.query)
+    dq, dk, dv, _ = flash_triton.backward(
+        args.query, args.key, args.value, None, None, out, lse, d_out, d_lse, want_dbias=False,
+        config=config, **option_kwargs(args),
+    )  # fmt: skip
+    return dq, dk, dv
+
+
 register_implementation("triton", _triton, config_type=TritonConfig)
+register_backward("triton", _triton_backward)
 
 
 # --- autotuning: the forward tiles (timed on the forward), then the backward tiles (timed on

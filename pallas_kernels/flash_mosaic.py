@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -899,12 +900,104 @@ def flash_attention(
     kernel serves float32), H > 256, a config whose forward does not fit shared memory.
     Gradients come from `flash_mosaic_bwd`, or from the Triton backward for dbias.
     """
+    options = dict(
+        scale=scale,
+        is_causal=is_causal,
+        q_offset=q_offset,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        segment_ids=segment_ids,
+        logits_soft_cap=logits_soft_cap,
+    )
+    plan, bounds = _plan(query, key, bias, mask, config, tuned, interpret, options)
+    # Every array the rules need goes in as an argument (never closed over; `options` is read
+    # for its static entries only): a custom_vjp whose rules close over tracers fails as soon
+    # as a jit sits inside the differentiation (`jax.grad(jax.jit(f))`: "No constant handler
+    # for type DynamicJaxprTracer").
+    aux = (mask, bounds, segment_ids, q_offset, query_seq_lengths, key_value_seq_lengths)
+
+    @jax.custom_vjp
+    def attention(query, key, value, bias, aux):
+        mask, bounds, segment_ids = aux[:3]
+        return forward(plan.st, query, key, value, bias, mask, bounds, segment_ids)
+
+    def forward_rule(query, key, value, bias, aux):
+        primals = [x.value for x in (query, key, value)]
+        bias_value = None if bias is None else bias.value
+        aux = jax.tree.map(lambda x: x.value, aux, is_leaf=_is_primal)
+        mask, bounds, segment_ids = aux[:3]
+        out, lse = forward(plan.st, *primals, bias_value, mask, bounds, segment_ids)
+        want_dbias = bias_value is not None and bias.perturbed
+        return (out, lse), (*primals, bias_value, out, lse, () if want_dbias else None, aux)
+
+    def backward_rule(residuals, cotangents):
+        query, key, value, bias, out, lse, want_dbias, aux = residuals
+        d_out, d_lse = cotangents
+        if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
+            d_out = jnp.zeros(out.shape, out.dtype)
+        if isinstance(d_lse, jax.custom_derivatives.SymbolicZero):
+            d_lse = jnp.zeros(lse.shape, lse.dtype)
+        no_aux = jax.tree.map(lambda _: None, aux)  # integer and boolean inputs: no cotangent
+        grads = _gradients(
+            plan, options, query, key, value, bias, aux, out, lse, d_out, d_lse,
+            want_dbias=want_dbias is not None,
+        )  # fmt: skip
+        return (*grads, no_aux)
+
+    attention.defvjp(forward_rule, backward_rule, symbolic_zeros=True)
+    return attention(query, key, value, bias, aux)
+
+
+def flash_attention_backward(
+    query: Array,  # [B, T, N, H] float16/bfloat16
+    key: Array,  # [B, S, K, H]
+    value: Array,  # [B, S, K, H]
+    out: Array,  # [B, T, N, H]
+    lse: Array,  # [B, T, N] float32
+    d_out: Array,  # [B, T, N, H]
+    d_lse: Array,  # [B, T, N]
+    *,
+    config: MosaicConfig | None = None,
+    tuned: MosaicConfig | None = None,
+    interpret: bool | None = None,
+    **options,
+) -> tuple[Array, Array, Array]:  # dq, dk, dv
+    """`flash_attention`'s backward (no bias, no mask) at residuals (out, lse) computed
+    elsewhere: ring attention's block gradients at the merged output and log-sum-exp, which
+    are the block's share of the whole row's softmax (no forward recomputed). `options` as in
+    `flash_attention`; NotImplementedError for what it does not serve."""
+    _check_served(query)
+    plan, bounds = _plan(query, key, None, None, config, tuned, interpret, options)
+    aux = (
+        None,
+        bounds,
+        options["segment_ids"],
+        options["q_offset"],
+        options["query_seq_lengths"],
+        options["key_value_seq_lengths"],
+    )
+    dq, dk, dv, _ = _gradients(
+        plan, options, query, key, value, None, aux, out, lse, d_out, d_lse, want_dbias=False
+    )
+    return dq, dk, dv
+
+
+class _Plan(NamedTuple):
+    st: Static  # the forward kernel's
+    bwd_st: Static  # the backward kernels'
+    native_backward: bool  # the Mosaic backward serves it (else the Triton backward)
+
+
+def _plan(query, key, bias, mask, config, tuned, interpret, options) -> tuple[_Plan, Array]:
+    """The static configuration of one call's forward and backward kernels, and its bounds
+    `[B, 4]` int32 (`_bounds`)."""
     _check_served(query)
     batch, q_len, num_heads, head_dim = query.shape
     kv_len = key.shape[1]
     pair_itemsize = (0 if bias is None else min(bias.dtype.itemsize, 4)) + (mask is not None)
     if config is None:
-        config = choose_config(tuned, head_dim, pair_itemsize, is_causal)
+        config = choose_config(tuned, head_dim, pair_itemsize, options["is_causal"])
     interpret = common.interpret_mode() if interpret is None else interpret
     if not interpret and not fits_shared_memory(
         shared_memory_estimate(config, head_dim, pair_itemsize)
@@ -913,84 +1006,53 @@ def flash_attention(
             f"{config} needs more shared memory than an H100 has for head dim {head_dim}"
         )
     s_pad = -(-kv_len // config.block_kv) * config.block_kv
+    kv_lengths = options["key_value_seq_lengths"]
     st = Static(
-        scale=float(scale),
-        softcap=logits_soft_cap,
-        right=common.right_reach(is_causal, local_window_size),
-        left=common.left_reach(local_window_size),
-        check_q_len=query_seq_lengths is not None,
-        check_kv_len=key_value_seq_lengths is not None or s_pad != kv_len,
-        dense_masks=mask is not None or segment_ids is not None,
+        scale=float(options["scale"]),
+        softcap=options["logits_soft_cap"],
+        right=common.right_reach(options["is_causal"], options["local_window_size"]),
+        left=common.left_reach(options["local_window_size"]),
+        check_q_len=options["query_seq_lengths"] is not None,
+        check_kv_len=kv_lengths is not None or s_pad != kv_len,
+        dense_masks=mask is not None or options["segment_ids"] is not None,
         has_bias=bias is not None,
         has_mask=mask is not None,
-        has_segments=segment_ids is not None,
+        has_segments=options["segment_ids"] is not None,
         groups=num_heads // key.shape[2],
         **_schedule(config, interpret),
         o_buffer=config.persistent and o_buffer_fits(config, head_dim, pair_itemsize),
     )
     bwd_st, native_backward = _backward_static(
-        st, config, head_dim, pair_itemsize, kv_len, key_value_seq_lengths is not None
+        st, config, head_dim, pair_itemsize, kv_len, kv_lengths is not None
     )
-    bounds = _bounds(batch, q_len, kv_len, q_offset, query_seq_lengths, key_value_seq_lengths)
-    # Every array the rules need goes in as an argument (never closed over): a custom_vjp whose
-    # rules close over tracers fails as soon as a jit sits inside the differentiation
-    # (`jax.grad(jax.jit(f))`: "No constant handler for type DynamicJaxprTracer").
-    aux = (mask, bounds, segment_ids, q_offset, query_seq_lengths, key_value_seq_lengths)
+    bounds = _bounds(
+        batch, q_len, kv_len, options["q_offset"], options["query_seq_lengths"], kv_lengths
+    )
+    return _Plan(st, bwd_st, native_backward), bounds
 
-    @jax.custom_vjp
-    def attention(query, key, value, bias, aux):
-        mask, bounds, segment_ids = aux[:3]
-        return forward(st, query, key, value, bias, mask, bounds, segment_ids)
 
-    def forward_rule(query, key, value, bias, aux):
-        primals = [x.value for x in (query, key, value)]
-        bias_value = None if bias is None else bias.value
-        aux = jax.tree.map(lambda x: x.value, aux, is_leaf=_is_primal)
-        mask, bounds, segment_ids = aux[:3]
-        out, lse = forward(st, *primals, bias_value, mask, bounds, segment_ids)
-        want_dbias = bias_value is not None and bias.perturbed
-        return (out, lse), (*primals, bias_value, out, lse, () if want_dbias else None, aux)
-
-    def backward_rule(residuals, cotangents):
-        query, key, value, bias, out, lse, want_dbias, aux = residuals
-        mask, bounds, segment_ids, q_offset, q_lengths, kv_lengths = aux
-        d_out, d_lse = cotangents
-        if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
-            d_out = jnp.zeros(out.shape, out.dtype)
-        if isinstance(d_lse, jax.custom_derivatives.SymbolicZero):
-            d_lse = jnp.zeros(lse.shape, lse.dtype)
-        no_aux = jax.tree.map(lambda _: None, aux)  # integer and boolean inputs: no cotangent
-        if native_backward and want_dbias is None:
-            dq, dk, dv = flash_mosaic_bwd.backward(
-                bwd_st, query, key, value, bias, mask, bounds, segment_ids, out, lse, d_out, d_lse
-            )
-            return dq, dk, dv, None, no_aux
-        # dbias, or a backward that does not fit shared memory: the Triton kernels.
-        dq, dk, dv, d_bias = flash_triton.backward(
-            query,
-            key,
-            value,
-            bias,
-            mask,
-            out,
-            lse,
-            d_out,
+def _gradients(plan: _Plan, options, query, key, value, bias, aux, out, lse, d_out, d_lse, *,
+               want_dbias: bool):  # fmt: skip
+    """(dq, dk, dv, dbias or None): the Mosaic backward kernels, or the Triton backward for
+    dbias and for a backward that does not fit shared memory or registers. The arrays come
+    from `aux`, `options` gives the static options."""
+    mask, bounds, segment_ids, q_offset, q_lengths, kv_lengths = aux
+    options = options | dict(
+        segment_ids=segment_ids,
+        q_offset=q_offset,
+        query_seq_lengths=q_lengths,
+        key_value_seq_lengths=kv_lengths,
+    )
+    if plan.native_backward and not want_dbias:
+        dq, dk, dv = flash_mosaic_bwd.backward(
+            plan.bwd_st, query, key, value, bias, mask, bounds, segment_ids, out, lse, d_out,
             d_lse,
-            want_dbias=want_dbias is not None,
-            scale=scale,
-            is_causal=is_causal,
-            q_offset=q_offset,
-            query_seq_lengths=q_lengths,
-            key_value_seq_lengths=kv_lengths,
-            local_window_size=local_window_size,
-            segment_ids=segment_ids,
-            logits_soft_cap=logits_soft_cap,
-            interpret=interpret,
-        )
-        return dq, dk, dv, d_bias, no_aux
-
-    attention.defvjp(forward_rule, backward_rule, symbolic_zeros=True)
-    return attention(query, key, value, bias, aux)
+        )  # fmt: skip
+        return dq, dk, dv, None
+    return flash_triton.backward(
+        query, key, value, bias, mask, out, lse, d_out, d_lse, want_dbias=want_dbias,
+        interpret=plan.st.interpret, **options,
+    )  # fmt: skip
 
 
 def _backward_static(

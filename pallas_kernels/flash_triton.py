@@ -1146,6 +1146,17 @@ def _static(
     return st
 
 
+def check_served(query: Array) -> None:
+    """NotImplementedError for what the kernels do not serve: float64, H > 256."""
+    if query.dtype not in _DTYPES:
+        raise NotImplementedError(
+            f"the Triton kernel serves float16/bfloat16/float32, not {query.dtype}"
+        )
+    head_dim = query.shape[-1]
+    if head_dim > 256:
+        raise NotImplementedError(f"the Triton kernel serves head dims up to 256, got {head_dim}")
+
+
 def flash_attention(
     query: Array,  # [B, T, N, H]
     key: Array,  # [B, S, K, H]
@@ -1171,13 +1182,7 @@ def flash_attention(
     else `default_config` is shrunk to fit shared memory (bias and mask tiles add to it).
     Raises NotImplementedError for what the kernel does not serve (float64, H > 256).
     """
-    if query.dtype not in _DTYPES:
-        raise NotImplementedError(
-            f"the Triton kernel serves float16/bfloat16/float32, not {query.dtype}"
-        )
-    head_dim = query.shape[-1]
-    if head_dim > 256:
-        raise NotImplementedError(f"the Triton kernel serves head dims up to 256, got {head_dim}")
+    check_served(query)
     st = _static(
         query,
         key,

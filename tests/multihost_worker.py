@@ -1,6 +1,8 @@
 """One process of the multi-controller test (tests/test_multihost.py starts several).
 
-    python tests/multihost_worker.py COORDINATOR_PORT NUM_PROCESSES PROCESS_ID OUT.npz
+    python tests/multihost_worker.py COORDINATOR_PORT NUM_PROCESSES PROCESS_ID OUT.npz [gpu]
+
+(4 CPU devices per process; with `gpu`, GPU number PROCESS_ID alone.)
 
 Every process runs the same program on the global mesh over all processes' CPU devices
 (`jax.distributed.initialize`); process 0 writes the gathered results. `compute()` is also what
@@ -15,6 +17,7 @@ import sys
 import numpy as np
 
 BATCH, HEADS, KV_HEADS, DIM, CAPACITY, STEPS = 3, 16, 8, 16, 32, 5
+RING_LENGTH = 64  # causal zig-zag: 2n chunks of 4 tokens on 8 devices
 LENGTHS = np.array([0, 3, 27])  # empty, inside one device's slots, spanning most devices
 
 
@@ -81,23 +84,61 @@ def compute() -> dict[str, np.ndarray]:
             cache = offload.advance(cache)
         results[f"{shard_by}_cache_out"] = fetch(out)
         results[f"{shard_by}_cache_keys"] = fetch(cache.keys[0])
+    results.update(_ring(mesh, put, fetch))
+    return results
+
+
+def _ring(mesh, put, fetch) -> dict[str, np.ndarray]:
+    """Causal ring attention over all devices (the mesh axis 'attn' as the ring): the output
+    and dq, dk, dv of a weighted sum of it."""
+    import jax
+
+    from jattn import parallel
+
+    P = jax.sharding.PartitionSpec
+    rng = np.random.default_rng(5678)
+    q = rng.standard_normal((1, RING_LENGTH, HEADS // 4, DIM)).astype(np.float32)
+    k, v = (
+        rng.standard_normal((1, RING_LENGTH, KV_HEADS // 4, DIM)).astype(np.float32)
+        for _ in range(2)
+    )
+    weights = rng.standard_normal(q.shape).astype(np.float32)
+    q, k, v, weights = (put(x, P(None, "attn")) for x in (q, k, v, weights))
+
+    def ring(q, k, v):
+        return parallel.ring_attention(q, k, v, mesh=mesh, axis="attn", is_causal=True)
+
+    def loss(q, k, v, weights):  # weights an argument: a global array cannot be closed over
+        return (ring(q, k, v) * weights).sum()
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v, weights)
+    results = {"ring_out": fetch(jax.jit(ring)(q, k, v))}
+    for name, grad in zip(("dq", "dk", "dv"), grads, strict=True):
+        results[f"ring_{name}"] = fetch(grad)
     return results
 
 
 def main() -> None:
     port, num_processes, process_id, out_path = sys.argv[1:5]
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    platform = sys.argv[5] if len(sys.argv) > 5 else "cpu"
+    per_process = 4 if platform == "cpu" else 1
+    if platform == "cpu":
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={per_process}"
     import jax
 
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if platform == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=f"localhost:{port}",
         num_processes=int(num_processes),
         process_id=int(process_id),
         initialization_timeout=60,
+        # GPU: one GPU per process, as on a cluster (each process sees only its own)
+        local_device_ids=None if platform == "cpu" else [int(process_id)],
     )
     assert jax.process_count() == int(num_processes), jax.process_count()
-    assert len(jax.devices()) == 4 * int(num_processes), jax.devices()
+    assert jax.devices()[0].platform == platform, jax.devices()
+    assert len(jax.devices()) == per_process * int(num_processes), jax.devices()
     results = compute()
     if jax.process_index() == 0:
         np.savez(out_path, devices=len(jax.devices()), **results)

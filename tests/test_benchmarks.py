@@ -72,20 +72,25 @@ def test_multi_gpu_benchmark_runs_every_part_on_simulated_devices(tmp_path):
 
     out = tmp_path / "multi_gpu.json"
     multi_gpu.main(["--json", str(out), "--small", "--decode-lengths", "64", "--ring-lengths",
-                    "64", "--batches", "4", "--repeats", "2"])  # fmt: skip
+                    "64", "--batch", "4", "--repeats", "2"])  # fmt: skip
     record = json.loads(out.read_text())
     rows, n = record["rows"], len(jax.devices())
     assert record["devices"] == n and "device" in record["environment"]
     assert not [row for row in rows if "error" in row]
     by_part = {part: [r for r in rows if r["part"] == part] for part in multi_gpu.PARTS}
-    assert [r["what"] for r in by_part["collective"]] == ["psum scalar", "psum decode_out"]
-    assert {(r["devices"], r["shard_by"]) for r in by_part["decode"]} == {
-        (1, None), (n, "heads"), (n, "sequence")
+    assert [r["what"] for r in by_part["collective"]] == [
+        "psum scalar", "psum decode_out", f"psum scalar, {multi_gpu.CHAIN} in one program"
+    ]  # fmt: skip
+    assert {(r["devices"], r["shard_by"], r["timing"]) for r in by_part["decode"]} == {
+        (d, s, t) for d, s in ((1, None), (n, "heads"), (n, "sequence"))
+        for t in ("call", "in a step")
     }  # fmt: skip
-    assert {(r["devices"], r["mode"]) for r in by_part["ring"]} == {
-        (d, m) for d in (1, n) for m in ("fwd", "fwd+bwd")
-    }
+    assert {(r["devices"], r["layout"], r["mode"]) for r in by_part["ring"]} == {
+        (d, layout, m) for d, layout in ((1, None), (n, "contiguous"), (n, "zigzag"))
+        for m in ("fwd", "fwd+bwd")
+    }  # fmt: skip
     for row in by_part["collective"] + by_part["decode"] + by_part["ring"]:
         assert row["ms"] > 0 and (row["part"] == "collective" or row["speedup"] > 0)
     (overlap,) = by_part["overlap"]
     assert overlap["tokens_per_s_overlapped"] > 0 and overlap["overlap_speedup"] > 0
+    assert overlap["context"] == 32 - 4 - 2 and overlap["batch"] == 4

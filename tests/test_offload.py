@@ -1,5 +1,7 @@
 """jattn.offload on 8 simulated CPU devices: sharded decode, the sharded KV cache, the decoder."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -385,7 +387,7 @@ def test_overlapped_decoder_equals_the_plain_decoder(rng, shard_by):
     assert overlapped.parts[1].params["embed"] is overlapped.parts[0].params["embed"]  # shared
     order = []
     for j, part in enumerate(overlapped.parts):
-        for name in ("_qkv", "_after"):
+        for name in ("_qkv", "_after_qkv", "_after"):
             fn = getattr(part, name)
             setattr(part, name, lambda *a, fn=fn, j=j, name=name: order.append((name, j)) or fn(*a))
     prompt = rng.integers(0, config.vocab, (8, 3))
@@ -399,9 +401,9 @@ def test_overlapped_decoder_equals_the_plain_decoder(rng, shard_by):
         config, shard_by, 2
     )
     # One step, two layers: micro-batch 1's projections run while 0's attention does, then 0's
-    # MLP and next projections while 1's attention does.
-    staggered = [("_qkv", 0), ("_qkv", 1), ("_after", 0), ("_qkv", 0), ("_after", 1), ("_qkv", 1)]
-    assert order[:8] == staggered + [("_after", 0), ("_after", 1)]
+    # MLP and next projections (one dispatch) while 1's attention does.
+    staggered = [("_qkv", 0), ("_qkv", 1), ("_after_qkv", 0), ("_after_qkv", 1)]
+    assert order[:6] == staggered + [("_after", 0), ("_after", 1)]
     with pytest.raises(ValueError, match="divides the batch B = 8"):
         offload.OverlappedDecoder(params, config, micro_batches=3, **kwargs)
 
@@ -415,3 +417,57 @@ def test_overlap_benchmark_runs_on_cpu_devices():
     for name in ("plain", "overlapped", "colocated"):
         assert result[f"tokens_per_s_{name}"] > 0
     assert result["overlap_speedup"] > 0
+    # At a long context without its prefill, and a co-located batch of its own.
+    result = demo.overlap_benchmark(
+        jax.devices()[:2], config, batch=4, colocated_batch=2, context=12, steps=2
+    )
+    assert result["context"] == 12 and result["batch_ratio"] == 2
+    for name in ("plain", "overlapped", "colocated"):
+        assert result[f"tokens_per_s_{name}"] > 0, result
+
+
+def test_batch_that_fits():
+    from jattn.offload import demo
+
+    # 2 layers x 2 kv heads x 8 x 4 bytes x 2 (k, v) x 16 slots = 4 KiB per sequence.
+    config = offload.GPTConfig(max_len=16, layers=2, heads=4, kv_heads=2, head_dim=8)
+    fits = functools.partial(demo.batch_that_fits, config, 100 * 4096, headroom=0.0)
+    assert fits() == 100
+    assert fits(weights_bytes=50 * 4096) == 50  # co-located: the weights take half
+    assert fits(attention_devices=2) == 200
+    assert fits(multiple=8) == 96
+    assert fits(weights_bytes=200 * 4096) == 0
+    assert demo.batch_that_fits(config, 100 * 4096) == 92  # 8% headroom by default
+
+
+@pytest.mark.parametrize("shard_by", ["heads", "sequence"])
+def test_start_at_counts_zero_slots_as_context(rng, shard_by):
+    """start_at(L0) decodes as after a prefill whose L0 tokens left zero keys and values (the
+    cache written by `_write_prompt`), for the plain and the micro-batched decoder."""
+    from jattn.offload.model import _write_prompt
+
+    config = offload.GPTConfig(max_len=16, layers=2, heads=4, kv_heads=2, head_dim=8)
+    params = offload.init_params(config, jax.random.key(int(rng.integers(1 << 30))))
+    devices = jax.devices()
+    kwargs = dict(
+        compute_devices=devices[:2], attention_devices=devices[2:4], batch=4, shard_by=shard_by
+    )
+    started = offload.OffloadedDecoder(params, config, **kwargs)
+    started.start_at(5)
+    written = offload.OffloadedDecoder(params, config, **kwargs)
+    zeros = jnp.zeros((config.layers, 4, 8, config.kv_heads, config.head_dim), config.dtype)
+    written.cache = _write_prompt(written.cache, zeros, zeros, length=5)
+    written.positions = np.full(4, 5, np.int32)
+    overlapped = offload.OverlappedDecoder(params, config, micro_batches=2, **kwargs)
+    overlapped.start_at(5)
+    tokens = rng.integers(0, config.vocab, 4)
+    want = np.asarray(written.step(tokens), np.float64)
+    assert np.isfinite(want).all() and np.abs(want).max() > 0.01
+    assert_close(started.step(tokens), want, (1e-6, 1e-6))
+    assert_close(overlapped.step(tokens), want, (1e-5, 1e-5))
+    np.testing.assert_array_equal(np.asarray(started.cache.lengths), 6)
+    for length in (-1, 16):
+        with pytest.raises(ValueError, match="0 <= length < max_len = 16"):
+            offload.OffloadedDecoder(params, config, **kwargs).start_at(length)
+    with pytest.raises(ValueError, match="needs an empty cache"):
+        started.start_at(2)

@@ -28,9 +28,11 @@ def _inputs(rng, batch, length, heads, kv_heads, dim, dtype):
     return q, k, v
 
 
-def _check(rng, q, k, v, *, n, options, implementation="xla", layout="contiguous"):
+def _check(rng, q, k, v, *, n, options, implementation="xla_chunked", layout="contiguous"):
     """ring_attention (output, lse, dq/dk/dv under random cotangents) against the float64
-    oracle and against one device's dot_product_attention."""
+    oracle and against one device's dot_product_attention. xla_chunked (the default off the
+    GPU) has a backward at given residuals: the ring's block gradients come from it; xla has
+    none: the ring differentiates each block's forward."""
     dtype = {np.dtype(t): t for t in TOLERANCE}[q.dtype]  # the tables key jnp scalar types
     mesh = _mesh(n)
     seq = NamedSharding(mesh, P(None, "seq"))
@@ -94,16 +96,30 @@ def test_ring_equals_one_device(rng, n, causal, segments):
     _check(rng, q, k, v, n=n, options=options)
 
 
-def test_ring_fully_masked_rows_are_zero_not_nan(rng):
+@pytest.mark.parametrize("implementation", ["xla_chunked", "xla"])
+def test_ring_fully_masked_rows_are_zero_not_nan(rng, implementation):
     # Queries of segment 9 see no key anywhere on the ring: output 0, lse -inf, zero gradients.
     q, k, v = _inputs(rng, 1, 64, 2, 2, 16, jnp.float32)
     kv_ids = _segments(rng, 1, 64)
     q_ids = kv_ids.copy()
     q_ids[0, 10:20] = 9
     options = dict(is_causal=True, segment_ids=(jnp.asarray(q_ids), jnp.asarray(kv_ids)))
-    out, lse = _check(rng, q, k, v, n=4, options=options)
+    out, lse = _check(rng, q, k, v, n=4, options=options, implementation=implementation)
     assert (np.asarray(out)[0, 10:20] == 0).all()
     assert np.isneginf(np.asarray(lse)[0, 10:20]).all()
+
+
+@pytest.mark.parametrize(
+    "implementation, residual", [("xla_chunked", True), ("triton", True), ("xla", False)]
+)
+def test_ring_backward_takes_the_kernels_backward_at_the_merged_residuals(implementation, residual):
+    """Whether the block gradients come from a backward kernel fed the merged out and lse
+    (nothing recomputed) or from differentiating each block's forward."""
+    q = jnp.zeros((1, 16, 2, 16), jnp.float32)
+    options = dict(scale=None, implementation=implementation, config=None)
+    for causal in (False, True):
+        found = parallel._has_residual_backward(q, q, q, None, None, causal=causal, options=options)
+        assert found is residual
 
 
 def test_ring_bf16_with_xla_chunked(rng):
@@ -132,6 +148,19 @@ def test_ring_zigzag_layout_and_order_round_trip(rng):
 def test_ring_with_the_triton_kernel_interpret(rng):
     q, k, v = _inputs(rng, 1, 32, 2, 1, 16, jnp.float32)
     _check(rng, q, k, v, n=2, options=dict(is_causal=False), implementation="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", [None, "mosaic", "triton"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_ring_on_two_gpus(rng, implementation, causal):
+    """On 2 GPUs with the compiled kernels: their backward kernels fed the merged out and lse
+    (implementation=None: cuDNN's forward, the Mosaic backward). GQA 4:2, H = 128, bf16.
+    (Mosaic GPU's interpreter hangs under shard_map over 2 CPU devices: GPU only.)"""
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    q, k, v = _inputs(rng, 1, 1024, 4, 2, 128, jnp.bfloat16)
+    _check(rng, q, k, v, n=2, options=dict(is_causal=causal), implementation=implementation)
 
 
 def test_ring_explicit_mesh_forward(rng):

@@ -15,6 +15,7 @@ starts its backends); on CPU the times say nothing about GPUs, the bytes and err
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 
 import jax
@@ -91,6 +92,8 @@ def device_memory_bytes(device) -> tuple[int, str]:
     return DEVICE_MEMORY_GB * 10**9, f"assumed {DEVICE_MEMORY_GB} GB (an H100)"
 
 
+# The share of a device's memory `batch_that_fits` leaves free (activations, kernel workspace).
+HEADROOM = 0.08
 # The cache capacity is a multiple of this, so sequence sharding divides it over 1..64 devices.
 CACHE_ROUNDING = 64
 
@@ -232,11 +235,38 @@ def generation(
     return rows
 
 
+def params_bytes(params) -> int:
+    """Bytes of a parameter pytree."""
+    return sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+def batch_that_fits(
+    config: GPTConfig,
+    memory: int,
+    *,
+    weights_bytes: int = 0,
+    attention_devices: int = 1,
+    multiple: int = 1,
+    headroom: float = HEADROOM,
+) -> int:
+    """The most sequences whose KV cache (`max_len` slots each, all layers, cut over
+    `attention_devices`) fits beside `weights_bytes` in `memory` bytes per device, keeping
+    `headroom` of it free for activations and workspace; rounded down to a `multiple`, 0 when
+    not even that many fit."""
+    e = jnp.dtype(config.dtype).itemsize
+    per_sequence = 2 * config.layers * config.kv_heads * config.head_dim * e * config.max_len
+    room = memory * (1 - headroom) - weights_bytes
+    fits = int(max(room, 0) * attention_devices // per_sequence)
+    return fits // multiple * multiple
+
+
 def overlap_benchmark(
     devices: list,
     config: GPTConfig,
     *,
-    batch: int,
+    batch: int | None = None,
+    colocated_batch: int | None = None,
+    context: int | None = None,
     micro_batches: int = 2,
     prompt_len: int = 8,
     steps: int = 16,
@@ -245,51 +275,66 @@ def overlap_benchmark(
     seed: int = 0,
 ) -> dict:
     """Decode tokens/s of `OffloadedDecoder` and `OverlappedDecoder` (Lamina's micro-batches) on
-    the same compute/attention split of `devices`, and of the co-located decoder on
-    `devices[0]` alone, after a prefill and a warm-up step; for the GPU session of issue 17
-    (`jax.block_until_ready` after the timed steps; medians are left to the caller's repeats).
-    A batch too large for one device shows up as the co-located run's error string."""
-    params = init_params(config, jax.random.key(seed))
-    prompt = np.random.default_rng(seed).integers(0, config.vocab, (batch, prompt_len))
-    compute, attention = split_devices(devices, num_attention)
+    the same compute/attention split of `devices`, and of the co-located decoder on `devices[0]`
+    alone (weights and cache on one device), after a warm-up step; for issue 17's GPU runs.
 
-    def tokens_per_s(make) -> float | str:
+    batch: the offloaded decoders' batch; None: the most that fits the attention devices
+      (`batch_that_fits`, what offloading is for). colocated_batch: the co-located decoder's;
+      None: the most that fits one device beside the weights (capped at `batch`).
+    context: start every sequence at this position (`start_at`: the context slots hold zeros,
+      the decode step costs what it costs after a real prompt); None: a prefill of a random
+      `prompt_len`-token prompt.
+    A decoder that cannot run (out of memory) gets its error string instead of tokens/s.
+    """
+    params = init_params(config, jax.random.key(seed))
+    compute, attention = split_devices(devices, num_attention)
+    weights = params_bytes(params)
+    memory, source = device_memory_bytes(devices[0])
+    if batch is None:
+        batch = batch_that_fits(
+            config, memory, attention_devices=len(attention), multiple=micro_batches
+        )
+    if colocated_batch is None:
+        colocated_batch = min(batch, batch_that_fits(config, memory, weights_bytes=weights))
+    start = prompt_len if context is None else context
+    if start + steps + 1 > config.max_len:
+        raise ValueError(f"the context ({start}) + steps + 1 must fit max_len = {config.max_len}")
+
+    def tokens_per_s(make, size: int) -> float | str:
+        decoder = None
         try:
-            decoder = make()
-            logits = decoder.prefill(prompt)
+            decoder = make(size)
+            if context is None:
+                prompt = np.random.default_rng(seed).integers(0, config.vocab, (size, prompt_len))
+                logits = decoder.prefill(prompt)
+            else:
+                decoder.start_at(context)
+                logits = decoder.step(np.zeros(size, np.int32))
             nxt = np.asarray(jnp.argmax(logits, -1), np.int32)
             jax.block_until_ready(decoder.step(nxt))  # compiles every step function
-            start = time.perf_counter()
+            begin = time.perf_counter()
             for _ in range(steps):
                 logits = decoder.step(nxt)
             jax.block_until_ready(logits)
-            return batch * steps / (time.perf_counter() - start)
+            return size * steps / (time.perf_counter() - begin)
         except Exception as error:  # out of memory on one device: report, do not stop
             return f"{type(error).__name__}: {str(error)[:200]}"
+        finally:
+            del decoder  # free its cache before the next decoder allocates one
+            gc.collect()
 
-    common = dict(batch=batch, shard_by=shard_by)
-    if prompt_len + steps + 1 > config.max_len:
-        raise ValueError(f"prompt_len + steps + 1 must fit max_len = {config.max_len}")
-    plain = tokens_per_s(
-        lambda: OffloadedDecoder(
-            params, config, compute_devices=compute, attention_devices=attention, **common
-        )
-    )
+    split = dict(compute_devices=compute, attention_devices=attention, shard_by=shard_by)
+    plain = tokens_per_s(lambda b: OffloadedDecoder(params, config, batch=b, **split), batch)
     overlapped = tokens_per_s(
-        lambda: OverlappedDecoder(
-            params,
-            config,
-            compute_devices=compute,
-            attention_devices=attention,
-            micro_batches=micro_batches,
-            **common,
-        )
+        lambda b: OverlappedDecoder(params, config, batch=b, micro_batches=micro_batches, **split),
+        batch,
     )
     colocated = tokens_per_s(
-        lambda: OffloadedDecoder(
-            params, config, compute_devices=devices[:1], attention_devices=devices[:1], **common
-        )
-    )
+        lambda b: OffloadedDecoder(
+            params, config, batch=b, compute_devices=devices[:1], attention_devices=devices[:1]
+        ),
+        colocated_batch,
+    ) if colocated_batch else "no sequence fits one device beside the weights"  # fmt: skip
     ratio = (
         overlapped / plain if isinstance(plain, float) and isinstance(overlapped, float) else None
     )
@@ -298,9 +343,15 @@ def overlap_benchmark(
         compute_devices=len(compute),
         attention_devices=len(attention),
         batch=batch,
+        colocated_batch=colocated_batch,
+        batch_ratio=batch / colocated_batch if colocated_batch else None,
+        context=start,
         micro_batches=micro_batches,
         shard_by=shard_by,
         config=dataclasses.asdict(config),
+        weights_bytes=weights,
+        device_memory_bytes=memory,
+        device_memory_source=source,
         tokens_per_s_plain=plain,
         tokens_per_s_overlapped=overlapped,
         tokens_per_s_colocated=colocated,

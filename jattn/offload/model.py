@@ -92,6 +92,12 @@ def _after_attention(layer: dict, x: jax.Array, attn: jax.Array) -> jax.Array:
     return x + jax.nn.gelu(_norm(x) @ layer["w1"]) @ layer["w2"]
 
 
+def _after_attention_then_qkv(layer: dict, following: dict, x, attn, config: GPTConfig):
+    """`_after_attention` of one layer, then `_qkv` of the following one: (x, q, k, v)."""
+    x = _after_attention(layer, x, attn)
+    return (x, *_qkv(following, x, config))
+
+
 def forward(params: dict, tokens: jax.Array, config: GPTConfig) -> jax.Array:
     """Whole-sequence causal forward on one device (the oracle for the offloaded decoder).
 
@@ -235,6 +241,12 @@ class OffloadedDecoder:
         )
         self._qkv = jax.jit(functools.partial(_qkv, config=config))
         self._after = jax.jit(_after_attention, out_shardings=self.activations)
+        # One dispatch between two layers' attention: layer i's output projection and MLP with
+        # layer i+1's q, k, v (a step is host-bound when every small op is its own dispatch).
+        self._after_qkv = jax.jit(
+            functools.partial(_after_attention_then_qkv, config=config),
+            out_shardings=(self.activations, None, None, None),
+        )
         self._logits = jax.jit(lambda p, x: (_norm(x) @ p["unembed"]).astype(jnp.float32))
         self._prefill = None  # compiled on first use
         self._step_logits = None  # set by the last stage of step_stages
@@ -295,6 +307,25 @@ class OffloadedDecoder:
         self.positions = np.full(self.batch, length, np.int32)
         return logits
 
+    def start_at(self, length: int) -> None:
+        """Count the first `length` slots of the (empty) cache as context without computing
+        them: they hold zeros, and `step` goes on from position `length`. What decoding at a
+        long context costs, for benchmarks, without a prefill of B x length tokens first.
+
+        Raises ValueError unless the cache is empty and 0 <= length < max_len.
+        """
+        if not 0 <= length < self.config.max_len or self.positions.any():
+            raise ValueError(
+                f"start_at needs an empty cache and 0 <= length < max_len = "
+                f"{self.config.max_len}; got length {length}, cache lengths "
+                f"{self.positions.tolist()}"
+            )
+        lengths = jnp.full(self.batch, length, jnp.int32)
+        self.cache = dataclasses.replace(
+            self.cache, lengths=jax.device_put(lengths, self.cache.lengths.sharding)
+        )
+        self.positions = np.full(self.batch, length, np.int32)
+
     def step(self, tokens) -> jax.Array:
         """Feed one token per sequence `[B]`; returns next-token logits `[B, vocab]` (float32)."""
         stages = self.step_stages(tokens)
@@ -313,15 +344,19 @@ class OffloadedDecoder:
         positions = jax.device_put(jnp.asarray(self.positions), self.activations)
         x = self._embed(self.params, tokens, positions)  # [B, d] on the compute mesh
         to_attn = self.cache.token_sharding()
-        for i, layer in enumerate(self.params["layers"]):
-            q, k, v = self._qkv(layer, x)
-            q, k, v = (self._move(t, to_attn) for t in (q, k, v))
+        layers = self.params["layers"]
+        q, k, v = self._qkv(layers[0], x)
+        for i, layer in enumerate(layers):
+            q, k, v = self._move((q, k, v), to_attn)  # one transfer of the three
             self.cache, out = append_and_attend(
                 self.cache, i, q, k, v, implementation=self.implementation
             )
             out = self._move(out, self.activations)
             yield i
-            x = self._after(layer, x, out)
+            if i + 1 < len(layers):
+                x, q, k, v = self._after_qkv(layer, layers[i + 1], x, out)
+            else:
+                x = self._after(layer, x, out)
         self.cache = advance(self.cache)
         self.positions = self.positions + 1  # a new array: never mutate what JAX may still read
         self.tokens_decoded += self.batch
@@ -412,6 +447,11 @@ class OverlappedDecoder:
         """`OffloadedDecoder.prefill` per micro-batch; logits `[B, vocab]`."""
         parts = self._split(prompt)
         return jnp.concatenate([p.prefill(x) for p, x in zip(self.parts, parts, strict=True)])
+
+    def start_at(self, length: int) -> None:
+        """`OffloadedDecoder.start_at` for every micro-batch."""
+        for part in self.parts:
+            part.start_at(length)
 
     generate = OffloadedDecoder.generate
 
