@@ -14,11 +14,11 @@ its error in the row; rows are written as they finish.
   `jax.shard_map`, one dispatch each, and CHAIN psums in one program (the latency of the
   collective itself, without the host's dispatch: the floor of one sharded decode step).
 - decode: `jattn.decode_attention` on one device against `offload.sharded_decode_attention`
-  by heads and by sequence over all devices, bf16, B = 8, N = 32, K = 8, H = 128, lengths
-  spread from S/3 to S; the cache, q and the lengths placed on the mesh once (as a `KVCache`
-  step has them). Timed per call (one dispatch each) and in a step (CHAIN attentions in one
-  program, each query the last output: a decode step's layers). Bandwidth: KV bytes of the
-  valid tokens read per second.
+  by heads and by sequence (contiguous and striped token order) over all devices, bf16,
+  B = 8, N = 32, K = 8, H = 128, lengths spread from S/3 to S; the cache, q and the lengths
+  placed on the mesh once (as a `KVCache` step has them). Timed per call (one dispatch each)
+  and in a step (CHAIN attentions in one program, each query the last output: a decode step's
+  layers). Bandwidth: KV bytes of the valid tokens read per second.
 - ring: `jattn.dot_product_attention` on one device against `jattn.parallel.ring_attention`
   over all devices, causal, bf16, B = 1, N = K = 16, H = 128; the natural (contiguous) layout
   and the caller's zig-zag order (`layout='zigzag'`); forward and forward + backward;
@@ -144,25 +144,33 @@ def decode(devices, lengths: list[int], shape: dict, *, repeats: int) -> list[di
             calls[(1, None, timing)] = functools.partial(
                 make(jattn.decode_attention), q, cache[0], cache[1], lens
             )
-        for shard_by in ("heads", "sequence"):
+        for shard_by, order in (
+            ("heads", "contiguous"), ("sequence", "contiguous"), ("sequence", "striped")
+        ):  # fmt: skip
+            label = shard_by if order == "contiguous" else f"{shard_by} {order}"
             try:
                 check_shardable(cache.shape[1:], mesh, "attn", shard_by)
             except ValueError as error:
-                rows.append(dict(part="decode", S=s, shard_by=shard_by, error=str(error)[:200]))
+                rows.append(dict(part="decode", S=s, shard_by=label, error=str(error)[:200]))
                 continue
-            # Everything where a KVCache step has it: the cache cut over the mesh, q (and so the
-            # output) cut by heads or replicated, the lengths replicated.
+            # Everything where a KVCache step has it: the cache cut over the mesh (striped as a
+            # KVCache keeps it by sequence), q (and so the output) cut by heads or replicated,
+            # the lengths replicated.
             kc, vc = (
-                jax.device_put(c, NamedSharding(mesh, cache_spec(shard_by, "attn"))) for c in cache
+                jax.device_put(
+                    c if order == "contiguous" else offload.striped(c, len(devices)),
+                    NamedSharding(mesh, cache_spec(shard_by, "attn")),
+                )
+                for c in cache
             )
             q_spec = P(None, "attn", None) if shard_by == "heads" else P()
             placed_q = jax.device_put(q, NamedSharding(mesh, q_spec))
             placed_lens = jax.device_put(lens, NamedSharding(mesh, P()))
             sharded = functools.partial(
-                offload.sharded_decode_attention, mesh=mesh, shard_by=shard_by
+                offload.sharded_decode_attention, mesh=mesh, shard_by=shard_by, token_order=order
             )
             for timing, make in (("call", jax.jit), ("in a step", _chained)):
-                calls[(len(devices), shard_by, timing)] = functools.partial(
+                calls[(len(devices), label, timing)] = functools.partial(
                     make(sharded), placed_q, kc, vc, placed_lens
                 )
         times = _rounds(calls, repeats)

@@ -82,7 +82,8 @@ def test_multi_gpu_benchmark_runs_every_part_on_simulated_devices(tmp_path):
         "psum scalar", "psum decode_out", f"psum scalar, {multi_gpu.CHAIN} in one program"
     ]  # fmt: skip
     assert {(r["devices"], r["shard_by"], r["timing"]) for r in by_part["decode"]} == {
-        (d, s, t) for d, s in ((1, None), (n, "heads"), (n, "sequence"))
+        (d, s, t)
+        for d, s in ((1, None), (n, "heads"), (n, "sequence"), (n, "sequence striped"))
         for t in ("call", "in a step")
     }  # fmt: skip
     assert {(r["devices"], r["layout"], r["mode"]) for r in by_part["ring"]} == {

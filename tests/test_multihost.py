@@ -50,9 +50,12 @@ def _run_processes(out: pathlib.Path, platform: str = "cpu") -> None:
             p.kill()
         pytest.fail(f"multi-process run did not finish in {TIMEOUT_S} s")
     failed = [
-        (p.returncode, log[-3000:]) for p, log in zip(procs, logs, strict=True) if p.returncode
+        f"process {i} exited {p.returncode}:\n{log[-4000:]}"
+        for i, (p, log) in enumerate(zip(procs, logs, strict=True))
+        if p.returncode
     ]
-    assert not failed, failed
+    if failed:  # the whole log tails (an assert's repr would cut them short)
+        pytest.fail("\n\n".join(failed), pytrace=False)
 
 
 def _compare(got, want: dict, tolerance: float) -> None:

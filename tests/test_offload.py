@@ -46,6 +46,28 @@ def test_sharded_equals_single_device(rng, devices, shard_by):
     assert_close(out, np.asarray(single, np.float64), TOLERANCE[jnp.float32])
 
 
+@pytest.mark.parametrize("devices", [2, 8])
+def test_striped_token_order_equals_single_device(rng, devices):
+    """A cache in striped order (token p on device p mod n) gives the natural cache's result;
+    lengths that leave some devices one token short, or with none."""
+    q, k, v = _inputs(rng)
+    lengths = np.array([0, 3, 13]) if devices == 8 else np.array([1, 7, 32])
+    mesh = offload.make_mesh(jax.devices()[:devices])
+    k_slots, v_slots = (offload.striped(x, devices) for x in (k, v))
+    np.testing.assert_array_equal(offload.in_token_order(k_slots, devices), k)
+    np.testing.assert_array_equal(k_slots[:, 32 // devices], k[:, 1])  # device 1's first slot
+    out, lse = offload.sharded_decode_attention(
+        q, k_slots, v_slots, lengths, mesh=mesh, shard_by="sequence", token_order="striped",
+        return_residual=True,
+    )  # fmt: skip
+    want_out, want_lse = _oracle(q, k, v, lengths)
+    assert_close(out, want_out, TOLERANCE[jnp.float32])
+    finite = np.isfinite(want_lse)
+    assert_close(np.where(finite, lse, 0), np.where(finite, want_lse, 0), TOLERANCE[jnp.float32])
+    with pytest.raises(ValueError, match="token_order must be one of"):
+        offload.sharded_decode_attention(q, k, v, lengths, mesh=mesh, token_order="zigzag")
+
+
 @pytest.mark.parametrize("shard_by", ["heads", "sequence"])
 def test_sharded_with_the_kernel_gqa_bf16_and_traced_lengths(rng, shard_by):
     q, k, v = _inputs(rng, heads=8, kv_heads=2, capacity=24, dtype=jnp.bfloat16)
@@ -129,8 +151,11 @@ def test_cache_append_over_many_steps(rng, shard_by):
         lengths = np.minimum(lengths + 1, capacity)
     np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
     for layer in range(layers):
-        np.testing.assert_array_equal(np.asarray(cache.keys[layer]), want[0, layer])
-        np.testing.assert_array_equal(np.asarray(cache.values[layer]), want[1, layer])
+        for slots, expected in (
+            (cache.keys[layer], want[0, layer]),
+            (cache.values[layer], want[1, layer]),
+        ):
+            np.testing.assert_array_equal(np.asarray(cache.in_token_order(slots)), expected)
         assert cache.keys[layer].sharding.spec == offload.cache_spec(shard_by, "attn")
 
 
@@ -429,15 +454,17 @@ def test_overlap_benchmark_runs_on_cpu_devices():
 def test_batch_that_fits():
     from jattn.offload import demo
 
-    # 2 layers x 2 kv heads x 8 x 4 bytes x 2 (k, v) x 16 slots = 4 KiB per sequence.
+    # 2 layers (+ 2 spare) x 2 kv heads x 8 x 4 bytes x 2 (k, v) x 16 slots = 8 KiB per
+    # sequence.
+    assert demo.SPARE_LAYERS == 2
     config = offload.GPTConfig(max_len=16, layers=2, heads=4, kv_heads=2, head_dim=8)
-    fits = functools.partial(demo.batch_that_fits, config, 100 * 4096, headroom=0.0)
+    fits = functools.partial(demo.batch_that_fits, config, 100 * 8192, headroom=0.0)
     assert fits() == 100
-    assert fits(weights_bytes=50 * 4096) == 50  # co-located: the weights take half
+    assert fits(weights_bytes=50 * 8192) == 50  # co-located: the weights take half
     assert fits(attention_devices=2) == 200
     assert fits(multiple=8) == 96
-    assert fits(weights_bytes=200 * 4096) == 0
-    assert demo.batch_that_fits(config, 100 * 4096) == 92  # 8% headroom by default
+    assert fits(weights_bytes=200 * 8192) == 0
+    assert demo.batch_that_fits(config, 100 * 8192) == 92  # 8% headroom by default
 
 
 @pytest.mark.parametrize("shard_by", ["heads", "sequence"])

@@ -94,6 +94,7 @@ def device_memory_bytes(device) -> tuple[int, str]:
 
 # The share of a device's memory `batch_that_fits` leaves free (activations, kernel workspace).
 HEADROOM = 0.08
+SPARE_LAYERS = 2  # layers of cache `batch_that_fits` leaves free besides HEADROOM
 # The cache capacity is a multiple of this, so sequence sharding divides it over 1..64 devices.
 CACHE_ROUNDING = 64
 
@@ -251,10 +252,13 @@ def batch_that_fits(
 ) -> int:
     """The most sequences whose KV cache (`max_len` slots each, all layers, cut over
     `attention_devices`) fits beside `weights_bytes` in `memory` bytes per device, keeping
-    `headroom` of it free for activations and workspace; rounded down to a `multiple`, 0 when
-    not even that many fit."""
+    `headroom` of it free for activations and workspace, and room for SPARE_LAYERS more layers
+    of cache (XLA's autotuner allocates copies of a layer's operands when it compiles the
+    append; on an H200 a batch without that room ran out of memory); rounded down to a
+    `multiple`, 0 when not even that many fit."""
     e = jnp.dtype(config.dtype).itemsize
-    per_sequence = 2 * config.layers * config.kv_heads * config.head_dim * e * config.max_len
+    layers = config.layers + SPARE_LAYERS
+    per_sequence = 2 * layers * config.kv_heads * config.head_dim * e * config.max_len
     room = memory * (1 - headroom) - weights_bytes
     fits = int(max(room, 0) * attention_devices // per_sequence)
     return fits // multiple * multiple

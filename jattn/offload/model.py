@@ -23,7 +23,7 @@ from jattn import reference
 from jattn.attention import dot_product_attention
 
 # The unchecked steps: `step` checks the host copy of the lengths itself (no device read-back).
-from jattn.offload.sharded import KVCache, cache_spec, make_mesh
+from jattn.offload.sharded import KVCache, cache_spec, make_mesh, striped
 from jattn.offload.sharded import _advance as advance
 from jattn.offload.sharded import _append_and_attend as append_and_attend
 
@@ -111,9 +111,13 @@ def forward(params: dict, tokens: jax.Array, config: GPTConfig) -> jax.Array:
     return (_norm(x) @ params["unembed"]).astype(jnp.float32)
 
 
-def _prefill(params: dict, tokens: jax.Array, config: GPTConfig, implementation, padded: int):
+def _prefill(
+    params: dict, tokens: jax.Array, config: GPTConfig, implementation, padded: int, stripes: int
+):
     """The prompt's forward on the compute devices: last-token logits `[B, vocab]` and every
-    layer's k, v stacked `[L, B, padded, K, H]` (zeros past T0)."""
+    layer's k, v stacked `[L, B, padded, K, H]` (zeros past T0), in `stripes` blocks along the
+    tokens (`striped`: block d holds tokens d, d + stripes, ..., as a striped cache's device d
+    holds them; 1: natural order)."""
     length = tokens.shape[1]
     x = params["embed"][tokens] + params["pos"][None, :length]
     keys, values = [], []
@@ -124,23 +128,31 @@ def _prefill(params: dict, tokens: jax.Array, config: GPTConfig, implementation,
         keys.append(k)
         values.append(v)
     pad = [(0, 0), (0, 0), (0, padded - length), (0, 0), (0, 0)]
-    keys, values = (jnp.pad(jnp.stack(t), pad) for t in (keys, values))
+    keys, values = (striped(jnp.pad(jnp.stack(t), pad), stripes, 2) for t in (keys, values))
     return (_norm(x[:, -1]) @ params["unembed"]).astype(jnp.float32), keys, values
 
 
 @functools.partial(jax.jit, static_argnames="length", donate_argnums=0)
 def _write_prompt(cache: KVCache, keys: jax.Array, values: jax.Array, length: int) -> KVCache:
-    """On the attention devices: the prompt's k, v `[L, B, >= length, K, H]` into slots
-    [0, length) of every layer of an empty cache (in place), lengths = length."""
-    sharding = NamedSharding(cache.mesh, cache_spec(cache.shard_by, cache.axis))
+    """On the attention devices: the prompt's k, v `[L, B, T, K, H]` (`_prefill`'s, cut as
+    `prompt_spec` says: by kv heads with T = length, or by tokens in striped blocks with T the
+    padded length) into the first local slots of every layer of an empty cache (in place),
+    lengths = length."""
+    spec = cache_spec(cache.shard_by, cache.axis)
+
+    def local(c, new):  # this device's slots [0, its share of the prompt)
+        return c.at[:, : new.shape[1]].set(new.astype(c.dtype))
+
+    write_layer = jax.shard_map(
+        local,
+        mesh=cache.mesh,
+        in_specs=(spec, P(*prompt_spec(cache)[1:])),
+        out_specs=spec,
+        check_vma=False,
+    )
 
     def write(layers, new):
-        return tuple(
-            jax.lax.with_sharding_constraint(
-                c.at[:, :length].set(new[i, :, :length].astype(c.dtype)), sharding
-            )
-            for i, c in enumerate(layers)
-        )
+        return tuple(write_layer(c, new[i]) for i, c in enumerate(layers))
 
     return dataclasses.replace(
         cache,
@@ -148,6 +160,13 @@ def _write_prompt(cache: KVCache, keys: jax.Array, values: jax.Array, length: in
         values=write(cache.values, values),
         lengths=jnp.full_like(cache.lengths, length),
     )
+
+
+def prompt_spec(cache: KVCache) -> P:
+    """How a prompt's k, v `[L, B, T, K, H]` are cut over the attention devices."""
+    if cache.shard_by == "sequence":
+        return P(None, None, cache.axis, None, None)
+    return P(None, None, None, cache.axis, None)
 
 
 def split_devices(devices, num_attention: int | None = None) -> tuple[list, list]:
@@ -267,7 +286,8 @@ class OffloadedDecoder:
 
         The transfer carries the prompt's k and v of every layer, `[L, B, T0, K, H]` each, cut
         over the attention devices as the cache is (by kv heads, or by sequence with T0 padded
-        to a multiple of their number); `prefill_link_bytes` counts it.
+        to a multiple of their number, in the cache's striped order); `prefill_link_bytes`
+        counts it.
         """
         prompt = np.asarray(prompt)
         if prompt.ndim != 2 or prompt.shape[0] != self.batch or prompt.dtype.kind not in "iu":
@@ -286,22 +306,22 @@ class OffloadedDecoder:
                 f"prefill writes an empty cache; this one holds {self.positions.tolist()} tokens"
             )
         n_attn = self.attn_mesh.shape["attn"]
-        padded = length
-        spec = P(None, None, None, "attn", None)  # [L, B, T0, K, H] by kv heads
-        if self.cache.shard_by == "sequence":
-            padded = -(-length // n_attn) * n_attn
-            spec = P(None, None, "attn", None, None)
+        padded, stripes = length, 1
+        if self.cache.shard_by == "sequence":  # striped blocks of T0 padded to n
+            padded, stripes = -(-length // n_attn) * n_attn, n_attn
         tokens = jax.device_put(jnp.asarray(prompt, jnp.int32), self.activations)
         if self._prefill is None:
             self._prefill = jax.jit(
                 functools.partial(
                     _prefill, config=self.config, implementation=self.prefill_implementation
                 ),
-                static_argnames="padded",
+                static_argnames=("padded", "stripes"),
             )
-        logits, keys, values = self._prefill(self.params, tokens, padded=padded)
+        logits, keys, values = self._prefill(self.params, tokens, padded=padded, stripes=stripes)
         keys, values = self._move(
-            (keys, values), NamedSharding(self.attn_mesh, spec), "prefill_link_bytes"
+            (keys, values),
+            NamedSharding(self.attn_mesh, prompt_spec(self.cache)),
+            "prefill_link_bytes",
         )
         self.cache = _write_prompt(self.cache, keys, values, length=length)
         self.positions = np.full(self.batch, length, np.int32)

@@ -6,10 +6,17 @@ Two ways to cut the cache over the `axis` of a `jax.sharding.Mesh`:
   computes its query heads' attention whole; outputs concatenate, no combine. Needs K % n == 0,
   so a GQA model with 8 kv heads stops at 8 devices.
 - `shard_by="sequence"` (split-KV across devices): each device holds S/n cache slots of every
-  sequence, computes a partial output and its log-sum-exp, and the partials merge exactly with one
-  `pmax` and two `psum`s: m = max_d lse_d, w_d = exp(lse_d - m), out = sum_d w_d out_d / sum_d w_d.
-  A device whose slots are all past a sequence's length has lse -inf and weight 0 (never NaN).
-  No cap on n beyond S % n == 0.
+  sequence, computes a partial output and its log-sum-exp, and the partials merge exactly after
+  one `all_gather` of (out, lse): m = max_d lse_d, w_d = exp(lse_d - m),
+  out = sum_d w_d out_d / sum_d w_d. A device whose slots are all past a sequence's length has
+  lse -inf and weight 0 (never NaN). No cap on n beyond S % n == 0.
+
+  Which device holds token p: `token_order="contiguous"` (the caller's cache in natural order,
+  device d holds tokens [d S/n, (d+1) S/n)) or `"striped"` (token p on device p mod n, at its
+  local slot p div n: Striped Attention's order, Brandon et al. 2023). A `KVCache` sharded by
+  sequence is striped, so every device holds a share of each sequence whatever its length (with
+  contiguous slices, a sequence of length S/3 sits on the first devices alone; on 2 H200s at
+  S = 128k with lengths spread from S/3 to S, 1.34x one GPU contiguous).
 
 Everything runs under `jax.shard_map` inside `jax.jit`; the same code is multi-controller SPMD
 under `jax.distributed.initialize` (the mesh then spans processes).
@@ -76,12 +83,19 @@ def merge_over_axis(out: jax.Array, lse: jax.Array, axis: str) -> tuple[jax.Arra
     """Inside shard_map: exact log-sum-exp merge of per-device partials (empty ones are safe).
 
     out `[..., H]` (any dtype; merged in float32), lse `[...]` float32 (-inf: no keys here).
+    One collective: an all_gather of (out, lse) packed as `[..., H + 1]` float32 (a decode
+    step's partials are small; on 2 H200s one collective costs ~40 us inside a program, so
+    pmax + two psums cost three times that).
     """
-    m = lax.pmax(lse, axis)
+    packed = jnp.concatenate([out.astype(jnp.float32), lse[..., None]], -1)  # [..., H + 1]
+    gathered = lax.all_gather(packed, axis)  # [n, ..., H + 1]
+    outs, lses = gathered[..., :-1], gathered[..., -1]
+    m = jnp.max(lses, 0, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(lse - m)  # 0 where this device had no keys
-    total = lax.psum(w, axis)
-    merged = lax.psum(w[..., None] * out.astype(jnp.float32), axis)
+    w = jnp.exp(lses - m)  # [n, ...]: 0 where a device had no keys
+    m = m[0]
+    total = jnp.sum(w, 0)
+    merged = jnp.sum(w[..., None] * outs, 0)
     has_keys = total > 0
     safe = jnp.where(has_keys, total, 1.0)
     return merged / safe[..., None], jnp.where(has_keys, m + jnp.log(safe), -jnp.inf)
@@ -123,10 +137,34 @@ def _host_lengths(lengths) -> np.ndarray | None:
     return np.asarray(lengths.addressable_shards[0].data)
 
 
-def _local_lengths(lengths: jax.Array, local_capacity: int, axis: str) -> jax.Array:
-    """This device's share of each sequence's length when S is cut into contiguous slices."""
-    start = lax.axis_index(axis) * local_capacity
-    return jnp.clip(lengths - start, 0, local_capacity).astype(jnp.int32)
+TOKEN_ORDERS = ("contiguous", "striped")
+
+
+def _local_lengths(lengths: jax.Array, local_capacity: int, axis: str, token_order: str):
+    """This device's share of each sequence's length (its valid slots are a prefix of its
+    local slice in both orders)."""
+    me = lax.axis_index(axis)
+    if token_order == "striped":  # tokens me, me + n, me + 2n, ... below the length
+        n = lax.axis_size(axis)
+        local = (lengths - me + n - 1) // n
+    else:
+        local = lengths - me * local_capacity
+    return jnp.clip(local, 0, local_capacity).astype(jnp.int32)
+
+
+def in_token_order(slots: jax.Array, n: int) -> jax.Array:
+    """A striped `[B, S, ...]` cache (token p at slot (p mod n) S/n + p div n) in token order."""
+    b, s = slots.shape[:2]
+    x = slots.reshape(b, n, s // n, *slots.shape[2:])
+    return jnp.swapaxes(x, 1, 2).reshape(slots.shape)
+
+
+def striped(tokens: jax.Array, n: int, axis: int = 1) -> jax.Array:
+    """The inverse of `in_token_order` along `axis` (length divisible by n): tokens in natural
+    order -> n contiguous blocks, block d holding tokens d, d + n, ..."""
+    shape = tokens.shape
+    x = tokens.reshape(*shape[:axis], shape[axis] // n, n, *shape[axis + 1 :])
+    return jnp.swapaxes(x, axis, axis + 1).reshape(shape)
 
 
 @functools.partial(
@@ -140,9 +178,10 @@ def _local_lengths(lengths: jax.Array, local_capacity: int, axis: str) -> jax.Ar
         "return_residual",
         "implementation",
         "config",
+        "token_order",
     ),
 )
-def _sharded(q, k, v, lengths, *, mesh, axis, shard_by, return_residual, **options):
+def _sharded(q, k, v, lengths, *, mesh, axis, shard_by, return_residual, token_order, **options):
     if shard_by == "heads":
 
         def local(q, k, v, lengths):
@@ -159,7 +198,7 @@ def _sharded(q, k, v, lengths, *, mesh, axis, shard_by, return_residual, **optio
         local_capacity = k.shape[1] // mesh.shape[axis]
 
         def local(q, k, v, lengths):
-            part_lengths = _local_lengths(lengths, local_capacity, axis)
+            part_lengths = _local_lengths(lengths, local_capacity, axis, token_order)
             out, lse = decode_attention(q, k, v, part_lengths, return_residual=True, **options)
             out, lse = merge_over_axis(out, lse, axis)
             return out.astype(q.dtype), lse
@@ -186,6 +225,7 @@ def sharded_decode_attention(
     return_residual: bool = False,
     implementation: str | None = None,
     config=None,
+    token_order: str = "contiguous",
 ):
     """`jattn.decode_attention` with the cache cut over `mesh.shape[axis]` devices.
 
@@ -195,6 +235,9 @@ def sharded_decode_attention(
         `cache_spec(shard_by, axis)` (place the cache there once, e.g. with `KVCache`, so nothing
         moves per step).
       shard_by: 'heads' (K % n == 0) or 'sequence' (S % n == 0); see the module docstring.
+      token_order: with shard_by='sequence', where token p of the cache is: 'contiguous' (slot
+        p) or 'striped' (slot (p mod n) S/n + p div n, as `striped(cache, n)` lays it out and
+        a `KVCache` keeps it: every device then holds 1/n of each sequence's tokens).
       Other arguments as in `jattn.decode_attention` (implementation/config go to the per-device
       kernel).
 
@@ -209,6 +252,8 @@ def sharded_decode_attention(
             f"shape; got query {query.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}"
         )
     check_shardable(k_cache.shape, mesh, axis, shard_by)
+    if token_order not in TOKEN_ORDERS:
+        raise ValueError(f"token_order must be one of {TOKEN_ORDERS}, got {token_order!r}")
     query, k_cache, v_cache, lengths = _onto_mesh(
         mesh,
         (
@@ -236,6 +281,7 @@ def sharded_decode_attention(
         return_residual=return_residual,
         implementation=implementation,
         config=config,
+        token_order=token_order,
     )
 
 
@@ -250,7 +296,9 @@ class KVCache:
 
     `keys`/`values` are sharded with `NamedSharding(mesh, cache_spec(shard_by, axis))`, `lengths`
     `[B]` is replicated. Create with `KVCache.create`; `append` writes one token per sequence in
-    place (the cache is donated), `advance` bumps the lengths after the last layer.
+    place (the cache is donated), `advance` bumps the lengths after the last layer. Sharded by
+    sequence, the slots are striped (`token_order`): token p of a sequence is on device
+    p mod n; `in_token_order` gives a layer in natural order.
 
     A full cache never drops a token silently. Called eagerly (concrete lengths), `append`,
     `append_and_attend` and `advance` raise `ValueError` when a sequence is full (this reads the
@@ -271,6 +319,19 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[1]
+
+    @property
+    def token_order(self) -> str:
+        """Where token p of a sequence is (see `sharded_decode_attention`): sharded by sequence
+        the cache is 'striped', so each device holds 1/n of every sequence; by heads each
+        device holds whole sequences in order."""
+        return "striped" if self.shard_by == "sequence" else "contiguous"
+
+    def in_token_order(self, slots: jax.Array) -> jax.Array:
+        """A layer's `keys[i]` or `values[i]` `[B, S, K, H]` with token p at index p."""
+        if self.token_order == "contiguous":
+            return slots
+        return in_token_order(slots, self.mesh.shape[self.axis])
 
     @property
     def nbytes_per_device(self) -> int:
@@ -368,8 +429,9 @@ def _write(cache: jax.Array, new: jax.Array, lengths: jax.Array, axis: str, shar
     owns that slot (a scatter with mode='drop': other devices and full caches write nothing)."""
     local_capacity = cache.shape[1]
     pos = lengths
-    if shard_by == "sequence":
-        pos = lengths - lax.axis_index(axis) * local_capacity
+    if shard_by == "sequence":  # striped: token p on device p mod n, at local slot p div n
+        n = lax.axis_size(axis)
+        pos = jnp.where(lengths % n == lax.axis_index(axis), lengths // n, local_capacity)
     pos = jnp.where((pos >= 0) & (pos < local_capacity), pos, local_capacity)
     return cache.at[jnp.arange(cache.shape[0]), pos].set(new.astype(cache.dtype), mode="drop")
 
@@ -481,5 +543,6 @@ def _append_and_attend(
         return_residual=False,
         implementation=implementation,
         config=None,
+        token_order=cache.token_order,
     )
     return cache, out
