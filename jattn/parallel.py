@@ -213,6 +213,20 @@ def _has_residual_backward(q, k, v, q_ids, kv_ids, *, causal, options) -> bool:
     return found is not None
 
 
+UNROLL_STEPS = 8  # rings of up to this many steps are unrolled
+
+
+def _loop(steps: int, body, carry):
+    """`body(s, carry)` for s < steps: unrolled up to UNROLL_STEPS, so that XLA's scheduler can
+    overlap one step's transfers (the next K/V block, the dK/dV accumulators going home) with
+    the next step's kernels, which a while loop's boundary hides from it; a fori_loop beyond."""
+    if steps > UNROLL_STEPS:
+        return lax.fori_loop(0, steps, body, carry)
+    for s in range(steps):
+        carry = body(s, carry)
+    return carry
+
+
 def _merge(out, lse, block_out, block_lse):
     """Exact log-sum-exp merge of two partials; -inf rows contribute nothing (never NaN). The
     shift m cancels, so it carries no gradient."""
@@ -242,7 +256,7 @@ def _ring_forward(q, k, v, q_ids, kv_ids, *, axis, n, causal, options):
         out, lse = _merge(out, lse, *block(s, q, *visitor[:2], q_ids, visitor[2]))
         return following, out, lse
 
-    visitor, out, lse = lax.fori_loop(0, n - 1, step, ((k, v, kv_ids), out, lse))
+    visitor, out, lse = _loop(n - 1, step, ((k, v, kv_ids), out, lse))
     out, lse = _merge(out, lse, *block(n - 1, q, *visitor[:2], q_ids, visitor[2]))
     return out, lse
 
@@ -284,7 +298,7 @@ def _ring_backward(q, k, v, q_ids, kv_ids, out, lse, d_out, d_lse, *, axis, n, c
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
     init = ((k, v, kv_ids), zeros(q), zeros(k), zeros(v))
-    _, dq, dk, dv = lax.fori_loop(0, n, step, init)
+    _, dq, dk, dv = _loop(n, step, init)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 

@@ -96,6 +96,13 @@ def test_ring_equals_one_device(rng, n, causal, segments):
     _check(rng, q, k, v, n=n, options=options)
 
 
+def test_ring_as_a_while_loop_beyond_the_unrolled_steps(rng, monkeypatch):
+    # Rings longer than UNROLL_STEPS run their steps in a fori_loop: the same results.
+    monkeypatch.setattr(parallel, "UNROLL_STEPS", 1)
+    q, k, v = _inputs(rng, 1, 64, 2, 1, 16, jnp.float32)
+    _check(rng, q, k, v, n=4, options=dict(is_causal=True))
+
+
 @pytest.mark.parametrize("implementation", ["xla_chunked", "xla"])
 def test_ring_fully_masked_rows_are_zero_not_nan(rng, implementation):
     # Queries of segment 9 see no key anywhere on the ring: output 0, lse -inf, zero gradients.

@@ -340,7 +340,7 @@ class OffloadedDecoder:
                 f"{self.config.max_len}; got length {length}, cache lengths "
                 f"{self.positions.tolist()}"
             )
-        lengths = jnp.full(self.batch, length, jnp.int32)
+        lengths = np.full(self.batch, length, np.int32)
         self.cache = dataclasses.replace(
             self.cache, lengths=jax.device_put(lengths, self.cache.lengths.sharding)
         )

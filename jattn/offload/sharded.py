@@ -387,11 +387,14 @@ class KVCache:
         return KVCache(
             keys=tuple(zeros() for _ in range(num_layers)),
             values=tuple(zeros() for _ in range(num_layers)),
-            lengths=jax.device_put(jnp.asarray(lengths), replicated),
+            # From host arrays: every process of a multi-controller mesh passes the same
+            # values (a device array here became one JAX 0.11 could not read back per shard
+            # on 2 processes x 1 GPU).
+            lengths=jax.device_put(np.asarray(lengths, np.int32), replicated),
             mesh=mesh,
             axis=axis,
             shard_by=shard_by,
-            overflow=jax.device_put(jnp.zeros(batch, bool), replicated),
+            overflow=jax.device_put(np.zeros(batch, bool), replicated),
         )
 
     def check(self) -> None:
