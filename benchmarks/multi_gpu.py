@@ -55,11 +55,13 @@ RING = dict(batch=1, heads=16, kv_heads=16, head_dim=128)
 SMALL_DECODE = dict(batch=4, heads=16, kv_heads=8, head_dim=16)  # K: heads over 8 devices
 SMALL_RING = dict(batch=1, heads=2, kv_heads=2, head_dim=16)
 PARTS = ("collective", "decode", "ring", "overlap")
-# Lamina's overlap pays where a micro-batch's weight reads (compute side) take about half the
-# whole batch's KV reads (attention side), and offloading pays where the weights take a large
-# share of one device: d = 16384 (N = 128, K = 16, H = 128), 9 layers (49.5 GB of bf16 weights),
-# 4096-slot caches (302 MB per sequence): ~340 sequences fill an H200's 112 GB, ~180 co-located.
-OVERLAP_MODEL = dict(layers=9, heads=128, kv_heads=16, head_dim=128, max_len=4096, dtype="bfloat16")
+# Lamina's overlap pays where the compute side is busy as long as the attention side, and does
+# not pay twice for its weights when the batch is cut in two: micro-batches of ~230 sequences
+# keep the d = 16384 matmuls compute-bound (at 116, as with 4096-slot caches, each micro-batch
+# re-read the weights: 1.19x); offloading pays where the weights take a large share of one
+# device. So: N = 128, K = 16, H = 128, 9 layers (49.7 GB of bf16 weights), 2048-slot caches
+# (151 MB per sequence): ~460 sequences fill an H200's 112 GB, ~236 co-located.
+OVERLAP_MODEL = dict(layers=9, heads=128, kv_heads=16, head_dim=128, max_len=2048, dtype="bfloat16")
 CHAIN = 8  # collectives or decode attentions chained in one program (a step's layers)
 
 
