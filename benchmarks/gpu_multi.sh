@@ -3,8 +3,8 @@
 # the two-GPU tests, `jattn demo decode` on 2 and 1 GPUs, then `benchmarks/multi_gpu.py` (one
 # psum's latency, sharded decode at 32k and 128k, causal ring attention at 16k and 64k, Lamina's
 # overlap at a batch that fills the attention GPU), the JSON written row by row. Every step's
-# output is kept under $OUT. From the repository root, with .whl carried (stop 29's version
-# took 2 min):
+# output is kept under $OUT. From the repository root, with .whl carried (4-5 min at stop 30;
+# the benchmark alone 3 min):
 #   bash benchmarks/gpu_multi.sh
 #   PARTS="decode ring" BENCH_SECONDS=500 bash benchmarks/gpu_multi.sh
 set -uo pipefail

@@ -260,6 +260,53 @@ def overlap(devices, config, *, batch: int | None, context: int, steps: int) -> 
     return [row]
 
 
+def plot(record: dict, path: str) -> None:
+    """Speed-up over one device: sharded decode against S (in a step), ring attention against T
+    (forward and forward + backward, each layout), and the overlap's tokens/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in record["rows"] if "error" not in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    n = record["devices"]
+    ax = axes[0]
+    decode = [r for r in rows if r["part"] == "decode" and r["timing"] == "in a step"]
+    for label in sorted({r["shard_by"] for r in decode if r["shard_by"]}):
+        points = sorted((r["S"], r["speedup"]) for r in decode if r["shard_by"] == label)
+        ax.plot(*zip(*points, strict=True), "o-", label=f"by {label}")
+    ax.set(xscale="log", xlabel="cache length S", ylabel=f"speed-up over 1 device ({n} devices)",
+           title="sharded decode attention (per layer, in a step)")  # fmt: skip
+    ax = axes[1]
+    ring = [r for r in rows if r["part"] == "ring" and r["devices"] > 1]
+    for layout, mode in sorted({(r["layout"], r["mode"]) for r in ring}):
+        points = sorted((r["T"], r["speedup"]) for r in ring if (r["layout"], r["mode"]) == (
+            layout, mode))  # fmt: skip
+        ax.plot(*zip(*points, strict=True), "o-", label=f"{layout}, {mode}")
+    ax.set(xscale="log", xlabel="tokens T", title="causal ring attention")
+    for ax in axes[:2]:
+        ax.axhline(n, color="grey", lw=0.8, ls=":")
+        ax.axhline(1, color="grey", lw=0.8)
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    for r in (r for r in rows if r["part"] == "overlap"):
+        names = ("co-located (1 device)", "offloaded", "offloaded + overlap")
+        values = [r[f"tokens_per_s_{k}"] for k in ("colocated", "plain", "overlapped")]
+        batches = (r["colocated_batch"], r["batch"], r["batch"])
+        bars = ax.bar(names, [v if isinstance(v, float) else 0 for v in values])
+        for bar, batch in zip(bars, batches, strict=True):
+            ax.annotate(f"B = {batch}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)  # fmt: skip
+        ax.set(ylabel="decode tokens / s", title=f"Lamina's overlap (context {r['context']})")
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"{record['environment'].get('device', '')} x {n}, jax "
+                 f"{record['environment'].get('jax', '')}")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True)
@@ -271,7 +318,15 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--small", action="store_true", help="CPU smoke sizes")
+    parser.add_argument("--plot", help="write a PNG of the speed-ups here")
+    parser.add_argument(
+        "--replot", action="store_true", help="only draw --plot from an existing --json"
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        with open(args.json) as f:
+            plot(json.load(f), args.plot)
+        return
     devices = jax.devices()
     if len(devices) < 2:
         raise SystemExit(f"needs 2 or more devices, found {len(devices)}")
@@ -300,6 +355,8 @@ def main(argv=None) -> None:
     }
     for name in args.parts:
         save(parts[name]())
+    if args.plot:
+        plot(record, args.plot)
 
 
 if __name__ == "__main__":

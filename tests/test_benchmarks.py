@@ -72,7 +72,9 @@ def test_multi_gpu_benchmark_runs_every_part_on_simulated_devices(tmp_path):
 
     out = tmp_path / "multi_gpu.json"
     multi_gpu.main(["--json", str(out), "--small", "--decode-lengths", "64", "--ring-lengths",
-                    "64", "--batch", "4", "--repeats", "2"])  # fmt: skip
+                    "64", "--batch", "4", "--repeats", "2", "--plot",
+                    str(tmp_path / "multi_gpu.png")])  # fmt: skip
+    assert (tmp_path / "multi_gpu.png").stat().st_size > 10_000
     record = json.loads(out.read_text())
     rows, n = record["rows"], len(jax.devices())
     assert record["devices"] == n and "device" in record["environment"]
