@@ -27,7 +27,7 @@ its error in the row; rows are written as they finish.
 - overlap: `jattn.offload.demo.overlap_benchmark` (tokens/s of the offloaded decoder with and
   without Lamina's micro-batches at a batch that fills the attention device, and co-located on
   one device at the batch that fits there beside the weights), OVERLAP_MODEL at a context of
-  max_len - 10 (`start_at`).
+  max_len - 26 (`start_at`), the median of OVERLAP_ROUNDS timings of 8 steps.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ PARTS = ("collective", "decode", "ring", "overlap")
 # device. So: N = 128, K = 16, H = 128, 9 layers (49.7 GB of bf16 weights), 2048-slot caches
 # (151 MB per sequence): ~460 sequences fill an H200's 112 GB, ~236 co-located.
 OVERLAP_MODEL = dict(layers=9, heads=128, kv_heads=16, head_dim=128, max_len=2048, dtype="bfloat16")
+OVERLAP_ROUNDS = 3  # timings of the overlap's steps; their median is reported
 CHAIN = 8  # collectives or decode attentions chained in one program (a step's layers)
 
 
@@ -245,13 +246,15 @@ def ring(devices, lengths: list[int], shape: dict, *, repeats: int) -> list[dict
     return rows
 
 
-def overlap(devices, config, *, batch: int | None, context: int, steps: int) -> list[dict]:
+def overlap(
+    devices, config, *, batch: int | None, context: int, steps: int, rounds: int
+) -> list[dict]:
     """Lamina's micro-batched decoder against the plain offloaded one and one device, at a
     batch that fills the attention devices (batch=None) and a long context."""
     row = dict(
         part="overlap",
         **offload_demo.overlap_benchmark(
-            devices, config, batch=batch, context=context, steps=steps
+            devices, config, batch=batch, context=context, steps=steps, rounds=rounds
         ),
     )
     errors = [v for k, v in row.items() if k.startswith("tokens_per_s") and isinstance(v, str)]
@@ -336,7 +339,7 @@ def main(argv=None) -> None:
         config = offload.GPTConfig(layers=1, heads=8, kv_heads=4, head_dim=8, max_len=32)
         batch = batch or 4
     steps = 4 if args.small else 8
-    context = config.max_len - steps - 2
+    context = config.max_len - OVERLAP_ROUNDS * steps - 2  # the first and warm-up steps
     record = dict(environment=environment(), devices=len(devices), rows=[])
 
     def save(rows):
@@ -351,7 +354,9 @@ def main(argv=None) -> None:
         "collective": lambda: collective(devices, **out_shape, repeats=args.repeats),
         "decode": lambda: decode(devices, args.decode_lengths, decode_shape, repeats=args.repeats),
         "ring": lambda: ring(devices, args.ring_lengths, ring_shape, repeats=args.repeats),
-        "overlap": lambda: overlap(devices, config, batch=batch, context=context, steps=steps),
+        "overlap": lambda: overlap(
+            devices, config, batch=batch, context=context, steps=steps, rounds=OVERLAP_ROUNDS
+        ),
     }
     for name in args.parts:
         save(parts[name]())

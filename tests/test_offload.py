@@ -437,18 +437,22 @@ def test_overlap_benchmark_runs_on_cpu_devices():
     from jattn.offload import demo
 
     config = offload.GPTConfig(max_len=16, layers=1, heads=4, kv_heads=2, head_dim=8)
-    result = demo.overlap_benchmark(jax.devices()[:4], config, batch=4, prompt_len=3, steps=2)
+    result = demo.overlap_benchmark(
+        jax.devices()[:4], config, batch=4, prompt_len=3, steps=2, rounds=2
+    )
     assert result["compute_devices"] == 2 and result["attention_devices"] == 2
     for name in ("plain", "overlapped", "colocated"):
         assert result[f"tokens_per_s_{name}"] > 0
     assert result["overlap_speedup"] > 0
     # At a long context without its prefill, and a co-located batch of its own.
     result = demo.overlap_benchmark(
-        jax.devices()[:2], config, batch=4, colocated_batch=2, context=12, steps=2
-    )
-    assert result["context"] == 12 and result["batch_ratio"] == 2
+        jax.devices()[:2], config, batch=4, colocated_batch=2, context=8, steps=2
+    )  # 8 + 2 + 3 rounds x 2 steps = 16 positions: max_len
+    assert result["context"] == 8 and result["batch_ratio"] == 2
     for name in ("plain", "overlapped", "colocated"):
         assert result[f"tokens_per_s_{name}"] > 0, result
+    with pytest.raises(ValueError, match="need 17 positions: more than max_len = 16"):
+        demo.overlap_benchmark(jax.devices()[:2], config, batch=4, context=9, steps=2)
 
 
 def test_batch_that_fits():

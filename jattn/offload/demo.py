@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import statistics
 import time
 
 import jax
@@ -274,13 +275,15 @@ def overlap_benchmark(
     micro_batches: int = 2,
     prompt_len: int = 8,
     steps: int = 16,
+    rounds: int = 3,
     shard_by: str = "heads",
     num_attention: int | None = None,
     seed: int = 0,
 ) -> dict:
     """Decode tokens/s of `OffloadedDecoder` and `OverlappedDecoder` (Lamina's micro-batches) on
     the same compute/attention split of `devices`, and of the co-located decoder on `devices[0]`
-    alone (weights and cache on one device), after a warm-up step; for issue 17's GPU runs.
+    alone (weights and cache on one device), after a warm-up step: the median of `rounds`
+    timings of `steps` steps each; for issue 17's GPU runs.
 
     batch: the offloaded decoders' batch; None: the most that fits the attention devices
       (`batch_that_fits`, what offloading is for). colocated_batch: the co-located decoder's;
@@ -301,8 +304,13 @@ def overlap_benchmark(
     if colocated_batch is None:
         colocated_batch = min(batch, batch_that_fits(config, memory, weights_bytes=weights))
     start = prompt_len if context is None else context
-    if start + steps + 1 > config.max_len:
-        raise ValueError(f"the context ({start}) + steps + 1 must fit max_len = {config.max_len}")
+    positions = start + (1 if context is None else 2) + rounds * steps  # warm-up steps too
+    if positions > config.max_len:
+        raise ValueError(
+            f"the context ({start}), its first and warm-up steps and rounds x steps = "
+            f"{rounds} x {steps} need {positions} positions: more than max_len = "
+            f"{config.max_len}"
+        )
 
     def tokens_per_s(make, size: int) -> float | str:
         decoder = None
@@ -316,11 +324,14 @@ def overlap_benchmark(
                 logits = decoder.step(np.zeros(size, np.int32))
             nxt = np.asarray(jnp.argmax(logits, -1), np.int32)
             jax.block_until_ready(decoder.step(nxt))  # compiles every step function
-            begin = time.perf_counter()
-            for _ in range(steps):
-                logits = decoder.step(nxt)
-            jax.block_until_ready(logits)
-            return size * steps / (time.perf_counter() - begin)
+            seconds = []
+            for _ in range(rounds):
+                begin = time.perf_counter()
+                for _ in range(steps):
+                    logits = decoder.step(nxt)
+                jax.block_until_ready(logits)
+                seconds.append(time.perf_counter() - begin)
+            return size * steps / statistics.median(seconds)
         except Exception as error:  # out of memory on one device: report, do not stop
             return f"{type(error).__name__}: {str(error)[:200]}"
         finally:
