@@ -24,3 +24,9 @@ done
 timeout "${BENCH_SECONDS:-420}" python3 -m benchmarks.multi_gpu --json "$out/multi_gpu.json" \
     --parts ${PARTS:-collective decode ring overlap} > "$out/multi_gpu.txt" 2>&1
 grep -E "^\{|Error" "$out/multi_gpu.txt" | cut -c1-220
+# the same decode and ring runs as 2 processes x 1 GPU under jax.distributed (issue 18's
+# multi-process item; not yet run on the GPUs)
+timeout "${PROCESSES_SECONDS:-200}" python3 -m benchmarks.multi_gpu --processes 2 \
+    --json "$out/multi_gpu_processes.json" --parts collective decode ring \
+    > "$out/multi_gpu_processes.txt" 2>&1
+grep -E "^\{|Error|failed" "$out/multi_gpu_processes.txt" | cut -c1-220

@@ -6,7 +6,11 @@ On the two-H200 machine (the device tool's `nvidia-h200-x2`), from the repositor
     python -m benchmarks.multi_gpu --json $OUT/multi_gpu.json
 
 `--small` shrinks every shape for a smoke run on simulated CPU devices (the CPU test runs it;
-its times say nothing about GPUs). The one-device and sharded runs of a cell are timed in rounds
+its times say nothing about GPUs). `--processes N` runs the same parts as one jax.distributed job
+of N processes on this host, one GPU each (`--cpu-devices M`: M CPU devices each, for tests);
+the leader (process 0) makes the one-device runs and writes the JSON, and the overlap is left
+out (its decoder moves arrays between meshes with device_put, which one process cannot do for
+another). The one-device and sharded runs of a cell are timed in rounds
 (`tuner.time_ms_rounds`: medians over `--repeats` rounds, after warm-up), a run that fails gets
 its error in the row; rows are written as they finish.
 
@@ -35,6 +39,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 
 import jax
@@ -63,6 +73,7 @@ PARTS = ("collective", "decode", "ring", "overlap")
 # (151 MB per sequence): ~460 sequences fill an H200's 112 GB, ~236 co-located.
 OVERLAP_MODEL = dict(layers=9, heads=128, kv_heads=16, head_dim=128, max_len=2048, dtype="bfloat16")
 OVERLAP_ROUNDS = 3  # timings of the overlap's steps; their median is reported
+MULTIPROCESS_CALLS = 10  # calls per timing under several processes (the same in every one)
 CHAIN = 8  # collectives or decode attentions chained in one program (a step's layers)
 
 
@@ -77,13 +88,49 @@ def _jit(fn: Callable, mode: str) -> Callable:
 
 def _rounds(calls: dict, repeats: int) -> dict:
     """`tuner.time_ms_rounds`; on simulated CPU devices each call waits for its result (many
-    collective programs dispatched back to back stalled XLA:CPU's rendezvous on 2 cores)."""
+    collective programs dispatched back to back stalled XLA:CPU's rendezvous on 2 cores).
+
+    Under several processes every process must issue the same collective programs the same
+    number of times: a fixed number of calls per timing (no per-process calibration), and the
+    one-device calls, which only the leader makes, hold no collective."""
     if jax.devices()[0].platform == "cpu":
         calls = {
             name: functools.partial(lambda f: jax.block_until_ready(f()), f)
             for name, f in calls.items()
         }
-    return tuner.time_ms_rounds(calls, repeats)
+    if jax.process_count() == 1:
+        return tuner.time_ms_rounds(calls, repeats)
+    times = {name: [] for name in calls}
+    for fn in calls.values():  # warm-up (compiles)
+        jax.block_until_ready(fn())
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            for _ in range(MULTIPROCESS_CALLS):
+                out = fn()
+            jax.block_until_ready(out)
+            times[name].append((time.perf_counter() - start) * 1e3 / MULTIPROCESS_CALLS)
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
+def _leader() -> bool:
+    """The process that makes the one-device runs (on `jax.devices()[0]`) and writes results."""
+    return jax.process_index() == 0
+
+
+def _random(key, shape, sharding, transform=None) -> jax.Array:
+    """Normal bf16 values made in their shards by one jitted program (also when the mesh spans
+    processes: an array on one local device cannot be `device_put` across them)."""
+
+    def make():
+        x = jax.random.normal(key, shape, jnp.bfloat16)
+        return x if transform is None else transform(x)
+
+    return jax.jit(make, out_shardings=sharding)()
+
+
+def _filled(shape, sharding) -> jax.Array:
+    return jax.jit(lambda: jnp.ones(shape, jnp.bfloat16), out_shardings=sharding)()
 
 
 def _ms(ms: float | str) -> dict:
@@ -103,7 +150,7 @@ def collective(devices, *, batch: int, heads: int, head_dim: int, repeats: int) 
         ("scalar", (len(devices),)),
         ("decode_out", (len(devices), batch * heads, head_dim)),
     ):
-        x = jax.device_put(jnp.ones(shape, jnp.bfloat16), NamedSharding(mesh, P("attn")))
+        x = _filled(shape, NamedSharding(mesh, P("attn")))
         psum = jax.shard_map(
             lambda x: jax.lax.psum(x, "attn"), mesh=mesh, in_specs=P("attn"), out_specs=P("attn")
         )
@@ -113,7 +160,7 @@ def collective(devices, *, batch: int, heads: int, head_dim: int, repeats: int) 
     for name, ms in _rounds(calls, repeats).items():
         rows.append(dict(part="collective", what=f"psum {name}", bytes=sizes[name], **_ms(ms)))
     # In one program: CHAIN psums, each waiting for the last (no host dispatch between them).
-    x = jax.device_put(jnp.ones((len(devices),), jnp.bfloat16), NamedSharding(mesh, P("attn")))
+    x = _filled((len(devices),), NamedSharding(mesh, P("attn")))
     chained = jax.jit(
         jax.shard_map(
             lambda x: jax.lax.fori_loop(0, CHAIN, lambda _, y: jax.lax.psum(y, "attn") * 0.5, x),
@@ -136,39 +183,39 @@ def decode(devices, lengths: list[int], shape: dict, *, repeats: int) -> list[di
     rows = []
     for s in lengths:
         rng = np.random.default_rng(s)
-        key = jax.random.key(s)
-        q = jax.random.normal(key, (b, n, h), jnp.bfloat16)
-        cache = jax.random.normal(jax.random.fold_in(key, 1), (2, b, s, k, h), jnp.bfloat16)
+        keys = jax.random.split(jax.random.key(s), 3)  # q, k cache, v cache
+        shapes = ((b, n, h), (b, s, k, h), (b, s, k, h))
         kv_len = rng.integers(s // 3, s + 1, b).astype(np.int32)
         kv_bytes = 2 * int(kv_len.sum()) * k * h * 2  # K and V of the valid tokens, bf16
-        lens = jnp.asarray(kv_len)
         calls = {}
-        for timing, make in (("call", jax.jit), ("in a step", _chained)):
-            calls[(1, None, timing)] = functools.partial(
-                make(jattn.decode_attention), q, cache[0], cache[1], lens
-            )
+        if _leader():
+            one = jax.sharding.SingleDeviceSharding(devices[0])
+            q, kc, vc = (_random(x, shape, one) for x, shape in zip(keys, shapes, strict=True))
+            lens = jax.device_put(kv_len, one)
+            for timing, make in (("call", jax.jit), ("in a step", _chained)):
+                calls[(1, None, timing)] = functools.partial(
+                    make(jattn.decode_attention), q, kc, vc, lens
+                )
         for shard_by, order in (
             ("heads", "contiguous"), ("sequence", "contiguous"), ("sequence", "striped")
         ):  # fmt: skip
             label = shard_by if order == "contiguous" else f"{shard_by} {order}"
             try:
-                check_shardable(cache.shape[1:], mesh, "attn", shard_by)
+                check_shardable(shapes[1], mesh, "attn", shard_by)
             except ValueError as error:
                 rows.append(dict(part="decode", S=s, shard_by=label, error=str(error)[:200]))
                 continue
             # Everything where a KVCache step has it: the cache cut over the mesh (striped as a
             # KVCache keeps it by sequence), q (and so the output) cut by heads or replicated,
             # the lengths replicated.
-            kc, vc = (
-                jax.device_put(
-                    c if order == "contiguous" else offload.striped(c, len(devices)),
-                    NamedSharding(mesh, cache_spec(shard_by, "attn")),
-                )
-                for c in cache
-            )
+            stripe = None if order == "contiguous" else functools.partial(
+                offload.striped, n=len(devices)
+            )  # fmt: skip
+            placed = NamedSharding(mesh, cache_spec(shard_by, "attn"))
+            kc, vc = (_random(x, shapes[1], placed, stripe) for x in keys[1:])
             q_spec = P(None, "attn", None) if shard_by == "heads" else P()
-            placed_q = jax.device_put(q, NamedSharding(mesh, q_spec))
-            placed_lens = jax.device_put(lens, NamedSharding(mesh, P()))
+            placed_q = _random(keys[0], shapes[0], NamedSharding(mesh, q_spec))
+            placed_lens = jax.device_put(kv_len, NamedSharding(mesh, P()))  # the same everywhere
             sharded = functools.partial(
                 offload.sharded_decode_attention, mesh=mesh, shard_by=shard_by, token_order=order
             )
@@ -182,7 +229,7 @@ def decode(devices, lengths: list[int], shape: dict, *, repeats: int) -> list[di
             row = dict(
                 part="decode", S=s, devices=count, shard_by=shard_by, timing=timing, **_ms(ms)
             )
-            one = times[(1, None, timing)]
+            one = times.get((1, None, timing), "the leader's")
             if isinstance(ms, float):
                 one = one / CHAIN if isinstance(one, float) and timing != "call" else one
                 row.update(tbps=kv_bytes / ms / 1e9, speedup=_ratio(one, ms))
@@ -207,19 +254,21 @@ def ring(devices, lengths: list[int], shape: dict, *, repeats: int) -> list[dict
     b, n, k, h = shape["batch"], shape["heads"], shape["kv_heads"], shape["head_dim"]
     rows = []
     for t in lengths:
-        key = jax.random.key(t)
-        q = jax.random.normal(key, (b, t, n, h), jnp.bfloat16)
-        kv = jax.random.normal(jax.random.fold_in(key, 1), (2, b, t, k, h), jnp.bfloat16)
+        keys = jax.random.split(jax.random.key(t), 3)  # q, k, v
+        shapes = ((b, t, n, h), (b, t, k, h), (b, t, k, h))
         flops = 4 * b * n * t * t * h / 2  # causal: half the matrix
         seq = NamedSharding(mesh, P(None, "seq"))
         count = len(devices)
+        # The caller keeps its tokens in ring order (permuted once, when loading data).
+        zigzag = functools.partial(parallel.ring_order, n=count)
         placed = {
-            "contiguous": [jax.device_put(x, seq) for x in (q, kv[0], kv[1])],
-            # The caller keeps its tokens in ring order (permuted once, when loading data).
-            "zigzag": [
-                jax.device_put(parallel.ring_order(x, count), seq) for x in (q, kv[0], kv[1])
-            ],
+            layout: [_random(x, shape, seq, order) for x, shape in zip(keys, shapes, strict=True)]
+            for layout, order in (("contiguous", None), ("zigzag", zigzag))
         }
+        local = []
+        if _leader():
+            one_device = jax.sharding.SingleDeviceSharding(devices[0])
+            local = [_random(x, shape, one_device) for x, shape in zip(keys, shapes, strict=True)]
 
         def one(q, k, v):
             return jattn.dot_product_attention(q, k, v, is_causal=True)
@@ -230,7 +279,7 @@ def ring(devices, lengths: list[int], shape: dict, *, repeats: int) -> list[dict
             )
 
         for mode in ("fwd", "fwd+bwd"):
-            calls = {(1, None): functools.partial(_jit(one, mode), q, kv[0], kv[1])}
+            calls = {(1, None): functools.partial(_jit(one, mode), *local)} if local else {}
             for layout, arrays in placed.items():
                 fn = functools.partial(over_ring, layout=layout)
                 calls[(count, layout)] = functools.partial(_jit(fn, mode), *arrays)
@@ -241,7 +290,8 @@ def ring(devices, lengths: list[int], shape: dict, *, repeats: int) -> list[dict
                     part="ring", T=t, mode=mode, devices=devices_used, layout=layout, **_ms(ms)
                 )
                 if isinstance(ms, float):
-                    row.update(tflops=work / ms / 1e9, speedup=_ratio(times[(1, None)], ms))
+                    one_ms = times.get((1, None), "the leader's")
+                    row.update(tflops=work / ms / 1e9, speedup=_ratio(one_ms, ms))
                 rows.append(row)
     return rows
 
@@ -325,11 +375,27 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--replot", action="store_true", help="only draw --plot from an existing --json"
     )
+    parser.add_argument(
+        "--processes", type=int, default=1,
+        help="launch this many processes under jax.distributed, one GPU each (the same runs, "
+        "multi-controller)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cpu-devices", type=int, default=None,
+        help="with --processes: CPU devices per process instead of one GPU (smoke runs)",
+    )  # fmt: skip
+    parser.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--coordinator", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.replot:
         with open(args.json) as f:
             plot(json.load(f), args.plot)
         return
+    if args.processes > 1 and args.process_id is None:
+        launch(sys.argv[1:] if argv is None else list(argv), args.processes, args.cpu_devices)
+        return
+    if args.process_id is not None:
+        _initialize(args)
     devices = jax.devices()
     if len(devices) < 2:
         raise SystemExit(f"needs 2 or more devices, found {len(devices)}")
@@ -342,7 +408,11 @@ def main(argv=None) -> None:
     context = config.max_len - OVERLAP_ROUNDS * steps - 2  # the first and warm-up steps
     record = dict(environment=environment(), devices=len(devices), rows=[])
 
+    record["processes"] = jax.process_count()
+
     def save(rows):
+        if not _leader():
+            return
         record["rows"].extend(rows)
         for row in rows:
             print(row, flush=True)
@@ -359,9 +429,60 @@ def main(argv=None) -> None:
         ),
     }
     for name in args.parts:
+        if name == "overlap" and jax.process_count() > 1:
+            save([dict(part=name, error="not run under several processes (OffloadedDecoder "
+                                    "moves arrays between meshes with device_put)")])  # fmt: skip
+            continue
         save(parts[name]())
-    if args.plot:
+    if args.plot and _leader():
         plot(record, args.plot)
+    if args.process_id is not None:
+        jax.distributed.shutdown()
+
+
+def launch(argv: list[str], processes: int, cpu_devices: int | None) -> None:
+    """Run this benchmark as `processes` processes of one jax.distributed job on this host (one
+    GPU each, or `cpu_devices` CPU devices each); the leader writes the JSON. SystemExit when
+    one fails, with its output's tail."""
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # a forced host device count would clash with --cpu-devices
+    if cpu_devices:
+        env["JAX_PLATFORMS"] = "cpu"
+    command = [sys.executable, "-m", "benchmarks.multi_gpu", *argv]
+    procs = [
+        subprocess.Popen(
+            [*command, "--process-id", str(i), "--coordinator", f"localhost:{port}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    outputs = [p.communicate()[0] for p in procs]
+    print(outputs[0], end="")
+    failed = [(i, out[-3000:]) for i, (p, out) in enumerate(zip(procs, outputs, strict=True))
+              if p.returncode]  # fmt: skip
+    if failed:
+        raise SystemExit("\n".join(f"process {i} failed:\n{out}" for i, out in failed))
+
+
+def _initialize(args) -> None:
+    """This process's part of the jax.distributed job `launch` started (before any device is
+    touched): one GPU, or `--cpu-devices` CPU devices talking over gloo."""
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator,
+        num_processes=args.processes,
+        process_id=args.process_id,
+        initialization_timeout=60,
+        local_device_ids=None if args.cpu_devices else [args.process_id],
+    )
 
 
 if __name__ == "__main__":

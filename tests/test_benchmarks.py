@@ -100,6 +100,40 @@ def test_multi_gpu_benchmark_runs_every_part_on_simulated_devices(tmp_path):
     assert overlap["context"] == 32 - multi_gpu.OVERLAP_ROUNDS * 4 - 2 and overlap["batch"] == 4
 
 
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("collective", "overlap"),
+        # the one-device runs on the leader alone, the data made in its shards (~30 s)
+        pytest.param(("decode", "ring"), marks=pytest.mark.slow),
+    ],
+)
+def test_multi_gpu_benchmark_as_two_processes(tmp_path, parts):
+    """--processes 2: the same runs as one jax.distributed job of 2 processes x 4 CPU devices
+    (one GPU each on a GPU host); the leader alone makes the one-device runs and the JSON."""
+    import json
+
+    from benchmarks import multi_gpu
+
+    out = tmp_path / "multi_gpu.json"
+    multi_gpu.main(["--json", str(out), "--small", "--processes", "2", "--cpu-devices", "4",
+                    "--parts", *parts, "--decode-lengths", "64", "--ring-lengths", "64",
+                    "--repeats", "1"])  # fmt: skip
+    record = json.loads(out.read_text())
+    assert record["devices"] == 8 and record["processes"] == 2
+    rows = record["rows"]
+    assert {r["part"] for r in rows} == set(parts)
+    for row in rows:
+        if row["part"] == "overlap":
+            assert "not run under several processes" in row["error"]
+        else:
+            assert "error" not in row and row["ms"] > 0, row
+    decode = [r for r in rows if r["part"] == "decode"]
+    assert not decode or (1, None) in {(r["devices"], r["shard_by"]) for r in decode}
+    ring = [r for r in rows if r["part"] == "ring"]
+    assert not ring or (len(ring) == 6 and all(r["speedup"] > 0 for r in ring))
+
+
 def test_multi_gpu_plot_draws_the_committed_results(tmp_path):
     """The plot of the two-H200 results (matplotlib is in the `bench` extra, not `test`)."""
     pytest.importorskip("matplotlib")
