@@ -273,9 +273,11 @@ def _ring_backward(q, k, v, q_ids, kv_ids, out, lse, d_out, d_lse, *, axis, n, c
     block = functools.partial(_block, **statics)
     d_out = d_out.astype(jnp.float32)
     d_lse = d_lse.astype(jnp.float32)
-    delta = jnp.sum(d_out * out, -1)  # [B, T, N]
     residual = _has_residual_backward(q, k, v, q_ids, kv_ids, causal=causal, options=options)
-    seen_lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # rows that see nothing: P = 0
+    if residual:
+        seen_lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # rows that see nothing: P = 0
+    else:
+        delta = jnp.sum(d_out * out, -1)  # [B, T, N]
 
     def pair_gradients(s, k_s, v_s, kv_ids_s):
         if residual:
