@@ -29,8 +29,9 @@ its error in the row; rows are written as they finish.
   TFLOP/s by the FlashAttention convention (causal: half of 4 B N T^2 H forward, 2.5x that
   for forward + backward).
 - overlap: `jattn.offload.demo.overlap_benchmark` (tokens/s of the offloaded decoder with and
-  without Lamina's micro-batches at a batch that fills the attention device, and co-located on
-  one device at the batch that fits there beside the weights), OVERLAP_MODEL at a context of
+  without Lamina's micro-batches at a batch that fills the attention device, co-located on
+  one device at the batch that fits there beside the weights, and data parallel over all
+  devices with that batch on each), OVERLAP_MODEL at a context of
   max_len - 26 (`start_at`), the median of OVERLAP_ROUNDS timings of 8 steps.
 """
 
@@ -344,9 +345,13 @@ def plot(record: dict, path: str) -> None:
         ax.legend(fontsize=8)
     ax = axes[2]
     for r in (r for r in rows if r["part"] == "overlap"):
-        names = ("co-located (1 device)", "offloaded", "offloaded + overlap")
+        names = ["co-located\n(1 device)", "offloaded", "offloaded\n+ overlap"]
         values = [r[f"tokens_per_s_{k}"] for k in ("colocated", "plain", "overlapped")]
-        batches = (r["colocated_batch"], r["batch"], r["batch"])
+        batches = [r["colocated_batch"], r["batch"], r["batch"]]
+        if "tokens_per_s_data_parallel" in r:  # rows since stop 30's results
+            names.append(f"data parallel\n({n} devices)")
+            values.append(r["tokens_per_s_data_parallel"])
+            batches.append(r["data_parallel_batch"])
         bars = ax.bar(names, [v if isinstance(v, float) else 0 for v in values])
         for bar, batch in zip(bars, batches, strict=True):
             ax.annotate(f"B = {batch}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),

@@ -449,8 +449,9 @@ def test_overlap_benchmark_runs_on_cpu_devices():
         jax.devices()[:2], config, batch=4, colocated_batch=2, context=8, steps=2
     )  # 8 + 2 + 3 rounds x 2 steps = 16 positions: max_len
     assert result["context"] == 8 and result["batch_ratio"] == 2
-    for name in ("plain", "overlapped", "colocated"):
+    for name in ("plain", "overlapped", "colocated", "data_parallel"):
         assert result[f"tokens_per_s_{name}"] > 0, result
+    assert result["data_parallel_batch"] == 2 * 2  # the co-located batch on each device
     with pytest.raises(ValueError, match="need 17 positions: more than max_len = 16"):
         demo.overlap_benchmark(jax.devices()[:2], config, batch=4, context=9, steps=2)
 
@@ -502,3 +503,24 @@ def test_start_at_counts_zero_slots_as_context(rng, shard_by):
             offload.OffloadedDecoder(params, config, **kwargs).start_at(length)
     with pytest.raises(ValueError, match="needs an empty cache"):
         started.start_at(2)
+
+
+def test_data_parallel_decoder_equals_the_plain_decoder(rng):
+    """The whole model on each of 4 devices with its quarter of the batch: the tokens and
+    logits of one decoder over the whole batch."""
+    config = offload.GPTConfig(max_len=16, layers=2, heads=4, kv_heads=2, head_dim=8)
+    params = offload.init_params(config, jax.random.key(int(rng.integers(1 << 30))))
+    devices = jax.devices()
+    parallel = offload.DataParallelDecoder(params, config, devices=devices[:4], batch=8)
+    assert [part.cache.keys[0].sharding.device_set for part in parallel.parts] == [
+        {d} for d in devices[:4]
+    ]
+    plain = offload.OffloadedDecoder(
+        params, config, compute_devices=devices[:2], attention_devices=devices[2:4], batch=8
+    )
+    prompt = rng.integers(0, config.vocab, (8, 3))
+    tokens = parallel.generate(prompt, steps=3, prefill=True)
+    np.testing.assert_array_equal(tokens, plain.generate(prompt, steps=3, prefill=True))
+    assert_close(parallel.last_logits, np.asarray(plain.last_logits, np.float64), (1e-5, 1e-5))
+    with pytest.raises(ValueError, match="B = 6 divisible by the 4 devices"):
+        offload.DataParallelDecoder(params, config, devices=devices[:4], batch=6)

@@ -11,8 +11,11 @@
   `prefill` hands a prompt's KV cache over in one transfer.
 - `OverlappedDecoder`: Lamina's staggered pipelining over micro-batches (compute and attention
   devices busy at once).
+- `DataParallelDecoder`: the usual alternative, the whole model on every device, each with its
+  share of the batch and its own cache.
 """
 
+from jattn.offload.model import DataParallelDecoder as DataParallelDecoder
 from jattn.offload.model import GPTConfig as GPTConfig
 from jattn.offload.model import OffloadedDecoder as OffloadedDecoder
 from jattn.offload.model import OverlappedDecoder as OverlappedDecoder
@@ -33,6 +36,7 @@ from jattn.offload.sharded import sharded_decode_attention as sharded_decode_att
 from jattn.offload.sharded import striped as striped
 
 __all__ = [
+    "DataParallelDecoder",
     "GPTConfig",
     "KVCache",
     "OffloadedDecoder",

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import jattn
 from jattn.offload.model import (
+    DataParallelDecoder,
     GPTConfig,
     OffloadedDecoder,
     OverlappedDecoder,
@@ -281,9 +282,10 @@ def overlap_benchmark(
     seed: int = 0,
 ) -> dict:
     """Decode tokens/s of `OffloadedDecoder` and `OverlappedDecoder` (Lamina's micro-batches) on
-    the same compute/attention split of `devices`, and of the co-located decoder on `devices[0]`
-    alone (weights and cache on one device), after a warm-up step: the median of `rounds`
-    timings of `steps` steps each; for issue 17's GPU runs.
+    the same compute/attention split of `devices`, of the co-located decoder on `devices[0]`
+    alone (weights and cache on one device), and of `DataParallelDecoder` over all `devices`
+    (the co-located batch on each), after a warm-up step: the median of `rounds` timings of
+    `steps` steps each; for issue 17's GPU runs.
 
     batch: the offloaded decoders' batch; None: the most that fits the attention devices
       (`batch_that_fits`, what offloading is for). colocated_batch: the co-located decoder's;
@@ -350,6 +352,12 @@ def overlap_benchmark(
         ),
         colocated_batch,
     ) if colocated_batch else "no sequence fits one device beside the weights"  # fmt: skip
+    # The usual alternative on the same devices: each holds the model and its share of the
+    # batch (as many sequences as fit one device beside the weights).
+    parallel_batch = colocated_batch * len(devices)
+    data_parallel = tokens_per_s(
+        lambda b: DataParallelDecoder(params, config, devices=devices, batch=b), parallel_batch
+    ) if colocated_batch else "no sequence fits one device beside the weights"  # fmt: skip
     ratio = (
         overlapped / plain if isinstance(plain, float) and isinstance(overlapped, float) else None
     )
@@ -370,6 +378,8 @@ def overlap_benchmark(
         tokens_per_s_plain=plain,
         tokens_per_s_overlapped=overlapped,
         tokens_per_s_colocated=colocated,
+        data_parallel_batch=parallel_batch,
+        tokens_per_s_data_parallel=data_parallel,
         overlap_speedup=ratio,
     )
 

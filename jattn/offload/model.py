@@ -461,12 +461,15 @@ class OverlappedDecoder:
             for stage in list(running):
                 if next(stage, None) is None:
                     running.remove(stage)
-        return jnp.concatenate([part._step_logits for part in self.parts])
+        return self._gather([part._step_logits for part in self.parts])
+
+    def _gather(self, logits: list[jax.Array]) -> jax.Array:
+        return jnp.concatenate(logits)
 
     def prefill(self, prompt) -> jax.Array:
         """`OffloadedDecoder.prefill` per micro-batch; logits `[B, vocab]`."""
         parts = self._split(prompt)
-        return jnp.concatenate([p.prefill(x) for p, x in zip(self.parts, parts, strict=True)])
+        return self._gather([p.prefill(x) for p, x in zip(self.parts, parts, strict=True)])
 
     def start_at(self, length: int) -> None:
         """`OffloadedDecoder.start_at` for every micro-batch."""
@@ -485,3 +488,33 @@ class OverlappedDecoder:
 
     def link_bytes_per_token_layer(self) -> float:
         return self.link_bytes / max(1, self.tokens_decoded * self.config.layers)
+
+
+class DataParallelDecoder(OverlappedDecoder):
+    """The usual alternative to offloading: every device holds the whole model and decodes its
+    own B/n sequences with its own KV cache, co-located, and nothing crosses between devices.
+    Each part is an `OffloadedDecoder` whose compute and attention device is the same one.
+    `step` dispatches their layers interleaved (as `OverlappedDecoder` does with its
+    micro-batches), so the devices run at once; the logits `[B, vocab]` are gathered on the
+    first device. Results equal `OffloadedDecoder` on the whole batch. Raises ValueError unless
+    B divides over the devices.
+    """
+
+    def __init__(self, params: dict, config: GPTConfig, *, devices, batch: int, **kwargs):
+        devices = list(devices)
+        if not devices or batch % len(devices):
+            raise ValueError(
+                f"data parallelism needs the batch B = {batch} divisible by the {len(devices)} "
+                "devices"
+            )
+        self.config, self.batch, self.micro_batches = config, batch, len(devices)
+        self.devices = devices
+        self.parts = [
+            OffloadedDecoder(params, config, batch=batch // len(devices), compute_devices=[d],
+                             attention_devices=[d], **kwargs)
+            for d in devices
+        ]  # fmt: skip
+
+    def _gather(self, logits: list[jax.Array]) -> jax.Array:
+        first = logits[0].sharding
+        return jnp.concatenate([jax.device_put(x, first) for x in logits])
