@@ -567,7 +567,10 @@ def _mosaic_case(name, shape):
 @pytest.mark.parametrize(
     "name",
     [
-        "alibi_score_mod",
+        # ALiBi on every tile without a block mask (-m slow): the default run has the same
+        # score_mod under a causal block mask (its full block included) and the no-block-mask
+        # path with the window's mask_mod
+        pytest.param("alibi_score_mod", marks=pytest.mark.slow),
         "causal_block_mask_with_alibi",
         "window_mask_mod",
         "rows_that_see_nothing",
@@ -665,7 +668,10 @@ def test_mosaic_flex_backward_visits_block_mask_lists(
 @pytest.mark.parametrize(
     "name",
     [
-        "alibi_score_mod",
+        # ALiBi on every tile without a block mask (-m slow): the default run has the same
+        # score_mod under a causal block mask (its full block included) and the no-block-mask
+        # path with the window's mask_mod
+        pytest.param("alibi_score_mod", marks=pytest.mark.slow),
         "causal_block_mask_with_alibi",
         "documents_block_mask",
         "rows_that_see_nothing",
