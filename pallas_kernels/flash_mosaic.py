@@ -967,7 +967,6 @@ def flash_attention_backward(
     elsewhere: ring attention's block gradients at the merged output and log-sum-exp, which
     are the block's share of the whole row's softmax (no forward recomputed). `options` as in
     `flash_attention`; NotImplementedError for what it does not serve."""
-    _check_served(query)
     plan, bounds = _plan(query, key, None, None, config, tuned, interpret, options)
     aux = (
         None,
