@@ -185,7 +185,9 @@ def block_mask_ms(length: int, repeats: int) -> float:
     return time_ms(jax.jit(build), (docs,), repeats)
 
 
-def run_cells(lengths, modes, repeats, on_row=None) -> list[dict]:
+def run_cells(lengths, modes, repeats, on_row=None, only=None, peers_like=None) -> list[dict]:
+    """Every variant's peers at each length and mode; only the variants in `only` and the peers
+    whose names hold a string of `peers_like`, when given."""
     rows = []
 
     def add(row):
@@ -198,6 +200,10 @@ def run_cells(lengths, modes, repeats, on_row=None) -> list[dict]:
         shape = (1, length, HEADS, HEAD_DIM)
         q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
         for variant, peers in variants(length).items():
+            if only is not None and variant not in only:
+                continue
+            if peers_like is not None:
+                peers = {p: r for p, r in peers.items() if any(s in p for s in peers_like)}
             for mode in modes:  # a variant's peers timed in rounds: clock drift moves them alike
                 fns = {peer: timed_fn(run, q, mode) for peer, run in peers.items()}
                 for peer, result in time_ms_together(fns, (q, k, v), repeats).items():
@@ -242,6 +248,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--variants", nargs="+", default=None, help="causal, alibi, document")
+    parser.add_argument("--peers", nargs="+", default=None, help="substrings of peer names")
     parser.add_argument(
         "--block-mask-lengths", type=int, nargs="*", default=[],
         help="more lengths to time create_block_mask at, without the attention cells",
@@ -257,7 +265,14 @@ def main(argv=None) -> None:
 
     for length in args.block_mask_lengths:  # cheap: first, before a time limit can cut them
         save(dict(variant="create_block_mask", T=length, ms=block_mask_ms(length, args.repeats)))
-    rows = run_cells(args.lengths, args.modes, args.repeats, on_row=save)
+    rows = run_cells(
+        args.lengths,
+        args.modes,
+        args.repeats,
+        on_row=save,
+        only=args.variants,
+        peers_like=args.peers,
+    )
     plot(rows, args.plot or args.json.rsplit(".", 1)[0] + ".png")
 
 

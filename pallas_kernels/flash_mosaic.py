@@ -53,15 +53,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import common, flash_mosaic_bwd, flash_triton, mosaic_common
 from pallas_kernels.mosaic_common import (
     CONSUMERS,
-    LOG2E,
     TURN_BARRIER,
     WGMMA,
     WGMMA_COL,
     WGMMA_ROW,
     Static,
     bias_dtype,
+    flex_forward_logits,
     flex_indices,
-    flex_scores,
     flex_vectors,
     flex_visible,
     hide_invisible,
@@ -514,10 +513,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                     )
                 vectors = flex_vectors(st, q_seg, kv_seg)
                 if flex is not None and flex.score_mod is not None:
-                    scores = flex_scores(
-                        st, qk * st.scale, batch, head, q_idx, k_idx, vectors=vectors
-                    )
-                    logits = scores * LOG2E
+                    logits = flex_forward_logits(st, qk, batch, head, q_idx, k_idx, vectors=vectors)
                 else:
                     logits, _ = tile_logits(st, qk, bias)
                 if not masked:

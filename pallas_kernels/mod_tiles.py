@@ -12,6 +12,16 @@ index arithmetic such as ALiBi's |q_idx - kv_idx|, which runs on the GPU's conve
 fraction of the FMA rate, beside the softmax's exp2 on the same kind of unit): an exact integer
 chain (add, sub, neg, abs, max, min of indices and small literals, every value below 2**24) that
 ends in a conversion to float is computed in float32 from converted vectors instead.
+
+A third saving (`_Linear`): scalar factors are folded before they reach a tile. A tile times a
+scalar, divided by one or negated, and sums and differences of such tiles, stay a list of
+(tile, scalar factor) terms until something else reads them; the scalars multiply each other
+(once a tile, not per element), and the sum is formed last, one multiply-add an extra term
+(Mosaic GPU contracts them into FMAs). The kernels hand the score in as q.k with the softmax
+scale as its factor and ask for the logits times log2(e) (`out_scale`), so ALiBi's
+`score - slope * |q - kv|` costs q.k * (scale * log2 e) + |q - kv| * (-slope * log2 e): two
+operations on the tile after the index difference, where scaling the score, the slope's multiply,
+the subtraction and the base-2 change took four.
 """
 
 from __future__ import annotations
@@ -27,6 +37,10 @@ from jax import Array, lax
 # Integer operations that float32 computes exactly while every value stays below 2**24.
 _EXACT = {"add", "sub", "neg", "abs", "max", "min"}
 _FLOAT_EXACT = 2**24
+# Float operations a `_Linear` passes through (a tile times, or divided by, a scalar; sums).
+_LINEAR = {"mul", "div", "neg", "add", "sub"}
+_MAX_TERMS = 4  # a longer sum is formed where it stands
+FOLD_FACTORS = True  # False: multiply where the jaxpr does (the A/B of benchmarks/dev/flex_fold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +53,16 @@ class _Lazy:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Linear:
+    """A float tile not yet formed: the sum of value * factor over `terms`, each value a `_Val`
+    (a tile, or a vector or scalar added to it) and each factor a scalar or None (1)."""
+
+    terms: tuple
+
+
+@dataclasses.dataclass(frozen=True)
 class _Val:
-    value: Any  # an array, a scalar or a _Lazy tile
+    value: Any  # an array, a scalar, or a _Lazy or _Linear tile
     kind: str | None  # "q", "k" (vectors along the tile's axes), "tile", None (a scalar)
     bound: int | None = None  # an integer value's largest magnitude, where known
 
@@ -53,12 +75,15 @@ def over_tile(
     vectors=(),
     transposed: bool = False,
     index_bound: int | None = None,
+    tile_scales: tuple = (),
+    out_scale: float | None = None,
 ) -> Array:
-    """fn(*elements of tiles, q, k, *vectors' elements), a function of scalars, over a tile
-    whose rows are the queries q_idx and columns the keys k_idx (keys down with
-    transposed=True); vectors: () or (a value per query, a value per key), laid out as q_idx
-    and k_idx (None where fn does not read it). index_bound: q_idx and k_idx are below it
-    (None: unknown, no float rewrite).
+    """out_scale * fn(*elements of tiles * tile_scales, q, k, *vectors' elements), fn a function
+    of scalars, over a tile whose rows are the queries q_idx and columns the keys k_idx (keys
+    down with transposed=True); vectors: () or (a value per query, a value per key), laid out as
+    q_idx and k_idx (None where fn does not read it). index_bound: q_idx and k_idx are below it
+    (None: unknown, no float rewrite). tile_scales: a scalar factor per tile (None: 1), applied
+    where fn's arithmetic lets it fold (`_Linear`), as is out_scale (None: 1).
 
     jax.vmap over rows then columns would broadcast too, but through [bq, 1] and [1, bk]
     intermediates, which have no Mosaic GPU layout."""
@@ -74,6 +99,8 @@ def over_tile(
         x = val.value
         if isinstance(x, _Lazy):
             return _compute(x, dtype)
+        if isinstance(x, _Linear):
+            return _form(x)
         if dtype is not None:
             x = lax.convert_element_type(x, dtype)
         if val.kind == to or to is None:
@@ -85,6 +112,56 @@ def over_tile(
     def _compute(lazy: _Lazy, dtype):
         operands = [widen(v, "tile", dtype) for v in lazy.operands]
         return lazy.prim.bind(*operands, **lazy.params)
+
+    def _form(linear: _Linear):
+        """The tile of a `_Linear`: sum of value * factor, scaled terms first, so that each
+        addition after the first product can contract into a multiply-add."""
+        total = None
+        terms = sorted(linear.terms, key=lambda term: term[1] is None)
+        for val, factor in terms:
+            if val.kind != "tile" and factor is not None:  # a vector or scalar: scaled first
+                x = widen(val, val.kind)
+                val, factor = _Val(x * _fill(factor, x), val.kind), None
+            x = widen(val, "tile")
+            if factor is not None:
+                x = x * _fill(factor, x)
+            total = x if total is None else total + x
+        return total
+
+    def _fill(factor, like):
+        return lax.broadcast_in_dim(jnp.asarray(factor, like.dtype), like.shape, ())
+
+    def terms_of(val: _Val) -> tuple:
+        return val.value.terms if isinstance(val.value, _Linear) else ((val, None),)
+
+    def times(factor, by):
+        return by if factor is None else factor * by
+
+    def scaled(val: _Val, by) -> _Val:
+        return _Val(_Linear(tuple((v, times(f, by)) for v, f in terms_of(val))), "tile")
+
+    def linear(eqn, vals, kind) -> _Val | None:
+        """eqn's result as a `_Linear` tile, or None where it is not one (see `_LINEAR`)."""
+        name = eqn.primitive.name
+        if not FOLD_FACTORS or name not in _LINEAR or kind != "tile":
+            return None
+        if not jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating):
+            return None
+        if name == "neg":
+            return scaled(vals[0], -1.0)
+        tiles = [v for v in vals if v.kind == "tile"]
+        if name in ("mul", "div"):  # a tile and a scalar
+            if len(tiles) != 1 or any(v.kind not in ("tile", None) for v in vals):
+                return None
+            scalar = next(v for v in vals if v.kind is None).value
+            if name == "div":
+                return scaled(vals[0], 1.0 / scalar) if vals[0].kind == "tile" else None
+            return scaled(tiles[0], scalar)
+        second = terms_of(vals[1])
+        if name == "sub":
+            second = tuple((v, times(f, -1.0)) for v, f in second)
+        terms = terms_of(vals[0]) + second
+        return _Val(_Linear(terms), "tile") if len(terms) <= _MAX_TERMS else None
 
     def exact_bound(eqn, vals) -> int | None:
         """The result's largest magnitude if eqn is an exact integer operation on operands of
@@ -128,6 +205,10 @@ def over_tile(
                 read_outs = zip(eqn.outvars, outs, outs_read, strict=True)
                 env.update((v, o) for v, o, r in read_outs if r)
                 continue
+            folded = linear(eqn, vals, kind)
+            if folded is not None:
+                env[eqn.outvars[0]] = folded
+                continue
             bound = exact_bound(eqn, vals)
             if kind == "tile" and bound is not None and bound < _FLOAT_EXACT:
                 (out,) = eqn.outvars
@@ -161,7 +242,13 @@ def over_tile(
     index = [index_bound, index_bound] + [None] * len(vectors)
     bounds = [None] * len(tiles) + index
     vals = [_Val(x, k, b) for x, k, b in zip(args, kinds, bounds, strict=True)]
+    for i, factor in enumerate(tile_scales):
+        if factor is not None:
+            vals[i] = scaled(vals[i], factor)
+            vals[i] = vals[i] if FOLD_FACTORS else _Val(widen(vals[i], "tile"), "tile")
     (out,) = run(closed.jaxpr, closed.consts, vals)
+    if out_scale is not None and jnp.issubdtype(closed.out_avals[0].dtype, jnp.floating):
+        out = scaled(_Val(widen(out, "tile"), "tile") if out.kind != "tile" else out, out_scale)
     return widen(out, "tile")
 
 

@@ -259,16 +259,27 @@ def vector_iota(st: Static, n: int, axis: int) -> Array:
 
 
 def flex_scores(
-    st: Static, scores: Array, b, h, q_idx, k_idx, transposed=False, vectors=()
-) -> Array:
-    """The user's score_mod(score, b, h, q_idx, kv_idx) over a tile of scale * q.k (with the
-    query-row and key-column values of `FlexSpec.vectors` after kv_idx)."""
+    st: Static, scores: Array, b, h, q_idx, k_idx, transposed=False, vectors=(), *,
+    score_scale=None, out_scale=None,
+) -> Array:  # fmt: skip
+    """out_scale * the user's score_mod(score, b, h, q_idx, kv_idx) over a tile of
+    score = score_scale * `scores` (with the query-row and key-column values of
+    `FlexSpec.vectors` after kv_idx); the two factors fold into the mod's own scalars where its
+    arithmetic allows (`mod_tiles._Linear`). None: 1."""
     one = lambda s, q, k, *v: st.flex.score_mod(s, b, h, q, k, *v)  # noqa: E731
     tile = over_tile(
         one, q_idx, k_idx, scores, vectors=vectors, transposed=transposed,
-        index_bound=st.flex_index_bound,
+        index_bound=st.flex_index_bound, tile_scales=(score_scale,), out_scale=out_scale,
     )  # fmt: skip
     return tile.astype(jnp.float32)
+
+
+def flex_forward_logits(st: Static, qk: Array, b, h, q_idx, k_idx, vectors=()) -> Array:
+    """The forward's base-2 logits of a tile under the user's score_mod: log2(e) *
+    score_mod(scale * q.k, ...), both factors folded where the mod allows."""
+    return flex_scores(
+        st, qk, b, h, q_idx, k_idx, vectors=vectors, score_scale=st.scale, out_scale=LOG2E
+    )
 
 
 def flex_logits(
@@ -288,7 +299,11 @@ def flex_logits(
 
     tangent = jax.make_jaxpr(lambda s, t: jax.jvp(tile, (s,), (t,))[1])(scores, scores).jaxpr
     if tangent.outvars[0] is tangent.invars[1]:  # d score_mod / d score == 1
-        return tile(scores) * LOG2E, None
+        logits = flex_scores(
+            st, qk, b, h, q_idx, k_idx, transposed, vectors, score_scale=st.scale,
+            out_scale=LOG2E,
+        )  # fmt: skip
+        return logits, None
     unit = layout_cast(st, jnp.ones(scores.shape, jnp.float32), WGMMA)
     logits, slope = jax.jvp(tile, (scores,), (unit,))
     return logits * LOG2E, slope

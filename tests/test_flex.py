@@ -1066,6 +1066,55 @@ def test_mosaic_mods_run_on_index_vectors_until_they_meet(rng, transposed):
             assert converted == conversions + (bound is None and unbounded), (name, bound)
 
 
+def test_mosaic_mods_fold_the_softmax_scale_and_log2e_into_their_scalars(rng):
+    """`over_tile(..., tile_scales=(scale,), out_scale=log2 e)` equals log2 e * mod(scale * s)
+    per element, for mods that fold and mods that do not. ALiBi's folds: its tile takes the index
+    difference, q.k times one factor and |q - kv| times another, added (an FMA on the GPU),
+    where scaling q.k, the slope's multiply, the subtraction and the base-2 change took four."""
+    from pallas_kernels import mod_tiles
+
+    q_idx, k_idx = jnp.arange(64, dtype=jnp.int32) + 5, jnp.arange(128, dtype=jnp.int32)
+    i, j = np.asarray(q_idx)[:, None], np.asarray(k_idx)[None, :]
+    scores = jnp.asarray(rng.standard_normal((64, 128)), jnp.float32)
+    s, scale, out = np.asarray(scores, np.float64), 0.125, 1.4426950408889634
+    slope = jnp.float32(0.3)
+    mods = {  # name: (mod, want as a function of the scaled score, tile arithmetic at most)
+        "alibi": (
+            lambda x, q, k: x - slope * jnp.abs(q - k).astype(jnp.float32),
+            lambda x: x - 0.3 * np.abs(i - j),
+            4,  # q - kv, q.k * factor, |q - kv| * factor, + (five without the fold)
+        ),
+        "soft cap": (lambda x, q, k: 30.0 * jnp.tanh(x / 30.0), lambda x: 30 * np.tanh(x / 30), 2),
+        "identity": (lambda x, q, k: x, lambda x: x, 1),
+        "negated sum": (
+            lambda x, q, k: -(x + 2.0 * x) / 4.0 + k.astype(jnp.float32),
+            lambda x: -(3 * x) / 4 + j,
+            4,
+        ),
+        "where": (
+            lambda x, q, k: jnp.where(q >= k, x * 2.0, -x),
+            lambda x: np.where(i >= j, 2 * x, -x),
+            3,
+        ),
+    }
+    arithmetic = {"mul", "add", "sub", "div", "neg"}
+    for name, (mod, want, most) in mods.items():
+
+        def run(t, mod=mod):
+            return mod_tiles.over_tile(
+                mod, q_idx, k_idx, t, index_bound=200, tile_scales=(scale,), out_scale=out
+            )
+
+        got = np.asarray(run(scores))
+        np.testing.assert_allclose(got, out * want(scale * s), rtol=2e-6, atol=2e-6, err_msg=name)
+        ops = [
+            e.primitive.name
+            for e in jax.make_jaxpr(run)(scores).eqns
+            if e.primitive.name in arithmetic and len(e.outvars[0].aval.shape) == 2
+        ]
+        assert len(ops) <= most, (name, ops)
+
+
 @pytest.mark.parametrize(
     "case",
     [

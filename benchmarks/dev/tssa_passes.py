@@ -104,6 +104,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", required=True)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--length", type=int, default=262144)
+    parser.add_argument("--no-sweep", action="store_true", help="the stages alone")
     args = parser.parse_args(argv)
     w, temperature, _ = _inputs(args.batch, args.length, jnp.bfloat16)
     gb = w.nbytes / 1e9
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
             )
             record(name="forward", causal=causal, store_pi=store_pi, ms=_time(full, w))
     # tilings of the read pass (the streaming ceiling) and of the causal output pass
-    for block_t in (8, 16, 32):
+    for block_t in () if args.no_sweep else (8, 16, 32):
         for num_warps in (4, 8):
             for chunk_t in (128, 512, 2048):
                 if chunk_t < block_t:
