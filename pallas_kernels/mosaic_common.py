@@ -240,17 +240,22 @@ def flex_indices(
     """q_idx [bq], kv_idx [bk] int32 of a tile for the user's mods: vectors in the layouts they
     broadcast from (the tile's rows: WGMMA_ROW, its columns: WGMMA_COL; keys down in the dk/dv
     kernel with transposed=True), clamped into [0, T) and [0, S) (positions past them are
-    masked anyway). Where no mod the tile runs reads them (`flex_reads_indices`), shapes alone:
-    unused index vectors left in a kernel leave Mosaic GPU's layout search (JAX 0.11) without
-    a solution (seen on the H200: a block mask's full tiles under a mask_mod alone, a mask_mod
-    that reads only closed-over ids)."""
+    masked anyway; unmasked tiles hold none, and skip the clamp: an operation on a key vector
+    costs half an instruction per tile element, as the vector is spread over the threads that
+    hold its columns, and the clamp's min and max were one of ALiBi's five extra per element,
+    seen in the H200's SASS). Where no mod the tile runs reads them (`flex_reads_indices`),
+    shapes alone: unused index vectors left in a kernel leave Mosaic GPU's layout search
+    (JAX 0.11) without a solution (seen on the H200: a block mask's full tiles under a mask_mod
+    alone, a mask_mod that reads only closed-over ids)."""
     q_axis, k_axis = (1, 0) if transposed else (0, 1)
     if not flex_reads_indices(st.flex, masked):
         vector = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32)  # noqa: E731
         return vector(shape[q_axis]), vector(shape[k_axis])
-    q_idx = jnp.clip(q_first + vector_iota(st, shape[q_axis], q_axis), 0, bounds[1] - 1)
-    k_idx = jnp.clip(k_first + vector_iota(st, shape[k_axis], k_axis), 0, bounds[2] - 1)
-    return q_idx, k_idx
+    q_idx = q_first + vector_iota(st, shape[q_axis], q_axis)
+    k_idx = k_first + vector_iota(st, shape[k_axis], k_axis)
+    if not masked:  # every position in range (`common.unmasked_key_blocks`, `_query_blocks`)
+        return q_idx, k_idx
+    return jnp.clip(q_idx, 0, bounds[1] - 1), jnp.clip(k_idx, 0, bounds[2] - 1)
 
 
 def vector_iota(st: Static, n: int, axis: int) -> Array:
