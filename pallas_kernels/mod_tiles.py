@@ -77,13 +77,18 @@ def over_tile(
     index_bound: int | None = None,
     tile_scales: tuple = (),
     out_scale: float | None = None,
+    index_order: int | None = None,
+    report: dict | None = None,
 ) -> Array:
     """out_scale * fn(*elements of tiles * tile_scales, q, k, *vectors' elements), fn a function
     of scalars, over a tile whose rows are the queries q_idx and columns the keys k_idx (keys
     down with transposed=True); vectors: () or (a value per query, a value per key), laid out as
     q_idx and k_idx (None where fn does not read it). index_bound: q_idx and k_idx are below it
     (None: unknown, no float rewrite). tile_scales: a scalar factor per tile (None: 1), applied
-    where fn's arithmetic lets it fold (`_Linear`), as is out_scale (None: 1).
+    where fn's arithmetic lets it fold (`_Linear`), as is out_scale (None: 1). index_order: +1
+    when every q_idx of the tile is >= every k_idx, -1 when <=, None when unknown: then
+    |q_idx - kv_idx| is a difference of index vectors (ALiBi's bias becomes a row term plus a
+    column term, no per-element index arithmetic); report["index_order"] is set when it was.
 
     jax.vmap over rows then columns would broadcast too, but through [bq, 1] and [1, bk]
     intermediates, which have no Mosaic GPU layout."""
@@ -116,12 +121,20 @@ def over_tile(
     def _form(linear: _Linear):
         """The tile of a `_Linear`: sum of value * factor, scaled terms first, so that each
         addition after the first product can contract into a multiply-add."""
-        total = None
-        terms = sorted(linear.terms, key=lambda term: term[1] is None)
-        for val, factor in terms:
-            if val.kind != "tile" and factor is not None:  # a vector or scalar: scaled first
+        vectors, tiles = [], []
+        for val, factor in linear.terms:
+            if val.kind == "tile":
+                tiles.append((val, factor))
+                continue
+            if factor is not None:  # a vector or scalar: scaled before it is broadcast
                 x = widen(val, val.kind)
-                val, factor = _Val(x * _fill(factor, x), val.kind), None
+                val = _Val(x * _fill(factor, x), val.kind)
+            vectors.append(val)
+        # The vector along the tile's columns first: the tiles' products add to it as FMAs.
+        columns = "q" if transposed else "k"
+        vectors.sort(key=lambda v: v.kind != columns)
+        total = widen(vectors[0], "tile") if vectors else None
+        for val, factor in [*tiles, *[(v, None) for v in vectors[1:]]]:
             x = widen(val, "tile")
             if factor is not None:
                 x = x * _fill(factor, x)
@@ -139,6 +152,57 @@ def over_tile(
 
     def scaled(val: _Val, by) -> _Val:
         return _Val(_Linear(tuple((v, times(f, by)) for v, f in terms_of(val))), "tile")
+
+    def affine(val: _Val) -> tuple | None:
+        """An exact integer index chain (a `_Lazy`) as float32 `_Linear` terms of index vectors
+        and scalars, where it is a sum of them: q_idx - kv_idx, and |q_idx - kv_idx| on a tile
+        of known `index_order`. None otherwise."""
+        terms = _affine_terms(val)
+        if terms is None:
+            return None
+        return tuple((_Val(_to_float(v.value), v.kind), f) for v, f in terms)
+
+    def _to_float(x):
+        if isinstance(x, (int, np.integer)):
+            return float(x)
+        return lax.convert_element_type(x, jnp.float32)
+
+    def _affine_terms(val: _Val) -> tuple | None:
+        x = val.value
+        if not isinstance(x, _Lazy):
+            return ((val, None),) if val.kind in ("q", "k", None) else None
+        name = x.prim.name
+        parts = [_affine_terms(v) for v in x.operands]
+        if any(p is None for p in parts):
+            return None
+        if name == "add":
+            return parts[0] + parts[1]
+        if name == "sub":
+            return parts[0] + negated(parts[1])
+        if name == "neg":
+            return negated(parts[0])
+        if name == "abs" and index_order is not None:
+            sign = difference_sign(parts[0])
+            if sign is not None:
+                if report is not None:
+                    report["index_order"] = True
+                return parts[0] if sign * index_order > 0 else negated(parts[0])
+        return None
+
+    def negated(terms):
+        return tuple((v, times(f, -1.0)) for v, f in terms)
+
+    def difference_sign(terms) -> int | None:
+        """+1 if terms are q_idx - kv_idx, -1 if kv_idx - q_idx, else None."""
+        if len(terms) != 2:
+            return None
+        signs = {}
+        for v, f in terms:
+            if v.value is q_idx or v.value is k_idx:
+                signs["q" if v.value is q_idx else "k"] = 1.0 if f is None else f
+        if set(signs) != {"q", "k"} or signs["q"] != -signs["k"] or abs(signs["q"]) != 1:
+            return None
+        return 1 if signs["q"] > 0 else -1
 
     def linear(eqn, vals, kind) -> _Val | None:
         """eqn's result as a `_Linear` tile, or None where it is not one (see `_LINEAR`)."""
@@ -219,6 +283,10 @@ def over_tile(
                 eqn.params["new_dtype"], jnp.floating
             )
             if lazy_in and to_float:  # the chain in float32, from converted leaves
+                terms = affine(vals[0]) if FOLD_FACTORS else None
+                if terms is not None and eqn.params["new_dtype"] == jnp.float32:
+                    env[eqn.outvars[0]] = _Val(_Linear(terms), "tile")
+                    continue
                 value = widen(vals[0], "tile", jnp.float32).astype(eqn.params["new_dtype"])
                 env[eqn.outvars[0]] = _Val(value, "tile")
                 continue

@@ -63,6 +63,7 @@ class Static:
     dkdv_stages: int = 0  # the dk/dv kernel's ring depth (0: num_stages)
     flex: object = None  # jattn.flex_attention: the user's mods (flash_triton.FlexSpec)
     flex_index_bound: int | None = None  # the mods' q_idx and kv_idx are below it
+    flex_index_order: bool = False  # unmasked tiles apart by q_idx vs kv_idx (ALiBi's |q - kv|)
     flex_blocks: bool = False  # the kernel visits the blocks a BlockMask lists
     flex_steps: int = 1  # the backward's kernel steps per listed block (block mask / kernel tile)
     flex_programs: int = 1  # the backward's programs per block-mask row of lists
@@ -240,22 +241,26 @@ def flex_indices(
     """q_idx [bq], kv_idx [bk] int32 of a tile for the user's mods: vectors in the layouts they
     broadcast from (the tile's rows: WGMMA_ROW, its columns: WGMMA_COL; keys down in the dk/dv
     kernel with transposed=True), clamped into [0, T) and [0, S) (positions past them are
-    masked anyway; unmasked tiles hold none, and skip the clamp: an operation on a key vector
-    costs half an instruction per tile element, as the vector is spread over the threads that
-    hold its columns, and the clamp's min and max were one of ALiBi's five extra per element,
-    seen in the H200's SASS). Where no mod the tile runs reads them (`flex_reads_indices`),
-    shapes alone: unused index vectors left in a kernel leave Mosaic GPU's layout search
-    (JAX 0.11) without a solution (seen on the H200: a block mask's full tiles under a mask_mod
-    alone, a mask_mod that reads only closed-over ids)."""
+    masked anyway). Unmasked tiles skip the clamp of the vector along their columns: an
+    operation on that vector costs half an instruction per tile element, as it is spread over
+    the threads that hold its columns, and the clamp's min and max were one of ALiBi's five
+    extra per element in the H200's SASS. Where no mod the tile runs reads them
+    (`flex_reads_indices`), shapes alone: unused index vectors left in a kernel leave Mosaic
+    GPU's layout search (JAX 0.11) without a solution (seen on the H200: a block mask's full
+    tiles under a mask_mod alone, a mask_mod that reads only closed-over ids)."""
     q_axis, k_axis = (1, 0) if transposed else (0, 1)
     if not flex_reads_indices(st.flex, masked):
         vector = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32)  # noqa: E731
         return vector(shape[q_axis]), vector(shape[k_axis])
     q_idx = q_first + vector_iota(st, shape[q_axis], q_axis)
     k_idx = k_first + vector_iota(st, shape[k_axis], k_axis)
-    if not masked:  # every position in range (`common.unmasked_key_blocks`, `_query_blocks`)
-        return q_idx, k_idx
-    return jnp.clip(q_idx, 0, bounds[1] - 1), jnp.clip(k_idx, 0, bounds[2] - 1)
+    # The vector along the tile's columns (keys; queries with transposed=True) is in range in
+    # unmasked tiles (`common.unmasked_key_blocks`, `unmasked_query_blocks`); the one along its
+    # rows is cheap to clamp, and the flex forward computes padded query rows unmasked.
+    clamp_q, clamp_k = (masked, True) if transposed else (True, masked)
+    q_idx = jnp.clip(q_idx, 0, bounds[1] - 1) if clamp_q else q_idx
+    k_idx = jnp.clip(k_idx, 0, bounds[2] - 1) if clamp_k else k_idx
+    return q_idx, k_idx
 
 
 def vector_iota(st: Static, n: int, axis: int) -> Array:
@@ -265,30 +270,71 @@ def vector_iota(st: Static, n: int, axis: int) -> Array:
 
 def flex_scores(
     st: Static, scores: Array, b, h, q_idx, k_idx, transposed=False, vectors=(), *,
-    score_scale=None, out_scale=None,
+    score_scale=None, out_scale=None, index_order=None,
 ) -> Array:  # fmt: skip
     """out_scale * the user's score_mod(score, b, h, q_idx, kv_idx) over a tile of
     score = score_scale * `scores` (with the query-row and key-column values of
     `FlexSpec.vectors` after kv_idx); the two factors fold into the mod's own scalars where its
-    arithmetic allows (`mod_tiles._Linear`). None: 1."""
+    arithmetic allows (`mod_tiles._Linear`). None: 1. index_order: +1 / -1 when the tile's
+    q_idx are all >= / <= its kv_idx (`split_by_index_order`), else None."""
     one = lambda s, q, k, *v: st.flex.score_mod(s, b, h, q, k, *v)  # noqa: E731
     tile = over_tile(
         one, q_idx, k_idx, scores, vectors=vectors, transposed=transposed,
         index_bound=st.flex_index_bound, tile_scales=(score_scale,), out_scale=out_scale,
+        index_order=index_order,
     )  # fmt: skip
     return tile.astype(jnp.float32)
 
 
-def flex_forward_logits(st: Static, qk: Array, b, h, q_idx, k_idx, vectors=()) -> Array:
+def flex_forward_logits(
+    st: Static, qk: Array, b, h, q_idx, k_idx, vectors=(), index_order=None
+) -> Array:
     """The forward's base-2 logits of a tile under the user's score_mod: log2(e) *
     score_mod(scale * q.k, ...), both factors folded where the mod allows."""
     return flex_scores(
-        st, qk, b, h, q_idx, k_idx, vectors=vectors, score_scale=st.scale, out_scale=LOG2E
-    )
+        st, qk, b, h, q_idx, k_idx, vectors=vectors, score_scale=st.scale, out_scale=LOG2E,
+        index_order=index_order,
+    )  # fmt: skip
+
+
+def flex_uses_index_order(flex) -> bool:
+    """Whether the score_mod is cheaper on tiles whose q_idx are all on one side of their
+    kv_idx (`mod_tiles.over_tile`'s index_order: ALiBi's |q_idx - kv_idx|), so that the kernels
+    should visit those apart from the tiles on the diagonal (`split_by_index_order`)."""
+    if flex is None or flex.score_mod is None:
+        return False
+    report = {}
+
+    def tile(qk, q_idx, k_idx, b, h):  # q_idx, k_idx: distinct arrays (over_tile tells by them)
+        vectors = (q_idx, k_idx) if flex.vectors else ()
+        one = lambda s, q, k, *v: flex.score_mod(s, b, h, q, k, *v)  # noqa: E731
+        return over_tile(
+            one, q_idx, k_idx, qk, vectors=vectors, index_bound=64, index_order=1, report=report
+        )
+
+    index = jax.ShapeDtypeStruct((64,), jnp.int32)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    jax.make_jaxpr(tile)(jax.ShapeDtypeStruct((64, 64), jnp.float32), index, index, scalar, scalar)
+    return bool(report.get("index_order"))
+
+
+def split_by_index_order(run, before, after, orders):
+    """unmasked(first, end, carry) for `common.visit_all`: run(first, end, carry, order) over
+    [first, before) with orders[0], up to `after` with None (the tiles the diagonal q_idx ==
+    kv_idx crosses) and the rest with orders[1]; each bound clipped into [first, end)."""
+
+    def unmasked(first, end, carry):
+        b = jnp.clip(before, first, end)
+        a = jnp.clip(after, b, end)
+        carry = run(first, b, carry, orders[0])
+        carry = run(b, a, carry, None)
+        return run(a, end, carry, orders[1])
+
+    return unmasked
 
 
 def flex_logits(
-    st: Static, qk: Array, b, h, q_idx, k_idx, transposed=False, vectors=()
+    st: Static, qk: Array, b, h, q_idx, k_idx, transposed=False, vectors=(), index_order=None
 ) -> tuple[Array, Array | None]:
     """The backward's (base-2 logits, d logit / d score) of a tile under the user's score_mod,
     score = scale * q.k; the derivative from JAX (jax.jvp of the elementwise tile function with
@@ -306,7 +352,7 @@ def flex_logits(
     if tangent.outvars[0] is tangent.invars[1]:  # d score_mod / d score == 1
         logits = flex_scores(
             st, qk, b, h, q_idx, k_idx, transposed, vectors, score_scale=st.scale,
-            out_scale=LOG2E,
+            out_scale=LOG2E, index_order=index_order,
         )  # fmt: skip
         return logits, None
     unit = layout_cast(st, jnp.ones(scores.shape, jnp.float32), WGMMA)
@@ -327,16 +373,18 @@ def backward_tile_logits(
     masked: bool,
     transposed=False,
     vectors=(),
+    index_order=None,
 ):
     """The backward's tile (keys down with transposed=True, in the dk/dv kernel): (base-2
     logits, scale * q.k where the soft cap's gradient needs it, d score_mod / d score, the
-    mask_mod's visibility where the tile is masked), each None where it does not apply."""
+    mask_mod's visibility where the tile is masked), each None where it does not apply.
+    index_order: as `flex_scores`'s."""
     if st.flex is None:
         return *tile_logits(st, qk, bias), None, None
     q_idx, k_idx = flex_indices(
         st, qk.shape, q_first, k_first, bounds, masked=masked, transposed=transposed
     )
-    logits, slope = flex_logits(st, qk, b, h, q_idx, k_idx, transposed, vectors)
+    logits, slope = flex_logits(st, qk, b, h, q_idx, k_idx, transposed, vectors, index_order)
     user_visible = None
     if masked and st.flex.mask_mod is not None:
         user_visible = flex_visible(st, b, h, q_idx, k_idx, transposed, vectors)
