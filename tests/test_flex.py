@@ -696,7 +696,7 @@ def test_mosaic_flex_backward_visits_block_mask_lists(
 @pytest.mark.parametrize(
     "name",
     [
-        # ALiBi on every tile without a block mask: test_mosaic_flex_alibi_by_index_order
+        "alibi_score_mod",  # every tile unmasked, visited by index order (three runs a kernel)
         "causal_block_mask_with_alibi",
         "documents_block_mask",
         "rows_that_see_nothing",
