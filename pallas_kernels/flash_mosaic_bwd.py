@@ -211,6 +211,8 @@ def _dq_kernel(refs, scratch, *, st: Static):
 
         shape = (block_q, block_kv)
         lse = load_vector(st, scratch["lse"].at[wg], WGMMA_ROW)  # base 2 (`_base2_lse`)
+        if not LSE_BASE2_OUTSIDE:
+            lse = _base2_lse(lse)
         delta = load_vector(st, scratch["delta"].at[wg], WGMMA_ROW)
         q_seg = None
         if st.has_segments:
@@ -425,6 +427,8 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             q_parts = [part_of("q", slot, part) for part in range(parts)]
             d_out_parts = [part_of("d_out", slot, part) for part in range(parts)]
             lse = load_vector(st, scratch["lse"].at[slot], WGMMA_COL)  # base 2 (`_base2_lse`)
+            if not LSE_BASE2_OUTSIDE:
+                lse = _base2_lse(lse)
             lse = lax.broadcast_in_dim(lse, shape, [1])
             delta = load_vector(st, scratch["delta"].at[slot], WGMMA_COL)
             delta = lax.broadcast_in_dim(delta, shape, [1])
@@ -586,6 +590,13 @@ def _dq(st: Static, operands: dict, pairs: dict, barriers, shape, dtype) -> Arra
     return dq
 
 
+LSE_BASE2_OUTSIDE = True  # False: each tile converts (the A/B of benchmarks/dev/lse_ab.py)
+
+
+def _lse_operand(lse: Array) -> Array:
+    return _base2_lse(lse) if LSE_BASE2_OUTSIDE else lse
+
+
 def _base2_lse(lse: Array) -> Array:
     """lse [B, T, N] in base 2, 0 where a row sees no key (its p = exp2(-inf - 0) = 0 then):
     what the kernels subtract from their base-2 logits. Formed here once, not per tile: in the
@@ -636,7 +647,7 @@ def backward(
         "k": rows(key, s_pad),
         "v": rows(value, s_pad),
         "d_out": rows(d_out.astype(dtype), t_pad),
-        "lse": common.pad_to(jnp.swapaxes(_base2_lse(lse), 1, 2), 2, t_pad),  # [B, N, T_pad]
+        "lse": common.pad_to(jnp.swapaxes(_lse_operand(lse), 1, 2), 2, t_pad),  # [B, N, T_pad]
         "delta": common.pad_to(delta, 2, t_pad),
         "bounds": bounds,
     }
