@@ -50,7 +50,8 @@ def main(argv=None) -> None:
             fns = {}
             for split in (False, True):
                 mosaic_common.flex_uses_index_order = uses if split else (lambda flex: False)
-                fns[f"alibi, {'three runs' if split else 'one run'}"] = compiled(flex, mode, q, k, v)
+                name = f"alibi, {'three runs' if split else 'one run'}"
+                fns[name] = compiled(flex, mode, q, k, v)
             mosaic_common.flex_uses_index_order = uses
             fns["plain"] = compiled(plain, mode, q, k, v)
             for name, ms in time_ms_together(fns, (q, k, v), args.repeats).items():
