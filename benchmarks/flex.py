@@ -127,6 +127,7 @@ def variants(length: int) -> dict[str, dict[str, Peer]]:
             ),
             **causal_tuned,
             "jattn native is_causal": native(is_causal=True),
+            "jattn native is_causal mosaic": native(is_causal=True, implementation="mosaic"),
             "cudnn is_causal": jax_nn("cudnn", is_causal=True),
         },
         "alibi": {
@@ -135,6 +136,7 @@ def variants(length: int) -> dict[str, dict[str, Peer]]:
                 "mosaic", score_mod=alibi_mod_arithmetic
             ),
             "jattn plain (no bias)": native(),
+            "jattn plain mosaic (no bias)": native(implementation="mosaic"),
             "cudnn dense bias": jax_nn("cudnn", "bias", alibi_bias),
             "xla dense bias": jax_nn("xla", "bias", alibi_bias),
             "tokamax dense bias": Peer(tokamax_bias, (alibi_bias,)),

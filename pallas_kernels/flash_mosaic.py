@@ -40,7 +40,6 @@ block_kv (copies only when needed).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
 from typing import NamedTuple
@@ -77,7 +76,6 @@ from pallas_kernels.mosaic_common import (
     padded_head_dim,
     pair_window,
     segments_read,
-    split_by_index_order,
     tile_logits,
     tiled,
 )
@@ -504,9 +502,8 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                     kv_seg = load_vector(st, scratch["kv_seg"].at[slot], WGMMA_COL)
                 return bias, mask, kv_seg
 
-            def logits_of(qk, inputs, step, masked: bool, order=None):
-                """Base-2 logits of a tile, -inf where a query does not see a key; order: the
-                tile's index order for the score_mod (`split_by_index_order`)."""
+            def logits_of(qk, inputs, step, masked: bool):
+                """Base-2 logits of a tile, -inf where a query does not see a key."""
                 bias, mask, kv_seg = inputs
                 k_first = block_of(step) * block_kv
                 flex = st.flex
@@ -516,9 +513,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                     )
                 vectors = flex_vectors(st, q_seg, kv_seg)
                 if flex is not None and flex.score_mod is not None:
-                    logits = flex_forward_logits(
-                        st, qk, batch, head, q_idx, k_idx, vectors=vectors, index_order=order
-                    )
+                    logits = flex_forward_logits(st, qk, batch, head, q_idx, k_idx, vectors=vectors)
                 else:
                     logits, _ = tile_logits(st, qk, bias)
                 if not masked:
@@ -548,7 +543,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 p = jnp.exp2(logits - lax.broadcast_in_dim(m_shift, logits.shape, [0]))
                 return p, m_new, l_i * alpha + p.sum(axis=1), alpha
 
-            def visit(step, carry, *, masked: bool, order=None):
+            def visit(step, carry, *, masked: bool):
                 acc, m_i, l_i = carry  # [bq, Hp] f32; [bq] f32 running max (base 2); [bq] sum
                 slot = slot_of(base + step - lo)
                 if not st.early_k_wait:
@@ -558,7 +553,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 )
                 inputs = tile_inputs(slot, masked)
                 plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
-                logits = logits_of(qk, inputs, step, masked, order)
+                logits = logits_of(qk, inputs, step, masked)
                 p, m_new, l_i, alpha = online_softmax(logits, m_i, l_i)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p = p.astype(q_ref.dtype)
@@ -583,7 +578,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 plgpu.barrier_arrive(scratch["v_consumed"].at[slot])
                 return acc, m_new, l_i
 
-            def overlapped(first, end, carry, order=None):
+            def overlapped(first, end, carry):
                 """The unmasked steps [first, end) (first < end) with FlashAttention-3's
                 intra-warpgroup overlap: step j issues Q K_j^T and P_{j-1} V_{j-1} together and
                 runs the softmax of S_j while P V is still on the tensor cores; the first step
@@ -603,8 +598,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 qk = mma_transposed(st, q_smem, scratch["k"].at[slot], turns)
                 inputs = tile_inputs(slot, False)
                 plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
-                logits = logits_of(qk, inputs, first, False, order)
-                p, m_i, l_i, alpha = online_softmax(logits, m_i, l_i)
+                p, m_i, l_i, alpha = online_softmax(logits_of(qk, inputs, first, False), m_i, l_i)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 turns()
 
@@ -618,8 +612,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                     def softmax_of(qk, m_i, l_i):
                         inputs = tile_inputs(slot, False)
                         plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
-                        logits = logits_of(qk, inputs, step, False, order)
-                        return online_softmax(logits, m_i, l_i)
+                        return online_softmax(logits_of(qk, inputs, step, False), m_i, l_i)
 
                     if st.interpret:  # no asynchronous wgmma: the same steps, one after another
                         qk = mma_transposed(st, q_smem, k_ref, turns)
@@ -663,16 +656,8 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 plgpu.barrier_arrive(scratch["v_consumed"].at[last])
                 return acc, m_i, l_i
 
-            def overlapped_range(first, end, carry, order=None):
-                return lax.cond(
-                    first < end, lambda: overlapped(first, end, carry, order), lambda: carry
-                )
-
-            def unmasked_run(first, end, carry, order):
-                if st.softmax_overlap:
-                    return overlapped_range(first, end, carry, order)
-                step = functools.partial(visit, masked=False, order=order)
-                return lax.fori_loop(first, end, step, carry)
+            def overlapped_range(first, end, carry):
+                return lax.cond(first < end, lambda: overlapped(first, end, carry), lambda: carry)
 
             h_pad = q_ref.shape[-1]
             acc = layout_cast(st, jnp.zeros((block_q, h_pad), jnp.float32), WGMMA)
@@ -684,10 +669,6 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 pl.when(lo < hi)(lambda: wait_k(lo))
             ranges = (lo, *common.clip_inner(lo, hi, inner_lo, inner_hi), hi)
             unmasked = overlapped_range if st.softmax_overlap else None
-            if st.flex_index_order and not st.flex_blocks:  # q_idx >= kv_idx, the diagonal, <=
-                below = idiv(q_first + 1, block_kv)
-                above = idiv(q_first + block_q + block_kv - 2, block_kv)
-                unmasked = split_by_index_order(unmasked_run, below, above, (1, -1))
             acc, m_i, l_i = common.visit_all(
                 st, ranges, visit, (acc, m_i, l_i), unmasked, structural=st.flex_blocks or None
             )
@@ -1207,7 +1188,6 @@ def flex_attention(
         **_schedule(dataclasses.replace(config, persistent=False), interpret),
         flex=flex,
         flex_index_bound=max(q_len, kv_len),
-        flex_index_order=not has_blocks and mosaic_common.flex_uses_index_order(flex),
         flex_blocks=has_blocks,
     )
     bounds = _bounds(batch, q_len, kv_len, None, None, None)

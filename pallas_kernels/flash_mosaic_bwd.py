@@ -29,7 +29,6 @@ computed here: when the bias is differentiated the caller uses the Triton backwa
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -62,7 +61,6 @@ from pallas_kernels.mosaic_common import (
     padded_head_dim,
     pair_window,
     segments_read,
-    split_by_index_order,
     tiled,
 )
 
@@ -139,16 +137,6 @@ def _await_visit_list(st: Static, refs, scratch, batch, head, program):
     return scratch["visits"][0] * st.flex_steps, scratch["visits"][1] * st.flex_steps
 
 
-def _unmasked_loop(visit):
-    """run(first, end, carry, order) for `split_by_index_order`: visit's unmasked tiles."""
-
-    def run(first, end, carry, order):
-        step = functools.partial(visit, masked=False, order=order)
-        return lax.fori_loop(first, end, step, carry)
-
-    return run
-
-
 def _block_of(st: Static, scratch, step):
     """The kernel block of step `step`: itself, or under a flex block mask the listed block's
     sub-block (step // flex_steps-th entry, step % flex_steps-th part of it)."""
@@ -210,16 +198,15 @@ def _dq_kernel(refs, scratch, *, st: Static):
         plgpu.barrier_wait(ready)
 
         shape = (block_q, block_kv)
-        lse = load_vector(st, scratch["lse"].at[wg], WGMMA_ROW)  # base 2 (`_base2_lse`)
-        if not LSE_BASE2_OUTSIDE:
-            lse = _base2_lse(lse)
+        lse = load_vector(st, scratch["lse"].at[wg], WGMMA_ROW)
+        lse = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)  # a fully masked row has p = 0
         delta = load_vector(st, scratch["delta"].at[wg], WGMMA_ROW)
         q_seg = None
         if st.has_segments:
             q_seg = load_vector(st, scratch["q_seg"].at[wg], WGMMA_ROW)
         q_smem, d_out_smem = scratch["q"].at[wg], scratch["d_out"].at[wg]
 
-        def visit(step, dq, *, masked: bool, order=None):
+        def visit(step, dq, *, masked: bool):
             slot = irem(step - lo, stages)
             plgpu.barrier_wait(scratch["produced"].at[slot])
             k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
@@ -236,7 +223,6 @@ def _dq_kernel(refs, scratch, *, st: Static):
             logits, scores, slope, user_visible = backward_tile_logits(
                 st, qk, bias, b=batch, h=head, q_first=q_first, k_first=k_first,
                 bounds=bounds, masked=masked, vectors=flex_vectors(st, q_seg, kv_seg),
-                index_order=order,
             )  # fmt: skip
             if masked:
                 logits = hide_invisible(
@@ -268,12 +254,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
             inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
         dq = layout_cast(st, jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), WGMMA)
         ranges = (lo, inner_lo, inner_hi, hi)
-        unmasked = None
-        if st.flex_index_order and not st.flex_blocks:  # q_idx >= kv_idx, the diagonal, <=
-            below = idiv(q_first + 1, block_kv)
-            above = idiv(q_first + block_q + block_kv - 2, block_kv)
-            unmasked = split_by_index_order(_unmasked_loop(visit), below, above, (1, -1))
-        dq = common.visit_all(st, ranges, visit, dq, unmasked, structural=st.flex_blocks or None)
+        dq = common.visit_all(st, ranges, visit, dq, structural=st.flex_blocks or None)
         q_smem[...] = (dq * st.scale).astype(q_smem.dtype)  # Q is no longer needed
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, refs["dq"].at[batch, rows, head])
@@ -420,16 +401,14 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 target = refs["dq_acc"].at[batch, rows, out_head]
                 plgpu.copy_smem_to_gmem(dq_smem, target, reduction_op="add")
 
-        def visit(step, carry, *, masked: bool, order=None):
+        def visit(step, carry, *, masked: bool):
             dk, dv = carry
             slot = irem(step - lo, stages)
             plgpu.barrier_wait(scratch["produced"].at[slot])
             q_parts = [part_of("q", slot, part) for part in range(parts)]
             d_out_parts = [part_of("d_out", slot, part) for part in range(parts)]
-            lse = load_vector(st, scratch["lse"].at[slot], WGMMA_COL)  # base 2 (`_base2_lse`)
-            if not LSE_BASE2_OUTSIDE:
-                lse = _base2_lse(lse)
-            lse = lax.broadcast_in_dim(lse, shape, [1])
+            lse = load_vector(st, scratch["lse"].at[slot], WGMMA_COL)
+            lse = lax.broadcast_in_dim(jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E), shape, [1])
             delta = load_vector(st, scratch["delta"].at[slot], WGMMA_COL)
             delta = lax.broadcast_in_dim(delta, shape, [1])
             q_first = _block_of(st, scratch, step) * block_q
@@ -445,7 +424,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             logits_t, scores_t, slope_t, user_visible = backward_tile_logits(
                 st, qk_t, bias, b=batch, h=head, q_first=q_first, k_first=k_first,
                 bounds=bounds, masked=masked, transposed=True,
-                vectors=flex_vectors(st, q_seg, kv_seg), index_order=order,
+                vectors=flex_vectors(st, q_seg, kv_seg),
             )  # fmt: skip
             if masked:
                 logits_t = hide_invisible(
@@ -484,13 +463,8 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         part_width = k_parts[0].shape[-1]
         zeros = layout_cast(st, jnp.zeros((block_kv, part_width), jnp.float32), WGMMA)
         ranges = (lo, inner_lo, inner_hi, hi)
-        unmasked = None
-        if st.flex_index_order and not st.flex_blocks:  # q_idx <= kv_idx, the diagonal, >=
-            before = idiv(k_first + 1, block_q)
-            after = idiv(k_first + block_kv + block_q - 2, block_q)
-            unmasked = split_by_index_order(_unmasked_loop(visit), before, after, (-1, 1))
         dk, dv = common.visit_all(
-            st, ranges, visit, (zeros, zeros), unmasked, structural=st.flex_blocks or None
+            st, ranges, visit, (zeros, zeros), structural=st.flex_blocks or None
         )
         if split:  # the other consumer may still read K and V: meet before writing over them
             plgpu.barrier_arrive(scratch["keys_done"])
@@ -590,21 +564,6 @@ def _dq(st: Static, operands: dict, pairs: dict, barriers, shape, dtype) -> Arra
     return dq
 
 
-LSE_BASE2_OUTSIDE = True  # False: each tile converts (the A/B of benchmarks/dev/lse_ab.py)
-
-
-def _lse_operand(lse: Array) -> Array:
-    return _base2_lse(lse) if LSE_BASE2_OUTSIDE else lse
-
-
-def _base2_lse(lse: Array) -> Array:
-    """lse [B, T, N] in base 2, 0 where a row sees no key (its p = exp2(-inf - 0) = 0 then):
-    what the kernels subtract from their base-2 logits. Formed here once, not per tile: in the
-    dK/dV kernel the lse is a vector across each tile's columns, held spread over the threads
-    that own them, where an operation costs half an instruction per tile element."""
-    return jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
-
-
 def backward(
     st: Static,
     query: Array,  # [B, T, N, H]
@@ -647,7 +606,7 @@ def backward(
         "k": rows(key, s_pad),
         "v": rows(value, s_pad),
         "d_out": rows(d_out.astype(dtype), t_pad),
-        "lse": common.pad_to(jnp.swapaxes(_lse_operand(lse), 1, 2), 2, t_pad),  # [B, N, T_pad]
+        "lse": common.pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad),  # [B, N, T_pad]; padded rows: 0
         "delta": common.pad_to(delta, 2, t_pad),
         "bounds": bounds,
     }

@@ -77,18 +77,13 @@ def over_tile(
     index_bound: int | None = None,
     tile_scales: tuple = (),
     out_scale: float | None = None,
-    index_order: int | None = None,
-    report: dict | None = None,
 ) -> Array:
     """out_scale * fn(*elements of tiles * tile_scales, q, k, *vectors' elements), fn a function
     of scalars, over a tile whose rows are the queries q_idx and columns the keys k_idx (keys
     down with transposed=True); vectors: () or (a value per query, a value per key), laid out as
     q_idx and k_idx (None where fn does not read it). index_bound: q_idx and k_idx are below it
     (None: unknown, no float rewrite). tile_scales: a scalar factor per tile (None: 1), applied
-    where fn's arithmetic lets it fold (`_Linear`), as is out_scale (None: 1). index_order: +1
-    when every q_idx of the tile is >= every k_idx, -1 when <=, None when unknown: then
-    |q_idx - kv_idx| is a difference of index vectors (ALiBi's bias becomes a row term plus a
-    column term, no per-element index arithmetic); report["index_order"] is set when it was.
+    where fn's arithmetic lets it fold (`_Linear`), as is out_scale (None: 1).
 
     jax.vmap over rows then columns would broadcast too, but through [bq, 1] and [1, bk]
     intermediates, which have no Mosaic GPU layout."""
@@ -155,8 +150,8 @@ def over_tile(
 
     def affine(val: _Val) -> tuple | None:
         """An exact integer index chain (a `_Lazy`) as float32 `_Linear` terms of index vectors
-        and scalars, where it is a sum of them: q_idx - kv_idx, and |q_idx - kv_idx| on a tile
-        of known `index_order`. None otherwise."""
+        and scalars where it is a sum of them (q_idx - kv_idx: a row term plus a column term,
+        no index arithmetic per element), else None."""
         terms = _affine_terms(val)
         if terms is None:
             return None
@@ -181,28 +176,10 @@ def over_tile(
             return parts[0] + negated(parts[1])
         if name == "neg":
             return negated(parts[0])
-        if name == "abs" and index_order is not None:
-            sign = difference_sign(parts[0])
-            if sign is not None:
-                if report is not None:
-                    report["index_order"] = True
-                return parts[0] if sign * index_order > 0 else negated(parts[0])
         return None
 
     def negated(terms):
         return tuple((v, times(f, -1.0)) for v, f in terms)
-
-    def difference_sign(terms) -> int | None:
-        """+1 if terms are q_idx - kv_idx, -1 if kv_idx - q_idx, else None."""
-        if len(terms) != 2:
-            return None
-        signs = {}
-        for v, f in terms:
-            if v.value is q_idx or v.value is k_idx:
-                signs["q" if v.value is q_idx else "k"] = 1.0 if f is None else f
-        if set(signs) != {"q", "k"} or signs["q"] != -signs["k"] or abs(signs["q"]) != 1:
-            return None
-        return 1 if signs["q"] > 0 else -1
 
     def linear(eqn, vals, kind) -> _Val | None:
         """eqn's result as a `_Linear` tile, or None where it is not one (see `_LINEAR`)."""

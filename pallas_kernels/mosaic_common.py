@@ -63,7 +63,6 @@ class Static:
     dkdv_stages: int = 0  # the dk/dv kernel's ring depth (0: num_stages)
     flex: object = None  # jattn.flex_attention: the user's mods (flash_triton.FlexSpec)
     flex_index_bound: int | None = None  # the mods' q_idx and kv_idx are below it
-    flex_index_order: bool = False  # unmasked tiles apart by q_idx vs kv_idx (ALiBi's |q - kv|)
     flex_blocks: bool = False  # the kernel visits the blocks a BlockMask lists
     flex_steps: int = 1  # the backward's kernel steps per listed block (block mask / kernel tile)
     flex_programs: int = 1  # the backward's programs per block-mask row of lists
@@ -270,71 +269,30 @@ def vector_iota(st: Static, n: int, axis: int) -> Array:
 
 def flex_scores(
     st: Static, scores: Array, b, h, q_idx, k_idx, transposed=False, vectors=(), *,
-    score_scale=None, out_scale=None, index_order=None,
+    score_scale=None, out_scale=None,
 ) -> Array:  # fmt: skip
     """out_scale * the user's score_mod(score, b, h, q_idx, kv_idx) over a tile of
     score = score_scale * `scores` (with the query-row and key-column values of
     `FlexSpec.vectors` after kv_idx); the two factors fold into the mod's own scalars where its
-    arithmetic allows (`mod_tiles._Linear`). None: 1. index_order: +1 / -1 when the tile's
-    q_idx are all >= / <= its kv_idx (`split_by_index_order`), else None."""
+    arithmetic allows (`mod_tiles._Linear`). None: 1."""
     one = lambda s, q, k, *v: st.flex.score_mod(s, b, h, q, k, *v)  # noqa: E731
     tile = over_tile(
         one, q_idx, k_idx, scores, vectors=vectors, transposed=transposed,
         index_bound=st.flex_index_bound, tile_scales=(score_scale,), out_scale=out_scale,
-        index_order=index_order,
     )  # fmt: skip
     return tile.astype(jnp.float32)
 
 
-def flex_forward_logits(
-    st: Static, qk: Array, b, h, q_idx, k_idx, vectors=(), index_order=None
-) -> Array:
+def flex_forward_logits(st: Static, qk: Array, b, h, q_idx, k_idx, vectors=()) -> Array:
     """The forward's base-2 logits of a tile under the user's score_mod: log2(e) *
     score_mod(scale * q.k, ...), both factors folded where the mod allows."""
     return flex_scores(
-        st, qk, b, h, q_idx, k_idx, vectors=vectors, score_scale=st.scale, out_scale=LOG2E,
-        index_order=index_order,
-    )  # fmt: skip
-
-
-def flex_uses_index_order(flex) -> bool:
-    """Whether the score_mod is cheaper on tiles whose q_idx are all on one side of their
-    kv_idx (`mod_tiles.over_tile`'s index_order: ALiBi's |q_idx - kv_idx|), so that the kernels
-    should visit those apart from the tiles on the diagonal (`split_by_index_order`)."""
-    if flex is None or flex.score_mod is None:
-        return False
-    report = {}
-
-    def tile(qk, q_idx, k_idx, b, h):  # q_idx, k_idx: distinct arrays (over_tile tells by them)
-        vectors = (q_idx, k_idx) if flex.vectors else ()
-        one = lambda s, q, k, *v: flex.score_mod(s, b, h, q, k, *v)  # noqa: E731
-        return over_tile(
-            one, q_idx, k_idx, qk, vectors=vectors, index_bound=64, index_order=1, report=report
-        )
-
-    index = jax.ShapeDtypeStruct((64,), jnp.int32)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    jax.make_jaxpr(tile)(jax.ShapeDtypeStruct((64, 64), jnp.float32), index, index, scalar, scalar)
-    return bool(report.get("index_order"))
-
-
-def split_by_index_order(run, before, after, orders):
-    """unmasked(first, end, carry) for `common.visit_all`: run(first, end, carry, order) over
-    [first, before) with orders[0], up to `after` with None (the tiles the diagonal q_idx ==
-    kv_idx crosses) and the rest with orders[1]; each bound clipped into [first, end)."""
-
-    def unmasked(first, end, carry):
-        b = jnp.clip(before, first, end)
-        a = jnp.clip(after, b, end)
-        carry = run(first, b, carry, orders[0])
-        carry = run(b, a, carry, None)
-        return run(a, end, carry, orders[1])
-
-    return unmasked
+        st, qk, b, h, q_idx, k_idx, vectors=vectors, score_scale=st.scale, out_scale=LOG2E
+    )
 
 
 def flex_logits(
-    st: Static, qk: Array, b, h, q_idx, k_idx, transposed=False, vectors=(), index_order=None
+    st: Static, qk: Array, b, h, q_idx, k_idx, transposed=False, vectors=()
 ) -> tuple[Array, Array | None]:
     """The backward's (base-2 logits, d logit / d score) of a tile under the user's score_mod,
     score = scale * q.k; the derivative from JAX (jax.jvp of the elementwise tile function with
@@ -352,7 +310,7 @@ def flex_logits(
     if tangent.outvars[0] is tangent.invars[1]:  # d score_mod / d score == 1
         logits = flex_scores(
             st, qk, b, h, q_idx, k_idx, transposed, vectors, score_scale=st.scale,
-            out_scale=LOG2E, index_order=index_order,
+            out_scale=LOG2E,
         )  # fmt: skip
         return logits, None
     unit = layout_cast(st, jnp.ones(scores.shape, jnp.float32), WGMMA)
@@ -373,18 +331,16 @@ def backward_tile_logits(
     masked: bool,
     transposed=False,
     vectors=(),
-    index_order=None,
 ):
     """The backward's tile (keys down with transposed=True, in the dk/dv kernel): (base-2
     logits, scale * q.k where the soft cap's gradient needs it, d score_mod / d score, the
-    mask_mod's visibility where the tile is masked), each None where it does not apply.
-    index_order: as `flex_scores`'s."""
+    mask_mod's visibility where the tile is masked), each None where it does not apply."""
     if st.flex is None:
         return *tile_logits(st, qk, bias), None, None
     q_idx, k_idx = flex_indices(
         st, qk.shape, q_first, k_first, bounds, masked=masked, transposed=transposed
     )
-    logits, slope = flex_logits(st, qk, b, h, q_idx, k_idx, transposed, vectors, index_order)
+    logits, slope = flex_logits(st, qk, b, h, q_idx, k_idx, transposed, vectors)
     user_visible = None
     if masked and st.flex.mask_mod is not None:
         user_visible = flex_visible(st, b, h, q_idx, k_idx, transposed, vectors)

@@ -567,7 +567,10 @@ def _mosaic_case(name, shape):
 @pytest.mark.parametrize(
     "name",
     [
-        # ALiBi on every tile without a block mask: test_mosaic_flex_alibi_by_index_order
+        # ALiBi on every tile without a block mask (-m slow): the default run has the same
+        # score_mod under a causal block mask (its full block included) and the no-block-mask
+        # path with the window's mask_mod
+        pytest.param("alibi_score_mod", marks=pytest.mark.slow),
         "causal_block_mask_with_alibi",
         "window_mask_mod",
         "rows_that_see_nothing",
@@ -585,37 +588,6 @@ def test_mosaic_flex_matches_float64_oracle(rng, name, monkeypatch):
     dk/dv kernel's per key block (the Triton flex backward must not run)."""
     _forbid_triton_backward(monkeypatch)
     _check_mosaic_case(rng, name, MOSAIC_SHAPE)
-
-
-def test_mosaic_flex_alibi_by_index_order(rng, monkeypatch):
-    """ALiBi's |q_idx - kv_idx| without a block mask: each kernel visits its unmasked tiles in
-    three runs, those whose q_idx are all >= their kv_idx (the bias a row term plus a column
-    term), those the diagonal crosses, and those all <=; every run is taken (150 queries, 330
-    keys, 64-row tiles) and the result matches the float64 oracle with gradients. Mods without
-    |q_idx - kv_idx| keep one run."""
-    from pallas_kernels import flash_mosaic, flash_mosaic_bwd, flash_triton, mosaic_common
-
-    orders = []
-
-    def counting(run, before, after, kernel_orders):
-        def counted(first, end, carry, order):
-            orders.append(order)
-            return run(first, end, carry, order)
-
-        return mosaic_common.split_by_index_order(counted, before, after, kernel_orders)
-
-    for module in (flash_mosaic, flash_mosaic_bwd):
-        monkeypatch.setattr(module, "split_by_index_order", counting)
-    _forbid_triton_backward(monkeypatch)
-    _check_mosaic_case(rng, "alibi_score_mod", MOSAIC_SHAPE)
-    assert set(orders) == {1, None, -1}
-    spec = lambda mod: flash_triton.FlexSpec(mod, None, 0, (), None)  # noqa: E731
-    alibi = _mosaic_case("alibi_score_mod", MOSAIC_SHAPE)[0]
-    causal_alibi = lambda s, b, h, qi, kj: s + 0.5 * (kj - qi).astype(jnp.float32)  # noqa: E731
-    bucket = lambda s, b, h, qi, kj: s + (jnp.abs(qi - kj) // 4).astype(jnp.float32)  # noqa: E731
-    assert mosaic_common.flex_uses_index_order(spec(alibi))
-    assert not mosaic_common.flex_uses_index_order(spec(causal_alibi))  # a sum already
-    assert not mosaic_common.flex_uses_index_order(spec(bucket))  # // of it: no vectors
 
 
 def _forbid_triton_backward(monkeypatch):
@@ -696,7 +668,7 @@ def test_mosaic_flex_backward_visits_block_mask_lists(
 @pytest.mark.parametrize(
     "name",
     [
-        "alibi_score_mod",  # every tile unmasked, visited by index order (three runs a kernel)
+        "alibi_score_mod",  # every tile unmasked: the benchmark's ALiBi
         "causal_block_mask_with_alibi",
         "documents_block_mask",
         "rows_that_see_nothing",
