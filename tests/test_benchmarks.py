@@ -143,3 +143,23 @@ def test_multi_gpu_plot_draws_the_committed_results(tmp_path):
     out = tmp_path / "multi_gpu.png"
     multi_gpu.main(["--json", str(results), "--plot", str(out), "--replot"])
     assert out.stat().st_size > 10_000
+
+
+def test_sass_mix_counts_opcodes_and_stalls_of_a_source_page(tmp_path):
+    """benchmarks/dev/sass_mix.py on a source page as ncu writes it: the profiler's lines
+    first, predicated instructions counted by their opcode, stall reasons summed per reason."""
+    from benchmarks.dev import sass_mix
+
+    page = tmp_path / "page.csv"
+    page.write_text(
+        "==PROF== Connected to process 1\n"
+        '"Kernel Name","k",\n'
+        '"Address","Source","Instructions Executed","stall_math","stall_math (Not Issued)"\n'
+        '"0x0","      FFMA R1, R2, R3, R4","64","3","1"\n'
+        '"0x10","  @P0 FFMA.FTZ R1, R2, R3, R4","32","1","0"\n'
+        '"0x20","      MUFU.EX2 R5, R1","16","7","7"\n'
+    )
+    opcodes, stalls = sass_mix.read(str(page))
+    assert opcodes == {"FFMA": 96, "MUFU": 16} and stalls == {"math": 11}
+    table = sass_mix.table([str(page)], per=32.0, top=5)
+    assert "| FFMA | 96.00 |" in table and "| math | 11 |" in table
