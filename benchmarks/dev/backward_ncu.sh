@@ -13,9 +13,6 @@ metrics=gpu__time_duration.sum,launch__registers_per_thread,smsp__inst_executed.
 metrics=$metrics,smsp__inst_executed_pipe_alu.sum,smsp__inst_executed_pipe_fma.sum
 metrics=$metrics,smsp__inst_executed_pipe_xu.sum,smsp__inst_executed_pipe_lsu.sum
 metrics=$metrics,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
-metrics=$metrics,smsp__warps_issue_stalled_long_scoreboard_per_warp_active.pct
-metrics=$metrics,smsp__warps_issue_stalled_wait_per_warp_active.pct
-metrics=$metrics,smsp__warps_issue_stalled_barrier_per_warp_active.pct
 for variant in base cudnn; do
     echo "== $variant"
     timeout 150 ncu --clock-control none --metrics "$metrics" python3 -m benchmarks.dev.mosaic_one_call \
