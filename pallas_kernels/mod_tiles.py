@@ -21,7 +21,9 @@ scalar, divided by one or negated, and sums and differences of such tiles, stay 
 scale as its factor and ask for the logits times log2(e) (`out_scale`), so ALiBi's
 `score - slope * |q - kv|` costs q.k * (scale * log2 e) + |q - kv| * (-slope * log2 e): two
 operations on the tile after the index difference, where scaling the score, the slope's multiply,
-the subtraction and the base-2 change took four.
+the subtraction and the base-2 change took four. On the H200 that is one FMA-pipe instruction
+per element fewer and the same time within noise (stop 31, benchmarks/NOTES.md): ALiBi's cost
+there is not its instruction count.
 """
 
 from __future__ import annotations
@@ -114,8 +116,9 @@ def over_tile(
         return lazy.prim.bind(*operands, **lazy.params)
 
     def _form(linear: _Linear):
-        """The tile of a `_Linear`: sum of value * factor, scaled terms first, so that each
-        addition after the first product can contract into a multiply-add."""
+        """The tile of a `_Linear`: the sum of value * factor, vectors and scalars scaled before
+        they are broadcast, the column vector first, so that each tile's product after it can
+        contract into a multiply-add."""
         vectors, tiles = [], []
         for val, factor in linear.terms:
             if val.kind == "tile":
@@ -196,7 +199,9 @@ def over_tile(
                 return None
             scalar = next(v for v in vals if v.kind is None).value
             if name == "div":
-                return scaled(vals[0], 1.0 / scalar) if vals[0].kind == "tile" else None
+                if vals[0].kind != "tile" or _is_zero(scalar):  # x / 0 stays a division
+                    return None
+                return scaled(vals[0], 1.0 / scalar)
             return scaled(tiles[0], scalar)
         second = terms_of(vals[1])
         if name == "sub":
@@ -295,6 +300,11 @@ def over_tile(
     if out_scale is not None and jnp.issubdtype(closed.out_avals[0].dtype, jnp.floating):
         out = scaled(_Val(widen(out, "tile"), "tile") if out.kind != "tile" else out, out_scale)
     return widen(out, "tile")
+
+
+def _is_zero(x) -> bool:
+    """Whether x is a concrete (not traced) zero."""
+    return isinstance(x, (int, float, np.number, np.ndarray)) and bool(np.all(np.asarray(x) == 0))
 
 
 def reads_arguments(fn, args, positions) -> bool:

@@ -1093,6 +1093,11 @@ def test_mosaic_mods_fold_the_softmax_scale_and_log2e_into_their_scalars(rng):
             lambda x: np.where(i >= j, 2 * x, -x),
             3,
         ),
+        "divided by zero": (  # stays a division: 1 / 0 is no factor
+            lambda x, q, k: x / 0.0,
+            lambda x: np.where(x > 0, np.inf, -np.inf),
+            3,
+        ),
     }
     arithmetic = {"mul", "add", "sub", "div", "neg"}
     for name, (mod, want, most) in mods.items():
