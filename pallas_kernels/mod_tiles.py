@@ -160,9 +160,9 @@ def over_tile(
             return None
         return tuple((_Val(_to_float(v.value), v.kind), f) for v, f in terms)
 
-    def _to_float(x):
+    def _to_float(x):  # a literal stays a concrete float32 (it has a dtype, as arrays do)
         if isinstance(x, (int, np.integer)):
-            return float(x)
+            return np.float32(x)
         return lax.convert_element_type(x, jnp.float32)
 
     def _affine_terms(val: _Val) -> tuple | None:

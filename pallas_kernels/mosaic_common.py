@@ -299,20 +299,21 @@ def flex_logits(
     unit tangents), None where it is 1: without a score_mod, and where the score_mod only adds
     to the score (ALiBi, a relative bias: its jvp hands the score's tangent back unchanged, seen
     in a trace of it), so the backward skips a multiply per element."""
-    scores = qk * st.scale
     if st.flex.score_mod is None:
-        return scores * LOG2E, None
+        return qk * (st.scale * LOG2E), None
 
     def tile(s):
         return flex_scores(st, s, b, h, q_idx, k_idx, transposed, vectors)
 
-    tangent = jax.make_jaxpr(lambda s, t: jax.jvp(tile, (s,), (t,))[1])(scores, scores).jaxpr
+    # traced apart (only qk's shape counts): nothing of it enters the kernel
+    tangent = jax.make_jaxpr(lambda s, t: jax.jvp(tile, (s,), (t,))[1])(qk, qk).jaxpr
     if tangent.outvars[0] is tangent.invars[1]:  # d score_mod / d score == 1
         logits = flex_scores(
             st, qk, b, h, q_idx, k_idx, transposed, vectors, score_scale=st.scale,
             out_scale=LOG2E,
         )  # fmt: skip
         return logits, None
+    scores = qk * st.scale
     unit = layout_cast(st, jnp.ones(scores.shape, jnp.float32), WGMMA)
     logits, slope = jax.jvp(tile, (scores,), (unit,))
     return logits * LOG2E, slope
