@@ -53,6 +53,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import common, flash_mosaic_bwd, flash_triton, mosaic_common
 from pallas_kernels.mosaic_common import (
     CONSUMERS,
+    THREADS_PER_WARPGROUP,
     TURN_BARRIER,
     WGMMA,
     WGMMA_COL,
@@ -82,7 +83,6 @@ from pallas_kernels.mosaic_common import (
 
 _LN2 = math.log(2.0)
 _DTYPES = (jnp.float16, jnp.bfloat16)
-_THREADS_PER_WARPGROUP = 128
 _REGISTER_TILES_LIMIT = 192  # of a consumer thread's 232 registers: the rest for everything else
 SHARED_MEMORY = 227 * 1024
 
@@ -214,8 +214,10 @@ def backward_shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_it
     dkdv = key_buffers * bk * (2 * h_pad * 2 + 4) + dkdv_stages * (
         2 * bq * h_pad * 2 + pair_t + 12 * bq
     )
-    if config.bwd_fused_dq:
+    if config.bwd_fused_dq and parts > 1:
         return dkdv + CONSUMERS * (bk * bq * 2 + bq * (h_pad // parts) * 4)
+    if config.bwd_fused_dq:  # dS^T double-buffered, a dQ chunk per consumer (`add_dq`)
+        return dkdv + CONSUMERS * (2 * bk * bq * 2 + bq * flash_mosaic_bwd.DQ_CHUNK * 4)
     return max(dq, dkdv)
 
 
@@ -233,7 +235,7 @@ def register_tiles(config: MosaicConfig, head_dim: int) -> int:
     ptxas serialized its wgmma; at H = 128 (160) and H = 256 (176) it did not."""
     h_pad = padded_head_dim(head_dim)
     p_prev = config.block_kv // 2 if config.softmax_overlap else 0
-    return config.block_q * (config.block_kv + p_prev + h_pad) // _THREADS_PER_WARPGROUP
+    return config.block_q * (config.block_kv + p_prev + h_pad) // THREADS_PER_WARPGROUP
 
 
 def backward_head_parts(config: MosaicConfig, head_dim: int) -> int:
@@ -253,8 +255,8 @@ def backward_register_tiles(config: MosaicConfig, head_dim: int) -> int:
     dkdv = bk * (2 * h_pad // parts + 2 * bq)
     if config.bwd_fused_dq:
         fused_dq = bk * 2 * h_pad // parts + bq * flash_mosaic_bwd.DQ_CHUNK
-        return max(dkdv, fused_dq) // _THREADS_PER_WARPGROUP
-    return max(dq, dkdv) // _THREADS_PER_WARPGROUP
+        return max(dkdv, fused_dq) // THREADS_PER_WARPGROUP
+    return max(dq, dkdv) // THREADS_PER_WARPGROUP
 
 
 def choose_config(
@@ -467,7 +469,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
 
         def take_turns():
             if st.named_barrier:
-                named_barrier_sync(TURN_BARRIER, CONSUMERS * _THREADS_PER_WARPGROUP)
+                named_barrier_sync(TURN_BARRIER, CONSUMERS * THREADS_PER_WARPGROUP)
             elif turn is not None:
                 plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(turn)

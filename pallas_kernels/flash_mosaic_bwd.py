@@ -41,6 +41,8 @@ from pallas_kernels import common
 from pallas_kernels.mosaic_common import (
     CONSUMERS,
     LOG2E,
+    THREADS_PER_WARPGROUP,
+    TURN_BARRIER,
     WGMMA,
     WGMMA_COL,
     WGMMA_ROW,
@@ -58,6 +60,7 @@ from pallas_kernels.mosaic_common import (
     mma_accumulate,
     mma_lhs_transposed,
     mma_transposed,
+    named_barrier_sync,
     padded_head_dim,
     pair_window,
     segments_read,
@@ -94,6 +97,10 @@ def padding_tiles(st: Static) -> tuple[int, int]:
 
 
 DQ_CHUNK = 64  # fused_dq: columns of dQ per wgmma (32 float32 registers per thread)
+DS_BARRIER = TURN_BARRIER  # fused_dq: the consumers' dS^T meet at this named barrier
+# fused_dq stages left out, for timing only (`benchmarks/dev/fused_dq_parts.py`; wrong dQ):
+# "store" (the dQ tile's shared-memory store and TMA reduce-add), "mma" (the dS @ K wgmma too).
+FUSED_DQ_OMIT = frozenset()
 
 
 def _scalars(bounds_ref, batch):
@@ -376,27 +383,68 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         v_parts = [part_of("v", keys_at, part) for part in range(parts)]
         out_head = head * parts + own  # outputs [B, S or T, N * parts, H / parts]
 
-        def add_dq(q_first, ds_t):
-            """fused_dq: dQ[block_q rows from q_first, own columns] += dS @ K (this consumer's
-            keys, its column part when split), in chunks of DQ_CHUNK columns, so that only
-            [bq, 64] of dQ sits in registers beside dK and dV; the scale is applied after the
-            kernel."""
-            ds_smem, dq_smem = scratch["ds"].at[wg], scratch["dq"].at[wg]
-            ds_smem[...] = ds_t  # [bk, bq]
-            plgpu.commit_smem()
-            k_own = part_of("k", keys_at, own)  # [bk, H / parts]
+        def meet_consumers():
+            """Both consumers at this point of the step (each one's dS^T in shared memory)."""
+            if st.interpret:  # the interpreter runs no PTX
+                plgpu.barrier_arrive(scratch["ds_ready"])
+                plgpu.barrier_wait(scratch["ds_ready"])
+            else:
+                named_barrier_sync(DS_BARRIER, CONSUMERS * THREADS_PER_WARPGROUP)
+
+        def add_dq(step, q_first, ds_t):
+            """fused_dq: dQ[block_q rows from q_first] += dS @ K, in chunks of DQ_CHUNK columns,
+            so that only [bq, 64] of dQ sits in registers beside dK and dV; the scale is applied
+            after the kernel. One part: the consumers' dS^T (of different keys) meet in shared
+            memory and consumer w computes chunk w over both consumers' keys, as in
+            FlashAttention-3's backward: each chunk of dQ is stored and added to global memory
+            once per step, not once per consumer. Two parts: both consumers hold the same dS^T,
+            and each computes the chunks of its own column part."""
             rows = pl.ds(q_first, block_q)
+            if split:
+                ds_own = scratch["ds"].at[wg]
+                ds_refs, k_refs = [ds_own], [part_of("k", keys_at, own)]
+            else:  # double-buffered: the other consumer may still read the last step's
+                buffer = irem(step - lo, 2) * CONSUMERS
+                ds_own = scratch["ds"].at[buffer + wg]
+                ds_refs = [scratch["ds"].at[buffer + c] for c in range(CONSUMERS)]
+                k_refs = [part_of("k", c, 0) for c in range(CONSUMERS)]
+            ds_own[...] = ds_t  # [bk, bq]
+            plgpu.commit_smem()
+            if not split:
+                meet_consumers()
+            if "mma" in FUSED_DQ_OMIT:
+                return
+            dq_smem = scratch["dq"].at[wg]  # [bq, H / parts], or [bq, DQ_CHUNK] with one part
             if not st.interpret:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last dQ was read out
-            for first in range(0, k_own.shape[-1], DQ_CHUNK):
+            width = k_refs[0].shape[-1]
+            for chunk, first in enumerate(range(0, width, DQ_CHUNK)):
                 cols = pl.ds(first, DQ_CHUNK)
-                dq = mma_lhs_transposed(st, ds_smem, k_own.at[:, cols])  # [bq, DQ_CHUNK]
-                if st.interpret:  # no TMA reductions there: a zeroed output per consumer
-                    target = refs["dq_acc"].at[wg, batch, rows, out_head, cols]
-                    target[...] = target[...] + dq
+                buffer_cols = cols if split else pl.ds(0, DQ_CHUNK)
+
+                def add_chunk(cols=cols, buffer_cols=buffer_cols):
+                    dq = mma_lhs_transposed(st, ds_refs, [k.at[:, cols] for k in k_refs])
+                    if st.interpret:  # no TMA reductions there: a zeroed output per consumer
+                        target = refs["dq_acc"].at[wg, batch, rows, out_head, cols]
+                        target[...] = target[...] + dq
+                    elif "store" in FUSED_DQ_OMIT:  # a store that never runs keeps the wgmma
+
+                        @pl.when(q_first < 0)
+                        def _():
+                            dq_smem.at[:, buffer_cols][...] = dq
+
+                    else:
+                        dq_smem.at[:, buffer_cols][...] = dq
+                    if not (split or st.interpret or "store" in FUSED_DQ_OMIT):
+                        plgpu.commit_smem()
+                        target = refs["dq_acc"].at[batch, rows, out_head, cols]
+                        plgpu.copy_smem_to_gmem(dq_smem, target, reduction_op="add")
+
+                if split:
+                    add_chunk()
                 else:
-                    dq_smem.at[:, cols][...] = dq
-            if not st.interpret:
+                    pl.when(wg == chunk % CONSUMERS)(add_chunk)
+            if split and not (st.interpret or "store" in FUSED_DQ_OMIT):
                 plgpu.commit_smem()
                 target = refs["dq_acc"].at[batch, rows, out_head]
                 plgpu.copy_smem_to_gmem(dq_smem, target, reduction_op="add")
@@ -450,9 +498,9 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 ds_t = ds_t * slope_t
             ds_t = ds_t.astype(dtype)
             dk = mma_accumulate(st, dk, ds_t, part_of("q", slot, own))
+            plgpu.barrier_arrive(scratch["consumed"].at[slot])  # dQ reads K and dS alone
             if st.fused_dq:
-                add_dq(q_first, ds_t)
-            plgpu.barrier_arrive(scratch["consumed"].at[slot])
+                add_dq(step, q_first, ds_t)
             return dk, dv
 
         if st.flex_blocks:
@@ -469,6 +517,8 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         if split:  # the other consumer may still read K and V: meet before writing over them
             plgpu.barrier_arrive(scratch["keys_done"])
             plgpu.barrier_wait(scratch["keys_done"])
+        elif st.fused_dq:  # the other consumer may still read this one's K for its dQ chunk
+            meet_consumers()
         k_out, v_out = part_of("k", keys_at, own), part_of("v", keys_at, own)
         k_out[...] = (dk * st.scale).astype(k_out.dtype)  # K and V are no longer needed
         v_out[...] = dv.astype(v_out.dtype)
@@ -684,9 +734,12 @@ def backward(
     per_head = jax.ShapeDtypeStruct((batch, s_pad, num_heads * parts, part_width), dtype)
     outs = {"dk": per_head, "dv": per_head}
     operands = operands | pairs_t
-    if st.fused_dq:  # dS^T [bk, bq] and dQ [bq, H / parts] float32 per consumer
-        scratch["ds"] = tiled((CONSUMERS, block_kv, block_q), dtype)
-        scratch["dq"] = tiled((CONSUMERS, block_q, part_width), jnp.float32)
+    if st.fused_dq:  # dS^T [bk, bq] and a float32 dQ tile per consumer (`add_dq`)
+        ds_buffers, dq_width = (CONSUMERS, part_width) if parts > 1 else (2 * CONSUMERS, DQ_CHUNK)
+        scratch["ds"] = tiled((ds_buffers, block_kv, block_q), dtype)
+        scratch["dq"] = tiled((CONSUMERS, block_q, dq_width), jnp.float32)
+        if parts == 1 and st.interpret:
+            scratch["ds_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS)
         dq_shape = (batch, t_pad, num_heads * parts, part_width)
         if st.interpret:
             outs["dq_acc"] = jax.ShapeDtypeStruct((CONSUMERS, *dq_shape), jnp.float32)

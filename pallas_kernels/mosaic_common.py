@@ -147,26 +147,31 @@ def mma_transposed(st: Static, lhs_ref, rhs_ref, while_running=None) -> Array:
 
 def mma_lhs_transposed(st: Static, lhs_t_ref, rhs_ref) -> Array:
     """lhs_t^T @ rhs into a fresh float32 accumulator: lhs_t [K, M] and rhs [K, N] both in
-    shared memory (the first operand read transposed, as wgmma reads 16-bit operands)."""
+    shared memory (the first operand read transposed, as wgmma reads 16-bit operands); or
+    sequences of such refs, parts of K: the sum of the parts' products."""
+    lhs_refs = tuple(lhs_t_ref) if isinstance(lhs_t_ref, (tuple, list)) else (lhs_t_ref,)
+    rhs_refs = tuple(rhs_ref) if isinstance(rhs_ref, (tuple, list)) else (rhs_ref,)
     if st.interpret:
-        return lax.dot_general(
-            lhs_t_ref[...],
-            rhs_ref[...],
-            (((0,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
+        return sum(
+            lax.dot_general(
+                a[...], b[...], (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            )
+            for a, b in zip(lhs_refs, rhs_refs, strict=True)
         )
 
     def product(acc_ref):
-        plgpu.wgmma(acc_ref, lhs_t_ref.transpose((1, 0)), rhs_ref)
+        for a, b in zip(lhs_refs, rhs_refs, strict=True):
+            plgpu.wgmma(acc_ref, a.transpose((1, 0)), b)
         return acc_ref[...]
 
-    shape = (lhs_t_ref.shape[1], rhs_ref.shape[1])
+    shape = (lhs_refs[0].shape[1], rhs_refs[0].shape[1])
     return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
 
 # The hardware's named barriers 0-3 are Mosaic GPU's (0 for the whole block, 1 + w for
 # warpgroup w's own): the kernels' start after them.
 TURN_BARRIER = 4
+THREADS_PER_WARPGROUP = 128
 
 
 def named_barrier_sync(barrier_id: int, threads: int) -> None:
