@@ -274,11 +274,12 @@ def dot_product_attention(
       `[B, T, N, H]` in the query dtype (and lse `[B, T, N]` with `return_residual`).
       A row that sees no key returns 0, lse -inf and zero gradients (jax.nn: the mean of V);
       so does S = 0. Empty T, B, N or H give empty results. A key that holds NaN/inf reaches
-      only the rows that see it (their output and lse are NaN), never a row it is hidden from;
-      the exception (issue 19, open): on 'mosaic', and on cuDNN's kernel (not checked), a NaN
-      in a key hidden by causal, a window, segment ids or a mask reaches the other rows of its
-      tile through 0 * NaN in P V. Keys past `key_value_seq_lengths` (an uninitialised cache)
-      are zeroed before those kernels and never reach a row.
+      only the rows that see it (their output and lse are NaN), never a row it is hidden from
+      ('mosaic' cleans the K and V of tiles that hide keys before multiplying them). The
+      exception: cuDNN's kernel (not checked) may let a NaN in a key hidden by causal, a window,
+      segment ids or a mask reach the other rows of its tile through 0 * NaN in P V. Keys past
+      `key_value_seq_lengths` (an uninitialised cache) are zeroed before the cuDNN and Mosaic
+      kernels and never reach a row.
 
     Autodiff: reverse mode (jax.grad, jax.vjp) runs each implementation's own backward (a
     custom_vjp). Forward mode (jax.jvp, jax.jacfwd, jax.hessian) and second derivatives (grad of
@@ -475,7 +476,8 @@ def zero_keys_past_lengths(args: AttentionArgs) -> AttentionArgs:
 
     Slots past a length are often uninitialised cache memory. They are hidden from every query,
     so zeroing them changes no result, and a kernel whose P.V multiplies hidden keys by 0 can
-    then not turn their NaN into 0 * NaN = NaN (cuDNN; the Mosaic kernel until it masks them).
+    then not turn their NaN into 0 * NaN = NaN (cuDNN; the Mosaic kernel cleans only the tiles
+    that causal, a window, segment ids or a mask hide keys in: `mosaic_common.clean_tile`).
     """
     if args.key_value_seq_lengths is None:
         return args

@@ -60,11 +60,13 @@ from pallas_kernels.mosaic_common import (
     WGMMA_ROW,
     Static,
     bias_dtype,
+    clean_tile,
     flex_forward_logits,
     flex_indices,
     flex_vectors,
     flex_visible,
     hide_invisible,
+    hides_keys,
     idiv,
     interpret_kwargs,
     irem,
@@ -321,6 +323,20 @@ def default_config(head_dim: int, pair_itemsize: int = 0, *, causal: bool = Fals
 # --- the kernel ---------------------------------------------------------------------------------
 
 
+def _with_cleaning(st: Static) -> Static:
+    """st with `clean_hidden` where tiles can hide keys. With one ring stage a cleaned tile's K
+    is ready only once its V landed, in the slot that the previous tile's P V still holds: so
+    no step may wait for the next K before that P V is done. One stage then takes off the
+    softmax overlap (its step waits for K_j before issuing P_{j-1} V_{j-1}) and the ping-pong
+    turns (consumer 1's P V waits for consumer 0's next Q K^T)."""
+    st = dataclasses.replace(st, clean_hidden=hides_keys(st))
+    if st.clean_hidden and st.num_stages == 1:
+        st = dataclasses.replace(
+            st, softmax_overlap=False, schedule_barrier=False, named_barrier=False
+        )
+    return st
+
+
 def _tile_coords(st: Static, tile, shape: tuple[int, int, int]):
     """(head, q_tile, batch) of a program's tile. shape: (heads, q_tiles, batch).
 
@@ -371,6 +387,20 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
         """The key block of visit `step`: itself, or the block mask list's step-th entry."""
         return scratch["blocks"][3 + step] if st.flex_blocks else step
 
+    def program_inner(bounds, program_first, lo, hi):
+        """[inner_lo, inner_hi): the steps of a tile in which no query of the program has a
+        hidden key. With st.clean_hidden the producer cleans the K and V of the others
+        (`clean_tile`), and both consumers wait for that (`kv_cleaned`) instead of the copy."""
+        if st.flex_blocks:  # the list's partial blocks first
+            return scratch["blocks"][1], hi
+        if st.dense_masks:
+            return hi, hi
+        _, inner_lo, inner_hi, _ = key_blocks(st, bounds, program_first, rows_per_program)
+        return common.clip_inner(lo, hi, inner_lo, inner_hi)
+
+    def is_cleaned(step, inner):
+        return (step < inner[0]) | (step >= inner[1])
+
     def await_block_list():  # a flex block mask: this program's list, in shared memory
         if not st.flex_blocks:
             return
@@ -398,9 +428,12 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
         plgpu.set_max_registers(40, action="decrease")
 
         def produce_tile(i, base):
-            head, batch, _, program_first, lo, hi = tile_of(i)
+            head, batch, bounds, program_first, lo, hi = tile_of(i)
             kv_head = idiv(head, st.groups)
             program_rows = pl.ds(program_first, rows_per_program)
+
+            if st.clean_hidden:
+                inner = program_inner(bounds, program_first, lo, hi)
 
             @pl.loop(lo, hi)
             def _(step):
@@ -411,24 +444,41 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 def await_release(consumed):  # the slot's previous tiles, once the ring is full
                     pl.when(count >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
 
-                await_release(scratch["k_consumed"])
-                produced = scratch["k_produced"].at[slot]
-                plgpu.copy_gmem_to_smem(
-                    k_ref.at[batch, keys, kv_head], scratch["k"].at[slot], produced
-                )
-                for name in ("bias", "mask"):
-                    if name in refs:
-                        window = pair_window(refs[name], batch, head, program_rows, keys)
-                        plgpu.copy_gmem_to_smem(window, scratch[name].at[slot], produced)
-                if st.has_segments:
+                def issue(produced, v_produced):
+                    await_release(scratch["k_consumed"])
                     plgpu.copy_gmem_to_smem(
-                        refs["kv_seg"].at[batch, keys], scratch["kv_seg"].at[slot], produced
+                        k_ref.at[batch, keys, kv_head], scratch["k"].at[slot], produced
                     )
-                await_release(scratch["v_consumed"])
-                v_produced = scratch["v_produced"].at[slot]
-                plgpu.copy_gmem_to_smem(
-                    v_ref.at[batch, keys, kv_head], scratch["v"].at[slot], v_produced
-                )
+                    for name in ("bias", "mask"):
+                        if name in refs:
+                            window = pair_window(refs[name], batch, head, program_rows, keys)
+                            plgpu.copy_gmem_to_smem(window, scratch[name].at[slot], produced)
+                    if st.has_segments:
+                        plgpu.copy_gmem_to_smem(
+                            refs["kv_seg"].at[batch, keys], scratch["kv_seg"].at[slot], produced
+                        )
+                    await_release(scratch["v_consumed"])
+                    plgpu.copy_gmem_to_smem(
+                        v_ref.at[batch, keys, kv_head], scratch["v"].at[slot], v_produced
+                    )
+
+                if not st.clean_hidden:
+                    issue(scratch["k_produced"].at[slot], scratch["v_produced"].at[slot])
+                    return
+                cleaned = is_cleaned(step, inner)
+
+                @pl.when(~cleaned)
+                def _():
+                    issue(scratch["k_produced"].at[slot], scratch["v_produced"].at[slot])
+
+                @pl.when(cleaned)
+                def _():
+                    arrived = scratch["kv_arrived"].at[slot]
+                    issue(arrived, arrived)
+                    plgpu.barrier_wait(arrived)
+                    clean_tile(scratch["k"].at[slot], scratch["v"].at[slot], poison_keys=True)
+                    plgpu.commit_smem()  # visible to the consumers' wgmma
+                    plgpu.barrier_arrive(scratch["kv_cleaned"].at[slot])
 
             return base + jnp.maximum(hi - lo, 0)
 
@@ -489,8 +539,35 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             if st.schedule_barrier:
                 pl.when(wg == 1)(take_turns)
 
-            def wait_k(step):
-                plgpu.barrier_wait(scratch["k_produced"].at[slot_of(base + step - lo)])
+            if st.clean_hidden:
+                inner = program_inner(bounds, program_first, lo, hi)
+
+            def wait_k(step, early: bool = False):
+                """K of `step`, and V too where the producer cleaned the tile. early: a wait
+                while the previous step's P V runs, which leaves a cleaned tile to
+                `wait_cleaned` (its cleaning may need the V slot that P V still holds)."""
+                slot = slot_of(base + step - lo)
+                if not st.clean_hidden:
+                    plgpu.barrier_wait(scratch["k_produced"].at[slot])
+                    return
+                cleaned = is_cleaned(step, inner)
+                if not early:
+                    wait_cleaned(step)
+                pl.when(~cleaned)(lambda: plgpu.barrier_wait(scratch["k_produced"].at[slot]))
+
+            def wait_cleaned(step):
+                if st.clean_hidden:
+                    slot = slot_of(base + step - lo)
+                    wait = lambda: plgpu.barrier_wait(scratch["kv_cleaned"].at[slot])
+                    pl.when(is_cleaned(step, inner))(wait)
+
+            def wait_v(step):
+                slot = slot_of(base + step - lo)
+                if not st.clean_hidden:
+                    plgpu.barrier_wait(scratch["v_produced"].at[slot])
+                    return
+                wait = lambda: plgpu.barrier_wait(scratch["v_produced"].at[slot])
+                pl.when(~is_cleaned(step, inner))(wait)
 
             def tile_inputs(slot, masked: bool):
                 """The bias, mask and key segment ids of a ring slot (read before its release);
@@ -550,6 +627,8 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 slot = slot_of(base + step - lo)
                 if not st.early_k_wait:
                     wait_k(step)
+                else:
+                    wait_cleaned(step)
                 qk = mma_transposed(
                     st, q_smem, scratch["k"].at[slot], take_turns if st.schedule_barrier else None
                 )
@@ -560,19 +639,19 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p = p.astype(q_ref.dtype)
                 if not st.schedule_barrier:
-                    plgpu.barrier_wait(scratch["v_produced"].at[slot])
+                    wait_v(step)
                 elif st.named_barrier:  # finish the softmax before handing the tensor cores over
                     acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
-                    plgpu.barrier_wait(scratch["v_produced"].at[slot])
+                    wait_v(step)
                     take_turns()
                 else:
                     acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
                     plgpu.barrier_arrive(turn)
-                    plgpu.barrier_wait(scratch["v_produced"].at[slot])
+                    wait_v(step)
                     plgpu.barrier_wait(turn)
 
                 def wait_next_k():  # while P V runs: the next step's K
-                    pl.when(step + 1 < hi)(lambda: wait_k(step + 1))
+                    pl.when(step + 1 < hi)(lambda: wait_k(step + 1, early=True))
 
                 acc = mma_accumulate(
                     st, acc, p, scratch["v"].at[slot], wait_next_k if st.early_k_wait else None
@@ -597,6 +676,8 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 slot = slot_of(base + first - lo)
                 if not st.early_k_wait:
                     wait_k(first)
+                else:
+                    wait_cleaned(first)
                 qk = mma_transposed(st, q_smem, scratch["k"].at[slot], turns)
                 inputs = tile_inputs(slot, False)
                 plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
@@ -608,7 +689,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                     acc, m_i, l_i, p_prev = carry  # p_prev: [bq, bk] of step - 1, input dtype
                     slot, prev = slot_of(base + step - lo), slot_of(base + step - 1 - lo)
                     wait_k(step)
-                    plgpu.barrier_wait(scratch["v_produced"].at[prev])
+                    wait_v(step - 1)
                     k_ref, v_ref = scratch["k"].at[slot], scratch["v"].at[prev]
 
                     def softmax_of(qk, m_i, l_i):
@@ -647,10 +728,10 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 carry = (acc, m_i, l_i, p.astype(q_ref.dtype))
                 acc, m_i, l_i, p = lax.fori_loop(first + 1, end, step_with_overlap, carry)
                 last = slot_of(base + end - 1 - lo)
-                plgpu.barrier_wait(scratch["v_produced"].at[last])
+                wait_v(end - 1)
 
                 def wait_end_k():  # as `visit` does for the step after it
-                    pl.when(end < hi)(lambda: wait_k(end))
+                    pl.when(end < hi)(lambda: wait_k(end, early=True))
 
                 acc = mma_accumulate(
                     st, acc, p, scratch["v"].at[last], wait_end_k if st.early_k_wait else None
@@ -668,7 +749,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             # Both consumers visit every step of [lo, hi) (the barriers count on it), masking
             # what they do not see; unmasked: this warpgroup's inner range, clipped to [lo, hi).
             if st.early_k_wait:
-                pl.when(lo < hi)(lambda: wait_k(lo))
+                pl.when(lo < hi)(lambda: wait_k(lo, early=True))
             ranges = (lo, *common.clip_inner(lo, hi, inner_lo, inner_hi), hi)
             unmasked = overlapped_range if st.softmax_overlap else None
             acc, m_i, l_i = common.visit_all(
@@ -679,7 +760,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             if st.o_buffer:  # Q is no longer needed: bring the next tile's
                 pl.when(i + 1 < my_tiles)(lambda: load_q(i + 1))
 
-            has_any = l_i > 0.0
+            has_any = l_i != 0.0  # NaN (a row that sees a non-finite key) stays NaN
             inv_l = jnp.where(has_any, 1.0 / jnp.where(has_any, l_i, 1.0), 0.0)
             out = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
             log_l = jnp.log2(jnp.where(has_any, l_i, 1.0))
@@ -780,6 +861,9 @@ def forward(
         k_consumed=plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         v_consumed=plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
     )
+    if st.clean_hidden:  # masked steps: K, V and the rest land, the producer cleans them
+        scratch["kv_arrived"] = plgpu.Barrier(num_arrivals=produced_copies + 1, num_barriers=stages)
+        scratch["kv_cleaned"] = plgpu.Barrier(num_barriers=stages)
     if st.schedule_barrier and not st.named_barrier:
         scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     if st.flex_blocks:
@@ -1019,6 +1103,7 @@ def _plan(query, key, bias, mask, config, tuned, interpret, options) -> tuple[_P
         **_schedule(config, interpret),
         o_buffer=config.persistent and o_buffer_fits(config, head_dim, pair_itemsize),
     )
+    st = _with_cleaning(st)
     bwd_st, native_backward = _backward_static(
         st, config, head_dim, pair_itemsize, kv_len, kv_lengths is not None
     )
@@ -1192,6 +1277,7 @@ def flex_attention(
         flex_index_bound=max(q_len, kv_len),
         flex_blocks=has_blocks,
     )
+    st = _with_cleaning(st)
     bounds = _bounds(batch, q_len, kv_len, None, None, None)
     visits = fwd_visits = None
     if has_blocks:

@@ -49,6 +49,7 @@ from pallas_kernels.mosaic_common import (
     Static,
     backward_tile_logits,
     bias_dtype,
+    clean_tile,
     flex_vectors,
     hide_invisible,
     idiv,
@@ -107,9 +108,11 @@ def _scalars(bounds_ref, batch):
     return bounds_ref[batch, 0], bounds_ref[batch, 1], bounds_ref[batch, 2]
 
 
-def _produce(scratch, lo, hi, stages: int, copies) -> None:
+def _produce(scratch, lo, hi, stages: int, copies, cleaned=None, clean=None) -> None:
     """The producer warpgroup: for each step of [lo, hi), wait until the consumers released
-    its ring slot, then issue copies(step, slot, barrier); finally observe the last releases."""
+    its ring slot, then issue copies(step, slot, barrier); finally observe the last releases.
+    Where cleaned(step) (a traced bool; None: nowhere) the copies land on `arrived` instead,
+    clean(slot) runs on them and `cleaned` releases the consumers (`_await_tile`)."""
     plgpu.set_max_registers(40, action="decrease")
 
     @pl.loop(lo, hi)
@@ -120,11 +123,33 @@ def _produce(scratch, lo, hi, stages: int, copies) -> None:
         def _():
             plgpu.barrier_wait(scratch["consumed"].at[slot])
 
-        copies(step, slot, scratch["produced"].at[slot])
+        if cleaned is None:
+            copies(step, slot, scratch["produced"].at[slot])
+            return
+        dirty = cleaned(step)
+        pl.when(~dirty)(lambda: copies(step, slot, scratch["produced"].at[slot]))
+
+        @pl.when(dirty)
+        def _():
+            copies(step, slot, scratch["arrived"].at[slot])
+            plgpu.barrier_wait(scratch["arrived"].at[slot])
+            clean(slot)
+            plgpu.commit_smem()  # visible to the consumers' wgmma
+            plgpu.barrier_arrive(scratch["cleaned"].at[slot])
 
     @pl.loop(jnp.maximum(lo, hi - stages), hi)
     def _(step):
         plgpu.barrier_wait(scratch["consumed"].at[irem(step - lo, stages)])
+
+
+def _await_tile(scratch, step, slot, cleaned=None) -> None:
+    """A consumer's wait for the ring slot of `step`: its copies, or its cleaning (`_produce`)."""
+    if cleaned is None:
+        plgpu.barrier_wait(scratch["produced"].at[slot])
+        return
+    dirty = cleaned(step)
+    pl.when(dirty)(lambda: plgpu.barrier_wait(scratch["cleaned"].at[slot]))
+    pl.when(~dirty)(lambda: plgpu.barrier_wait(scratch["produced"].at[slot]))
 
 
 def _await_visit_list(st: Static, refs, scratch, batch, head, program):
@@ -167,12 +192,24 @@ def _dq_kernel(refs, scratch, *, st: Static):
     program_rows = pl.ds(program_first, CONSUMERS * block_q)
     if st.flex_blocks:  # the listed key blocks: partial ones [0, n_partial), full ones after
         lo, (hi, n_partial) = 0, _await_visit_list(st, refs, scratch, batch, head, q_tile)
+        program_inner = (n_partial, hi)
     else:
-        lo, _, _, hi = key_blocks(st, bounds, program_first, CONSUMERS * block_q)
+        lo, *program_inner, hi = key_blocks(st, bounds, program_first, CONSUMERS * block_q)
+        program_inner = common.clip_inner(lo, hi, *program_inner)
+    cleaned = None
+    if st.clean_hidden:  # the steps where a query of the program has a hidden key
+
+        def cleaned(step):
+            if st.dense_masks and not st.flex_blocks:
+                return step >= lo
+            return (step < program_inner[0]) | (step >= program_inner[1])
 
     @pl.when(wg == CONSUMERS)
     def _producer():
         kv_head = idiv(head, st.groups)
+
+        def clean(slot):
+            clean_tile(scratch["k"].at[slot], scratch["v"].at[slot], poison_keys=False)
 
         def copies(step, slot, barrier):
             keys = pl.ds(_block_of(st, scratch, step) * block_kv, block_kv)
@@ -188,7 +225,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
                 source = refs["kv_seg"].at[batch, keys]
                 plgpu.copy_gmem_to_smem(source, scratch["kv_seg"].at[slot], barrier)
 
-        _produce(scratch, lo, hi, stages, copies)
+        _produce(scratch, lo, hi, stages, copies, cleaned, clean)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():
@@ -215,7 +252,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
 
         def visit(step, dq, *, masked: bool):
             slot = irem(step - lo, stages)
-            plgpu.barrier_wait(scratch["produced"].at[slot])
+            _await_tile(scratch, step, slot, cleaned)
             k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
             k_first = _block_of(st, scratch, step) * block_kv
             qk = mma_transposed(st, q_smem, k_smem)
@@ -374,6 +411,12 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         elif st.has_segments:
             load_key_segments()
         plgpu.barrier_wait(ready)
+        if st.fused_dq and st.clean_hidden:  # dQ += dS K: a hidden key's dS of 0 meets its K
+            clean_tile(part_of("k", keys_at, own), part_of("v", keys_at, own), poison_keys=False)
+            plgpu.commit_smem()
+            if split:  # both consumers read both parts: meet once both are clean
+                plgpu.barrier_arrive(scratch["keys_done"])
+                plgpu.barrier_wait(scratch["keys_done"])
 
         shape = (block_kv, block_q)  # transposed tiles: keys down, queries across
         kv_seg = None
@@ -601,7 +644,11 @@ def _dq(st: Static, operands: dict, pairs: dict, barriers, shape, dtype) -> Arra
     if has_seg:
         scratch["q_seg"] = plgpu.SMEM((CONSUMERS, block_q), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((stages, block_kv), jnp.int32)
-    scratch |= barriers(2 + len(pairs) + has_seg, 4 + has_seg) | _visit_scratch(operands)
+    copies = 2 + len(pairs) + has_seg
+    scratch |= barriers(copies, 4 + has_seg) | _visit_scratch(operands)
+    if st.clean_hidden:  # masked steps: the copies land on `arrived`, `cleaned` releases them
+        scratch["arrived"] = plgpu.Barrier(num_arrivals=copies, num_barriers=stages)
+        scratch["cleaned"] = plgpu.Barrier(num_barriers=stages)
     (dq,) = _launch(
         _dq_kernel,
         st,
@@ -651,6 +698,12 @@ def backward(
         out.astype(jnp.float32),
         precision=lax.Precision.HIGHEST,
     ) - jnp.swapaxes(d_lse.astype(jnp.float32), 1, 2)
+    # A row that saw a non-finite key has a NaN lse (`clean_tile`): as lse +inf and delta 0 its
+    # p and dS are 0, so its NaN reaches no key's gradient through the 0 of a hidden key's p
+    # (its own dq is then 0: a poisoned row's gradients are unspecified).
+    poisoned = jnp.isnan(lse)
+    lse = jnp.where(poisoned, jnp.inf, lse)
+    delta = jnp.where(jnp.swapaxes(poisoned, 1, 2), 0.0, delta)
     operands = {
         "q": rows(query, t_pad),
         "k": rows(key, s_pad),

@@ -67,6 +67,7 @@ class Static:
     flex_steps: int = 1  # the backward's kernel steps per listed block (block mask / kernel tile)
     flex_programs: int = 1  # the backward's programs per block-mask row of lists
     fused_dq: bool = False  # the backward: dQ added up by the dk/dv kernel (no dq kernel)
+    clean_hidden: bool = False  # masked tiles' non-finite K, V cleaned first (`clean_tile`)
 
 
 # --- interpret-mode stand-ins -----------------------------------------------------------------
@@ -489,6 +490,41 @@ def bias_dtype(dtype):
     jax_enable_x64; the kernels add it in float32, and 8 bytes a logit overflow the buffers
     that `pair_itemsize` sized at 4)."""
     return jnp.float32 if dtype == jnp.float64 else dtype
+
+
+CLEAN_HIDDEN = True  # False: masked tiles keep non-finite keys (timing A/B only; issue 19)
+
+
+def hides_keys(st: Static) -> bool:
+    """Whether a tile can hold keys hidden from some of its queries by causal, a window,
+    segment ids, a mask or a flex mask (lengths: the caller zeroes keys past them)."""
+    return CLEAN_HIDDEN and (
+        st.right is not None or st.left is not None or st.dense_masks or st.flex_blocks
+    )
+
+
+def clean_tile(k_ref, v_ref, *, poison_keys: bool) -> None:
+    """Makes a shared-memory K, V tile [bk, H] safe for queries that some of its keys are hidden
+    from: P V and dS K multiply a hidden key by an exact 0, and 0 * NaN = NaN. Non-finite
+    elements of V become 0. poison_keys (the forward): K becomes NaN wherever K or V is not
+    finite, so that every row that sees such a key gets a NaN logit and so NaN output and lse,
+    as the reference's `masking.poison_rows` does, while the rows it is hidden from select
+    -inf; else (the dq kernel, whose rows that see a bad key already have a NaN lse) non-finite
+    elements of K become 0. Run by the producer warpgroup between a tile's copy and its
+    consumers, on [64, 64] pieces (few registers there); |x| < inf is the finiteness test
+    (Mosaic GPU lowers no is_finite)."""
+    rows, cols = k_ref.shape
+    for r in range(0, rows, 64):
+        for c in range(0, cols, 64):
+            piece = (pl.ds(r, min(64, rows - r)), pl.ds(c, min(64, cols - c)))
+            k, v = k_ref[piece], v_ref[piece]
+            v_ok = jnp.abs(v) < jnp.inf
+            k_ok = jnp.abs(k) < jnp.inf
+            v_ref[piece] = jnp.where(v_ok, v, jnp.zeros_like(v))
+            if poison_keys:
+                k_ref[piece] = jnp.where(k_ok & v_ok, k, jnp.full_like(k, jnp.nan))
+            else:
+                k_ref[piece] = jnp.where(k_ok, k, jnp.zeros_like(k))
 
 
 def tiled(shape, dtype):

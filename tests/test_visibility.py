@@ -5,6 +5,8 @@ not weight-0 terms (0 * NaN = NaN). Each test poisons the hidden keys and compar
 the gradients with the same call on clean inputs.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from jax.sharding import Mesh
 
 import jattn
 from jattn import offload
+from pallas_kernels import flash_mosaic
 
 from cases import GRAD_TOLERANCE, TOLERANCE, assert_close, make_inputs
 
@@ -60,16 +63,16 @@ def test_key_lengths_hide_nan_and_inf(rng, implementation):
         assert_close(g, np.asarray(w, np.float64), GRAD_TOLERANCE[jnp.float32])
 
 
-@pytest.mark.parametrize("implementation", ["xla", "xla_chunked", "triton"])
-@pytest.mark.parametrize("feature", ["causal", "window", "segments", "mask"])
-def test_masked_key_with_nan_reaches_only_rows_that_see_it(rng, implementation, feature):
+def _check_masked_key_with_nan(rng, feature, options, dtype=jnp.float32, shape=None):
     """k = NaN and v = inf in one key: the rows that see it get NaN output and lse; every other
     row's output, lse and dq equal the clean call's, and so do dk/dv of the keys that only those
     rows see (a key that a NaN row sees gets a NaN gradient, as under plain autodiff)."""
-    size, nan_key = 24, 17
-    q, k, v = make_inputs(rng, (1, size, size, 2, 1, 16))
+    shape = shape or (1, 24, 24, 2, 1, 16)
+    size = shape[1]
+    nan_key = 17 * size // 24  # 17 of 24: past the middle (segments) and off the first tile
+    q, k, v = make_inputs(rng, shape, dtype)
     i, j = np.arange(size)[:, None], np.arange(size)[None, :]
-    options = dict(implementation=implementation, config=IMPLEMENTATIONS[implementation])
+    options = dict(options)
     if feature == "causal":
         options["is_causal"] = True
         visible = j <= i
@@ -77,7 +80,7 @@ def test_masked_key_with_nan_reaches_only_rows_that_see_it(rng, implementation, 
         options["local_window_size"] = (2, 1)
         visible = (j >= i - 2) & (j <= i + 1)
     elif feature == "segments":
-        ids = (np.arange(size) >= 12).astype(np.int32)
+        ids = (np.arange(size) >= size // 2).astype(np.int32)
         options["segment_ids"] = (jnp.asarray(ids)[None], jnp.asarray(ids)[None])
         visible = ids[:, None] == ids[None, :]
     else:
@@ -97,8 +100,8 @@ def test_masked_key_with_nan_reaches_only_rows_that_see_it(rng, implementation, 
     assert bool(jnp.isnan(got_lse[:, sees_nan]).all())
     assert bool((~jnp.isfinite(got_out[:, sees_nan])).any(axis=-1).all())
     clean_rows = lambda x: jnp.where(rows if x.ndim == 3 else rows[..., None], x, 0.0)
-    assert_close(clean_rows(got_out), np.asarray(clean_rows(want_out)), TOLERANCE[jnp.float32])
-    assert_close(clean_rows(got_lse), np.asarray(clean_rows(want_lse)), TOLERANCE[jnp.float32])
+    assert_close(clean_rows(got_out), np.asarray(clean_rows(want_out)), TOLERANCE[dtype])
+    assert_close(clean_rows(got_lse), np.asarray(clean_rows(want_lse)), TOLERANCE[dtype])
     cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
 
     def loss(q, k, v):
@@ -110,25 +113,48 @@ def test_masked_key_with_nan_reaches_only_rows_that_see_it(rng, implementation, 
     for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
         g, w = (clean_rows(x) if name == "q" else jnp.where(keys, x, 0.0) for x in (g, w))
         assert bool(jnp.isfinite(g).all()), f"d{name} not finite"
-        assert_close(g, np.asarray(w, np.float64), GRAD_TOLERANCE[jnp.float32])
+        assert_close(g, np.asarray(w, np.float64), GRAD_TOLERANCE[dtype])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 19, open: the Mosaic kernel's P V takes a masked key's NaN value as 0 * NaN "
-    "(keys past the lengths are zeroed before it; causal/window/segments/mask are not)",
+@pytest.mark.parametrize("implementation", ["xla", "xla_chunked", "triton"])
+@pytest.mark.parametrize("feature", ["causal", "window", "segments", "mask"])
+def test_masked_key_with_nan_reaches_only_rows_that_see_it(rng, implementation, feature):
+    options = dict(implementation=implementation, config=IMPLEMENTATIONS[implementation])
+    _check_masked_key_with_nan(rng, feature, options)
+
+
+@pytest.mark.parametrize(
+    "feature, fused_dq",
+    [
+        ("causal", False),
+        ("segments", True),
+        # the same two paths (a causal or window reach; dense masks) in other kernels' modes
+        pytest.param("window", True, marks=pytest.mark.slow),
+        pytest.param("mask", False, marks=pytest.mark.slow),
+    ],
 )
-def test_mosaic_causal_key_with_nan_value_reaches_only_rows_that_see_it(rng):
-    """The right value for the Mosaic kernel (interpret mode): a NaN value in key 40 of 70 under
-    causal makes rows 40.. NaN and leaves rows 0..39 equal to the clean call's. Today every row
-    comes back NaN; this test fails the day that is fixed (strict), and the mark goes then."""
-    q, k, v = make_inputs(rng, (1, 70, 70, 2, 1, 64), jnp.bfloat16)
-    bad_v = v.at[:, 40].set(jnp.nan)
-    run = lambda v: jattn.dot_product_attention(q, k, v, is_causal=True, implementation="mosaic")
-    want, got = run(v), run(bad_v)
-    assert bool(jnp.isnan(got[:, 40:]).any(axis=-1).all())
-    assert_close(got[:, :40], np.asarray(want[:, :40], np.float64), TOLERANCE[jnp.bfloat16])
+def test_mosaic_masked_key_with_nan_reaches_only_rows_that_see_it(rng, feature, fused_dq):
+    """The Mosaic kernels (interpret mode): the producer cleans the masked tiles' K and V
+    (`mosaic_common.clean_tile`) before the consumers multiply a hidden key by 0; the fused-dQ
+    backward cleans its keys' tiles itself."""
+    config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2, bwd_fused_dq=fused_dq)
+    options = dict(implementation="mosaic", config=config)
+    _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=(1, 24, 24, 2, 1, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "feature, fused_dq",
+    [("causal", False), ("window", False), ("segments", False), ("mask", True), ("causal", True)],
+)
+def test_gpu_mosaic_masked_key_with_nan(rng, feature, fused_dq):
+    """The same on the GPU, compiled, with the default tiles: many tiles, the NaN key in a
+    middle one, the producer's cleaning (`clean_tile`) racing nothing."""
+    config = dataclasses.replace(
+        flash_mosaic.default_config(64), bwd_fused_dq=fused_dq, bwd_dkdv_stages=None
+    )
+    options = dict(implementation="mosaic", config=config)
+    _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=(1, 300, 300, 4, 2, 64))
 
 
 def _decode_repro(paged: bool):
