@@ -1084,7 +1084,8 @@ def _plan(query, key, bias, mask, config, tuned, interpret, options) -> tuple[_P
         shared_memory_estimate(config, head_dim, pair_itemsize)
     ):
         raise NotImplementedError(
-            f"{config} needs more shared memory than an H100 has for head dim {head_dim}"
+            f"{config} needs more shared memory than a Hopper GPU's {SHARED_MEMORY // 1024} KiB "
+            f"for head dim {head_dim} (smaller block_kv or num_stages fit)"
         )
     s_pad = -(-kv_len // config.block_kv) * config.block_kv
     kv_lengths = options["key_value_seq_lengths"]

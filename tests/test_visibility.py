@@ -145,13 +145,24 @@ def test_mosaic_masked_key_with_nan_reaches_only_rows_that_see_it(rng, feature, 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "feature, fused_dq",
-    [("causal", False), ("window", False), ("segments", False), ("mask", True), ("causal", True)],
+    [
+        ("causal", False),
+        ("window", False),
+        ("segments", False),
+        ("mask", False),
+        ("mask", True),
+        ("causal", True),
+    ],
 )
 def test_gpu_mosaic_masked_key_with_nan(rng, feature, fused_dq):
     """The same on the GPU, compiled, with the default tiles: many tiles, the NaN key in a
     middle one, the producer's cleaning (`clean_tile`) racing nothing."""
-    config = dataclasses.replace(
-        flash_mosaic.default_config(64), bwd_fused_dq=fused_dq, bwd_dkdv_stages=None
+    config = dataclasses.replace(  # 128-key tiles: a mask's [128, 256] tiles over 3 stages
+        flash_mosaic.default_config(64),  # would not fit shared memory
+        block_kv=128,
+        num_stages=2,
+        bwd_fused_dq=fused_dq,
+        bwd_dkdv_stages=None,
     )
     options = dict(implementation="mosaic", config=config)
     _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=(1, 300, 300, 4, 2, 64))
