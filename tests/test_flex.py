@@ -324,6 +324,26 @@ def test_hidden_nan_keys_never_reach_a_query(rng):
     assert np.isfinite(np.asarray(jvp_out)[0, ~in_doc]).all()
 
 
+def test_mosaic_flex_hidden_nan_value_reaches_no_other_document(rng):
+    """The Mosaic kernel (interpret mode) under a mask_mod and its block mask: a NaN value in
+    one document's key makes that document's rows NaN and no other's (`clean_tile` zeroes it in
+    the partial blocks before P V), and the other rows equal the clean call's."""
+    shape = (1, 150, 150, 2, 1, 64)
+    q, k, v = make_inputs(rng, shape, jnp.bfloat16)
+    docs = jnp.asarray(np.repeat([0, 1, 2], [40, 60, 50])[None], jnp.int32)
+    same = lambda b, h, i, j: docs[b, i] == docs[b, j]  # noqa: E731
+    block_mask = jattn.create_block_mask(same, 1, 2, 150, 150, block_q=128, block_kv=128)
+
+    def run(v):
+        return jattn.flex_attention(q, k, v, block_mask=block_mask, implementation="mosaic")
+
+    want, got = run(v), run(v.at[0, 70].set(jnp.nan))  # key 70: in document 1
+    in_doc = np.asarray(docs[0] == 1)
+    assert np.isnan(np.asarray(got, np.float32)[0, in_doc]).any(axis=-1).all()
+    others = np.asarray(got, np.float32)[0, ~in_doc]
+    np.testing.assert_allclose(others, np.asarray(want, np.float32)[0, ~in_doc], atol=2e-2)
+
+
 # --- block masks ---------------------------------------------------------------------------------
 
 
