@@ -102,6 +102,10 @@ DS_BARRIER = TURN_BARRIER  # fused_dq: the consumers' dS^T meet at this named ba
 # fused_dq stages left out, for timing only (`benchmarks/dev/fused_dq_parts.py`; wrong dQ):
 # "store" (the dQ tile's shared-memory store and TMA reduce-add), "mma" (the dS @ K wgmma too).
 FUSED_DQ_OMIT = frozenset()
+# fused_dq with one head part: the consumers' dS^T meet and each computes one dQ chunk over both
+# consumers' keys (`add_dq`); False: each adds its own keys' dS @ K (the A/B of
+# benchmarks/dev/fused_dq_ab.py).
+COOPERATIVE_DQ = True
 
 
 def _scalars(bounds_ref, batch):
@@ -342,6 +346,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
     # half of dK's and dV's columns.
     block_q, block_kv, stages, parts = st.block_q, st.block_kv, st.num_stages, st.head_parts
     split = parts > 1
+    cooperative = st.fused_dq and not split and COOPERATIVE_DQ
 
     def part_of(name: str, index, part):
         """Column part `part` of buffer `index` (a ring slot, or a consumer's keys) of Q, K, V
@@ -443,7 +448,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             once per step, not once per consumer. Two parts: both consumers hold the same dS^T,
             and each computes the chunks of its own column part."""
             rows = pl.ds(q_first, block_q)
-            if split:
+            if not cooperative:  # own dS^T, own keys (their column part when split)
                 ds_own = scratch["ds"].at[wg]
                 ds_refs, k_refs = [ds_own], [part_of("k", keys_at, own)]
             else:  # double-buffered: the other consumer may still read the last step's
@@ -453,7 +458,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 k_refs = [part_of("k", c, 0) for c in range(CONSUMERS)]
             ds_own[...] = ds_t  # [bk, bq]
             plgpu.commit_smem()
-            if not split:
+            if cooperative:
                 meet_consumers()
             if "mma" in FUSED_DQ_OMIT:
                 return
@@ -463,7 +468,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             width = k_refs[0].shape[-1]
             for chunk, first in enumerate(range(0, width, DQ_CHUNK)):
                 cols = pl.ds(first, DQ_CHUNK)
-                buffer_cols = cols if split else pl.ds(0, DQ_CHUNK)
+                buffer_cols = pl.ds(0, DQ_CHUNK) if cooperative else cols
 
                 def add_chunk(cols=cols, buffer_cols=buffer_cols):
                     dq = mma_lhs_transposed(st, ds_refs, [k.at[:, cols] for k in k_refs])
@@ -478,16 +483,16 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
 
                     else:
                         dq_smem.at[:, buffer_cols][...] = dq
-                    if not (split or st.interpret or "store" in FUSED_DQ_OMIT):
+                    if cooperative and not (st.interpret or "store" in FUSED_DQ_OMIT):
                         plgpu.commit_smem()
                         target = refs["dq_acc"].at[batch, rows, out_head, cols]
                         plgpu.copy_smem_to_gmem(dq_smem, target, reduction_op="add")
 
-                if split:
-                    add_chunk()
-                else:
+                if cooperative:
                     pl.when(wg == chunk % CONSUMERS)(add_chunk)
-            if split and not (st.interpret or "store" in FUSED_DQ_OMIT):
+                else:
+                    add_chunk()
+            if not (cooperative or st.interpret or "store" in FUSED_DQ_OMIT):
                 plgpu.commit_smem()
                 target = refs["dq_acc"].at[batch, rows, out_head]
                 plgpu.copy_smem_to_gmem(dq_smem, target, reduction_op="add")
@@ -560,7 +565,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         if split:  # the other consumer may still read K and V: meet before writing over them
             plgpu.barrier_arrive(scratch["keys_done"])
             plgpu.barrier_wait(scratch["keys_done"])
-        elif st.fused_dq:  # the other consumer may still read this one's K for its dQ chunk
+        elif cooperative:  # the other consumer may still read this one's K for its dQ chunk
             meet_consumers()
         k_out, v_out = part_of("k", keys_at, own), part_of("v", keys_at, own)
         k_out[...] = (dk * st.scale).astype(k_out.dtype)  # K and V are no longer needed
@@ -788,10 +793,11 @@ def backward(
     outs = {"dk": per_head, "dv": per_head}
     operands = operands | pairs_t
     if st.fused_dq:  # dS^T [bk, bq] and a float32 dQ tile per consumer (`add_dq`)
-        ds_buffers, dq_width = (CONSUMERS, part_width) if parts > 1 else (2 * CONSUMERS, DQ_CHUNK)
+        cooperative = parts == 1 and COOPERATIVE_DQ
+        ds_buffers, dq_width = (2 * CONSUMERS, DQ_CHUNK) if cooperative else (CONSUMERS, part_width)
         scratch["ds"] = tiled((ds_buffers, block_kv, block_q), dtype)
         scratch["dq"] = tiled((CONSUMERS, block_q, dq_width), jnp.float32)
-        if parts == 1 and st.interpret:
+        if cooperative and st.interpret:
             scratch["ds_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS)
         dq_shape = (batch, t_pad, num_heads * parts, part_width)
         if st.interpret:
