@@ -105,6 +105,19 @@ def time_ms_together(fns: dict[str, Callable], args, repeats: int) -> dict[str, 
     return tuner.time_ms_rounds(calls, repeats)
 
 
+def record_together(fns: dict[str, Callable], args, repeats: int, cell: dict, rows: list,
+                    path: str) -> None:  # fmt: skip
+    """`time_ms_together` of fns on one cell (an A/B of `benchmarks/dev`): a row per fn (the
+    cell's fields, peer, ms) appended to rows and printed as JSON; rows written to path with
+    the environment."""
+    for name, ms in time_ms_together(fns, args, repeats).items():
+        row = dict(cell, peer=name, ms=ms)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    with open(path, "w") as f:
+        json.dump(dict(environment=environment(), rows=rows), f, indent=1)
+
+
 def forward_flops(batch, heads, q_len, kv_len, head_dim, causal) -> float:
     flops = 4.0 * batch * heads * q_len * kv_len * head_dim
     return flops / 2 if causal else flops

@@ -10,14 +10,12 @@ Run: python -m benchmarks.dev.clean_hidden_ab --json OUT.json [--lengths 4096 16
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 
 import jattn
 from benchmarks import flash
-from jattn.demo import environment
 from pallas_kernels import mosaic_common
 
 CELLS = {
@@ -75,13 +73,8 @@ def main(argv=None) -> None:
                             )
                         )
                 mosaic_common.CLEAN_HIDDEN = True
-                times = flash.time_ms_together(fns, (q, k, v), args.repeats)
-                for name, ms in times.items():
-                    row = dict(cell=cell, length=length, mode=mode, peer=name, ms=ms)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                with open(args.json, "w") as f:
-                    json.dump(dict(environment=environment(), rows=rows), f, indent=1)
+                cell_fields = dict(cell=cell, length=length, mode=mode)
+                flash.record_together(fns, (q, k, v), args.repeats, cell_fields, rows, args.json)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks import flash, mosaic_variants
-from jattn.demo import environment
 from pallas_kernels import flash_mosaic, flash_mosaic_bwd
 
 
@@ -52,13 +50,8 @@ def main(argv=None) -> None:
                     jax.block_until_ready(fn(q, k, v))  # traced and compiled under the setting
                     fns[name] = fn
                 flash_mosaic_bwd.COOPERATIVE_DQ = True
-                times = flash.time_ms_together(fns, (q, k, v), args.repeats)
-                for name, ms in times.items():
-                    row = dict(head_dim=head_dim, length=length, causal=causal, peer=name, ms=ms)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                with open(args.json, "w") as f:
-                    json.dump(dict(environment=environment(), rows=rows), f, indent=1)
+                cell = dict(head_dim=head_dim, length=length, causal=causal)
+                flash.record_together(fns, (q, k, v), args.repeats, cell, rows, args.json)
 
 
 if __name__ == "__main__":
