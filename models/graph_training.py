@@ -90,7 +90,10 @@ class DenseAttentionNet(nnx.Module):
     every earlier module's output (dense skip connections), then a GCN layer to the classes.
     `make_attention(in_features, rngs)` builds one module's attention layer and returns it with
     its output width. `input_dropout` (default: `dropout`) is the rate on the input features,
-    `dropout` the rate on every hidden concatenation."""
+    `dropout` the rate on every hidden concatenation. skip="add": each module's output is added
+    to the GCN output and the earlier modules' (a residual stream of `hidden` features; every
+    module must output `hidden`) instead of concatenated with them: an unconfirmed reading of
+    the paper's skip connections, against the dense concatenation of its figure's caption."""
 
     def __init__(
         self,
@@ -102,8 +105,12 @@ class DenseAttentionNet(nnx.Module):
         num_modules: int,
         dropout: float,
         input_dropout: float | None = None,
+        skip: str = "concat",
         rngs: nnx.Rngs,
     ):
+        if skip not in ("concat", "add"):
+            raise ValueError(f"skip must be 'concat' or 'add', got {skip!r}")
+        self.skip = skip
         self.gcn_in = GCN(in_features, hidden, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         # The same layer when the rates agree (keeps the default's random streams unchanged).
@@ -116,7 +123,9 @@ class DenseAttentionNet(nnx.Module):
         for _ in range(num_modules):
             layer, out = make_attention(width, rngs)
             modules.append(layer)
-            width += out
+            if skip == "add" and out != hidden:
+                raise ValueError(f"skip='add' needs modules of {hidden} features, got {out}")
+            width += out if skip == "concat" else 0
         self.blocks = nnx.List(modules) if hasattr(nnx, "List") else modules
         self.gcn_out = GCN(width, num_classes, rngs=rngs)
 
@@ -126,7 +135,10 @@ class DenseAttentionNet(nnx.Module):
         for module in self.blocks:
             inputs = self.dropout(jnp.concatenate(features, axis=-1))
             out = _call_attention(module, graph._replace(nodes=inputs), layout)
-            features.append(jax.nn.elu(out.nodes))
+            if self.skip == "add":  # [N, hidden]: one residual stream
+                features = [features[0] + jax.nn.elu(out.nodes)]
+            else:
+                features.append(jax.nn.elu(out.nodes))
         x = self.dropout(jnp.concatenate(features, axis=-1))
         return self.gcn_out(graph._replace(nodes=x)).nodes
 

@@ -179,6 +179,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--input-dropout", type=float, default=None, help="dropout on the input features "
         "(ganet; default: --dropout)",
     )  # fmt: skip
+    p.add_argument(
+        "--skip", choices=("concat", "add"), default="concat",
+        help="(ganet) the modules' skip connections: dense concatenation (the paper's Fig. 2 "
+        "caption) or a residual sum of `--hidden` features (an unconfirmed reading)",
+    )  # fmt: skip
 
 
 def build(args: argparse.Namespace, data: Planetoid, rngs: nnx.Rngs) -> nnx.Module:
@@ -216,7 +221,7 @@ def build(args: argparse.Namespace, data: Planetoid, rngs: nnx.Rngs) -> nnx.Modu
     return DenseAttentionNet(
         data.num_features, data.num_classes, make_attention, hidden=args.hidden,
         num_modules=args.modules, dropout=args.dropout, input_dropout=args.input_dropout,
-        rngs=rngs,
+        skip=args.skip, rngs=rngs,
     )  # fmt: skip
 
 

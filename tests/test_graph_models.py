@@ -148,6 +148,31 @@ def test_hganet_gam_readings(rng, reading):
     assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, before, after_step)))
 
 
+def test_ganet_residual_skip_sums_the_modules(rng):
+    """skip="add": the GCN output plus each module's ELU output, one [N, hidden] stream (in
+    eval mode: no dropout), into the output GCN; modules of another width are refused."""
+    from models.graph_training import DenseAttentionNet
+
+    n, features, classes, hidden = 7, 6, 3, 8
+    graph = jg.add_self_loops(ring(rng, n=n, features=features))
+
+    def make(width, rngs):
+        return HardGraphAttention(width, 4, num_heads=2, k=2, rngs=rngs), 8
+
+    net = DenseAttentionNet(features, classes, make, hidden=hidden, num_modules=2, dropout=0.5,
+                            skip="add", rngs=nnx.Rngs(params=0, dropout=1))  # fmt: skip
+    net.eval()
+    h = jax.nn.elu(net.gcn_in(graph, graph.nodes).nodes)
+    for module in net.blocks:
+        h = h + jax.nn.elu(module(graph._replace(nodes=h)).nodes)
+    want = net.gcn_out(graph._replace(nodes=h)).nodes
+    np.testing.assert_allclose(net(graph, graph.nodes), want, rtol=1e-5, atol=1e-5)
+    assert net.gcn_out.linear.kernel.shape[0] == hidden  # no concatenation
+    with pytest.raises(ValueError, match="skip='add' needs modules of 8 features, got 5"):
+        DenseAttentionNet(features, classes, lambda w, r: (make(w, r)[0], 5), hidden=hidden,
+                          num_modules=1, dropout=0.5, skip="add", rngs=nnx.Rngs(0))  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------
 # Planetoid
 
@@ -195,6 +220,7 @@ def test_safe_unpickler_refuses_other_classes():
         ("hganet", ["--modules", "1", "--k", "4"]),
         ("hganet", ["--modules", "1", "--k", "4", "--gam", "gcn", "--gam-features", "16"]),
         ("hganet", ["--modules", "1", "--k", "4", "--gam", "gcn-first"]),
+        ("hganet", ["--modules", "1", "--k", "4", "--skip", "add"]),
         ("hganet", ["--architecture", "gat", "--heads", "2"]),
         ("hganet", ["--architecture", "gat", "--heads", "2", "--score", "additive", "--match-dgl"]),
         ("cganet", ["--modules", "1", "--normalize"]),
