@@ -497,9 +497,14 @@ CLEAN_HIDDEN = True  # False: masked tiles keep non-finite keys (timing A/B only
 
 def hides_keys(st: Static) -> bool:
     """Whether a tile can hold keys hidden from some of its queries by causal, a window,
-    segment ids, a mask or a flex mask (lengths: the caller zeroes keys past them)."""
+    segment ids, a mask, a flex mask or query lengths (rows past them see no key; key lengths:
+    the caller zeroes keys past them)."""
     return CLEAN_HIDDEN and (
-        st.right is not None or st.left is not None or st.dense_masks or st.flex_blocks
+        st.right is not None
+        or st.left is not None
+        or st.dense_masks
+        or st.flex_blocks
+        or st.check_q_len
     )
 
 

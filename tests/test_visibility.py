@@ -142,6 +142,30 @@ def test_mosaic_masked_key_with_nan_reaches_only_rows_that_see_it(rng, feature, 
     _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=(1, 24, 24, 2, 1, 64))
 
 
+@pytest.mark.parametrize("implementation", ["xla", "triton", "mosaic"])
+def test_rows_past_query_lengths_see_no_nan_value(rng, implementation):
+    """A NaN value in a key that every real row sees: those rows are NaN, and the rows past
+    `query_seq_lengths`, which see no key, give 0 output, -inf lse and 0 dq (on Mosaic the
+    producer cleans the tiles of a program with such rows: `mosaic_common.hides_keys`)."""
+    dtype = jnp.bfloat16 if implementation == "mosaic" else jnp.float32
+    config = jattn.MosaicConfig(block_q=64, block_kv=64) if implementation == "mosaic" else None
+    config = IMPLEMENTATIONS.get(implementation, config)
+    q, k, v = make_inputs(rng, (1, 24, 24, 2, 1, 64), dtype)
+    v = v.at[:, 3].set(jnp.nan)
+    options = dict(query_seq_lengths=jnp.array([10]), implementation=implementation, config=config)
+
+    def run(q):
+        return jattn.dot_product_attention(q, k, v, return_residual=True, **options)
+
+    out, lse = run(q)
+    assert bool(jnp.isnan(out[:, :10]).any(axis=-1).all())
+    np.testing.assert_array_equal(np.asarray(out[:, 10:], np.float32), 0.0)
+    assert bool((lse[:, 10:] == -jnp.inf).all())
+    dq = jax.grad(lambda q: jnp.sum(run(q)[0][:, 10:].astype(jnp.float32)))(q)
+    np.testing.assert_array_equal(np.asarray(dq[:, 10:], np.float32), 0.0)  # a NaN row's dq:
+    # unspecified (it sees the NaN key)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "feature, fused_dq",
