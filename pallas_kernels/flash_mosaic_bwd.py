@@ -13,13 +13,14 @@ query head and summed over the G heads of a group afterwards, so every output ha
 no atomics, the same bits every run.
 
 With `Static.fused_dq` (`MosaicConfig.bwd_fused_dq`) only the dk/dv kernel runs, as in
-FlashAttention-2/3's backward: each consumer also writes dS^T to shared memory and computes
-dQ's part dS @ K for the step's queries (a wgmma with the transposed dS as its first operand),
-which a TMA reduce-add store adds into a float32 dQ in global memory (a `jax.new_ref`, zeroed
-first). That drops the dq kernel's second Q K^T and dO V^T: 5 matmuls per tile pair, not 7; the
-float32 sums of dQ then depend on the order of the adds. The interpreter has no TMA reductions:
-there each consumer adds into a zeroed output of its own (programs run one after another), and
-the consumers' parts are summed after.
+FlashAttention-2/3's backward: each consumer also writes dS^T to shared memory, the two
+consumers' dS^T meet there, and each computes one column chunk of dQ = dS @ K for the step's
+queries over both consumers' keys (FlashAttention-3's split; a wgmma with the transposed dS as
+its first operand), which a TMA reduce-add store adds into a float32 dQ in global memory (a
+`jax.new_ref`, zeroed first). That drops the dq kernel's second Q K^T and dO V^T: 5 matmuls
+per tile pair, not 7; the float32 sums of dQ then depend on the order of the adds. The
+interpreter has no TMA reductions: there each consumer adds into a zeroed output of its own
+(programs run one after another), and the consumers' parts are summed after.
 
 Everything the forward applies per tile applies here too (`flash_mosaic` has the details); a
 bias or mask enters the dk/dv kernel transposed ([S, T], one copy made in XLA). dbias is not
@@ -99,7 +100,7 @@ def padding_tiles(st: Static) -> tuple[int, int]:
 
 DQ_CHUNK = 64  # fused_dq: columns of dQ per wgmma (32 float32 registers per thread)
 DS_BARRIER = TURN_BARRIER  # fused_dq: the consumers' dS^T meet at this named barrier
-# fused_dq stages left out, for timing only (`benchmarks/dev/fused_dq_parts.py`; wrong dQ):
+# fused_dq stages left out, for timing only (`benchmarks/dev/fused_dq_parts.sh`; wrong dQ):
 # "store" (the dQ tile's shared-memory store and TMA reduce-add), "mma" (the dS @ K wgmma too).
 FUSED_DQ_OMIT = frozenset()
 # fused_dq with one head part: the consumers' dS^T meet and each computes one dQ chunk over both
