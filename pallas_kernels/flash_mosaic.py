@@ -60,7 +60,8 @@ from pallas_kernels.mosaic_common import (
     WGMMA_ROW,
     Static,
     bias_dtype,
-    clean_tile,
+    clean_landed_tile,
+    cleaned_steps,
     flex_forward_logits,
     flex_indices,
     flex_vectors,
@@ -387,19 +388,11 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
         """The key block of visit `step`: itself, or the block mask list's step-th entry."""
         return scratch["blocks"][3 + step] if st.flex_blocks else step
 
-    def program_inner(bounds, program_first, lo, hi):
-        """[inner_lo, inner_hi): the steps of a tile in which no query of the program has a
-        hidden key. With st.clean_hidden the producer cleans the K and V of the others
-        (`clean_tile`), and both consumers wait for that (`kv_cleaned`) instead of the copy."""
-        if st.flex_blocks:  # the list's partial blocks first
-            return scratch["blocks"][1], hi
-        if st.dense_masks:
-            return hi, hi
-        _, inner_lo, inner_hi, _ = key_blocks(st, bounds, program_first, rows_per_program)
-        return common.clip_inner(lo, hi, inner_lo, inner_hi)
-
-    def is_cleaned(step, inner):
-        return (step < inner[0]) | (step >= inner[1])
+    def cleaned_at(bounds, program_first, lo, hi):
+        """step -> whether the producer cleans its tile (`cleaned_steps`); both consumers then
+        wait for that (`kv_cleaned`) instead of the copy."""
+        n_partial = scratch["blocks"][1] if st.flex_blocks else None
+        return cleaned_steps(st, bounds, program_first, rows_per_program, lo, hi, n_partial)
 
     def await_block_list():  # a flex block mask: this program's list, in shared memory
         if not st.flex_blocks:
@@ -433,7 +426,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             program_rows = pl.ds(program_first, rows_per_program)
 
             if st.clean_hidden:
-                inner = program_inner(bounds, program_first, lo, hi)
+                is_cleaned = cleaned_at(bounds, program_first, lo, hi)
 
             @pl.loop(lo, hi)
             def _(step):
@@ -465,7 +458,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 if not st.clean_hidden:
                     issue(scratch["k_produced"].at[slot], scratch["v_produced"].at[slot])
                     return
-                cleaned = is_cleaned(step, inner)
+                cleaned = is_cleaned(step)
 
                 @pl.when(~cleaned)
                 def _():
@@ -475,10 +468,8 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 def _():
                     arrived = scratch["kv_arrived"].at[slot]
                     issue(arrived, arrived)
-                    plgpu.barrier_wait(arrived)
-                    clean_tile(scratch["k"].at[slot], scratch["v"].at[slot], poison_keys=True)
-                    plgpu.commit_smem()  # visible to the consumers' wgmma
-                    plgpu.barrier_arrive(scratch["kv_cleaned"].at[slot])
+                    k, v, done = (scratch[n].at[slot] for n in ("k", "v", "kv_cleaned"))
+                    clean_landed_tile(arrived, done, k, v, poison_keys=True)
 
             return base + jnp.maximum(hi - lo, 0)
 
@@ -540,7 +531,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 pl.when(wg == 1)(take_turns)
 
             if st.clean_hidden:
-                inner = program_inner(bounds, program_first, lo, hi)
+                is_cleaned = cleaned_at(bounds, program_first, lo, hi)
 
             def wait_k(step, early: bool = False):
                 """K of `step`, and V too where the producer cleaned the tile. early: a wait
@@ -550,7 +541,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 if not st.clean_hidden:
                     plgpu.barrier_wait(scratch["k_produced"].at[slot])
                     return
-                cleaned = is_cleaned(step, inner)
+                cleaned = is_cleaned(step)
                 if not early:
                     wait_cleaned(step)
                 pl.when(~cleaned)(lambda: plgpu.barrier_wait(scratch["k_produced"].at[slot]))
@@ -559,7 +550,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 if st.clean_hidden:
                     slot = slot_of(base + step - lo)
                     wait = lambda: plgpu.barrier_wait(scratch["kv_cleaned"].at[slot])
-                    pl.when(is_cleaned(step, inner))(wait)
+                    pl.when(is_cleaned(step))(wait)
 
             def wait_v(step):
                 slot = slot_of(base + step - lo)
@@ -567,7 +558,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                     plgpu.barrier_wait(scratch["v_produced"].at[slot])
                     return
                 wait = lambda: plgpu.barrier_wait(scratch["v_produced"].at[slot])
-                pl.when(~is_cleaned(step, inner))(wait)
+                pl.when(~is_cleaned(step))(wait)
 
             def tile_inputs(slot, masked: bool):
                 """The bias, mask and key segment ids of a ring slot (read before its release);

@@ -50,7 +50,9 @@ from pallas_kernels.mosaic_common import (
     Static,
     backward_tile_logits,
     bias_dtype,
+    clean_landed_tile,
     clean_tile,
+    cleaned_steps,
     flex_vectors,
     hide_invisible,
     idiv,
@@ -113,11 +115,12 @@ def _scalars(bounds_ref, batch):
     return bounds_ref[batch, 0], bounds_ref[batch, 1], bounds_ref[batch, 2]
 
 
-def _produce(scratch, lo, hi, stages: int, copies, cleaned=None, clean=None) -> None:
+def _produce(scratch, lo, hi, stages: int, copies, cleaned=None) -> None:
     """The producer warpgroup: for each step of [lo, hi), wait until the consumers released
     its ring slot, then issue copies(step, slot, barrier); finally observe the last releases.
     Where cleaned(step) (a traced bool; None: nowhere) the copies land on `arrived` instead,
-    clean(slot) runs on them and `cleaned` releases the consumers (`_await_tile`)."""
+    K and V are cleaned there (`clean_landed_tile`), and `cleaned` releases the consumers
+    (`_await_tile`)."""
     plgpu.set_max_registers(40, action="decrease")
 
     @pl.loop(lo, hi)
@@ -137,10 +140,9 @@ def _produce(scratch, lo, hi, stages: int, copies, cleaned=None, clean=None) -> 
         @pl.when(dirty)
         def _():
             copies(step, slot, scratch["arrived"].at[slot])
-            plgpu.barrier_wait(scratch["arrived"].at[slot])
-            clean(slot)
-            plgpu.commit_smem()  # visible to the consumers' wgmma
-            plgpu.barrier_arrive(scratch["cleaned"].at[slot])
+            k, v = scratch["k"].at[slot], scratch["v"].at[slot]
+            arrived, done = scratch["arrived"].at[slot], scratch["cleaned"].at[slot]
+            clean_landed_tile(arrived, done, k, v, poison_keys=False)
 
     @pl.loop(jnp.maximum(lo, hi - stages), hi)
     def _(step):
@@ -195,26 +197,19 @@ def _dq_kernel(refs, scratch, *, st: Static):
     bounds = _scalars(refs["bounds"], batch)
     program_first = q_tile * (CONSUMERS * block_q)
     program_rows = pl.ds(program_first, CONSUMERS * block_q)
+    n_partial = None
     if st.flex_blocks:  # the listed key blocks: partial ones [0, n_partial), full ones after
         lo, (hi, n_partial) = 0, _await_visit_list(st, refs, scratch, batch, head, q_tile)
-        program_inner = (n_partial, hi)
     else:
-        lo, *program_inner, hi = key_blocks(st, bounds, program_first, CONSUMERS * block_q)
-        program_inner = common.clip_inner(lo, hi, *program_inner)
+        lo, _, _, hi = key_blocks(st, bounds, program_first, CONSUMERS * block_q)
     cleaned = None
     if st.clean_hidden:  # the steps where a query of the program has a hidden key
-
-        def cleaned(step):
-            if st.dense_masks and not st.flex_blocks:
-                return step >= lo
-            return (step < program_inner[0]) | (step >= program_inner[1])
+        rows = CONSUMERS * block_q
+        cleaned = cleaned_steps(st, bounds, program_first, rows, lo, hi, n_partial)
 
     @pl.when(wg == CONSUMERS)
     def _producer():
         kv_head = idiv(head, st.groups)
-
-        def clean(slot):
-            clean_tile(scratch["k"].at[slot], scratch["v"].at[slot], poison_keys=False)
 
         def copies(step, slot, barrier):
             keys = pl.ds(_block_of(st, scratch, step) * block_kv, block_kv)
@@ -230,7 +225,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
                 source = refs["kv_seg"].at[batch, keys]
                 plgpu.copy_gmem_to_smem(source, scratch["kv_seg"].at[slot], barrier)
 
-        _produce(scratch, lo, hi, stages, copies, cleaned, clean)
+        _produce(scratch, lo, hi, stages, copies, cleaned)
 
     @pl.when(wg < CONSUMERS)
     def _consumer():

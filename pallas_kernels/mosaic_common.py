@@ -508,6 +508,29 @@ def hides_keys(st: Static) -> bool:
     )
 
 
+def cleaned_steps(st: Static, bounds, program_first, rows: int, lo, hi, n_partial=None):
+    """step -> (traced) whether the tile of `step` (in [lo, hi)) can hide a key from a query of
+    the program's rows [program_first, +rows): the steps whose K and V the producer cleans
+    (`clean_tile`). n_partial: a flex block list's partial blocks, which come first."""
+    if st.flex_blocks:
+        inner = (n_partial, hi)
+    elif st.dense_masks:
+        inner = (hi, hi)
+    else:
+        _, inner_lo, inner_hi, _ = key_blocks(st, bounds, program_first, rows)
+        inner = common.clip_inner(lo, hi, inner_lo, inner_hi)
+    return lambda step: (step < inner[0]) | (step >= inner[1])
+
+
+def clean_landed_tile(arrived, cleaned, k_ref, v_ref, *, poison_keys: bool) -> None:
+    """The producer's side of a cleaned step: wait for the tile's copies (on `arrived`), clean
+    its K and V, make them visible to the consumers' wgmma and release them (on `cleaned`)."""
+    plgpu.barrier_wait(arrived)
+    clean_tile(k_ref, v_ref, poison_keys=poison_keys)
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(cleaned)
+
+
 def clean_tile(k_ref, v_ref, *, poison_keys: bool) -> None:
     """Makes a shared-memory K, V tile [bk, H] safe for queries that some of its keys are hidden
     from: P V and dS K multiply a hidden key by an exact 0, and 0 * NaN = NaN. Non-finite

@@ -148,8 +148,8 @@ def test_rows_past_query_lengths_see_no_nan_value(rng, implementation):
     `query_seq_lengths`, which see no key, give 0 output, -inf lse and 0 dq (on Mosaic the
     producer cleans the tiles of a program with such rows: `mosaic_common.hides_keys`)."""
     dtype = jnp.bfloat16 if implementation == "mosaic" else jnp.float32
-    config = jattn.MosaicConfig(block_q=64, block_kv=64) if implementation == "mosaic" else None
-    config = IMPLEMENTATIONS.get(implementation, config)
+    mosaic = jattn.MosaicConfig(block_q=64, block_kv=64)
+    config = mosaic if implementation == "mosaic" else IMPLEMENTATIONS[implementation]
     q, k, v = make_inputs(rng, (1, 24, 24, 2, 1, 64), dtype)
     v = v.at[:, 3].set(jnp.nan)
     options = dict(query_seq_lengths=jnp.array([10]), implementation=implementation, config=config)
