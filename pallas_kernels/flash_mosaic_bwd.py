@@ -109,6 +109,11 @@ FUSED_DQ_OMIT = frozenset()
 # consumers' keys (`add_dq`); False: each adds its own keys' dS @ K (the A/B of
 # benchmarks/dev/fused_dq_ab.py).
 COOPERATIVE_DQ = True
+# fused_dq: how a dQ chunk is added to global memory. "tma": stored to shared memory, then a
+# TMA reduce-add (cp.reduce.async.bulk); "atomic": red.global.add.f32 straight from the wgmma's
+# registers (FlashAttention-2's way), with no shared memory, fence or warpgroup barrier;
+# "tma_plain": "tma" through an unswizzled buffer (no register permutation, bank conflicts).
+DQ_ADD = "tma"
 
 
 def _scalars(bounds_ref, batch):
@@ -458,8 +463,10 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 meet_consumers()
             if "mma" in FUSED_DQ_OMIT:
                 return
-            dq_smem = scratch["dq"].at[wg]  # [bq, H / parts], or [bq, DQ_CHUNK] with one part
-            if not st.interpret:
+            atomic = DQ_ADD == "atomic" and not st.interpret
+            if not atomic:
+                dq_smem = scratch["dq"].at[wg]  # [bq, H / parts], or [bq, DQ_CHUNK] with one part
+            if not (st.interpret or atomic):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last dQ was read out
             width = k_refs[0].shape[-1]
             for chunk, first in enumerate(range(0, width, DQ_CHUNK)):
@@ -471,6 +478,9 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                     if st.interpret:  # no TMA reductions there: a zeroed output per consumer
                         target = refs["dq_acc"].at[wg, batch, rows, out_head, cols]
                         target[...] = target[...] + dq
+                    elif atomic:
+                        plgpu.atomic_add(refs["dq_acc"].at[batch, rows, out_head, cols], dq)
+                        return
                     elif "store" in FUSED_DQ_OMIT:  # a store that never runs keeps the wgmma
 
                         @pl.when(q_first < 0)
@@ -488,7 +498,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                     pl.when(wg == chunk % CONSUMERS)(add_chunk)
                 else:
                     add_chunk()
-            if not (cooperative or st.interpret or "store" in FUSED_DQ_OMIT):
+            if not (cooperative or st.interpret or atomic or "store" in FUSED_DQ_OMIT):
                 plgpu.commit_smem()
                 target = refs["dq_acc"].at[batch, rows, out_head]
                 plgpu.copy_smem_to_gmem(dq_smem, target, reduction_op="add")
@@ -792,7 +802,10 @@ def backward(
         cooperative = parts == 1 and COOPERATIVE_DQ
         ds_buffers, dq_width = (2 * CONSUMERS, DQ_CHUNK) if cooperative else (CONSUMERS, part_width)
         scratch["ds"] = tiled((ds_buffers, block_kv, block_q), dtype)
-        scratch["dq"] = tiled((CONSUMERS, block_q, dq_width), jnp.float32)
+        if DQ_ADD == "tma_plain" and not st.interpret:
+            scratch["dq"] = plgpu.SMEM((CONSUMERS, block_q, dq_width), jnp.float32)
+        elif DQ_ADD != "atomic" or st.interpret:
+            scratch["dq"] = tiled((CONSUMERS, block_q, dq_width), jnp.float32)
         if cooperative and st.interpret:
             scratch["ds_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS)
         dq_shape = (batch, t_pad, num_heads * parts, part_width)

@@ -1,16 +1,18 @@
-"""A/B of `flash_mosaic_bwd.COOPERATIVE_DQ` (issue 14): the fused-dQ backward with the two
-consumers' dS^T meeting and each computing one dQ chunk, against each consumer adding its own
-keys' dS @ K, beside the two-kernel backward and cuDNN, forward+backward in one process (each
-setting traced and compiled right after it is set). bf16, FlashAttention shapes (B = 16k / T,
-hidden 2048).
+"""A/B of a `flash_mosaic_bwd` module switch of the fused-dQ backward (issue 14): each value of
+the switch (`COOPERATIVE_DQ`: True / False; `DQ_ADD`: "tma" / "tma_plain" / "atomic") beside
+the two-kernel backward and cuDNN, forward+backward in one process (each setting traced and
+compiled right after it is set), with each setting's largest dQ difference from the two-kernel
+backward's (a wrong variant shows there). bf16, FlashAttention shapes (B = 16k / T, hidden 2048).
 
-Run: python -m benchmarks.dev.fused_dq_ab --json OUT.json [--head-dims 64 128] [--lengths ...]
+Run: python -m benchmarks.dev.fused_dq_ab --json OUT.json --switch DQ_ADD --values tma atomic
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +21,28 @@ from benchmarks import flash, mosaic_variants
 from pallas_kernels import flash_mosaic, flash_mosaic_bwd
 
 
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True)
+    parser.add_argument("--switch", default="COOPERATIVE_DQ")
+    parser.add_argument("--values", nargs="+", default=["True", "False"])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
+    default = getattr(flash_mosaic_bwd, args.switch)
     rows = []
     for head_dim in args.head_dims:
         for length in args.lengths:
-            for causal in (False, True):
+            for causal in map(bool, args.causal):
                 batch, heads = flash.TOKENS // length, flash.HIDDEN // head_dim
                 shape = (batch, length, heads, head_dim)
                 q, k, v = (
@@ -37,20 +50,26 @@ def main(argv=None) -> None:
                 )
                 base = flash_mosaic.default_config(head_dim, causal=causal)
                 fused = dataclasses.replace(base, bwd_fused_dq=True, bwd_dkdv_stages=None)
-                peers = {
-                    "two_kernels": (mosaic_variants._mosaic(base), True),
-                    "fused_own": (mosaic_variants._mosaic(fused), False),
-                    "fused_cooperative": (mosaic_variants._mosaic(fused), True),
-                    "cudnn": (flash.PEERS["cudnn"], True),
-                }
-                fns = {}
-                for name, (peer, cooperative) in peers.items():
-                    flash_mosaic_bwd.COOPERATIVE_DQ = cooperative
+                peers = {"two_kernels": (mosaic_variants._mosaic(base), default)}
+                for value in map(_literal, args.values):
+                    peers[f"fused_{value}"] = (mosaic_variants._mosaic(fused), value)
+                peers["cudnn"] = (flash.PEERS["cudnn"], default)
+                fns, dq = {}, {}
+                for name, (peer, value) in peers.items():
+                    setattr(flash_mosaic_bwd, args.switch, value)
                     fn = flash.timed_fn(peer, q, causal, "fwd+bwd")
-                    jax.block_until_ready(fn(q, k, v))  # traced and compiled under the setting
+                    try:  # traced and compiled under the setting
+                        dq[name] = jax.block_until_ready(fn(q, k, v))[0].astype(jnp.float32)
+                    except Exception as error:  # noqa: BLE001 (a variant that cannot run)
+                        print(json.dumps(dict(peer=name, error=str(error)[:300])), flush=True)
+                        continue
                     fns[name] = fn
-                flash_mosaic_bwd.COOPERATIVE_DQ = True
-                cell = dict(head_dim=head_dim, length=length, causal=causal)
+                setattr(flash_mosaic_bwd, args.switch, default)
+                reference = dq.pop("two_kernels")
+                errors = {n: float(jnp.max(jnp.abs(g - reference))) for n, g in dq.items()}
+                cell = dict(head_dim=head_dim, length=length, causal=causal,
+                            dq_max_abs=float(jnp.max(jnp.abs(reference))),
+                            dq_max_abs_diff=errors)  # fmt: skip
                 flash.record_together(fns, (q, k, v), args.repeats, cell, rows, args.json)
 
 
