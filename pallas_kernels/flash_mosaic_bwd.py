@@ -103,7 +103,8 @@ def padding_tiles(st: Static) -> tuple[int, int]:
 DQ_CHUNK = 64  # fused_dq: columns of dQ per wgmma (32 float32 registers per thread)
 DS_BARRIER = TURN_BARRIER  # fused_dq: the consumers' dS^T meet at this named barrier
 # fused_dq stages left out, for timing only (`benchmarks/dev/fused_dq_parts.sh`; wrong dQ):
-# "store" (the dQ tile's shared-memory store and TMA reduce-add), "mma" (the dS @ K wgmma too).
+# "store" (the dQ tile's shared-memory store and TMA reduce-add), "mma" (the dS @ K wgmma too),
+# "tma" (the TMA reduce-add alone: the store, fence and waits stay).
 FUSED_DQ_OMIT = frozenset()
 # fused_dq with one head part: the consumers' dS^T meet and each computes one dQ chunk over both
 # consumers' keys (`add_dq`); False: each adds its own keys' dS @ K (the A/B of
@@ -492,7 +493,8 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                     if cooperative and not (st.interpret or "store" in FUSED_DQ_OMIT):
                         plgpu.commit_smem()
                         target = refs["dq_acc"].at[batch, rows, out_head, cols]
-                        plgpu.copy_smem_to_gmem(dq_smem, target, reduction_op="add")
+                        if "tma" not in FUSED_DQ_OMIT:
+                            plgpu.copy_smem_to_gmem(dq_smem, target, reduction_op="add")
 
                 if cooperative:
                     pl.when(wg == chunk % CONSUMERS)(add_chunk)
@@ -501,7 +503,8 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             if not (cooperative or st.interpret or atomic or "store" in FUSED_DQ_OMIT):
                 plgpu.commit_smem()
                 target = refs["dq_acc"].at[batch, rows, out_head]
-                plgpu.copy_smem_to_gmem(dq_smem, target, reduction_op="add")
+                if "tma" not in FUSED_DQ_OMIT:
+                    plgpu.copy_smem_to_gmem(dq_smem, target, reduction_op="add")
 
         def visit(step, carry, *, masked: bool):
             dk, dv = carry

@@ -1,7 +1,9 @@
 """A/B of a `flash_mosaic_bwd` module switch of the fused-dQ backward (issue 14): each value of
 the switch (`COOPERATIVE_DQ`: True / False; `DQ_ADD`: "tma" / "tma_plain" / "atomic") beside
-the two-kernel backward and cuDNN, forward+backward in one process (each setting traced and
-compiled right after it is set), with each setting's largest dQ difference from the two-kernel
+the two-kernel backward and cuDNN, forward+backward in one process (each setting compiled ahead
+of time right after it is set, with JAX's caches cleared: jattn's inner jits are cached by
+their arguments, not by a module switch, so before stop 33 every setting ran the first one's
+kernel), with each setting's largest dQ difference from the two-kernel
 backward's (a wrong variant shows there). bf16, FlashAttention shapes (B = 16k / T, hidden 2048).
 
 Run: python -m benchmarks.dev.fused_dq_ab --json OUT.json --switch DQ_ADD --values tma atomic
@@ -57,8 +59,9 @@ def main(argv=None) -> None:
                 fns, dq = {}, {}
                 for name, (peer, value) in peers.items():
                     setattr(flash_mosaic_bwd, args.switch, value)
-                    fn = flash.timed_fn(peer, q, causal, "fwd+bwd")
-                    try:  # traced and compiled under the setting
+                    jax.clear_caches()  # jattn's inner jits would reuse another setting's trace
+                    try:  # traced and compiled ahead of time under the setting
+                        fn = flash.timed_fn(peer, q, causal, "fwd+bwd").lower(q, k, v).compile()
                         dq[name] = jax.block_until_ready(fn(q, k, v))[0].astype(jnp.float32)
                     except Exception as error:  # noqa: BLE001 (a variant that cannot run)
                         print(json.dumps(dict(peer=name, error=str(error)[:300])), flush=True)
