@@ -53,6 +53,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import common, flash_mosaic_bwd, flash_triton, mosaic_common
 from pallas_kernels.mosaic_common import (
     CONSUMERS,
+    NONFINITE,
     THREADS_PER_WARPGROUP,
     TURN_BARRIER,
     WGMMA,
@@ -62,6 +63,7 @@ from pallas_kernels.mosaic_common import (
     bias_dtype,
     clean_landed_tile,
     cleaned_steps,
+    flag_nonfinite,
     flex_forward_logits,
     flex_indices,
     flex_vectors,
@@ -388,11 +390,14 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
         """The key block of visit `step`: itself, or the block mask list's step-th entry."""
         return scratch["blocks"][3 + step] if st.flex_blocks else step
 
-    def cleaned_at(bounds, program_first, lo, hi):
+    def cleaned_at(batch, bounds, program_first, lo, hi):
         """step -> whether the producer cleans its tile (`cleaned_steps`); both consumers then
         wait for that (`kv_cleaned`) instead of the copy."""
         n_partial = scratch["blocks"][1] if st.flex_blocks else None
-        return cleaned_steps(st, bounds, program_first, rows_per_program, lo, hi, n_partial)
+        nonfinite = bounds_ref[batch, NONFINITE]
+        return cleaned_steps(
+            st, bounds, nonfinite, program_first, rows_per_program, lo, hi, n_partial
+        )
 
     def await_block_list():  # a flex block mask: this program's list, in shared memory
         if not st.flex_blocks:
@@ -426,7 +431,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             program_rows = pl.ds(program_first, rows_per_program)
 
             if st.clean_hidden:
-                is_cleaned = cleaned_at(bounds, program_first, lo, hi)
+                is_cleaned = cleaned_at(batch, bounds, program_first, lo, hi)
 
             @pl.loop(lo, hi)
             def _(step):
@@ -531,7 +536,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 pl.when(wg == 1)(take_turns)
 
             if st.clean_hidden:
-                is_cleaned = cleaned_at(bounds, program_first, lo, hi)
+                is_cleaned = cleaned_at(batch, bounds, program_first, lo, hi)
 
             def wait_k(step, early: bool = False):
                 """K of `step`, and V too where the producer cleaned the tile. early: a wait
@@ -792,7 +797,7 @@ def forward(
     value: Array,  # [B, S, K, H]
     bias: Array | None,  # [B', N', T', S']
     mask: Array | None,  # [B', N', T', S'] bool
-    bounds: Array,  # [B, 4] int32: q_offset, q_len, kv_len, 0
+    bounds: Array,  # [B, 4] int32: q_offset, q_len, kv_len, 0 (flag_nonfinite's column)
     segment_ids: tuple[Array, Array] | None,  # [B, T], [B, S] int32
     blocks: Array | None = None,  # [B', N', QB, L] int32: a flex block mask's visit lists
 ) -> tuple[Array, Array]:  # out [B, T, N, H], lse [B, T, N] float32 (natural log)
@@ -817,7 +822,7 @@ def forward(
         "q": rows(query, t_pad),
         "k": rows(key, s_pad),
         "v": rows(value, s_pad),
-        "bounds": bounds,
+        "bounds": flag_nonfinite(st, bounds, value),
     }
     stages, block_kv = st.num_stages, st.block_kv
     scratch = {

@@ -42,6 +42,7 @@ from pallas_kernels import common
 from pallas_kernels.mosaic_common import (
     CONSUMERS,
     LOG2E,
+    NONFINITE,
     THREADS_PER_WARPGROUP,
     TURN_BARRIER,
     WGMMA,
@@ -53,6 +54,7 @@ from pallas_kernels.mosaic_common import (
     clean_landed_tile,
     clean_tile,
     cleaned_steps,
+    flag_nonfinite,
     flex_vectors,
     hide_invisible,
     idiv,
@@ -211,7 +213,8 @@ def _dq_kernel(refs, scratch, *, st: Static):
     cleaned = None
     if st.clean_hidden:  # the steps where a query of the program has a hidden key
         rows = CONSUMERS * block_q
-        cleaned = cleaned_steps(st, bounds, program_first, rows, lo, hi, n_partial)
+        nonfinite = refs["bounds"][batch, NONFINITE]
+        cleaned = cleaned_steps(st, bounds, nonfinite, program_first, rows, lo, hi, n_partial)
 
     @pl.when(wg == CONSUMERS)
     def _producer():
@@ -419,8 +422,13 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             load_key_segments()
         plgpu.barrier_wait(ready)
         if st.fused_dq and st.clean_hidden:  # dQ += dS K: a hidden key's dS of 0 meets its K
-            clean_tile(part_of("k", keys_at, own), part_of("v", keys_at, own), poison_keys=False)
-            plgpu.commit_smem()
+
+            @pl.when(refs["bounds"][batch, NONFINITE] != 0)
+            def _():
+                k_own, v_own = part_of("k", keys_at, own), part_of("v", keys_at, own)
+                clean_tile(k_own, v_own, poison_keys=False)
+                plgpu.commit_smem()
+
             if split:  # both consumers read both parts: meet once both are clean
                 plgpu.barrier_arrive(scratch["keys_done"])
                 plgpu.barrier_wait(scratch["keys_done"])
@@ -725,7 +733,7 @@ def backward(
         "d_out": rows(d_out.astype(dtype), t_pad),
         "lse": common.pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad),  # [B, N, T_pad]; padded rows: 0
         "delta": common.pad_to(delta, 2, t_pad),
-        "bounds": bounds,
+        "bounds": flag_nonfinite(st, bounds, key, value),
     }
     pairs = {}
     if bias is not None:

@@ -142,6 +142,51 @@ def test_mosaic_masked_key_with_nan_reaches_only_rows_that_see_it(rng, feature, 
     _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=(1, 24, 24, 2, 1, 64))
 
 
+def test_mosaic_cleans_the_batch_rows_whose_values_are_not_finite(rng):
+    """The Mosaic kernels clean masked tiles only in the batch rows whose K or V hold a NaN or
+    an inf (`mosaic_common.flag_nonfinite`, a column of the kernels' bounds): a NaN value in
+    row 1's second document leaves row 0 and row 1's first document exactly as on clean
+    inputs, output and dq, and makes row 1's second document NaN."""
+    config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2)
+    q, k, v = make_inputs(rng, (2, 24, 24, 2, 1, 64), jnp.bfloat16)
+    ids = jnp.asarray(np.tile(np.arange(24) >= 12, (2, 1)), jnp.int32)
+    options = dict(implementation="mosaic", config=config, segment_ids=(ids, ids))
+    bad_v = v.at[1, 17].set(jnp.nan)
+    clean = jnp.arange(24)[None, :] < jnp.array([[24], [12]])  # [B, T]: rows that see no NaN
+    cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def run(q, v):
+        out = jattn.dot_product_attention(q, k, v, **options).astype(jnp.float32)
+        return out, jnp.sum(jnp.where(clean[..., None, None], out * cotangent, 0.0))
+
+    (want, _), want_dq = run(q, v), jax.grad(lambda q: run(q, v)[1])(q)
+    (got, _), got_dq = run(q, bad_v), jax.grad(lambda q: run(q, bad_v)[1])(q)
+    keep = lambda x: np.where(np.asarray(clean)[..., None, None], np.asarray(x, np.float32), 0)
+    np.testing.assert_array_equal(keep(got), keep(want))
+    np.testing.assert_array_equal(keep(got_dq), keep(want_dq))
+    assert bool(jnp.isnan(got[1, 12:]).any(axis=-1).all())
+
+
+def test_flag_nonfinite_marks_only_the_batch_rows_with_nan_or_inf(rng):
+    """`flag_nonfinite` sets the bounds' NONFINITE column where a batch row of any array holds
+    a NaN, +inf or -inf, leaves the other columns, and does nothing where no tile is cleaned."""
+    from types import SimpleNamespace
+
+    from pallas_kernels import mosaic_common
+
+    bounds = jnp.asarray(rng.integers(0, 9, (5, 4)), jnp.int32).at[:, 3].set(0)
+    k, v = (jnp.asarray(rng.standard_normal((5, 7, 2, 3)), jnp.bfloat16) for _ in range(2))
+    k = k.at[1, 6, 1, 2].set(jnp.inf)
+    v = v.at[3, 0, 0, 0].set(-jnp.inf).at[4, 2, 1, 1].set(jnp.nan)
+    flagged = mosaic_common.flag_nonfinite(SimpleNamespace(clean_hidden=True), bounds, k, v)
+    np.testing.assert_array_equal(flagged[:, 3], [0, 1, 0, 1, 1])
+    np.testing.assert_array_equal(flagged[:, :3], bounds[:, :3])
+    only_v = mosaic_common.flag_nonfinite(SimpleNamespace(clean_hidden=True), bounds, v)
+    np.testing.assert_array_equal(only_v[:, 3], [0, 0, 0, 1, 1])
+    unused = mosaic_common.flag_nonfinite(SimpleNamespace(clean_hidden=False), bounds, k, v)
+    np.testing.assert_array_equal(unused, bounds)
+
+
 @pytest.mark.parametrize("implementation", ["xla", "triton", "mosaic"])
 def test_rows_past_query_lengths_see_no_nan_value(rng, implementation):
     """A NaN value in a key that every real row sees: those rows are NaN, and the rows past
