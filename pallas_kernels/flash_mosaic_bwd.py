@@ -109,14 +109,15 @@ DS_BARRIER = TURN_BARRIER  # fused_dq: the consumers' dS^T meet at this named ba
 # "tma" (the TMA reduce-add alone: the store, fence and waits stay).
 FUSED_DQ_OMIT = frozenset()
 # fused_dq with one head part: the consumers' dS^T meet and each computes one dQ chunk over both
-# consumers' keys (`add_dq`); False: each adds its own keys' dS @ K (the A/B of
-# benchmarks/dev/fused_dq_ab.py).
-COOPERATIVE_DQ = True
-# fused_dq: how a dQ chunk is added to global memory. "tma": stored to shared memory, then a
-# TMA reduce-add (cp.reduce.async.bulk); "atomic": red.global.add.f32 straight from the wgmma's
-# registers (FlashAttention-2's way), with no shared memory, fence or warpgroup barrier;
-# "tma_plain": "tma" through an unswizzled buffer (no register permutation, bank conflicts).
-DQ_ADD = "tma"
+# consumers' keys (`add_dq`), where the part is at most this wide; wider (and with 0), each adds
+# its own keys' dS @ K. Stop 33's A/B (`benchmarks/dev/fused_dq_ab.py`, forward+backward, ms,
+# meeting / own): H = 64 4.96 / 5.22 (4k) and 18.61 / 19.61 (16k) non-causal, 9.96 / 10.43 causal
+# 16k; H = 128 4.18 / 3.92 and 16.67 / 15.20 non-causal, 9.31 / 9.35 causal 16k.
+COOPERATIVE_DQ = 64
+
+
+def _cooperative_dq(st: Static, part_width: int) -> bool:
+    return st.fused_dq and st.head_parts == 1 and part_width <= COOPERATIVE_DQ
 
 
 def _scalars(bounds_ref, batch):
@@ -351,7 +352,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
     # half of dK's and dV's columns.
     block_q, block_kv, stages, parts = st.block_q, st.block_kv, st.num_stages, st.head_parts
     split = parts > 1
-    cooperative = st.fused_dq and not split and COOPERATIVE_DQ
+    cooperative = _cooperative_dq(st, scratch["k"].shape[-1])
 
     def part_of(name: str, index, part):
         """Column part `part` of buffer `index` (a ring slot, or a consumer's keys) of Q, K, V
@@ -472,10 +473,8 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 meet_consumers()
             if "mma" in FUSED_DQ_OMIT:
                 return
-            atomic = DQ_ADD == "atomic" and not st.interpret
-            if not atomic:
-                dq_smem = scratch["dq"].at[wg]  # [bq, H / parts], or [bq, DQ_CHUNK] with one part
-            if not (st.interpret or atomic):
+            dq_smem = scratch["dq"].at[wg]  # [bq, H / parts], or [bq, DQ_CHUNK] with one part
+            if not st.interpret:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last dQ was read out
             width = k_refs[0].shape[-1]
             for chunk, first in enumerate(range(0, width, DQ_CHUNK)):
@@ -487,9 +486,6 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                     if st.interpret:  # no TMA reductions there: a zeroed output per consumer
                         target = refs["dq_acc"].at[wg, batch, rows, out_head, cols]
                         target[...] = target[...] + dq
-                    elif atomic:
-                        plgpu.atomic_add(refs["dq_acc"].at[batch, rows, out_head, cols], dq)
-                        return
                     elif "store" in FUSED_DQ_OMIT:  # a store that never runs keeps the wgmma
 
                         @pl.when(q_first < 0)
@@ -508,7 +504,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                     pl.when(wg == chunk % CONSUMERS)(add_chunk)
                 else:
                     add_chunk()
-            if not (cooperative or st.interpret or atomic or "store" in FUSED_DQ_OMIT):
+            if not (cooperative or st.interpret or "store" in FUSED_DQ_OMIT):
                 plgpu.commit_smem()
                 target = refs["dq_acc"].at[batch, rows, out_head]
                 if "tma" not in FUSED_DQ_OMIT:
@@ -810,13 +806,10 @@ def backward(
     outs = {"dk": per_head, "dv": per_head}
     operands = operands | pairs_t
     if st.fused_dq:  # dS^T [bk, bq] and a float32 dQ tile per consumer (`add_dq`)
-        cooperative = parts == 1 and COOPERATIVE_DQ
+        cooperative = _cooperative_dq(dkdv_st, part_width)
         ds_buffers, dq_width = (2 * CONSUMERS, DQ_CHUNK) if cooperative else (CONSUMERS, part_width)
         scratch["ds"] = tiled((ds_buffers, block_kv, block_q), dtype)
-        if DQ_ADD == "tma_plain" and not st.interpret:
-            scratch["dq"] = plgpu.SMEM((CONSUMERS, block_q, dq_width), jnp.float32)
-        elif DQ_ADD != "atomic" or st.interpret:
-            scratch["dq"] = tiled((CONSUMERS, block_q, dq_width), jnp.float32)
+        scratch["dq"] = tiled((CONSUMERS, block_q, dq_width), jnp.float32)
         if cooperative and st.interpret:
             scratch["ds_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS)
         dq_shape = (batch, t_pad, num_heads * parts, part_width)

@@ -10,7 +10,7 @@ for line in sys.stdin:
     print(*(r.get(k) for k in ("cell", "head_dim", "length", "causal", "mode", "peer")),
           round(r["ms"], 3) if "ms" in r else r.get("error"))'
 timeout 200 python3 -m benchmarks.dev.fused_dq_ab --json "$out/cooperative_ab_h64.json" \
-    --head-dims 64 --switch COOPERATIVE_DQ --values True False 2>&1 | grep '^{' \
+    --head-dims 64 --switch COOPERATIVE_DQ --values 128 0 2>&1 | grep '^{' \
     | python3 -c "$show"
 timeout 150 python3 -m benchmarks.dev.clean_hidden_ab --json "$out/clean_split.json" \
     --cells causal 2>&1 | grep '^{' | python3 -c "$show"

@@ -14,7 +14,7 @@ for line in sys.stdin:
 timeout 200 python3 -m benchmarks.dev.clean_hidden_ab --json "$out/clean_ab.json" \
     --cells causal segments 2>&1 | grep '^{' | python3 -c "$show"
 timeout 200 python3 -m benchmarks.dev.fused_dq_ab --json "$out/cooperative_ab.json" \
-    --head-dims 128 --switch COOPERATIVE_DQ --values True False 2>&1 | grep '^{' \
+    --head-dims 128 --switch COOPERATIVE_DQ --values 128 0 2>&1 | grep '^{' \
     | python3 -c "$show"
 cat > /tmp/fused_parts.py <<'PY'
 import sys

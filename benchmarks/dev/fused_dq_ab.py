@@ -1,12 +1,13 @@
-"""A/B of a `flash_mosaic_bwd` module switch of the fused-dQ backward (issue 14): each value of
-the switch (`COOPERATIVE_DQ`: True / False; `DQ_ADD`: "tma" / "tma_plain" / "atomic") beside
-the two-kernel backward and cuDNN, forward+backward in one process (each setting compiled ahead
-of time right after it is set, with JAX's caches cleared: jattn's inner jits are cached by
-their arguments, not by a module switch, so before stop 33 every setting ran the first one's
-kernel), with each setting's largest dQ difference from the two-kernel
-backward's (a wrong variant shows there). bf16, FlashAttention shapes (B = 16k / T, hidden 2048).
+"""A/B of a `flash_mosaic_bwd` module switch of the fused-dQ backward (issue 14): each value
+of the switch (`COOPERATIVE_DQ`: the widest head part whose consumers meet, e.g. 128 / 0;
+stop 33's `DQ_ADD`, since removed) beside the two-kernel backward and cuDNN,
+forward+backward in one process, with each setting's largest dQ difference from the two-kernel
+backward's (a wrong variant shows there). Each setting is compiled ahead of time right after it
+is set, with JAX's caches cleared: jattn's inner jits are cached by their arguments, not by a
+module switch, so before stop 33 every setting ran the first one's kernel. bf16,
+FlashAttention shapes (B = 16k / T, hidden 2048).
 
-Run: python -m benchmarks.dev.fused_dq_ab --json OUT.json --switch DQ_ADD --values tma atomic
+Run: python -m benchmarks.dev.fused_dq_ab --json OUT.json --switch COOPERATIVE_DQ --values 128 0
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True)
     parser.add_argument("--switch", default="COOPERATIVE_DQ")
-    parser.add_argument("--values", nargs="+", default=["True", "False"])
+    parser.add_argument("--values", nargs="+", default=["128", "0"])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
