@@ -51,6 +51,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--cells", nargs="+", default=list(CELLS))
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     args = parser.parse_args(argv)
     rows = []
     for length in args.lengths:
@@ -63,7 +64,7 @@ def main(argv=None) -> None:
                 options["segment_ids"] = tuple(
                     jnp.tile(s[None], (batch, 1)) for s in options["segment_ids"]
                 )
-            for mode in ("fwd", "fwd+bwd"):
+            for mode in args.modes:
                 fns = {}
                 for name, impl, clean in (
                     ("dirty", "mosaic", False),
