@@ -200,22 +200,9 @@ def _block_of(st: Static, scratch, step):
 
 
 def _dq_kernel(refs, scratch, *, st: Static):
-    """With `clean_hidden`, a program of a batch row whose K or V is all finite (its bounds'
-    NONFINITE column is 0: `flag_nonfinite`) runs the kernel without the cleaning: its
-    per-step branches and barrier choices cost about 4% of forward+backward even where no tile
-    is cleaned (stop 33)."""
-    axes = [lax.axis_index(name) for name in ("heads", "tiles", "batch", "wg")]
-    if not st.clean_hidden:
-        _dq_program(refs, scratch, *axes, st=st)
-        return
-    dirty = refs["bounds"][axes[2], NONFINITE] != 0
-    pl.when(dirty)(lambda: _dq_program(refs, scratch, *axes, st=st))
-    unclean = dataclasses.replace(st, clean_hidden=False)
-    pl.when(~dirty)(lambda: _dq_program(refs, scratch, *axes, st=unclean))
-
-
-def _dq_program(refs, scratch, head, q_tile, batch, wg, *, st: Static):
     block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
+    head, q_tile = lax.axis_index("heads"), lax.axis_index("tiles")
+    batch, wg = lax.axis_index("batch"), lax.axis_index("wg")
     bounds = _scalars(refs["bounds"], batch)
     program_first = q_tile * (CONSUMERS * block_q)
     program_rows = pl.ds(program_first, CONSUMERS * block_q)
