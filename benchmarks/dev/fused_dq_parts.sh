@@ -2,8 +2,9 @@
 # One device command (issue 14): where the fused-dQ backward's time goes (H = 128, T = 16k,
 # B = 1, N = 16, bf16, non-causal unless CAUSAL=1). Nsight Compute times the dk/dv kernel with
 # `flash_mosaic_bwd.FUSED_DQ_OMIT` leaving out the dQ store ("store") or the whole dS @ K
-# ("store,mma"); the differences are those stages' cost. Then the SASS opcode and stall mix of
-# the whole fused kernel beside the two-kernel backward's dk/dv kernel (wrong dQ when a stage is
+# ("store,mma"), or the list OMITS ("none" for nothing; stop 33: "tma", the reduce-add alone);
+# the differences are those stages' cost. Then the SASS opcode and stall mix of the whole fused
+# kernel beside the two-kernel backward's dk/dv kernel (wrong dQ when a stage is
 # omitted: timing only). From the repository root, with .whl carried (about 3 minutes).
 set -uo pipefail
 source benchmarks/gpu_env.sh
@@ -18,7 +19,8 @@ PY
 metrics=gpu__time_duration.sum,smsp__inst_executed.sum,smsp__inst_executed_pipe_alu.sum
 metrics=$metrics,smsp__inst_executed_pipe_lsu.sum,smsp__inst_executed_pipe_fma.sum
 metrics=$metrics,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
-for omit in "" store store,mma; do
+for omit in ${OMITS:-none store store,mma}; do
+    omit=${omit/#none/}
     echo "== omit: ${omit:-nothing}"
     timeout 120 ncu --clock-control none --metrics "$metrics" -k regex:dkdv \
         python3 /tmp/fused_parts.py "$omit" --variant bwd_fused --grad --calls 0 $causal \

@@ -3,6 +3,7 @@
 
     python -m benchmarks.dev.mosaic_one_call --variant overlap --head-dim 128 --length 16384
     python -m benchmarks.dev.mosaic_one_call --variant bwd_split --head-dim 256 --grad
+    python -m benchmarks.dev.mosaic_one_call --causal --grad --no-clean   # without the cleaning
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import flash, mosaic_variants
-from pallas_kernels import flash_mosaic
+from pallas_kernels import flash_mosaic, mosaic_common
 
 
 def main(argv=None) -> None:
@@ -25,7 +26,11 @@ def main(argv=None) -> None:
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--calls", type=int, default=2, help="calls after the compile")
     parser.add_argument("--grad", action="store_true", help="forward+backward (dq, dk, dv)")
+    parser.add_argument(
+        "--no-clean", action="store_true", help="mosaic_common.CLEAN_HIDDEN = False (timing)"
+    )
     args = parser.parse_args(argv)
+    mosaic_common.CLEAN_HIDDEN = not args.no_clean
     if args.variant in mosaic_variants.VARIANTS:
         changes = mosaic_variants.VARIANTS[args.variant]
         base = flash_mosaic.default_config(args.head_dim, causal=args.causal)
