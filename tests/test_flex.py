@@ -1152,7 +1152,8 @@ def test_mosaic_mods_fold_the_softmax_scale_and_log2e_into_their_scalars(rng):
         # together run at real size on the GPU (22 s interpreted)
         pytest.param("documents_from_ids", marks=pytest.mark.slow),
         "documents_from_ids_alone",  # unmasked tiles load no ids (JAX 0.11's layout search)
-        "prefix_lm_per_batch",
+        # a read at b alone (-m slow): streamed as the ids above are; on the GPU at real size
+        pytest.param("prefix_lm_per_batch", marks=pytest.mark.slow),
     ],
 )
 def test_mosaic_flex_reads_closed_over_arrays_per_row_and_key(rng, case, monkeypatch):

@@ -139,7 +139,7 @@ def test_mosaic_masked_key_with_nan_reaches_only_rows_that_see_it(rng, feature, 
     backward cleans its keys' tiles itself."""
     config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2, bwd_fused_dq=fused_dq)
     options = dict(implementation="mosaic", config=config)
-    _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=(1, 24, 24, 2, 1, 64))
+    _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=(1, 24, 24, 1, 1, 64))
 
 
 def test_mosaic_cleans_the_batch_rows_whose_values_are_not_finite(rng):
@@ -194,7 +194,7 @@ def test_rows_past_query_lengths_see_no_nan_value(rng, implementation):
     dtype = jnp.bfloat16 if implementation == "mosaic" else jnp.float32
     mosaic = jattn.MosaicConfig(block_q=64, block_kv=64)
     config = mosaic if implementation == "mosaic" else IMPLEMENTATIONS[implementation]
-    q, k, v = make_inputs(rng, (1, 24, 24, 2, 1, 64), dtype)
+    q, k, v = make_inputs(rng, (1, 24, 24, 1, 1, 64), dtype)
     v = v.at[:, 3].set(jnp.nan)
     options = dict(query_seq_lengths=jnp.array([10]), implementation=implementation, config=config)
 
