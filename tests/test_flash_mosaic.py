@@ -228,6 +228,44 @@ def test_fused_dq_backward(rng, feature, shape, split, monkeypatch):
     )
 
 
+def test_fused_dq_backward_folds_jax_vmap_into_the_batch(rng, monkeypatch):
+    """bwd_fused_dq under jax.vmap (its dQ Ref launch batches no other way: stop 25): the mapped
+    axis is folded into the batch (`flash_mosaic_bwd.folding_vmap`), one dk/dv launch over
+    V * B rows, with a mapped segment-id operand and an unmapped bias of batch 1; the gradients
+    equal those of each mapped slice alone."""
+    from pallas_kernels import flash_mosaic_bwd
+
+    launches, launch = [], flash_mosaic_bwd._launch
+
+    def spy(kernel, st, operands, scratch, out_names, out_type, grid, **kwargs):
+        launches.append(grid[2])  # the batch axis of the grid
+        return launch(kernel, st, operands, scratch, out_names, out_type, grid, **kwargs)
+
+    monkeypatch.setattr(flash_mosaic_bwd, "_launch", spy)
+    mapped, (batch, q_len, kv_len, heads) = 2, TINY[:4]
+    q, k, v = (jnp.stack([x] * mapped) for x in make_inputs(rng, TINY, jnp.bfloat16))
+    q = q * jnp.asarray([1.0, -0.5], jnp.bfloat16)[:, None, None, None, None]
+    ids = jnp.asarray(rng.integers(0, 2, (mapped, batch, q_len)), jnp.int32)
+    kv_ids = jnp.asarray(rng.integers(0, 2, (mapped, batch, kv_len)), jnp.int32)
+    bias = jnp.asarray(rng.standard_normal((1, heads, q_len, kv_len)), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal(q.shape[1:]), jnp.float32)
+    config = dataclasses.replace(SMALL, bwd_fused_dq=True)
+
+    def loss(q, k, v, ids, kv_ids, cotangent):
+        out = jattn.dot_product_attention(
+            q, k, v, bias=bias, segment_ids=(ids, kv_ids), implementation="mosaic", config=config
+        )
+        return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    got = jax.vmap(grad, in_axes=(0, 0, 0, 0, 0, None))(q, k, v, ids, kv_ids, cotangent)
+    assert launches.count(mapped * batch) == 1, launches  # the dk/dv kernel, once, folded
+    fold = lambda x: x.reshape(mapped * batch, *x.shape[2:])  # noqa: E731
+    want = grad(*map(fold, (q, k, v, ids, kv_ids)), jnp.tile(cotangent, (mapped, 1, 1, 1)))
+    for g, w in zip(got, want, strict=True):  # rows are independent: the same bits
+        np.testing.assert_array_equal(np.asarray(fold(g), np.float32), np.asarray(w, np.float32))
+
+
 def test_bias_and_mask_without_dbias_use_the_mosaic_backward(rng, monkeypatch):
     """With the bias not differentiated, dq/dk/dv come from the Mosaic GPU kernels, where bias
     and mask enter the dk/dv kernel transposed."""
