@@ -160,12 +160,13 @@ def test_persistent_grid_matches_oracle(rng, feature, shape):
 
 @pytest.mark.parametrize(
     "case, shape, options",
-    [  # 64 x 64 tiles: each consumer's unmasked key range is what overlaps
-        ("all_unmasked", (1, 150, 256, 2, 1, 72), {}),  # the peeled first step, last P V after
-        ("unmasked_then_diagonal", (1, 150, 400, 2, 1, 72), dict(is_causal=True, q_offset=250)),
-        ("masked_unmasked_masked", (1, 300, 400, 2, 1, 64), dict(local_window_size=(100, 100))),
-        ("empty_rows", (2, 150, 200, 2, 1, 72), "lengths_empty"),  # lo == hi
-        ("dense_mask_falls_back", (1, 150, 200, 2, 1, 72), "segments_causal_lengths"),
+    [  # 64 x 64 tiles: each consumer's unmasked key range is what overlaps (one head: the
+        # schedule is per program)
+        ("all_unmasked", (1, 150, 256, 1, 1, 72), {}),  # the peeled first step, last P V after
+        ("unmasked_then_diagonal", (1, 150, 400, 1, 1, 72), dict(is_causal=True, q_offset=250)),
+        ("masked_unmasked_masked", (1, 300, 400, 1, 1, 64), dict(local_window_size=(100, 100))),
+        ("empty_rows", (2, 150, 200, 1, 1, 72), "lengths_empty"),  # lo == hi
+        ("dense_mask_falls_back", (1, 150, 200, 1, 1, 72), "segments_causal_lengths"),
     ],
 )
 def test_softmax_overlap_matches_oracle(rng, case, shape, options):
