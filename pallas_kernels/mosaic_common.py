@@ -517,8 +517,10 @@ def flag_nonfinite(st: Static, bounds: Array, *arrays: Array) -> Array:
     those rows' tiles are cleaned (`cleaned_steps`): finite inputs, the common case, cost one
     read of the arrays in XLA instead of a cleaning pass per masked tile in the kernel (which
     took the forward with segment ids from 3.7 to 10.3 ms at T = 16k, H = 128; stop 33).
-    The forward needs V alone: a hidden key's non-finite logit is selected away as -inf, a
-    visible one's reaches its rows as the reference's does; only 0 * V leaks."""
+    The forward needs V alone: a hidden key's non-finite logit is selected away as -inf; only
+    0 * V leaks. (A visible key whose K holds an inf can give its rows a logit of -inf, as if
+    hidden, where the reference gives NaN: in every tile not cleaned, which is every tile of a
+    row whose V is finite; the unmasked tiles did so before stop 32's cleaning too.)"""
     if not st.clean_hidden:
         return bounds
     bad = jnp.zeros(bounds.shape[:1], jnp.bool_)
@@ -527,9 +529,7 @@ def flag_nonfinite(st: Static, bounds: Array, *arrays: Array) -> Array:
     return bounds.at[:, NONFINITE].set(bad.astype(bounds.dtype))
 
 
-def cleaned_steps(
-    st: Static, bounds, nonfinite, program_first, rows: int, lo, hi, n_partial=None
-):  # fmt: skip
+def cleaned_steps(st: Static, bounds, nonfinite, program_first, rows: int, lo, hi, n_partial=None):
     """step -> (traced) whether the tile of `step` (in [lo, hi)) can hide a key from a query of
     the program's rows [program_first, +rows) in a batch row whose inputs are not all finite
     (`nonfinite`: its bounds' NONFINITE column): the steps whose K and V the producer cleans
