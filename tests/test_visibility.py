@@ -143,8 +143,9 @@ def test_mosaic_masked_key_with_nan_reaches_only_rows_that_see_it(rng, feature, 
 
 
 def test_mosaic_cleans_the_batch_rows_whose_values_are_not_finite(rng):
-    """The Mosaic kernels clean masked tiles only in the batch rows whose K or V hold a NaN or
-    an inf (`mosaic_common.flag_nonfinite`, a column of the kernels' bounds): a NaN value in
+    """The Mosaic kernels clean masked tiles only in the batch rows whose V (forward) or K and V
+    (backward) hold a NaN or an inf (`mosaic_common.flag_nonfinite`, a column of the kernels'
+    bounds): a NaN value in
     row 1's second document leaves row 0 and row 1's first document exactly as on clean
     inputs, output and dq, and makes row 1's second document NaN."""
     config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2)
