@@ -68,6 +68,7 @@ from pallas_kernels.mosaic_common import (
     flex_indices,
     flex_vectors,
     flex_visible,
+    folded_scale,
     hide_invisible,
     hides_keys,
     idiv,
@@ -538,6 +539,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
 
             if st.clean_hidden:
                 is_cleaned = cleaned_at(batch, bounds, program_first, lo, hi)
+            folded = folded_scale(st)
 
             def wait_k(step, early: bool = False):
                 """K of `step`, and V too where the producer cleaned the tile. early: a wait
@@ -590,6 +592,8 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 vectors = flex_vectors(st, q_seg, kv_seg)
                 if flex is not None and flex.score_mod is not None:
                     logits = flex_forward_logits(st, qk, batch, head, q_idx, k_idx, vectors=vectors)
+                elif folded is not None:  # q.k itself; online_softmax scales it
+                    logits = qk
                 else:
                     logits, _ = tile_logits(st, qk, bias)
                 if not masked:
@@ -611,11 +615,20 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
 
             def online_softmax(logits, m_i, l_i):
                 """(p, m, l, alpha) after one tile: p = exp2(logits - m) [bq, bk] float32, the
-                running max m and sum l [bq], alpha = exp2(m_old - m) rescales what came before."""
-                m_new = jnp.maximum(m_i, logits.max(axis=1))
+                running max m and sum l [bq], alpha = exp2(m_old - m) rescales what came before.
+                With `folded`, logits is q.k (-inf where hidden) and the base-2 logits are
+                q.k * folded: the max is taken on q.k and scaled per row, and the scaling rides
+                in exp2's argument, one FFMA per element (as FlashAttention-3 and tokamax do),
+                not a separate multiply before the max."""
+                tile_max = logits.max(axis=1)
+                if folded is not None:
+                    tile_max = tile_max * folded
+                m_new = jnp.maximum(m_i, tile_max)
                 # A row with nothing visible so far keeps m = -inf: shift by 0 there (no inf - inf).
                 m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 alpha = jnp.exp2(m_i - m_shift)
+                if folded is not None:
+                    logits = logits * folded
                 p = jnp.exp2(logits - lax.broadcast_in_dim(m_shift, logits.shape, [0]))
                 return p, m_new, l_i * alpha + p.sum(axis=1), alpha
 

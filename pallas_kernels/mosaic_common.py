@@ -208,6 +208,22 @@ def tile_logits(st: Static, qk: Array, bias: Array | None) -> tuple[Array, Array
     return logits * LOG2E, scores
 
 
+# Whether the forward folds the scale into exp2's argument where it can (`folded_scale`; a
+# switch for the A/B in benchmarks/dev/fold_scale_ab.py).
+FOLD_SCALE = True
+
+
+def folded_scale(st: Static) -> float | None:
+    """scale * log2(e) where the forward may take its row max on q.k itself and fold the scale
+    into exp2's argument (`online_softmax` in flash_mosaic): no soft cap, bias or score_mod
+    between q.k and the logits, and scale > 0 (the max of q.k is then the max of the logits;
+    at scale 0, -inf * 0 would be NaN). Else None."""
+    score_mod = st.flex is not None and st.flex.score_mod is not None
+    if not FOLD_SCALE or st.softcap is not None or st.has_bias or score_mod or not st.scale > 0:
+        return None
+    return st.scale * LOG2E
+
+
 def segments_read(st: Static, masked: bool) -> bool:
     """Whether a tile reads the segment channels' vectors: masked tiles of segment ids; under
     flex, tiles whose mods read the per-row and per-key values put there (`FlexSpec.vectors`).

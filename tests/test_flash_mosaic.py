@@ -18,7 +18,7 @@ from jax import export
 
 import jattn
 from jattn import reference
-from pallas_kernels import flash_mosaic
+from pallas_kernels import flash_mosaic, mosaic_common
 
 from cases import (
     FEATURES,
@@ -65,6 +65,26 @@ def test_every_feature_matches_oracle_bfloat16(rng, feature):
 def test_combined_features_over_many_tiles(rng, feature, dtype):
     options = make_options(rng, feature, MULTI_TILE)
     check_against_oracle(rng, MULTI_TILE, options, dtype, "mosaic", SMALL)
+
+
+@pytest.mark.parametrize("scale", [-0.6, 0.0])
+def test_forward_takes_the_row_max_of_the_logits_for_any_sign_of_scale(rng, scale):
+    """The forward takes its row max on q.k and folds the scale into exp2's argument only where
+    scale > 0 (`mosaic_common.folded_scale`): a negative scale would pick the row's min, and at
+    0 a hidden key's -inf * 0 is NaN. Causal, so a tile hides keys (-inf) in every case."""
+    options = make_options(rng, "causal", TINY) | dict(scale=scale)
+    check_against_oracle(rng, TINY, options, jnp.bfloat16, "mosaic", SMALL, gradients=False)
+
+
+def test_folded_scale_only_where_the_logits_are_q_k_times_a_positive_scale():
+    st = mosaic_common.Static(
+        scale=0.125, softcap=None, right=0, left=None, check_q_len=False, check_kv_len=False,
+        dense_masks=False, has_bias=False, has_mask=False, has_segments=False, groups=1,
+        block_q=64, block_kv=128, num_stages=2, schedule_barrier=True, interpret=False,
+    )  # fmt: skip
+    assert mosaic_common.folded_scale(st) == pytest.approx(0.125 * np.log2(np.e))
+    for changes in (dict(scale=-0.125), dict(scale=0.0), dict(softcap=20.0), dict(has_bias=True)):
+        assert mosaic_common.folded_scale(dataclasses.replace(st, **changes)) is None
 
 
 def test_gradient_through_a_jit_with_traced_lengths_and_segments(rng):

@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     if args.variant in mosaic_variants.VARIANTS:
         changes = mosaic_variants.VARIANTS[args.variant]
         base = flash_mosaic.default_config(args.head_dim, causal=args.causal)
-        config = dataclasses.replace(base, softmax_overlap=False, **changes)
+        config = dataclasses.replace(base, **{"softmax_overlap": False, **changes})
         peer = mosaic_variants._mosaic(config)
     else:
         peer = flash.PEERS[args.variant]
