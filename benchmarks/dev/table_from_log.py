@@ -7,6 +7,11 @@ carries the earlier searches' winners, which it started from). Candidates can be
 (--exclude bwd_fused_dq=true). The log's times are the first round's, not the tuner's
 confirmation rounds: a near tie may go the other way.
 
+--forward-only: the log is of `jattn autotune --searches forward schedule` after a change to the
+forward kernel alone (stop 35: the folded scale). Per bucket whose schedule search reached its
+confirmation rounds, the table's entry (--out) takes that round's fastest candidate's forward
+fields (every field but bwd_*) and forward/schedule times; its backward fields and time stay.
+
     python -m benchmarks.dev.table_from_log LOG --out TABLE.json --device nvidia_h200 \
         --measured '{"device": "NVIDIA H200", "jax": "0.11.2", "date": "2026-11-30"}'
 """
@@ -63,6 +68,45 @@ def entries(rows, device: str, exclude: dict, measured: dict) -> list[cache.Entr
     return out
 
 
+def forward_fields(config: dict) -> dict:
+    """The fields of a Mosaic config that the forward kernel reads (all but bwd_*)."""
+    return {k: v for k, v in config.items() if not k.startswith("bwd_")}
+
+
+def confirmed_winners(rows) -> dict[str, dict]:
+    """{bucket text: the schedule search's fastest row in the confirmation rounds}, for the
+    buckets whose schedule search reached them (a search cut short has none)."""
+    best = {}
+    for row in rows:
+        if row["search"] == "schedule" and row.get("confirm") and row.get("ms") is not None:
+            if row["bucket"] not in best or row["ms"] < best[row["bucket"]]["ms"]:
+                best[row["bucket"]] = row
+    return best
+
+
+def forward_retune(rows, table: dict, device: str, measured: dict) -> list[cache.Entry]:
+    """Entries of `table` ({Bucket: Entry}) with the forward fields of `rows`' confirmed
+    schedule winners (--forward-only). A bucket the table lacks is skipped: it has no backward
+    fields to keep."""
+    confirmed_forward = collections.defaultdict(list)
+    for row in rows:
+        if row["search"] == "forward" and row.get("confirm") and row.get("ms") is not None:
+            confirmed_forward[row["bucket"]].append(row["ms"])
+    out = []
+    for text, best in confirmed_winners(rows).items():
+        bucket = _bucket(text, device)
+        if bucket not in table:
+            print(f"skipped {text}: not in the table")
+            continue
+        old = table[bucket]
+        config = {**old.config, **forward_fields(best["config"])}
+        ms = {**old.ms, "schedule": round(best["ms"], 4)}
+        if confirmed_forward[text]:
+            ms["forward"] = round(min(confirmed_forward[text]), 4)
+        out.append(cache.Entry(bucket, config, ms, {**old.measured, "forward": measured}))
+    return out
+
+
 def _excluded(config, exclude: dict) -> bool:
     return any(getattr(config, k) == v for k, v in exclude.items())
 
@@ -74,11 +118,18 @@ def main():
     parser.add_argument("--device", required=True)
     parser.add_argument("--exclude", nargs="*", default=[], help="field=json_value")
     parser.add_argument("--measured", default="{}", help="JSON object stored with each entry")
+    parser.add_argument(
+        "--forward-only", action="store_true", help="retune the forward fields of --out's entries"
+    )
     args = parser.parse_args()
     exclude = dict((k, json.loads(v)) for k, v in (e.split("=", 1) for e in args.exclude))
     with open(args.log) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    new = entries(rows, args.device, exclude, json.loads(args.measured))
+    if args.forward_only:
+        table = cache.load(args.out)
+        new = forward_retune(rows, table, args.device, json.loads(args.measured))
+    else:
+        new = entries(rows, args.device, exclude, json.loads(args.measured))
     cache.merge(args.out, new)
     for e in new:
         print(e.bucket, e.ms)
