@@ -1,6 +1,6 @@
 """Build the measured dispatch table of one GPU from committed `benchmarks/flash.py` runs.
 
-    python -m benchmarks.dispatch_table benchmarks/results/flash_h200_bf16_fwd.json \
+    python -m benchmarks.dispatch_table benchmarks/results/flash_h200_bf16_fwd_stop35.json \
         benchmarks/results/flash_h200_bf16_fwdbwd.json
 
 writes `jattn/autotune/dispatch_tables/<device kind>.json` (`jattn.autotune.dispatch` says how
