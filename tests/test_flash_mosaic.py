@@ -519,6 +519,38 @@ def test_gpu_every_feature_matches_oracle(rng, feature, dtype):
     check_against_oracle(rng, shape, make_options(rng, feature, shape), dtype, "mosaic")
 
 
+def _shipped_forward_configs(device: str = "nvidia_h200") -> dict[str, jattn.MosaicConfig]:
+    """{bucket: config} of a shipped table's Mosaic entries, one per distinct forward config
+    and head dim (the backward fields left at their defaults)."""
+    from jattn.autotune import cache
+
+    table = next(p for p in cache.shipped_tables() if p.name == f"{device}.json")
+    seen, out = set(), {}
+    for bucket, entry in cache.load(table).items():
+        forward = {k: v for k, v in entry.config.items() if not k.startswith("bwd_")}
+        key = (bucket.head_dim, tuple(sorted(forward.items())))
+        if bucket.implementation == "mosaic" and key not in seen:
+            seen.add(key)
+            out[str(bucket)] = jattn.MosaicConfig(**forward)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("feature", ["causal_bottom_right", "lengths_empty"])
+@pytest.mark.parametrize(
+    "bucket, config", list(_shipped_forward_configs().items()), ids=list(_shipped_forward_configs())
+)
+def test_gpu_every_shipped_forward_config_matches_oracle(rng, bucket, config, feature):
+    """The tuner times its candidates without checking them: each forward config the H200
+    table ships (stop 35 retuned them) against the oracle, at its bucket's head dim, with
+    T != S and GQA (bottom-right causal), and with padding lengths that empty every row of a
+    batch."""
+    head_dim = int(bucket.split("H=")[1].split()[0])
+    shape = (2, 700, 900, 4, 2, head_dim)
+    options = make_options(rng, feature, shape)
+    check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", config, gradients=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_split", [False, True], ids=["triton_backward", "split"])
 def test_gpu_head_dim_256_backward(rng, head_split):
