@@ -156,3 +156,24 @@ def test_bench_lists_every_suite_and_refuses_unknown_ones(capsys, tmp_path):
     assert f"{out}/tost_vs_softmax.json" in printed
     with pytest.raises(SystemExit):
         cli.main(["bench", "nonsense"])
+
+
+def test_readme_mosaic_forward_table_is_the_committed_run():
+    """Each cell of the README's H200 forward table (jattn mosaic / cuDNN / tokamax TFLOP/s)
+    is the committed run's, rounded: the README quotes measurements, not claims."""
+    import json
+
+    run = json.loads((ROOT / "benchmarks/results/flash_h200_bf16_fwd_stop35.json").read_text())
+    tflops = {
+        (r["head_dim"], r["causal"], r["length"], r["peer"]): r["tflops"] for r in run["rows"]
+    }
+    pattern = r"^\| (64|128|256) \| (no|yes) \|((?: \d+ / \d+ / \d+ \|){6})$"
+    rows = re.findall(pattern, README, re.M)
+    assert len(rows) == 6
+    lengths = (512, 1024, 2048, 4096, 8192, 16384)
+    peers = ("jattn_mosaic", "cudnn", "tokamax_mosaic")
+    for head_dim, causal, cells in rows:
+        for length, cell in zip(lengths, cells.strip(" |").split(" | "), strict=True):
+            for peer, quoted in zip(peers, cell.split(" / "), strict=True):
+                got = tflops[(int(head_dim), causal == "yes", length, peer)]
+                assert int(quoted) == round(got), (head_dim, causal, length, peer)
