@@ -120,8 +120,8 @@ def _backward_candidates(bucket: autotune.Bucket, base: MosaicConfig) -> list[Mo
     """The backward's tiles and ring depth; above H = 128 with dK, dV split by columns too (what
     keeps them in registers there: without it the Triton backward runs, not a candidate), and
     then a 2-stage dk/dv ring beside a shallower dq one. Not `bwd_fused_dq`: a tuned config
-    serves `config=None` calls, which jax.vmap may wrap, and the fused backward does not run
-    under vmap (its dQ Ref launch batches only a batch of 1); it stays an explicit opt-in."""
+    serves `config=None` calls, which promise a deterministic backward, and the fused one adds
+    dQ up in whatever order its programs run; it stays an explicit opt-in."""
     splits = (False, True) if flash_mosaic.padded_head_dim(bucket.head_dim) > 128 else (False,)
     configs = [
         dataclasses.replace(

@@ -130,10 +130,11 @@ class MosaicConfig:
       memory, read transposed by the wgmma; 64 columns of dQ per wgmma) and adds it into a
       float32 dQ in global memory with TMA reduce-add stores; the dq kernel, which computed S
       and dP a second time, does not run: 5 matmuls per tile pair instead of 7. dQ's float32
-      sums then depend on the order of the adds (not bit-reproducible run to run). Not under
-      jax.vmap (its launch, pl.kernel for the Ref, batches only a batch of 1). Off by default:
-      faster than the two kernels at H = 64 and non-causal H = 128, slower causal at H = 128
-      (stop 33, benchmarks/NOTES.md).
+      sums then depend on the order of the adds (not bit-reproducible run to run). Under
+      jax.vmap the mapped axes fold into the batch (its launch, pl.kernel with dQ as a Ref,
+      batches no other way: `flash_mosaic_bwd.folding_vmap`; lowers for CUDA, stop 35, not yet
+      run on a GPU). Off by default, as it is not deterministic: faster than the two kernels
+      at H = 64 and non-causal H = 128, slower causal at H = 128 (stop 33, benchmarks/NOTES.md).
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
     """
 

@@ -30,6 +30,7 @@ computed here: when the bias is differentiated the caller uses the Triton backwa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -596,9 +597,9 @@ def _launch(
     kernel, st: Static, operands: dict, scratch: dict, out_names, out_type, grid, *, mutable=False
 ):
     """Run `kernel` over grid (heads, tiles, batch) with a producer and CONSUMERS warpgroups.
-    mutable: some operands are `jax.new_ref`s (aliased in and out, written in place): launched by
-    pl.kernel on a plgpu.Mesh, as plgpu.kernel's vmap wrapper does not take them; in interpret
-    mode (no Ref operands there) the outputs then start zeroed."""
+    mutable: some operands are Refs (run_state's, aliased in and out, written in place):
+    launched by pl.kernel on a plgpu.Mesh, as plgpu.kernel's vmap wrapper does not take them;
+    in interpret mode (no Ref operands there) the outputs then start zeroed."""
 
     def body(*refs):
         names = list(operands) + list(out_names)
@@ -697,7 +698,50 @@ def backward(
     """dq, dk, dv. Under a flex block mask (st.flex_blocks, st.flex.block_mask = (bq, bk)) the
     dq kernel visits each query block's listed key blocks and the dk/dv kernel each key block's
     listed query blocks (`flash_mosaic._visit_lists` of BlockMask.kv_blocks and .q_blocks);
-    `block_mask_fits` says which configs can."""
+    `block_mask_fits` says which configs can. With st.fused_dq, whose launch with dQ as a Ref
+    does not batch, jax.vmap's axes are folded into B (`folding_vmap`)."""
+    args = (query, key, value, bias, mask, bounds, segment_ids, out, lse, d_out, d_lse, visits)
+    if st.fused_dq:
+        per_pair = (3, 4, 11)  # bias, mask, visits: [B', ...], where B' = 1 broadcasts
+        return folding_vmap(functools.partial(_backward, st), query.shape[0], per_pair)(*args)
+    return _backward(st, *args)
+
+
+def folding_vmap(fn, batch: int, broadcast: tuple[int, ...] = ()):
+    """fn, whose arguments are pytrees of arrays [B, ...] (B = batch; [B or 1, ...] for the
+    arguments at the positions `broadcast`) and whose outputs are [B, ...], with a jax.vmap
+    rule that folds the mapped axis V into B: fn runs once on [V * B, ...] and its outputs come
+    back as [V, B, ...]. Unmapped arguments are tiled V times, except a broadcast one of 1,
+    which stays; a mapped broadcast one of 1 is broadcast to B first. For a kernel launch that
+    batches no other way (attention is independent per batch row)."""
+
+    @jax.custom_batching.custom_vmap
+    def folded(*args):
+        return fn(*args)
+
+    @folded.def_vmap
+    def _(axis_size, in_batched, *args):
+        def fold(x, mapped: bool, stays: bool):
+            if not mapped:
+                return x if stays else jnp.tile(x, (axis_size,) + (1,) * (x.ndim - 1))
+            if x.shape[1] == 1 and batch > 1:
+                x = jnp.broadcast_to(x, (axis_size, batch, *x.shape[2:]))
+            return x.reshape(axis_size * x.shape[1], *x.shape[2:])
+
+        args = [
+            jax.tree.map(lambda x, m, i=i: fold(x, m, i in broadcast and x.shape[0] == 1), a, b)
+            for i, (a, b) in enumerate(zip(args, in_batched, strict=True))
+        ]
+        outs = folding_vmap(fn, axis_size * batch, broadcast)(*args)
+        outs = jax.tree.map(lambda y: y.reshape(axis_size, batch, *y.shape[1:]), outs)
+        return outs, jax.tree.map(lambda _: True, outs)
+
+    return folded
+
+
+def _backward(
+    st: Static, query, key, value, bias, mask, bounds, segment_ids, out, lse, d_out, d_lse, visits
+):
     batch, q_len, num_heads, head_dim = query.shape
     kv_len, num_kv_heads = key.shape[1], key.shape[2]
     block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
@@ -815,21 +859,28 @@ def backward(
         dq_shape = (batch, t_pad, num_heads * parts, part_width)
         if st.interpret:
             outs["dq_acc"] = jax.ShapeDtypeStruct((CONSUMERS, *dq_shape), jnp.float32)
-        else:
-            operands["dq_acc"] = jax.new_ref(jnp.zeros(dq_shape, jnp.float32))
-    results = _launch(
-        _dkdv_kernel,
-        dkdv_st,
-        operands,
-        scratch,
-        list(outs),
-        list(outs.values()),
-        (num_heads, s_pad // program_keys, batch),
-        mutable=st.fused_dq,
-    )
+    grid = (num_heads, s_pad // program_keys, batch)
+    if st.fused_dq and not st.interpret:
+        # dQ is added into in place (TMA reduce-add), so the launch takes dK, dV and dQ as Refs,
+        # created and read back by run_state: no Ref outlives this function, which lets
+        # `folding_vmap`'s custom_vmap hold it (a jax.new_ref there has no state discharge
+        # rule: stop 33). dK and dV start as zeros the kernel overwrites.
+
+        def in_place(refs):
+            dk, dv, dq_acc = refs
+            in_out = operands | {"dk": dk, "dv": dv, "dq_acc": dq_acc}
+            _launch(_dkdv_kernel, dkdv_st, in_out, scratch, [], [], grid, mutable=True)
+
+        zeros = jnp.zeros(per_head.shape, dtype)
+        results = pl.run_state(in_place)((zeros, zeros, jnp.zeros(dq_shape, jnp.float32)))
+    else:
+        kernel_outs = (list(outs), list(outs.values()))
+        results = _launch(
+            _dkdv_kernel, dkdv_st, operands, scratch, *kernel_outs, grid, mutable=st.fused_dq
+        )
     dk, dv = (g.reshape(batch, s_pad, num_heads, h_pad) for g in results[:2])
     if st.fused_dq:
-        dq = results[2].sum(axis=0) if st.interpret else operands["dq_acc"][...]
+        dq = results[2].sum(axis=0) if st.interpret else results[2]
         dq = (dq.reshape(batch, t_pad, num_heads, h_pad) * st.scale).astype(dtype)
 
     def kv_grad(g):  # [B, S_pad, N, Hp] per query head -> [B, S, K, H], summed in float32
