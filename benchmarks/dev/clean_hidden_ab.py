@@ -1,24 +1,26 @@
-"""A/B of `mosaic_common.CLEAN_HIDDEN` (issue 19): the Mosaic kernels with the masked tiles'
-K and V cleaned by the producer (a NaN in a hidden key reaches no row) against the same kernels
-without, beside cuDNN, in one process (each setting compiled ahead of time right after it is
-set, with JAX's caches cleared). "clean_unflagged": the cleaning kernels without
-`flag_nonfinite`'s reads of K and V (the kernels' structure alone; wrong for non-finite
-inputs). bf16, H = 128, B = 16k / T, N = 16: causal, segment ids (4 documents) and a sliding
-window; forward and forward+backward.
+"""A/B of the masked tiles' cleaning (issue 19): "dirty", the Mosaic kernels without it
+(`mosaic_common.CLEAN_HIDDEN` False: a NaN in a hidden key can reach a row); "in_kernel", the
+kernels with the cleaning compiled in serving every call (`BRANCH_ON_FLAG` False: the cleaning
+runs for flagged batch rows only, stop 33); "branched", `launch_by_flag`'s lax.cond between
+the two kernels on the flags (stop 36); beside cuDNN, in one process (each setting compiled
+ahead of time right after it is set, with JAX's caches cleared). Finite inputs; bf16,
+B = 16k / T, N = 2048 / H: causal, segment ids (4 documents) and a sliding window; forward and
+forward+backward.
 
-Run: python -m benchmarks.dev.clean_hidden_ab --json OUT.json [--lengths 4096 16384]
+Run: python -m benchmarks.dev.clean_hidden_ab --json OUT.json [--lengths 4096 16384] [--head-dim 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import jax
 import jax.numpy as jnp
 
 import jattn
 from benchmarks import flash
-from pallas_kernels import flash_mosaic, flash_mosaic_bwd, mosaic_common
+from pallas_kernels import mosaic_common
 
 CELLS = {
     "causal": lambda t: dict(is_causal=True),
@@ -27,12 +29,14 @@ CELLS = {
 }
 
 
-FLAG_NONFINITE = mosaic_common.flag_nonfinite
+COMPILE_S = {}  # compiled function -> seconds to lower, compile and run it once
 
-
-def _unread(st, bounds, *arrays):
-    """flag_nonfinite without its reads of K and V: the kernels' cleaning structure alone."""
-    return bounds
+SETTINGS = {  # name: (implementation, CLEAN_HIDDEN, BRANCH_ON_FLAG)
+    "dirty": ("mosaic", False, False),
+    "in_kernel": ("mosaic", True, False),
+    "branched": ("mosaic", True, True),
+    "cudnn": ("cudnn", True, True),
+}
 
 
 def compiled(fn, args):
@@ -40,8 +44,10 @@ def compiled(fn, args):
     jattn's inner jit is cached by its arguments, not by a module switch (before stop 33 this
     A/B timed the first setting's kernels under both names)."""
     jax.clear_caches()
+    start = time.perf_counter()
     fn = fn.lower(*args).compile()
     jax.block_until_ready(fn(*args))
+    COMPILE_S[fn] = time.perf_counter() - start
     return fn
 
 
@@ -52,11 +58,12 @@ def main(argv=None) -> None:
     parser.add_argument("--cells", nargs="+", default=list(CELLS))
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
+    parser.add_argument("--head-dim", type=int, default=128)
     args = parser.parse_args(argv)
     rows = []
     for length in args.lengths:
-        batch, heads = flash.TOKENS // length, flash.HIDDEN // 128
-        shape = (batch, length, heads, 128)
+        batch, heads = flash.TOKENS // length, flash.HIDDEN // args.head_dim
+        shape = (batch, length, heads, args.head_dim)
         q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(3))
         for cell in args.cells:
             options = CELLS[cell](length)
@@ -66,16 +73,9 @@ def main(argv=None) -> None:
                 )
             for mode in args.modes:
                 fns = {}
-                for name, impl, clean in (
-                    ("dirty", "mosaic", False),
-                    ("clean", "mosaic", True),
-                    ("clean_unflagged", "mosaic", True),  # no flag_nonfinite reads (timing)
-                    ("cudnn", "cudnn", True),
-                ):
+                for name, (impl, clean, branch) in SETTINGS.items():
                     mosaic_common.CLEAN_HIDDEN = clean
-                    unflagged = name == "clean_unflagged"
-                    for module in (flash_mosaic, flash_mosaic_bwd):
-                        module.flag_nonfinite = _unread if unflagged else FLAG_NONFINITE
+                    mosaic_common.BRANCH_ON_FLAG = branch
 
                     def peer(q, k, v, causal, impl=impl, options=options):
                         return jattn.dot_product_attention(q, k, v, implementation=impl, **options)
@@ -92,8 +92,10 @@ def main(argv=None) -> None:
                                 error=f"{type(e).__name__}: {str(e)[:200]}",
                             )
                         )
-                mosaic_common.CLEAN_HIDDEN = True
-                cell_fields = dict(cell=cell, length=length, mode=mode)
+                mosaic_common.CLEAN_HIDDEN = mosaic_common.BRANCH_ON_FLAG = True
+                cell_fields = dict(cell=cell, length=length, mode=mode, head_dim=args.head_dim)
+                for name, fn in fns.items():
+                    rows.append(dict(cell_fields, peer=name, compile_s=COMPILE_S[fn]))
                 flash.record_together(fns, (q, k, v), args.repeats, cell_fields, rows, args.json)
 
 
