@@ -75,7 +75,6 @@ from pallas_kernels.mosaic_common import (
     interpret_kwargs,
     irem,
     key_blocks,
-    launch_by_flag,
     layout_cast,
     load_vector,
     mma_accumulate,
@@ -133,7 +132,7 @@ class MosaicConfig:
       and dP a second time, does not run: 5 matmuls per tile pair instead of 7. dQ's float32
       sums then depend on the order of the adds (not bit-reproducible run to run). Under
       jax.vmap the mapped axes fold into the batch (its launch, pl.kernel with dQ as a Ref,
-      batches no other way: `mosaic_common.folding_vmap`; lowers for CUDA, stop 35, not yet
+      batches no other way: `flash_mosaic_bwd.folding_vmap`; lowers for CUDA, stop 35, not yet
       run on a GPU). Off by default, as it is not deterministic: faster than the two kernels
       at H = 64 and non-causal H = 128, slower causal at H = 128 (stop 33, benchmarks/NOTES.md).
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
@@ -819,15 +818,7 @@ def forward(
 ) -> tuple[Array, Array]:  # out [B, T, N, H], lse [B, T, N] float32 (natural log)
     """Pad, run the kernel, unpad. `blocks` (st.flex_blocks): per program, [n, n_partial, its
     query block, key block ids (partial ones first), ...], L a multiple of 32 (a TMA moves
-    128-byte rows): `_visit_lists(..., forward=True)`. The masked tiles' cleaning runs only
-    for inputs with a non-finite value (`launch_by_flag`)."""
-    bounds = flag_nonfinite(st, bounds, value)
-    args = (query, key, value, bias, mask, bounds, segment_ids, blocks)
-    return launch_by_flag(st, _forward, args, bounds_at=5, broadcast=(3, 4, 7))
-
-
-def _forward(st: Static, query, key, value, bias, mask, bounds, segment_ids, blocks):
-    """`forward` with its bounds flagged: one launch of the kernel."""
+    128-byte rows): `_visit_lists(..., forward=True)`."""
     batch, q_len, num_heads, head_dim = query.shape
     kv_len = key.shape[1]
     rows_per_program = CONSUMERS * st.block_q
@@ -846,7 +837,7 @@ def _forward(st: Static, query, key, value, bias, mask, bounds, segment_ids, blo
         "q": rows(query, t_pad),
         "k": rows(key, s_pad),
         "v": rows(value, s_pad),
-        "bounds": bounds,
+        "bounds": flag_nonfinite(st, bounds, value),
     }
     stages, block_kv = st.num_stages, st.block_kv
     scratch = {

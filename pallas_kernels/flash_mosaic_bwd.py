@@ -30,6 +30,7 @@ computed here: when the bias is differentiated the caller uses the Triton backwa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -61,7 +62,6 @@ from pallas_kernels.mosaic_common import (
     interpret_kwargs,
     irem,
     key_blocks,
-    launch_by_flag,
     layout_cast,
     load_vector,
     mma_accumulate,
@@ -699,12 +699,44 @@ def backward(
     dq kernel visits each query block's listed key blocks and the dk/dv kernel each key block's
     listed query blocks (`flash_mosaic._visit_lists` of BlockMask.kv_blocks and .q_blocks);
     `block_mask_fits` says which configs can. With st.fused_dq, whose launch with dQ as a Ref
-    does not batch, jax.vmap's axes are folded into B (`mosaic_common.folding_vmap`). The
-    masked tiles' cleaning runs only for inputs with a non-finite value (`launch_by_flag`)."""
-    bounds = flag_nonfinite(st, bounds, key, value)
+    does not batch, jax.vmap's axes are folded into B (`folding_vmap`)."""
     args = (query, key, value, bias, mask, bounds, segment_ids, out, lse, d_out, d_lse, visits)
-    per_pair = (3, 4, 11)  # bias, mask, visits: [B', ...], where B' = 1 broadcasts
-    return launch_by_flag(st, _backward, args, bounds_at=5, broadcast=per_pair, fold=st.fused_dq)
+    if st.fused_dq:
+        per_pair = (3, 4, 11)  # bias, mask, visits: [B', ...], where B' = 1 broadcasts
+        return folding_vmap(functools.partial(_backward, st), query.shape[0], per_pair)(*args)
+    return _backward(st, *args)
+
+
+def folding_vmap(fn, batch: int, broadcast: tuple[int, ...] = ()):
+    """fn, whose arguments are pytrees of arrays [B, ...] (B = batch; [B or 1, ...] for the
+    arguments at the positions `broadcast`) and whose outputs are [B, ...], with a jax.vmap
+    rule that folds the mapped axis V into B: fn runs once on [V * B, ...] and its outputs come
+    back as [V, B, ...]. Unmapped arguments are tiled V times, except a broadcast one of 1,
+    which stays; a mapped broadcast one of 1 is broadcast to B first. For a kernel launch that
+    batches no other way (attention is independent per batch row)."""
+
+    @jax.custom_batching.custom_vmap
+    def folded(*args):
+        return fn(*args)
+
+    @folded.def_vmap
+    def _(axis_size, in_batched, *args):
+        def fold(x, mapped: bool, stays: bool):
+            if not mapped:
+                return x if stays else jnp.tile(x, (axis_size,) + (1,) * (x.ndim - 1))
+            if x.shape[1] == 1 and batch > 1:
+                x = jnp.broadcast_to(x, (axis_size, batch, *x.shape[2:]))
+            return x.reshape(axis_size * x.shape[1], *x.shape[2:])
+
+        args = [
+            jax.tree.map(lambda x, m, i=i: fold(x, m, i in broadcast and x.shape[0] == 1), a, b)
+            for i, (a, b) in enumerate(zip(args, in_batched, strict=True))
+        ]
+        outs = folding_vmap(fn, axis_size * batch, broadcast)(*args)
+        outs = jax.tree.map(lambda y: y.reshape(axis_size, batch, *y.shape[1:]), outs)
+        return outs, jax.tree.map(lambda _: True, outs)
+
+    return folded
 
 
 def _backward(
@@ -741,7 +773,7 @@ def _backward(
         "d_out": rows(d_out.astype(dtype), t_pad),
         "lse": common.pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad),  # [B, N, T_pad]; padded rows: 0
         "delta": common.pad_to(delta, 2, t_pad),
-        "bounds": bounds,  # flagged by `backward`
+        "bounds": flag_nonfinite(st, bounds, key, value),
     }
     pairs = {}
     if bias is not None:

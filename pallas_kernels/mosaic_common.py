@@ -10,7 +10,6 @@ key-block range a block of queries visits, and the tiled shared-memory shapes.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import types
 
@@ -544,76 +543,6 @@ def flag_nonfinite(st: Static, bounds: Array, *arrays: Array) -> Array:
     for x in arrays:
         bad = bad | ~jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
     return bounds.at[:, NONFINITE].set(bad.astype(bounds.dtype))
-
-
-BRANCH_ON_FLAG = True  # False: the kernels with the cleaning serve every masked call (A/B)
-BRANCH_INTERPRETED = False  # interpret mode: the branch compiles both kernels (tests set it)
-
-
-def launch_by_flag(st: Static, launch, args: tuple, bounds_at: int, broadcast=(), fold=False):
-    """launch(st, *args), where args[bounds_at] are bounds [B, 4] that `flag_nonfinite` set.
-    With st.clean_hidden, the kernels with the cleaning compiled in run only when a batch row is
-    flagged (`lax.cond` on the flags); finite inputs run the kernels without it
-    (st.clean_hidden False), whose code is the same as for an unmasked call's: the cleaning's
-    code costs the causal dq kernel about 9% and 21% more instructions with no tile cleaned,
-    and forward+backward 4-7% (stops 33-34). Under jax.vmap the mapped axis is folded into B
-    (`folding_vmap`), so that the predicate stays one scalar and one branch runs, not both.
-    fold: fold under jax.vmap anyway (a launch that batches no other way). `broadcast`: the
-    positions of arguments [B' = 1 or B, ...] (`folding_vmap`). One kernel (with the cleaning)
-    serves flex_attention's mods (folded, the batch index they may read would change) and, unless
-    BRANCH_INTERPRETED, interpret mode (the branch doubles a test's compile)."""
-    branch = (
-        st.clean_hidden
-        and st.flex is None
-        and BRANCH_ON_FLAG
-        and (BRANCH_INTERPRETED or not st.interpret)
-    )
-    if branch:
-        plain = dataclasses.replace(st, clean_hidden=False)
-
-        def run(*args):
-            flagged = jnp.any(args[bounds_at][:, NONFINITE] != 0)
-            return lax.cond(
-                flagged, functools.partial(launch, st), functools.partial(launch, plain), *args
-            )
-
-    else:
-        run = functools.partial(launch, st)
-    if branch or fold:
-        run = folding_vmap(run, args[bounds_at].shape[0], broadcast)
-    return run(*args)
-
-
-def folding_vmap(fn, batch: int, broadcast: tuple[int, ...] = ()):
-    """fn, whose arguments are pytrees of arrays [B, ...] (B = batch; [B or 1, ...] for the
-    arguments at the positions `broadcast`) and whose outputs are [B, ...], with a jax.vmap
-    rule that folds the mapped axis V into B: fn runs once on [V * B, ...] and its outputs come
-    back as [V, B, ...]. Unmapped arguments are tiled V times, except a broadcast one of 1,
-    which stays; a mapped broadcast one of 1 is broadcast to B first. For a kernel launch that
-    batches no other way (attention is independent per batch row)."""
-
-    @jax.custom_batching.custom_vmap
-    def folded(*args):
-        return fn(*args)
-
-    @folded.def_vmap
-    def _(axis_size, in_batched, *args):
-        def fold(x, mapped: bool, stays: bool):
-            if not mapped:
-                return x if stays else jnp.tile(x, (axis_size,) + (1,) * (x.ndim - 1))
-            if x.shape[1] == 1 and batch > 1:
-                x = jnp.broadcast_to(x, (axis_size, batch, *x.shape[2:]))
-            return x.reshape(axis_size * x.shape[1], *x.shape[2:])
-
-        args = [
-            jax.tree.map(lambda x, m, i=i: fold(x, m, i in broadcast and x.shape[0] == 1), a, b)
-            for i, (a, b) in enumerate(zip(args, in_batched, strict=True))
-        ]
-        outs = folding_vmap(fn, axis_size * batch, broadcast)(*args)
-        outs = jax.tree.map(lambda y: y.reshape(axis_size, batch, *y.shape[1:]), outs)
-        return outs, jax.tree.map(lambda _: True, outs)
-
-    return folded
 
 
 def cleaned_steps(st: Static, bounds, nonfinite, program_first, rows: int, lo, hi, n_partial=None):

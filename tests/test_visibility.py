@@ -148,25 +148,6 @@ def test_mosaic_cleans_the_batch_rows_whose_values_are_not_finite(rng):
     bounds): a NaN value in
     row 1's second document leaves row 0 and row 1's first document exactly as on clean
     inputs, output and dq, and makes row 1's second document NaN."""
-    _check_cleaned_rows(rng)
-
-
-@pytest.mark.parametrize("mapped", [False, True], ids=["call", "vmap"])
-def test_mosaic_runs_the_cleaning_kernels_only_for_flagged_inputs(rng, monkeypatch, mapped):
-    """On a GPU, `launch_by_flag` branches (lax.cond) between the kernels with the cleaning,
-    for inputs with a flagged batch row, and those without it: the flagged call and the finite
-    one give the results of `test_mosaic_cleans_the_batch_rows_whose_values_are_not_finite`,
-    also under jax.vmap, whose mapped axis is folded into the batch so that one branch runs."""
-    from pallas_kernels import mosaic_common
-
-    monkeypatch.setattr(mosaic_common, "BRANCH_INTERPRETED", True)
-    _check_cleaned_rows(rng, mapped=mapped)
-
-
-def _check_cleaned_rows(rng, mapped=False):
-    """The check of `test_mosaic_cleans_the_batch_rows_whose_values_are_not_finite`; mapped:
-    through jax.vmap over a leading axis of 2, the clean inputs in one element and the NaN in
-    the other."""
     config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2)
     q, k, v = make_inputs(rng, (2, 24, 24, 1, 1, 64), jnp.bfloat16)
     ids = jnp.asarray(np.tile(np.arange(24) >= 12, (2, 1)), jnp.int32)
@@ -178,14 +159,8 @@ def _check_cleaned_rows(rng, mapped=False):
         out = jattn.dot_product_attention(q, k, v, **options).astype(jnp.float32)
         return jnp.sum(jnp.where(clean[..., None, None], out * cotangent, 0.0)), out
 
-    value_and_grad = jax.value_and_grad(loss, has_aux=True)
-    bad_v = v.at[1, 17].set(jnp.nan)
-    if mapped:  # [2, ...]: element 0 clean, element 1 with the NaN
-        (_, outs), dqs = jax.vmap(value_and_grad)(jnp.stack([q, q]), jnp.stack([v, bad_v]))
-        want, got, want_dq, got_dq = outs[0], outs[1], dqs[0], dqs[1]
-    else:
-        (_, want), want_dq = value_and_grad(q, v)
-        (_, got), got_dq = value_and_grad(q, bad_v)
+    (_, want), want_dq = jax.value_and_grad(loss, has_aux=True)(q, v)
+    (_, got), got_dq = jax.value_and_grad(loss, has_aux=True)(q, v.at[1, 17].set(jnp.nan))
     keep = lambda x: np.where(np.asarray(clean)[..., None, None], np.asarray(x, np.float32), 0)
     np.testing.assert_array_equal(keep(got), keep(want))
     np.testing.assert_array_equal(keep(got_dq), keep(want_dq))
