@@ -10,8 +10,11 @@ set -uo pipefail
 source benchmarks/gpu_env.sh
 causal=${CAUSAL:+--causal}
 length=${LENGTH:-16384}
+halve=${CAUSAL:+2}  # score elements: B * N * T * T (B = 16k / T, N = 16), halved when causal
+halve=${halve:-1}
 kernels='regex:jattn_flash_forward|flash_attention|cudnn'
-metrics=gpu__time_duration.sum,smsp__inst_executed.sum,launch__registers_per_thread
+metrics=gpu__time_duration.sum,smsp__inst_executed.sum,launch__registers_per_thread,launch__grid_size
+metrics=$metrics,sm__cycles_active.avg,sm__cycles_elapsed.avg
 metrics=$metrics,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
 metrics=$metrics,smsp__average_warp_latency_per_inst_issued.ratio
 metrics=$metrics,"regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
@@ -20,7 +23,7 @@ for variant in ${VARIANTS:-overlap cudnn tokamax_mosaic}; do
     timeout 120 ncu --clock-control none --metrics "$metrics" -k "$kernels" --launch-count 1 \
         python3 -m benchmarks.dev.mosaic_one_call --variant "$variant" --calls 0 \
         --length "$length" $causal > "$out/stalls_$variant.txt" 2>&1
-    grep -E "^  [a-zA-Z_].*\(|duration|registers|pct|inst_executed|ratio" \
+    grep -E "^  [a-zA-Z_].*\(|duration|registers|grid_size|cycles_|pct|inst_executed|ratio" \
         "$out/stalls_$variant.txt" | sed -E 's/\(const void.*\) \(/(/; s/  +/ /g' \
         | awk '!/ratio/ || $NF+0 >= 0.05'
 done
@@ -32,4 +35,4 @@ for variant in ${SASS_VARIANTS:-overlap tokamax_mosaic}; do
         --length "$length" $causal > "$out/sass_fwd_$variant.csv" 2>&1
     csvs+=("$out/sass_fwd_$variant.csv")
 done
-python3 -m benchmarks.dev.sass_mix "${csvs[@]}" --per $((length * length * 16)) --top 30
+python3 -m benchmarks.dev.sass_mix "${csvs[@]}" --per $((16384 * length * 16 / halve)) --top 30
