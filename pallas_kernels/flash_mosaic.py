@@ -815,6 +815,8 @@ def forward(
     bounds: Array,  # [B, 4] int32: q_offset, q_len, kv_len, 0 (flag_nonfinite's column)
     segment_ids: tuple[Array, Array] | None,  # [B, T], [B, S] int32
     blocks: Array | None = None,  # [B', N', QB, L] int32: a flex block mask's visit lists
+    *,
+    flagged: bool = False,  # bounds' NONFINITE column set from V already (`flag_nonfinite`)
 ) -> tuple[Array, Array]:  # out [B, T, N, H], lse [B, T, N] float32 (natural log)
     """Pad, run the kernel, unpad. `blocks` (st.flex_blocks): per program, [n, n_partial, its
     query block, key block ids (partial ones first), ...], L a multiple of 32 (a TMA moves
@@ -837,7 +839,7 @@ def forward(
         "q": rows(query, t_pad),
         "k": rows(key, s_pad),
         "v": rows(value, s_pad),
-        "bounds": flag_nonfinite(st, bounds, value),
+        "bounds": bounds if flagged else flag_nonfinite(st, bounds, value),
     }
     stages, block_kv = st.num_stages, st.block_kv
     scratch = {
@@ -1020,7 +1022,11 @@ def flash_attention(
         bias_value = None if bias is None else bias.value
         aux = jax.tree.map(lambda x: x.value, aux, is_leaf=_is_primal)
         mask, bounds, segment_ids = aux[:3]
-        out, lse = forward(plan.st, *primals, bias_value, mask, bounds, segment_ids)
+        # V's non-finite flag, set once: the forward's kernel reads it and the backward's
+        # adds K's to it (`flag_nonfinite`)
+        bounds = flag_nonfinite(plan.st, bounds, primals[2])
+        out, lse = forward(plan.st, *primals, bias_value, mask, bounds, segment_ids, flagged=True)
+        aux = (mask, bounds, *aux[2:])
         want_dbias = bias_value is not None and bias.perturbed
         return (out, lse), (*primals, bias_value, out, lse, () if want_dbias else None, aux)
 
@@ -1034,7 +1040,7 @@ def flash_attention(
         no_aux = jax.tree.map(lambda _: None, aux)  # integer and boolean inputs: no cotangent
         grads = _gradients(
             plan, options, query, key, value, bias, aux, out, lse, d_out, d_lse,
-            want_dbias=want_dbias is not None,
+            want_dbias=want_dbias is not None, values_flagged=True,
         )  # fmt: skip
         return (*grads, no_aux)
 
@@ -1126,10 +1132,11 @@ def _plan(query, key, bias, mask, config, tuned, interpret, options) -> tuple[_P
 
 
 def _gradients(plan: _Plan, options, query, key, value, bias, aux, out, lse, d_out, d_lse, *,
-               want_dbias: bool):  # fmt: skip
+               want_dbias: bool, values_flagged: bool = False):  # fmt: skip
     """(dq, dk, dv, dbias or None): the Mosaic backward kernels, or the Triton backward for
     dbias and for a backward that does not fit shared memory or registers. The arrays come
-    from `aux`, `options` gives the static options."""
+    from `aux`, `options` gives the static options. values_flagged: aux's bounds carry the
+    forward's flag of V (`flag_nonfinite`)."""
     mask, bounds, segment_ids, q_offset, q_lengths, kv_lengths = aux
     options = options | dict(
         segment_ids=segment_ids,
@@ -1140,7 +1147,7 @@ def _gradients(plan: _Plan, options, query, key, value, bias, aux, out, lse, d_o
     if plan.native_backward and not want_dbias:
         dq, dk, dv = flash_mosaic_bwd.backward(
             plan.bwd_st, query, key, value, bias, mask, bounds, segment_ids, out, lse, d_out,
-            d_lse,
+            d_lse, values_flagged=values_flagged and plan.st.clean_hidden,
         )  # fmt: skip
         return dq, dk, dv, None
     return flash_triton.backward(

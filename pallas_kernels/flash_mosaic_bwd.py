@@ -694,12 +694,16 @@ def backward(
     d_out: Array,  # [B, T, N, H]
     d_lse: Array,  # [B, T, N] float32
     visits: tuple[Array, Array] | None = None,  # st.flex_blocks: ([B', N', QB, L], [.., KB, L'])
+    *,
+    values_flagged: bool = False,  # bounds carry the forward's flag of V: only K is read
 ) -> tuple[Array, Array, Array]:  # dq, dk, dv
     """dq, dk, dv. Under a flex block mask (st.flex_blocks, st.flex.block_mask = (bq, bk)) the
     dq kernel visits each query block's listed key blocks and the dk/dv kernel each key block's
     listed query blocks (`flash_mosaic._visit_lists` of BlockMask.kv_blocks and .q_blocks);
     `block_mask_fits` says which configs can. With st.fused_dq, whose launch with dQ as a Ref
     does not batch, jax.vmap's axes are folded into B (`folding_vmap`)."""
+    flagged = (key,) if values_flagged else (key, value)  # `flag_nonfinite`
+    bounds = flag_nonfinite(st, bounds, *flagged)
     args = (query, key, value, bias, mask, bounds, segment_ids, out, lse, d_out, d_lse, visits)
     if st.fused_dq:
         per_pair = (3, 4, 11)  # bias, mask, visits: [B', ...], where B' = 1 broadcasts
@@ -773,7 +777,7 @@ def _backward(
         "d_out": rows(d_out.astype(dtype), t_pad),
         "lse": common.pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad),  # [B, N, T_pad]; padded rows: 0
         "delta": common.pad_to(delta, 2, t_pad),
-        "bounds": flag_nonfinite(st, bounds, key, value),
+        "bounds": bounds,  # flagged by `backward`
     }
     pairs = {}
     if bias is not None:

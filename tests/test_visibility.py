@@ -185,6 +185,9 @@ def test_flag_nonfinite_marks_only_the_batch_rows_with_nan_or_inf(rng):
     np.testing.assert_array_equal(only_v[:, 3], [0, 0, 0, 1, 1])
     unused = mosaic_common.flag_nonfinite(SimpleNamespace(clean_hidden=False), bounds, k, v)
     np.testing.assert_array_equal(unused, bounds)
+    # the backward adds K's flag to the forward's of V: flagged rows stay flagged
+    then_k = mosaic_common.flag_nonfinite(SimpleNamespace(clean_hidden=True), only_v, k)
+    np.testing.assert_array_equal(then_k, flagged)
 
 
 @pytest.mark.parametrize("implementation", ["xla", "triton", "mosaic"])
