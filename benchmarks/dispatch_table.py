@@ -1,7 +1,7 @@
 """Build the measured dispatch table of one GPU from committed `benchmarks/flash.py` runs.
 
     python -m benchmarks.dispatch_table benchmarks/results/flash_h200_bf16_fwd_stop35.json \
-        benchmarks/results/flash_h200_bf16_fwdbwd.json
+        benchmarks/results/flash_h200_bf16_fwdbwd_stop36.json
 
 writes `jattn/autotune/dispatch_tables/<device kind>.json` (`jattn.autotune.dispatch` says how
 `implementation=None` uses it); `--check` compares instead of writing (tests/test_dispatch.py).
