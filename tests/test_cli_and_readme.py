@@ -158,47 +158,34 @@ def test_bench_lists_every_suite_and_refuses_unknown_ones(capsys, tmp_path):
         cli.main(["bench", "nonsense"])
 
 
+def test_readme_mosaic_forward_table_is_the_committed_run():
+    """Each cell of the README's H200 forward table (jattn mosaic / cuDNN / tokamax TFLOP/s)
+    is the committed run's, rounded: the README quotes measurements, not claims."""
+    _check_readme_table("flash_h200_bf16_fwd_stop35.json", prefix="")
+
+
 def test_readme_mosaic_forward_backward_table_is_the_committed_run():
-    """Each cell of the README's H200 forward+backward table (jattn mosaic / cuDNN / tokamax
-    TFLOP/s; – where the run has no cell) is the committed run's, rounded."""
+    """The same for the README's H200 forward+backward table (– where the run has no cell)."""
+    _check_readme_table("flash_h200_bf16_fwdbwd_stop36.json", prefix="H=")
+
+
+def _check_readme_table(run: str, prefix: str) -> None:
+    """The README's six rows `| {prefix}H | causal | mosaic / cuDNN / tokamax | ...` (T = 512
+    to 16k) against the rows of benchmarks/results/`run`."""
     import json
 
-    path = ROOT / "benchmarks/results/flash_h200_bf16_fwdbwd_stop36.json"
-    tflops = {
-        (r["head_dim"], r["causal"], r["length"], r["peer"]): r["tflops"]
-        for r in json.loads(path.read_text())["rows"]
-    }
-    pattern = r"^\| H=(64|128|256) \| (no|yes) \|((?: (?:\d+ / \d+ / \d+|–) \|){6})$"
-    rows = re.findall(pattern, README, re.M)
-    assert len(rows) == 6
+    rows = json.loads((ROOT / "benchmarks/results" / run).read_text())["rows"]
+    tflops = {(r["head_dim"], r["causal"], r["length"], r["peer"]): r["tflops"] for r in rows}
+    pattern = rf"^\| {prefix}(64|128|256) \| (no|yes) \|((?: (?:\d+ / \d+ / \d+|–) \|){{6}})$"
+    quoted_rows = re.findall(pattern, README, re.M)
+    assert len(quoted_rows) == 6
     lengths = (512, 1024, 2048, 4096, 8192, 16384)
     peers = ("jattn_mosaic", "cudnn", "tokamax_mosaic")
-    for head_dim, causal, cells in rows:
+    for head_dim, causal, cells in quoted_rows:
         for length, cell in zip(lengths, cells.strip(" |").split(" | "), strict=True):
             key = (int(head_dim), causal == "yes", length)
-            if cell == "–":
+            if cell == "–":  # a cell the run did not measure
                 assert (*key, "jattn_mosaic") not in tflops, key
                 continue
             for peer, quoted in zip(peers, cell.split(" / "), strict=True):
                 assert int(quoted) == round(tflops[(*key, peer)]), (*key, peer)
-
-
-def test_readme_mosaic_forward_table_is_the_committed_run():
-    """Each cell of the README's H200 forward table (jattn mosaic / cuDNN / tokamax TFLOP/s)
-    is the committed run's, rounded: the README quotes measurements, not claims."""
-    import json
-
-    run = json.loads((ROOT / "benchmarks/results/flash_h200_bf16_fwd_stop35.json").read_text())
-    tflops = {
-        (r["head_dim"], r["causal"], r["length"], r["peer"]): r["tflops"] for r in run["rows"]
-    }
-    pattern = r"^\| (64|128|256) \| (no|yes) \|((?: \d+ / \d+ / \d+ \|){6})$"
-    rows = re.findall(pattern, README, re.M)
-    assert len(rows) == 6
-    lengths = (512, 1024, 2048, 4096, 8192, 16384)
-    peers = ("jattn_mosaic", "cudnn", "tokamax_mosaic")
-    for head_dim, causal, cells in rows:
-        for length, cell in zip(lengths, cells.strip(" |").split(" | "), strict=True):
-            for peer, quoted in zip(peers, cell.split(" / "), strict=True):
-                got = tflops[(int(head_dim), causal == "yes", length, peer)]
-                assert int(quoted) == round(got), (head_dim, causal, length, peer)
