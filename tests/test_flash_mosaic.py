@@ -249,6 +249,7 @@ def test_fused_dq_backward(rng, feature, shape, split, monkeypatch):
     )
 
 
+@pytest.mark.slow  # 14 s interpreted; the -m gpu case below ran on the H200 (stop 36)
 def test_fused_dq_backward_folds_jax_vmap_into_the_batch(rng, monkeypatch):
     """bwd_fused_dq under jax.vmap (its launch with dQ as a Ref batches no other way): the
     mapped axis is folded into the batch (`flash_mosaic_bwd.folding_vmap`), one dk/dv launch
@@ -513,18 +514,11 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     others = [c for c in calls if c != "mosaic_gpu_v2"]
     assert len(others) == (2 if grad and not native_backward else 0), calls
     assert all("triton" in c for c in others), calls
-
-
-def test_gradients_read_each_input_for_its_nonfinite_flag_once(monkeypatch):
-    """Forward and backward of a masked call read V and K once each for `flag_nonfinite` (the
-    backward adds K's flag to the forward's of V; each read costs about 25 us at 64 MB on an
-    H200), and an unmasked call reads neither."""
-    monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
-    shape = (2, 256, 384, 4, 1, 128)
-    masked = _lower(shape, dict(is_causal=True), grad=True).mlir_module()
-    assert masked.count("stablehlo.is_finite") == 2
-    plain = _lower(shape, {}, grad=True).mlir_module()
-    assert plain.count("stablehlo.is_finite") == 0
+    # `flag_nonfinite`'s reads (about 25 us each at 64 MB on an H200) where a tile can hide
+    # keys: V once for the forward, and K alone for the Mosaic backward, which takes V's flag
+    # from the forward's residuals
+    reads = 0 if case == "plain_h64" else 1 + (grad and native_backward)
+    assert text.count("stablehlo.is_finite") == reads, case
 
 
 def test_fused_dq_backward_under_vmap_lowers_for_cuda(monkeypatch):

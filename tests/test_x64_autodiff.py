@@ -247,8 +247,9 @@ def test_mosaic_serves_x64(rng):
     config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2)
     try:
         jax.config.update("jax_enable_x64", True)
-        options = make_options(rng, "segments_causal_lengths", (2, 70, 90, 2, 1, 64))
-        q, k, v = make_inputs(rng, (2, 70, 90, 2, 1, 64), jnp.bfloat16)
+        shape = (2, 70, 90, 1, 1, 64)  # one head: per-batch lengths and ids need B = 2
+        options = make_options(rng, "segments_causal_lengths", shape)
+        q, k, v = make_inputs(rng, shape, jnp.bfloat16)
 
         def mosaic(q, k, v):
             return jattn.dot_product_attention(
