@@ -132,9 +132,9 @@ class MosaicConfig:
       and dP a second time, does not run: 5 matmuls per tile pair instead of 7. dQ's float32
       sums then depend on the order of the adds (not bit-reproducible run to run). Under
       jax.vmap the mapped axes fold into the batch (its launch, pl.kernel with dQ as a Ref,
-      batches no other way: `flash_mosaic_bwd.folding_vmap`; lowers for CUDA, stop 35, not yet
-      run on a GPU). Off by default, as it is not deterministic: faster than the two kernels
-      at H = 64 and non-causal H = 128, slower causal at H = 128 (stop 33, benchmarks/NOTES.md).
+      batches no other way: `flash_mosaic_bwd.folding_vmap`; on the H200 since stop 36). Off
+      by default, as it is not deterministic: faster than the two kernels at H = 64 and
+      non-causal H = 128, slower causal at H = 128 (stop 33, benchmarks/NOTES.md).
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
     """
 
