@@ -328,11 +328,11 @@ def test_mosaic_flex_hidden_nan_value_reaches_no_other_document(rng):
     """The Mosaic kernel (interpret mode) under a mask_mod and its block mask: a NaN value in
     one document's key makes that document's rows NaN and no other's (`clean_tile` zeroes it in
     the partial blocks before P V), and the other rows equal the clean call's."""
-    shape = (1, 150, 150, 2, 1, 64)
+    shape = (1, 150, 150, 1, 1, 64)  # one head: the mask reads no h
     q, k, v = make_inputs(rng, shape, jnp.bfloat16)
     docs = jnp.asarray(np.repeat([0, 1, 2], [40, 60, 50])[None], jnp.int32)
     same = lambda b, h, i, j: docs[b, i] == docs[b, j]  # noqa: E731
-    block_mask = jattn.create_block_mask(same, 1, 2, 150, 150, block_q=128, block_kv=128)
+    block_mask = jattn.create_block_mask(same, 1, 1, 150, 150, block_q=128, block_kv=128)
 
     def run(v):
         return jattn.flex_attention(q, k, v, block_mask=block_mask, implementation="mosaic")
@@ -607,7 +607,10 @@ def test_mosaic_flex_matches_float64_oracle(rng, name, monkeypatch):
     derivative by jax.jvp) and the block mask's lists, the dq kernel's per query block and the
     dk/dv kernel's per key block (the Triton flex backward must not run)."""
     _forbid_triton_backward(monkeypatch)
-    _check_mosaic_case(rng, name, MOSAIC_SHAPE)
+    batch, q_len, kv_len, _, _, head_dim = MOSAIC_SHAPE  # one head where no mod reads h
+    reads_h = "alibi" in name or name == "documents_block_mask"
+    shape = MOSAIC_SHAPE if reads_h else (batch, q_len, kv_len, 1, 1, head_dim)
+    _check_mosaic_case(rng, name, shape)
 
 
 def _forbid_triton_backward(monkeypatch):
@@ -662,7 +665,9 @@ def test_mosaic_flex_backward_visits_block_mask_lists(
         return triton_backward(*args, **kwargs)
 
     monkeypatch.setattr(flash_triton, "flex_backward", counted)
-    shape = (1, 100, 330, 2, 1, head_dim)  # 128-key blocks: 0 and 2 listed, 1 empty
+    # 128-key blocks: 0 and 2 listed, 1 empty; one head (the mask reads no h; GQA under a
+    # block mask's lists: test_mosaic_flex_matches_float64_oracle)
+    shape = (1, 100, 330, 1, 1, head_dim)
     q, k, v = make_inputs(rng, shape, jnp.bfloat16)
     q_len, kv_len = shape[1:3]
     i, j = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
