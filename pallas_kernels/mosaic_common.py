@@ -603,13 +603,19 @@ def holds_nonfinite(*refs) -> Array:
     reduces one axis at a time), then pieces."""
     bad = jnp.float32(0)
     for ref in refs:
-        rows, cols = ref.shape
-        for r in range(0, rows, 64):
-            for c in range(0, cols, 64):
-                x = ref[pl.ds(r, min(64, rows - r)), pl.ds(c, min(64, cols - c))]
-                marks = jnp.where(jnp.abs(x) < jnp.inf, 0.0, 1.0).astype(jnp.float32)
-                bad = jnp.maximum(bad, marks.max(axis=1).max(axis=0))
+        for piece in _pieces(ref.shape):
+            marks = jnp.where(jnp.abs(ref[piece]) < jnp.inf, 0.0, 1.0).astype(jnp.float32)
+            bad = jnp.maximum(bad, marks.max(axis=1).max(axis=0))
     return bad > 0
+
+
+def _pieces(shape: tuple[int, int]):
+    """The [64, 64] pieces (slices) of a shared-memory tile [rows, cols] that the producer
+    warpgroup reads at a time (few registers there)."""
+    rows, cols = shape
+    for r in range(0, rows, 64):
+        for c in range(0, cols, 64):
+            yield pl.ds(r, min(64, rows - r)), pl.ds(c, min(64, cols - c))
 
 
 def clean_tile(k_ref, v_ref, *, poison_keys: bool) -> None:
@@ -622,18 +628,15 @@ def clean_tile(k_ref, v_ref, *, poison_keys: bool) -> None:
     elements of K become 0. Run by the producer warpgroup between a tile's copy and its
     consumers, on [64, 64] pieces (few registers there); |x| < inf is the finiteness test
     (Mosaic GPU lowers no is_finite)."""
-    rows, cols = k_ref.shape
-    for r in range(0, rows, 64):
-        for c in range(0, cols, 64):
-            piece = (pl.ds(r, min(64, rows - r)), pl.ds(c, min(64, cols - c)))
-            k, v = k_ref[piece], v_ref[piece]
-            v_ok = jnp.abs(v) < jnp.inf
-            k_ok = jnp.abs(k) < jnp.inf
-            v_ref[piece] = jnp.where(v_ok, v, jnp.zeros_like(v))
-            if poison_keys:
-                k_ref[piece] = jnp.where(k_ok & v_ok, k, jnp.full_like(k, jnp.nan))
-            else:
-                k_ref[piece] = jnp.where(k_ok, k, jnp.zeros_like(k))
+    for piece in _pieces(k_ref.shape):
+        k, v = k_ref[piece], v_ref[piece]
+        v_ok = jnp.abs(v) < jnp.inf
+        k_ok = jnp.abs(k) < jnp.inf
+        v_ref[piece] = jnp.where(v_ok, v, jnp.zeros_like(v))
+        if poison_keys:
+            k_ref[piece] = jnp.where(k_ok & v_ok, k, jnp.full_like(k, jnp.nan))
+        else:
+            k_ref[piece] = jnp.where(k_ok, k, jnp.zeros_like(k))
 
 
 def tiled(shape, dtype):

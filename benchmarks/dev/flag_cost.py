@@ -11,7 +11,6 @@ Run: python -m benchmarks.dev.flag_cost --json OUT.json
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,6 @@ import numpy as np
 
 from benchmarks import flash
 from benchmarks.dev.clean_hidden_ab import compiled
-from jattn.demo import environment
 from pallas_kernels import mosaic_common
 
 
@@ -69,12 +67,7 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
-    rows = []
-
-    def save():
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=environment(), rows=rows), f, indent=1)
-
+    rows = []  # record_together writes them to --json after every cell
     for length in args.flag_lengths:
         batch = flash.TOKENS // length
         v = jax.random.normal(jax.random.key(0), (batch, length, 16, 128), jnp.bfloat16)
@@ -106,7 +99,6 @@ def main(argv=None) -> None:
             mosaic_common.CLEAN_HIDDEN = True
             cell = dict(part="forward", head_dim=head_dim, length=length, causal=True)
             flash.record_together(fns, (q, k, v), args.repeats, cell, rows, args.json)
-    save()
 
 
 if __name__ == "__main__":
