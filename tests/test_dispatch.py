@@ -1,6 +1,7 @@
 """Measured dispatch (`jattn.autotune.dispatch`): the shipped H200 table is what the committed
 benchmark runs give, and `implementation=None` tries a bucket's measured kernels first."""
 
+import json
 from pathlib import Path
 
 import jax
@@ -52,11 +53,28 @@ def test_measured_order_of_a_bucket(head_dim, causal, length, differentiated, fi
 
 def test_unmeasured_buckets_and_devices_have_no_order():
     common = dict(head_dim=128, causal=True, length=4096, differentiated=False)
-    assert dispatch.measured_order(device="nvidia_h200", dtype=jnp.float16, **common) is None
+    assert dispatch.measured_order(device="nvidia_h200", dtype=jnp.float32, **common) is None
     assert (
         dispatch.measured_order(device="nvidia_h100_80gb_hbm3", dtype=jnp.bfloat16, **common)
         is None
     )
+
+
+def test_float16_takes_the_bfloat16_order_which_its_own_runs_agree_with():
+    """A float16 call has no entries of its own and ranks as bfloat16 does; in the float16 run
+    at H = 128 (stop 37, 10 cells) the faster of cuDNN and mosaic is that order's first."""
+    report = json.loads((RESULTS / "flash_h200_f16_h128.json").read_text())
+    cells = {}
+    for row in report["rows"]:
+        key = (row["length"], row["causal"], row["mode"] == "fwd+bwd")
+        cells.setdefault(key, {})[row["peer"]] = row.get("ms")
+    assert len(cells) >= 10
+    for (length, causal, differentiated), ms in cells.items():
+        common = dict(head_dim=128, causal=causal, length=length, differentiated=differentiated)
+        order = dispatch.measured_order(device="nvidia_h200", dtype=jnp.float16, **common)
+        assert order == dispatch.measured_order(device="nvidia_h200", dtype=jnp.bfloat16, **common)
+        faster = "mosaic" if ms["jattn_mosaic"] < ms["cudnn"] else "cudnn"
+        assert order[0] == faster, (length, causal, differentiated, ms)
 
 
 def test_merge_puts_the_measured_first_and_keeps_the_fallbacks():
@@ -113,7 +131,9 @@ def test_auto_order_for_a_hopper_call_uses_the_table(monkeypatch):
     assert attention.auto_order_for(_args(), differentiated=False)[:2] == ("mosaic", "cudnn")
     assert attention.auto_order_for(_args(), differentiated=True)[:2] == ("cudnn", "mosaic")
     assert set(attention.auto_order_for(_args(), differentiated=False)) == set(registered)
-    unmeasured = attention.auto_order_for(_args(dtype=jnp.float16), differentiated=False)
+    half = attention.auto_order_for(_args(dtype=jnp.float16), differentiated=False)
+    assert half[:2] == ("mosaic", "cudnn")  # bfloat16's order
+    unmeasured = attention.auto_order_for(_args(dtype=jnp.float32), differentiated=False)
     assert unmeasured == registered
 
 

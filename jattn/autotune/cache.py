@@ -480,11 +480,28 @@ def state() -> tuple:
     return (True, *((str(path), _stamp(path)) for _, path in _sources()))
 
 
+# A dtype without entries of its own takes those of a dtype that runs the same tiles at the same
+# rate: float16 and bfloat16 are both 2-byte floats, with one wgmma / mma rate and one
+# shared-memory layout. On the H200 (stop 37, benchmarks/NOTES.md) the float16 mosaic forward at
+# H = 128 took 6-12% less time on bfloat16's tuned tiles than on the heuristic's, and the float16
+# runs ranked cuDNN and mosaic as the bfloat16 dispatch table does in all 10 cells measured.
+SIBLING_DTYPES = {"float16": "bfloat16"}
+
+
 def lookup_bucket(bucket: Bucket) -> tuple[Any, str] | None:
     """(config, 'cache' or 'shipped') for a bucket, or None: nothing usable stored (or lookups
-    are off through $JATTN_AUTOTUNE)."""
+    are off through $JATTN_AUTOTUNE). A float16 bucket without entries takes bfloat16's
+    (`SIBLING_DTYPES`), after every source was searched for its own."""
     if not enabled():
         return None
+    found = _lookup_exact(bucket)
+    sibling = SIBLING_DTYPES.get(bucket.dtype)
+    if found is None and sibling is not None:
+        found = _lookup_exact(dataclasses.replace(bucket, dtype=sibling))
+    return found
+
+
+def _lookup_exact(bucket: Bucket) -> tuple[Any, str] | None:
     for kind, path in _sources():
         entries = load(path)
         entry = entries.get(bucket)

@@ -64,15 +64,21 @@ def measured_order(
 ) -> tuple[str, ...] | None:
     """The measured order of the call's bucket (fastest first), or None: no table entry.
 
-    length: max(T, S); differentiated: whether the call is under reverse-mode autodiff."""
-    key = _key(
-        dtype=jnp.dtype(dtype).name,
-        head_dim=cache.bucket_head_dim(head_dim),
-        causal=bool(causal),
-        lengths=cache.length_range(length),
-        mode=MODES[bool(differentiated)],
-    )
-    return _load(device).get(key)
+    length: max(T, S); differentiated: whether the call is under reverse-mode autodiff. A
+    float16 call without entries of its own takes bfloat16's (`cache.SIBLING_DTYPES`)."""
+    name = jnp.dtype(dtype).name
+    table = _load(device)
+    for dtype_name in (name, cache.SIBLING_DTYPES.get(name)):
+        key = _key(
+            dtype=dtype_name,
+            head_dim=cache.bucket_head_dim(head_dim),
+            causal=bool(causal),
+            lengths=cache.length_range(length),
+            mode=MODES[bool(differentiated)],
+        )
+        if key in table:
+            return table[key]
+    return None
 
 
 def merge(measured: Sequence[str] | None, default: Sequence[str]) -> tuple[str, ...]:
