@@ -52,8 +52,8 @@ from pallas_kernels.mosaic_common import (
     Static,
     backward_tile_logits,
     bias_dtype,
-    clean_if_nonfinite,
     clean_landed_tile,
+    clean_tile,
     cleaned_steps,
     flag_nonfinite,
     flex_vectors,
@@ -428,7 +428,8 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             @pl.when(refs["bounds"][batch, NONFINITE] != 0)
             def _():
                 k_own, v_own = part_of("k", keys_at, own), part_of("v", keys_at, own)
-                clean_if_nonfinite(k_own, v_own, poison_keys=False)
+                clean_tile(k_own, v_own, poison_keys=False)
+                plgpu.commit_smem()
 
             if split:  # both consumers read both parts: meet once both are clean
                 plgpu.barrier_arrive(scratch["keys_done"])

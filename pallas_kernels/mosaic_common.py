@@ -540,11 +540,10 @@ def flag_nonfinite(st: Static, bounds: Array, *arrays: Array) -> Array:
     A row flagged already stays flagged: the backward adds K's flag to the one the forward
     set from V (`flash_mosaic_bwd.backward(values_flagged=True)`), and reads V no more. Each
     read of an array costs the call about 25 us on an H200 at 16k tokens x 2048 (64 MB;
-    stop 36), which is what a short causal forward trails tokamax by."""
+    stop 36), which is what a short causal forward trails tokamax by. A check of each masked
+    tile in the kernel instead was no cheaper (`clean_landed_tile`; stop 37)."""
     if not st.clean_hidden:
         return bounds
-    if CHECK_IN_KERNEL:  # no read here: every row's masked tiles are checked as they land
-        return bounds.at[:, NONFINITE].set(1)
     bad = bounds[:, NONFINITE] != 0
     for x in arrays:
         bad = bad | ~jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
@@ -567,46 +566,16 @@ def cleaned_steps(st: Static, bounds, nonfinite, program_first, rows: int, lo, h
     return lambda step: dirty & ((step < inner[0]) | (step >= inner[1]))
 
 
-# An A/B switch, off: True drops `flag_nonfinite`'s reads of V (and K) in XLA, about 25 us a
-# call each on an H200 (stop 36), for a check of each masked tile in the kernel as it lands
-# (`clean_landed_tile`), which cleans only the tiles that hold a NaN or an inf. Correct in
-# interpret mode and lowers for CUDA; not yet timed on a GPU.
-CHECK_IN_KERNEL = False
-
-
 def clean_landed_tile(arrived, cleaned, k_ref, v_ref, *, poison_keys: bool) -> None:
     """The producer's side of a cleaned step: wait for the tile's copies (on `arrived`), clean
     its K and V, make them visible to the consumers' wgmma and release them (on `cleaned`).
-    With CHECK_IN_KERNEL only a tile that holds a non-finite value is cleaned (the forward's,
-    poison_keys, checks V alone: a hidden key's non-finite logit is selected away as -inf)."""
+    (Checking each masked tile here instead of reading V in XLA, `flag_nonfinite`, and cleaning
+    only the tiles that hold a NaN or an inf, timed no faster: it stalls the producer's ring;
+    stop 37, `benchmarks/results/check_in_kernel_ab_h200.json`.)"""
     plgpu.barrier_wait(arrived)
-    clean_if_nonfinite(k_ref, v_ref, poison_keys=poison_keys)
+    clean_tile(k_ref, v_ref, poison_keys=poison_keys)
+    plgpu.commit_smem()
     plgpu.barrier_arrive(cleaned)
-
-
-def clean_if_nonfinite(k_ref, v_ref, *, poison_keys: bool) -> None:
-    """`clean_tile` and a fence for the wgmma; with CHECK_IN_KERNEL only where the tile holds a
-    non-finite value (`holds_nonfinite`)."""
-
-    def clean():
-        clean_tile(k_ref, v_ref, poison_keys=poison_keys)
-        plgpu.commit_smem()
-
-    if not CHECK_IN_KERNEL:
-        return clean()
-    pl.when(holds_nonfinite(v_ref) if poison_keys else holds_nonfinite(k_ref, v_ref))(clean)
-
-
-def holds_nonfinite(*refs) -> Array:
-    """Whether shared-memory tiles [rows, H] hold a NaN or an inf: a scalar the warpgroup
-    agrees on, the max of [64, 64] pieces' 0/1 marks over columns, then rows (Mosaic GPU
-    reduces one axis at a time), then pieces."""
-    bad = jnp.float32(0)
-    for ref in refs:
-        for piece in _pieces(ref.shape):
-            marks = jnp.where(jnp.abs(ref[piece]) < jnp.inf, 0.0, 1.0).astype(jnp.float32)
-            bad = jnp.maximum(bad, marks.max(axis=1).max(axis=0))
-    return bad > 0
 
 
 def _pieces(shape: tuple[int, int]):

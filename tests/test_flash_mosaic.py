@@ -521,33 +521,6 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     assert text.count("stablehlo.is_finite") == reads, case
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "causal_lengths_gqa_h128",
-        # the fused dk/dv kernel's own check (3 s; the fused backward is opt-in)
-        pytest.param("causal_segments_h128_fused_dq", marks=pytest.mark.slow),
-    ],
-)
-def test_check_in_kernel_lowers_for_cuda(case, monkeypatch):
-    """`mosaic_common.CHECK_IN_KERNEL` (an A/B switch, off): the producer's check of each
-    masked tile (a tile -> row -> scalar reduction) lowers for CUDA in the forward and the dq
-    kernel (and the fused dk/dv kernel), and XLA reads no input for the flag."""
-    from pallas_kernels import mosaic_common
-
-    monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
-    monkeypatch.setattr(mosaic_common, "CHECK_IN_KERNEL", True)
-    shape, options = LOWERINGS[case]
-    jax.clear_caches()  # jattn's inner jit keys its traces by arguments, not module switches
-    try:
-        text = _lower(shape, dict(options), grad=True).mlir_module()
-    finally:
-        jax.clear_caches()  # no trace with the switch on outlives the test
-    kernels = 2 if "fused_dq" in case else 3
-    assert text.count("stablehlo.custom_call @mosaic_gpu_v2(") == kernels
-    assert "stablehlo.is_finite" not in text
-
-
 def test_fused_dq_backward_under_vmap_lowers_for_cuda(monkeypatch):
     """The GPU path of the fused backward under jax.vmap: dQ as a run_state Ref inside
     folding_vmap's custom_vmap (stop 33's jax.new_ref there failed this lowering: no state

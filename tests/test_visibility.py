@@ -151,21 +151,6 @@ def test_mosaic_cleans_the_batch_rows_whose_values_are_not_finite(rng):
     _check_cleaned_rows(rng)
 
 
-@pytest.mark.slow  # an A/B switch, off by default (10 s interpreted): run it when it changes
-def test_mosaic_checks_masked_tiles_in_the_kernel_instead_of_the_flag(rng, monkeypatch):
-    """`mosaic_common.CHECK_IN_KERNEL`: no flag read in XLA; the producer checks each masked
-    tile as it lands and cleans the ones that hold a NaN or an inf. The same results as
-    `test_mosaic_cleans_the_batch_rows_whose_values_are_not_finite`."""
-    from pallas_kernels import mosaic_common
-
-    monkeypatch.setattr(mosaic_common, "CHECK_IN_KERNEL", True)
-    jax.clear_caches()  # jattn's inner jit keys its traces by arguments, not module switches
-    try:
-        _check_cleaned_rows(rng)
-    finally:
-        jax.clear_caches()
-
-
 def _check_cleaned_rows(rng):
     config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2)
     q, k, v = make_inputs(rng, (2, 24, 24, 1, 1, 64), jnp.bfloat16)

@@ -1,11 +1,11 @@
 """A/B of the masked tiles' cleaning (issue 19): "dirty", the Mosaic kernels without it
 (`mosaic_common.CLEAN_HIDDEN` False: a NaN in a hidden key can reach a row), against "clean",
-the kernels with the cleaning compiled in (it runs for flagged batch rows only, stop 33), and
-"checked" (`CHECK_IN_KERNEL`: no flag read, each masked tile checked in the kernel), beside
-cuDNN, in one process (each setting compiled ahead of time right after it is set, with JAX's
+the kernels with the cleaning compiled in (it runs for flagged batch rows only, stop 33),
+beside cuDNN, in one process (each setting compiled ahead of time right after it is set, with JAX's
 caches cleared; compile seconds recorded too). Finite inputs; bf16, B = 16k / T, N = 2048 / H:
 causal, segment ids (4 documents) and a sliding window; forward and forward+backward. (Stop 36
-also timed a lax.cond between the two kernels on the flags here: NOTES.)
+also timed a lax.cond between the two kernels on the flags here, and stop 37 a check of each
+masked tile in the kernel instead of the flag read, "checked": NOTES.)
 
 Run: python -m benchmarks.dev.clean_hidden_ab --json OUT.json [--lengths 4096 16384] [--head-dim 64]
 """
@@ -31,11 +31,10 @@ CELLS = {
 
 COMPILE_S = {}  # compiled function -> seconds to lower, compile and run it once
 
-SETTINGS = {  # name: (implementation, CLEAN_HIDDEN, CHECK_IN_KERNEL)
-    "dirty": ("mosaic", False, False),
-    "clean": ("mosaic", True, False),
-    "checked": ("mosaic", True, True),  # no flag read: the kernel checks each masked tile
-    "cudnn": ("cudnn", True, False),
+SETTINGS = {  # name: (implementation, CLEAN_HIDDEN)
+    "dirty": ("mosaic", False),
+    "clean": ("mosaic", True),
+    "cudnn": ("cudnn", True),
 }
 
 
@@ -73,9 +72,8 @@ def main(argv=None) -> None:
                 )
             for mode in args.modes:
                 fns = {}
-                for name, (impl, clean, check) in SETTINGS.items():
+                for name, (impl, clean) in SETTINGS.items():
                     mosaic_common.CLEAN_HIDDEN = clean
-                    mosaic_common.CHECK_IN_KERNEL = check
 
                     def peer(q, k, v, causal, impl=impl, options=options):
                         return jattn.dot_product_attention(q, k, v, implementation=impl, **options)
@@ -92,7 +90,7 @@ def main(argv=None) -> None:
                                 error=f"{type(e).__name__}: {str(e)[:200]}",
                             )
                         )
-                mosaic_common.CLEAN_HIDDEN, mosaic_common.CHECK_IN_KERNEL = True, False
+                mosaic_common.CLEAN_HIDDEN = True
                 cell_fields = dict(cell=cell, length=length, mode=mode, head_dim=args.head_dim)
                 for name, fn in fns.items():
                     rows.append(dict(cell_fields, peer=name, compile_s=COMPILE_S[fn]))

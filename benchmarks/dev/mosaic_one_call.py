@@ -4,7 +4,6 @@
     python -m benchmarks.dev.mosaic_one_call --variant overlap --head-dim 128 --length 16384
     python -m benchmarks.dev.mosaic_one_call --variant bwd_split --head-dim 256 --grad
     python -m benchmarks.dev.mosaic_one_call --causal --grad --no-clean   # without the cleaning
-    python -m benchmarks.dev.mosaic_one_call --causal --grad --check-in-kernel
 """
 
 from __future__ import annotations
@@ -30,12 +29,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--no-clean", action="store_true", help="mosaic_common.CLEAN_HIDDEN = False (timing)"
     )
-    parser.add_argument(
-        "--check-in-kernel", action="store_true", help="mosaic_common.CHECK_IN_KERNEL = True"
-    )
     args = parser.parse_args(argv)
     mosaic_common.CLEAN_HIDDEN = not args.no_clean
-    mosaic_common.CHECK_IN_KERNEL = args.check_in_kernel
     if args.variant in mosaic_variants.VARIANTS:
         changes = mosaic_variants.VARIANTS[args.variant]
         base = flash_mosaic.default_config(args.head_dim, causal=args.causal)
