@@ -169,6 +169,23 @@ def test_readme_mosaic_forward_backward_table_is_the_committed_run():
     _check_readme_table("flash_h200_bf16_fwdbwd_stop36.json", prefix="H=")
 
 
+def test_readme_features_table_is_the_committed_run():
+    """Each cell of the README's H200 features table (ms: jattn mosaic, jattn auto, tokamax,
+    cuDNN; – where a peer declined) is the committed run's, to 3 decimals."""
+    import json
+
+    run = json.loads((ROOT / "benchmarks/results/flash_features_h200_stop37.json").read_text())
+    ms = {(r["feature"], r["mode"], r["peer"]): r.get("ms") for r in run["rows"]}
+    peers = ("jattn_mosaic", "jattn_auto", "tokamax_mosaic", "cudnn")
+    pattern = r"^\| ([a-z_0-9]+) \| (fwd|fwd\+bwd) \|((?: (?:\d+\.\d{3}|–) \|){4})$"
+    quoted_rows = re.findall(pattern, README, re.M)
+    assert len(quoted_rows) == 13
+    for feature, mode, cells in quoted_rows:
+        for peer, quoted in zip(peers, cells.strip(" |").split(" | "), strict=True):
+            want = ms[(feature, mode, peer)]
+            assert quoted == ("–" if want is None else f"{want:.3f}"), (feature, mode, peer)
+
+
 def _check_readme_table(run: str, prefix: str) -> None:
     """The README's six rows `| {prefix}H | causal | mosaic / cuDNN / tokamax | ...` (T = 512
     to 16k) against the rows of benchmarks/results/`run`."""
