@@ -43,6 +43,8 @@ VARIANTS = {  # on default_config: early_k_wait and longest_first on since 2026-
     # one backward kernel, dQ by TMA reduce-add (its dS and dQ tiles leave dk/dv 1 ring stage
     # at H = 256: the dk/dv ring at the backward's depth)
     "bwd_fused": dict(bwd_fused_dq=True, bwd_dkdv_stages=None),
+    # no flag read for hidden keys' NaN/inf: a consumer redoes rows that went non-finite
+    "redo_hidden": dict(redo_hidden=True),
 }
 
 

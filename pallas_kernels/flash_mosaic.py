@@ -62,6 +62,7 @@ from pallas_kernels.mosaic_common import (
     Static,
     bias_dtype,
     clean_landed_tile,
+    clean_tile,
     cleaned_steps,
     flag_nonfinite,
     flex_forward_logits,
@@ -135,6 +136,14 @@ class MosaicConfig:
       batches no other way: `flash_mosaic_bwd.folding_vmap`; on the H200 since stop 36). Off
       by default, as it is not deterministic: faster than the two kernels at H = 64 and
       non-causal H = 128, slower causal at H = 128 (stop 33, benchmarks/NOTES.md).
+    redo_hidden: the forward reads nothing in XLA to keep a NaN or inf in a hidden key from
+      reaching its rows (`flag_nonfinite` reads V, about 25 us at 16k tokens x 2048 on an H200).
+      It runs without the cleaning; a consumer whose accumulator turned non-finite on some tile
+      then, after the program's last tile, computes its tiles again with the cleaning, loading
+      and cleaning each K, V tile itself (a slow path for inputs that hold NaN or inf). Needs
+      num_stages >= 2 (each consumer redoes in a ring slot of its own); else the flag is read.
+      Not under flex_attention (a score_mod may make padded rows non-finite on every call).
+      Off by default: not yet timed on a GPU (stop 37).
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
     """
 
@@ -153,6 +162,7 @@ class MosaicConfig:
     bwd_dkdv_stages: int | None = None
     bwd_head_split: bool = False
     bwd_fused_dq: bool = False
+    redo_hidden: bool = False
 
     def __post_init__(self):
         ints = (
@@ -173,6 +183,7 @@ class MosaicConfig:
             "softmax_overlap",
             "bwd_head_split",
             "bwd_fused_dq",
+            "redo_hidden",
         )
         common.check_config_fields(self, ints=ints, bools=bools, optional=("bwd_dkdv_stages",))
         for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
@@ -336,6 +347,9 @@ def _with_cleaning(st: Static) -> Static:
     softmax overlap (its step waits for K_j before issuing P_{j-1} V_{j-1}) and the ping-pong
     turns (consumer 1's P V waits for consumer 0's next Q K^T)."""
     st = dataclasses.replace(st, clean_hidden=hides_keys(st))
+    # redo_hidden: where tiles can hide keys, with a ring slot for each consumer's redo
+    redo = st.redo_hidden and st.clean_hidden and st.num_stages >= CONSUMERS
+    st = dataclasses.replace(st, redo_hidden=redo)
     if st.clean_hidden and st.num_stages == 1:
         st = dataclasses.replace(
             st, softmax_overlap=False, schedule_barrier=False, named_barrier=False
@@ -495,10 +509,6 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
         q_smem = scratch["q"].at[wg]
-        # A persistent program loads the next tile's Q while it writes this tile's O when O
-        # has its own buffer (it fits shared memory); otherwise O takes Q's place, and the
-        # next Q load waits until the store has read O out.
-        o_smem = scratch["o"].at[wg] if st.o_buffer else q_smem
 
         def load_q(i):
             head, batch, _, program_first, _, _ = tile_of(i)
@@ -523,10 +533,30 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(turn)
 
-        def consume_tile(i, base):
+        def tile_consumer(st: Static, redo: bool):
+            """consume_tile(i, carry) under `st`. carry: the key blocks visited so far, and with
+            st.redo_hidden the rows [block_q] whose accumulator went non-finite on some tile.
+            redo: the slow path of redo_hidden, once the producer is done: this consumer loads
+            Q and each K, V tile itself into its own ring slot (`wg`), cleans the masked ones
+            as the producer would (`clean_tile`), and stores O and lse again.
+            A persistent program loads the next tile's Q while it writes this tile's O when O
+            has its own buffer (it fits shared memory); otherwise O takes Q's place, and the
+            next Q load waits until the store has read O out."""
+            o_smem = scratch["o"].at[wg] if st.o_buffer else q_smem
+
+            def consume_tile(i, carry):
+                base, bad_rows = carry if st.redo_hidden else (carry, None)
+                return _consume_tile(st, redo, o_smem, i, base, bad_rows)
+
+            return consume_tile
+
+        def _consume_tile(st, redo, o_smem, i, base, bad_rows):
             head, batch, bounds, program_first, lo, hi = tile_of(i)
             q_first = program_first + wg * block_q
             rows = pl.ds(q_first, block_q)
+            if redo:  # O of the tile before sits in Q's buffer until its store has read it
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                load_q(i)
             plgpu.barrier_wait(scratch["q_produced"].at[wg])
             q_seg = None
             if st.has_segments:
@@ -540,12 +570,51 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
 
             if st.clean_hidden:
                 is_cleaned = cleaned_at(batch, bounds, program_first, lo, hi)
+            if redo:  # every batch row as if flagged
+                n_partial = scratch["blocks"][1] if st.flex_blocks else None
+                is_cleaned = cleaned_steps(
+                    st, bounds, 1, program_first, rows_per_program, lo, hi, n_partial
+                )
             folded = folded_scale(st)
+
+            def slot_at(step):
+                return wg if redo else slot_of(base + step - lo)
+
+            def load_own_tile(step):
+                """redo: the step's K, V (and bias, mask, key ids) into this consumer's slot,
+                cleaned where the step can hide a key."""
+                slot, landed = wg, scratch["redo_landed"].at[wg]
+                keys = pl.ds(block_of(step) * block_kv, block_kv)
+                kv_head = idiv(head, st.groups)
+                k_tile, v_tile = scratch["k"].at[slot], scratch["v"].at[slot]
+                plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_tile, landed)
+                for name in ("bias", "mask"):
+                    if name in refs:
+                        program_rows = pl.ds(program_first, rows_per_program)
+                        window = pair_window(refs[name], batch, head, program_rows, keys)
+                        plgpu.copy_gmem_to_smem(window, scratch[name].at[slot], landed)
+                if st.has_segments:
+                    plgpu.copy_gmem_to_smem(
+                        refs["kv_seg"].at[batch, keys], scratch["kv_seg"].at[slot], landed
+                    )
+                plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_tile, landed)
+                plgpu.barrier_wait(landed)
+
+                @pl.when(is_cleaned(step))
+                def _():
+                    clean_tile(k_tile, v_tile, poison_keys=True)
+                    plgpu.commit_smem()
+
+            def release(name, slot):  # the ring slot's tile, to the producer
+                if not redo:
+                    plgpu.barrier_arrive(scratch[name].at[slot])
 
             def wait_k(step, early: bool = False):
                 """K of `step`, and V too where the producer cleaned the tile. early: a wait
                 while the previous step's P V runs, which leaves a cleaned tile to
                 `wait_cleaned` (its cleaning may need the V slot that P V still holds)."""
+                if redo:
+                    return load_own_tile(step)
                 slot = slot_of(base + step - lo)
                 if not st.clean_hidden:
                     plgpu.barrier_wait(scratch["k_produced"].at[slot])
@@ -556,12 +625,14 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 pl.when(~cleaned)(lambda: plgpu.barrier_wait(scratch["k_produced"].at[slot]))
 
             def wait_cleaned(step):
-                if st.clean_hidden:
+                if st.clean_hidden and not redo:
                     slot = slot_of(base + step - lo)
                     wait = lambda: plgpu.barrier_wait(scratch["kv_cleaned"].at[slot])
                     pl.when(is_cleaned(step))(wait)
 
             def wait_v(step):
+                if redo:  # landed with K
+                    return
                 slot = slot_of(base + step - lo)
                 if not st.clean_hidden:
                     plgpu.barrier_wait(scratch["v_produced"].at[slot])
@@ -635,7 +706,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
 
             def visit(step, carry, *, masked: bool):
                 acc, m_i, l_i = carry  # [bq, Hp] f32; [bq] f32 running max (base 2); [bq] sum
-                slot = slot_of(base + step - lo)
+                slot = slot_at(step)
                 if not st.early_k_wait:
                     wait_k(step)
                 else:
@@ -644,7 +715,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                     st, q_smem, scratch["k"].at[slot], take_turns if st.schedule_barrier else None
                 )
                 inputs = tile_inputs(slot, masked)
-                plgpu.barrier_arrive(scratch["k_consumed"].at[slot])
+                release("k_consumed", slot)
                 logits = logits_of(qk, inputs, step, masked)
                 p, m_new, l_i, alpha = online_softmax(logits, m_i, l_i)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -667,7 +738,7 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 acc = mma_accumulate(
                     st, acc, p, scratch["v"].at[slot], wait_next_k if st.early_k_wait else None
                 )
-                plgpu.barrier_arrive(scratch["v_consumed"].at[slot])
+                release("v_consumed", slot)
                 return acc, m_new, l_i
 
             def overlapped(first, end, carry):
@@ -770,6 +841,8 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 pl.when(wg == 0)(take_turns)
             if st.o_buffer:  # Q is no longer needed: bring the next tile's
                 pl.when(i + 1 < my_tiles)(lambda: load_q(i + 1))
+            if st.redo_hidden:  # a row's sum is not finite where one of its values is not
+                bad_rows = jnp.maximum(bad_rows, nonfinite_rows(acc))
 
             has_any = l_i != 0.0  # NaN (a row that sees a non-finite key) stays NaN
             inv_l = jnp.where(has_any, 1.0 / jnp.where(has_any, l_i, 1.0), 0.0)
@@ -783,26 +856,60 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, rows, head])
             plgpu.copy_smem_to_gmem(scratch["lse"].at[wg], lse_ref.at[batch, head, rows])
-            if st.persistent and not st.o_buffer:  # O sits in Q's buffer: once stored, next Q
+            if st.persistent and not st.o_buffer and not redo:  # O in Q's buffer: once stored
 
                 @pl.when(i + 1 < my_tiles)
                 def _():
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     load_q(i + 1)
 
-            return base + jnp.maximum(hi - lo, 0)
+            base = base + jnp.maximum(hi - lo, 0)
+            return (base, bad_rows) if st.redo_hidden else base
 
         load_q(0)
-        _over_tiles(st, my_tiles, consume_tile)
+        if not st.redo_hidden:
+            _over_tiles(st, my_tiles, tile_consumer(st, redo=False), 0)
+            plgpu.wait_smem_to_gmem(0)
+            return
+        bad_rows = layout_cast(st, jnp.zeros((block_q,), jnp.float32), WGMMA_ROW)
+        _, bad_rows = _over_tiles(st, my_tiles, tile_consumer(st, redo=False), (0, bad_rows))
         plgpu.wait_smem_to_gmem(0)
+        # Both consumers are past their last tile, so the ring is theirs: a consumer whose rows
+        # went non-finite computes its tiles again with the cleaning (rare: NaN or inf inputs).
+        plgpu.barrier_arrive(scratch["passed"])
+        plgpu.barrier_wait(scratch["passed"])
+        slow = dataclasses.replace(
+            st,
+            redo_hidden=False,
+            schedule_barrier=False,
+            named_barrier=False,
+            early_k_wait=False,
+            softmax_overlap=False,
+            o_buffer=False,
+        )
+
+        @pl.when(bad_rows.max(axis=0) > 0)
+        def _():
+            _over_tiles(slow, my_tiles, tile_consumer(slow, redo=True), 0)
+            plgpu.wait_smem_to_gmem(0)
 
 
-def _over_tiles(st: Static, my_tiles, body):
-    """body(i, count) over a program's tiles, count: key blocks visited before tile i; returns
-    the total. One tile (no loop) unless persistent."""
+def _over_tiles(st: Static, my_tiles, body, init=0):
+    """body(i, carry) over a program's tiles; carry: key blocks visited before tile i (and
+    what else `init` holds after that count); returns the last carry. One tile (no loop)
+    unless persistent."""
     if not st.persistent:  # count 0 as a Python int: a constant array cannot be closed over
-        return body(0, 0)  # by the wgmma regions (JAX 0.11 lowering)
-    return lax.fori_loop(0, my_tiles, body, jnp.int32(0))
+        return body(0, init)  # by the wgmma regions (JAX 0.11 lowering)
+    if isinstance(init, tuple):
+        return lax.fori_loop(0, my_tiles, body, (jnp.int32(init[0]), *init[1:]))
+    return lax.fori_loop(0, my_tiles, body, jnp.int32(init))
+
+
+def nonfinite_rows(acc: Array) -> Array:
+    """[rows] float32: 1 where a row of acc [rows, H] holds a NaN or an inf (or its finite
+    values sum past float32's range, which only costs a redo), else 0. One add per element."""
+    row_sums = acc.sum(axis=1)
+    return jnp.where(jnp.abs(row_sums) < jnp.inf, 0.0, 1.0).astype(jnp.float32)
 
 
 def forward(
@@ -839,8 +946,10 @@ def forward(
         "q": rows(query, t_pad),
         "k": rows(key, s_pad),
         "v": rows(value, s_pad),
-        "bounds": bounds if flagged else flag_nonfinite(st, bounds, value),
+        "bounds": bounds if flagged or st.redo_hidden else flag_nonfinite(st, bounds, value),
     }
+    if st.redo_hidden:  # the kernel runs without the cleaning and redoes what went non-finite
+        st = dataclasses.replace(st, clean_hidden=False)
     stages, block_kv = st.num_stages, st.block_kv
     scratch = {
         "q": tiled((CONSUMERS, st.block_q, h_pad), query.dtype),
@@ -877,6 +986,11 @@ def forward(
     if st.clean_hidden:  # masked steps: K, V and the rest land, the producer cleans them
         scratch["kv_arrived"] = plgpu.Barrier(num_arrivals=produced_copies + 1, num_barriers=stages)
         scratch["kv_cleaned"] = plgpu.Barrier(num_barriers=stages)
+    if st.redo_hidden:  # a consumer's own copies in a redo; the consumers' meeting before it
+        scratch["redo_landed"] = plgpu.Barrier(
+            num_arrivals=produced_copies + 1, num_barriers=CONSUMERS
+        )
+        scratch["passed"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     if st.schedule_barrier and not st.named_barrier:
         scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     if st.flex_blocks:
@@ -934,6 +1048,7 @@ def _schedule(config: MosaicConfig, interpret: bool) -> dict:
         early_k_wait=config.early_k_wait,
         named_barrier=config.named_barrier and not interpret,  # the interpreter runs no PTX
         softmax_overlap=config.softmax_overlap,
+        redo_hidden=config.redo_hidden,
     )
 
 
@@ -1181,6 +1296,7 @@ def _backward_static(
         head_parts=backward_head_parts(config, head_dim),
         fused_dq=config.bwd_fused_dq,
         flex_blocks=False,
+        redo_hidden=False,
     )
     native = st.interpret or (
         fits_shared_memory(backward_shared_memory_estimate(config, head_dim, pair_itemsize))
@@ -1291,7 +1407,8 @@ def flex_attention(
         has_mask=False,
         has_segments=flex.vectors,
         groups=num_heads // key.shape[2],
-        **_schedule(dataclasses.replace(config, persistent=False), interpret),
+        # not redo_hidden: a score_mod may make padded query rows non-finite (every call redone)
+        **_schedule(dataclasses.replace(config, persistent=False, redo_hidden=False), interpret),
         flex=flex,
         flex_index_bound=max(q_len, kv_len),
         flex_blocks=has_blocks,

@@ -68,6 +68,7 @@ class Static:
     flex_programs: int = 1  # the backward's programs per block-mask row of lists
     fused_dq: bool = False  # the backward: dQ added up by the dk/dv kernel (no dq kernel)
     clean_hidden: bool = False  # masked tiles' non-finite K, V cleaned first (`clean_tile`)
+    redo_hidden: bool = False  # the forward: no flag read; rows gone non-finite are redone clean
 
 
 # --- interpret-mode stand-ins -----------------------------------------------------------------

@@ -395,6 +395,13 @@ FUSED_H256 = dataclasses.replace(  # dk/dv's ring at 1 stage: dS and dQ tiles be
 UNSPLIT_H256 = dataclasses.replace(  # dK, dV unsplit: over the registers, the Triton backward
     flash_mosaic.default_config(256), bwd_head_split=False, bwd_dkdv_stages=None
 )
+REDO_H128 = dataclasses.replace(  # the tuned H200 causal config's shape, with redo_hidden
+    flash_mosaic.default_config(128),
+    block_kv=128,
+    persistent=True,
+    softmax_overlap=True,
+    redo_hidden=True,
+)
 LOWERINGS = {
     "plain_h64": ((1, 256, 256, 2, 2, 64), {}),
     "causal_lengths_gqa_h128": (
@@ -419,6 +426,18 @@ LOWERINGS = {
     "window_h256_fused_dq": (
         (1, 256, 256, 2, 1, 256),
         dict(local_window_size=(64, 0), config=FUSED_H256),
+    ),
+    "causal_lengths_h128_redo": (  # no flag read: a consumer redoes non-finite rows itself
+        (2, 256, 384, 4, 1, 128),
+        dict(is_causal=True, key_value_seq_lengths=True, config=REDO_H128),
+    ),
+    "segments_bias_h64_redo": (
+        (1, 200, 300, 2, 2, 64),
+        dict(
+            segment_ids=True,
+            bias=True,
+            config=dataclasses.replace(flash_mosaic.default_config(64, 4), redo_hidden=True),
+        ),
     ),
 }
 
@@ -515,9 +534,10 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     assert len(others) == (2 if grad and not native_backward else 0), calls
     assert all("triton" in c for c in others), calls
     # `flag_nonfinite`'s reads (about 25 us each at 64 MB on an H200) where a tile can hide
-    # keys: V once for the forward, and K alone for the Mosaic backward, which takes V's flag
-    # from the forward's residuals
-    reads = 0 if case == "plain_h64" else 1 + (grad and native_backward)
+    # keys: V once for the forward (not with redo_hidden, unless the backward needs the flag),
+    # and K alone for the Mosaic backward, which takes V's flag from the forward's residuals
+    forward_read = grad or not case.endswith("_redo")
+    reads = 0 if case == "plain_h64" else forward_read + (grad and native_backward)
     assert text.count("stablehlo.is_finite") == reads, case
 
 

@@ -142,17 +142,48 @@ def test_mosaic_masked_key_with_nan_reaches_only_rows_that_see_it(rng, feature, 
     _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=(1, 24, 24, 1, 1, 64))
 
 
+@pytest.mark.parametrize(
+    "feature, persistent",
+    [
+        ("causal", False),
+        ("segments", False),
+        # a persistent program's tiles (two each), the softmax overlap, O's own buffer (80 s)
+        pytest.param("causal", True, marks=pytest.mark.slow),
+    ],
+)
+def test_mosaic_redo_hidden_masked_key_with_nan(rng, feature, persistent):
+    """MosaicConfig.redo_hidden: no flag read, no cleaning on the first pass; a consumer whose
+    rows went non-finite computes its tiles again, loading and cleaning each K, V tile itself.
+    The same results as the cleaning producer's (a redo that never ran fails this)."""
+    config = jattn.MosaicConfig(
+        block_q=64,
+        block_kv=64,
+        num_stages=2,
+        persistent=persistent,
+        softmax_overlap=persistent,
+        redo_hidden=True,
+    )
+    options = dict(implementation="mosaic", config=config)
+    shape = (1, 160, 160, 2, 1, 64) if persistent else (1, 24, 24, 1, 1, 64)
+    _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=shape)
+
+
 def test_mosaic_cleans_the_batch_rows_whose_values_are_not_finite(rng):
     """The Mosaic kernels clean masked tiles only in the batch rows whose V (forward) or K and V
     (backward) hold a NaN or an inf (`mosaic_common.flag_nonfinite`, a column of the kernels'
     bounds): a NaN value in
     row 1's second document leaves row 0 and row 1's first document exactly as on clean
     inputs, output and dq, and makes row 1's second document NaN."""
-    _check_cleaned_rows(rng)
+    _check_cleaned_rows(rng, jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2))
 
 
-def _check_cleaned_rows(rng):
-    config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2)
+def test_mosaic_redo_hidden_redoes_only_programs_whose_rows_went_non_finite(rng):
+    """The same with redo_hidden: row 0's programs keep their first pass, row 1's redo."""
+    config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2, redo_hidden=True)
+    _check_cleaned_rows(rng, config)
+
+
+def _check_cleaned_rows(rng, config):
     q, k, v = make_inputs(rng, (2, 24, 24, 1, 1, 64), jnp.bfloat16)
     ids = jnp.asarray(np.tile(np.arange(24) >= 12, (2, 1)), jnp.int32)
     options = dict(implementation="mosaic", config=config, segment_ids=(ids, ids))
@@ -239,6 +270,24 @@ def test_gpu_mosaic_masked_key_with_nan(rng, feature, fused_dq):
         num_stages=2,
         bwd_fused_dq=fused_dq,
         bwd_dkdv_stages=None,
+    )
+    options = dict(implementation="mosaic", config=config)
+    _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=(1, 300, 300, 4, 2, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("feature", ["causal", "segments", "window"])
+def test_gpu_mosaic_redo_hidden_masked_key_with_nan(rng, feature):
+    """MosaicConfig.redo_hidden on the GPU (persistent, with the softmax overlap, as the H200's
+    tuned causal configs): the consumers' own loads, cleaning and second pass, compiled."""
+    config = dataclasses.replace(
+        flash_mosaic.default_config(64),
+        block_kv=128,
+        num_stages=2,
+        persistent=True,
+        softmax_overlap=True,
+        bwd_dkdv_stages=None,
+        redo_hidden=True,
     )
     options = dict(implementation="mosaic", config=config)
     _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=(1, 300, 300, 4, 2, 64))

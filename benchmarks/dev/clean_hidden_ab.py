@@ -1,11 +1,13 @@
 """A/B of the masked tiles' cleaning (issue 19): "dirty", the Mosaic kernels without it
 (`mosaic_common.CLEAN_HIDDEN` False: a NaN in a hidden key can reach a row), against "clean",
-the kernels with the cleaning compiled in (it runs for flagged batch rows only, stop 33),
-beside cuDNN, in one process (each setting compiled ahead of time right after it is set, with JAX's
-caches cleared; compile seconds recorded too). Finite inputs; bf16, B = 16k / T, N = 2048 / H:
-causal, segment ids (4 documents) and a sliding window; forward and forward+backward. (Stop 36
-also timed a lax.cond between the two kernels on the flags here, and stop 37 a check of each
-masked tile in the kernel instead of the flag read, "checked": NOTES.)
+the kernels with the cleaning compiled in (it runs for flagged batch rows only, stop 33), and
+"redo" (`MosaicConfig.redo_hidden` on the call's tuned config: no flag read; a consumer redoes
+the rows that went non-finite; stop 37), beside cuDNN, in one process (each setting compiled
+ahead of time right after it is set, with JAX's caches cleared; compile seconds recorded too).
+Finite inputs; bf16, B = 16k / T, N = 2048 / H: causal, segment ids (4 documents) and a sliding
+window; forward and forward+backward. (Stop 36 also timed a lax.cond between the two kernels on
+the flags here, and stop 37 a check of each masked tile in the kernel instead of the flag read,
+"checked": NOTES.)
 
 Run: python -m benchmarks.dev.clean_hidden_ab --json OUT.json [--lengths 4096 16384] [--head-dim 64]
 """
@@ -13,6 +15,7 @@ Run: python -m benchmarks.dev.clean_hidden_ab --json OUT.json [--lengths 4096 16
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -20,7 +23,8 @@ import jax.numpy as jnp
 
 import jattn
 from benchmarks import flash
-from pallas_kernels import mosaic_common
+from jattn.autotune import cache as autotune
+from pallas_kernels import flash_mosaic, mosaic_common
 
 CELLS = {
     "causal": lambda t: dict(is_causal=True),
@@ -29,12 +33,17 @@ CELLS = {
 }
 
 
+def causal_of(options: dict) -> bool:
+    return bool(options.get("is_causal", False))
+
+
 COMPILE_S = {}  # compiled function -> seconds to lower, compile and run it once
 
-SETTINGS = {  # name: (implementation, CLEAN_HIDDEN)
-    "dirty": ("mosaic", False),
-    "clean": ("mosaic", True),
-    "cudnn": ("cudnn", True),
+SETTINGS = {  # name: (implementation, CLEAN_HIDDEN, redo_hidden)
+    "dirty": ("mosaic", False, False),
+    "clean": ("mosaic", True, False),
+    "redo": ("mosaic", True, True),
+    "cudnn": ("cudnn", True, False),
 }
 
 
@@ -72,11 +81,24 @@ def main(argv=None) -> None:
                 )
             for mode in args.modes:
                 fns = {}
-                for name, (impl, clean) in SETTINGS.items():
+                for name, (impl, clean, redo) in SETTINGS.items():
                     mosaic_common.CLEAN_HIDDEN = clean
+                    config = None
+                    if redo:  # the call's own config (tuned or default), redo_hidden on
+                        config = dataclasses.replace(
+                            flash_mosaic.choose_config(
+                                autotune.lookup_call("mosaic", q, k, causal=causal_of(options)),
+                                args.head_dim,
+                                0,
+                                causal_of(options),
+                            ),
+                            redo_hidden=True,
+                        )
 
-                    def peer(q, k, v, causal, impl=impl, options=options):
-                        return jattn.dot_product_attention(q, k, v, implementation=impl, **options)
+                    def peer(q, k, v, causal, impl=impl, options=options, config=config):
+                        return jattn.dot_product_attention(
+                            q, k, v, implementation=impl, config=config, **options
+                        )
 
                     try:
                         fns[name] = compiled(flash.timed_fn(peer, q, False, mode), (q, k, v))

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device command (issue 14, written in stop 37 for the next session): is
+# `MosaicConfig.redo_hidden` (no flag read in XLA; a consumer whose rows went non-finite redoes
+# its tiles with the cleaning) as fast as the kernels without any cleaning ("dirty"), and right?
+# 1. The -m gpu redo cases of test_visibility (the consumers' own loads and second pass,
+#    compiled). 2. The A/B in one process (`clean_hidden_ab`: dirty / clean / redo / cuDNN) at
+#    H = 128 (causal, segment ids) and H = 64 (causal). 3. ptxas's registers and spills of the
+#    causal H = 128 forward with and without it. From the repository root, .whl carried
+#    (about 8 minutes):
+#   bash benchmarks/dev/redo_hidden_call.sh
+set -uo pipefail
+source benchmarks/gpu_env.sh
+timeout 150 python3 -m pytest -q -o addopts="-ra" -p no:cacheprovider -m gpu \
+    tests/test_visibility.py -k "redo or gpu_mosaic_masked" > "$out/tests_redo.txt" 2>&1
+tail -3 "$out/tests_redo.txt"
+timeout 200 python3 -m benchmarks.dev.clean_hidden_ab --json "$out/redo_ab_h128.json" \
+    --lengths 1024 4096 16384 --cells causal segments --repeats 7 > "$out/ab_h128.txt" 2>&1
+grep -h '"ms"' "$out/ab_h128.txt" | cut -c1-160
+timeout 90 python3 -m benchmarks.dev.clean_hidden_ab --json "$out/redo_ab_h64.json" \
+    --head-dim 64 --lengths 1024 16384 --cells causal --modes fwd --repeats 7 \
+    > "$out/ab_h64.txt" 2>&1
+grep -h '"ms"' "$out/ab_h64.txt" | cut -c1-160
+for variant in base redo_hidden; do
+    echo "== ptxas $variant"
+    MOSAIC_GPU_DUMP_PTXAS=1 timeout 40 python3 -m benchmarks.dev.mosaic_one_call --causal \
+        --variant $variant --calls 0 > "$out/ptxas_$variant.txt" 2>&1
+    grep -iE "spill|registers" "$out/ptxas_$variant.txt" | sort | uniq -c | head -6
+done
