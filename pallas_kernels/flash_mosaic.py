@@ -842,7 +842,8 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
             if st.o_buffer:  # Q is no longer needed: bring the next tile's
                 pl.when(i + 1 < my_tiles)(lambda: load_q(i + 1))
             if st.redo_hidden:  # a row's sum is not finite where one of its values is not
-                bad_rows = jnp.maximum(bad_rows, nonfinite_rows(acc))
+                tile_marks = nonfinite_rows(acc)
+                bad_rows = jnp.maximum(bad_rows, tile_marks)
 
             has_any = l_i != 0.0  # NaN (a row that sees a non-finite key) stays NaN
             inv_l = jnp.where(has_any, 1.0 / jnp.where(has_any, l_i, 1.0), 0.0)
@@ -853,9 +854,16 @@ def _forward_kernel(refs, scratch, *, st: Static, programs: int):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             o_smem[...] = out.astype(q_ref.dtype)
             scratch["lse"][wg] = lse
+            marks = st.redo_hidden and not redo and "marks" in refs  # for the backward's flag
+            if marks:
+                scratch["marks"][wg] = tile_marks
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, rows, head])
             plgpu.copy_smem_to_gmem(scratch["lse"].at[wg], lse_ref.at[batch, head, rows])
+            if marks:
+                plgpu.copy_smem_to_gmem(
+                    scratch["marks"].at[wg], refs["marks"].at[batch, head, rows]
+                )
             if st.persistent and not st.o_buffer and not redo:  # O in Q's buffer: once stored
 
                 @pl.when(i + 1 < my_tiles)
@@ -924,10 +932,16 @@ def forward(
     blocks: Array | None = None,  # [B', N', QB, L] int32: a flex block mask's visit lists
     *,
     flagged: bool = False,  # bounds' NONFINITE column set from V already (`flag_nonfinite`)
-) -> tuple[Array, Array]:  # out [B, T, N, H], lse [B, T, N] float32 (natural log)
+    flag_values: bool = False,  # with st.redo_hidden: also return bounds flagged from V
+) -> tuple[Array, ...]:  # out [B, T, N, H], lse [B, T, N] float32 (natural log)[, bounds]
     """Pad, run the kernel, unpad. `blocks` (st.flex_blocks): per program, [n, n_partial, its
     query block, key block ids (partial ones first), ...], L a multiple of 32 (a TMA moves
-    128-byte rows): `_visit_lists(..., forward=True)`."""
+    128-byte rows): `_visit_lists(..., forward=True)`.
+
+    flag_values (st.redo_hidden): bounds [B, 4] come back too, NONFINITE set in the batch rows
+    where a program's first pass marked a row whose accumulator went non-finite: a V tile
+    there held a NaN or an inf, which is what the backward's flag needs of V (every V tile the
+    dq or dk/dv kernels multiply, some forward program multiplied), without reading V."""
     batch, q_len, num_heads, head_dim = query.shape
     kv_len = key.shape[1]
     rows_per_program = CONSUMERS * st.block_q
@@ -957,6 +971,9 @@ def forward(
         "v": tiled((stages, block_kv, h_pad), query.dtype),
         "lse": plgpu.SMEM((CONSUMERS, st.block_q), jnp.float32),
     }
+    flag_values = flag_values and st.redo_hidden
+    if flag_values:
+        scratch["marks"] = plgpu.SMEM((CONSUMERS, st.block_q), jnp.float32)
     if st.o_buffer:
         scratch["o"] = tiled((CONSUMERS, st.block_q, h_pad), query.dtype)
     produced_copies = 1
@@ -1007,7 +1024,7 @@ def forward(
         grid, grid_names = tiles, ("heads", "q_tiles", "batch")
 
     def jattn_flash_forward(*refs):  # the kernel's name in profiles (ncu -k regex:jattn)
-        names = list(operands) + ["out", "lse"]
+        names = list(operands) + ["out", "lse"] + (["marks"] if flag_values else [])
         named = dict(zip(names, refs[: len(names)], strict=True))
 
         def with_scratch(*buffers):
@@ -1020,6 +1037,8 @@ def forward(
         jax.ShapeDtypeStruct((batch, t_pad, num_heads, h_pad), query.dtype),
         jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32),
     ]
+    if flag_values:  # 1 where a row's first-pass accumulator was not finite
+        out_type.append(jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32))
     kernel = plgpu.kernel(
         jattn_flash_forward,
         out_type=out_type,
@@ -1030,9 +1049,12 @@ def forward(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **interpret_kwargs(st),
     )
-    out, lse = kernel(*operands.values())
-    out = out[:, :q_len, :, :head_dim]
-    return out, jnp.swapaxes(lse[:, :, :q_len], 1, 2)
+    out, lse, *marks = kernel(*operands.values())
+    out, lse = out[:, :q_len, :, :head_dim], jnp.swapaxes(lse[:, :, :q_len], 1, 2)
+    if not flag_values:
+        return out, lse
+    bad = (marks[0].reshape(batch, -1) > 0).any(axis=1) | (bounds[:, NONFINITE] != 0)
+    return out, lse, bounds.at[:, NONFINITE].set(bad.astype(bounds.dtype))
 
 
 def _schedule(config: MosaicConfig, interpret: bool) -> dict:
@@ -1138,9 +1160,16 @@ def flash_attention(
         aux = jax.tree.map(lambda x: x.value, aux, is_leaf=_is_primal)
         mask, bounds, segment_ids = aux[:3]
         # V's non-finite flag, set once: the forward's kernel reads it and the backward's
-        # adds K's to it (`flag_nonfinite`)
-        bounds = flag_nonfinite(plan.st, bounds, primals[2])
-        out, lse = forward(plan.st, *primals, bias_value, mask, bounds, segment_ids, flagged=True)
+        # adds K's to it (`flag_nonfinite`); with redo_hidden the kernel's marks set it
+        if plan.st.redo_hidden:
+            out, lse, bounds = forward(
+                plan.st, *primals, bias_value, mask, bounds, segment_ids, flag_values=True
+            )
+        else:
+            bounds = flag_nonfinite(plan.st, bounds, primals[2])
+            out, lse = forward(
+                plan.st, *primals, bias_value, mask, bounds, segment_ids, flagged=True
+            )
         aux = (mask, bounds, *aux[2:])
         want_dbias = bias_value is not None and bias.perturbed
         return (out, lse), (*primals, bias_value, out, lse, () if want_dbias else None, aux)
