@@ -140,7 +140,8 @@ class MosaicConfig:
       reaching its rows (`flag_nonfinite` reads V, about 25 us at 16k tokens x 2048 on an H200).
       It runs without the cleaning; a consumer whose accumulator turned non-finite on some tile
       then, after the program's last tile, computes its tiles again with the cleaning, loading
-      and cleaning each K, V tile itself (a slow path for inputs that hold NaN or inf). Needs
+      and cleaning each K, V tile itself (a slow path for inputs that hold NaN or inf). The
+      first pass's marks also flag V for the backward, which then reads only K. Needs
       num_stages >= 2 (each consumer redoes in a ring slot of its own); else the flag is read.
       Not under flex_attention (a score_mod may make padded rows non-finite on every call).
       Off by default: not yet timed on a GPU (stop 37).
