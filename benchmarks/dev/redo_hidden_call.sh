@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # One device command (issue 14, written in stop 37 for the next session): is
 # `MosaicConfig.redo_hidden` (no flag read in XLA; a consumer whose rows went non-finite redoes
-# its tiles with the cleaning) as fast as the kernels without any cleaning ("dirty"), and right?
-# 1. The -m gpu redo cases of test_visibility (the consumers' own loads and second pass,
-#    compiled). 2. The A/B in one process (`clean_hidden_ab`: dirty / clean / redo / cuDNN) at
-#    H = 128 (causal, segment ids) and H = 64 (causal). 3. ptxas's registers and spills of the
-#    causal H = 128 forward with and without it. From the repository root, .whl carried
-#    (about 8 minutes):
+# its tiles with the cleaning; its marks flag V for the backward) as fast as the kernels
+# without any cleaning ("dirty"), and right? 1. The -m gpu redo cases of test_visibility (the
+# consumers' own loads and second pass, compiled). 2. The A/B in one process
+# (`clean_hidden_ab`: dirty / clean / redo / cuDNN) at H = 128 (causal 1k-16k, segment ids 4k)
+# and H = 64 (causal, forward). 3. ptxas's registers and spills of the causal H = 128 forward
+# with and without it. From the repository root, .whl carried (about 9 minutes):
 #   bash benchmarks/dev/redo_hidden_call.sh
 set -uo pipefail
 source benchmarks/gpu_env.sh
-timeout 150 python3 -m pytest -q -o addopts="-ra" -p no:cacheprovider -m gpu \
-    tests/test_visibility.py -k "redo or gpu_mosaic_masked" > "$out/tests_redo.txt" 2>&1
+timeout 100 python3 -m pytest -q -o addopts="-ra" -p no:cacheprovider -m gpu \
+    tests/test_visibility.py -k redo > "$out/tests_redo.txt" 2>&1
 tail -3 "$out/tests_redo.txt"
-timeout 200 python3 -m benchmarks.dev.clean_hidden_ab --json "$out/redo_ab_h128.json" \
-    --lengths 1024 4096 16384 --cells causal segments --repeats 7 > "$out/ab_h128.txt" 2>&1
-grep -h '"ms"' "$out/ab_h128.txt" | cut -c1-160
-timeout 90 python3 -m benchmarks.dev.clean_hidden_ab --json "$out/redo_ab_h64.json" \
-    --head-dim 64 --lengths 1024 16384 --cells causal --modes fwd --repeats 7 \
-    > "$out/ab_h64.txt" 2>&1
-grep -h '"ms"' "$out/ab_h64.txt" | cut -c1-160
+ab() {  # name, timeout, clean_hidden_ab arguments
+    local name=$1 seconds=$2
+    shift 2
+    timeout "$seconds" python3 -m benchmarks.dev.clean_hidden_ab --json "$out/redo_ab_$name.json" \
+        --repeats 7 "$@" > "$out/ab_$name.txt" 2>&1
+    grep -h '"ms"' "$out/ab_$name.txt" | cut -c1-160
+}
+ab h128_causal 170 --lengths 1024 4096 16384 --cells causal
+ab h128_segments 70 --lengths 4096 --cells segments
+ab h64_causal 80 --head-dim 64 --lengths 1024 16384 --cells causal --modes fwd
 for variant in base redo_hidden; do
     echo "== ptxas $variant"
     MOSAIC_GPU_DUMP_PTXAS=1 timeout 40 python3 -m benchmarks.dev.mosaic_one_call --causal \
