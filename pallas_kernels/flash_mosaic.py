@@ -917,8 +917,8 @@ def _over_tiles(st: Static, my_tiles, body, init=0):
 def nonfinite_rows(acc: Array) -> Array:
     """[rows] float32: 1 where a row of acc [rows, H] holds a NaN or an inf (or its finite
     values sum past float32's range, which only costs a redo), else 0. One add per element."""
-    row_sums = acc.sum(axis=1)
-    return jnp.where(jnp.abs(row_sums) < jnp.inf, 0.0, 1.0).astype(jnp.float32)
+    row_sums = acc.sum(axis=1)  # float32 constants: no float64 under jax_enable_x64
+    return jnp.where(jnp.abs(row_sums) < jnp.inf, jnp.zeros_like(row_sums), jnp.ones_like(row_sums))
 
 
 def forward(

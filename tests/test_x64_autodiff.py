@@ -287,8 +287,15 @@ def _sum_of_squares(run):
     return lambda q, k, v: jnp.sum(run(q, k, v).astype(jnp.float32) ** 2)
 
 
-@pytest.mark.parametrize("feature", ["causal_window_bias_softcap", "segments_causal_lengths"])
-def test_mosaic_kernels_trace_int32_under_x64(rng, feature, monkeypatch):
+@pytest.mark.parametrize(
+    "feature, redo",
+    [
+        ("causal_window_bias_softcap", False),
+        ("segments_causal_lengths", False),
+        ("causal_window_bias_softcap", True),  # redo_hidden's marks and second pass
+    ],
+)
+def test_mosaic_kernels_trace_int32_under_x64(rng, feature, redo, monkeypatch):
     """What lets Mosaic serve x64: traced for the GPU with jax_enable_x64 on (set
     globally, as a script sets it), the forward, dq and dk/dv kernels hold no 64-bit value:
     their index arithmetic divides by int32 literals (`mosaic_common.idiv` / `irem`), where lax
@@ -299,7 +306,7 @@ def test_mosaic_kernels_trace_int32_under_x64(rng, feature, monkeypatch):
     from cases import kernel_64bit_values
 
     monkeypatch.setattr(common, "interpret_mode", lambda: False)
-    config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2)
+    config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2, redo_hidden=redo)
     try:
         q, k, v, mosaic, _ = _mosaic_under_x64(rng, feature, (1, 150, 200, 2, 1, 64), config)
         grads = jax.grad(_sum_of_squares(mosaic), argnums=(0, 1, 2))
