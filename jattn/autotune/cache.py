@@ -3,7 +3,8 @@
 A tuned config is found by its bucket: (implementation, device kind, head dim padded to a power
 of two >= 16, dtype, causal, length range of max(T, S)). `lookup` tries the user's cache file,
 then the tables shipped inside the package, and returns None when neither has the bucket (the
-kernel then uses its heuristic). A file that cannot be read, is not a jattn autotune file, has
+kernel then uses its heuristic); a float16 bucket that no source holds takes bfloat16's
+(`SIBLING_DTYPES`). A file that cannot be read, is not a jattn autotune file, has
 another format version, or holds an entry whose config does not validate is skipped with one
 `AutotuneCacheWarning`: a cache never breaks a call. That includes a path that is not a regular
 file (a FIFO or a device is never opened for reading, so a lookup cannot block), JSON nested too
