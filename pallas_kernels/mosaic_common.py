@@ -596,8 +596,9 @@ def clean_tile(k_ref, v_ref, *, poison_keys: bool) -> None:
     as the reference's `masking.poison_rows` does, while the rows it is hidden from select
     -inf; else (the dq kernel, whose rows that see a bad key already have a NaN lse) non-finite
     elements of K become 0. Run by the producer warpgroup between a tile's copy and its
-    consumers, on [64, 64] pieces (few registers there); |x| < inf is the finiteness test
-    (Mosaic GPU lowers no is_finite)."""
+    consumers, on [64, 64] pieces (few registers there), or by a consumer on its own tile in
+    a `MosaicConfig.redo_hidden` redo; |x| < inf is the finiteness test (Mosaic GPU lowers no
+    is_finite)."""
     for piece in _pieces(k_ref.shape):
         k, v = k_ref[piece], v_ref[piece]
         v_ok = jnp.abs(v) < jnp.inf
