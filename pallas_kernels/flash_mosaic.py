@@ -81,6 +81,7 @@ from pallas_kernels.mosaic_common import (
     mma_accumulate,
     mma_transposed,
     named_barrier_sync,
+    nonfinite_rows,
     padded_head_dim,
     pair_window,
     segments_read,
@@ -145,6 +146,11 @@ class MosaicConfig:
       num_stages >= 2 (each consumer redoes in a ring slot of its own); else the flag is read.
       Not under flex_attention (a score_mod may make padded rows non-finite on every call).
       Off by default: not yet timed on a GPU (stop 37).
+    bwd_redo_hidden: the same for the backward's dq kernel (K, V's cleaning): it runs without the
+      cleaning and reads no flag in XLA (`flag_nonfinite` reads K, and V where the forward did
+      not flag it); a consumer whose dQ rows went non-finite then computes them again, loading
+      and cleaning each tile itself. Needs bwd_num_stages >= 2; not with bwd_fused_dq (the
+      dk/dv kernel cleans its own keys there) nor under flex_attention.
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
     """
 
@@ -164,6 +170,7 @@ class MosaicConfig:
     bwd_head_split: bool = False
     bwd_fused_dq: bool = False
     redo_hidden: bool = False
+    bwd_redo_hidden: bool = False
 
     def __post_init__(self):
         ints = (
@@ -185,6 +192,7 @@ class MosaicConfig:
             "bwd_head_split",
             "bwd_fused_dq",
             "redo_hidden",
+            "bwd_redo_hidden",
         )
         common.check_config_fields(self, ints=ints, bools=bools, optional=("bwd_dkdv_stages",))
         for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
@@ -914,13 +922,6 @@ def _over_tiles(st: Static, my_tiles, body, init=0):
     return lax.fori_loop(0, my_tiles, body, jnp.int32(init))
 
 
-def nonfinite_rows(acc: Array) -> Array:
-    """[rows] float32: 1 where a row of acc [rows, H] holds a NaN or an inf (or its finite
-    values sum past float32's range, which only costs a redo), else 0. One add per element."""
-    row_sums = acc.sum(axis=1)  # float32 constants: no float64 under jax_enable_x64
-    return jnp.where(jnp.abs(row_sums) < jnp.inf, jnp.zeros_like(row_sums), jnp.ones_like(row_sums))
-
-
 def forward(
     st: Static,
     query: Array,  # [B, T, N, H] float16/bfloat16
@@ -1162,7 +1163,9 @@ def flash_attention(
         mask, bounds, segment_ids = aux[:3]
         # V's non-finite flag, set once: the forward's kernel reads it and the backward's
         # adds K's to it (`flag_nonfinite`); with redo_hidden the kernel's marks set it
-        if plan.st.redo_hidden:
+        if plan.st.redo_hidden and plan.bwd_st.redo_hidden:  # no flag wanted anywhere
+            out, lse = forward(plan.st, *primals, bias_value, mask, bounds, segment_ids)
+        elif plan.st.redo_hidden:
             out, lse, bounds = forward(
                 plan.st, *primals, bias_value, mask, bounds, segment_ids, flag_values=True
             )
@@ -1326,7 +1329,12 @@ def _backward_static(
         head_parts=backward_head_parts(config, head_dim),
         fused_dq=config.bwd_fused_dq,
         flex_blocks=False,
-        redo_hidden=False,
+        # the dq kernel's redo: a ring slot per consumer; not with fused_dq (no dq kernel)
+        redo_hidden=config.bwd_redo_hidden
+        and st.clean_hidden
+        and st.flex is None
+        and config.bwd_num_stages >= CONSUMERS
+        and not config.bwd_fused_dq,
     )
     native = st.interpret or (
         fits_shared_memory(backward_shared_memory_estimate(config, head_dim, pair_itemsize))

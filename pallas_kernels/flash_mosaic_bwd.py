@@ -68,6 +68,7 @@ from pallas_kernels.mosaic_common import (
     mma_lhs_transposed,
     mma_transposed,
     named_barrier_sync,
+    nonfinite_rows,
     padded_head_dim,
     pair_window,
     segments_read,
@@ -212,30 +213,32 @@ def _dq_kernel(refs, scratch, *, st: Static):
         lo, (hi, n_partial) = 0, _await_visit_list(st, refs, scratch, batch, head, q_tile)
     else:
         lo, _, _, hi = key_blocks(st, bounds, program_first, CONSUMERS * block_q)
-    cleaned = None
+    cleaned = redo_cleaned = None
     if st.clean_hidden:  # the steps where a query of the program has a hidden key
         rows = CONSUMERS * block_q
         nonfinite = refs["bounds"][batch, NONFINITE]
-        cleaned = cleaned_steps(st, bounds, nonfinite, program_first, rows, lo, hi, n_partial)
+        if not st.redo_hidden:
+            cleaned = cleaned_steps(st, bounds, nonfinite, program_first, rows, lo, hi, n_partial)
+        else:  # st.redo_hidden: none in the first pass; in a redo, as if the row were flagged
+            redo_cleaned = cleaned_steps(st, bounds, 1, program_first, rows, lo, hi, n_partial)
+    kv_head = idiv(head, st.groups)
+
+    def copies(step, slot, barrier):
+        keys = pl.ds(_block_of(st, scratch, step) * block_kv, block_kv)
+        for name in ("k", "v"):
+            plgpu.copy_gmem_to_smem(
+                refs[name].at[batch, keys, kv_head], scratch[name].at[slot], barrier
+            )
+        for name in ("bias", "mask"):
+            if name in refs:
+                source = pair_window(refs[name], batch, head, program_rows, keys)
+                plgpu.copy_gmem_to_smem(source, scratch[name].at[slot], barrier)
+        if st.has_segments:
+            source = refs["kv_seg"].at[batch, keys]
+            plgpu.copy_gmem_to_smem(source, scratch["kv_seg"].at[slot], barrier)
 
     @pl.when(wg == CONSUMERS)
     def _producer():
-        kv_head = idiv(head, st.groups)
-
-        def copies(step, slot, barrier):
-            keys = pl.ds(_block_of(st, scratch, step) * block_kv, block_kv)
-            for name in ("k", "v"):
-                plgpu.copy_gmem_to_smem(
-                    refs[name].at[batch, keys, kv_head], scratch[name].at[slot], barrier
-                )
-            for name in ("bias", "mask"):
-                if name in refs:
-                    source = pair_window(refs[name], batch, head, program_rows, keys)
-                    plgpu.copy_gmem_to_smem(source, scratch[name].at[slot], barrier)
-            if st.has_segments:
-                source = refs["kv_seg"].at[batch, keys]
-                plgpu.copy_gmem_to_smem(source, scratch["kv_seg"].at[slot], barrier)
-
         _produce(scratch, lo, hi, stages, copies, cleaned)
 
     @pl.when(wg < CONSUMERS)
@@ -261,9 +264,25 @@ def _dq_kernel(refs, scratch, *, st: Static):
             q_seg = load_vector(st, scratch["q_seg"].at[wg], WGMMA_ROW)
         q_smem, d_out_smem = scratch["q"].at[wg], scratch["d_out"].at[wg]
 
-        def visit(step, dq, *, masked: bool):
-            slot = irem(step - lo, stages)
-            _await_tile(scratch, step, slot, cleaned)
+        def load_own_tile(step):
+            """A redo's step: its K, V (bias, mask, key ids) into this consumer's own ring
+            slot, cleaned where the step can hide a key (as the producer would clean them)."""
+            landed = scratch["redo_landed"].at[wg]
+            copies(step, wg, landed)
+            plgpu.barrier_wait(landed)
+
+            @pl.when(redo_cleaned(step))
+            def _():
+                clean_tile(scratch["k"].at[wg], scratch["v"].at[wg], poison_keys=False)
+                plgpu.commit_smem()
+
+        def visit(step, dq, *, masked: bool, redo: bool = False):
+            if redo:
+                slot = wg
+                load_own_tile(step)
+            else:
+                slot = irem(step - lo, stages)
+                _await_tile(scratch, step, slot, cleaned)
             k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
             k_first = _block_of(st, scratch, step) * block_kv
             qk = mma_transposed(st, q_smem, k_smem)
@@ -299,7 +318,8 @@ def _dq_kernel(refs, scratch, *, st: Static):
             if slope is not None:  # d score_mod / d score
                 ds = ds * slope
             dq = mma_accumulate(st, dq, ds.astype(k_smem.dtype), k_smem)
-            plgpu.barrier_arrive(scratch["consumed"].at[slot])
+            if not redo:
+                plgpu.barrier_arrive(scratch["consumed"].at[slot])
             return dq
 
         if st.flex_blocks:
@@ -307,13 +327,32 @@ def _dq_kernel(refs, scratch, *, st: Static):
         else:
             _, inner_lo, inner_hi, _ = key_blocks(st, bounds, q_first, block_q)
             inner_lo, inner_hi = common.clip_inner(lo, hi, inner_lo, inner_hi)
-        dq = layout_cast(st, jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), WGMMA)
         ranges = (lo, inner_lo, inner_hi, hi)
-        dq = common.visit_all(st, ranges, visit, dq, structural=st.flex_blocks or None)
-        q_smem[...] = (dq * st.scale).astype(q_smem.dtype)  # Q is no longer needed
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, refs["dq"].at[batch, rows, head])
-        plgpu.wait_smem_to_gmem(0)
+
+        def all_tiles(redo: bool):
+            dq = layout_cast(st, jnp.zeros((block_q, q_smem.shape[-1]), jnp.float32), WGMMA)
+            tile = functools.partial(visit, redo=redo)
+            return common.visit_all(st, ranges, tile, dq, structural=st.flex_blocks or None)
+
+        def store(dq):
+            q_smem[...] = (dq * st.scale).astype(q_smem.dtype)  # Q is no longer needed
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, refs["dq"].at[batch, rows, head])
+            plgpu.wait_smem_to_gmem(0)
+
+        dq = all_tiles(redo=False)
+        if not (st.redo_hidden and st.clean_hidden):
+            store(dq)
+            return
+        # st.redo_hidden: the tiles ran uncleaned, so a hidden key's NaN or inf in K or V (0 * NaN
+        # in dS or in dS K) makes its rows' dQ non-finite. Once both consumers are past the ring
+        # (the producer is done with it), one whose dQ has such a row computes it again with the
+        # cleaning; a NaN or inf its rows do see comes back in the redo too.
+        redo = nonfinite_rows(dq).max(axis=0) > 0
+        plgpu.barrier_arrive(scratch["passed"])
+        plgpu.barrier_wait(scratch["passed"])
+        pl.when(~redo)(lambda: store(dq))
+        pl.when(redo)(lambda: store(all_tiles(redo=True)))
 
 
 # --- dk, dv -----------------------------------------------------------------------------------
@@ -665,7 +704,10 @@ def _dq(st: Static, operands: dict, pairs: dict, barriers, shape, dtype) -> Arra
         scratch["kv_seg"] = plgpu.SMEM((stages, block_kv), jnp.int32)
     copies = 2 + len(pairs) + has_seg
     scratch |= barriers(copies, 4 + has_seg) | _visit_scratch(operands)
-    if st.clean_hidden:  # masked steps: the copies land on `arrived`, `cleaned` releases them
+    if st.clean_hidden and st.redo_hidden:  # a consumer's own copies in a redo; its meeting
+        scratch["redo_landed"] = plgpu.Barrier(num_arrivals=copies, num_barriers=CONSUMERS)
+        scratch["passed"] = plgpu.Barrier(num_arrivals=CONSUMERS)
+    elif st.clean_hidden:  # masked steps: the copies land on `arrived`, `cleaned` releases them
         scratch["arrived"] = plgpu.Barrier(num_arrivals=copies, num_barriers=stages)
         scratch["cleaned"] = plgpu.Barrier(num_barriers=stages)
     (dq,) = _launch(
@@ -702,8 +744,9 @@ def backward(
     listed query blocks (`flash_mosaic._visit_lists` of BlockMask.kv_blocks and .q_blocks);
     `block_mask_fits` says which configs can. With st.fused_dq, whose launch with dQ as a Ref
     does not batch, jax.vmap's axes are folded into B (`folding_vmap`)."""
-    flagged = (key,) if values_flagged else (key, value)  # `flag_nonfinite`
-    bounds = flag_nonfinite(st, bounds, *flagged)
+    if not st.redo_hidden:  # with it the dq kernel redoes what went non-finite: nothing read
+        flagged = (key,) if values_flagged else (key, value)  # `flag_nonfinite`
+        bounds = flag_nonfinite(st, bounds, *flagged)
     args = (query, key, value, bias, mask, bounds, segment_ids, out, lse, d_out, d_lse, visits)
     if st.fused_dq:
         per_pair = (3, 4, 11)  # bias, mask, visits: [B', ...], where B' = 1 broadcasts

@@ -610,6 +610,13 @@ def clean_tile(k_ref, v_ref, *, poison_keys: bool) -> None:
             k_ref[piece] = jnp.where(k_ok, k, jnp.zeros_like(k))
 
 
+def nonfinite_rows(acc: Array) -> Array:
+    """[rows] float32: 1 where a row of acc [rows, H] holds a NaN or an inf (or its finite
+    values sum past float32's range, which only costs a redo), else 0. One add per element."""
+    row_sums = acc.sum(axis=1)  # float32 constants: no float64 under jax_enable_x64
+    return jnp.where(jnp.abs(row_sums) < jnp.inf, jnp.zeros_like(row_sums), jnp.ones_like(row_sums))
+
+
 def tiled(shape, dtype):
     """Shared memory in the tiled, swizzled form wgmma operands and register tiles use: rows of
     8, the widest swizzle (128, 64 or 32 bytes) that one row of the last axis fills."""

@@ -401,6 +401,7 @@ REDO_H128 = dataclasses.replace(  # the tuned H200 causal config's shape, with r
     persistent=True,
     softmax_overlap=True,
     redo_hidden=True,
+    bwd_redo_hidden=True,
 )
 LOWERINGS = {
     "plain_h64": ((1, 256, 256, 2, 2, 64), {}),
@@ -436,7 +437,9 @@ LOWERINGS = {
         dict(
             segment_ids=True,
             bias=True,
-            config=dataclasses.replace(flash_mosaic.default_config(64, 4), redo_hidden=True),
+            config=dataclasses.replace(
+                flash_mosaic.default_config(64, 4), redo_hidden=True, bwd_redo_hidden=True
+            ),
         ),
     ),
 }
@@ -536,12 +539,16 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     # `flag_nonfinite`'s reads (about 25 us each at 64 MB on an H200) where a tile can hide
     # keys: V once for the forward (not with redo_hidden: its marks flag V for the backward),
     # and K alone for the Mosaic backward, which takes V's flag from the forward's residuals
+    # (none with bwd_redo_hidden: its dq kernel redoes what went non-finite)
     pair_itemsize = 4 * bool(options.get("bias")) + bool(options.get("mask"))  # f32 bias
     config = options.get("config") or flash_mosaic.default_config(  # no tuned entry on a CPU
         shape[-1], pair_itemsize, causal=options.get("is_causal", False)
     )
     forward_read = not (config.redo_hidden and config.num_stages >= 2)
-    reads = 0 if case == "plain_h64" else forward_read + (grad and native_backward)
+    backward_read = not (
+        config.bwd_redo_hidden and config.bwd_num_stages >= 2 and not config.bwd_fused_dq
+    )
+    reads = 0 if case == "plain_h64" else forward_read + (grad and native_backward) * backward_read
     assert text.count("stablehlo.is_finite") == reads, case
 
 

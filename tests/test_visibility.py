@@ -153,9 +153,10 @@ def test_mosaic_masked_key_with_nan_reaches_only_rows_that_see_it(rng, feature, 
     ],
 )
 def test_mosaic_redo_hidden_masked_key_with_nan(rng, feature, persistent):
-    """MosaicConfig.redo_hidden: no flag read, no cleaning on the first pass; a consumer whose
-    rows went non-finite computes its tiles again, loading and cleaning each K, V tile itself.
-    The same results as the cleaning producer's (a redo that never ran fails this)."""
+    """MosaicConfig.redo_hidden and bwd_redo_hidden: no flag read, no cleaning on the first
+    pass; a consumer (of the forward, of the dq kernel) whose rows went non-finite computes its
+    tiles again, loading and cleaning each K, V tile itself. The same results as the cleaning
+    producer's (a redo that never ran fails this: NaN output or dq in rows that see no NaN)."""
     config = jattn.MosaicConfig(
         block_q=64,
         block_kv=64,
@@ -163,6 +164,7 @@ def test_mosaic_redo_hidden_masked_key_with_nan(rng, feature, persistent):
         persistent=persistent,
         softmax_overlap=persistent,
         redo_hidden=True,
+        bwd_redo_hidden=True,
     )
     options = dict(implementation="mosaic", config=config)
     shape = (1, 160, 160, 2, 1, 64) if persistent else (1, 24, 24, 1, 1, 64)
@@ -178,9 +180,13 @@ def test_mosaic_cleans_the_batch_rows_whose_values_are_not_finite(rng):
     _check_cleaned_rows(rng, jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2))
 
 
-def test_mosaic_redo_hidden_redoes_only_programs_whose_rows_went_non_finite(rng):
-    """The same with redo_hidden: row 0's programs keep their first pass, row 1's redo."""
-    config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2, redo_hidden=True)
+@pytest.mark.parametrize("forward_redo", [True, False])
+def test_mosaic_redo_hidden_redoes_only_programs_whose_rows_went_non_finite(rng, forward_redo):
+    """The same with redo_hidden (or the forward's cleaning) and bwd_redo_hidden: row 0's
+    programs keep their first pass, row 1's redo; outputs and dq exactly the cleaning's."""
+    config = jattn.MosaicConfig(
+        block_q=64, block_kv=64, num_stages=2, redo_hidden=forward_redo, bwd_redo_hidden=True
+    )
     _check_cleaned_rows(rng, config)
 
 
@@ -279,8 +285,9 @@ def test_gpu_mosaic_masked_key_with_nan(rng, feature, fused_dq):
 @pytest.mark.gpu
 @pytest.mark.parametrize("feature", ["causal", "segments", "window"])
 def test_gpu_mosaic_redo_hidden_masked_key_with_nan(rng, feature):
-    """MosaicConfig.redo_hidden on the GPU (persistent, with the softmax overlap, as the H200's
-    tuned causal configs): the consumers' own loads, cleaning and second pass, compiled."""
+    """MosaicConfig.redo_hidden and bwd_redo_hidden on the GPU (persistent, with the softmax
+    overlap, as the H200's tuned causal configs): the consumers' own loads, cleaning and
+    second pass (forward and dq kernel), compiled."""
     config = dataclasses.replace(
         flash_mosaic.default_config(64),
         block_kv=128,
@@ -289,6 +296,7 @@ def test_gpu_mosaic_redo_hidden_masked_key_with_nan(rng, feature):
         softmax_overlap=True,
         bwd_dkdv_stages=None,
         redo_hidden=True,
+        bwd_redo_hidden=True,
     )
     options = dict(implementation="mosaic", config=config)
     _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=(1, 300, 300, 4, 2, 64))

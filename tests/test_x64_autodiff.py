@@ -306,7 +306,9 @@ def test_mosaic_kernels_trace_int32_under_x64(rng, feature, redo, monkeypatch):
     from cases import kernel_64bit_values
 
     monkeypatch.setattr(common, "interpret_mode", lambda: False)
-    config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2, redo_hidden=redo)
+    config = jattn.MosaicConfig(
+        block_q=64, block_kv=64, num_stages=2, redo_hidden=redo, bwd_redo_hidden=redo
+    )
     try:
         q, k, v, mosaic, _ = _mosaic_under_x64(rng, feature, (1, 150, 200, 2, 1, 64), config)
         grads = jax.grad(_sum_of_squares(mosaic), argnums=(0, 1, 2))

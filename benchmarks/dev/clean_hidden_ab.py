@@ -2,7 +2,8 @@
 (`mosaic_common.CLEAN_HIDDEN` False: a NaN in a hidden key can reach a row), against "clean",
 the kernels with the cleaning compiled in (it runs for flagged batch rows only, stop 33), and
 "redo" (`MosaicConfig.redo_hidden` on the call's tuned config: no flag read; a consumer redoes
-the rows that went non-finite; stop 37), beside cuDNN, in one process (each setting compiled
+the rows that went non-finite; stop 37) and "redo_bwd" (bwd_redo_hidden too: the dq kernel
+likewise; stop 38; forward+backward only), beside cuDNN, in one process (each setting compiled
 ahead of time right after it is set, with JAX's caches cleared; compile seconds recorded too).
 Finite inputs; bf16, B = 16k / T, N = 2048 / H: causal, segment ids (4 documents) and a sliding
 window; forward and forward+backward. (Stop 36 also timed a lax.cond between the two kernels on
@@ -39,11 +40,12 @@ def causal_of(options: dict) -> bool:
 
 COMPILE_S = {}  # compiled function -> seconds to lower, compile and run it once
 
-SETTINGS = {  # name: (implementation, CLEAN_HIDDEN, redo_hidden)
-    "dirty": ("mosaic", False, False),
-    "clean": ("mosaic", True, False),
-    "redo": ("mosaic", True, True),
-    "cudnn": ("cudnn", True, False),
+SETTINGS = {  # name: (implementation, CLEAN_HIDDEN, MosaicConfig fields set on the call's config)
+    "dirty": ("mosaic", False, {}),
+    "clean": ("mosaic", True, {}),
+    "redo": ("mosaic", True, dict(redo_hidden=True)),
+    "redo_bwd": ("mosaic", True, dict(redo_hidden=True, bwd_redo_hidden=True)),
+    "cudnn": ("cudnn", True, {}),
 }
 
 
@@ -67,6 +69,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
     args = parser.parse_args(argv)
     rows = []
     for length in args.lengths:
@@ -81,10 +84,12 @@ def main(argv=None) -> None:
                 )
             for mode in args.modes:
                 fns = {}
-                for name, (impl, clean, redo) in SETTINGS.items():
+                for name, (impl, clean, fields) in SETTINGS.items():
+                    if name not in args.settings or (name == "redo_bwd" and mode == "fwd"):
+                        continue
                     mosaic_common.CLEAN_HIDDEN = clean
                     config = None
-                    if redo:  # the call's own config (tuned or default), redo_hidden on
+                    if fields:  # the call's own config (tuned or default), the fields set
                         config = dataclasses.replace(
                             flash_mosaic.choose_config(
                                 autotune.lookup_call("mosaic", q, k, causal=causal_of(options)),
@@ -92,7 +97,7 @@ def main(argv=None) -> None:
                                 0,
                                 causal_of(options),
                             ),
-                            redo_hidden=True,
+                            **fields,
                         )
 
                     def peer(q, k, v, causal, impl=impl, options=options, config=config):
