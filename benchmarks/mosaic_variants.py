@@ -43,8 +43,11 @@ VARIANTS = {  # on default_config: early_k_wait and longest_first on since 2026-
     # one backward kernel, dQ by TMA reduce-add (its dS and dQ tiles leave dk/dv 1 ring stage
     # at H = 256: the dk/dv ring at the backward's depth)
     "bwd_fused": dict(bwd_fused_dq=True, bwd_dkdv_stages=None),
-    # no flag read for hidden keys' NaN/inf: a consumer redoes rows that went non-finite
+    # no flag read for hidden keys' NaN/inf: a consumer redoes rows that went non-finite (the
+    # forward's; the dq kernel's); left None "base" takes `flash_mosaic.redo_defaults` (stop 38)
     "redo_hidden": dict(redo_hidden=True),
+    "bwd_redo_hidden": dict(redo_hidden=True, bwd_redo_hidden=True),
+    "clean_hidden": dict(redo_hidden=False, bwd_redo_hidden=False),  # the producers' cleaning
 }
 
 

@@ -145,12 +145,12 @@ class MosaicConfig:
       first pass's marks also flag V for the backward, which then reads only K. Needs
       num_stages >= 2 (each consumer redoes in a ring slot of its own); else the flag is read.
       Not under flex_attention (a score_mod may make padded rows non-finite on every call).
-      Off by default: not yet timed on a GPU (stop 37).
+      None (the default): where it measured faster, `redo_defaults`.
     bwd_redo_hidden: the same for the backward's dq kernel (K, V's cleaning): it runs without the
       cleaning and reads no flag in XLA (`flag_nonfinite` reads K, and V where the forward did
       not flag it); a consumer whose dQ rows went non-finite then computes them again, loading
       and cleaning each tile itself. Needs bwd_num_stages >= 2; not with bwd_fused_dq (the
-      dk/dv kernel cleans its own keys there) nor under flex_attention.
+      dk/dv kernel cleans its own keys there) nor under flex_attention. None: `redo_defaults`.
     Blocks are 64 or 128 (the forward's block_kv may be any multiple of 64).
     """
 
@@ -169,8 +169,8 @@ class MosaicConfig:
     bwd_dkdv_stages: int | None = None
     bwd_head_split: bool = False
     bwd_fused_dq: bool = False
-    redo_hidden: bool = False
-    bwd_redo_hidden: bool = False
+    redo_hidden: bool | None = None
+    bwd_redo_hidden: bool | None = None
 
     def __post_init__(self):
         ints = (
@@ -194,7 +194,8 @@ class MosaicConfig:
             "redo_hidden",
             "bwd_redo_hidden",
         )
-        common.check_config_fields(self, ints=ints, bools=bools, optional=("bwd_dkdv_stages",))
+        optional = ("bwd_dkdv_stages", "redo_hidden", "bwd_redo_hidden")
+        common.check_config_fields(self, ints=ints, bools=bools, optional=optional)
         for name in ("block_q", "block_kv", "bwd_block_q", "bwd_block_kv"):
             value = getattr(self, name)
             if value < 64 or value % 64:
@@ -298,6 +299,23 @@ def choose_config(
     ):
         return tuned
     return default_config(head_dim, pair_itemsize, causal=causal)
+
+
+def redo_defaults(config: MosaicConfig, head_dim: int) -> MosaicConfig:
+    """config with redo_hidden and bwd_redo_hidden set where it leaves them None: each where it
+    timed faster on the H200 (stop 38, benchmarks/NOTES.md; finite inputs, ms, causal):
+    - the forward's at H = 128 (padded): 0.190 vs 0.207 (cleaning) at T = 1k, 0.527 vs 0.567 at
+      4k, 1.825 vs 1.820 at 16k; not at H = 64, where its second pass spills registers (620
+      bytes of spill loads against 160) and the forward at 16k took 2.70 ms against 2.39;
+      not timed above H = 128 (register-bound: off);
+    - the dq kernel's up to H = 128: forward+backward at H = 128 0.805 vs 0.836 ms (1k) and
+      2.247 vs 2.328 (4k), at H = 64 16k 10.54 vs 10.72; not timed above H = 128 (off)."""
+    h_pad = padded_head_dim(head_dim)
+    if config.redo_hidden is None:
+        config = dataclasses.replace(config, redo_hidden=h_pad == 128)
+    if config.bwd_redo_hidden is None:
+        config = dataclasses.replace(config, bwd_redo_hidden=h_pad <= 128)
+    return config
 
 
 def default_config(head_dim: int, pair_itemsize: int = 0, *, causal: bool = False) -> MosaicConfig:
@@ -1072,7 +1090,7 @@ def _schedule(config: MosaicConfig, interpret: bool) -> dict:
         early_k_wait=config.early_k_wait,
         named_barrier=config.named_barrier and not interpret,  # the interpreter runs no PTX
         softmax_overlap=config.softmax_overlap,
-        redo_hidden=config.redo_hidden,
+        redo_hidden=bool(config.redo_hidden),
     )
 
 
@@ -1244,6 +1262,7 @@ def _plan(query, key, bias, mask, config, tuned, interpret, options) -> tuple[_P
     pair_itemsize = (0 if bias is None else min(bias.dtype.itemsize, 4)) + (mask is not None)
     if config is None:
         config = choose_config(tuned, head_dim, pair_itemsize, options["is_causal"])
+    config = redo_defaults(config, head_dim)
     interpret = common.interpret_mode() if interpret is None else interpret
     if not interpret and not fits_shared_memory(
         shared_memory_estimate(config, head_dim, pair_itemsize)
@@ -1330,7 +1349,7 @@ def _backward_static(
         fused_dq=config.bwd_fused_dq,
         flex_blocks=False,
         # the dq kernel's redo: a ring slot per consumer; not with fused_dq (no dq kernel)
-        redo_hidden=config.bwd_redo_hidden
+        redo_hidden=bool(config.bwd_redo_hidden)
         and st.clean_hidden
         and st.flex is None
         and config.bwd_num_stages >= CONSUMERS

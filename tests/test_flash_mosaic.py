@@ -373,6 +373,23 @@ def test_config_validation(kwargs):
         jattn.MosaicConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "head_dim, forward, backward",
+    [(64, False, True), (96, True, True), (128, True, True), (256, False, False)],
+)
+def test_redo_defaults_follow_the_h200_runs(head_dim, forward, backward):
+    """redo_hidden / bwd_redo_hidden left None take the measured rule (the forward's at padded
+    H = 128, the dq kernel's up to 128); a value the user set stays."""
+    resolved = flash_mosaic.redo_defaults(jattn.MosaicConfig(), head_dim)
+    assert (resolved.redo_hidden, resolved.bwd_redo_hidden) == (forward, backward)
+    for value in (True, False):
+        mine = jattn.MosaicConfig(redo_hidden=value, bwd_redo_hidden=not value)
+        kept = flash_mosaic.redo_defaults(mine, head_dim)
+        assert (kept.redo_hidden, kept.bwd_redo_hidden) == (value, not value)
+    with pytest.raises(ValueError, match="redo_hidden must be a bool"):
+        jattn.MosaicConfig(redo_hidden=1)
+
+
 def test_default_config_fits_shared_memory():
     """The forward always fits; the backward fits without bias/mask tiles at every head dim
     (with a float32 bias at H > 128, the Triton backward takes over)."""
@@ -544,6 +561,7 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     config = options.get("config") or flash_mosaic.default_config(  # no tuned entry on a CPU
         shape[-1], pair_itemsize, causal=options.get("is_causal", False)
     )
+    config = flash_mosaic.redo_defaults(config, shape[-1])
     forward_read = not (config.redo_hidden and config.num_stages >= 2)
     backward_read = not (
         config.bwd_redo_hidden and config.bwd_num_stages >= 2 and not config.bwd_fused_dq

@@ -137,7 +137,14 @@ def test_mosaic_masked_key_with_nan_reaches_only_rows_that_see_it(rng, feature, 
     """The Mosaic kernels (interpret mode): the producer cleans the masked tiles' K and V
     (`mosaic_common.clean_tile`) before the consumers multiply a hidden key by 0; the fused-dQ
     backward cleans its keys' tiles itself."""
-    config = jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2, bwd_fused_dq=fused_dq)
+    config = jattn.MosaicConfig(
+        block_q=64,
+        block_kv=64,
+        num_stages=2,
+        bwd_fused_dq=fused_dq,
+        redo_hidden=False,  # the producers' cleaning (the redo: below)
+        bwd_redo_hidden=False,
+    )
     options = dict(implementation="mosaic", config=config)
     _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=(1, 24, 24, 1, 1, 64))
 
@@ -177,7 +184,10 @@ def test_mosaic_cleans_the_batch_rows_whose_values_are_not_finite(rng):
     bounds): a NaN value in
     row 1's second document leaves row 0 and row 1's first document exactly as on clean
     inputs, output and dq, and makes row 1's second document NaN."""
-    _check_cleaned_rows(rng, jattn.MosaicConfig(block_q=64, block_kv=64, num_stages=2))
+    config = jattn.MosaicConfig(
+        block_q=64, block_kv=64, num_stages=2, redo_hidden=False, bwd_redo_hidden=False
+    )
+    _check_cleaned_rows(rng, config)
 
 
 @pytest.mark.parametrize("forward_redo", [True, False])
@@ -277,6 +287,8 @@ def test_gpu_mosaic_masked_key_with_nan(rng, feature, fused_dq):
         num_stages=2,
         bwd_fused_dq=fused_dq,
         bwd_dkdv_stages=None,
+        redo_hidden=False,  # the producers' cleaning (the redo: below)
+        bwd_redo_hidden=False,
     )
     options = dict(implementation="mosaic", config=config)
     _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=(1, 300, 300, 4, 2, 64))

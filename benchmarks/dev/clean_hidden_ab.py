@@ -42,8 +42,8 @@ COMPILE_S = {}  # compiled function -> seconds to lower, compile and run it once
 
 SETTINGS = {  # name: (implementation, CLEAN_HIDDEN, MosaicConfig fields set on the call's config)
     "dirty": ("mosaic", False, {}),
-    "clean": ("mosaic", True, {}),
-    "redo": ("mosaic", True, dict(redo_hidden=True)),
+    "clean": ("mosaic", True, dict(redo_hidden=False, bwd_redo_hidden=False)),
+    "redo": ("mosaic", True, dict(redo_hidden=True, bwd_redo_hidden=False)),
     "redo_bwd": ("mosaic", True, dict(redo_hidden=True, bwd_redo_hidden=True)),
     "cudnn": ("cudnn", True, {}),
 }
