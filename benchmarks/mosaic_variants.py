@@ -48,6 +48,9 @@ VARIANTS = {  # on default_config: early_k_wait and longest_first on since 2026-
     "redo_hidden": dict(redo_hidden=True),
     "bwd_redo_hidden": dict(redo_hidden=True, bwd_redo_hidden=True),
     "clean_hidden": dict(redo_hidden=False, bwd_redo_hidden=False),  # the producers' cleaning
+    # H = 64: the forward's redo on 128-key tiles (default_config's 256 spill with it, stop 38)
+    "redo_hidden_bk128": dict(block_kv=128, num_stages=2, redo_hidden=True),
+    "clean_hidden_bk128": dict(block_kv=128, num_stages=2, redo_hidden=False),
 }
 
 

@@ -201,8 +201,12 @@ def test_a_float16_bucket_without_entries_takes_bfloat16s(cache_file):
     assert _lookup(dtype=jnp.float16) == ODD
     assert _lookup(dtype=jnp.bfloat16) == ODD
     assert _lookup(dtype=jnp.float32) is None
+    # where the config came from says which dtype's entry it is
+    assert autotune.resolve(_bucket(dtype="float16")) == (ODD, "cache (bfloat16)")
+    assert autotune.resolve(_bucket(dtype="bfloat16")) == (ODD, "cache")
     autotune.save(cache_file, [_entry(dtype="bfloat16"), _entry(other, dtype="float16")])
     assert _lookup(dtype=jnp.float16) == other
+    assert autotune.resolve(_bucket(dtype="float16")) == (other, "cache")
     autotune.save(cache_file, [_entry(dtype="float16")])
     assert _lookup(dtype=jnp.bfloat16) is None
 

@@ -492,13 +492,16 @@ SIBLING_DTYPES = {"float16": "bfloat16"}
 def lookup_bucket(bucket: Bucket) -> tuple[Any, str] | None:
     """(config, 'cache' or 'shipped') for a bucket, or None: nothing usable stored (or lookups
     are off through $JATTN_AUTOTUNE). A float16 bucket without entries takes bfloat16's
-    (`SIBLING_DTYPES`), after every source was searched for its own."""
+    (`SIBLING_DTYPES`), after every source was searched for its own; the source then says so:
+    'cache (bfloat16)' or 'shipped (bfloat16)'."""
     if not enabled():
         return None
     found = _lookup_exact(bucket)
     sibling = SIBLING_DTYPES.get(bucket.dtype)
     if found is None and sibling is not None:
         found = _lookup_exact(dataclasses.replace(bucket, dtype=sibling))
+        if found is not None:
+            found = (found[0], f"{found[1]} ({sibling})")
     return found
 
 
@@ -556,7 +559,8 @@ def lookup_call(implementation: str, query, key, *, causal: bool) -> Any:
 
 def resolve(bucket: Bucket) -> tuple[Any, str]:
     """(config, source) that `config=None` gets for a bucket: source is 'cache', 'shipped' or
-    'default' (the kernel's registered heuristic)."""
+    'default' (the kernel's registered heuristic); 'cache (bfloat16)' or 'shipped (bfloat16)'
+    where a float16 bucket took bfloat16's entry (`lookup_bucket`)."""
     found = lookup_bucket(bucket)
     if found is not None:
         return found
