@@ -22,6 +22,13 @@ per tile pair, not 7; the float32 sums of dQ then depend on the order of the add
 interpreter has no TMA reductions: there each consumer adds into a zeroed output of its own
 (programs run one after another), and the consumers' parts are summed after.
 
+A NaN or inf in a key the mask hides must not reach dQ through dS = 0 * NaN or dS K: the dq
+kernel's producer cleans the masked tiles of batch rows flagged in XLA (`flag_nonfinite`), or,
+with `Static.redo_hidden` (`MosaicConfig.bwd_redo_hidden`, the default up to H = 128), the tiles
+run uncleaned and a consumer whose dQ rows went non-finite computes them again, loading and
+cleaning its own tiles (no flag read). The dk/dv kernel cleans its keys only for fused_dq's
+dS K: otherwise a key's non-finite K or V reaches only its own dK and dV rows there.
+
 Everything the forward applies per tile applies here too (`flash_mosaic` has the details); a
 bias or mask enters the dk/dv kernel transposed ([S, T], one copy made in XLA). dbias is not
 computed here: when the bias is differentiated the caller uses the Triton backward.
