@@ -9,20 +9,12 @@
 #   bash benchmarks/dev/bwd_redo_call.sh
 set -uo pipefail
 source benchmarks/gpu_env.sh
-timeout 100 python3 -m pytest -q -o addopts="-ra" -p no:cacheprovider -m gpu \
-    tests/test_visibility.py -k redo > "$out/tests_redo.txt" 2>&1
-tail -3 "$out/tests_redo.txt"
-ab() {  # name, timeout, clean_hidden_ab arguments
-    local name=$1 seconds=$2
-    shift 2
-    timeout "$seconds" python3 -m benchmarks.dev.clean_hidden_ab --json "$out/bwd_redo_ab_$name.json" \
-        --repeats 7 "$@" > "$out/ab_$name.txt" 2>&1
-    grep -h '"ms"' "$out/ab_$name.txt" | cut -c1-160
-}
-ab h128_causal 150 --lengths 1024 4096 16384 --cells causal --modes fwd+bwd
-ab h128_segments 60 --lengths 4096 --cells segments --modes fwd+bwd --settings dirty clean redo redo_bwd
-ab h64_causal 100 --head-dim 64 --lengths 16384 --cells causal --settings clean redo redo_bwd cudnn
-for variant in base redo_hidden; do
+source benchmarks/dev/redo_common.sh
+redo_gpu_tests
+ab bwd_redo_ab h128_causal 150 --lengths 1024 4096 16384 --cells causal --modes fwd+bwd
+ab bwd_redo_ab h128_segments 60 --lengths 4096 --cells segments --modes fwd+bwd --settings dirty clean redo redo_bwd
+ab bwd_redo_ab h64_causal 100 --head-dim 64 --lengths 16384 --cells causal --settings clean redo redo_bwd cudnn
+for variant in clean_hidden redo_hidden; do  # (stop 37-38: "base" then had no redo)
     echo "== ptxas H64 $variant"
     MOSAIC_GPU_DUMP_PTXAS=1 timeout 40 python3 -m benchmarks.dev.mosaic_one_call --causal \
         --head-dim 64 --variant $variant --calls 0 > "$out/ptxas_h64_$variant.txt" 2>&1

@@ -10,20 +10,12 @@
 #   bash benchmarks/dev/redo_hidden_call.sh
 set -uo pipefail
 source benchmarks/gpu_env.sh
-timeout 100 python3 -m pytest -q -o addopts="-ra" -p no:cacheprovider -m gpu \
-    tests/test_visibility.py -k redo > "$out/tests_redo.txt" 2>&1
-tail -3 "$out/tests_redo.txt"
-ab() {  # name, timeout, clean_hidden_ab arguments
-    local name=$1 seconds=$2
-    shift 2
-    timeout "$seconds" python3 -m benchmarks.dev.clean_hidden_ab --json "$out/redo_ab_$name.json" \
-        --repeats 7 "$@" > "$out/ab_$name.txt" 2>&1
-    grep -h '"ms"' "$out/ab_$name.txt" | cut -c1-160
-}
-ab h128_causal 170 --lengths 1024 4096 16384 --cells causal
-ab h128_segments 70 --lengths 4096 --cells segments
-ab h64_causal 80 --head-dim 64 --lengths 1024 16384 --cells causal --modes fwd
-for variant in base redo_hidden; do
+source benchmarks/dev/redo_common.sh
+redo_gpu_tests
+ab redo_ab h128_causal 170 --lengths 1024 4096 16384 --cells causal
+ab redo_ab h128_segments 70 --lengths 4096 --cells segments
+ab redo_ab h64_causal 80 --head-dim 64 --lengths 1024 16384 --cells causal --modes fwd
+for variant in clean_hidden redo_hidden; do  # (stop 37-38: "base" then had no redo)
     echo "== ptxas $variant"
     MOSAIC_GPU_DUMP_PTXAS=1 timeout 40 python3 -m benchmarks.dev.mosaic_one_call --causal \
         --variant $variant --calls 0 > "$out/ptxas_$variant.txt" 2>&1

@@ -9,10 +9,9 @@
 #   bash benchmarks/dev/redo_next_call.sh
 set -uo pipefail
 source benchmarks/gpu_env.sh
-timeout 170 python3 -m benchmarks.dev.clean_hidden_ab --json "$out/redo_ab_h256.json" \
-    --head-dim 256 --lengths 2048 16384 --cells causal --settings clean redo redo_bwd cudnn \
-    --repeats 7 > "$out/ab_h256.txt" 2>&1
-grep -h '"ms"' "$out/ab_h256.txt" | cut -c1-160
+source benchmarks/dev/redo_common.sh
+ab redo_ab h256 170 --head-dim 256 --lengths 2048 16384 --cells causal \
+    --settings clean redo redo_bwd cudnn
 timeout 170 python3 -m benchmarks.mosaic_variants --head-dims 64 --lengths 2048 16384 \
     --variants base redo_hidden_bk128 clean_hidden_bk128 --json "$out/variants_h64_redo.json" \
     > "$out/variants_h64.txt" 2>&1
