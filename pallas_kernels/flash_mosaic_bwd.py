@@ -348,7 +348,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
             plgpu.wait_smem_to_gmem(0)
 
         dq = all_tiles(redo=False)
-        if not (st.redo_hidden and st.clean_hidden):
+        if not st.redo_hidden:  # (set only where tiles can hide keys: `_backward_static`)
             store(dq)
             return
         # st.redo_hidden: the tiles ran uncleaned, so a hidden key's NaN or inf in K or V (0 * NaN
@@ -711,7 +711,7 @@ def _dq(st: Static, operands: dict, pairs: dict, barriers, shape, dtype) -> Arra
         scratch["kv_seg"] = plgpu.SMEM((stages, block_kv), jnp.int32)
     copies = 2 + len(pairs) + has_seg
     scratch |= barriers(copies, 4 + has_seg) | _visit_scratch(operands)
-    if st.clean_hidden and st.redo_hidden:  # a consumer's own copies in a redo; its meeting
+    if st.redo_hidden:  # a consumer's own copies in a redo; the consumers' meeting before it
         scratch["redo_landed"] = plgpu.Barrier(num_arrivals=copies, num_barriers=CONSUMERS)
         scratch["passed"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     elif st.clean_hidden:  # masked steps: the copies land on `arrived`, `cleaned` releases them
