@@ -303,16 +303,20 @@ def choose_config(
 
 def redo_defaults(config: MosaicConfig, head_dim: int) -> MosaicConfig:
     """config with redo_hidden and bwd_redo_hidden set where it leaves them None: each where it
-    timed faster on the H200 (stop 38, benchmarks/NOTES.md; finite inputs, ms, causal):
-    - the forward's at H = 128 (padded): 0.190 vs 0.207 (cleaning) at T = 1k, 0.527 vs 0.567 at
-      4k, 1.825 vs 1.820 at 16k; not at H = 64, where its second pass spills registers (620
-      bytes of spill loads against 160) and the forward at 16k took 2.70 ms against 2.39;
-      not timed above H = 128 (register-bound: off);
+    timed faster on the H200 (stops 38-39, benchmarks/NOTES.md; finite inputs, ms, causal):
+    - the forward's wherever its second pass fits registers: at H = 128 (padded) 0.190 vs 0.207
+      (cleaning) at T = 1k, 0.527 vs 0.567 at 4k, 1.825 vs 1.820 at 16k; at H = 256 0.257 vs
+      0.285 at 2k and 1.624 vs 1.697 at 16k; at H = 64 on 64 x 128 score tiles 0.429 vs 0.445
+      at 2k and 2.49 vs 2.62 at 16k (ptxas: no spills). Not at H = 64 on larger score tiles
+      (default_config's 64 x 256), where it spills registers (620 bytes of spill loads against
+      160) and the forward at 16k took 2.70 ms against 2.39. H = 192 (not timed) follows 256;
     - the dq kernel's up to H = 128: forward+backward at H = 128 0.805 vs 0.836 ms (1k) and
-      2.247 vs 2.328 (4k), at H = 64 16k 10.54 vs 10.72; not timed above H = 128 (off)."""
+      2.247 vs 2.328 (4k), at H = 64 16k 10.54 vs 10.72. Not at H = 256 (the forward's redo
+      alone 1.852 and 12.39 ms at 2k and 16k, with the dq kernel's 1.872 and 12.47)."""
     h_pad = padded_head_dim(head_dim)
     if config.redo_hidden is None:
-        config = dataclasses.replace(config, redo_hidden=h_pad == 128)
+        spills = h_pad <= 64 and config.block_q * config.block_kv > 64 * 128
+        config = dataclasses.replace(config, redo_hidden=not spills)
     if config.bwd_redo_hidden is None:
         config = dataclasses.replace(config, bwd_redo_hidden=h_pad <= 128)
     return config

@@ -374,16 +374,23 @@ def test_config_validation(kwargs):
 
 
 @pytest.mark.parametrize(
-    "head_dim, forward, backward",
-    [(64, False, True), (96, True, True), (128, True, True), (256, False, False)],
+    "head_dim, block_kv, forward, backward",
+    [
+        (64, 256, False, True),  # default_config's H = 64 tiles: the second pass spills
+        (64, 128, True, True),
+        (96, 128, True, True),
+        (128, 128, True, True),
+        (256, 64, True, False),
+    ],
 )
-def test_redo_defaults_follow_the_h200_runs(head_dim, forward, backward):
-    """redo_hidden / bwd_redo_hidden left None take the measured rule (the forward's at padded
-    H = 128, the dq kernel's up to 128); a value the user set stays."""
-    resolved = flash_mosaic.redo_defaults(jattn.MosaicConfig(), head_dim)
+def test_redo_defaults_follow_the_h200_runs(head_dim, block_kv, forward, backward):
+    """redo_hidden / bwd_redo_hidden left None take the measured rule (the forward's where its
+    second pass fits registers, the dq kernel's up to H = 128); a value the user set stays."""
+    config = jattn.MosaicConfig(block_kv=block_kv)
+    resolved = flash_mosaic.redo_defaults(config, head_dim)
     assert (resolved.redo_hidden, resolved.bwd_redo_hidden) == (forward, backward)
     for value in (True, False):
-        mine = jattn.MosaicConfig(redo_hidden=value, bwd_redo_hidden=not value)
+        mine = dataclasses.replace(config, redo_hidden=value, bwd_redo_hidden=not value)
         kept = flash_mosaic.redo_defaults(mine, head_dim)
         assert (kept.redo_hidden, kept.bwd_redo_hidden) == (value, not value)
     with pytest.raises(ValueError, match="redo_hidden must be a bool"):

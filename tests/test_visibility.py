@@ -300,23 +300,28 @@ def test_gpu_mosaic_masked_key_with_nan(rng, feature, fused_dq):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("feature", ["causal", "segments", "window"])
-def test_gpu_mosaic_redo_hidden_masked_key_with_nan(rng, feature):
+@pytest.mark.parametrize(
+    "feature, head_dim", [("causal", 64), ("segments", 64), ("window", 64), ("causal", 256)]
+)
+def test_gpu_mosaic_redo_hidden_masked_key_with_nan(rng, feature, head_dim):
     """MosaicConfig.redo_hidden and bwd_redo_hidden on the GPU (persistent, with the softmax
     overlap, as the H200's tuned causal configs): the consumers' own loads, cleaning and
-    second pass (forward and dq kernel), compiled."""
+    second pass (forward and dq kernel), compiled. At H = 256 the forward's redo alone (its
+    default there; the dk/dv kernel splits the head dim and the dq kernel cleans)."""
     config = dataclasses.replace(
-        flash_mosaic.default_config(64),
-        block_kv=128,
+        flash_mosaic.default_config(head_dim),
+        block_kv=128 if head_dim == 64 else 64,
         num_stages=2,
-        persistent=True,
+        persistent=head_dim <= 128,  # (the H200's causal H = 256 configs are not persistent)
         softmax_overlap=True,
-        bwd_dkdv_stages=None,
         redo_hidden=True,
-        bwd_redo_hidden=True,
+        bwd_redo_hidden=head_dim <= 128,
     )
+    if head_dim <= 128:
+        config = dataclasses.replace(config, bwd_dkdv_stages=None)
     options = dict(implementation="mosaic", config=config)
-    _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=(1, 300, 300, 4, 2, 64))
+    shape = (1, 300, 300, 4, 2, head_dim)
+    _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=shape)
 
 
 def _decode_repro(paged: bool):
