@@ -174,7 +174,8 @@ def test_readme_features_table_is_the_committed_run():
     cuDNN; – where a peer declined) is the committed run's, to 3 decimals."""
     import json
 
-    run = json.loads((ROOT / "benchmarks/results/flash_features_h200_merged_stop39.json").read_text())
+    path = ROOT / "benchmarks/results/flash_features_h200_merged_stop39.json"
+    run = json.loads(path.read_text())
     ms = {(r["feature"], r["mode"], r["peer"]): r.get("ms") for r in run["rows"]}
     peers = ("jattn_mosaic", "jattn_auto", "tokamax_mosaic", "cudnn")
     pattern = r"^\| ([a-z_0-9]+) \| (fwd|fwd\+bwd) \|((?: (?:\d+\.\d{3}|–) \|){4})$"
