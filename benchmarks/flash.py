@@ -29,6 +29,13 @@ from jattn.demo import environment
 TOKENS, HIDDEN = 16384, 2048
 
 
+def qkv(length: int, head_dim: int, dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k, v [TOKENS // length, length, HIDDEN // head_dim, head_dim] of FlashAttention's
+    shapes, standard normal (keys 0, 1, 2): the inputs of the benchmarks/dev A/Bs."""
+    shape = (TOKENS // length, length, HIDDEN // head_dim, head_dim)
+    return tuple(jax.random.normal(jax.random.key(i), shape, dtype) for i in range(3))
+
+
 def _jattn(implementation, config=None):
     def run(q, k, v, causal):
         return jattn.dot_product_attention(

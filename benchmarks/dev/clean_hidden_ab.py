@@ -78,9 +78,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     rows = []
     for length in args.lengths:
-        batch, heads = flash.TOKENS // length, flash.HIDDEN // args.head_dim
-        shape = (batch, length, heads, args.head_dim)
-        q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(3))
+        q, k, v = flash.qkv(length, args.head_dim)
+        batch = q.shape[0]
         for cell in args.cells:
             options = CELLS[cell](length)
             if "segment_ids" in options:

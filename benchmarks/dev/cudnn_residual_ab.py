@@ -78,9 +78,7 @@ def main(argv=None) -> None:
     rows = []
     for head_dim in args.head_dims:
         for length in args.lengths:
-            batch, heads = flash.TOKENS // length, flash.HIDDEN // head_dim
-            shape = (batch, length, heads, head_dim)
-            q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(3))
+            q, k, v = flash.qkv(length, head_dim)
             cell = dict(head_dim=head_dim, length=length, causal=True, mode="fwd")
             rows.append(dict(cell, peer="lse_error", **lse_error(q, k, v, True)))
             flash.record_together(_fns(True), (q, k, v), args.repeats, cell, rows, args.json)

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 
-import jax
-import jax.numpy as jnp
-
 import jattn
 from benchmarks import flash
 from benchmarks.dev.clean_hidden_ab import compiled
@@ -37,9 +34,7 @@ def main(argv=None) -> None:
     rows = []
     for head_dim in args.head_dims:
         for length in args.lengths:
-            batch, heads = flash.TOKENS // length, flash.HIDDEN // head_dim
-            shape = (batch, length, heads, head_dim)
-            q, k, v = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(3))
+            q, k, v = flash.qkv(length, head_dim)
             for causal in (False, True):
                 for mode in args.modes:
                     fns = {}
