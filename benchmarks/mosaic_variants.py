@@ -51,6 +51,11 @@ VARIANTS = {  # on default_config: early_k_wait and longest_first on since 2026-
     # H = 64: the forward's redo on 128-key tiles (default_config's 256 spill with it, stop 38)
     "redo_hidden_bk128": dict(block_kv=128, num_stages=2, redo_hidden=True),
     "clean_hidden_bk128": dict(block_kv=128, num_stages=2, redo_hidden=False),
+    # the H200 table's H = 64 causal T <= 4096 entry since stop 39 (the redo on by the rule):
+    # two score tiles with the softmax overlap, so its ptxas spills want a look
+    "redo_hidden_bk128_overlap": dict(
+        block_kv=128, num_stages=2, persistent=True, softmax_overlap=True, redo_hidden=True
+    ),
 }
 
 

@@ -309,7 +309,10 @@ def redo_defaults(config: MosaicConfig, head_dim: int) -> MosaicConfig:
       0.285 at 2k and 1.624 vs 1.697 at 16k; at H = 64 on 64 x 128 score tiles 0.429 vs 0.445
       at 2k and 2.49 vs 2.62 at 16k (ptxas: no spills). Not at H = 64 on larger score tiles
       (default_config's 64 x 256), where it spills registers (620 bytes of spill loads against
-      160) and the forward at 16k took 2.70 ms against 2.39. H = 192 (not timed) follows 256;
+      160) and the forward at 16k took 2.70 ms against 2.39. H = 192 (not timed) follows 256.
+      The rule counts one score tile: the H200 table's H = 64 causal T <= 4096 entry (stop 39's
+      retune) runs the redo beside the softmax overlap's second tile, timed by its tune (0.72
+      ms at 4k against 0.74 for the cleaning on 64 x 256 tiles) but its ptxas not yet read;
     - the dq kernel's up to H = 128: forward+backward at H = 128 0.805 vs 0.836 ms (1k) and
       2.247 vs 2.328 (4k), at H = 64 16k 10.54 vs 10.72. Not at H = 256 (the forward's redo
       alone 1.852 and 12.39 ms at 2k and 16k, with the dq kernel's 1.872 and 12.47)."""
