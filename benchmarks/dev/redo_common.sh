@@ -14,3 +14,11 @@ ab() {  # json prefix, name, timeout, clean_hidden_ab arguments: one A/B in one 
         --json "$out/${prefix}_$name.json" --repeats 7 "$@" > "$out/ab_$name.txt" 2>&1
     grep -h '"ms"' "$out/ab_$name.txt" | cut -c1-160
 }
+
+gpu_tests() {  # name, timeout, pytest arguments: -m gpu tests into $out/tests_NAME.txt
+    local name=$1 seconds=$2
+    shift 2
+    timeout "$seconds" python3 -m pytest -q -o addopts="-ra" -p no:cacheprovider -m gpu "$@" \
+        > "$out/tests_$name.txt" 2>&1
+    tail -3 "$out/tests_$name.txt"
+}

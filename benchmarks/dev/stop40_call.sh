@@ -12,11 +12,8 @@
 #   bash benchmarks/dev/stop40_call.sh
 set -uo pipefail
 source benchmarks/gpu_env.sh
-timeout 100 python3 -m pytest -q -o addopts="-ra" -p no:cacheprovider -m gpu \
-    tests/test_flash_mosaic.py -k "every_shipped_forward_config and 256" \
-    > "$out/tests_shipped_h256.txt" 2>&1
-tail -3 "$out/tests_shipped_h256.txt"
 source benchmarks/dev/redo_common.sh
+gpu_tests shipped_h256 100 tests/test_flash_mosaic.py -k "every_shipped_forward_config and 256"
 ab segments_ab causal_unequal 120 --head-dim 128 --lengths 4096 --cells segments_causal \
     --settings clean redo redo_bwd
 timeout 120 python3 -m benchmarks.dev.cudnn_residual_ab --json "$out/cudnn_residual_ab.json" \
