@@ -26,14 +26,20 @@ AUTO = RESULTS / "flash_h200_auto_check_fwd_stop39.json"
 FEATURES = RESULTS / "flash_features_h200_merged_stop39.json"
 
 
-def _speeds(path: Path, mode: str) -> dict[tuple, dict[str, float]]:
-    """{(head_dim, causal, length): {peer: 1 / ms}} of one flash.py run's rows in `mode`."""
+def _speeds(path: Path, mode: str) -> list[tuple[tuple[int, bool, int], dict[str, float]]]:
+    """[((head_dim, causal, length), {peer: 1 / ms}), ...] of one flash.py run's rows in
+    `mode`, sorted."""
     cells = {}
     for row in json.loads(path.read_text())["rows"]:
         if row.get("mode") == mode and row.get("ms"):
             key = (row["head_dim"], row["causal"], row["length"])
             cells.setdefault(key, {})[row["peer"]] = 1.0 / row["ms"]
-    return cells
+    return sorted(cells.items())
+
+
+def _name(key: tuple[int, bool, int]) -> str:
+    head_dim, causal, length = key
+    return f"H={head_dim} {'causal' if causal else 'full'} T={length}"
 
 
 def _row(table: str, cell: str, ratios: dict[str, tuple[float, float]]) -> dict:
@@ -44,12 +50,11 @@ def _row(table: str, cell: str, ratios: dict[str, tuple[float, float]]) -> dict:
 
 def forward_rows(path: Path) -> list[dict]:
     rows = []
-    for (head_dim, causal, length), speed in sorted(_speeds(path, "fwd").items()):
+    for key, speed in _speeds(path, "fwd"):
         if not {"jattn_mosaic", "cudnn", "tokamax_mosaic"} <= set(speed):
             continue
         ours = speed["jattn_mosaic"]
-        cell = f"H={head_dim} {'causal' if causal else 'full'} T={length}"
-        if length >= 2048:
+        if key[2] >= 2048:  # T
             ratios = {
                 "cudnn": (ours / speed["cudnn"], 1.05),
                 "tokamax": (ours / speed["tokamax_mosaic"], 1.0),
@@ -57,31 +62,29 @@ def forward_rows(path: Path) -> list[dict]:
         else:
             best = max(speed["cudnn"], speed["tokamax_mosaic"])
             ratios = {"best peer": (ours / best, 0.95)}
-        rows.append(_row("forward", cell, ratios))
+        rows.append(_row("forward", _name(key), ratios))
     return rows
 
 
 def forward_backward_rows(path: Path) -> list[dict]:
     rows = []
-    for (head_dim, causal, length), speed in sorted(_speeds(path, "fwd+bwd").items()):
+    for key, speed in _speeds(path, "fwd+bwd"):
         if not {"jattn_mosaic", "cudnn"} <= set(speed):
             continue
-        target = 0.9 if head_dim > 128 else 1.0
-        cell = f"H={head_dim} {'causal' if causal else 'full'} T={length}"
+        target = 0.9 if key[0] > 128 else 1.0  # head dim
         ratios = {"cudnn": (speed["jattn_mosaic"] / speed["cudnn"], target)}
-        rows.append(_row("forward+backward", cell, ratios))
+        rows.append(_row("forward+backward", _name(key), ratios))
     return rows
 
 
 def auto_rows(path: Path) -> list[dict]:
     rows = []
-    for (head_dim, causal, length), speed in sorted(_speeds(path, "fwd").items()):
+    for key, speed in _speeds(path, "fwd"):
         peers = [speed[p] for p in ("cudnn", "tokamax_mosaic") if p in speed]
         if "jattn_auto" not in speed or not peers:
             continue
-        cell = f"H={head_dim} {'causal' if causal else 'full'} T={length}"
         ratios = {"best of cuDNN, tokamax": (speed["jattn_auto"] / max(peers), 0.98)}
-        rows.append(_row("auto (forward)", cell, ratios))
+        rows.append(_row("auto (forward)", _name(key), ratios))
     return rows
 
 

@@ -317,8 +317,6 @@ def test_gpu_mosaic_redo_hidden_masked_key_with_nan(rng, feature, head_dim):
         redo_hidden=True,
         bwd_redo_hidden=head_dim <= 128,
     )
-    if head_dim <= 128:
-        config = dataclasses.replace(config, bwd_dkdv_stages=None)
     options = dict(implementation="mosaic", config=config)
     shape = (1, 300, 300, 4, 2, head_dim)
     _check_masked_key_with_nan(rng, feature, options, jnp.bfloat16, shape=shape)

@@ -1,10 +1,16 @@
 # Sourced by the redo_hidden device scripts (benchmarks/dev/*redo*_call.sh), after
 # benchmarks/gpu_env.sh (which sets $out).
 
+gpu_tests() {  # name, timeout, pytest arguments: -m gpu tests into $out/tests_NAME.txt
+    local name=$1 seconds=$2
+    shift 2
+    timeout "$seconds" python3 -m pytest -q -o addopts="-ra" -p no:cacheprovider -m gpu "$@" \
+        > "$out/tests_$name.txt" 2>&1
+    tail -3 "$out/tests_$name.txt"
+}
+
 redo_gpu_tests() {  # the -m gpu redo cases of test_visibility (forward and dq redo, compiled)
-    timeout 100 python3 -m pytest -q -o addopts="-ra" -p no:cacheprovider -m gpu \
-        tests/test_visibility.py -k redo > "$out/tests_redo.txt" 2>&1
-    tail -3 "$out/tests_redo.txt"
+    gpu_tests redo 100 tests/test_visibility.py -k redo
 }
 
 ab() {  # json prefix, name, timeout, clean_hidden_ab arguments: one A/B in one process
@@ -13,12 +19,4 @@ ab() {  # json prefix, name, timeout, clean_hidden_ab arguments: one A/B in one 
     timeout "$seconds" python3 -m benchmarks.dev.clean_hidden_ab \
         --json "$out/${prefix}_$name.json" --repeats 7 "$@" > "$out/ab_$name.txt" 2>&1
     grep -h '"ms"' "$out/ab_$name.txt" | cut -c1-160
-}
-
-gpu_tests() {  # name, timeout, pytest arguments: -m gpu tests into $out/tests_NAME.txt
-    local name=$1 seconds=$2
-    shift 2
-    timeout "$seconds" python3 -m pytest -q -o addopts="-ra" -p no:cacheprovider -m gpu "$@" \
-        > "$out/tests_$name.txt" 2>&1
-    tail -3 "$out/tests_$name.txt"
 }
