@@ -56,6 +56,9 @@ class AttentionArgs:
     q_offset: Array | None
     segment_ids: tuple[Array, Array] | None
     logits_soft_cap: float | None
+    # False: the caller drops the lse, so an implementation may skip it (cuDNN then runs its
+    # inference forward, which writes no softmax statistics) and return any [B, T, N] array.
+    lse_needed: bool = True
 
     @property
     def shape_summary(self) -> str:
@@ -321,6 +324,7 @@ def dot_product_attention(
         q = args.query
         scaled = q.astype(jnp.promote_types(q.dtype, jnp.float32)) * traced_scale
         args = dataclasses.replace(args, query=scaled.astype(q.dtype))
+    args = dataclasses.replace(args, lse_needed=bool(return_residual))
     out, lse = _run(args, implementation, config)
     lse = lse.astype(out.dtype)  # jax.nn returns the lse in the input dtype
     if unbatched:

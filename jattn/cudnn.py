@@ -7,9 +7,12 @@ needs them even). Rows that see no key are zeroed here so the result keeps jattn
 (cuDNN itself would return whatever its kernel leaves there).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-from jax import Array
+from jax import Array, lax
+from jax.custom_derivatives import SymbolicZero
 
 from jattn import masking
 from jattn.attention import AttentionArgs, register_implementation, zero_keys_past_lengths
@@ -86,29 +89,132 @@ def _cudnn(args: AttentionArgs, config) -> tuple[Array, Array]:
     reason = _decline_reason(args)
     if reason is not None:
         raise NotImplementedError(reason)
+    # Slots past a length may hold NaN: cuDNN's P.V would let it in as 0 * NaN.
+    args = zero_keys_past_lengths(args)
+    ok = jnp.moveaxis(_rows_with_keys(args), 1, 2)  # [B, T, N or 1]
+    if not args.lse_needed:  # cuDNN's inference forward: no softmax statistics written
+        out = _jax_nn(args, args.value, return_residual=False)
+        out = jnp.where(ok[..., None], out, 0).astype(args.query.dtype)
+        return out, jnp.full(out.shape[:-1], jnp.nan, jnp.float32)
+    out, lse = _with_float32_lse(args)
+    out = jnp.where(ok[..., None], out, 0).astype(args.query.dtype)
+    lse = jnp.where(ok, lax.stop_gradient(lse).astype(jnp.float32), -jnp.inf)
+    lse = _lse_with_gradient(args, lse)
+    return out, lse
+
+
+def _window(args: AttentionArgs) -> tuple[int, int] | None:
     window = args.local_window_size
     if window is not None and args.is_causal:
         window = (window[0], 0)  # causal already hides every key right of the query
-    # Slots past a length may hold NaN: cuDNN's P.V would let it in as 0 * NaN.
-    args = zero_keys_past_lengths(args)
-    out, lse = jax.nn.dot_product_attention(
+    return window
+
+
+def _jax_nn(args: AttentionArgs, value: Array, *, return_residual: bool):
+    return jax.nn.dot_product_attention(
         args.query,
         args.key,
-        args.value,
+        value,
         args.bias,
         args.mask,
         scale=args.scale,
         is_causal=args.is_causal,
         query_seq_lengths=args.query_seq_lengths,
         key_value_seq_lengths=args.key_value_seq_lengths,
-        local_window_size=window,
+        local_window_size=_window(args),
         implementation="cudnn",
-        return_residual=True,
+        return_residual=return_residual,
     )
-    ok = jnp.moveaxis(_rows_with_keys(args), 1, 2)  # [B, T, N or 1]
-    out = jnp.where(ok[..., None], out, 0).astype(args.query.dtype)
-    lse = jnp.where(ok, lse.astype(jnp.float32), -jnp.inf)
-    return out, lse
+
+
+def _with_float32_lse(args: AttentionArgs) -> tuple[Array, Array]:  # [B, T, N, H], [B, T, N]
+    """cuDNN's output and its float32 softmax statistics. jax.nn's return_residual casts the
+    lse to the input dtype: up to 0.03 off at T = 4k in bfloat16 (H200, stop 40), a 3% error in
+    the weight exp(lse_a - lse) with which ring attention merges partial outputs. So this calls
+    the cuDNN wrapper under jax.nn (`jax._src.cudnn.fused_attention_stablehlo`, the arguments
+    jax.nn gives it); where that private function is missing or changed, jax.nn's rounded lse."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as stablehlo
+
+        mask_types = stablehlo.MaskType
+    except (ImportError, AttributeError):
+        return _jax_nn(args, args.value, return_residual=True)
+    batch, q_len = args.query.shape[:2]
+    kv_len = args.key.shape[1]
+    q_lengths, kv_lengths = args.query_seq_lengths, args.key_value_seq_lengths
+    padding = q_lengths is not None or kv_lengths is not None
+    if padding:
+        q_lengths = jnp.full((batch,), q_len, jnp.int32) if q_lengths is None else q_lengths
+        kv_lengths = jnp.full((batch,), kv_len, jnp.int32) if kv_lengths is None else kv_lengths
+    name = ("PADDING_" if padding else "") + ("CAUSAL" if args.is_causal else "")
+    window = _window(args)
+    try:
+        out, lse = stablehlo.dot_product_attention(
+            args.query,
+            args.key,
+            args.value,
+            args.bias,
+            args.mask,
+            q_seqlen=q_lengths,
+            kv_seqlen=kv_lengths,
+            scale=args.scale,
+            mask_type=getattr(mask_types, name or "NO_MASK"),
+            sliding_window_length=None if window is None else window[0] + 1,
+            return_residual=True,
+        )  # out [B, T, N, H], lse [B, N, T] float32
+    except TypeError:  # the private signature changed
+        return _jax_nn(args, args.value, return_residual=True)
+    return out, jnp.swapaxes(lse, 1, 2)
+
+
+def _lse_with_gradient(args: AttentionArgs, lse: Array) -> Array:
+    """lse `[B, T, N]` (cuDNN's, gradient stopped) with its gradient, which cuDNN's backward
+    drops (jax.nn's vjp ignores the lse's cotangent). d lse_i / d s_ij = P_ij, so with s = scale
+    q k^T: dq_i = scale d_lse_i sum_j P_ij k_j, which is attention with K as the values, and
+    dk_j = scale sum_i P_ij d_lse_i q_i, which is that attention's value gradient at the
+    cotangent scale d_lse q. Both run only where the lse's cotangent is not a symbolic zero;
+    with a bias its gradient (P d_lse) is not served: NotImplementedError when traced."""
+
+    @jax.custom_vjp
+    def lse_of(lse, query, key, mask, q_lengths, kv_lengths):
+        del query, key, mask, q_lengths, kv_lengths
+        return lse
+
+    def forward(*primals):
+        lse, query, key, mask, q_lengths, kv_lengths = jax.tree.map(lambda p: p.value, primals)
+        return lse, (lse, query, key, mask, q_lengths, kv_lengths)
+
+    def backward(residuals, d_lse):  # d_lse [B, T, N]
+        nothing = (None,) * 6
+        if isinstance(d_lse, SymbolicZero):
+            return nothing
+        if args.bias is not None:
+            raise NotImplementedError(
+                "cudnn: the gradient of the lse with a bias is not served (use "
+                "implementation='mosaic', 'triton' or 'xla')"
+            )
+        lse, query, key, mask, q_lengths, kv_lengths = residuals
+        at = dataclasses.replace(
+            args,
+            query=query,
+            key=key,
+            mask=mask,
+            query_seq_lengths=q_lengths,
+            key_value_seq_lengths=kv_lengths,
+        )
+        seen = jnp.isfinite(lse)[..., None]  # rows that see a key [B, T, N, 1]
+        d_lse = jnp.where(seen, d_lse[..., None], 0).astype(jnp.float32)
+        keys_mean, value_vjp = jax.vjp(
+            lambda values: _jax_nn(at, values, return_residual=False), key
+        )  # sum_j P_ij k_j [B, T, N, H]
+        dq = args.scale * d_lse * jnp.where(seen, keys_mean.astype(jnp.float32), 0)
+        (dk,) = value_vjp((args.scale * d_lse * query).astype(query.dtype))
+        return (None, dq.astype(query.dtype), dk) + nothing[3:]
+
+    lse_of.defvjp(forward, backward, symbolic_zeros=True)
+    return lse_of(
+        lse, args.query, args.key, args.mask, args.query_seq_lengths, args.key_value_seq_lengths
+    )
 
 
 register_implementation("cudnn", _cudnn)

@@ -301,7 +301,7 @@ def choose_config(
     return default_config(head_dim, pair_itemsize, causal=causal)
 
 
-def redo_defaults(config: MosaicConfig, head_dim: int) -> MosaicConfig:
+def redo_defaults(config: MosaicConfig, head_dim: int, *, segments: bool = False) -> MosaicConfig:
     """config with redo_hidden and bwd_redo_hidden set where it leaves them None: each where it
     timed faster on the H200 (stops 38-39, benchmarks/NOTES.md; finite inputs, ms, causal):
     - the forward's wherever its second pass fits registers: at H = 128 (padded) 0.190 vs 0.207
@@ -312,14 +312,17 @@ def redo_defaults(config: MosaicConfig, head_dim: int) -> MosaicConfig:
       160) and the forward at 16k took 2.70 ms against 2.39. H = 192 (not timed) follows 256.
       The rule counts one score tile: the H200 table's H = 64 causal T <= 4096 entry (stop 39's
       retune) runs the redo beside the softmax overlap's second tile, timed by its tune (0.72
-      ms at 4k against 0.74 for the cleaning on 64 x 256 tiles) but its ptxas not yet read;
+      ms at 4k against 0.74 for the cleaning on 64 x 256 tiles); ptxas: 168 registers, no
+      spills (stop 40). Not with segment ids (`segments`): the forward of 4 unequal causal
+      documents at H = 128, T = 4k took 0.716 ms with it against 0.675 (stop 40);
     - the dq kernel's up to H = 128: forward+backward at H = 128 0.805 vs 0.836 ms (1k) and
-      2.247 vs 2.328 (4k), at H = 64 16k 10.54 vs 10.72. Not at H = 256 (the forward's redo
+      2.247 vs 2.328 (4k), at H = 64 16k 10.54 vs 10.72; with segment ids even (2.663 vs
+      2.665 ms in the case above, the forward cleaning). Not at H = 256 (the forward's redo
       alone 1.852 and 12.39 ms at 2k and 16k, with the dq kernel's 1.872 and 12.47)."""
     h_pad = padded_head_dim(head_dim)
     if config.redo_hidden is None:
         spills = h_pad <= 64 and config.block_q * config.block_kv > 64 * 128
-        config = dataclasses.replace(config, redo_hidden=not spills)
+        config = dataclasses.replace(config, redo_hidden=not spills and not segments)
     if config.bwd_redo_hidden is None:
         config = dataclasses.replace(config, bwd_redo_hidden=h_pad <= 128)
     return config
@@ -1269,7 +1272,7 @@ def _plan(query, key, bias, mask, config, tuned, interpret, options) -> tuple[_P
     pair_itemsize = (0 if bias is None else min(bias.dtype.itemsize, 4)) + (mask is not None)
     if config is None:
         config = choose_config(tuned, head_dim, pair_itemsize, options["is_causal"])
-    config = redo_defaults(config, head_dim)
+    config = redo_defaults(config, head_dim, segments=options["segment_ids"] is not None)
     interpret = common.interpret_mode() if interpret is None else interpret
     if not interpret and not fits_shared_memory(
         shared_memory_estimate(config, head_dim, pair_itemsize)

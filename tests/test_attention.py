@@ -201,6 +201,76 @@ def test_cudnn_declines_with_its_reason(rng):
         jattn.dot_product_attention(q, k, v, implementation="cudnn")
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(is_causal=True),
+        dict(key_value_seq_lengths=np.array([29, 0], np.int32)),  # batch row 1 sees no key
+        dict(mask=np.tril(np.ones((13, 29), bool), -3)),  # rows 0-2 see no key
+    ],
+    ids=["causal", "lengths_with_empty_sequence", "mask_with_empty_rows"],
+)
+def test_cudnn_lse_gradient_matches_the_reference(options, monkeypatch):
+    """jattn.cudnn gives cuDNN's lse the gradient that cuDNN's backward drops. Its formula
+    (attention with K as values, and that attention's value gradient) checked here with XLA
+    standing in for cuDNN; the GPU test runs the real one. GQA, T != S."""
+    from jattn import attention, cudnn
+
+    def xla_as_jax_nn(args, value, *, return_residual):
+        return jax.nn.dot_product_attention(
+            args.query,
+            args.key,
+            value,
+            mask=args.mask,
+            scale=args.scale,
+            is_causal=args.is_causal,
+            key_value_seq_lengths=args.key_value_seq_lengths,
+            implementation="xla",
+            return_residual=return_residual,
+        )
+
+    monkeypatch.setattr(cudnn, "_jax_nn", xla_as_jax_nn)
+    keys = jax.random.split(jax.random.key(4), 4)
+    q = jax.random.normal(keys[0], (2, 13, 8, 40))  # [B, T, N, H]
+    k = jax.random.normal(keys[1], (2, 29, 2, 40))  # [B, S, K, H]: 4 query heads per key head
+    v = jax.random.normal(keys[2], (2, 29, 2, 40))
+    d_lse = jax.random.normal(keys[3], (2, 13, 8))
+    if "mask" in options:
+        options = dict(mask=jnp.asarray(options["mask"])[None, None])
+
+    def loss(q, k, through_cudnn):
+        args = attention.check_attention_args(q, k, v, **options)
+        _, lse = attention._run(args, "xla", None)
+        if through_cudnn:  # the value alone, with jattn.cudnn's gradient
+            lse = cudnn._lse_with_gradient(args, jax.lax.stop_gradient(lse))
+        return jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0) * d_lse)
+
+    got = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(q, k, True)
+    want = jax.grad(loss, (0, 1))(q, k, False)
+    assert float(jnp.abs(want[0]).max()) > 0.1  # the lse's gradient is there to match
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
+
+
+def test_lse_needed_follows_return_residual(monkeypatch):
+    """The public call tells implementations whether it keeps the lse (cuDNN skips its
+    softmax statistics when not); internal callers (ring attention's merge) keep the default."""
+    from jattn import attention
+
+    seen = []
+
+    def recording(args, config):
+        seen.append(args.lse_needed)
+        return attention._xla(args, config)
+
+    monkeypatch.setitem(attention._REGISTRY, "cudnn", recording)
+    q = jnp.ones((1, 3, 2, 8))
+    jattn.dot_product_attention(q, q, q, implementation="cudnn")
+    jattn.dot_product_attention(q, q, q, implementation="cudnn", return_residual=True)
+    assert seen == [False, True]
+    assert attention.check_attention_args(q, q, q).lse_needed
+
+
 def test_an_unregistered_kernel_declines(rng, monkeypatch):
     from jattn import attention
 

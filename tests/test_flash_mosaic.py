@@ -385,7 +385,8 @@ def test_config_validation(kwargs):
 )
 def test_redo_defaults_follow_the_h200_runs(head_dim, block_kv, forward, backward):
     """redo_hidden / bwd_redo_hidden left None take the measured rule (the forward's where its
-    second pass fits registers, the dq kernel's up to H = 128); a value the user set stays."""
+    second pass fits registers and no segment ids, the dq kernel's up to H = 128); a value the
+    user set stays."""
     config = jattn.MosaicConfig(block_kv=block_kv)
     resolved = flash_mosaic.redo_defaults(config, head_dim)
     assert (resolved.redo_hidden, resolved.bwd_redo_hidden) == (forward, backward)
@@ -393,6 +394,9 @@ def test_redo_defaults_follow_the_h200_runs(head_dim, block_kv, forward, backwar
         mine = dataclasses.replace(config, redo_hidden=value, bwd_redo_hidden=not value)
         kept = flash_mosaic.redo_defaults(mine, head_dim)
         assert (kept.redo_hidden, kept.bwd_redo_hidden) == (value, not value)
+    # segment ids: the forward cleans (measured faster at H = 128), the dq kernel's rule holds
+    with_segments = flash_mosaic.redo_defaults(config, head_dim, segments=True)
+    assert (with_segments.redo_hidden, with_segments.bwd_redo_hidden) == (False, backward)
     with pytest.raises(ValueError, match="redo_hidden must be a bool"):
         jattn.MosaicConfig(redo_hidden=1)
 
@@ -568,7 +572,9 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     config = options.get("config") or flash_mosaic.default_config(  # no tuned entry on a CPU
         shape[-1], pair_itemsize, causal=options.get("is_causal", False)
     )
-    config = flash_mosaic.redo_defaults(config, shape[-1])
+    config = flash_mosaic.redo_defaults(
+        config, shape[-1], segments=bool(options.get("segment_ids"))
+    )
     forward_read = not (config.redo_hidden and config.num_stages >= 2)
     backward_read = not (
         config.bwd_redo_hidden and config.bwd_num_stages >= 2 and not config.bwd_fused_dq

@@ -8,10 +8,12 @@ causal, FlashAttention shapes), forward only, in one process:
 - "nn": jax.nn with cuDNN, output only;
 - "nn_residual": the same call with return_residual=True (output and lse);
 - "jattn_cudnn": jattn.dot_product_attention(implementation="cudnn");
-- "jattn_auto": the same with implementation=None.
-Then the lse that jax.nn returns against a float32 lse (`jattn.reference`): the largest absolute
-difference and the largest relative error it would put into a merge weight exp(lse - lse_true).
-Ring attention merges partial outputs with these weights.
+- "jattn_cudnn_residual": the same with return_residual=True (jattn's float32 lse path);
+- "jattn_auto": jattn with implementation=None.
+Then the lse that jax.nn returns, and the one jattn's cudnn implementation returns to ring
+attention (stop 40: float32, from the cuDNN wrapper under jax.nn), against a float32 lse
+(`jattn.reference`): the largest absolute difference and the largest relative error it would
+put into a merge weight exp(lse - lse_true), with which ring attention merges partial outputs.
 
 Run: python -m benchmarks.dev.cudnn_residual_ab --json OUT.json [--head-dims 64 128]
      [--lengths 1024 4096]
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 
 import jattn
 from benchmarks import flash
-from jattn import reference
+from jattn import attention, reference
 
 
 def _fns(causal: bool) -> dict:
@@ -43,21 +45,32 @@ def _fns(causal: bool) -> dict:
             q, k, v, is_causal=causal, implementation=implementation
         )
 
+    def jattn_residual(q, k, v):
+        return jattn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="cudnn", return_residual=True
+        )
+
     fns = dict(
         nn=nn,
         nn_residual=nn_residual,
         jattn_cudnn=jattn_call("cudnn"),
+        jattn_cudnn_residual=jattn_residual,
         jattn_auto=jattn_call(None),
     )
     return {name: jax.jit(fn) for name, fn in fns.items()}
 
 
-def lse_error(q, k, v, causal: bool) -> dict:
-    """jax.nn's cuDNN lse against the float32 reference on the first batch row."""
+def lse_error(q, k, v, causal: bool, source: str) -> dict:
+    """A cuDNN lse against the float32 reference on the first batch row: jax.nn's ("nn") or
+    the one jattn's implementation hands ring attention ("jattn", `attention._run`)."""
     q, k, v = q[:1], k[:1], v[:1]
-    _, lse = jax.nn.dot_product_attention(
-        q, k, v, is_causal=causal, implementation="cudnn", return_residual=True
-    )  # [1, T, N] in q's dtype
+    if source == "nn":
+        _, lse = jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="cudnn", return_residual=True
+        )  # [1, T, N] in q's dtype
+    else:
+        args = attention.check_attention_args(q, k, v, is_causal=causal)
+        _, lse = attention._run(args, "cudnn", None)  # [1, T, N] float32
     _, want = reference.dot_product_attention(q, k, v, is_causal=causal, return_residual=True)
     diff = jnp.abs(lse.astype(jnp.float32) - want)
     return dict(
@@ -80,7 +93,9 @@ def main(argv=None) -> None:
         for length in args.lengths:
             q, k, v = flash.qkv(length, head_dim)
             cell = dict(head_dim=head_dim, length=length, causal=True, mode="fwd")
-            rows.append(dict(cell, peer="lse_error", **lse_error(q, k, v, True)))
+            for source in ("nn", "jattn"):
+                error = lse_error(q, k, v, True, source)
+                rows.append(dict(cell, peer=f"lse_error_{source}", **error))
             flash.record_together(_fns(True), (q, k, v), args.repeats, cell, rows, args.json)
 
 
