@@ -133,12 +133,6 @@ def _with_float32_lse(args: AttentionArgs) -> tuple[Array, Array]:  # [B, T, N, 
     the weight exp(lse_a - lse) with which ring attention merges partial outputs. So this calls
     the cuDNN wrapper under jax.nn (`jax._src.cudnn.fused_attention_stablehlo`, the arguments
     jax.nn gives it); where that private function is missing or changed, jax.nn's rounded lse."""
-    try:
-        from jax._src.cudnn import fused_attention_stablehlo as stablehlo
-
-        mask_types = stablehlo.MaskType
-    except (ImportError, AttributeError):
-        return _jax_nn(args, args.value, return_residual=True)
     batch, q_len = args.query.shape[:2]
     kv_len = args.key.shape[1]
     q_lengths, kv_lengths = args.query_seq_lengths, args.key_value_seq_lengths
@@ -146,7 +140,13 @@ def _with_float32_lse(args: AttentionArgs) -> tuple[Array, Array]:  # [B, T, N, 
     if padding:
         q_lengths = jnp.full((batch,), q_len, jnp.int32) if q_lengths is None else q_lengths
         kv_lengths = jnp.full((batch,), kv_len, jnp.int32) if kv_lengths is None else kv_lengths
-    name = ("PADDING_" if padding else "") + ("CAUSAL" if args.is_causal else "")
+    name = "_".join(["PADDING"] * padding + ["CAUSAL"] * args.is_causal) or "NO_MASK"
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as stablehlo
+
+        mask_type = getattr(stablehlo.MaskType, name)
+    except (ImportError, AttributeError):
+        return _jax_nn(args, args.value, return_residual=True)
     window = _window(args)
     try:
         out, lse = stablehlo.dot_product_attention(
@@ -158,7 +158,7 @@ def _with_float32_lse(args: AttentionArgs) -> tuple[Array, Array]:  # [B, T, N, 
             q_seqlen=q_lengths,
             kv_seqlen=kv_lengths,
             scale=args.scale,
-            mask_type=getattr(mask_types, name or "NO_MASK"),
+            mask_type=mask_type,
             sliding_window_length=None if window is None else window[0] + 1,
             return_residual=True,
         )  # out [B, T, N, H], lse [B, N, T] float32
