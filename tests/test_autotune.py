@@ -666,6 +666,7 @@ RETUNE_LOGS = (
     "autotune_mosaic_h200_h64_causal_forward_stop35.jsonl",
     "autotune_mosaic_h200_h64_causal_16k_forward_stop35.jsonl",  # a second call, T > 4096
     "autotune_mosaic_h200_h64_causal_forward_stop39.jsonl",
+    "autotune_mosaic_h200_h128_causal_512_forward_stop40.jsonl",  # H = 128 causal T <= 1024
 )
 
 
