@@ -93,6 +93,8 @@ _LN2 = math.log(2.0)
 _DTYPES = (jnp.float16, jnp.bfloat16)
 _REGISTER_TILES_LIMIT = 192  # of a consumer thread's 232 registers: the rest for everything else
 SHARED_MEMORY = 227 * 1024
+# The backward's dq kernel follows `MosaicConfig.longest_first` (a switch for A/Bs: stop 41)
+BACKWARD_LONGEST_FIRST = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -114,7 +116,8 @@ class MosaicConfig:
       its own shared-memory buffer).
     longest_first: causal (and right-bounded window) forward: the query tiles that see the most
       keys start first, the short ones fill the tail; under a flex block mask, the query blocks
-      with the longest visit lists (`_visit_lists`).
+      with the longest visit lists (`_visit_lists`). The backward's dq kernel orders its causal
+      query tiles the same way (not under a block mask; `BACKWARD_LONGEST_FIRST`).
     early_k_wait: the forward waits for the next K tile while P V runs on the tensor cores, not
       before its Q K^T.
     named_barrier: the ping-pong turns meet at a hardware named barrier (`bar.sync`) rather
@@ -1350,7 +1353,7 @@ def _backward_static(
         dkdv_stages=config.bwd_dkdv_stages or config.bwd_num_stages,
         check_kv_len=lengths or kv_len % bwd_tile != 0,
         persistent=False,
-        longest_first=False,
+        longest_first=config.longest_first and BACKWARD_LONGEST_FIRST,
         early_k_wait=False,
         named_barrier=False,
         o_buffer=False,

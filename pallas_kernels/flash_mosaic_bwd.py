@@ -212,6 +212,11 @@ def _dq_kernel(refs, scratch, *, st: Static):
     block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
     head, q_tile = lax.axis_index("heads"), lax.axis_index("tiles")
     batch, wg = lax.axis_index("batch"), lax.axis_index("wg")
+    if st.longest_first and st.right is not None and not st.flex_blocks:
+        # causal: the query tiles that see the most keys start first, the short ones fill the
+        # tail (the forward's `longest_first`; the dk/dv kernel's first key tiles are its
+        # longest already)
+        q_tile = refs["q"].shape[1] // (CONSUMERS * block_q) - 1 - q_tile
     bounds = _scalars(refs["bounds"], batch)
     program_first = q_tile * (CONSUMERS * block_q)
     program_rows = pl.ds(program_first, CONSUMERS * block_q)
