@@ -233,7 +233,8 @@ def o_buffer_fits(config: MosaicConfig, head_dim: int, pair_itemsize: int) -> bo
 
 def backward_shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_itemsize: int) -> int:
     """Bytes of the larger of the two backward kernels' buffers (with bwd_head_split above
-    H = 128 the dk/dv kernel's two consumers share one block of keys; with bwd_fused_dq only
+    H = 128 the dk/dv kernel's two consumers share one block of keys, and without a bias or
+    mask tile exchange halves of P^T and dS^T; with bwd_fused_dq only
     the dk/dv kernel runs, with dS^T and a float32 dQ tile per consumer besides)."""
     parts = backward_head_parts(config, head_dim)
     h_pad = flash_mosaic_bwd.backward_head_dim(head_dim, parts)
@@ -248,6 +249,8 @@ def backward_shared_memory_estimate(config: MosaicConfig, head_dim: int, pair_it
     )
     if config.bwd_fused_dq and parts > 1:
         return dkdv + CONSUMERS * (bk * bq * 2 + bq * (h_pad // parts) * 4)
+    if parts > 1 and flash_mosaic_bwd.QUERY_SPLIT and not pair_itemsize:
+        dkdv += 2 * bk * bq * 2  # the consumers' halves of P^T and dS^T (`_query_split`)
     if config.bwd_fused_dq:  # dS^T double-buffered, a dQ chunk per consumer (`add_dq`)
         return dkdv + CONSUMERS * (2 * bk * bq * 2 + bq * flash_mosaic_bwd.DQ_CHUNK * 4)
     return max(dq, dkdv)

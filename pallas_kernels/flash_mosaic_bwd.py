@@ -70,6 +70,7 @@ from pallas_kernels.mosaic_common import (
     irem,
     key_blocks,
     layout_cast,
+    load_tile,
     load_vector,
     mma_accumulate,
     mma_lhs_transposed,
@@ -112,7 +113,7 @@ def padding_tiles(st: Static) -> tuple[int, int]:
 
 
 DQ_CHUNK = 64  # fused_dq: columns of dQ per wgmma (32 float32 registers per thread)
-DS_BARRIER = TURN_BARRIER  # fused_dq: the consumers' dS^T meet at this named barrier
+DS_BARRIER = TURN_BARRIER  # the consumers' dS^T (fused_dq) or halves meet at this named barrier
 # fused_dq stages left out, for timing only (`benchmarks/dev/fused_dq_parts.sh`; wrong dQ):
 # "store" (the dQ tile's shared-memory store and TMA reduce-add), "mma" (the dS @ K wgmma too),
 # "tma" (the TMA reduce-add alone: the store, fence and waits stay).
@@ -123,6 +124,26 @@ FUSED_DQ_OMIT = frozenset()
 # meeting / own): H = 64 4.96 / 5.22 (4k) and 18.61 / 19.61 (16k) non-causal, 9.96 / 10.43 causal
 # 16k; H = 128 4.18 / 3.92 and 16.67 / 15.20 non-causal, 9.31 / 9.35 causal 16k.
 COOPERATIVE_DQ = 64
+
+
+# Above H = 128 (st.head_parts > 1) the dk/dv kernel's consumers share one block of keys. With
+# QUERY_SPLIT, as FlashAttention-3's backward at H = 256 splits its S tile over two warpgroups,
+# consumer w computes S^T and dP^T for half w of each step's queries (over the whole head dim),
+# writes its halves of P^T and dS^T to shared memory, and once both have, accumulates its column
+# part of dV and dK over both halves (its own from registers, the other's loaded from shared
+# memory): 4 matmuls per tile pair, where both consumers computing all of S^T and dP^T made 6.
+# Not with a bias or mask tile (read whole, transposed), flex mods or fused_dq; stop 41
+# (benchmarks/NOTES.md).
+QUERY_SPLIT = True
+
+
+def _query_split(st: Static) -> bool:
+    return (
+        QUERY_SPLIT
+        and st.head_parts > 1
+        and st.block_q % (CONSUMERS * 32) == 0  # a half's K for dV: a multiple of 32
+        and not (st.fused_dq or st.has_bias or st.has_mask or st.flex is not None)
+    )
 
 
 def _cooperative_dq(st: Static, part_width: int) -> bool:
@@ -405,6 +426,8 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
     block_q, block_kv, stages, parts = st.block_q, st.block_kv, st.num_stages, st.head_parts
     split = parts > 1
     cooperative = _cooperative_dq(st, scratch["k"].shape[-1])
+    halves = _query_split(st)  # each consumer computes S^T, dP^T of half the step's queries
+    half = block_q // CONSUMERS if halves else block_q
 
     def part_of(name: str, index, part):
         """Column part `part` of buffer `index` (a ring slot, or a consumer's keys) of Q, K, V
@@ -486,7 +509,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 plgpu.barrier_arrive(scratch["keys_done"])
                 plgpu.barrier_wait(scratch["keys_done"])
 
-        shape = (block_kv, block_q)  # transposed tiles: keys down, queries across
+        shape = (block_kv, half)  # transposed tiles: keys down, queries across
         kv_seg = None
         if st.has_segments:
             kv_seg = load_vector(st, scratch["kv_seg"].at[keys_at], WGMMA_ROW)
@@ -495,10 +518,11 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         out_head = head * parts + own  # outputs [B, S or T, N * parts, H / parts]
 
         def meet_consumers():
-            """Both consumers at this point of the step (each one's dS^T in shared memory)."""
+            """Both consumers at this point of the step (fused_dq: each one's dS^T in shared
+            memory; query halves: each one's P^T and dS^T halves, or read)."""
             if st.interpret:  # the interpreter runs no PTX
-                plgpu.barrier_arrive(scratch["ds_ready"])
-                plgpu.barrier_wait(scratch["ds_ready"])
+                plgpu.barrier_arrive(scratch["consumers_met"])
+                plgpu.barrier_wait(scratch["consumers_met"])
             else:
                 named_barrier_sync(DS_BARRIER, CONSUMERS * THREADS_PER_WARPGROUP)
 
@@ -568,12 +592,17 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             plgpu.barrier_wait(scratch["produced"].at[slot])
             q_parts = [part_of("q", slot, part) for part in range(parts)]
             d_out_parts = [part_of("d_out", slot, part) for part in range(parts)]
-            lse = load_vector(st, scratch["lse"].at[slot], WGMMA_COL)
+            mine = pl.ds(wg * half, half)  # halves: this consumer's queries of the step
+
+            def own_queries(ref):
+                return ref.at[mine] if halves else ref
+
+            lse = load_vector(st, own_queries(scratch["lse"].at[slot]), WGMMA_COL)
             lse = lax.broadcast_in_dim(jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E), shape, [1])
-            delta = load_vector(st, scratch["delta"].at[slot], WGMMA_COL)
+            delta = load_vector(st, own_queries(scratch["delta"].at[slot]), WGMMA_COL)
             delta = lax.broadcast_in_dim(delta, shape, [1])
-            q_first = _block_of(st, scratch, step) * block_q
-            qk_t = mma_transposed(st, k_parts, q_parts)
+            q_first = _block_of(st, scratch, step) * block_q + (wg * half if halves else 0)
+            qk_t = mma_transposed(st, k_parts, [own_queries(q) for q in q_parts])
             bias = mask = q_seg = None
             own_keys = pl.ds(keys_at * block_kv, block_kv)
             if st.has_bias:
@@ -581,7 +610,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             if st.has_mask:
                 mask = scratch["mask"][slot, own_keys]
             if segments_read(st, masked):
-                q_seg = load_vector(st, scratch["q_seg"].at[slot], WGMMA_COL)
+                q_seg = load_vector(st, own_queries(scratch["q_seg"].at[slot]), WGMMA_COL)
             logits_t, scores_t, slope_t, user_visible = backward_tile_logits(
                 st, qk_t, bias, b=batch, h=head, q_first=q_first, k_first=k_first,
                 bounds=bounds, masked=masked, transposed=True,
@@ -602,15 +631,32 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 )
             p_t = jnp.exp2(logits_t - lse)
             dtype = k_parts[0].dtype
-            dv = mma_accumulate(st, dv, p_t.astype(dtype), part_of("d_out", slot, own))
-            dp_t = mma_transposed(st, v_parts, d_out_parts)
+            if not halves:
+                dv = mma_accumulate(st, dv, p_t.astype(dtype), part_of("d_out", slot, own))
+            dp_t = mma_transposed(st, v_parts, [own_queries(d) for d in d_out_parts])
             ds_t = p_t * (dp_t - delta)
             if scores_t is not None:
                 ds_t = ds_t * common.capped_logits_grad(scores_t, st.softcap)
             if slope_t is not None:  # d score_mod / d score
                 ds_t = ds_t * slope_t
             ds_t = ds_t.astype(dtype)
-            dk = mma_accumulate(st, dk, ds_t, part_of("q", slot, own))
+            if halves:  # the other consumer's halves of P^T and dS^T, through shared memory
+                p_t = p_t.astype(dtype)
+                meet_consumers()  # the other consumer has read the last step's halves
+                scratch["p_t"].at[wg][...] = p_t
+                scratch["ds_t"].at[wg][...] = ds_t
+                plgpu.commit_smem()
+                meet_consumers()
+                other = CONSUMERS - 1 - wg
+                p_other = load_tile(st, scratch["p_t"].at[other])
+                ds_other = load_tile(st, scratch["ds_t"].at[other])
+                theirs = pl.ds(other * half, half)
+                d_out_own, q_own = part_of("d_out", slot, own), part_of("q", slot, own)
+                d_out_halves = [d_out_own.at[mine], d_out_own.at[theirs]]
+                dv = mma_accumulate(st, dv, [p_t, p_other], d_out_halves)
+                dk = mma_accumulate(st, dk, [ds_t, ds_other], [q_own.at[mine], q_own.at[theirs]])
+            else:
+                dk = mma_accumulate(st, dk, ds_t, part_of("q", slot, own))
             plgpu.barrier_arrive(scratch["consumed"].at[slot])  # dQ reads K and dS alone
             if st.fused_dq:
                 add_dq(step, q_first, ds_t)
@@ -887,11 +933,15 @@ def _backward(
     operands = operands | {name: in_parts(operands[name]) for name in ("q", "k", "v", "d_out")}
     pairs_t = {name: jnp.swapaxes(x, 2, 3) for name, x in pairs.items()}
     # Q, K, V, dO: [buffers * parts, rows, H / parts] (`part_of` in the kernel)
+    # query halves: dV += P^T dO over K = bq / 2 queries, so every operand at a 64-byte swizzle
+    swizzle = 64 if _query_split(dkdv_st) else 128
     scratch = {
-        name: tiled((key_buffers * parts, block_kv, part_width), dtype) for name in ("k", "v")
+        name: tiled((key_buffers * parts, block_kv, part_width), dtype, swizzle)
+        for name in ("k", "v")
     }
     scratch |= {
-        name: tiled((stages * parts, block_q, part_width), dtype) for name in ("q", "d_out")
+        name: tiled((stages * parts, block_q, part_width), dtype, swizzle)
+        for name in ("q", "d_out")
     }
     scratch |= {name: plgpu.SMEM((stages, block_q), jnp.float32) for name in ("lse", "delta")}
     for name, x in pairs_t.items():
@@ -902,6 +952,11 @@ def _backward(
     scratch |= barriers(2 * parts + 2 + len(pairs) + has_seg, 2 * parts + has_seg)
     if parts > 1:  # (rows_produced: barrier 0 only, K and V parts of both consumers)
         scratch["keys_done"] = plgpu.Barrier(num_arrivals=CONSUMERS)
+    if _query_split(dkdv_st):  # each consumer's half of P^T and dS^T [bk, bq / 2]
+        for name in ("p_t", "ds_t"):
+            scratch[name] = tiled((CONSUMERS, block_kv, block_q // CONSUMERS), dtype, swizzle)
+        if st.interpret:
+            scratch["consumers_met"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     if st.flex_blocks:
         operands = operands | {"visits": visits[1]}
         scratch |= _visit_scratch(operands)
@@ -914,7 +969,7 @@ def _backward(
         scratch["ds"] = tiled((ds_buffers, block_kv, block_q), dtype)
         scratch["dq"] = tiled((CONSUMERS, block_q, dq_width), jnp.float32)
         if cooperative and st.interpret:
-            scratch["ds_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS)
+            scratch["consumers_met"] = plgpu.Barrier(num_arrivals=CONSUMERS)
         dq_shape = (batch, t_pad, num_heads * parts, part_width)
         if st.interpret:
             outs["dq_acc"] = jax.ShapeDtypeStruct((CONSUMERS, *dq_shape), jnp.float32)

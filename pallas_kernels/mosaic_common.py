@@ -104,16 +104,30 @@ def load_vector(st: Static, ref, layout) -> Array:
     return plgpu.load(ref, (), layout=layout)
 
 
-def mma_accumulate(st: Static, acc: Array, lhs: Array, rhs_ref, while_running=None) -> Array:
-    """acc + lhs @ rhs on the tensor cores (acc float32 [M, N], lhs [M, K] in registers).
+def load_tile(st: Static, ref) -> Array:
+    """A 2-D tile of shared memory (tiled, swizzled) into registers in the wgmma layout."""
+    if st.interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=WGMMA)
+
+
+def mma_accumulate(st: Static, acc: Array, lhs, rhs_ref, while_running=None) -> Array:
+    """acc + lhs @ rhs on the tensor cores (acc float32 [M, N], lhs [M, K] in registers, rhs
+    [K, N] in shared memory; or sequences of such, parts of K: the sum of the parts' products).
     while_running(): what to do between issuing the matmul and waiting for its result."""
+    lhs_parts = tuple(lhs) if isinstance(lhs, (tuple, list)) else (lhs,)
+    rhs_refs = tuple(rhs_ref) if isinstance(rhs_ref, (tuple, list)) else (rhs_ref,)
     if st.interpret:
         if while_running is not None:
             while_running()
-        return acc + jnp.dot(lhs, rhs_ref[...], preferred_element_type=jnp.float32)
+        return acc + sum(
+            jnp.dot(a, b[...], preferred_element_type=jnp.float32)
+            for a, b in zip(lhs_parts, rhs_refs, strict=True)
+        )
 
     def accumulate(acc_ref):
-        plgpu.wgmma(acc_ref, lhs, rhs_ref)
+        for a, b in zip(lhs_parts, rhs_refs, strict=True):
+            plgpu.wgmma(acc_ref, a, b)
         if while_running is not None:
             while_running()
 
@@ -617,11 +631,14 @@ def nonfinite_rows(acc: Array) -> Array:
     return jnp.where(jnp.abs(row_sums) < jnp.inf, jnp.zeros_like(row_sums), jnp.ones_like(row_sums))
 
 
-def tiled(shape, dtype):
+def tiled(shape, dtype, max_swizzle: int = 128):
     """Shared memory in the tiled, swizzled form wgmma operands and register tiles use: rows of
-    8, the widest swizzle (128, 64 or 32 bytes) that one row of the last axis fills."""
+    8, the widest swizzle (128, 64 or 32 bytes, at most max_swizzle) that one row of the last
+    axis fills. (Mosaic GPU's wgmma takes both operands at one swizzle, and K in multiples of
+    its width: a K of 32 16-bit elements needs 64 bytes.)"""
     itemsize = jnp.dtype(dtype).itemsize
-    swizzle = max(s for s in (32, 64, 128) if s <= max(32, shape[-1] * itemsize))
+    row = max(32, min(shape[-1] * itemsize, max_swizzle))
+    swizzle = max(s for s in (32, 64, 128) if s <= row)
     elements = swizzle // itemsize
     return plgpu.SMEM(
         shape,
