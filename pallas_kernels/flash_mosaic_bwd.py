@@ -8,6 +8,10 @@ FlashAttention-2's backward, recomputing each tile's probabilities from the forw
   lse and delta tiles of the query blocks that can see those keys; two consumers each own
   block_kv key rows and work on transposed tiles, so that no register tile is transposed:
   S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+Above H = 128 the dk/dv kernel's two consumers share one block of keys and each accumulates
+half of dK's and dV's columns; each computes S^T and dP^T for half of a step's queries and they
+trade their halves of P^T and dS^T through shared memory (`QUERY_SPLIT`). Causal dq programs
+run longest first (`MosaicConfig.longest_first`).
 delta = rowsum(dO * O) - d_lse is computed before (XLA fuses it). dk and dv are written per
 query head and summed over the G heads of a group afterwards, so every output has one writer:
 no atomics, the same bits every run.

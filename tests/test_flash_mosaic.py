@@ -209,10 +209,12 @@ def test_softmax_overlap_matches_oracle(rng, case, shape, options):
         pytest.param("mask", marks=pytest.mark.slow),  # 37 s in interpret mode
     ],
 )
-def test_backward_above_h128_splits_dk_dv_by_columns(rng, feature):
+def test_backward_above_h128_splits_dk_dv_by_columns(rng, feature, monkeypatch):
     """Above H = 128 the dk/dv kernel's two consumers share one block of keys and each keeps
     half of dK's and dV's columns (H = 160 computes as two parts of 128): key segment ids
-    loaded once for both, masks on the shared keys, GQA's per-head sums."""
+    loaded once for both, masks on the shared keys, GQA's per-head sums; without a mask tile
+    each computes S^T and dP^T for half of a step's queries and they trade halves of P^T and
+    dS^T (`QUERY_SPLIT`)."""
     from pallas_kernels import flash_mosaic_bwd
 
     assert flash_mosaic_bwd.head_parts(160) == 2 and flash_mosaic_bwd.head_parts(128) == 1
@@ -222,7 +224,13 @@ def test_backward_above_h128_splits_dk_dv_by_columns(rng, feature):
     config = dataclasses.replace(SMALL, bwd_head_split=True)
     if feature != "window_causal":  # and a ring of its own depth: dk/dv 3 stages, dq 1
         config = dataclasses.replace(config, bwd_num_stages=1, bwd_dkdv_stages=3)
+    halves_traded = []  # without a mask tile the consumers split each step's queries
+    load_tile = flash_mosaic_bwd.load_tile
+    monkeypatch.setattr(
+        flash_mosaic_bwd, "load_tile", lambda *a: halves_traded.append(1) or load_tile(*a)
+    )
     check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", config)
+    assert bool(halves_traded) == (feature != "mask")
 
 
 @pytest.mark.parametrize(
