@@ -129,8 +129,8 @@ class MosaicConfig:
     bwd_head_split: above H = 128 the backward's dk/dv kernel splits dK and dV by columns over
       its two consumers (both on one block of keys; each computes S^T and dP^T of half of
       each step's queries, `flash_mosaic_bwd.QUERY_SPLIT`), so that its accumulators fit
-      registers and the backward runs on Mosaic GPU; off, the Triton backward serves H > 128. On by default
-      above H = 128 since it was timed on the H200 (`default_config`).
+      registers and the backward runs on Mosaic GPU; off, the Triton backward serves H > 128.
+      On by default above H = 128 since it was timed on the H200 (`default_config`).
     bwd_fused_dq: one backward kernel instead of two (FlashAttention-2/3's dQ by atomics): the
       dk/dv kernel also computes each step's dQ contribution dS @ K (dS^T through shared
       memory, read transposed by the wgmma; 64 columns of dQ per wgmma) and adds it into a
