@@ -126,7 +126,9 @@ def test_masked_key_with_nan_reaches_only_rows_that_see_it(rng, implementation, 
 @pytest.mark.parametrize(
     "feature, fused_dq",
     [
-        ("causal", False),
+        # the producers' cleaning on causal documents runs by default in
+        # test_mosaic_cleans_the_batch_rows_whose_values_are_not_finite
+        pytest.param("causal", False, marks=pytest.mark.slow),
         ("segments", True),
         # the same two paths (a causal or window reach; dense masks) in other kernels' modes
         pytest.param("window", True, marks=pytest.mark.slow),
@@ -152,8 +154,10 @@ def test_mosaic_masked_key_with_nan_reaches_only_rows_that_see_it(rng, feature, 
 @pytest.mark.parametrize(
     "feature, persistent",
     [
-        ("causal", False),
-        # dense masks (every tile masked; the per-batch-row case runs segment ids by default)
+        # the redo on causal documents runs by default in
+        # test_mosaic_redo_hidden_redoes_only_programs_whose_rows_went_non_finite
+        pytest.param("causal", False, marks=pytest.mark.slow),
+        # dense masks (every tile masked)
         pytest.param("segments", False, marks=pytest.mark.slow),
         # a persistent program's tiles (two each), the softmax overlap, O's own buffer (80 s)
         pytest.param("causal", True, marks=pytest.mark.slow),
@@ -181,9 +185,10 @@ def test_mosaic_redo_hidden_masked_key_with_nan(rng, feature, persistent):
 def test_mosaic_cleans_the_batch_rows_whose_values_are_not_finite(rng):
     """The Mosaic kernels clean masked tiles only in the batch rows whose V (forward) or K and V
     (backward) hold a NaN or an inf (`mosaic_common.flag_nonfinite`, a column of the kernels'
-    bounds): a NaN value in
-    row 1's second document leaves row 0 and row 1's first document exactly as on clean
-    inputs, output and dq, and makes row 1's second document NaN."""
+    bounds), before the consumers multiply a hidden key by 0 (`mosaic_common.clean_tile`): a
+    NaN key with an inf value in row 1's second causal document leaves row 0 and row 1's first
+    document exactly as on clean inputs (output, lse, dq; dk and dv of the keys no NaN row
+    sees) and makes row 1's second document NaN."""
     config = jattn.MosaicConfig(
         block_q=64, block_kv=64, num_stages=2, redo_hidden=False, bwd_redo_hidden=False
     )
@@ -198,7 +203,7 @@ def test_mosaic_cleans_the_batch_rows_whose_values_are_not_finite(rng):
 )
 def test_mosaic_redo_hidden_redoes_only_programs_whose_rows_went_non_finite(rng, forward_redo):
     """The same with redo_hidden (or the forward's cleaning) and bwd_redo_hidden: row 0's
-    programs keep their first pass, row 1's redo; outputs and dq exactly the cleaning's."""
+    programs keep their first pass, row 1's redo; results exactly the cleaning's."""
     config = jattn.MosaicConfig(
         block_q=64, block_kv=64, num_stages=2, redo_hidden=forward_redo, bwd_redo_hidden=True
     )
@@ -208,19 +213,33 @@ def test_mosaic_redo_hidden_redoes_only_programs_whose_rows_went_non_finite(rng,
 def _check_cleaned_rows(rng, config):
     q, k, v = make_inputs(rng, (2, 24, 24, 1, 1, 64), jnp.bfloat16)
     ids = jnp.asarray(np.tile(np.arange(24) >= 12, (2, 1)), jnp.int32)
-    options = dict(implementation="mosaic", config=config, segment_ids=(ids, ids))
-    clean = jnp.arange(24)[None, :] < jnp.array([[24], [12]])  # [B, T]: rows that see no NaN
+    options = dict(implementation="mosaic", config=config, segment_ids=(ids, ids), is_causal=True)
+    clean = jnp.arange(24)[None, :] < jnp.array([[24], [12]])  # [B, T]: rows (keys) no NaN meets
     cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
 
-    def loss(q, v):  # (the clean rows' loss, the output)
-        out = jattn.dot_product_attention(q, k, v, **options).astype(jnp.float32)
-        return jnp.sum(jnp.where(clean[..., None, None], out * cotangent, 0.0)), out
+    def run(q, k, v):
+        return jattn.dot_product_attention(q, k, v, return_residual=True, **options)
 
-    (_, want), want_dq = jax.value_and_grad(loss, has_aux=True)(q, v)
-    (_, got), got_dq = jax.value_and_grad(loss, has_aux=True)(q, v.at[1, 17].set(jnp.nan))
-    keep = lambda x: np.where(np.asarray(clean)[..., None, None], np.asarray(x, np.float32), 0)
-    np.testing.assert_array_equal(keep(got), keep(want))
-    np.testing.assert_array_equal(keep(got_dq), keep(want_dq))
+    def loss(q, k, v):  # (the clean rows' loss, (output, lse))
+        out, lse = run(q, k, v)
+        out = out.astype(jnp.float32)
+        return jnp.sum(jnp.where(clean[..., None, None], out * cotangent, 0.0)), (out, lse)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    (_, (want, want_lse)), want_grads = grad(q, k, v)
+    # key 12 opens row 1's second document: every row of that document sees it
+    (_, (got, got_lse)), got_grads = grad(q, k.at[1, 12].set(jnp.nan), v.at[1, 12].set(jnp.inf))
+    keep = lambda x: np.where(np.asarray(clean).reshape(2, 24, *[1] * (x.ndim - 2)), x, 0)
+    np.testing.assert_array_equal(keep(np.asarray(got)), keep(np.asarray(want)))
+    np.testing.assert_array_equal(keep(np.asarray(got_lse)), keep(np.asarray(want_lse)))
+    for name, g, w in zip("qkv", got_grads, want_grads, strict=True):
+        g, w = (keep(np.asarray(x, np.float32)) for x in (g, w))
+        assert np.isfinite(g).all(), f"d{name} not finite"
+        if name == "q":
+            np.testing.assert_array_equal(g, w)
+        else:  # the keys only clean rows see
+            assert_close(g, w.astype(np.float64), GRAD_TOLERANCE[jnp.bfloat16])
+    assert bool(jnp.isnan(got_lse[1, 12:]).all())
     assert bool(jnp.isnan(got[1, 12:]).any(axis=-1).all())
 
 
