@@ -12,21 +12,14 @@ Run: python -m benchmarks.dev.switch_ab --json OUT.json --switch BACKWARD_LONGES
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks import flash
+from benchmarks.dev.fused_dq_ab import _literal  # a switch value: a Python literal, or text
 from pallas_kernels import flash_mosaic, flash_mosaic_bwd
-
-
-def _literal(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def main(argv=None) -> None:
