@@ -139,6 +139,9 @@ COOPERATIVE_DQ = 64
 # Not with a bias or mask tile (read whole, transposed), flex mods or fused_dq; stop 41
 # (benchmarks/NOTES.md).
 QUERY_SPLIT = True
+# The dk/dv kernel's shared-memory swizzle in bytes; None: 64 with query halves (a K of 32
+# 16-bit queries needs it), else 128. A number forces it (A/Bs: what 64 costs without halves).
+DKDV_SWIZZLE = None
 
 
 def _query_split(st: Static) -> bool:
@@ -938,7 +941,7 @@ def _backward(
     pairs_t = {name: jnp.swapaxes(x, 2, 3) for name, x in pairs.items()}
     # Q, K, V, dO: [buffers * parts, rows, H / parts] (`part_of` in the kernel)
     # query halves: dV += P^T dO over K = bq / 2 queries, so every operand at a 64-byte swizzle
-    swizzle = 64 if _query_split(dkdv_st) else 128
+    swizzle = DKDV_SWIZZLE or (64 if _query_split(dkdv_st) else 128)
     scratch = {
         name: tiled((key_buffers * parts, block_kv, part_width), dtype, swizzle)
         for name in ("k", "v")
