@@ -144,6 +144,22 @@ QUERY_SPLIT = True
 DKDV_SWIZZLE = None
 
 
+# The dq kernel keeps Q and dO of both consumers in shared memory (128 KiB at H = 256), so there
+# its ring holds one stage of 64-key K and V tiles: the next tile's loads wait until both
+# consumers are done with this one. With DQ_HALF_KEYS such a ring runs as two stages of 32 keys
+# (the same bytes), whose loads run under the other stage's matmuls. dQ += dS K then has a K of
+# 32 keys, so all of the kernel's operands take a 64-byte swizzle. Not with a bias or mask tile
+# or flex mods (their tiles and block lists are in 64-key steps).
+DQ_HALF_KEYS = True
+
+
+def _dq_static(st: Static, has_pairs: bool) -> Static:
+    """The dq kernel's Static: st, or with DQ_HALF_KEYS two stages of half of st's keys."""
+    if DQ_HALF_KEYS and st.num_stages == 1 and st.block_kv == 64 and not has_pairs and st.flex is None:
+        return dataclasses.replace(st, block_kv=st.block_kv // 2, num_stages=2)
+    return st
+
+
 def _query_split(st: Static) -> bool:
     return (
         QUERY_SPLIT
@@ -757,10 +773,13 @@ def _dq(st: Static, operands: dict, pairs: dict, barriers, shape, dtype) -> Arra
     batch, t_pad, num_heads, h_pad = shape
     block_q, block_kv, stages = st.block_q, st.block_kv, st.num_stages
     rows_per_program = CONSUMERS * block_q
-    scratch = {name: tiled((CONSUMERS, block_q, h_pad), dtype) for name in ("q", "d_out")} | {
-        name: plgpu.SMEM((CONSUMERS, block_q), jnp.float32) for name in ("lse", "delta")
-    }
-    scratch |= {name: tiled((stages, block_kv, h_pad), dtype) for name in ("k", "v")}
+    # dQ += dS K contracts block_kv keys: a K of 32 16-bit keys takes a 64-byte swizzle, and
+    # wgmma takes both operands of each matmul at one swizzle (`_dq_static`)
+    swizzle = min(128, block_kv * jnp.dtype(dtype).itemsize)
+    scratch = {
+        name: tiled((CONSUMERS, block_q, h_pad), dtype, swizzle) for name in ("q", "d_out")
+    } | {name: plgpu.SMEM((CONSUMERS, block_q), jnp.float32) for name in ("lse", "delta")}
+    scratch |= {name: tiled((stages, block_kv, h_pad), dtype, swizzle) for name in ("k", "v")}
     for name, x in pairs.items():
         scratch[name] = tiled((stages, rows_per_program, block_kv), x.dtype)
     has_seg = int(st.has_segments)
@@ -768,7 +787,7 @@ def _dq(st: Static, operands: dict, pairs: dict, barriers, shape, dtype) -> Arra
         scratch["q_seg"] = plgpu.SMEM((CONSUMERS, block_q), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((stages, block_kv), jnp.int32)
     copies = 2 + len(pairs) + has_seg
-    scratch |= barriers(copies, 4 + has_seg) | _visit_scratch(operands)
+    scratch |= barriers(copies, 4 + has_seg, stages) | _visit_scratch(operands)
     if st.redo_hidden:  # a consumer's own copies in a redo; the consumers' meeting before it
         scratch["redo_landed"] = plgpu.Barrier(num_arrivals=copies, num_barriers=CONSUMERS)
         scratch["passed"] = plgpu.Barrier(num_arrivals=CONSUMERS)
@@ -898,7 +917,7 @@ def _backward(
         operands["q_seg"] = common.pad_to(segment_ids[0].astype(jnp.int32), 1, t_pad, -1)
         operands["kv_seg"] = common.pad_to(segment_ids[1].astype(jnp.int32), 1, s_pad, -2)
 
-    def barriers(copies, row_copies):
+    def barriers(copies, row_copies, stages):  # (each kernel's own ring depth)
         return dict(
             rows_produced=plgpu.Barrier(num_arrivals=row_copies, num_barriers=CONSUMERS),
             produced=plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
@@ -924,6 +943,7 @@ def _backward(
             common.pad_to(visits[1], 2, s_pad // mask_kv),
         )
     if not st.fused_dq:
+        dq_st = _dq_static(dq_st, bool(pairs))
         dq_operands = operands | ({"visits": visits[0]} if st.flex_blocks else {})
         dq = _dq(dq_st, dq_operands, pairs, barriers, (batch, t_pad, num_heads, h_pad), dtype)
 
@@ -956,7 +976,7 @@ def _backward(
     if segment_ids is not None:
         scratch["q_seg"] = plgpu.SMEM((stages, block_q), jnp.int32)
         scratch["kv_seg"] = plgpu.SMEM((key_buffers, block_kv), jnp.int32)
-    scratch |= barriers(2 * parts + 2 + len(pairs) + has_seg, 2 * parts + has_seg)
+    scratch |= barriers(2 * parts + 2 + len(pairs) + has_seg, 2 * parts + has_seg, stages)
     if parts > 1:  # (rows_produced: barrier 0 only, K and V parts of both consumers)
         scratch["keys_done"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     if _query_split(dkdv_st):  # each consumer's half of P^T and dS^T [bk, bq / 2]

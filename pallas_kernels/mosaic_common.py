@@ -602,6 +602,16 @@ def _pieces(shape: tuple[int, int]):
             yield pl.ds(r, min(64, rows - r)), pl.ds(c, min(64, cols - c))
 
 
+def _piece_view(ref, piece):
+    """A piece of a tile (`_pieces`), as a ref to load and store whole. Mosaic GPU loads a
+    swizzled tile of 64 rows in the wgmma layout; a tile of fewer rows (the dq kernel's 32 keys,
+    `DQ_HALF_KEYS`) transposed, which tiles its 64 columns (elementwise work minds no order)."""
+    view = ref.at[piece]
+    if piece[0].size % 64 == 0 or common.interpret_mode():
+        return view, None
+    return view.transpose((1, 0)), plgpu.Layout.WGMMA_TRANSPOSED
+
+
 def clean_tile(k_ref, v_ref, *, poison_keys: bool) -> None:
     """Makes a shared-memory K, V tile [bk, H] safe for queries that some of its keys are hidden
     from: P V and dS K multiply a hidden key by an exact 0, and 0 * NaN = NaN. Non-finite
@@ -614,14 +624,15 @@ def clean_tile(k_ref, v_ref, *, poison_keys: bool) -> None:
     a `MosaicConfig.redo_hidden` redo; |x| < inf is the finiteness test (Mosaic GPU lowers no
     is_finite)."""
     for piece in _pieces(k_ref.shape):
-        k, v = k_ref[piece], v_ref[piece]
+        (k_view, layout), (v_view, _) = _piece_view(k_ref, piece), _piece_view(v_ref, piece)
+        k, v = (plgpu.load(x, (), layout=layout) if layout else x[...] for x in (k_view, v_view))
         v_ok = jnp.abs(v) < jnp.inf
         k_ok = jnp.abs(k) < jnp.inf
-        v_ref[piece] = jnp.where(v_ok, v, jnp.zeros_like(v))
+        v_view[...] = jnp.where(v_ok, v, jnp.zeros_like(v))
         if poison_keys:
-            k_ref[piece] = jnp.where(k_ok & v_ok, k, jnp.full_like(k, jnp.nan))
+            k_view[...] = jnp.where(k_ok & v_ok, k, jnp.full_like(k, jnp.nan))
         else:
-            k_ref[piece] = jnp.where(k_ok, k, jnp.zeros_like(k))
+            k_view[...] = jnp.where(k_ok, k, jnp.zeros_like(k))
 
 
 def nonfinite_rows(acc: Array) -> Array:

@@ -230,8 +230,17 @@ def test_backward_above_h128_splits_dk_dv_by_columns(rng, feature, monkeypatch):
     monkeypatch.setattr(
         flash_mosaic_bwd, "load_tile", lambda *a: halves_traded.append(1) or load_tile(*a)
     )
+    dq_rings = []  # (keys per step, stages) of the dq kernel: a one-stage ring in halves
+    dq = flash_mosaic_bwd._dq
+    monkeypatch.setattr(
+        flash_mosaic_bwd,
+        "_dq",
+        lambda st, *a: dq_rings.append((st.block_kv, st.num_stages)) or dq(st, *a),
+    )
     check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", config)
     assert bool(halves_traded) == (feature != "mask")
+    one_stage = {"segments_causal_lengths": (32, 2), "mask": (64, 1)}  # (a mask tile: 64 keys)
+    assert set(dq_rings) == {one_stage.get(feature, (64, 2))}, dq_rings
 
 
 @pytest.mark.parametrize(

@@ -4,18 +4,20 @@
     python -m benchmarks.dev.mosaic_one_call --variant overlap --head-dim 128 --length 16384
     python -m benchmarks.dev.mosaic_one_call --variant bwd_split --head-dim 256 --grad
     python -m benchmarks.dev.mosaic_one_call --causal --grad --no-clean   # without the cleaning
+    python -m benchmarks.dev.mosaic_one_call --grad --head-dim 256 --switch DQ_HALF_KEYS=False
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks import flash, mosaic_variants
-from pallas_kernels import flash_mosaic, mosaic_common
+from pallas_kernels import flash_mosaic, flash_mosaic_bwd, mosaic_common
 
 
 def main(argv=None) -> None:
@@ -29,8 +31,21 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--no-clean", action="store_true", help="mosaic_common.CLEAN_HIDDEN = False (timing)"
     )
+    parser.add_argument(
+        "--switch",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a flash_mosaic or flash_mosaic_bwd module switch (a Python literal)",
+    )
     args = parser.parse_args(argv)
     mosaic_common.CLEAN_HIDDEN = not args.no_clean
+    for setting in args.switch:
+        name, value = setting.split("=", 1)
+        module = flash_mosaic if hasattr(flash_mosaic, name) else flash_mosaic_bwd
+        if not hasattr(module, name):
+            raise ValueError(f"no module switch {name!r} in flash_mosaic or flash_mosaic_bwd")
+        setattr(module, name, ast.literal_eval(value))
     if args.variant in mosaic_variants.VARIANTS:
         changes = mosaic_variants.VARIANTS[args.variant]
         base = flash_mosaic.default_config(args.head_dim, causal=args.causal)
