@@ -720,6 +720,29 @@ def test_gpu_head_dim_256_backward(rng, head_split):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "feature, dtype",
+    [("segments_causal_lengths", jnp.bfloat16), ("window", jnp.float16), ("soft_cap", jnp.float16)],
+)
+def test_gpu_head_dim_256_dq_half_keys(rng, feature, dtype, monkeypatch):
+    """H = 256: the dq kernel's one stage of 64-key tiles runs as two stages of 32 keys
+    (`DQ_HALF_KEYS`, every operand at a 64-byte swizzle): key segment ids, edges, window and
+    soft cap on 32-key tiles, float16, checked to take that ring."""
+    from pallas_kernels import flash_mosaic_bwd
+
+    dq_rings, dq = [], flash_mosaic_bwd._dq
+    monkeypatch.setattr(
+        flash_mosaic_bwd,
+        "_dq",
+        lambda st, *a: dq_rings.append((st.block_kv, st.num_stages)) or dq(st, *a),
+    )
+    shape = (2, 700, 900, 4, 2, 256)
+    options = make_options(rng, feature, shape)
+    check_against_oracle(rng, shape, options, dtype, "mosaic", flash_mosaic.default_config(256))
+    assert set(dq_rings) == {(32, 2)}, dq_rings
+
+
+@pytest.mark.gpu
 def test_gpu_fused_dq_backward_under_vmap(rng, monkeypatch):
     """The same folding compiled: dQ as a run_state Ref under jax.vmap at H = 64 (where the
     fused backward measured fastest), many key programs adding into each query row."""
