@@ -108,7 +108,8 @@ class MosaicConfig:
     bwd_block_kv: dk/dv's key rows per consumer, and dq's keys per pipeline step.
     bwd_num_stages: depth of both backward kernels' rings.
     bwd_dkdv_stages: depth of the dk/dv kernel's ring where it differs (None: bwd_num_stages);
-      at H = 256 with bwd_head_split the dq kernel fits 1 stage, the dk/dv kernel 2.
+      at H = 256 with bwd_head_split the dq kernel fits 1 stage (which it runs as 2 stages of
+      half the keys: `flash_mosaic_bwd.DQ_HALF_KEYS`), the dk/dv kernel 2.
     schedule_barrier: the forward's two consumers take turns (one runs its softmax while the
       other's matmuls hold the tensor cores), as FlashAttention-3's ping-pong schedule does.
     persistent: the forward runs one program per SM, each looping over query tiles: the next
