@@ -155,7 +155,8 @@ DQ_HALF_KEYS = True
 
 def _dq_static(st: Static, has_pairs: bool) -> Static:
     """The dq kernel's Static: st, or with DQ_HALF_KEYS two stages of half of st's keys."""
-    if DQ_HALF_KEYS and st.num_stages == 1 and st.block_kv == 64 and not has_pairs and st.flex is None:
+    one_stage = st.num_stages == 1 and st.block_kv == 64
+    if DQ_HALF_KEYS and one_stage and not has_pairs and st.flex is None:
         return dataclasses.replace(st, block_kv=st.block_kv // 2, num_stages=2)
     return st
 
