@@ -8,7 +8,7 @@ source benchmarks/gpu_env.sh
 metrics=gpu__time_duration.sum,launch__registers_per_thread,smsp__inst_executed.sum
 metrics=$metrics,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
 for causal in "" --causal; do
-    for variant in base cudnn; do
+    for variant in jattn_mosaic cudnn; do
         echo "== $variant $causal"
         timeout 70 ncu --clock-control none --metrics "$metrics" \
             -k regex:'mosaic|cudnn|dot_do_o|convert_dq' \
