@@ -201,6 +201,19 @@ def test_softmax_overlap_matches_oracle(rng, case, shape, options):
     check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", config, gradients=False)
 
 
+def _dq_rings(monkeypatch) -> list[tuple[int, int]]:
+    """Records (keys per step, ring stages) of each dq kernel launched from now on."""
+    from pallas_kernels import flash_mosaic_bwd
+
+    rings, dq = [], flash_mosaic_bwd._dq
+    monkeypatch.setattr(
+        flash_mosaic_bwd,
+        "_dq",
+        lambda st, *a: rings.append((st.block_kv, st.num_stages)) or dq(st, *a),
+    )
+    return rings
+
+
 @pytest.mark.parametrize(
     "feature",
     [
@@ -230,13 +243,7 @@ def test_backward_above_h128_splits_dk_dv_by_columns(rng, feature, monkeypatch):
     monkeypatch.setattr(
         flash_mosaic_bwd, "load_tile", lambda *a: halves_traded.append(1) or load_tile(*a)
     )
-    dq_rings = []  # (keys per step, stages) of the dq kernel: a one-stage ring in halves
-    dq = flash_mosaic_bwd._dq
-    monkeypatch.setattr(
-        flash_mosaic_bwd,
-        "_dq",
-        lambda st, *a: dq_rings.append((st.block_kv, st.num_stages)) or dq(st, *a),
-    )
+    dq_rings = _dq_rings(monkeypatch)  # a one-stage ring runs in halves (`DQ_HALF_KEYS`)
     check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", config)
     assert bool(halves_traded) == (feature != "mask")
     one_stage = {"segments_causal_lengths": (32, 2), "mask": (64, 1)}  # (a mask tile: 64 keys)
@@ -728,14 +735,7 @@ def test_gpu_head_dim_256_dq_half_keys(rng, feature, dtype, monkeypatch):
     """H = 256: the dq kernel's one stage of 64-key tiles runs as two stages of 32 keys
     (`DQ_HALF_KEYS`, every operand at a 64-byte swizzle): key segment ids, edges, window and
     soft cap on 32-key tiles, float16, checked to take that ring."""
-    from pallas_kernels import flash_mosaic_bwd
-
-    dq_rings, dq = [], flash_mosaic_bwd._dq
-    monkeypatch.setattr(
-        flash_mosaic_bwd,
-        "_dq",
-        lambda st, *a: dq_rings.append((st.block_kv, st.num_stages)) or dq(st, *a),
-    )
+    dq_rings = _dq_rings(monkeypatch)
     shape = (2, 700, 900, 4, 2, 256)
     options = make_options(rng, feature, shape)
     check_against_oracle(rng, shape, options, dtype, "mosaic", flash_mosaic.default_config(256))
