@@ -15,6 +15,6 @@ page() {  # name, kernel regex, launches to skip, variant
 }
 page dkdv body_mosaic 0 jattn_mosaic
 page dq body_mosaic 1 jattn_mosaic
-page cudnn_bprop bprop cudnn
+page cudnn_bprop bprop 0 cudnn
 python3 -m benchmarks.dev.sass_mix "$out"/sass_h64_{dkdv,dq,cudnn_bprop}.csv \
     --per $((16384 * 16384 * 32)) --top 30 | tee "$out/sass_mix_h64.md"
