@@ -77,10 +77,8 @@ from pallas_kernels.mosaic_common import (
     load_tile,
     load_vector,
     mma_accumulate,
-    mma_accumulate_both,
     mma_lhs_transposed,
     mma_transposed,
-    mma_transposed_both,
     named_barrier_sync,
     nonfinite_rows,
     padded_head_dim,
@@ -155,6 +153,20 @@ DKDV_SWIZZLE = None
 DQ_HALF_KEYS = True
 
 
+# The kernels read the lse in base 2, with -inf (a row that sees no key: its p is 0 either way)
+# as 0, made so in XLA (`_base2_lse`). In the dk/dv kernel each thread holds 32 queries' lse for
+# only 2 keys, so the multiply and the -inf test there cost 1.5 instructions per score element
+# (of 10; Nsight Compute's SASS at H = 64, stop 43). False: the kernels convert it (A/B).
+LSE_BASE2_IN_XLA = True
+
+
+def _base2_lse(lse: Array) -> Array:
+    """lse * log2(e), or 0 where lse is -inf: the kernels' exp2(S' - lse') then needs no test."""
+    if not LSE_BASE2_IN_XLA:
+        return lse
+    return jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
+
+
 def _dq_static(st: Static, has_pairs: bool) -> Static:
     """The dq kernel's Static: st, or with DQ_HALF_KEYS two stages of half of st's keys."""
     one_stage = st.num_stages == 1 and st.block_kv == 64
@@ -174,39 +186,6 @@ def _query_split(st: Static) -> bool:
 
 def _cooperative_dq(st: Static, part_width: int) -> bool:
     return st.fused_dq and st.head_parts == 1 and part_width <= COOPERATIVE_DQ
-
-
-# The backward's consumers take turns, as the forward's do (`MosaicConfig.schedule_barrier`),
-# in the kernels named here ("dq", "dkdv"): each step a consumer issues both of its products
-# with the step's tile (S and dP, or S^T and dP^T) at once, meets the other consumer, computes
-# P and dS, meets it again and accumulates (dQ, or dV and dK), so that one consumer's exp2 and
-# dS run under the other's matmuls instead of beside them. Consumer 1 starts one meeting late
-# and consumer 0 makes it up at the end. Not in the dk/dv kernel with two head parts (its
-# consumers meet to trade halves) or fused_dq, nor under flex mods; not in the dq kernel's redo.
-BACKWARD_TURNS = ()
-
-
-def _takes_turns(st: Static, kernel: str) -> bool:
-    if kernel not in BACKWARD_TURNS or st.flex is not None:
-        return False
-    return kernel == "dq" or (st.head_parts == 1 and not st.fused_dq)
-
-
-def _turns(st: Static, scratch, on: bool):
-    """(take_turns, the meeting consumer 1 starts with, the one consumer 0 ends with): a
-    two-consumer meeting (a named barrier; an mbarrier in the interpreter), or no-ops."""
-
-    def take_turns():
-        if st.interpret:  # the interpreter runs no PTX
-            plgpu.barrier_arrive(scratch["turn"])
-            plgpu.barrier_wait(scratch["turn"])
-        else:
-            named_barrier_sync(TURN_BARRIER, CONSUMERS * THREADS_PER_WARPGROUP)
-
-    if not on:
-        return (lambda: None), (lambda: None), (lambda: None)
-    wg = lax.axis_index("wg")
-    return take_turns, lambda: pl.when(wg == 1)(take_turns), lambda: pl.when(wg == 0)(take_turns)
 
 
 def _scalars(bounds_ref, batch):
@@ -348,15 +327,14 @@ def _dq_kernel(refs, scratch, *, st: Static):
         plgpu.barrier_wait(ready)
 
         shape = (block_q, block_kv)
-        lse = load_vector(st, scratch["lse"].at[wg], WGMMA_ROW)
-        lse = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)  # a fully masked row has p = 0
+        lse = load_vector(st, scratch["lse"].at[wg], WGMMA_ROW)  # base 2 (`_base2_lse`)
+        if not LSE_BASE2_IN_XLA:
+            lse = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
         delta = load_vector(st, scratch["delta"].at[wg], WGMMA_ROW)
         q_seg = None
         if st.has_segments:
             q_seg = load_vector(st, scratch["q_seg"].at[wg], WGMMA_ROW)
         q_smem, d_out_smem = scratch["q"].at[wg], scratch["d_out"].at[wg]
-        turns_on = _takes_turns(st, "dq")
-        take_turns, turn_first, turn_last = _turns(st, scratch, turns_on)
 
         def load_own_tile(step):
             """A redo's step: its K, V (bias, mask, key ids) into this consumer's own ring
@@ -379,12 +357,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
                 _await_tile(scratch, step, slot, cleaned)
             k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
             k_first = _block_of(st, scratch, step) * block_kv
-            turns = turns_on and not redo
-            if turns:  # S and dP together; the other consumer's matmuls run under P and dS
-                pair = ((q_smem, k_smem), (d_out_smem, v_smem))
-                qk, dp = mma_transposed_both(st, *pair, take_turns)
-            else:
-                qk = mma_transposed(st, q_smem, k_smem)
+            qk = mma_transposed(st, q_smem, k_smem)
             bias = mask = kv_seg = None
             own_rows = pl.ds(wg * block_q, block_q)
             if st.has_bias:
@@ -410,17 +383,13 @@ def _dq_kernel(refs, scratch, *, st: Static):
                     user_visible=user_visible,
                 )
             p = jnp.exp2(logits - lax.broadcast_in_dim(lse, shape, [0]))
-            if not turns:
-                dp = mma_transposed(st, d_out_smem, v_smem)
+            dp = mma_transposed(st, d_out_smem, v_smem)
             ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
             if scores is not None:
                 ds = ds * common.capped_logits_grad(scores, st.softcap)
             if slope is not None:  # d score_mod / d score
                 ds = ds * slope
-            ds = ds.astype(k_smem.dtype)
-            if turns:
-                take_turns()
-            dq = mma_accumulate(st, dq, ds, k_smem)
+            dq = mma_accumulate(st, dq, ds.astype(k_smem.dtype), k_smem)
             if not redo:
                 plgpu.barrier_arrive(scratch["consumed"].at[slot])
             return dq
@@ -443,9 +412,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
             plgpu.copy_smem_to_gmem(q_smem, refs["dq"].at[batch, rows, head])
             plgpu.wait_smem_to_gmem(0)
 
-        turn_first()
         dq = all_tiles(redo=False)
-        turn_last()
         if not st.redo_hidden:  # (set only where tiles can hide keys: `_backward_static`)
             store(dq)
             return
@@ -588,8 +555,6 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         k_parts = [part_of("k", keys_at, part) for part in range(parts)]
         v_parts = [part_of("v", keys_at, part) for part in range(parts)]
         out_head = head * parts + own  # outputs [B, S or T, N * parts, H / parts]
-        turns = _takes_turns(st, "dkdv")
-        take_turns, turn_first, turn_last = _turns(st, scratch, turns)
 
         def meet_consumers():
             """Both consumers at this point of the step (fused_dq: each one's dS^T in shared
@@ -671,21 +636,14 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             def own_queries(ref):
                 return ref.at[mine] if halves else ref
 
-            lse = load_vector(st, own_queries(scratch["lse"].at[slot]), WGMMA_COL)
-            lse = lax.broadcast_in_dim(jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E), shape, [1])
+            lse = load_vector(st, own_queries(scratch["lse"].at[slot]), WGMMA_COL)  # base 2
+            if not LSE_BASE2_IN_XLA:
+                lse = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
+            lse = lax.broadcast_in_dim(lse, shape, [1])
             delta = load_vector(st, own_queries(scratch["delta"].at[slot]), WGMMA_COL)
             delta = lax.broadcast_in_dim(delta, shape, [1])
             q_first = _block_of(st, scratch, step) * block_q + (wg * half if halves else 0)
-            q_own, d_out_own = (
-                [own_queries(q) for q in q_parts],
-                [own_queries(d) for d in d_out_parts],
-            )
-            if turns:  # S^T and dP^T together; the other consumer's matmuls run under P^T, dS^T
-                qk_t, dp_t = mma_transposed_both(
-                    st, (k_parts, q_own), (v_parts, d_out_own), take_turns
-                )
-            else:
-                qk_t = mma_transposed(st, k_parts, q_own)
+            qk_t = mma_transposed(st, k_parts, [own_queries(q) for q in q_parts])
             bias = mask = q_seg = None
             own_keys = pl.ds(keys_at * block_kv, block_kv)
             if st.has_bias:
@@ -714,10 +672,9 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 )
             p_t = jnp.exp2(logits_t - lse)
             dtype = k_parts[0].dtype
-            if not (halves or turns):
+            if not halves:
                 dv = mma_accumulate(st, dv, p_t.astype(dtype), part_of("d_out", slot, own))
-            if not turns:
-                dp_t = mma_transposed(st, v_parts, d_out_own)
+            dp_t = mma_transposed(st, v_parts, [own_queries(d) for d in d_out_parts])
             ds_t = p_t * (dp_t - delta)
             if scores_t is not None:
                 ds_t = ds_t * common.capped_logits_grad(scores_t, st.softcap)
@@ -739,13 +696,6 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 d_out_halves = [d_out_own.at[mine], d_out_own.at[theirs]]
                 dv = mma_accumulate(st, dv, [p_t, p_other], d_out_halves)
                 dk = mma_accumulate(st, dk, [ds_t, ds_other], [q_own.at[mine], q_own.at[theirs]])
-            elif turns:
-                take_turns()
-                dv, dk = mma_accumulate_both(
-                    st,
-                    (dv, p_t.astype(dtype), part_of("d_out", slot, own)),
-                    (dk, ds_t, part_of("q", slot, own)),
-                )
             else:
                 dk = mma_accumulate(st, dk, ds_t, part_of("q", slot, own))
             plgpu.barrier_arrive(scratch["consumed"].at[slot])  # dQ reads K and dS alone
@@ -761,11 +711,9 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         part_width = k_parts[0].shape[-1]
         zeros = layout_cast(st, jnp.zeros((block_kv, part_width), jnp.float32), WGMMA)
         ranges = (lo, inner_lo, inner_hi, hi)
-        turn_first()
         dk, dv = common.visit_all(
             st, ranges, visit, (zeros, zeros), structural=st.flex_blocks or None
         )
-        turn_last()
         if split:  # the other consumer may still read K and V: meet before writing over them
             plgpu.barrier_arrive(scratch["keys_done"])
             plgpu.barrier_wait(scratch["keys_done"])
@@ -858,8 +806,6 @@ def _dq(st: Static, operands: dict, pairs: dict, barriers, shape, dtype) -> Arra
         scratch["kv_seg"] = plgpu.SMEM((stages, block_kv), jnp.int32)
     copies = 2 + len(pairs) + has_seg
     scratch |= barriers(copies, 4 + has_seg, stages) | _visit_scratch(operands)
-    if st.interpret and _takes_turns(st, "dq"):
-        scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     if st.redo_hidden:  # a consumer's own copies in a redo; the consumers' meeting before it
         scratch["redo_landed"] = plgpu.Barrier(num_arrivals=copies, num_barriers=CONSUMERS)
         scratch["passed"] = plgpu.Barrier(num_arrivals=CONSUMERS)
@@ -974,7 +920,8 @@ def _backward(
         "k": rows(key, s_pad),
         "v": rows(value, s_pad),
         "d_out": rows(d_out.astype(dtype), t_pad),
-        "lse": common.pad_to(jnp.swapaxes(lse, 1, 2), 2, t_pad),  # [B, N, T_pad]; padded rows: 0
+        # [B, N, T_pad], base 2; padded rows: 0
+        "lse": common.pad_to(jnp.swapaxes(_base2_lse(lse), 1, 2), 2, t_pad),
         "delta": common.pad_to(delta, 2, t_pad),
         "bounds": bounds,  # flagged by `backward`
     }
@@ -1056,8 +1003,6 @@ def _backward(
             scratch[name] = tiled((CONSUMERS, block_kv, block_q // CONSUMERS), dtype, swizzle)
         if st.interpret:
             scratch["consumers_met"] = plgpu.Barrier(num_arrivals=CONSUMERS)
-    if st.interpret and _takes_turns(dkdv_st, "dkdv"):
-        scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     if st.flex_blocks:
         operands = operands | {"visits": visits[1]}
         scratch |= _visit_scratch(operands)

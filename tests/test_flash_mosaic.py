@@ -214,32 +214,6 @@ def _dq_rings(monkeypatch) -> list[tuple[int, int]]:
     return rings
 
 
-def _turns_taken(monkeypatch) -> list[bool]:
-    """Turns the backward's turns on in both kernels and records, per kernel launched from now
-    on, whether its consumers took them."""
-    from pallas_kernels import flash_mosaic_bwd
-
-    taken, turns = [], flash_mosaic_bwd._turns
-    monkeypatch.setattr(flash_mosaic_bwd, "BACKWARD_TURNS", ("dq", "dkdv"))
-    monkeypatch.setattr(
-        flash_mosaic_bwd,
-        "_turns",
-        lambda st, scratch, on: taken.append(on) or turns(st, scratch, on),
-    )
-    return taken
-
-
-def test_backward_consumers_taking_turns_match_the_oracle(rng, monkeypatch):
-    """BACKWARD_TURNS: the dq and dk/dv kernels' consumers issue S and dP together, meet, compute
-    P and dS, meet again and accumulate; consumer 1 starts a meeting late. Many tiles, the
-    diagonal and the padded edges, with unequal steps per consumer (bottom-right causal, GQA):
-    a meeting one consumer misses hangs the interpreter (the timeout fails it)."""
-    taken = _turns_taken(monkeypatch)
-    options = make_options(rng, "causal_bottom_right", MULTI_TILE)
-    check_against_oracle(rng, MULTI_TILE, options, jnp.bfloat16, "mosaic", SMALL)
-    assert taken == [True, True], taken
-
-
 @pytest.mark.parametrize(
     "feature",
     [
@@ -766,21 +740,6 @@ def test_gpu_head_dim_256_dq_half_keys(rng, feature, dtype, monkeypatch):
     options = make_options(rng, feature, shape)
     check_against_oracle(rng, shape, options, dtype, "mosaic", flash_mosaic.default_config(256))
     assert set(dq_rings) == {(32, 2)}, dq_rings
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "feature, head_dim",
-    [("causal_bottom_right", 64), ("segments_causal_lengths", 128), ("lengths_empty", 64)],
-)
-def test_gpu_backward_consumers_taking_turns(rng, feature, head_dim, monkeypatch):
-    """BACKWARD_TURNS compiled (named-barrier meetings, S and dP issued together) at the tuned
-    configs, where programs see unequal numbers of tiles."""
-    taken = _turns_taken(monkeypatch)
-    shape = (2, 700, 900, 4, 2, head_dim)
-    options = make_options(rng, feature, shape)
-    check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic")
-    assert taken == [True, True], taken
 
 
 @pytest.mark.gpu
