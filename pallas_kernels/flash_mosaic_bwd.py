@@ -77,8 +77,10 @@ from pallas_kernels.mosaic_common import (
     load_tile,
     load_vector,
     mma_accumulate,
+    mma_accumulate_both,
     mma_lhs_transposed,
     mma_transposed,
+    mma_transposed_both,
     named_barrier_sync,
     nonfinite_rows,
     padded_head_dim,
@@ -165,6 +167,14 @@ def _base2_lse(lse: Array) -> Array:
     if not LSE_BASE2_IN_XLA:
         return lse
     return jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
+
+
+# Kernels ("dq", "dkdv") that issue their products two at a time and wait once for both: S and
+# dP (S^T and dP^T), and in the dk/dv kernel dV and dK: 2 wgmma waits a step instead of 3 (dq)
+# or 4 (dk/dv), for a second float32 tile in registers. At H = 64 the consumers' own wgmma waits
+# were 22% of the dk/dv kernel's stall samples (stop 43). Not with query halves. Built after
+# stop 43's device time ran out: to be timed (`benchmarks/dev/stop44_call1.sh`), off until then.
+PAIRED_PRODUCTS = ()
 
 
 def _dq_static(st: Static, has_pairs: bool) -> Static:
@@ -357,7 +367,11 @@ def _dq_kernel(refs, scratch, *, st: Static):
                 _await_tile(scratch, step, slot, cleaned)
             k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
             k_first = _block_of(st, scratch, step) * block_kv
-            qk = mma_transposed(st, q_smem, k_smem)
+            paired = "dq" in PAIRED_PRODUCTS
+            if paired:
+                qk, dp = mma_transposed_both(st, (q_smem, k_smem), (d_out_smem, v_smem))
+            else:
+                qk = mma_transposed(st, q_smem, k_smem)
             bias = mask = kv_seg = None
             own_rows = pl.ds(wg * block_q, block_q)
             if st.has_bias:
@@ -383,7 +397,8 @@ def _dq_kernel(refs, scratch, *, st: Static):
                     user_visible=user_visible,
                 )
             p = jnp.exp2(logits - lax.broadcast_in_dim(lse, shape, [0]))
-            dp = mma_transposed(st, d_out_smem, v_smem)
+            if not paired:
+                dp = mma_transposed(st, d_out_smem, v_smem)
             ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
             if scores is not None:
                 ds = ds * common.capped_logits_grad(scores, st.softcap)
@@ -643,7 +658,13 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             delta = load_vector(st, own_queries(scratch["delta"].at[slot]), WGMMA_COL)
             delta = lax.broadcast_in_dim(delta, shape, [1])
             q_first = _block_of(st, scratch, step) * block_q + (wg * half if halves else 0)
-            qk_t = mma_transposed(st, k_parts, [own_queries(q) for q in q_parts])
+            q_tiles = [own_queries(q) for q in q_parts]
+            d_out_tiles = [own_queries(d) for d in d_out_parts]
+            paired = "dkdv" in PAIRED_PRODUCTS and not halves
+            if paired:
+                qk_t, dp_t = mma_transposed_both(st, (k_parts, q_tiles), (v_parts, d_out_tiles))
+            else:
+                qk_t = mma_transposed(st, k_parts, q_tiles)
             bias = mask = q_seg = None
             own_keys = pl.ds(keys_at * block_kv, block_kv)
             if st.has_bias:
@@ -672,9 +693,10 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 )
             p_t = jnp.exp2(logits_t - lse)
             dtype = k_parts[0].dtype
-            if not halves:
+            if not (halves or paired):
                 dv = mma_accumulate(st, dv, p_t.astype(dtype), part_of("d_out", slot, own))
-            dp_t = mma_transposed(st, v_parts, [own_queries(d) for d in d_out_parts])
+            if not paired:
+                dp_t = mma_transposed(st, v_parts, d_out_tiles)
             ds_t = p_t * (dp_t - delta)
             if scores_t is not None:
                 ds_t = ds_t * common.capped_logits_grad(scores_t, st.softcap)
@@ -696,6 +718,12 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 d_out_halves = [d_out_own.at[mine], d_out_own.at[theirs]]
                 dv = mma_accumulate(st, dv, [p_t, p_other], d_out_halves)
                 dk = mma_accumulate(st, dk, [ds_t, ds_other], [q_own.at[mine], q_own.at[theirs]])
+            elif paired:
+                dv, dk = mma_accumulate_both(
+                    st,
+                    (dv, p_t.astype(dtype), part_of("d_out", slot, own)),
+                    (dk, ds_t, part_of("q", slot, own)),
+                )
             else:
                 dk = mma_accumulate(st, dk, ds_t, part_of("q", slot, own))
             plgpu.barrier_arrive(scratch["consumed"].at[slot])  # dQ reads K and dS alone

@@ -161,6 +161,40 @@ def mma_transposed(st: Static, lhs_ref, rhs_ref, while_running=None) -> Array:
     return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
 
+def _parts(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def mma_transposed_both(st: Static, first, second) -> tuple[Array, Array]:
+    """mma_transposed of two (lhs_ref, rhs_ref) pairs into fresh float32 accumulators, both
+    issued before either is waited for: one wait, not two."""
+    if st.interpret:
+        return mma_transposed(st, *first), mma_transposed(st, *second)
+
+    def products(first_ref, second_ref):
+        for acc_ref, (lhs, rhs) in ((first_ref, first), (second_ref, second)):
+            for a, b in zip(_parts(lhs), _parts(rhs), strict=True):
+                plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
+        return first_ref[...], second_ref[...]
+
+    shapes = [(_parts(lhs)[0].shape[0], _parts(rhs)[0].shape[0]) for lhs, rhs in (first, second)]
+    return pl.run_scoped(products, *(plgpu.ACC(shape, jnp.float32) for shape in shapes))
+
+
+def mma_accumulate_both(st: Static, first, second) -> tuple[Array, Array]:
+    """mma_accumulate of two (acc, lhs, rhs_ref) triples, both issued before either is waited
+    for: one wait, not two."""
+    if st.interpret:
+        return mma_accumulate(st, *first), mma_accumulate(st, *second)
+
+    def accumulate(acc_refs):
+        for acc_ref, (_, lhs, rhs) in zip(acc_refs, (first, second), strict=True):
+            for a, b in zip(_parts(lhs), _parts(rhs), strict=True):
+                plgpu.wgmma(acc_ref, a, b)
+
+    return pl.run_state(accumulate)((plgpu.ACC.init(first[0]), plgpu.ACC.init(second[0])))
+
+
 def mma_lhs_transposed(st: Static, lhs_t_ref, rhs_ref) -> Array:
     """lhs_t^T @ rhs into a fresh float32 accumulator: lhs_t [K, M] and rhs [K, N] both in
     shared memory (the first operand read transposed, as wgmma reads 16-bit operands); or

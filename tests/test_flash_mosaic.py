@@ -214,6 +214,28 @@ def _dq_rings(monkeypatch) -> list[tuple[int, int]]:
     return rings
 
 
+def _paired_products(monkeypatch) -> list[int]:
+    """Turns PAIRED_PRODUCTS on in both backward kernels; the returned list grows by one per
+    pair of transposed products traced from now on."""
+    from pallas_kernels import flash_mosaic_bwd
+
+    pairs, both = [], flash_mosaic_bwd.mma_transposed_both
+    monkeypatch.setattr(flash_mosaic_bwd, "PAIRED_PRODUCTS", ("dq", "dkdv"))
+    monkeypatch.setattr(
+        flash_mosaic_bwd, "mma_transposed_both", lambda *a: pairs.append(1) or both(*a)
+    )
+    return pairs
+
+
+def test_backward_with_paired_products_matches_the_oracle(rng, monkeypatch):
+    """PAIRED_PRODUCTS: S and dP issued together in both kernels (one wait), dV and dK together
+    in the dk/dv kernel, over many tiles with the diagonal, padded edges and GQA."""
+    pairs = _paired_products(monkeypatch)
+    options = make_options(rng, "causal_bottom_right", MULTI_TILE)
+    check_against_oracle(rng, MULTI_TILE, options, jnp.bfloat16, "mosaic", SMALL)
+    assert pairs, "the paired products never ran"
+
+
 @pytest.mark.parametrize(
     "feature",
     [
@@ -611,6 +633,17 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     assert text.count("stablehlo.is_finite") == reads, case
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_paired_products_lower_for_cuda(head_dim, monkeypatch):
+    """The GPU path of PAIRED_PRODUCTS: two accumulators in one run_scoped, two accumulated
+    ones in one run_state, for the dq and dk/dv kernels."""
+    monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
+    pairs = _paired_products(monkeypatch)
+    text = _lower((2, 256, 384, 4, 1, head_dim), dict(is_causal=True), grad=True).mlir_module()
+    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu_v2", text)) == 3
+    assert len(pairs) >= 2  # both kernels (each loop body traced at least once)
+
+
 def test_fused_dq_backward_under_vmap_lowers_for_cuda(monkeypatch):
     """The GPU path of the fused backward under jax.vmap: dQ as a run_state Ref inside
     folding_vmap's custom_vmap (stop 33's jax.new_ref there failed this lowering: no state
@@ -740,6 +773,20 @@ def test_gpu_head_dim_256_dq_half_keys(rng, feature, dtype, monkeypatch):
     options = make_options(rng, feature, shape)
     check_against_oracle(rng, shape, options, dtype, "mosaic", flash_mosaic.default_config(256))
     assert set(dq_rings) == {(32, 2)}, dq_rings
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "feature, head_dim",
+    [("causal_bottom_right", 64), ("segments_causal_lengths", 128), ("lengths_empty", 64)],
+)
+def test_gpu_backward_with_paired_products(rng, feature, head_dim, monkeypatch):
+    """PAIRED_PRODUCTS compiled (two wgmma in flight, one wait) at the tuned configs."""
+    pairs = _paired_products(monkeypatch)
+    shape = (2, 700, 900, 4, 2, head_dim)
+    options = make_options(rng, feature, shape)
+    check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic")
+    assert pairs
 
 
 @pytest.mark.gpu
