@@ -155,17 +155,12 @@ DKDV_SWIZZLE = None
 DQ_HALF_KEYS = True
 
 
-# The kernels read the lse in base 2, with -inf (a row that sees no key: its p is 0 either way)
-# as 0, made so in XLA (`_base2_lse`). In the dk/dv kernel each thread holds 32 queries' lse for
-# only 2 keys, so the multiply and the -inf test there cost 1.5 instructions per score element
-# (of 10; Nsight Compute's SASS at H = 64, stop 43). False: the kernels convert it (A/B).
-LSE_BASE2_IN_XLA = True
-
-
 def _base2_lse(lse: Array) -> Array:
-    """lse * log2(e), or 0 where lse is -inf: the kernels' exp2(S' - lse') then needs no test."""
-    if not LSE_BASE2_IN_XLA:
-        return lse
+    """lse * log2(e), or 0 where lse is -inf (a row that sees no key: its p is 0 either way):
+    what both kernels read, so that exp2(S' - lse') needs no test there. Done in XLA, once per
+    row: in the dk/dv kernel each thread holds 32 queries' lse for only 2 keys, and the multiply
+    and the test there cost 1.5 of 10 instructions per score element (Nsight Compute's SASS at
+    H = 64; 1-11% of H = 64's forward+backward, stop 43)."""
     return jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
 
 
@@ -338,8 +333,6 @@ def _dq_kernel(refs, scratch, *, st: Static):
 
         shape = (block_q, block_kv)
         lse = load_vector(st, scratch["lse"].at[wg], WGMMA_ROW)  # base 2 (`_base2_lse`)
-        if not LSE_BASE2_IN_XLA:
-            lse = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
         delta = load_vector(st, scratch["delta"].at[wg], WGMMA_ROW)
         q_seg = None
         if st.has_segments:
@@ -652,8 +645,6 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 return ref.at[mine] if halves else ref
 
             lse = load_vector(st, own_queries(scratch["lse"].at[slot]), WGMMA_COL)  # base 2
-            if not LSE_BASE2_IN_XLA:
-                lse = jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
             lse = lax.broadcast_in_dim(lse, shape, [1])
             delta = load_vector(st, own_queries(scratch["delta"].at[slot]), WGMMA_COL)
             delta = lax.broadcast_in_dim(delta, shape, [1])

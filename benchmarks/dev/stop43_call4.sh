@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stop 43's fourth device command (issue 14), about 5 minutes: the backward's lse in base 2 made
-# in XLA (flash_mosaic_bwd.LSE_BASE2_IN_XLA, on: 1.5 fewer instructions per score element in the
-# dk/dv kernel, call 3's SASS), 1. the -m gpu every-feature cases in bf16 (gradients from the
-# Mosaic backward), 2. an A/B in one process beside cuDNN, forward+backward, H = 64 and 128.
+# in XLA (flash_mosaic_bwd.LSE_BASE2_IN_XLA, a switch removed after this A/B; 1.5 fewer
+# instructions per score element in the dk/dv kernel, call 3's SASS): 1. the -m gpu every-feature
+# cases in bf16 (gradients from the Mosaic backward), 2. an A/B in one process beside cuDNN,
+# forward+backward, H = 64 and 128.
 set -uo pipefail
 source benchmarks/gpu_env.sh
 source benchmarks/dev/redo_common.sh
