@@ -20,3 +20,12 @@ ab() {  # json prefix, name, timeout, clean_hidden_ab arguments: one A/B in one 
         --json "$out/${prefix}_$name.json" --repeats 7 "$@" > "$out/ab_$name.txt" 2>&1
     grep -h '"ms"' "$out/ab_$name.txt" | cut -c1-160
 }
+
+switch_ab() {  # name, timeout, benchmarks.dev.switch_ab arguments: one A/B into $out/NAME.json
+    local name=$1 seconds=$2
+    shift 2
+    timeout "$seconds" python3 -m benchmarks.dev.switch_ab --json "$out/$name.json" "$@" \
+        > "$out/ab_$name.txt" 2>&1
+    grep -h '"ms"\|error' "$out/ab_$name.txt" | sed -E 's/"max_abs_diff".*"peer"/"peer"/' \
+        | cut -c1-200
+}
