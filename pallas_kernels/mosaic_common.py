@@ -111,12 +111,17 @@ def load_tile(st: Static, ref) -> Array:
     return plgpu.load(ref, (), layout=WGMMA)
 
 
+def _parts(x) -> tuple:
+    """A matmul operand given as one part of K or a sequence of parts: a tuple of parts."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
 def mma_accumulate(st: Static, acc: Array, lhs, rhs_ref, while_running=None) -> Array:
     """acc + lhs @ rhs on the tensor cores (acc float32 [M, N], lhs [M, K] in registers, rhs
     [K, N] in shared memory; or sequences of such, parts of K: the sum of the parts' products).
     while_running(): what to do between issuing the matmul and waiting for its result."""
-    lhs_parts = tuple(lhs) if isinstance(lhs, (tuple, list)) else (lhs,)
-    rhs_refs = tuple(rhs_ref) if isinstance(rhs_ref, (tuple, list)) else (rhs_ref,)
+    lhs_parts = _parts(lhs)
+    rhs_refs = _parts(rhs_ref)
     if st.interpret:
         if while_running is not None:
             while_running()
@@ -138,8 +143,8 @@ def mma_transposed(st: Static, lhs_ref, rhs_ref, while_running=None) -> Array:
     """lhs @ rhs^T into a fresh float32 accumulator (both [rows, K] in shared memory; or
     sequences of such refs, parts of K: the sum of the parts' products).
     while_running(): what to do between issuing the matmul and waiting for its result."""
-    lhs_refs = tuple(lhs_ref) if isinstance(lhs_ref, (tuple, list)) else (lhs_ref,)
-    rhs_refs = tuple(rhs_ref) if isinstance(rhs_ref, (tuple, list)) else (rhs_ref,)
+    lhs_refs = _parts(lhs_ref)
+    rhs_refs = _parts(rhs_ref)
     if st.interpret:  # the interpreter's wgmma takes no transposed operand
         if while_running is not None:
             while_running()
@@ -159,10 +164,6 @@ def mma_transposed(st: Static, lhs_ref, rhs_ref, while_running=None) -> Array:
 
     shape = (lhs_refs[0].shape[0], rhs_refs[0].shape[0])
     return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
-
-
-def _parts(x) -> tuple:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
 def mma_transposed_both(st: Static, first, second) -> tuple[Array, Array]:
@@ -199,8 +200,8 @@ def mma_lhs_transposed(st: Static, lhs_t_ref, rhs_ref) -> Array:
     """lhs_t^T @ rhs into a fresh float32 accumulator: lhs_t [K, M] and rhs [K, N] both in
     shared memory (the first operand read transposed, as wgmma reads 16-bit operands); or
     sequences of such refs, parts of K: the sum of the parts' products."""
-    lhs_refs = tuple(lhs_t_ref) if isinstance(lhs_t_ref, (tuple, list)) else (lhs_t_ref,)
-    rhs_refs = tuple(rhs_ref) if isinstance(rhs_ref, (tuple, list)) else (rhs_ref,)
+    lhs_refs = _parts(lhs_t_ref)
+    rhs_refs = _parts(rhs_ref)
     if st.interpret:
         return sum(
             lax.dot_general(
