@@ -447,6 +447,12 @@ def test_tune_runs_searches_in_order_from_the_winner(cache_file, monkeypatch, tm
         (Toy(2, 5), "forward+backward", (4, 100, 2)),
     ]
     assert autotune.resolve(dataclasses.replace(result.bucket))[0] == Toy(2, 5)
+    # a later search alone (`--searches b`) starts from what config=None uses now: the cache's
+    # Toy(2, 5), not the default, so the retune keeps search a's choice; a run from the first
+    # search starts from the default
+    [later] = autotune.plan("toy", **options, searches=["b"])
+    assert later.default == Toy(2, 5) and later.candidates == {"b": [Toy(2, 5)]}
+    assert autotune.plan("toy", **options, searches=["a"])[0].default == Toy()
     with pytest.raises(ValueError, match="one length range"):
         autotune.plan("toy", lengths=[2048, 4096])
     with pytest.raises(ValueError, match="unknown searches"):

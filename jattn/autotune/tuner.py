@@ -167,11 +167,21 @@ def plan(
                         raise ValueError(
                             f"tune at bucket head dims (powers of two >= 16), got {head_dim}"
                         )
-                    base = tunable.default(bucket)
+                    base = _start(tunable, chosen, bucket)
                     problem = (max(1, tokens // length), length, hidden // head_dim)
                     candidates = {s.name: _candidates(tunable, s, bucket, base) for s in chosen}
                     plans.append(Plan(bucket, problem, base, candidates))
     return plans
+
+
+def _start(tunable: cache.Tunable, chosen: Sequence[cache.Search], bucket) -> Any:
+    """The config a bucket's first chosen search starts from: the kernel's default when the
+    searches start at the first one; when earlier searches are left out (`--searches backward`
+    to retune the backward alone), the config `config=None` uses now (user cache, then shipped
+    table), so the result keeps the fields those earlier searches chose."""
+    if chosen[0] is tunable.searches[0]:
+        return tunable.default(bucket)
+    return cache.resolve(bucket)[0]
 
 
 def _on_accelerator() -> bool:
@@ -202,7 +212,8 @@ def tune(
     Each bucket is timed at one problem of FlashAttention's benchmark shapes: T = S = length,
     batch = tokens // length, heads = hidden // head_dim. The kernel's searches run in order,
     each from the winner of the one before (for the Triton kernel: the forward tiles timed on
-    the forward alone, then the backward tiles timed on forward+backward). Every time is the
+    the forward alone, then the backward tiles timed on forward+backward); later searches run
+    alone start from the config `config=None` uses now (`_start`). Every time is the
     median of `repeats` after warm-up. A candidate that fails to build, compile (too much
     shared memory, registers) or run is skipped and noted in the result. Winners are merged into
     `cache_file` (default: `cache_path()`) after each bucket, so an interrupted run keeps what
@@ -213,7 +224,8 @@ def tune(
       implementation: a registered tunable kernel ('triton', ...).
       head_dims, dtypes, causal, lengths: the buckets to tune (one length per length range).
       tokens, hidden: the problem size per bucket (see above).
-      searches: names of the kernel's searches to run (default: all).
+      searches: names of the kernel's searches to run (default: all); without the first, the
+        first chosen starts from the cached or shipped config, not the kernel's default.
       repeats: timed repetitions per candidate.
       cache_file: the JSON cache to write (default: $JATTN_AUTOTUNE_CACHE or the user cache).
       write: False to only return the results.
