@@ -692,13 +692,53 @@ def _retuned() -> dict[str, tuple[dict, str]]:
     return retuned
 
 
+# Stop 44 retuned H = 64's backward fields (`jattn autotune --searches backward`, which starts
+# from the shipped config), merged by `table_from_log --backward-only`; the causal T > 4096
+# bucket was cut before its confirmation rounds and kept its fields.
+BACKWARD_RETUNE_LOG = "autotune_mosaic_h200_h64_backward_stop44.jsonl"
+
+
+def _backward_retuned() -> dict[str, dict]:
+    """{"H=64 bfloat16 full T<=1024": row}: per bucket, the backward search's fastest row in
+    the confirmation rounds of the backward retune's log."""
+    best = {}
+    for r in _log_rows(H200_LOG.with_name(BACKWARD_RETUNE_LOG)):
+        if r["search"] == "backward" and r.get("confirm") and r.get("ms") is not None:
+            name = r["bucket"].split(" ", 2)[2]
+            if name not in best or r["ms"] < best[name]["ms"]:
+                best[name] = r
+    return best
+
+
 def _with_retune(bucket, config: dict) -> dict:
-    """config as the table holds it: a retuned bucket's forward fields replaced."""
+    """config as the table holds it: a retuned bucket's forward fields replaced, and a
+    backward-retuned bucket's bwd_* fields."""
     retune = next((c for n, (c, _) in _retuned().items() if str(bucket).endswith(n)), None)
-    if retune is None:
-        return config
-    forward = {k: v for k, v in retune.items() if not k.startswith(("bwd_", "redo_"))}
-    return {**config, **forward}
+    if retune is not None:
+        forward = {k: v for k, v in retune.items() if not k.startswith(("bwd_", "redo_"))}
+        config = {**config, **forward}
+    backward = next((r for n, r in _backward_retuned().items() if str(bucket).endswith(n)), None)
+    if backward is not None:
+        config = {**config, **{k: v for k, v in backward["config"].items() if k in config}}
+    return config
+
+
+def test_shipped_h200_table_holds_the_backward_retune():
+    """H = 64's 5 buckets whose backward retune (stop 44) reached its confirmation rounds: each
+    entry's bwd_* fields and backward time are the confirmed winner's, its forward fields the
+    ones the tune started from (the log's), its source the log."""
+    retuned = _backward_retuned()
+    assert len(retuned) == 5 and all(n.startswith("H=64 ") for n in retuned)
+    shipped = _shipped_h200()
+    for name, row in retuned.items():
+        (bucket,) = [b for b in shipped if str(b).endswith(name)]
+        entry = shipped[bucket]
+        for field, value in entry.config.items():
+            assert row["config"][field] == value, (name, field)
+        assert entry.ms["backward"] == pytest.approx(row["ms"], abs=1e-4)
+        assert entry.measured["backward"]["source"].endswith(BACKWARD_RETUNE_LOG)
+    causal_long = [b for b in shipped if str(b).endswith("H=64 bfloat16 causal T>4096")]
+    assert causal_long and "backward" not in shipped[causal_long[0]].measured
 
 
 def test_shipped_h200_table_holds_the_forward_retune():
@@ -737,6 +777,8 @@ def test_shipped_h200_table_holds_the_tuning_log_winners():
     for bucket, entry in shipped.items():
         config = cache.get_tunable("mosaic").config_type(**entry.config)
         assert not config.bwd_fused_dq
+        if "backward" in entry.measured:  # retuned in stop 44: the test above
+            continue
         assert entry.ms["backward"] == pytest.approx(
             abs=1e-4,
             expected=min(
@@ -782,3 +824,30 @@ def test_shipped_h200_table_holds_the_tuners_confirmed_winners(head_dim, log, bu
         assert entry.config == _with_retune(bucket, best["config"])
         assert entry.ms["backward"] == pytest.approx(best["ms"], abs=1e-4)
         assert not cache.get_tunable("mosaic").config_type(**entry.config).bwd_fused_dq
+
+
+def test_backward_retune_merges_only_what_the_tune_started_from():
+    """table_from_log --backward-only: a bucket's confirmed backward winner replaces the table
+    entry's bwd_* fields and backward time, keeps its forward fields and times; a log row tuned
+    from other forward fields, or for a bucket the table lacks, changes nothing."""
+    from benchmarks.dev import table_from_log
+
+    shipped = _shipped_h200()
+    [bucket] = [b for b in shipped if str(b).endswith("H=128 bfloat16 full T<=4096")]
+    old = shipped[bucket]
+    text = "mosaic nvidia_h200 H=128 bfloat16 full T<=4096"
+    won = {**old.config, "bwd_num_stages": 1, "bwd_redo_hidden": None}
+    rows = [
+        dict(bucket=text, search="backward", config=old.config, ms=9.0, confirm=1),
+        dict(bucket=text, search="backward", config=won, ms=8.0, confirm=1),
+        dict(bucket=text, search="backward", config={**won, "bwd_num_stages": 2}, ms=7.0),
+    ]
+    [entry] = table_from_log.backward_retune(rows, shipped, H200, {"date": "today"})
+    assert entry.config == {**old.config, "bwd_num_stages": 1}  # no bwd_redo_hidden added
+    assert entry.ms == {**old.ms, "backward": 8.0}
+    assert entry.measured["backward"] == {"date": "today"}
+    other = {**won, "block_q": old.config["block_q"] // 2}
+    moved = [dict(rows[1], config=other)]
+    assert table_from_log.backward_retune(moved, shipped, H200, {}) == []
+    lacking = [dict(rows[1], bucket=text.replace("H=128", "H=32"))]
+    assert table_from_log.backward_retune(lacking, shipped, H200, {}) == []

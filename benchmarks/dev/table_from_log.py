@@ -11,6 +11,9 @@ confirmation rounds: a near tie may go the other way.
 forward kernel alone (stop 35: the folded scale). Per bucket whose schedule search reached its
 confirmation rounds, the table's entry (--out) takes that round's fastest candidate's forward
 fields (every field but bwd_*) and forward/schedule times; its backward fields and time stay.
+--backward-only: the log is of `jattn autotune --searches backward` (stop 44), which starts from
+the shipped config: per bucket whose backward search reached its confirmation rounds, the
+entry takes that round's fastest candidate's bwd_* fields and backward time.
 
     python -m benchmarks.dev.table_from_log LOG --out TABLE.json --device nvidia_h200 \
         --measured '{"device": "NVIDIA H200", "jax": "0.11.2", "date": "2026-11-30"}'
@@ -73,12 +76,17 @@ def forward_fields(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("bwd_")}
 
 
-def confirmed_winners(rows) -> dict[str, dict]:
-    """{bucket text: the schedule search's fastest row in the confirmation rounds}, for the
-    buckets whose schedule search reached them (a search cut short has none)."""
+def backward_fields(config: dict) -> dict:
+    """The fields of a Mosaic config that only the backward kernels read (bwd_*)."""
+    return {k: v for k, v in config.items() if k.startswith("bwd_")}
+
+
+def confirmed_winners(rows, search: str = "schedule") -> dict[str, dict]:
+    """{bucket text: the search's fastest row in the confirmation rounds}, for the buckets
+    whose search reached them (a search cut short has none)."""
     best = {}
     for row in rows:
-        if row["search"] == "schedule" and row.get("confirm") and row.get("ms") is not None:
+        if row["search"] == search and row.get("confirm") and row.get("ms") is not None:
             if row["bucket"] not in best or row["ms"] < best[row["bucket"]]["ms"]:
                 best[row["bucket"]] = row
     return best
@@ -107,6 +115,28 @@ def forward_retune(rows, table: dict, device: str, measured: dict) -> list[cache
     return out
 
 
+def backward_retune(rows, table: dict, device: str, measured: dict) -> list[cache.Entry]:
+    """Entries of `table` ({Bucket: Entry}) with the backward fields of `rows`' confirmed
+    backward winners (--backward-only: a log of `jattn autotune --searches backward`, which
+    starts from the shipped config). A bucket the table lacks, or whose logged forward fields
+    differ from the table's (the tune started from another config), is skipped."""
+    out = []
+    for text, best in confirmed_winners(rows, "backward").items():
+        bucket = _bucket(text, device)
+        old = table.get(bucket)
+        if old is None or any(
+            best["config"].get(k) != v for k, v in forward_fields(old.config).items()
+        ):
+            print(f"skipped {text}: not in the table, or tuned from other forward fields")
+            continue
+        # fields the table leaves out (None: the kernel's rule) stay out unless the winner set them
+        new = {k: v for k, v in backward_fields(best["config"]).items() if k in old.config or v}
+        config = {**old.config, **new}
+        ms = {**old.ms, "backward": round(best["ms"], 4)}
+        out.append(cache.Entry(bucket, config, ms, {**old.measured, "backward": measured}))
+    return out
+
+
 def _excluded(config, exclude: dict) -> bool:
     return any(getattr(config, k) == v for k, v in exclude.items())
 
@@ -118,16 +148,20 @@ def main():
     parser.add_argument("--device", required=True)
     parser.add_argument("--exclude", nargs="*", default=[], help="field=json_value")
     parser.add_argument("--measured", default="{}", help="JSON object stored with each entry")
-    parser.add_argument(
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument(
         "--forward-only", action="store_true", help="retune the forward fields of --out's entries"
+    )
+    only.add_argument(
+        "--backward-only", action="store_true", help="retune the bwd_* fields of --out's entries"
     )
     args = parser.parse_args()
     exclude = dict((k, json.loads(v)) for k, v in (e.split("=", 1) for e in args.exclude))
     with open(args.log) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    if args.forward_only:
-        table = cache.load(args.out)
-        new = forward_retune(rows, table, args.device, json.loads(args.measured))
+    if args.forward_only or args.backward_only:
+        retune = forward_retune if args.forward_only else backward_retune
+        new = retune(rows, cache.load(args.out), args.device, json.loads(args.measured))
     else:
         new = entries(rows, args.device, exclude, json.loads(args.measured))
     cache.merge(args.out, new)
