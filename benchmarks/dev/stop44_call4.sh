@@ -5,7 +5,7 @@
 set -uo pipefail
 source benchmarks/gpu_env.sh
 source benchmarks/dev/redo_common.sh
-switch_ab paired_dq_ab_h128 200 --switch PAIRED_PRODUCTS --values "()" "('dq',)" \
+switch_ab paired_dq_ab_h128 175 --switch PAIRED_PRODUCTS --values "()" "('dq',)" \
     --head-dims 128 --lengths 2048 8192 16384 --causal 0 1 --repeats 7
-switch_ab paired_dq_ab_h256 110 --switch PAIRED_PRODUCTS --values "()" "('dq',)" \
+switch_ab paired_dq_ab_h256 95 --switch PAIRED_PRODUCTS --values "()" "('dq',)" \
     --head-dims 256 --lengths 16384 --causal 0 1 --repeats 7
