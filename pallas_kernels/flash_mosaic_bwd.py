@@ -77,7 +77,6 @@ from pallas_kernels.mosaic_common import (
     load_tile,
     load_vector,
     mma_accumulate,
-    mma_accumulate_both,
     mma_lhs_transposed,
     mma_transposed,
     mma_transposed_both,
@@ -164,11 +163,11 @@ def _base2_lse(lse: Array) -> Array:
     return jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
 
 
-# Kernels ("dq", "dkdv") that issue their products two at a time and wait once for both: S and
-# dP (S^T and dP^T), and in the dk/dv kernel dV and dK: 2 wgmma waits a step instead of 3 (dq)
-# or 4 (dk/dv), for a second float32 tile in registers. At H = 64 the consumers' own wgmma waits
-# were 22% of the dk/dv kernel's stall samples (stop 43). Not with query halves. Built after
-# stop 43's device time ran out: to be timed (`benchmarks/dev/stop44_call1.sh`), off until then.
+# Kernels ("dq",) that issue their S and dP products together and wait once for both, not twice,
+# for a second float32 tile in registers. Timed on the H200 (stop 44, benchmarks/NOTES.md):
+# within noise at H = 64 (0-5% slower) and H = 128 (0.2% slower to 2.2% faster), so off. The
+# dk/dv kernel's pairing (S^T with dP^T, dV with dK) was 37-49% slower at H = 64 (256 live
+# registers a thread against 232) and 11% slower causal at H = 128, 16k: removed.
 PAIRED_PRODUCTS = ()
 
 
@@ -649,13 +648,7 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
             delta = load_vector(st, own_queries(scratch["delta"].at[slot]), WGMMA_COL)
             delta = lax.broadcast_in_dim(delta, shape, [1])
             q_first = _block_of(st, scratch, step) * block_q + (wg * half if halves else 0)
-            q_tiles = [own_queries(q) for q in q_parts]
-            d_out_tiles = [own_queries(d) for d in d_out_parts]
-            paired = "dkdv" in PAIRED_PRODUCTS and not halves
-            if paired:
-                qk_t, dp_t = mma_transposed_both(st, (k_parts, q_tiles), (v_parts, d_out_tiles))
-            else:
-                qk_t = mma_transposed(st, k_parts, q_tiles)
+            qk_t = mma_transposed(st, k_parts, [own_queries(q) for q in q_parts])
             bias = mask = q_seg = None
             own_keys = pl.ds(keys_at * block_kv, block_kv)
             if st.has_bias:
@@ -684,10 +677,9 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 )
             p_t = jnp.exp2(logits_t - lse)
             dtype = k_parts[0].dtype
-            if not (halves or paired):
+            if not halves:
                 dv = mma_accumulate(st, dv, p_t.astype(dtype), part_of("d_out", slot, own))
-            if not paired:
-                dp_t = mma_transposed(st, v_parts, d_out_tiles)
+            dp_t = mma_transposed(st, v_parts, [own_queries(d) for d in d_out_parts])
             ds_t = p_t * (dp_t - delta)
             if scores_t is not None:
                 ds_t = ds_t * common.capped_logits_grad(scores_t, st.softcap)
@@ -709,12 +701,6 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 d_out_halves = [d_out_own.at[mine], d_out_own.at[theirs]]
                 dv = mma_accumulate(st, dv, [p_t, p_other], d_out_halves)
                 dk = mma_accumulate(st, dk, [ds_t, ds_other], [q_own.at[mine], q_own.at[theirs]])
-            elif paired:
-                dv, dk = mma_accumulate_both(
-                    st,
-                    (dv, p_t.astype(dtype), part_of("d_out", slot, own)),
-                    (dk, ds_t, part_of("q", slot, own)),
-                )
             else:
                 dk = mma_accumulate(st, dk, ds_t, part_of("q", slot, own))
             plgpu.barrier_arrive(scratch["consumed"].at[slot])  # dQ reads K and dS alone

@@ -182,20 +182,6 @@ def mma_transposed_both(st: Static, first, second) -> tuple[Array, Array]:
     return pl.run_scoped(products, *(plgpu.ACC(shape, jnp.float32) for shape in shapes))
 
 
-def mma_accumulate_both(st: Static, first, second) -> tuple[Array, Array]:
-    """mma_accumulate of two (acc, lhs, rhs_ref) triples, both issued before either is waited
-    for: one wait, not two."""
-    if st.interpret:
-        return mma_accumulate(st, *first), mma_accumulate(st, *second)
-
-    def accumulate(acc_refs):
-        for acc_ref, (_, lhs, rhs) in zip(acc_refs, (first, second), strict=True):
-            for a, b in zip(_parts(lhs), _parts(rhs), strict=True):
-                plgpu.wgmma(acc_ref, a, b)
-
-    return pl.run_state(accumulate)((plgpu.ACC.init(first[0]), plgpu.ACC.init(second[0])))
-
-
 def mma_lhs_transposed(st: Static, lhs_t_ref, rhs_ref) -> Array:
     """lhs_t^T @ rhs into a fresh float32 accumulator: lhs_t [K, M] and rhs [K, N] both in
     shared memory (the first operand read transposed, as wgmma reads 16-bit operands); or
