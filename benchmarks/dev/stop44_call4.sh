@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
 # Stop 44's fourth device command (issue 14), about 5 minutes: the dq kernel's paired products
-# again (call 3 at H = 128: 0.2% slower to 2.2% faster), at H = 128 on three more lengths and at
-# H = 256, beside cuDNN, to decide a default by head dim.
+# again (call 3 at H = 128: 0.2% slower to 2.2% faster), at H = 128 on 8k and 16k beside cuDNN, to decide a default by head dim.
 set -uo pipefail
 source benchmarks/gpu_env.sh
 source benchmarks/dev/redo_common.sh
-switch_ab paired_dq_ab_h128 175 --switch PAIRED_PRODUCTS --values "()" "('dq',)" \
-    --head-dims 128 --lengths 2048 8192 16384 --causal 0 1 --repeats 7
-switch_ab paired_dq_ab_h256 95 --switch PAIRED_PRODUCTS --values "()" "('dq',)" \
-    --head-dims 256 --lengths 16384 --causal 0 1 --repeats 7
+switch_ab paired_dq_ab_h128 190 --switch PAIRED_PRODUCTS --values "()" "('dq',)" \
+    --head-dims 128 --lengths 8192 16384 --causal 0 1 --repeats 7
