@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stop 44's fourth device command (issue 14), about 5 minutes: the dq kernel's paired products
-# again (call 3 at H = 128: 0.2% slower to 2.2% faster), at H = 128 on 8k and 16k beside cuDNN, to decide a default by head dim.
+# Stop 44's fourth device command (issue 14), about 3 minutes: the dq kernel's paired products
+# again (call 3 at H = 128: 0.2% slower to 2.2% faster), at H = 128 on 8k and 16k beside cuDNN,
+# to decide a default by head dim.
 set -uo pipefail
 source benchmarks/gpu_env.sh
 source benchmarks/dev/redo_common.sh
