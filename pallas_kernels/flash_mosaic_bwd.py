@@ -163,12 +163,14 @@ def _base2_lse(lse: Array) -> Array:
     return jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E)
 
 
-# Kernels ("dq",) that issue their S and dP products together and wait once for both, not twice,
-# for a second float32 tile in registers. Timed on the H200 (stop 44, benchmarks/NOTES.md):
-# within noise at H = 64 (0-5% slower) and H = 128 (0.2% slower to 2.2% faster), so off. The
-# dk/dv kernel's pairing (S^T with dP^T, dV with dK) was 37-49% slower at H = 64 (256 live
-# registers a thread against 232) and 11% slower causal at H = 128, 16k: removed.
-PAIRED_PRODUCTS = ()
+# Padded head dims at which the dq kernel issues S = Q K^T and dP = dO V^T together and waits
+# once for both (one more float32 tile in registers while both are in flight). Timed on the H200
+# in one process (stop 44, benchmarks/NOTES.md; forward+backward, off -> on): at H = 128 causal
+# 1.2-2.5% faster (4k 2.207 -> 2.181 ms, 8k 4.191 -> 4.110, 16k 7.986 -> 7.812 and 8.023 ->
+# 7.825), non-causal within 0.4%; at H = 64 0-5% slower; H = 256 not timed. The dk/dv kernel's
+# pairing (S^T with dP^T, dV with dK) was 37-49% slower at H = 64 (256 live registers a thread
+# against 232) and 11% slower causal at H = 128, 16k, and was removed.
+PAIRED_DQ_HEAD_DIMS = (128,)
 
 
 def _dq_static(st: Static, has_pairs: bool) -> Static:
@@ -359,7 +361,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
                 _await_tile(scratch, step, slot, cleaned)
             k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
             k_first = _block_of(st, scratch, step) * block_kv
-            paired = "dq" in PAIRED_PRODUCTS
+            paired = q_smem.shape[-1] in PAIRED_DQ_HEAD_DIMS
             if paired:
                 qk, dp = mma_transposed_both(st, (q_smem, k_smem), (d_out_smem, v_smem))
             else:

@@ -214,13 +214,15 @@ def _dq_rings(monkeypatch) -> list[tuple[int, int]]:
     return rings
 
 
-def _paired_products(monkeypatch) -> list[int]:
-    """Turns PAIRED_PRODUCTS on in the dq kernel; the returned list grows by one per pair of
-    transposed products traced from now on."""
+def _paired_products(monkeypatch, everywhere: bool = True) -> list[int]:
+    """Turns the dq kernel's paired products on at every head dim (PAIRED_DQ_HEAD_DIMS; or
+    leaves the default's head dims); the returned list grows by one per pair of transposed
+    products traced from now on."""
     from pallas_kernels import flash_mosaic_bwd
 
     pairs, both = [], flash_mosaic_bwd.mma_transposed_both
-    monkeypatch.setattr(flash_mosaic_bwd, "PAIRED_PRODUCTS", ("dq",))
+    if everywhere:
+        monkeypatch.setattr(flash_mosaic_bwd, "PAIRED_DQ_HEAD_DIMS", (64, 128, 256))
     monkeypatch.setattr(
         flash_mosaic_bwd, "mma_transposed_both", lambda *a: pairs.append(1) or both(*a)
     )
@@ -228,7 +230,7 @@ def _paired_products(monkeypatch) -> list[int]:
 
 
 def test_backward_with_paired_products_matches_the_oracle(rng, monkeypatch):
-    """PAIRED_PRODUCTS: S and dP issued together in the dq kernel (one wait): MQA,
+    """Paired products: S and dP issued together in the dq kernel (one wait): MQA,
     bottom-right causal with T != S, a partial last key tile."""
     pairs = _paired_products(monkeypatch)
     options = make_options(rng, "causal_bottom_right", TINY)
@@ -648,10 +650,13 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
 
 
 def test_paired_products_lower_for_cuda(monkeypatch):
-    """The GPU path of PAIRED_PRODUCTS: two accumulators in one run_scoped in the dq kernel."""
+    """The GPU path of the paired products: two accumulators in one run_scoped in the dq
+    kernel, by default at H = 128 (where they timed faster) and not at H = 64."""
     monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
-    pairs = _paired_products(monkeypatch)
-    text = _lower((2, 256, 384, 4, 1, 64), dict(is_causal=True), grad=True).mlir_module()
+    pairs = _paired_products(monkeypatch, everywhere=False)
+    _lower((2, 256, 384, 4, 1, 64), dict(is_causal=True), grad=True)
+    assert not pairs
+    text = _lower((2, 256, 384, 4, 1, 128), dict(is_causal=True), grad=True).mlir_module()
     assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu_v2", text)) == 3
     assert pairs  # the dq kernel's loop bodies
 
@@ -793,7 +798,7 @@ def test_gpu_head_dim_256_dq_half_keys(rng, feature, dtype, monkeypatch):
     [("causal_bottom_right", 64), ("segments_causal_lengths", 128), ("lengths_empty", 64)],
 )
 def test_gpu_backward_with_paired_products(rng, feature, head_dim, monkeypatch):
-    """PAIRED_PRODUCTS compiled (two wgmma in flight, one wait) at the tuned configs."""
+    """Paired products compiled (two wgmma in flight, one wait) at the tuned configs."""
     pairs = _paired_products(monkeypatch)
     shape = (2, 700, 900, 4, 2, head_dim)
     options = make_options(rng, feature, shape)

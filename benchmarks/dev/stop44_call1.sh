@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (Ran in stop 44 against PAIRED_PRODUCTS; after it the switch is flash_mosaic_bwd.PAIRED_DQ_HEAD_DIMS.)
 # A device command prepared in stop 43 (issue 14), about 7 minutes: the backward's paired
 # products (flash_mosaic_bwd.PAIRED_PRODUCTS: S and dP issued together, and dV and dK together,
 # one wgmma wait for each pair), 1. its -m gpu cases against the oracle; 2. an A/B in one process

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (Ran in stop 44 against PAIRED_PRODUCTS; after it the switch is flash_mosaic_bwd.PAIRED_DQ_HEAD_DIMS.)
 # Stop 44's fourth device command (issue 14), about 3 minutes: the dq kernel's paired products
 # again (call 3 at H = 128: 0.2% slower to 2.2% faster), at H = 128 on 8k and 16k beside cuDNN,
 # to decide a default by head dim.
