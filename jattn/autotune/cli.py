@@ -61,7 +61,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
         "--searches",
         nargs="+",
         metavar="SEARCH",
-        help="run only these searches of the kernel (triton: forward, backward; default: all)",
+        help="run only these searches of the kernel (triton: forward, backward; mosaic: forward, "
+        "schedule, backward; default: all); without the first, the first chosen starts from the "
+        "config that config=None uses now (cache, then shipped table), not the default",
     )
     parser.add_argument(
         "--repeats", type=int, default=5, help="timed repetitions per candidate (median kept)"
