@@ -617,6 +617,7 @@ BACKWARD_ONLY_CONFIGS = ("window_softcap_h256_unsplit",)  # window_softcap_h256'
 )
 def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
+    pairs = _paired_products(monkeypatch, everywhere=False)
     shape, options = LOWERINGS[case]
     text = _lower(shape, dict(options), grad=grad).mlir_module()
     calls = re.findall(r"stablehlo\.custom_call @(\S+?)\(", text)
@@ -627,6 +628,9 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     native_backward = shape[-1] <= 128 or case in ("window_softcap_h256", "window_h256_fused_dq")
     backward_kernels = 1 if "fused_dq" in case else 2  # dk/dv alone, or dq and dk/dv
     assert len(mosaic) == 1 + (backward_kernels if grad and native_backward else 0), calls
+    # the dq kernel issues S and dP together at padded H = 128 (PAIRED_DQ_HEAD_DIMS) alone
+    dq_kernel = grad and native_backward and backward_kernels == 2
+    assert bool(pairs) == (dq_kernel and flash_mosaic.padded_head_dim(shape[-1]) == 128), case
     others = [c for c in calls if c != "mosaic_gpu_v2"]
     assert len(others) == (2 if grad and not native_backward else 0), calls
     assert all("triton" in c for c in others), calls
@@ -647,18 +651,6 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     )
     reads = 0 if case == "plain_h64" else forward_read + (grad and native_backward) * backward_read
     assert text.count("stablehlo.is_finite") == reads, case
-
-
-def test_paired_products_lower_for_cuda(monkeypatch):
-    """The GPU path of the paired products: two accumulators in one run_scoped in the dq
-    kernel, by default at H = 128 (where they timed faster) and not at H = 64."""
-    monkeypatch.setattr(flash_mosaic.common, "interpret_mode", lambda: False)
-    pairs = _paired_products(monkeypatch, everywhere=False)
-    _lower((2, 256, 384, 4, 1, 64), dict(is_causal=True), grad=True)
-    assert not pairs
-    text = _lower((2, 256, 384, 4, 1, 128), dict(is_causal=True), grad=True).mlir_module()
-    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu_v2", text)) == 3
-    assert pairs  # the dq kernel's loop bodies
 
 
 def test_fused_dq_backward_under_vmap_lowers_for_cuda(monkeypatch):
