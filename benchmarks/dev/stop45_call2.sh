@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# A device command prepared in stop 44 (issue 14), about 6 minutes: after the dq kernel's paired
+# A device command prepared in stop 44 (issue 14), about 8 minutes: after the dq kernel's paired
 # products went on at H = 128 (PAIRED_DQ_HEAD_DIMS, timed on plain and causal attention only):
+# 0. the -m gpu cases that now run it: flex at real sizes, long sequences by head dim;
 # 1. the features table's forward+backward rows at H = 128, T = 4k (soft cap, segments, window,
 #    GQA 8:1, q_offset), jattn mosaic beside tokamax and cuDNN, against stop 39-40's rows;
 # 2. the pairing at H = 256 (not timed yet): an A/B in one process beside cuDNN.
 set -uo pipefail
 source benchmarks/gpu_env.sh
 source benchmarks/dev/redo_common.sh
+gpu_tests h128_paired 130 tests/test_flex.py tests/test_flash_mosaic.py \
+    -k "mosaic_flex_real_size_on_gpu or head_dims_long_sequence"
 timeout 200 python3 -m benchmarks.flash_features --modes fwd+bwd \
     --peers jattn_mosaic tokamax_mosaic cudnn \
     --features soft_cap segments window gqa_8_to_1 q_offset \
