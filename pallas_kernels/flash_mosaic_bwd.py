@@ -339,6 +339,7 @@ def _dq_kernel(refs, scratch, *, st: Static):
         if st.has_segments:
             q_seg = load_vector(st, scratch["q_seg"].at[wg], WGMMA_ROW)
         q_smem, d_out_smem = scratch["q"].at[wg], scratch["d_out"].at[wg]
+        paired = q_smem.shape[-1] in PAIRED_DQ_HEAD_DIMS  # S and dP issued together
 
         def load_own_tile(step):
             """A redo's step: its K, V (bias, mask, key ids) into this consumer's own ring
@@ -361,7 +362,6 @@ def _dq_kernel(refs, scratch, *, st: Static):
                 _await_tile(scratch, step, slot, cleaned)
             k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
             k_first = _block_of(st, scratch, step) * block_kv
-            paired = q_smem.shape[-1] in PAIRED_DQ_HEAD_DIMS
             if paired:
                 qk, dp = mma_transposed_both(st, (q_smem, k_smem), (d_out_smem, v_smem))
             else:

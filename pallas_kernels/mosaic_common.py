@@ -156,14 +156,23 @@ def mma_transposed(st: Static, lhs_ref, rhs_ref, while_running=None) -> Array:
         )
 
     def product(acc_ref):
-        for a, b in zip(lhs_refs, rhs_refs, strict=True):
-            plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
+        _issue_transposed(acc_ref, lhs_refs, rhs_refs)
         if while_running is not None:
             while_running()
         return acc_ref[...]
 
-    shape = (lhs_refs[0].shape[0], rhs_refs[0].shape[0])
-    return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+    return pl.run_scoped(product, _transposed_acc(lhs_refs, rhs_refs))
+
+
+def _issue_transposed(acc_ref, lhs, rhs) -> None:
+    """Issue acc += lhs @ rhs^T over the parts of K (no wait)."""
+    for a, b in zip(_parts(lhs), _parts(rhs), strict=True):
+        plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
+
+
+def _transposed_acc(lhs, rhs):
+    """The float32 accumulator [rows of lhs, rows of rhs] of lhs @ rhs^T."""
+    return plgpu.ACC((_parts(lhs)[0].shape[0], _parts(rhs)[0].shape[0]), jnp.float32)
 
 
 def mma_transposed_both(st: Static, first, second) -> tuple[Array, Array]:
@@ -173,13 +182,11 @@ def mma_transposed_both(st: Static, first, second) -> tuple[Array, Array]:
         return mma_transposed(st, *first), mma_transposed(st, *second)
 
     def products(first_ref, second_ref):
-        for acc_ref, (lhs, rhs) in ((first_ref, first), (second_ref, second)):
-            for a, b in zip(_parts(lhs), _parts(rhs), strict=True):
-                plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
+        _issue_transposed(first_ref, *first)
+        _issue_transposed(second_ref, *second)
         return first_ref[...], second_ref[...]
 
-    shapes = [(_parts(lhs)[0].shape[0], _parts(rhs)[0].shape[0]) for lhs, rhs in (first, second)]
-    return pl.run_scoped(products, *(plgpu.ACC(shape, jnp.float32) for shape in shapes))
+    return pl.run_scoped(products, _transposed_acc(*first), _transposed_acc(*second))
 
 
 def mma_lhs_transposed(st: Static, lhs_t_ref, rhs_ref) -> Array:
