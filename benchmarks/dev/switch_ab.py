@@ -12,6 +12,7 @@ Run: python -m benchmarks.dev.switch_ab --json OUT.json --switch BACKWARD_LONGES
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import jax
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 
 from benchmarks import flash
 from benchmarks.dev.fused_dq_ab import _literal  # a switch value: a Python literal, or text
+from jattn import autotune
 from pallas_kernels import flash_mosaic, flash_mosaic_bwd
 
 
@@ -32,7 +34,13 @@ def main(argv=None) -> None:
     parser.add_argument("--causal", type=int, nargs="+", default=[1])
     parser.add_argument("--mode", default="fwd+bwd", choices=["fwd", "fwd+bwd"])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="MosaicConfig fields as JSON, set on each cell's tuned config (jattn mosaic only)",
+    )
     args = parser.parse_args(argv)
+    fields = json.loads(args.config) if args.config else None
     module = flash_mosaic if hasattr(flash_mosaic, args.switch) else flash_mosaic_bwd
     default = getattr(module, args.switch)
     rows = []
@@ -40,7 +48,10 @@ def main(argv=None) -> None:
         for length in args.lengths:
             for causal in map(bool, args.causal):
                 q, k, v = flash.qkv(length, head_dim)
-                peers = {f"mosaic_{value}": (flash.PEERS["jattn_mosaic"], value)
+                mosaic = flash.PEERS["jattn_mosaic"]
+                if fields:
+                    mosaic = flash._jattn("mosaic", _tuned(head_dim, length, causal, fields))
+                peers = {f"mosaic_{value}": (mosaic, value)
                          for value in map(_literal, args.values)}  # fmt: skip
                 peers["cudnn"] = (flash.PEERS["cudnn"], default)
                 fns, first = {}, {}
@@ -60,8 +71,18 @@ def main(argv=None) -> None:
                 reference = first[names[0]] if names else None
                 diffs = {n: float(jnp.max(jnp.abs(first[n] - reference))) for n in names[1:]}
                 cell = dict(head_dim=head_dim, length=length, causal=causal, mode=args.mode,
-                            switch=args.switch, max_abs_diff=diffs)  # fmt: skip
+                            switch=args.switch, config=fields, max_abs_diff=diffs)  # fmt: skip
                 flash.record_together(fns, (q, k, v), args.repeats, cell, rows, args.json)
+
+
+def _tuned(head_dim: int, length: int, causal: bool, fields: dict):
+    """The config `config=None` takes for a bf16 cell (shipped table, else the default), with
+    `fields` replaced."""
+    found = autotune.lookup(
+        "mosaic", head_dim=head_dim, dtype=jnp.bfloat16, causal=causal, length=length
+    )
+    base = found or flash_mosaic.default_config(head_dim, causal=causal)
+    return dataclasses.replace(base, **fields)
 
 
 if __name__ == "__main__":
