@@ -21,7 +21,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results")
 FORWARD = RESULTS / "flash_h200_bf16_fwd_stop40.json"
-FORWARD_BACKWARD = RESULTS / "flash_h200_bf16_fwdbwd_stop44.json"
+FORWARD_BACKWARD = RESULTS / "flash_h200_bf16_fwdbwd_stop45.json"
 AUTO = RESULTS / "flash_h200_auto_check_fwd_stop41.json"
 FEATURES = RESULTS / "flash_features_h200_merged_stop40.json"
 

@@ -72,7 +72,6 @@ from pallas_kernels.mosaic_common import (
     idiv,
     interpret_kwargs,
     irem,
-    issue_transposed,
     key_blocks,
     layout_cast,
     load_tile,
@@ -87,7 +86,6 @@ from pallas_kernels.mosaic_common import (
     pair_window,
     segments_read,
     tiled,
-    transposed_acc,
 )
 
 
@@ -173,26 +171,6 @@ def _base2_lse(lse: Array) -> Array:
 # pairing (S^T with dP^T, dV with dK) was 37-49% slower at H = 64 (256 live registers a thread
 # against 232) and 11% slower causal at H = 128, 16k, and was removed.
 PAIRED_DQ_HEAD_DIMS = (128,)
-
-
-# The dk/dv kernel's FlashAttention-3 overlap (`_dkdv_kernel`'s `overlapped`): in its unmasked
-# steps, S^T of the next step runs on the tensor cores while this step's dS^T is computed. One
-# more [bk, bq] float32 tile in registers (32 a thread at 64 x 64): meant for bwd_block_q = 64
-# at H = 64, where stop 44's register count left room; off until timed (`_overlaps_steps`).
-OVERLAP_DKDV = False
-
-
-def _overlaps_steps(st: Static) -> bool:
-    """Whether the dk/dv kernel runs its unmasked steps overlapped: OVERLAP_DKDV, one head
-    part (no query halves), two ring stages or more (a consumer holds two slots), and none of
-    fused_dq, a bias or mask tile, a soft cap or flex mods (their registers)."""
-    return (
-        OVERLAP_DKDV
-        and st.head_parts == 1
-        and st.num_stages >= 2
-        and not (st.fused_dq or st.has_bias or st.has_mask or st.flex is not None)
-        and st.softcap is None
-    )
 
 
 def _dq_static(st: Static, has_pairs: bool) -> Static:
@@ -656,29 +634,25 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 if "tma" not in FUSED_DQ_OMIT:
                     plgpu.copy_smem_to_gmem(dq_smem, target, reduction_op="add")
 
-        mine = pl.ds(wg * half, half)  # halves: this consumer's queries of a step
-        own_keys = pl.ds(keys_at * block_kv, block_kv)
-        dtype = k_parts[0].dtype
+        def visit(step, carry, *, masked: bool):
+            dk, dv = carry
+            slot = irem(step - lo, stages)
+            plgpu.barrier_wait(scratch["produced"].at[slot])
+            q_parts = [part_of("q", slot, part) for part in range(parts)]
+            d_out_parts = [part_of("d_out", slot, part) for part in range(parts)]
+            mine = pl.ds(wg * half, half)  # halves: this consumer's queries of the step
 
-        def own_queries(ref):
-            return ref.at[mine] if halves else ref
+            def own_queries(ref):
+                return ref.at[mine] if halves else ref
 
-        def q_parts_at(slot):
-            return [own_queries(part_of("q", slot, part)) for part in range(parts)]
-
-        def d_out_parts_at(slot):
-            return [own_queries(part_of("d_out", slot, part)) for part in range(parts)]
-
-        def first_query(step):
-            return _block_of(st, scratch, step) * block_q + (wg * half if halves else 0)
-
-        def probabilities(step, slot, qk_t, *, masked: bool):
-            """P^T of a step from its S^T = K Q^T [bk, bq] float32, with what the dS^T of
-            `score_grads` needs: (p_t, scores_t, slope_t)."""
             lse = load_vector(st, own_queries(scratch["lse"].at[slot]), WGMMA_COL)  # base 2
             lse = lax.broadcast_in_dim(lse, shape, [1])
-            q_first = first_query(step)
+            delta = load_vector(st, own_queries(scratch["delta"].at[slot]), WGMMA_COL)
+            delta = lax.broadcast_in_dim(delta, shape, [1])
+            q_first = _block_of(st, scratch, step) * block_q + (wg * half if halves else 0)
+            qk_t = mma_transposed(st, k_parts, [own_queries(q) for q in q_parts])
             bias = mask = q_seg = None
+            own_keys = pl.ds(keys_at * block_kv, block_kv)
             if st.has_bias:
                 bias = scratch["bias"][slot, own_keys].astype(jnp.float32)
             if st.has_mask:
@@ -703,29 +677,17 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                     transposed=True,
                     user_visible=user_visible,
                 )
-            return jnp.exp2(logits_t - lse), scores_t, slope_t
-
-        def score_grads(slot, p_t, dp_t, scores_t, slope_t):
-            """dS^T = P^T (dP^T - delta) (times the soft cap's and score_mod's slopes), in the
-            inputs' dtype."""
-            delta = load_vector(st, own_queries(scratch["delta"].at[slot]), WGMMA_COL)
-            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, shape, [1]))
+            p_t = jnp.exp2(logits_t - lse)
+            dtype = k_parts[0].dtype
+            if not halves:
+                dv = mma_accumulate(st, dv, p_t.astype(dtype), part_of("d_out", slot, own))
+            dp_t = mma_transposed(st, v_parts, [own_queries(d) for d in d_out_parts])
+            ds_t = p_t * (dp_t - delta)
             if scores_t is not None:
                 ds_t = ds_t * common.capped_logits_grad(scores_t, st.softcap)
             if slope_t is not None:  # d score_mod / d score
                 ds_t = ds_t * slope_t
-            return ds_t.astype(dtype)
-
-        def visit(step, carry, *, masked: bool):
-            dk, dv = carry
-            slot = irem(step - lo, stages)
-            plgpu.barrier_wait(scratch["produced"].at[slot])
-            qk_t = mma_transposed(st, k_parts, q_parts_at(slot))
-            p_t, scores_t, slope_t = probabilities(step, slot, qk_t, masked=masked)
-            if not halves:
-                dv = mma_accumulate(st, dv, p_t.astype(dtype), part_of("d_out", slot, own))
-            dp_t = mma_transposed(st, v_parts, d_out_parts_at(slot))
-            ds_t = score_grads(slot, p_t, dp_t, scores_t, slope_t)
+            ds_t = ds_t.astype(dtype)
             if halves:  # the other consumer's halves of P^T and dS^T, through shared memory
                 p_t = p_t.astype(dtype)
                 meet_consumers()  # the other consumer has read the last step's halves
@@ -745,71 +707,8 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
                 dk = mma_accumulate(st, dk, ds_t, part_of("q", slot, own))
             plgpu.barrier_arrive(scratch["consumed"].at[slot])  # dQ reads K and dS alone
             if st.fused_dq:
-                add_dq(step, first_query(step), ds_t)
+                add_dq(step, q_first, ds_t)
             return dk, dv
-
-        def overlapped(first, end, carry):
-            """The unmasked steps [first, end) (first < end) with S^T of the next step on the
-            tensor cores while this step's dS^T is computed (FlashAttention-3's intra-warpgroup
-            overlap, in the dk/dv kernel): step j issues dV += P^T_{j-1} dO_{j-1}, dP^T_{j-1}
-            and S^T_j together, waits for the first two, computes dS^T_{j-1} while S^T_j runs,
-            then issues dK += dS^T_{j-1} Q_{j-1}. A consumer holds two ring slots at once
-            (`_overlaps_steps`: two stages or more); the last step finishes after the loop."""
-            dk, dv = carry
-            slot = irem(first - lo, stages)
-            plgpu.barrier_wait(scratch["produced"].at[slot])
-            qk_t = mma_transposed(st, k_parts, q_parts_at(slot))
-
-            def step_with_overlap(step, carry):
-                dk, dv, qk_prev = carry  # qk_prev: S^T of step - 1 [bk, bq] float32
-                slot, prev = irem(step - lo, stages), irem(step - 1 - lo, stages)
-                plgpu.barrier_wait(scratch["produced"].at[slot])
-                p_t, scores_t, slope_t = probabilities(step - 1, prev, qk_prev, masked=False)
-                d_out_prev, q_prev = part_of("d_out", prev, 0), part_of("q", prev, 0)
-                if st.interpret:  # no asynchronous wgmma: the same steps, one after another
-                    dv = mma_accumulate(st, dv, p_t.astype(dtype), d_out_prev)
-                    dp_t = mma_transposed(st, v_parts, d_out_parts_at(prev))
-                    qk_t = mma_transposed(st, k_parts, q_parts_at(slot))
-                    ds_t = score_grads(prev, p_t, dp_t, scores_t, slope_t)
-                    dk = mma_accumulate(st, dk, ds_t, q_prev)
-                else:
-
-                    def issue_all(refs):
-                        dk_ref, dv_ref, qk_ref = refs
-
-                        def with_scores(dp_ref, s_ref):
-                            plgpu.wgmma(dv_ref, p_t.astype(dtype), d_out_prev)
-                            issue_transposed(dp_ref, v_parts, d_out_parts_at(prev))
-                            issue_transposed(s_ref, k_parts, q_parts_at(slot))
-                            # dV and dP^T are done once at most one wgmma (S^T) is in flight
-                            dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)
-                            ds_t = score_grads(prev, p_t, dp_t, scores_t, slope_t)
-                            plgpu.wgmma(dk_ref, ds_t, q_prev)
-                            qk_ref[...] = s_ref[...]
-
-                        pl.run_scoped(
-                            with_scores,
-                            transposed_acc(v_parts, d_out_parts_at(prev)),
-                            transposed_acc(k_parts, q_parts_at(slot)),
-                        )
-
-                    state = (plgpu.ACC.init(dk), plgpu.ACC.init(dv), qk_prev)
-                    dk, dv, qk_t = pl.run_state(issue_all)(state)
-                plgpu.barrier_arrive(scratch["consumed"].at[prev])
-                return dk, dv, qk_t
-
-            dk, dv, qk_t = lax.fori_loop(first + 1, end, step_with_overlap, (dk, dv, qk_t))
-            last = irem(end - 1 - lo, stages)
-            p_t, scores_t, slope_t = probabilities(end - 1, last, qk_t, masked=False)
-            dv = mma_accumulate(st, dv, p_t.astype(dtype), part_of("d_out", last, 0))
-            dp_t = mma_transposed(st, v_parts, d_out_parts_at(last))
-            ds_t = score_grads(last, p_t, dp_t, scores_t, slope_t)
-            dk = mma_accumulate(st, dk, ds_t, part_of("q", last, 0))
-            plgpu.barrier_arrive(scratch["consumed"].at[last])
-            return dk, dv
-
-        def overlapped_range(first, end, carry):
-            return lax.cond(first < end, lambda: overlapped(first, end, carry), lambda: carry)
 
         if st.flex_blocks:
             inner_lo, inner_hi = n_partial, hi
@@ -819,9 +718,8 @@ def _dkdv_kernel(refs, scratch, *, st: Static):
         part_width = k_parts[0].shape[-1]
         zeros = layout_cast(st, jnp.zeros((block_kv, part_width), jnp.float32), WGMMA)
         ranges = (lo, inner_lo, inner_hi, hi)
-        unmasked = overlapped_range if _overlaps_steps(st) else None
         dk, dv = common.visit_all(
-            st, ranges, visit, (zeros, zeros), unmasked, structural=st.flex_blocks or None
+            st, ranges, visit, (zeros, zeros), structural=st.flex_blocks or None
         )
         if split:  # the other consumer may still read K and V: meet before writing over them
             plgpu.barrier_arrive(scratch["keys_done"])

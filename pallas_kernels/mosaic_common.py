@@ -156,21 +156,21 @@ def mma_transposed(st: Static, lhs_ref, rhs_ref, while_running=None) -> Array:
         )
 
     def product(acc_ref):
-        issue_transposed(acc_ref, lhs_refs, rhs_refs)
+        _issue_transposed(acc_ref, lhs_refs, rhs_refs)
         if while_running is not None:
             while_running()
         return acc_ref[...]
 
-    return pl.run_scoped(product, transposed_acc(lhs_refs, rhs_refs))
+    return pl.run_scoped(product, _transposed_acc(lhs_refs, rhs_refs))
 
 
-def issue_transposed(acc_ref, lhs, rhs) -> None:
+def _issue_transposed(acc_ref, lhs, rhs) -> None:
     """Issue acc += lhs @ rhs^T over the parts of K (no wait)."""
     for a, b in zip(_parts(lhs), _parts(rhs), strict=True):
         plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
 
 
-def transposed_acc(lhs, rhs):
+def _transposed_acc(lhs, rhs):
     """The float32 accumulator [rows of lhs, rows of rhs] of lhs @ rhs^T."""
     return plgpu.ACC((_parts(lhs)[0].shape[0], _parts(rhs)[0].shape[0]), jnp.float32)
 
@@ -182,11 +182,11 @@ def mma_transposed_both(st: Static, first, second) -> tuple[Array, Array]:
         return mma_transposed(st, *first), mma_transposed(st, *second)
 
     def products(first_ref, second_ref):
-        issue_transposed(first_ref, *first)
-        issue_transposed(second_ref, *second)
+        _issue_transposed(first_ref, *first)
+        _issue_transposed(second_ref, *second)
         return first_ref[...], second_ref[...]
 
-    return pl.run_scoped(products, transposed_acc(*first), transposed_acc(*second))
+    return pl.run_scoped(products, _transposed_acc(*first), _transposed_acc(*second))
 
 
 def mma_lhs_transposed(st: Static, lhs_t_ref, rhs_ref) -> Array:

@@ -166,7 +166,7 @@ def test_readme_mosaic_forward_table_is_the_committed_run():
 
 def test_readme_mosaic_forward_backward_table_is_the_committed_run():
     """The same for the README's H200 forward+backward table (– where the run has no cell)."""
-    _check_readme_table("flash_h200_bf16_fwdbwd_stop44.json", prefix="H=")
+    _check_readme_table("flash_h200_bf16_fwdbwd_stop45.json", prefix="H=")
 
 
 def test_readme_features_table_is_the_committed_run():

@@ -15,7 +15,7 @@ from jattn.autotune import cache, dispatch
 RESULTS = Path(__file__).parents[1] / "benchmarks" / "results"
 H200_RUNS = [
     RESULTS / "flash_h200_bf16_fwd_stop40.json",
-    RESULTS / "flash_h200_bf16_fwdbwd_stop44.json",
+    RESULTS / "flash_h200_bf16_fwdbwd_stop45.json",
 ]
 
 

@@ -238,43 +238,6 @@ def test_backward_with_paired_products_matches_the_oracle(rng, monkeypatch):
     assert pairs, "the paired products never ran"
 
 
-def _overlapped_dkdv(monkeypatch) -> list[bool]:
-    """Turns the dk/dv kernel's overlap on (OVERLAP_DKDV); the returned list records, per
-    dk/dv kernel traced from now on, whether it runs its unmasked steps overlapped."""
-    from pallas_kernels import flash_mosaic_bwd
-
-    runs, overlaps = [], flash_mosaic_bwd._overlaps_steps
-    monkeypatch.setattr(flash_mosaic_bwd, "OVERLAP_DKDV", True)
-    monkeypatch.setattr(
-        flash_mosaic_bwd, "_overlaps_steps", lambda st: runs.append(overlaps(st)) or runs[-1]
-    )
-    return runs
-
-
-# 64 x 64 backward tiles, two ring stages (the overlap holds two slots)
-OVERLAP_TILES = dataclasses.replace(SMALL, bwd_block_q=64, bwd_block_kv=64, bwd_num_stages=2)
-
-
-@pytest.mark.parametrize(
-    "case, shape, options",
-    [  # the dk/dv kernel's steps are query blocks: each consumer's unmasked query range overlaps
-        ("all_unmasked", (1, 256, 150, 1, 1, 72), {}),  # peeled first S^T, last step after
-        ("causal_gqa", (1, 300, 200, 2, 1, 64), dict(is_causal=True)),  # diagonal, then inner
-        ("window", (1, 300, 300, 1, 1, 64), dict(local_window_size=(100, 100))),  # both edges
-        ("empty_rows", (2, 150, 200, 1, 1, 72), "lengths_empty"),  # lo == hi
-    ],
-)
-def test_overlapped_dkdv_matches_oracle(rng, case, shape, options, monkeypatch):
-    """The dk/dv kernel's FlashAttention-3 overlap (S^T of the next step issued with this
-    step's dV and dP^T, dS^T computed while it runs) on the unmasked query range, plain steps
-    on the masked edges around it."""
-    runs = _overlapped_dkdv(monkeypatch)
-    if isinstance(options, str):
-        options = make_options(rng, options, shape)
-    check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", OVERLAP_TILES)
-    assert runs and all(runs), runs
-
-
 @pytest.mark.parametrize(
     "feature",
     [
@@ -833,23 +796,6 @@ def test_gpu_backward_with_paired_products(rng, feature, head_dim, monkeypatch):
     options = make_options(rng, feature, shape)
     check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic")
     assert pairs
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "feature, head_dim",
-    [("causal_bottom_right", 64), ("window", 128), ("lengths_empty", 64)],
-)
-def test_gpu_overlapped_dkdv(rng, feature, head_dim, monkeypatch):
-    """The dk/dv kernel's overlap compiled (S^T in flight across dS^T's arithmetic)."""
-    runs = _overlapped_dkdv(monkeypatch)
-    shape = (2, 700, 900, 4, 2, head_dim)
-    options = make_options(rng, feature, shape)
-    config = dataclasses.replace(
-        flash_mosaic.default_config(head_dim), bwd_block_q=64, bwd_block_kv=64, bwd_num_stages=2
-    )
-    check_against_oracle(rng, shape, options, jnp.bfloat16, "mosaic", config)
-    assert runs and all(runs), runs
 
 
 @pytest.mark.gpu
