@@ -165,12 +165,15 @@ def _base2_lse(lse: Array) -> Array:
 
 # Padded head dims at which the dq kernel issues S = Q K^T and dP = dO V^T together and waits
 # once for both (one more float32 tile in registers while both are in flight). Timed on the H200
-# in one process (stop 44, benchmarks/NOTES.md; forward+backward, off -> on): at H = 128 causal
+# in one process (benchmarks/NOTES.md; forward+backward, off -> on): at H = 128 (stop 44) causal
 # 1.2-2.5% faster (4k 2.207 -> 2.181 ms, 8k 4.191 -> 4.110, 16k 7.986 -> 7.812 and 8.023 ->
-# 7.825), non-causal within 0.4%; at H = 64 0-5% slower; H = 256 not timed. The dk/dv kernel's
-# pairing (S^T with dP^T, dV with dK) was 37-49% slower at H = 64 (256 live registers a thread
-# against 232) and 11% slower causal at H = 128, 16k, and was removed.
-PAIRED_DQ_HEAD_DIMS = (128,)
+# 7.825), non-causal within 0.4%; at H = 256 (stop 45) 4k 4.535 -> 4.417 non-causal, 2.512 ->
+# 2.508 causal, 16k 17.28 -> 17.31 non-causal, 9.089 -> 8.910 causal; at H = 64 0-5% slower.
+# The dk/dv kernel's pairing (S^T with dP^T, dV with dK) was 37-49% slower at H = 64 (256 live
+# registers a thread against 232) and 11% slower causal at H = 128, 16k, and was removed; so
+# was its FlashAttention-3 overlap (S^T of the next step in flight while dS^T is computed:
+# 2-31% slower in 6 of 8 cells at H = 64 and 128, stop 45).
+PAIRED_DQ_HEAD_DIMS = (128, 256)
 
 
 def _dq_static(st: Static, has_pairs: bool) -> Static:

@@ -174,7 +174,7 @@ def test_readme_features_table_is_the_committed_run():
     cuDNN; – where a peer declined) is the committed run's, to 3 decimals."""
     import json
 
-    path = ROOT / "benchmarks/results/flash_features_h200_merged_stop40.json"
+    path = ROOT / "benchmarks/results/flash_features_h200_merged_stop45.json"
     run = json.loads(path.read_text())
     ms = {(r["feature"], r["mode"], r["peer"]): r.get("ms") for r in run["rows"]}
     peers = ("jattn_mosaic", "jattn_auto", "tokamax_mosaic", "cudnn")

@@ -628,9 +628,10 @@ def test_gpu_path_lowers_for_cuda(case, grad, monkeypatch):
     native_backward = shape[-1] <= 128 or case in ("window_softcap_h256", "window_h256_fused_dq")
     backward_kernels = 1 if "fused_dq" in case else 2  # dk/dv alone, or dq and dk/dv
     assert len(mosaic) == 1 + (backward_kernels if grad and native_backward else 0), calls
-    # the dq kernel issues S and dP together at padded H = 128 (PAIRED_DQ_HEAD_DIMS) alone
+    # the dq kernel issues S and dP together at padded H = 128 and 256 (PAIRED_DQ_HEAD_DIMS)
     dq_kernel = grad and native_backward and backward_kernels == 2
-    assert bool(pairs) == (dq_kernel and flash_mosaic.padded_head_dim(shape[-1]) == 128), case
+    paired_dim = flash_mosaic.padded_head_dim(shape[-1]) in (128, 256)
+    assert bool(pairs) == (dq_kernel and paired_dim), case
     others = [c for c in calls if c != "mosaic_gpu_v2"]
     assert len(others) == (2 if grad and not native_backward else 0), calls
     assert all("triton" in c for c in others), calls
