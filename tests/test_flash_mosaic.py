@@ -788,7 +788,12 @@ def test_gpu_head_dim_256_dq_half_keys(rng, feature, dtype, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "feature, head_dim",
-    [("causal_bottom_right", 64), ("segments_causal_lengths", 128), ("lengths_empty", 64)],
+    [
+        ("causal_bottom_right", 64),
+        ("segments_causal_lengths", 128),
+        ("lengths_empty", 64),
+        ("window", 256),  # on by default there since stop 45 (dQ bit-identical in its A/B)
+    ],
 )
 def test_gpu_backward_with_paired_products(rng, feature, head_dim, monkeypatch):
     """Paired products compiled (two wgmma in flight, one wait) at the tuned configs."""
