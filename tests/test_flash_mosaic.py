@@ -229,9 +229,11 @@ def _paired_products(monkeypatch, everywhere: bool = True) -> list[int]:
     return pairs
 
 
+@pytest.mark.slow  # the default run pairs at H = 256: test_backward_above_h128_splits_dk_dv...
 def test_backward_with_paired_products_matches_the_oracle(rng, monkeypatch):
-    """Paired products: S and dP issued together in the dq kernel (one wait): MQA,
-    bottom-right causal with T != S, a partial last key tile."""
+    """Paired products: S and dP issued together in the dq kernel (one wait), here at padded
+    H = 64 where they are off by default: MQA, bottom-right causal with T != S, a partial last
+    key tile."""
     pairs = _paired_products(monkeypatch)
     options = make_options(rng, "causal_bottom_right", TINY)
     check_against_oracle(rng, TINY, options, jnp.bfloat16, "mosaic", SMALL)
@@ -252,9 +254,11 @@ def test_backward_above_h128_splits_dk_dv_by_columns(rng, feature, monkeypatch):
     half of dK's and dV's columns (H = 160 computes as two parts of 128): key segment ids
     loaded once for both, masks on the shared keys, GQA's per-head sums; without a mask tile
     each computes S^T and dP^T for half of a step's queries and they trade halves of P^T and
-    dS^T (`QUERY_SPLIT`)."""
+    dS^T (`QUERY_SPLIT`). The dq kernel runs at padded H = 256, where it issues S and dP
+    together (`PAIRED_DQ_HEAD_DIMS`)."""
     from pallas_kernels import flash_mosaic_bwd
 
+    pairs = _paired_products(monkeypatch, everywhere=False)
     assert flash_mosaic_bwd.head_parts(160) == 2 and flash_mosaic_bwd.head_parts(128) == 1
     assert flash_mosaic_bwd.backward_head_dim(160, 2) == 256
     shape = (1, 100, 140, 2, 1, 160)  # GQA 2: a dk/dv program sums two query heads
@@ -272,6 +276,7 @@ def test_backward_above_h128_splits_dk_dv_by_columns(rng, feature, monkeypatch):
     assert bool(halves_traded) == (feature != "mask")
     one_stage = {"segments_causal_lengths": (32, 2), "mask": (64, 1)}  # (a mask tile: 64 keys)
     assert set(dq_rings) == {one_stage.get(feature, (64, 2))}, dq_rings
+    assert pairs, "the dq kernel's paired products never ran"
 
 
 @pytest.mark.parametrize(
