@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (Ran at commit a1624ce: OVERLAP_DKDV and its -m gpu cases were removed after this call.)
 # Stop 45 (issue 14), about 6 minutes: the dk/dv kernel's FlashAttention-3 overlap
 # (flash_mosaic_bwd.OVERLAP_DKDV: S^T of the next step in flight while dS^T is computed):
 # 0. its -m gpu cases (compiled, against the oracle);
