@@ -76,13 +76,13 @@ def main(argv=None) -> None:
 
 
 def _tuned(head_dim: int, length: int, causal: bool, fields: dict):
-    """The config `config=None` takes for a bf16 cell (shipped table, else the default), with
-    `fields` replaced."""
-    found = autotune.lookup(
+    """The config `config=None` takes for a bf16 cell (`autotune.resolve`), with `fields`
+    replaced."""
+    bucket = autotune.bucket_for(
         "mosaic", head_dim=head_dim, dtype=jnp.bfloat16, causal=causal, length=length
     )
-    base = found or flash_mosaic.default_config(head_dim, causal=causal)
-    return dataclasses.replace(base, **fields)
+    config, _ = autotune.resolve(bucket)
+    return dataclasses.replace(config, **fields)
 
 
 if __name__ == "__main__":
