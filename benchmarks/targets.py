@@ -20,10 +20,10 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results")
-FORWARD = RESULTS / "flash_h200_bf16_fwd_stop40.json"
-FORWARD_BACKWARD = RESULTS / "flash_h200_bf16_fwdbwd_stop45.json"
-AUTO = RESULTS / "flash_h200_auto_check_fwd_stop41.json"
-FEATURES = RESULTS / "flash_features_h200_merged_stop45.json"
+FORWARD = RESULTS / "flash_h200_bf16_fwd_stop46.json"
+FORWARD_BACKWARD = RESULTS / "flash_h200_bf16_fwdbwd_stop46.json"
+AUTO = RESULTS / "flash_h200_auto_check_fwd_stop46.json"
+FEATURES = RESULTS / "flash_features_h200_merged_stop46.json"
 
 
 def _speeds(path: Path, mode: str) -> list[tuple[tuple[int, bool, int], dict[str, float]]]:

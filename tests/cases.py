@@ -187,6 +187,13 @@ def assert_close(actual, expected, tol, what=""):
     np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol, err_msg=what)
 
 
+def lse_tolerance(dtype):
+    """(atol, rtol) for an lse returned in the input dtype, as jax.nn returns it: the dtype's
+    output tolerance, absolute plus relative to |lse|; bfloat16's rounding alone moves an lse
+    in [8, 16) by up to 0.031, so a fixed absolute tolerance fails at large logits."""
+    return TOLERANCE[dtype]
+
+
 def check_against_oracle(
     rng, shape, options, dtype, implementation, config=None, *, gradients: bool = True
 ):
@@ -216,8 +223,7 @@ def check_against_oracle(
     assert_close(out, want_out, TOLERANCE[dtype], "out")
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
     finite = np.isfinite(want_lse)
-    lse_tolerance = tuple(t * np.abs(want_lse[finite]).max(initial=1.0) for t in TOLERANCE[dtype])
-    assert_close(np.asarray(lse, np.float32)[finite], want_lse[finite], lse_tolerance, "lse")
+    assert_close(np.asarray(lse, np.float32)[finite], want_lse[finite], lse_tolerance(dtype), "lse")
     if not gradients:
         return
     d_out = rng.standard_normal(out.shape)

@@ -161,12 +161,12 @@ def test_bench_lists_every_suite_and_refuses_unknown_ones(capsys, tmp_path):
 def test_readme_mosaic_forward_table_is_the_committed_run():
     """Each cell of the README's H200 forward table (jattn mosaic / cuDNN / tokamax TFLOP/s)
     is the committed run's, rounded: the README quotes measurements, not claims."""
-    _check_readme_table("flash_h200_bf16_fwd_stop40.json", prefix="")
+    _check_readme_table("flash_h200_bf16_fwd_stop46.json", prefix="")
 
 
 def test_readme_mosaic_forward_backward_table_is_the_committed_run():
     """The same for the README's H200 forward+backward table (– where the run has no cell)."""
-    _check_readme_table("flash_h200_bf16_fwdbwd_stop45.json", prefix="H=")
+    _check_readme_table("flash_h200_bf16_fwdbwd_stop46.json", prefix="H=")
 
 
 def test_readme_features_table_is_the_committed_run():
@@ -174,7 +174,7 @@ def test_readme_features_table_is_the_committed_run():
     cuDNN; – where a peer declined) is the committed run's, to 3 decimals."""
     import json
 
-    path = ROOT / "benchmarks/results/flash_features_h200_merged_stop45.json"
+    path = ROOT / "benchmarks/results/flash_features_h200_merged_stop46.json"
     run = json.loads(path.read_text())
     ms = {(r["feature"], r["mode"], r["peer"]): r.get("ms") for r in run["rows"]}
     peers = ("jattn_mosaic", "jattn_auto", "tokamax_mosaic", "cudnn")

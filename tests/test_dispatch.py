@@ -14,8 +14,8 @@ from jattn.autotune import cache, dispatch
 
 RESULTS = Path(__file__).parents[1] / "benchmarks" / "results"
 H200_RUNS = [
-    RESULTS / "flash_h200_bf16_fwd_stop40.json",
-    RESULTS / "flash_h200_bf16_fwdbwd_stop45.json",
+    RESULTS / "flash_h200_bf16_fwd_stop46.json",
+    RESULTS / "flash_h200_bf16_fwdbwd_stop46.json",
 ]
 
 
