@@ -29,3 +29,15 @@ switch_ab() {  # name, timeout, benchmarks.dev.switch_ab arguments: one A/B into
     grep -h '"ms"\|error' "$out/ab_$name.txt" | sed -E 's/"max_abs_diff".*"peer"/"peer"/' \
         | cut -c1-200
 }
+
+gpu_suite() {  # name, timeout, pytest arguments: -m gpu tests on 8 workers into $out/tests_NAME.txt
+    # (about 20 s a case one at a time on the H200 host, nearly all compiling on its CPUs;
+    # 8 workers ran 150 cases in 267 s in stop 46; -v names each case, so a cut run still says
+    # which finished)
+    local name=$1 seconds=$2
+    shift 2
+    timeout "$seconds" python3 -m pytest -o addopts="-ra" -p no:cacheprovider -m gpu -n 8 \
+        --dist worksteal --timeout 200 -v "$@" > "$out/tests_$name.txt" 2>&1
+    echo "rc $?"; grep -c PASSED "$out/tests_$name.txt"
+    grep -E "FAILED|ERROR|Timeout" "$out/tests_$name.txt" | head -20; tail -2 "$out/tests_$name.txt"
+}
